@@ -1,0 +1,180 @@
+"""Canonicalize a model for compilation: static input dims, constant configuration inputs, folding, LSTM unrolled.
+
+The recipe is the one measured in ``shared/notes/import.md`` (it made 15 of 15 real models import into TVM 0.27):
+
+1. drop initializers listed as graph inputs (old exporters), turn configuration inputs (Silero's ``sr``) into
+   initializers, fix every input dimension (from the model or ``input_shapes``);
+2. ``onnx.shape_inference.infer_shapes(data_prop=True)``;
+3. ``onnxscript.optimizer.optimize_ir`` with ``ConstantOfShape`` allowed to fold and large size limits;
+4. unroll LSTM (``effc.ir.lstm``), recursing into ``If``/``Loop`` bodies; repeat 2-3 until nothing changes.
+
+What was done is recorded in ``model.metadata_props["effc.canonicalize"]`` (JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxscript.optimizer
+
+from effc.errors import ShapeError
+from effc.ir.lstm import unroll_lstms
+
+logger = logging.getLogger(__name__)
+
+#: Folding limits in elements (the notes: input 2^24, output 2^26).
+FOLD_INPUT_LIMIT = 2**24
+FOLD_OUTPUT_LIMIT = 2**26
+MAX_ROUNDS = 3
+_SHAPE_RE = re.compile(r"^\s*([^=\s]+)\s*=\s*(\d+(?:\s*x\s*\d+)*)\s*$")
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """Parse ``"name=1x3x48x192"`` into ``("name", (1, 3, 48, 192))``.
+
+    Raises:
+        ShapeError: the text is not ``name=DxDx...`` with positive integer dims.
+    """
+    match = _SHAPE_RE.match(text)
+    dims = tuple(int(d) for d in match.group(2).split("x")) if match else ()
+    if not match or any(d <= 0 for d in dims):
+        raise ShapeError(f"cannot parse input shape {text!r}",
+                         "write NAME=D1xD2x... with positive integers, e.g. --input-shape x=1x3x48x192")
+    return match.group(1), dims
+
+
+def _dims_text(value: ir.Value) -> str:
+    if value.shape is None:
+        return "unknown rank"
+    return "x".join(str(d) if isinstance(d, int) and d >= 0 else f"?{'' if not str(d) or str(d) == '?' else str(d)}"
+                    for d in value.shape)
+
+
+def _is_static(value: ir.Value) -> bool:
+    return value.shape is not None and all(isinstance(d, int) and d >= 0 for d in value.shape)
+
+
+def _fix_inputs(model: ir.Model, input_shapes: Mapping[str, Sequence[int]],
+                constant_inputs: Mapping[str, np.ndarray]) -> dict:
+    graph = model.graph
+    dropped = [v.name for v in graph.inputs if v.is_initializer()]
+    for name in dropped:
+        graph.inputs.remove(graph.initializers[name])
+    by_name = {v.name: v for v in graph.inputs}
+    # Idempotent: a constant input made an initializer by an earlier canonicalize is simply kept.
+    constant_inputs = {k: v for k, v in constant_inputs.items() if k in by_name or k not in graph.initializers}
+    for name in list(constant_inputs) + list(input_shapes):
+        if name not in by_name:
+            raise ShapeError(f"model has no input named {name!r}; its inputs are {sorted(by_name)}",
+                             "use one of the listed names in --input-shape / constant inputs")
+    for name, array in constant_inputs.items():
+        value = by_name.pop(name)
+        np_dtype = value.dtype.numpy() if value.dtype is not None else None
+        arr = np.asarray(array, dtype=np_dtype)
+        if value.shape is not None and len(value.shape) != arr.ndim:
+            raise ShapeError(f"constant input {name!r} has rank {arr.ndim}, the model expects {_dims_text(value)}",
+                             f"give {name!r} a value of rank {len(value.shape)}")
+        graph.inputs.remove(value)
+        value.const_value = ir.tensor(arr, name=name)
+        value.shape = ir.Shape(arr.shape)
+        graph.register_initializer(value)
+    for name, dims in input_shapes.items():
+        value = by_name[name]
+        dims = tuple(int(d) for d in dims)
+        if value.shape is not None and len(value.shape) != len(dims):
+            raise ShapeError(f"input {name!r} has rank {len(value.shape)} ({_dims_text(value)}), got shape {dims}",
+                             f"give {len(value.shape)} dims, e.g. --input-shape {name}={_dims_text(value)}")
+        for have, want in zip(value.shape or (), dims, strict=False):
+            if isinstance(have, int) and have >= 0 and have != want:
+                raise ShapeError(f"input {name!r} has fixed dims {_dims_text(value)}, cannot set {dims}",
+                                 f"keep the fixed dims: --input-shape {name}={_dims_text(value)}")
+        value.shape = ir.Shape(dims)
+    unknown = [v for v in graph.inputs if not _is_static(v)]
+    if unknown:
+        listed = ", ".join(f"{v.name} ({_dims_text(v)})" for v in unknown)
+        example = unknown[0].name + "=" + "x".join("1" if not (isinstance(d, int) and d >= 0) else str(d)
+                                                   for d in (unknown[0].shape or [1]))
+        raise ShapeError(f"input(s) with unknown dims: {listed}",
+                         f"give a deployment shape for each, e.g. --input-shape {example} (like name=1x3x48x192)")
+    return {"dropped_initializer_inputs": len(dropped), "constant_inputs": sorted(constant_inputs),
+            "input_shapes": {v.name: list(v.shape) for v in graph.inputs}}
+
+
+def _infer_shapes(model: ir.Model) -> ir.Model:
+    """Clear stale intermediate shapes, run ONNX shape inference with data propagation, return the new model."""
+    for graph in model.graphs():
+        for node in graph:
+            for out in node.outputs:
+                out.shape = None
+    for out in model.graph.outputs:
+        out.shape = None
+    proto = ir.to_proto(model)
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as err:
+        logger.warning("ONNX shape inference failed (%s); continuing with node-level inference only", err)
+    return ir.from_proto(proto)
+
+
+def _should_fold(node: ir.Node) -> bool | None:
+    return True if node.op_type == "ConstantOfShape" else None
+
+
+def _fold(model: ir.Model) -> None:
+    has_effc_functions = any(key[0] == "effc" for key in model.functions)
+    onnxscript.optimizer.optimize_ir(model, num_iterations=3, input_size_limit=FOLD_INPUT_LIMIT,
+                                     output_size_limit=FOLD_OUTPUT_LIMIT, should_fold=_should_fold,
+                                     inline=not has_effc_functions)
+
+
+def _count_nodes(model: ir.Model) -> int:
+    return sum(len(g) for g in model.graphs())
+
+
+def canonicalize(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None,
+                 constant_inputs: Mapping[str, np.ndarray] | None = None) -> ir.Model:
+    """Return a canonical copy of ``model``: every main-graph value has a static shape, constants folded.
+
+    Args:
+        model: the model (left unchanged).
+        input_shapes: deployment shape per input name for dims the model leaves symbolic, e.g.
+            ``{"x": (1, 3, 48, 192)}`` (parse CLI text with :func:`parse_input_shape`).
+        constant_inputs: inputs that are configuration, not data (Silero's ``sr``): name -> value; they become
+            initializers and disappear from the graph inputs.
+
+    Returns:
+        A new ``ir.Model`` that onnxruntime runs with the same numbers (within float rounding of folded
+        constants), with LSTM nodes unrolled; ``metadata_props["effc.canonicalize"]`` records what was done.
+
+    Raises:
+        ShapeError: an input keeps unknown dims (message lists them and the ``--input-shape`` fix), a name in
+            ``input_shapes``/``constant_inputs`` is not an input, or a given shape has the wrong rank.
+    """
+    work = ir.from_proto(ir.to_proto(model))
+    record = _fix_inputs(work, dict(input_shapes or {}), dict(constant_inputs or {}))
+    nodes_before = _count_nodes(work)
+    lstms = 0
+    for round_index in range(MAX_ROUNDS):
+        before = _count_nodes(work)
+        work = _infer_shapes(work)
+        _fold(work)
+        work = _infer_shapes(work)
+        unrolled = unroll_lstms(work)
+        lstms += unrolled
+        logger.debug("canonicalize round %d: %d -> %d nodes, %d LSTM unrolled", round_index, before,
+                     _count_nodes(work), unrolled)
+        if not unrolled:  # optimize_ir already iterated folding to a fixed point
+            break
+    dynamic = [v.name for node in work.graph for v in node.outputs if not _is_static(v)]
+    if dynamic:
+        logger.warning("canonicalize: %d value(s) keep a dynamic shape, first %r", len(dynamic), dynamic[0])
+    record.update(nodes_before=nodes_before, nodes_after=_count_nodes(work), lstm_unrolled=lstms,
+                  dynamic_values=len(dynamic))
+    work.metadata_props["effc.canonicalize"] = json.dumps(record, sort_keys=True)
+    return work

@@ -1,0 +1,120 @@
+"""Reference execution with onnxruntime (CPU), including taps on intermediate values.
+
+The reference is the unmodified (or canonicalized) model run by onnxruntime; every fidelity number in effc is
+measured against it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from effc.errors import DataError, EffcError
+
+logger = logging.getLogger(__name__)
+
+
+class Reference:
+    """An onnxruntime ``InferenceSession`` (CPU) built from an in-memory ``ir.Model``.
+
+    Args:
+        model: the model; serialized once with ``ir.to_proto``; must be below the 2 GB protobuf limit.
+        threads: ``intra_op_num_threads`` (1 = deterministic single-thread timings, the effc default).
+
+    Raises:
+        EffcError: onnxruntime refuses the model (the message carries its reason).
+    """
+
+    def __init__(self, model: ir.Model, threads: int = 1) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise EffcError(f"onnxruntime cannot load the model: {err}",
+                            "run onnx.checker on the model; a pass may have produced an invalid graph") from err
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run once; returns the outputs in graph output order.
+
+        Raises:
+            DataError: a model input is missing from ``feeds``.
+        """
+        missing = [name for name in self.input_names if name not in feeds]
+        if missing:
+            raise DataError(f"feeds lack model input(s) {missing}; got {sorted(feeds)}",
+                            f"provide arrays for every input: {self.input_names}")
+        return self.session.run(None, {name: feeds[name] for name in self.input_names})
+
+
+def _all_values(model: ir.Model) -> dict[str, ir.Value]:
+    values = {v.name: v for v in model.graph.inputs}
+    for node in model.graph:
+        for out in node.outputs:
+            if out.name:
+                values[out.name] = out
+    return values
+
+
+def with_taps(model: ir.Model, value_names: Iterable[str]) -> ir.Model:
+    """Copy of ``model`` whose graph outputs are the original outputs followed by ``value_names``.
+
+    Args:
+        model: the model (unchanged); tapped values must be in the main graph and have a known dtype.
+        value_names: names of node outputs or graph inputs to expose.
+
+    Raises:
+        EffcError: a name is not a value of the main graph (the message lists close candidates) or has no dtype.
+    """
+    copy = ir.from_proto(ir.to_proto(model))
+    values = _all_values(copy)
+    present = {v.name for v in copy.graph.outputs}
+    for name in value_names:
+        if name not in values:
+            close = difflib.get_close_matches(name, list(values), n=5, cutoff=0.3) or list(values)[:5]
+            raise EffcError(f"no value named {name!r} in the main graph; close names: {close}",
+                            "tap a node output of the main graph (see `effc inspect`)")
+        value = values[name]
+        if value.dtype is None:
+            raise EffcError(f"value {name!r} has no known dtype", "canonicalize the model first (shape inference)")
+        if name not in present and not value.is_graph_input():
+            copy.graph.outputs.append(value)
+            present.add(name)
+    return copy
+
+
+def run_with_taps(model: ir.Model, feeds_list: Sequence[Mapping[str, np.ndarray]],
+                  value_names: Sequence[str], threads: int = 1) -> list[dict[str, np.ndarray]]:
+    """Run ``model`` once per feed and return the named intermediate values.
+
+    Args:
+        model: the model (unchanged).
+        feeds_list: one feed dict per run.
+        value_names: main-graph value names (node outputs, graph inputs or outputs).
+        threads: onnxruntime intra-op threads.
+
+    Returns:
+        One dict per feed, ``{name: array}`` for every requested name.
+
+    Raises:
+        EffcError: an unknown value name (close candidates listed).
+        DataError: a feed lacks a model input.
+    """
+    names = list(dict.fromkeys(value_names))
+    tapped = with_taps(model, names)
+    ref = Reference(tapped, threads=threads)
+    results = []
+    for feeds in feeds_list:
+        outputs = dict(zip(ref.output_names, ref.run(feeds), strict=True))
+        results.append({name: outputs[name] if name in outputs else np.asarray(feeds[name]) for name in names})
+    return results
