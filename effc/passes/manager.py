@@ -1,0 +1,217 @@
+"""The pass manager: runs a pipeline with timing, optional verification, IR dumps and crash replay files.
+
+Instruments follow TVM's pass instrument idea (``apache/tvm python/tvm/ir/instrument.py``): per-pass timing is
+logged through ``logging``; ``verify_each`` runs the ONNX checker (``full_check``) and strict shape inference
+after every pass; ``dump_ir`` writes ``00_input.onnx``, ``01_<name>.onnx``, ... On a crash the pipeline's input
+model and canonical pipeline text are saved so the failure can be replayed with
+``effc compile replay_input.onnx --passes "$(cat replay_pipeline.txt)"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from effc.errors import EffcError, PassError
+from effc.passes.base import EffcPass
+from effc.passes.pipeline import Pipeline, parse_pipeline
+
+__all__ = ["PassManager", "PassRecord", "PipelineResult"]
+
+logger = logging.getLogger(__name__)
+
+_PROTO_LIMIT = 2**31 - 1  # bytes; larger models are checked/saved with external data
+
+
+@dataclasses.dataclass
+class PassRecord:
+    """What one pass did.
+
+    Attributes:
+        name: the pass name, e.g. ``"prune"``.
+        text: the pass's canonical pipeline text, e.g. ``"prune(sparsity=0.5)"``.
+        seconds: wall time of the pass (verification and dumps excluded), in seconds.
+        modified: what the pass reported.
+        stats: a copy of ``pass.stats`` after the run (JSON-serializable).
+    """
+
+    name: str
+    text: str
+    seconds: float
+    modified: bool
+    stats: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as a plain dict (for manifests and reports)."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    """The rewritten model and one :class:`PassRecord` per pass, in run order."""
+
+    model: ir.Model
+    records: list[PassRecord]
+
+    @property
+    def modified(self) -> bool:
+        """True when any pass modified the model."""
+        return any(r.modified for r in self.records)
+
+
+def _save_proto(proto: onnx.ModelProto, path: Path) -> None:
+    """Save a ModelProto; weights go to ``<name>.data`` beside it when the file would pass 2 GB."""
+    if proto.ByteSize() > _PROTO_LIMIT:
+        onnx.save_model(proto, str(path), save_as_external_data=True, location=path.name + ".data")
+    else:
+        onnx.save_model(proto, str(path))
+
+
+def verify_model(model: ir.Model) -> None:
+    """Run the ONNX checker with ``full_check`` (strict shape inference included) on ``model``.
+
+    Raises:
+        onnx.checker.ValidationError | onnx.shape_inference.InferenceError: the model is not valid ONNX.
+    """
+    proto = ir.to_proto(model)
+    if proto.ByteSize() > _PROTO_LIMIT:
+        with tempfile.TemporaryDirectory(prefix="effc-verify-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            _save_proto(proto, path)
+            onnx.checker.check_model(str(path), full_check=True)
+        return
+    onnx.checker.check_model(proto, full_check=True)
+
+
+class PassManager:
+    """Runs the passes of a pipeline in order on an ``onnx_ir.Model``.
+
+    Args:
+        pipeline: a :class:`Pipeline`, pipeline text, or a sequence of :class:`EffcPass`.
+        verify_each: run the ONNX checker (full check, strict shape inference) on the input and after each pass.
+        dump_ir: a folder for ``00_input.onnx``, ``01_<name>.onnx``, ... (created if missing), or None.
+        save_replay: on a crash, save the input model and pipeline text for replay (in ``dump_ir`` when given,
+            else in a new temporary folder named in the error).
+
+    Raises:
+        PipelineError: pipeline text that does not parse.
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline | str | Sequence[EffcPass],
+        verify_each: bool = False,
+        dump_ir: str | os.PathLike | None = None,
+        *,
+        save_replay: bool = True,
+    ) -> None:
+        if isinstance(pipeline, str):
+            pipeline = parse_pipeline(pipeline)
+        elif not isinstance(pipeline, Pipeline):
+            pipeline = Pipeline(pipeline)
+        self.pipeline = pipeline
+        self.verify_each = verify_each
+        self.dump_ir = Path(dump_ir) if dump_ir is not None else None
+        self.save_replay = save_replay
+
+    def run(self, model: ir.Model) -> PipelineResult:
+        """Run every pass in order (in place: ``model`` itself is rewritten and returned).
+
+        Args:
+            model: the model to rewrite.
+
+        Returns:
+            The rewritten model and one record per pass.
+
+        Raises:
+            PassError: a pass raised an unexpected exception, broke its pre/postconditions, or (with
+                ``verify_each``) produced an invalid model; the message names the pass and the passes before it.
+            EffcError: an effc error raised inside a pass, re-raised with the same context prefix.
+        """
+        snapshot = ir.to_proto(model) if self.save_replay and len(self.pipeline) else None
+        if self.dump_ir is not None:
+            self.dump_ir.mkdir(parents=True, exist_ok=True)
+            ir.save(model, self.dump_ir / "00_input.onnx")
+        if self.verify_each:
+            try:
+                verify_model(model)
+            except Exception as e:  # noqa: BLE001 - any checker failure
+                raise PassError(
+                    f"the input model is not valid ONNX before any pass ran: {e}",
+                    "fix the model (or canonicalize it) first, or run without --verify-each",
+                ) from e
+        records: list[PassRecord] = []
+        done: list[str] = []
+        for index, p in enumerate(self.pipeline, start=1):
+            prefix = f"pass '{p.name}' failed after [{', '.join(done)}]"
+            p.stats = {}
+            start = time.perf_counter()
+            try:
+                result = p(model)
+            except EffcError as e:
+                replay = self._replay_note(snapshot)
+                raise _with_prefix(e, prefix, replay) from e
+            except Exception as e:  # noqa: BLE001 - every crash inside a pass becomes a PassError
+                cause = e.__cause__ if isinstance(e, ir.passes.InvariantError) and e.__cause__ else None
+                detail = f"{type(e).__name__}: {e}" + (f" ({type(cause).__name__}: {cause})" if cause else "")
+                raise PassError(f"{prefix}: {detail}", self._replay_note(snapshot)) from e
+            seconds = time.perf_counter() - start
+            model = result.model
+            logger.info("pass %s: %.3f s, modified=%s", p, seconds, result.modified)
+            records.append(PassRecord(p.name, str(p), seconds, bool(result.modified), copy.deepcopy(p.stats)))
+            if self.dump_ir is not None:
+                ir.save(model, self.dump_ir / f"{index:02d}_{_safe(p.name)}.onnx")
+            if self.verify_each:
+                try:
+                    verify_model(model)
+                except Exception as e:  # noqa: BLE001 - any checker failure
+                    raise PassError(
+                        f"pass '{p.name}' produced an invalid model (verify-each, after [{', '.join(done)}]): {e}",
+                        f"report a bug in pass '{p.name}'; {self._replay_note(snapshot)}",
+                    ) from e
+            done.append(p.name)
+        return PipelineResult(model, records)
+
+    def _replay_note(self, snapshot: onnx.ModelProto | None) -> str:
+        """Save the pipeline input and text for replay; return a hint naming them."""
+        if snapshot is None:
+            return "rerun with the same pipeline to reproduce"
+        if self.dump_ir is not None:
+            folder = self.dump_ir
+        else:
+            folder = Path(tempfile.mkdtemp(prefix="effc-replay-"))
+        try:
+            _save_proto(snapshot, folder / "replay_input.onnx")
+            (folder / "replay_pipeline.txt").write_text(str(self.pipeline) + "\n", encoding="utf-8")
+        except OSError as e:
+            logger.warning("could not save the replay files in %s: %s", folder, e)
+            return "rerun with the same pipeline to reproduce"
+        logger.error("saved replay files in %s", folder)
+        return (
+            f"input model and pipeline saved for replay in {folder}: "
+            f"effc compile {folder / 'replay_input.onnx'} --passes \"$(cat {folder / 'replay_pipeline.txt'})\""
+        )
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^\w.-]", "_", name)
+
+
+def _with_prefix(error: EffcError, prefix: str, replay: str) -> EffcError:
+    """A copy of ``error`` (same class) whose message starts with ``prefix`` and whose hint names the replay files."""
+    new = copy.copy(error)
+    new.message = f"{prefix}: {error.message}"
+    new.hint = f"{error.hint}; {replay}" if error.hint else replay
+    new.args = (f"{new.message}; fix: {new.hint}",)
+    return new

@@ -1,0 +1,426 @@
+r"""Pipeline text: parse ``"prune(sparsity=0.5,include=[/ffn/*]),cleanup"`` into passes and print it back.
+
+Grammar (whitespace is allowed between tokens)::
+
+    pipeline := [ pass ("," pass)* ]
+    pass     := NAME [ "(" [ option ("," option)* ] ")" ]
+    option   := NAME "=" value
+    value    := scalar | "[" [ scalar ("," scalar)* ] "]"
+    scalar   := WORD | STRING
+
+A WORD is a run of letters, digits and ``_ . / * - + : ? @ % ~`` (numbers such as ``1e-3`` and patterns such as
+``/encoder/*.MatMul`` are words); a STRING is quoted with ``'`` or ``"`` and ``\\`` escapes the next character.
+Values are converted by the type of the options dataclass field: ``bool`` (``true``/``false``), ``int``,
+``float``, ``str``, optional variants (``none``) and ``tuple[str, ...]`` (a single scalar becomes a 1-tuple).
+A field whose metadata has ``"choices"`` accepts only those strings.
+
+The syntax follows MLIR's textual pass pipelines (``mlir/docs/PassManagement.md``) reduced to one nesting level.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import difflib
+import functools
+import re
+import types
+import typing
+from typing import TYPE_CHECKING, Any
+
+from effc.errors import PipelineError
+from effc.passes.base import EffcPass, PassOptions, registered_passes
+
+if TYPE_CHECKING:
+    from effc.ir.calibration import Calibration
+
+__all__ = ["Pipeline", "describe_passes", "format_pass", "parse_pipeline"]
+
+_TOKEN = re.compile(
+    r"""(?P<ws>\s+)|(?P<word>[\w./*\-+:?@%~]+)|(?P<string>"(?:\\.|[^"\\])*"|'(?:\\.|[^'\\])*')|(?P<punct>[(),=\[\]])""",
+    re.DOTALL,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Token:
+    kind: str  # "word" | "string" | "punct" | "end"
+    text: str  # for strings: the unescaped content
+    pos: int  # 0-based offset in the pipeline text
+    length: int
+
+
+def _error(text: str, pos: int, length: int, message: str, hint: str | None = None) -> PipelineError:
+    """A PipelineError that quotes the pipeline text and points at ``text[pos:pos+length]`` (1-based column)."""
+    err = PipelineError(f"{message} at column {pos + 1} of {text!r}", hint)
+    err.text, err.pos, err.length = text, pos, max(1, length)  # type: ignore[attr-defined]
+    err.caret = text + "\n" + " " * pos + "^" * max(1, length)  # type: ignore[attr-defined]
+    return err
+
+
+def _tokenize(text: str) -> list[_Token]:
+    tokens: list[_Token] = []
+    pos = 0
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None:
+            bad = text[pos]
+            if bad in "'\"":
+                raise _error(text, pos, 1, "unterminated quoted string", f"close the string with {bad}")
+            raise _error(text, pos, 1, f"unexpected character {bad!r}", "quote values with special characters")
+        kind = m.lastgroup
+        assert kind is not None
+        if kind == "string":
+            raw = m.group()[1:-1]
+            tokens.append(_Token("string", re.sub(r"\\(.)", r"\1", raw, flags=re.DOTALL), pos, len(m.group())))
+        elif kind != "ws":
+            tokens.append(_Token(kind, m.group(), pos, len(m.group())))
+        pos = m.end()
+    tokens.append(_Token("end", "", len(text), 1))
+    return tokens
+
+
+def _did_you_mean(word: str, names: collections.abc.Iterable[str], what: str) -> str:
+    """Hint listing all ``names``, the closest to ``word`` first (difflib), with a guess when one is close."""
+    names = list(names)
+    if not names:
+        return f"{what}: (none)"
+    ranked = difflib.get_close_matches(word, names, n=len(names), cutoff=0.0)
+    ranked += sorted(n for n in names if n not in ranked)
+    guess = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    return (f"did you mean {guess[0]!r}? " if guess else "") + f"{what}: {', '.join(ranked)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TypeSpec:
+    """How one options field is parsed and printed (derived from its dataclass field and type hint)."""
+
+    name: str
+    base: type  # bool | int | float | str
+    optional: bool
+    is_tuple: bool
+    has_default: bool
+    default: Any
+    help: str
+    choices: tuple[str, ...]
+
+
+@functools.cache
+def field_specs(options_cls: type[PassOptions]) -> tuple[TypeSpec, ...]:
+    """The :class:`TypeSpec` of every field of an options dataclass, in field order.
+
+    Raises:
+        TypeError: a field type the pipeline text cannot express (a bug in the pass, not user input).
+    """
+    hints = typing.get_type_hints(options_cls)
+    specs = []
+    for f in dataclasses.fields(options_cls):
+        t, optional, is_tuple = hints[f.name], False, False
+        if typing.get_origin(t) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(t) if a is not type(None)]
+            optional = len(args) < len(typing.get_args(t))
+            t = args[0] if len(args) == 1 else None
+        if typing.get_origin(t) is tuple:
+            args = typing.get_args(t)
+            is_tuple, t = True, args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        if t not in (bool, int, float, str):
+            raise TypeError(f"{options_cls.__name__}.{f.name}: type {hints[f.name]} cannot be written in a pipeline")
+        if f.default is not dataclasses.MISSING:
+            has_default, default = True, f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            has_default, default = True, f.default_factory()
+        else:
+            has_default, default = False, None
+        choices = tuple(f.metadata.get("choices", ()))
+        specs.append(TypeSpec(f.name, t, optional, is_tuple, has_default, default, f.metadata.get("help", ""), choices))
+    return tuple(specs)
+
+
+def type_name(spec: TypeSpec) -> str:
+    """``"float"``, ``"tuple[str, ...]"``, ``"str | None"``, ``"one of magnitude|wanda"``, ..."""
+    name = "|".join(spec.choices) if spec.choices else spec.base.__name__
+    name = f"one of {name}" if spec.choices and not spec.is_tuple else name
+    name = f"tuple[{name}, ...]" if spec.is_tuple else name
+    return f"{name} | None" if spec.optional else name
+
+
+def _convert_scalar(spec: TypeSpec, text: str, quoted: bool) -> Any:
+    if spec.base is str:
+        if spec.choices and text not in spec.choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(spec.choices)}")
+        return text
+    if spec.base is bool and not quoted and text in ("true", "false"):
+        return text == "true"
+    if spec.base is int and not quoted and re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    if spec.base is float and not quoted and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?inf", text):
+        return float(text)
+    expected = {bool: "true or false", int: "an integer", float: "a number"}[spec.base]
+    raise ValueError(f"{text!r} is not {expected}")
+
+
+def convert_value(spec: TypeSpec, raw: Any, is_list: bool) -> Any:
+    """Convert parsed text to the field's type.
+
+    Args:
+        spec: the field.
+        raw: ``(text, quoted)`` for a scalar, or a list of those for ``[a,b]``.
+        is_list: whether ``raw`` came from ``[...]``.
+
+    Raises:
+        ValueError: the text does not fit the field's type (the parser turns it into a PipelineError).
+    """
+    if is_list:
+        if not spec.is_tuple:
+            raise ValueError(f"a list is not allowed here, expected {type_name(spec)}")
+        return tuple(_convert_scalar(spec, text, quoted) for text, quoted in raw)
+    text, quoted = raw
+    if spec.optional and not quoted and text == "none":
+        return None
+    value = _convert_scalar(spec, text, quoted)
+    return (value,) if spec.is_tuple else value
+
+
+def _format_scalar(spec: TypeSpec, value: Any, top: bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) or (spec.base is float and isinstance(value, int)):
+        return repr(float(value))
+    if isinstance(value, int):
+        return str(value)
+    text = str(value)
+    if re.fullmatch(r"[\w./*\-+:?@%~]+", text) and not (top and spec.optional and text == "none"):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def format_value(spec: TypeSpec, value: Any) -> str:
+    """Canonical text of one option value (inverse of :func:`convert_value`)."""
+    if value is None:
+        return "none"
+    if spec.is_tuple:
+        return "[" + ",".join(_format_scalar(spec, v, top=False) for v in value) + "]"
+    return _format_scalar(spec, value, top=True)
+
+
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.tokens = _tokenize(text)
+        self.i = 0
+
+    def peek(self) -> _Token:
+        return self.tokens[self.i]
+
+    def next(self) -> _Token:
+        tok = self.tokens[self.i]
+        self.i += 1
+        return tok
+
+    def expect(self, what: str, hint: str | None = None) -> _Token:
+        tok = self.next()
+        if tok.kind == "punct" and tok.text == what:
+            return tok
+        found = "end of text" if tok.kind == "end" else repr(tok.text)
+        raise self.error(tok, f"expected {what!r}, found {found}", hint)
+
+    def error(self, tok: _Token, message: str, hint: str | None = None) -> PipelineError:
+        return _error(self.text, tok.pos, tok.length, message, hint)
+
+    def scalar(self) -> _Token:
+        tok = self.next()
+        if tok.kind in ("word", "string"):
+            return tok
+        found = "end of text" if tok.kind == "end" else repr(tok.text)
+        raise self.error(tok, f"expected a value, found {found}", "quote values with special characters")
+
+    def value(self) -> tuple[_Token, list[_Token] | _Token]:
+        """Return (first token, scalar token or list of scalar tokens)."""
+        tok = self.peek()
+        if tok.kind == "punct" and tok.text == "[":
+            self.next()
+            items: list[_Token] = []
+            if not (self.peek().kind == "punct" and self.peek().text == "]"):
+                items.append(self.scalar())
+                while self.peek().kind == "punct" and self.peek().text == ",":
+                    self.next()
+                    items.append(self.scalar())
+            self.expect("]", "close the list with ']'")
+            return tok, items
+        return tok, self.scalar()
+
+    def pass_(self, calibration: Calibration | None) -> EffcPass:
+        name_tok = self.next()
+        if name_tok.kind != "word":
+            found = "end of text" if name_tok.kind == "end" else repr(name_tok.text)
+            raise self.error(name_tok, f"expected a pass name, found {found}", "passes are separated by ','")
+        passes = registered_passes()
+        cls = passes.get(name_tok.text)
+        if cls is None:
+            hint = _did_you_mean(name_tok.text, passes, "registered passes")
+            raise self.error(name_tok, f"unknown pass {name_tok.text!r}", hint)
+        specs = {s.name: s for s in field_specs(cls.Options)}
+        values: dict[str, Any] = {}
+        start = name_tok.pos
+        end = name_tok.pos + name_tok.length
+        if self.peek().kind == "punct" and self.peek().text == "(":
+            self.next()
+            if not (self.peek().kind == "punct" and self.peek().text == ")"):
+                while True:
+                    self._option(cls, specs, values)
+                    if self.peek().kind == "punct" and self.peek().text == ",":
+                        self.next()
+                        continue
+                    break
+            close = self.expect(")", "separate options with ',' and close with ')'")
+            end = close.pos + 1
+        segment = self.text[start:end]
+        try:
+            return cls(cls.Options(**values), calibration=calibration)
+        except PipelineError as e:
+            if e.message.startswith(f"{cls.name}(") or e.message.startswith(segment):
+                raise
+            raise PipelineError(f"{segment}: {e.message}", e.hint) from e
+
+    def _option(self, cls: type[EffcPass], specs: dict[str, TypeSpec], values: dict[str, Any]) -> None:
+        key = self.next()
+        if key.kind != "word":
+            found = "end of text" if key.kind == "end" else repr(key.text)
+            raise self.error(key, f"expected an option name of '{cls.name}', found {found}")
+        spec = specs.get(key.text)
+        if spec is None:
+            raise self.error(
+                key,
+                f"pass '{cls.name}' has no option {key.text!r}",
+                _did_you_mean(key.text, specs, f"options of '{cls.name}'"),
+            )
+        if key.text in values:
+            raise self.error(key, f"option {key.text!r} of '{cls.name}' given twice", "give each option once")
+        self.expect("=", f"write options as {key.text}=value")
+        first, raw = self.value()
+        try:
+            if isinstance(raw, list):
+                values[key.text] = convert_value(spec, [(t.text, t.kind == "string") for t in raw], is_list=True)
+            else:
+                values[key.text] = convert_value(spec, (raw.text, raw.kind == "string"), is_list=False)
+        except ValueError as e:
+            raise self.error(
+                first, f"bad value for {cls.name}({key.text}=...): {e}", f"{key.text} expects {type_name(spec)}"
+            ) from None
+
+
+class Pipeline(collections.abc.Sequence):
+    """An ordered sequence of :class:`EffcPass` instances; ``str()`` is the canonical pipeline text.
+
+    Two pipelines are equal when they hold the same pass classes with equal options, in the same order.
+
+    Args:
+        passes: the passes, in run order.
+    """
+
+    def __init__(self, passes: collections.abc.Iterable[EffcPass] = ()) -> None:
+        self._passes = list(passes)
+        for p in self._passes:
+            if not isinstance(p, EffcPass):
+                raise TypeError(f"a Pipeline holds EffcPass instances, got {type(p).__name__}")
+
+    def __getitem__(self, index):  # noqa: D105
+        if isinstance(index, slice):
+            return Pipeline(self._passes[index])
+        return self._passes[index]
+
+    def __len__(self) -> int:  # noqa: D105
+        return len(self._passes)
+
+    def __str__(self) -> str:  # noqa: D105
+        return ",".join(str(p) for p in self._passes)
+
+    def __repr__(self) -> str:  # noqa: D105
+        return f"Pipeline({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:  # noqa: D105
+        if not isinstance(other, Pipeline):
+            return NotImplemented
+        return [(type(p), p.options) for p in self] == [(type(p), p.options) for p in other]
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def names(self) -> list[str]:
+        """Pass names in run order."""
+        return [p.name for p in self._passes]
+
+
+def parse_pipeline(text: str, calibration: Calibration | None = None) -> Pipeline:
+    """Parse pipeline text into a :class:`Pipeline`; options are validated as each pass is built.
+
+    Args:
+        text: e.g. ``"prune(sparsity=0.5,method=wanda),cleanup"``; empty or blank text gives an empty pipeline.
+        calibration: handed to every pass (data-driven passes use it, the others ignore it).
+
+    Returns:
+        The passes in order.
+
+    Raises:
+        PipelineError: a syntax error (column given), an unknown pass (candidates listed, closest first), an unknown
+            option (the pass's options listed), a value of the wrong type (option and expected type named), or a
+            value the options dataclass rejects.
+    """
+    if not isinstance(text, str):
+        raise PipelineError(f"pipeline text must be a string, got {type(text).__name__}")
+    parser = _Parser(text)
+    passes: list[EffcPass] = []
+    if parser.peek().kind == "end":
+        return Pipeline()
+    while True:
+        passes.append(parser.pass_(calibration))
+        tok = parser.next()
+        if tok.kind == "end":
+            break
+        if not (tok.kind == "punct" and tok.text == ","):
+            raise parser.error(tok, f"expected ',' or end of text, found {tok.text!r}", "separate passes with ','")
+    return Pipeline(passes)
+
+
+def format_pass(name: str, options: PassOptions) -> str:
+    """Canonical text of one pass: ``name`` or ``name(key=value,...)`` with non-default options in field order.
+
+    Floats print with ``repr`` (exact round trip), bools as ``true``/``false``, tuples as ``[a,b]``, strings
+    quoted only when they are not a plain word (or would read as ``none`` for an optional field).
+    """
+    parts = []
+    for spec in field_specs(type(options)):
+        value = getattr(options, spec.name)
+        if spec.has_default and value == spec.default and type(value) is type(spec.default):
+            continue
+        parts.append(f"{spec.name}={format_value(spec, value)}")
+    return f"{name}({','.join(parts)})" if parts else name
+
+
+def describe_passes() -> list[dict[str, Any]]:
+    """Every registered pass for ``effc passes``.
+
+    Returns:
+        One dict per pass, sorted by name: ``name``, ``summary``, ``exact``, ``uses_calibration`` and ``options``,
+        a list of ``{"name", "type", "default", "help"}`` (plus ``"choices"`` where the field lists them);
+        defaults are JSON-friendly (tuples become lists).
+    """
+    out = []
+    for name, cls in registered_passes().items():
+        options = []
+        for spec in field_specs(cls.Options):
+            default = list(spec.default) if isinstance(spec.default, tuple) else spec.default
+            entry = {"name": spec.name, "type": type_name(spec), "default": default, "help": spec.help}
+            if spec.choices:
+                entry["choices"] = list(spec.choices)
+            options.append(entry)
+        out.append(
+            {
+                "name": name,
+                "summary": cls.summary,
+                "exact": cls.exact,
+                "uses_calibration": cls.uses_calibration,
+                "options": options,
+            }
+        )
+    return out

@@ -1,0 +1,297 @@
+"""Unstructured pruning of constant MatMul / Gemm / Conv weights: ``prune(sparsity=0.5,method=wanda)``.
+
+Weights are zeroed in place (same shape, same dtype); the graph keeps its structure, so the saving is realized
+by sparse storage or kernels downstream. Which elements go is decided by a score per weight element; the lowest
+scores in each comparison group are zeroed:
+
+* ``magnitude``: ``|W|`` ("Learning both Weights and Connections for Efficient Neural Networks", Han et al. 2015).
+* ``wanda``: ``|W_ij| * ||X_j||_2``, the weight magnitude times the L2 norm of input channel ``j`` over all
+  calibration tokens ("A Simple and Effective Pruning Approach for Large Language Models", Sun et al. 2023).
+
+Layouts and axes (``out`` = output-channel axis, ``in`` = reduction / input-channel axis):
+
+* MatMul ``Y = X @ W``, ``W`` of shape ``(K, N)`` (or ``(..., K, N)``): in = axis -2, out = axis -1, so one
+  output row of Wanda's ``(N, K)`` convention is a *column* of ``W``.
+* Gemm ``Y = A @ B'``: ``B`` of shape ``(K, N)`` (``transB=0``: out = 1) or ``(N, K)`` (``transB=1``: out = 0).
+* Conv ``W`` of shape ``(Cout, Cin/group, kh, kw)``: out = 0, in = 1 (input channel of ``W[o, c]`` is
+  ``(o // (Cout/group)) * Cin/group + c``); the Wanda norm of a channel runs over batch and spatial positions.
+
+``granularity=layer`` ranks the whole tensor; ``granularity=row`` ranks the weights of each output channel
+separately (Wanda's per-output comparison group). ``scope=global`` ranks all selected layers together (one
+threshold for the model; layer granularity only). Scores live in the table :data:`METHODS` (method -> scorer),
+so reconstruction methods (SparseGPT) can be added beside them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from effc.errors import CalibrationError, PipelineError
+from effc.passes.base import EffcPass, PassOptions, register_pass
+
+__all__ = ["METHODS", "Method", "PruneOptions", "PrunePass", "WeightLayer"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class WeightLayer:
+    """A constant weight and the linear node(s) that read it.
+
+    Attributes:
+        nodes: consumers (a shared weight is pruned once for all of them).
+        weight: the initializer value.
+        kind: ``"MatMul"``, ``"Gemm"`` or ``"Conv"``.
+        out_axis: output-channel axis of the weight.
+        in_axis: input-channel (reduction) axis of the weight.
+        act_axes: per consumer, the channel axis of its activation input (``node.inputs[0]``).
+        groups: Conv ``group`` attribute (1 otherwise).
+    """
+
+    nodes: list[ir.Node]
+    weight: ir.Value
+    kind: str
+    out_axis: int
+    in_axis: int
+    act_axes: list[int]
+    groups: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A pruning criterion: ``score(weight, input_norm)`` -> array of ``weight.shape``, lower is pruned first.
+
+    ``input_norm`` is None unless ``needs_activations``; then it is the per-input-channel L2 norm already
+    broadcast to ``weight.shape``.
+    """
+
+    score: Callable[[np.ndarray, np.ndarray | None], np.ndarray]
+    needs_activations: bool
+
+
+METHODS: dict[str, Method] = {
+    "magnitude": Method(lambda w, norm: np.abs(w), needs_activations=False),
+    "wanda": Method(lambda w, norm: np.abs(w) * norm, needs_activations=True),
+}
+
+
+def _pfail(option: str, value: Any, message: str, hint: str | None = None) -> None:
+    raise PipelineError(f"prune({option}={value!r}): {message}", hint)
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneOptions(PassOptions):
+    """Options of ``prune``; see the module docstring for axes and groups."""
+
+    sparsity: float = dataclasses.field(default=0.5, metadata={"help": "fraction of weights zeroed, in [0, 1]"})
+    method: str = dataclasses.field(default="magnitude", metadata={"help": "scoring: magnitude | wanda"})
+    granularity: str = dataclasses.field(
+        default="layer", metadata={"help": "comparison group: tensor | output row", "choices": ("layer", "row")}
+    )
+    scope: str = dataclasses.field(
+        default="layer", metadata={"help": "one threshold per layer | for all layers", "choices": ("layer", "global")}
+    )
+    include: tuple[str, ...] = dataclasses.field(
+        default=(), metadata={"help": "fnmatch patterns on node or weight names to prune (empty: all)"}
+    )
+    exclude: tuple[str, ...] = dataclasses.field(
+        default=(), metadata={"help": "fnmatch patterns on node or weight names to leave dense"}
+    )
+    min_params: int = dataclasses.field(
+        default=1024, metadata={"help": "skip weights with fewer elements than this"}
+    )
+
+    def validate(self) -> None:
+        """Raises: PipelineError: a value out of range or an unknown method/granularity/scope."""
+        if not 0.0 <= self.sparsity <= 1.0:
+            _pfail("sparsity", self.sparsity, "sparsity must be a fraction in [0, 1]", "e.g. sparsity=0.5")
+        if self.method not in METHODS:
+            _pfail("method", self.method, f"unknown method, expected one of {', '.join(METHODS)}")
+        if self.granularity not in ("layer", "row"):
+            _pfail("granularity", self.granularity, "granularity must be layer or row")
+        if self.scope not in ("layer", "global"):
+            _pfail("scope", self.scope, "scope must be layer or global")
+        if self.scope == "global" and self.granularity == "row":
+            _pfail("scope", self.scope, "scope=global ranks whole tensors", "use granularity=layer with scope=global")
+        if self.min_params < 0:
+            _pfail("min_params", self.min_params, "min_params must be a non-negative element count")
+
+
+def find_weight_layers(model: ir.Model) -> tuple[list[WeightLayer], list[dict[str, str]]]:
+    """MatMul / Gemm / Conv nodes of the main graph with a constant initializer weight, grouped by weight.
+
+    Private stand-in for ``effc.ir.queries.linear_layers`` (not available when this pass was written).
+
+    Returns:
+        ``(layers, skipped)``: ``skipped`` lists ``{"node", "weight", "reason"}`` for linear nodes whose weight
+        cannot be pruned (not an initializer, 1-D, integer dtype).
+    """
+    by_weight: dict[int, WeightLayer] = {}
+    skipped: list[dict[str, str]] = []
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv"):
+            continue
+        if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[0] is None:
+            continue
+        w = node.inputs[1]
+        if w.const_value is None or not w.is_initializer() or w.is_graph_input():
+            if node.op_type != "MatMul":  # MatMul of two activations is not a weight layer
+                skipped.append({"node": node.name or "", "weight": w.name or "", "reason": "weight is not a constant"})
+            continue
+        ndim = len(w.const_value.shape)
+        if ndim < 2 or not w.const_value.dtype.is_floating_point():
+            reason = "1-D weight" if ndim < 2 else f"{w.const_value.dtype} weight"
+            skipped.append({"node": node.name or "", "weight": w.name or "", "reason": reason})
+            continue
+        if node.op_type == "MatMul":
+            out_axis, in_axis, act_axis, groups = ndim - 1, ndim - 2, -1, 1
+        elif node.op_type == "Gemm":
+            trans_b = node.attributes.get_int("transB", 0)
+            out_axis, in_axis = (0, 1) if trans_b else (1, 0)
+            act_axis, groups = (0 if node.attributes.get_int("transA", 0) else 1), 1
+        else:
+            out_axis, in_axis, act_axis, groups = 0, 1, 1, node.attributes.get_int("group", 1)
+        layer = by_weight.get(id(w))
+        if layer is None:
+            by_weight[id(w)] = WeightLayer([node], w, node.op_type, out_axis, in_axis, [act_axis], groups)
+        elif (layer.kind, layer.out_axis) == (node.op_type, out_axis):
+            layer.nodes.append(node)
+            layer.act_axes.append(act_axis)
+        else:
+            skipped.append({"node": node.name or "", "weight": w.name or "", "reason": "weight shared across layouts"})
+    return list(by_weight.values()), skipped
+
+
+def _input_norm(layer: WeightLayer, taps: dict[str, list[np.ndarray]]) -> np.ndarray:
+    """Per-input-channel L2 norm of the layer's activations (all consumers pooled), broadcast to the weight shape."""
+    shape = tuple(layer.weight.const_value.shape)
+    sq = None
+    for node, axis in zip(layer.nodes, layer.act_axes, strict=True):
+        for x in taps[node.inputs[0].name]:
+            x = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
+            part = np.square(x).reshape(-1, x.shape[-1]).sum(axis=0)
+            sq = part if sq is None else sq + part
+    norm = np.sqrt(sq)
+    if layer.kind == "Conv":
+        cout, cin_g = shape[0], shape[1]
+        group_of_out = np.arange(cout) // (cout // layer.groups)
+        norm = norm[group_of_out[:, None] * cin_g + np.arange(cin_g)[None, :]]  # (Cout, Cin/g)
+        return np.broadcast_to(norm.reshape(cout, cin_g, *([1] * (len(shape) - 2))), shape)
+    view = [1] * len(shape)
+    view[layer.in_axis] = shape[layer.in_axis]
+    return np.broadcast_to(norm.reshape(view), shape)
+
+
+def _lowest(scores: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask of the ``k`` lowest entries along the last axis of a 2-D array (exactly ``k`` per row)."""
+    mask = np.zeros(scores.shape, dtype=bool)
+    if k > 0:
+        idx = np.argpartition(scores, k - 1, axis=-1)[:, :k]
+        np.put_along_axis(mask, idx, True, axis=-1)
+    return mask
+
+
+@register_pass
+class PrunePass(EffcPass):
+    """Zero the lowest-scoring fraction of constant MatMul / Gemm / Conv weights (unstructured sparsity).
+
+    Stats: ``layers`` (weight name -> node, params, zeroed, sparsity reached), ``params_zeroed``,
+    ``params_considered``, ``sparsity`` (over considered weights), ``skipped`` (node, weight, reason).
+
+    Raises:
+        CalibrationError: ``method=wanda`` without calibration data.
+    """
+
+    name = "prune"
+    summary = "unstructured pruning of MatMul/Gemm/Conv weights (magnitude or Wanda)"
+    Options = PruneOptions
+    exact = False
+    uses_calibration = True
+
+    def _selected(self, layers: list[WeightLayer], skipped: list[dict[str, str]]) -> list[WeightLayer]:
+        opts, chosen = self.options, []
+        for layer in layers:
+            names = [n.name or "" for n in layer.nodes] + [layer.weight.name or ""]
+            entry = {"node": names[0], "weight": layer.weight.name or ""}
+            hit = [p for p in opts.exclude if any(fnmatch.fnmatchcase(n, p) for n in names)]
+            if opts.include and not any(fnmatch.fnmatchcase(n, p) for p in opts.include for n in names):
+                skipped.append({**entry, "reason": "not matched by include"})
+            elif hit:
+                skipped.append({**entry, "reason": f"excluded by {hit[0]!r}"})
+            elif layer.weight.const_value.size < opts.min_params:
+                reason = f"{layer.weight.const_value.size} elements < min_params={opts.min_params}"
+                skipped.append({**entry, "reason": reason})
+            else:
+                chosen.append(layer)
+        return chosen
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Score and zero weights; see the class docstring for the stats."""
+        opts, method = self.options, METHODS[self.options.method]
+        layers, skipped = find_weight_layers(model)
+        layers = self._selected(layers, skipped)
+        taps: dict[str, list[np.ndarray]] = {}
+        if method.needs_activations and layers:
+            if self.calibration is None:
+                raise CalibrationError(
+                    f"prune(method={opts.method}) scores weights by input activations but got no calibration data",
+                    "give calibration inputs (--data FILE.npz, or a zoo: model with samples), or use method=magnitude",
+                )
+            names = sorted({n.inputs[0].name for layer in layers for n in layer.nodes})
+            taps = self.calibration.tap(model, names)
+        weights = [layer.weight.const_value.numpy() for layer in layers]
+        scores = [
+            method.score(w.astype(np.float64), _input_norm(layer, taps) if method.needs_activations else None)
+            for layer, w in zip(layers, weights, strict=True)
+        ]
+        if opts.scope == "global" and layers:
+            flat = np.concatenate([s.ravel() for s in scores])[None, :]
+            mask_all = _lowest(flat, int(round(opts.sparsity * flat.size)))[0]
+            splits = np.cumsum([s.size for s in scores])[:-1]
+            masks = [m.reshape(s.shape) for m, s in zip(np.split(mask_all, splits), scores, strict=True)]
+        else:
+            masks = [self._layer_mask(layer, s) for layer, s in zip(layers, scores, strict=True)]
+        report, zeroed_total, changed = {}, 0, 0
+        for layer, w, mask in zip(layers, weights, masks, strict=True):
+            changed += int(np.count_nonzero(w[mask]))
+            new = w.copy()
+            new[mask] = 0
+            layer.weight.const_value = ir.Tensor(new, dtype=layer.weight.const_value.dtype, name=layer.weight.name)
+            zeroed = int(np.count_nonzero(new == 0))
+            report[layer.weight.name] = {
+                "node": layer.nodes[0].name,
+                "shared_by": len(layer.nodes),
+                "params": int(new.size),
+                "zeroed": zeroed,
+                "sparsity": zeroed / new.size if new.size else 0.0,
+            }
+            zeroed_total += zeroed
+        considered = sum(int(w.size) for w in weights)
+        self.stats = {
+            "method": opts.method,
+            "layers": report,
+            "params_zeroed": zeroed_total,
+            "params_considered": considered,
+            "sparsity": zeroed_total / considered if considered else 0.0,
+            "skipped": skipped,
+        }
+        logger.info("prune: %d/%d weights zero in %d layer(s), %d skipped", zeroed_total, considered, len(layers),
+                    len(skipped))
+        return ir.passes.PassResult(model, modified=changed > 0)
+
+    def _layer_mask(self, layer: WeightLayer, scores: np.ndarray) -> np.ndarray:
+        """Mask of the weights to zero in one layer, per tensor or per output channel."""
+        if self.options.granularity == "row":
+            rows = np.moveaxis(scores, layer.out_axis, 0)
+            grid = rows.reshape(rows.shape[0], -1)
+            mask = _lowest(grid, int(round(self.options.sparsity * grid.shape[1])))
+            return np.moveaxis(mask.reshape(rows.shape), 0, layer.out_axis)
+        flat = scores.reshape(1, -1)
+        return _lowest(flat, int(round(self.options.sparsity * flat.size))).reshape(scores.shape)
