@@ -1,0 +1,235 @@
+"""Block number formats: OCP MX (shared E8M0 scale per block) and plain int blocks with float scales.
+
+A tensor is cut into blocks of ``block_size`` consecutive elements along one axis (for weights: the reduction
+axis). Every block shares one scale; every element stores a small code.
+
+MX formats (OCP Microscaling Formats (MX) v1.0, section 5 "MX formats" and section 6.3 "Conversion"):
+
+* shared scale ``X = 2^(floor(log2(amax)) - emax_elem)`` stored as E8M0 (an unbiased exponent + 127 in one
+  byte, range 2^-127 .. 2^127, 0xFF = NaN, never produced here), where ``amax`` is the largest ``|v|`` of the
+  block and ``emax_elem`` is the exponent of the element format's largest normal number;
+* element ``P = quantize_to_element_format(v / X)``: round to nearest, ties to even, and saturate values that
+  exceed the element format's largest normal number to that number (section 6.3);
+* an all-zero block gets the smallest scale 2^-127 and zero elements (no division by zero, no NaN/inf).
+
+MXINT8 elements are 8-bit two's complement with an implicit scale of 2^-6 (values ``k / 64``), symmetric in
+[-127, 127] as in the spec's reference code. Plain ``int8``/``int4`` blocks are symmetric with one float16 or
+float32 scale ``amax / qmax`` per block (the layout of ONNX ``DequantizeLinear`` with ``block_size``).
+
+Codes are unsigned bytes holding the element's bit pattern (``ml_dtypes`` layout for the FP formats, two's
+complement for ints); :mod:`effc.passes.quant.packing` packs them densely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_dtypes
+import numpy as np
+
+from effc.errors import PipelineError
+
+__all__ = [
+    "FORMATS",
+    "BlockFormat",
+    "QuantizedBlocks",
+    "bits_per_weight",
+    "dequantize",
+    "get_format",
+    "quantize",
+    "quantize_dequantize",
+    "sqnr_db",
+]
+
+E8M0_BIAS = 127
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockFormat:
+    """One block format.
+
+    Attributes:
+        name: spelling used in pipelines (``"mxfp4"``).
+        kind: ``"mxfp"`` (FP elements, E8M0 scale), ``"mxint"`` (int8 elements k/64, E8M0 scale) or ``"int"``
+            (symmetric integers, float scale).
+        bits: bits per element code.
+        element_dtype: the ``ml_dtypes``/numpy element type (FP formats), or None.
+        emax: exponent of the element format's largest normal number (MX formats; OCP MX v1.0 table 1-4).
+        max_value: largest finite element magnitude (before the shared scale), for saturation.
+        qmax: largest integer code magnitude (int kinds).
+    """
+
+    name: str
+    kind: str
+    bits: int
+    element_dtype: type | None
+    emax: int
+    max_value: float
+    qmax: int = 0
+
+    @property
+    def is_mx(self) -> bool:
+        """True for formats with a shared E8M0 power-of-two scale."""
+        return self.kind in ("mxfp", "mxint")
+
+    def code_table(self) -> np.ndarray:
+        """Value of every element code, shape ``(2**bits,)`` float32 (the decoding lookup table, before scale)."""
+        codes = np.arange(2**self.bits, dtype=np.uint8)
+        if self.kind == "mxfp":
+            return codes.view(self.element_dtype).astype(np.float32)
+        signed = np.where(codes >= 2 ** (self.bits - 1), codes.astype(np.int32) - 2**self.bits, codes)
+        values = signed.astype(np.float32)
+        return values / 64.0 if self.kind == "mxint" else values
+
+
+# Format table (OCP MX v1.0 section 5.3, tables 2-4; emax of E4M3 = 8 since 448 = 1.75 * 2^8).
+FORMATS: dict[str, BlockFormat] = {
+    f.name: f
+    for f in (
+        BlockFormat("mxint8", "mxint", 8, None, 0, 127 / 64, 127),
+        BlockFormat("mxfp8_e4m3", "mxfp", 8, ml_dtypes.float8_e4m3fn, 8, 448.0),
+        BlockFormat("mxfp8_e5m2", "mxfp", 8, ml_dtypes.float8_e5m2, 15, 57344.0),
+        BlockFormat("mxfp6_e3m2", "mxfp", 6, ml_dtypes.float6_e3m2fn, 4, 28.0),
+        BlockFormat("mxfp6_e2m3", "mxfp", 6, ml_dtypes.float6_e2m3fn, 2, 7.5),
+        BlockFormat("mxfp4", "mxfp", 4, ml_dtypes.float4_e2m1fn, 2, 6.0),
+        BlockFormat("int8", "int", 8, None, 0, 127.0, 127),
+        BlockFormat("int4", "int", 4, None, 0, 7.0, 7),
+    )
+}
+
+
+def get_format(name: str) -> BlockFormat:
+    """The format called ``name``.
+
+    Raises:
+        PipelineError: unknown name (the message lists the known formats).
+    """
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise PipelineError(f"unknown block format {name!r}", f"format must be one of {', '.join(FORMATS)}") from None
+
+
+def bits_per_weight(fmt: BlockFormat | str, block_size: int = 32, scale_bits: int | None = None) -> float:
+    """Storage bits per element including the shared scale (e.g. 4.25 for MXFP4 with blocks of 32).
+
+    Args:
+        fmt: the format or its name.
+        block_size: elements per block.
+        scale_bits: bits of one scale; default 8 (E8M0) for MX formats, 16 (float16) for int formats.
+    """
+    fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+    if scale_bits is None:
+        scale_bits = 8 if fmt.is_mx else 16
+    return fmt.bits + scale_bits / block_size
+
+
+@dataclasses.dataclass
+class QuantizedBlocks:
+    """A block-quantized tensor.
+
+    Attributes:
+        codes: element codes, uint8, shape ``(*other, nblocks, block_size)``; the blocked axis is moved last and
+            zero-padded to a multiple of ``block_size``.
+        scales: per-block scales, shape ``(*other, nblocks)``: uint8 E8M0 codes for MX formats, float16/float32
+            values for int formats.
+        fmt: the format.
+        shape: the original tensor shape.
+        axis: the blocked axis of the original tensor (non-negative).
+        block_size: elements per block.
+    """
+
+    codes: np.ndarray
+    scales: np.ndarray
+    fmt: BlockFormat
+    shape: tuple[int, ...]
+    axis: int
+    block_size: int
+
+    def scale_values(self) -> np.ndarray:
+        """Scales as float32 values, shape ``(*other, nblocks)``."""
+        if self.fmt.is_mx:
+            return np.ldexp(np.float32(1.0), self.scales.astype(np.int32) - E8M0_BIAS).astype(np.float32)
+        return self.scales.astype(np.float32)
+
+
+def _blocks(x: np.ndarray, axis: int, block_size: int) -> tuple[np.ndarray, int]:
+    """Move ``axis`` last, zero-pad it to a multiple of ``block_size`` and split it: ``(*other, nb, bs)``."""
+    moved = np.moveaxis(np.asarray(x, dtype=np.float32), axis, -1)
+    n = moved.shape[-1]
+    pad = (-n) % block_size
+    if pad:
+        moved = np.concatenate([moved, np.zeros((*moved.shape[:-1], pad), np.float32)], axis=-1)
+    return moved.reshape(*moved.shape[:-1], -1, block_size), n
+
+
+def quantize(
+    x: np.ndarray, fmt: BlockFormat | str, axis: int = -1, block_size: int = 32, scale_dtype: str = "float16"
+) -> QuantizedBlocks:
+    """Quantize ``x`` into blocks of ``block_size`` along ``axis``.
+
+    Args:
+        x: float tensor of any shape.
+        fmt: the format or its name.
+        axis: the axis blocks run along (for a MatMul weight ``(K, N)``: 0, the reduction axis).
+        block_size: elements per block (32 in OCP MX v1.0).
+        scale_dtype: ``"float16"`` or ``"float32"``, scale type of the int formats (MX scales are always E8M0).
+
+    Returns:
+        The codes and scales (see :class:`QuantizedBlocks`).
+
+    Raises:
+        PipelineError: unknown format, block size < 1, or an unknown scale dtype.
+    """
+    fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+    if block_size < 1:
+        raise PipelineError(f"invalid block_size={block_size}", "block_size must be a positive integer, e.g. 32")
+    if scale_dtype not in ("float16", "float32"):
+        raise PipelineError(f"invalid scale_dtype={scale_dtype!r}", "scale_dtype must be float16 or float32")
+    x = np.asarray(x, dtype=np.float32)
+    axis = axis % max(x.ndim, 1)
+    blocks, _ = _blocks(x, axis, block_size)
+    amax = np.max(np.abs(blocks), axis=-1)
+    if fmt.is_mx:
+        # floor(log2(amax)) exactly: amax = m * 2^e with m in [0.5, 1)  =>  floor(log2(amax)) = e - 1.
+        _, e = np.frexp(amax)
+        shared = np.where(amax > 0, e - 1 - fmt.emax, -E8M0_BIAS)
+        shared = np.clip(shared, -E8M0_BIAS, E8M0_BIAS).astype(np.int32)
+        scaled = np.ldexp(blocks, -shared[..., None])  # v / X, exact (X is a power of two)
+        scaled = np.clip(scaled, -fmt.max_value, fmt.max_value)  # saturate (OCP MX v1.0 section 6.3)
+        if fmt.kind == "mxfp":
+            codes = scaled.astype(fmt.element_dtype).view(np.uint8)
+        else:
+            codes = np.clip(np.rint(scaled * 64.0), -fmt.qmax, fmt.qmax).astype(np.int8).view(np.uint8)
+        scales = (shared + E8M0_BIAS).astype(np.uint8)
+    else:
+        scale = (amax / fmt.qmax).astype(scale_dtype)
+        scale = np.where(scale > 0, scale, np.ones_like(scale))  # all-zero (or underflowing) block: scale 1
+        q = np.clip(np.rint(blocks / scale[..., None].astype(np.float32)), -fmt.qmax, fmt.qmax).astype(np.int8)
+        codes = q.view(np.uint8) & np.uint8(2**fmt.bits - 1)
+        scales = scale
+    return QuantizedBlocks(codes, scales, fmt, tuple(x.shape), axis, block_size)
+
+
+def dequantize(q: QuantizedBlocks) -> np.ndarray:
+    """Values of a :class:`QuantizedBlocks`, float32 with the original shape (code value × block scale)."""
+    values = q.fmt.code_table()[q.codes] * q.scale_values()[..., None]
+    flat = values.reshape(*values.shape[:-2], -1)[..., : q.shape[q.axis]]
+    return np.ascontiguousarray(np.moveaxis(flat, -1, q.axis))
+
+
+def quantize_dequantize(
+    x: np.ndarray, fmt: BlockFormat | str, axis: int = -1, block_size: int = 32, scale_dtype: str = "float16"
+) -> np.ndarray:
+    """Round trip ``dequantize(quantize(x, ...))``: the values the quantized tensor stands for (same shape)."""
+    return dequantize(quantize(x, fmt, axis, block_size, scale_dtype))
+
+
+def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(sum x^2 / sum (x - q)^2)`` in dB (inf when equal)."""
+    ref = np.asarray(reference, np.float64)
+    noise = float(np.sum((ref - np.asarray(approx, np.float64)) ** 2))
+    signal = float(np.sum(ref**2))
+    if noise == 0.0:
+        return float("inf")
+    return 10.0 * float(np.log10(max(signal, 1e-300) / noise))
