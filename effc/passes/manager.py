@@ -160,12 +160,14 @@ class PassManager:
             try:
                 result = p(model)
             except EffcError as e:
-                replay = self._replay_note(snapshot)
-                raise _with_prefix(e, prefix, replay) from e
+                raise _with_prefix(e, prefix, self._replay_note(snapshot)) from e
+            except ir.passes.InvariantError as e:
+                if isinstance(e.__cause__, EffcError):  # an effc error raised in requires/ensures
+                    raise _with_prefix(e.__cause__, prefix, self._replay_note(snapshot)) from e
+                cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ else ""
+                raise PassError(f"{prefix}: {type(e).__name__}: {e}{cause}", self._replay_note(snapshot)) from e
             except Exception as e:  # noqa: BLE001 - every crash inside a pass becomes a PassError
-                cause = e.__cause__ if isinstance(e, ir.passes.InvariantError) and e.__cause__ else None
-                detail = f"{type(e).__name__}: {e}" + (f" ({type(cause).__name__}: {cause})" if cause else "")
-                raise PassError(f"{prefix}: {detail}", self._replay_note(snapshot)) from e
+                raise PassError(f"{prefix}: {type(e).__name__}: {e}", self._replay_note(snapshot)) from e
             seconds = time.perf_counter() - start
             model = result.model
             logger.info("pass %s: %.3f s, modified=%s", p, seconds, result.modified)
