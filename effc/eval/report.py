@@ -1,0 +1,413 @@
+"""Compile reports: ``report.json`` (the exact dict), ``report.md`` (readable) and PNG plots.
+
+The report dict (every section optional except where noted; a missing section is written as "not measured")::
+
+    {
+      "model": {"name": str, "source": str},          # required: name; source = path or zoo name
+      "target": {"name": str, "options": dict, "info": dict},
+                                                      # info["kernels"]: {kernel: template} or
+                                                      # [{"kernel": ..., "template": ..., ...}] (a table is drawn)
+      "pipeline": str,                                # canonical pass pipeline text ("" = no passes)
+      "passes": [{"name": str, "text": str, "seconds": float, "modified": bool, "stats": dict}],
+                                                      # a stats value that maps layer -> number or
+                                                      # layer -> {metric: number} becomes a per-layer table + plot
+      "inputs": {"description": str, "synthetic": bool, "count": int},
+      "fidelity": {"vs_original": compare(...), "compiled_vs_rewritten": compare(...)},
+                                                      # effc.eval.fidelity.compare dicts; other keys are shown too
+      "cost": {"params_bytes_before": int, "params_bytes_after": int,
+               "macs_before": int | count_macs dict, "macs_after": int | count_macs dict,
+               "sparsity": sparsity_stats dict of the rewritten model},
+      "latency": {"threads": int, "ort": measure dict, "effc": measure dict,
+                  "ratio": float},                    # ratio = ort median / effc median (> 1: effc is faster);
+                                                      # computed when absent
+      "compile_seconds": float,
+    }
+
+Ratios shown for sizes and MACs are before / after (how many times smaller), for latency onnxruntime / effc
+(how many times faster).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from effc.eval import plots
+
+logger = logging.getLogger(__name__)
+
+NOT_MEASURED = "not measured"
+Table = tuple[str, list[str], list[tuple[str, dict[str, Any]]]]
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert numpy scalars/arrays, paths, tuples, sets, enums and dataclasses to JSON types.
+
+    Non-finite floats become the strings ``"nan"``, ``"inf"``, ``"-inf"`` so that the file is strict JSON.
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted((to_jsonable(v) for v in obj), key=str)
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        return value if math.isfinite(value) else str(value)
+    if obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, enum.Enum):
+        return to_jsonable(obj.value)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, bytes):
+        return obj.hex()
+    return str(obj)
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def human(value: float, unit: str = "") -> str:
+    """``1234567 -> '1.23 M'`` (decimal prefixes k, M, G, T)."""
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g} {prefix}{unit}"
+    return f"{value:.4g} {unit}".rstrip()
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    return None
+
+
+def _macs(value: Any) -> float | None:
+    return _num(value.get("total")) if isinstance(value, Mapping) else _num(value)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if value is None:
+        return "–"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
+    number = _num(value)
+    return format(number * scale, spec) if number is not None else str(value)
+
+
+def format_fidelity(comparison: Mapping[str, Any] | None) -> str:
+    """One line from a :func:`~effc.eval.fidelity.compare` dict's summary (worst over outputs)."""
+    if not comparison or "summary" not in comparison:
+        return NOT_MEASURED
+    s = comparison["summary"]
+    parts = []
+    if s.get("cosine") is not None:
+        parts.append(f"cosine {_fmt(s['cosine'], '.6f')}")
+    if s.get("max_abs") is not None:
+        parts.append(f"max |Δ| {_fmt(s['max_abs'], '.3g')}")
+    if s.get("top1_agreement") is not None:
+        parts.append(f"top-1 {_fmt(s['top1_agreement'], '.1f', 100)}%")
+    if s.get("exact_match") is not None:
+        parts.append(f"exact {_fmt(s['exact_match'], '.1f', 100)}%")
+    if s.get("nonfinite"):
+        parts.append(f"{s['nonfinite']} non-finite")
+    samples = comparison.get("samples")
+    return ", ".join(parts) + (f" ({samples} sample(s))" if samples else "")
+
+
+def _before_after(before: float | None, after: float | None, unit: str) -> str:
+    if before is None and after is None:
+        return NOT_MEASURED
+    if before is None or after is None:
+        known = "after" if before is None else "before"
+        return f"{human(after if before is None else before, unit)} ({known} only)"
+    ratio = f"×{before / after:.2f} smaller" if after else "all removed"
+    return f"{human(before, unit)} → {human(after, unit)} ({ratio})"
+
+
+def latency_ratio(latency: Mapping[str, Any] | None) -> float | None:
+    """``latency["ratio"]``, else onnxruntime median / effc median, else None."""
+    if not latency:
+        return None
+    if _num(latency.get("ratio")) is not None:
+        return float(latency["ratio"])
+    ort, eff = (_num((latency.get(k) or {}).get("median_ms")) for k in ("ort", "effc"))
+    return ort / eff if ort and eff else None
+
+
+def format_latency(latency: Mapping[str, Any] | None) -> str:
+    """One line: both medians, the speed-up and the thread count; "not measured" where absent."""
+    if not latency:
+        return NOT_MEASURED
+    medians = {k: _num((latency.get(k) or {}).get("median_ms")) for k in ("ort", "effc")}
+    if medians["ort"] is None and medians["effc"] is None:
+        return NOT_MEASURED
+    text = " / ".join(
+        f"{label} {f'{medians[k]:.3f} ms' if medians[k] is not None else NOT_MEASURED}"
+        for k, label in (("ort", "onnxruntime"), ("effc", "effc"))
+    )
+    ratio = latency_ratio(latency)
+    if ratio is not None:
+        text += f" (×{ratio:.2f} {'faster' if ratio >= 1 else 'of onnxruntime speed'})"
+    if latency.get("threads"):
+        text += f", {latency['threads']} thread(s)"
+    return text
+
+
+def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The short table the CLI prints: fidelity, parameter bytes, MACs, latency, compile time.
+
+    Args:
+        report: a report dict (schema in the module docstring); missing sections read "not measured".
+
+    Returns:
+        ``(label, value)`` pairs, e.g. ``("Parameters", "4.19 MB → 1.05 MB (×4.00 smaller)")``.
+    """
+    fidelity = report.get("fidelity") or {}
+    cost = report.get("cost") or {}
+    rows = [
+        ("Fidelity vs original (onnxruntime)", format_fidelity(fidelity.get("vs_original"))),
+        ("Fidelity compiled vs rewritten", format_fidelity(fidelity.get("compiled_vs_rewritten"))),
+        ("Parameters", _before_after(_num(cost.get("params_bytes_before")), _num(cost.get("params_bytes_after")), "B")),
+        ("MACs", _before_after(_macs(cost.get("macs_before")), _macs(cost.get("macs_after")), "")),
+        ("Latency (median)", format_latency(report.get("latency"))),
+    ]
+    seconds = _num(report.get("compile_seconds"))
+    rows.append(("Compile time", f"{seconds:.2f} s" if seconds is not None else NOT_MEASURED))
+    return rows
+
+
+# ---------------------------------------------------------------- per-layer tables
+
+
+def _layer_rows(value: Any) -> tuple[list[str], list[tuple[str, dict[str, Any]]]] | None:
+    """Rows of a per-layer stats value (layer -> number, or layer -> {metric: number}), else None."""
+    if not isinstance(value, Mapping) or not value:
+        return None
+    if all(_num(v) is not None for v in value.values()):
+        return ["value"], [(str(k), {"value": v}) for k, v in value.items()]
+    if all(isinstance(v, Mapping) for v in value.values()):
+        columns: list[str] = []
+        for v in value.values():
+            for key, item in v.items():
+                if key not in columns and (_num(item) is not None or isinstance(item, str)):
+                    columns.append(key)
+        if any(_num(item) is not None for v in value.values() for item in v.values()):
+            return columns, [(str(k), dict(v)) for k, v in value.items()]
+    return None
+
+
+def per_layer_tables(report: Mapping[str, Any]) -> list[Table]:
+    """Per-layer tables found in pass stats, plus per-tensor weight sparsity from ``cost.sparsity``.
+
+    Returns:
+        ``(title, columns, rows)``; ``rows`` are ``(layer name, {column: value})`` in the stats' order.
+    """
+    tables: list[Table] = []
+    for record in report.get("passes") or []:
+        for key, value in (record.get("stats") or {}).items():
+            found = _layer_rows(value)
+            if found:
+                tables.append((f"{record.get('name', '?')} / {key}", *found))
+    sparsity = (report.get("cost") or {}).get("sparsity")
+    if isinstance(sparsity, Mapping) and sparsity.get("tensors"):
+        rows = [(name, {"sparsity": t["sparsity"], "zeros": t["zeros"], "elements": t["elements"]})
+                for name, t in sparsity["tensors"].items()]
+        tables.append(("weight sparsity (rewritten model)", ["sparsity", "zeros", "elements"], rows))
+    return tables
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _stats_summary(stats: Mapping[str, Any]) -> str:
+    parts = []
+    for key, value in stats.items():
+        if isinstance(value, (Mapping, list, tuple)):
+            parts.append(f"{key}: {len(value)} entries")
+        else:
+            parts.append(f"{key}={_cell(value)}")
+    return ", ".join(parts) or "–"
+
+
+def _section_fidelity(fidelity: Mapping[str, Any]) -> list[str]:
+    lines = ["## Fidelity per output", ""]
+    if not fidelity:
+        return lines + [f"Fidelity: {NOT_MEASURED}.", ""]
+    header = ["output", "kind", "max abs", "mean abs", "rel L2", "cosine", "top-1", "exact"]
+    for name, comparison in fidelity.items():
+        lines.append(f"### {name.replace('_', ' ')}")
+        lines.append("")
+        if not isinstance(comparison, Mapping) or "outputs" not in comparison:
+            lines += [NOT_MEASURED, ""]
+            continue
+        lines += [f"{comparison.get('samples', '?')} sample(s).", ""]
+        rows = [[out, m.get("kind"), m.get("max_abs"), m.get("mean_abs"), m.get("rel_l2"), m.get("cosine"),
+                 m.get("top1_agreement"), m.get("exact_match")] for out, m in comparison["outputs"].items()]
+        for row in rows:  # show cosine with enough digits to see small losses
+            row[5] = f"{row[5]:.6f}" if isinstance(row[5], float) else row[5]
+        lines += _table(header, rows)
+    return lines
+
+
+def _section_cost(cost: Mapping[str, Any]) -> list[str]:
+    lines = ["## Size and compute", ""]
+    if not cost:
+        return lines + [f"Cost: {NOT_MEASURED}.", ""]
+    rows = []
+    for label, key in (("parameter bytes", "params_bytes"), ("MACs", "macs")):
+        before, after = cost.get(f"{key}_before"), cost.get(f"{key}_after")
+        b, a = (_macs(before), _macs(after)) if key == "macs" else (_num(before), _num(after))
+        rows.append([label, f"{int(b):,}" if b is not None else NOT_MEASURED,
+                     f"{int(a):,}" if a is not None else NOT_MEASURED, f"{b / a:.2f}" if a and b is not None else "–"])
+    lines += _table(["", "before", "after", "before / after"], rows)
+    by_op = [cost[k].get("by_op") if isinstance(cost.get(k), Mapping) else None for k in ("macs_before", "macs_after")]
+    if any(by_op):
+        ops = sorted({op for d in by_op if d for op in d})
+        rows = [[op, *(f"{int(d.get(op, 0)):,}" if d else "–" for d in by_op)] for op in ops]
+        lines += ["MACs per operator type:", ""] + _table(["op", "before", "after"], rows)
+    sparsity = cost.get("sparsity")
+    if isinstance(sparsity, Mapping) and "total" in sparsity:
+        t = sparsity["total"]
+        lines += [f"Weight sparsity (rewritten model): {100 * t['sparsity']:.1f}% "
+                  f"({t['zeros']:,} zeros of {t['elements']:,} weights).", ""]
+    return lines
+
+
+def _section_latency(latency: Mapping[str, Any] | None, has_plot: bool) -> list[str]:
+    lines = ["## Latency", ""]
+    if not latency:
+        return lines + [f"Latency: {NOT_MEASURED}.", ""]
+    rows = []
+    for key, label in (("ort", "onnxruntime"), ("effc", "effc")):
+        entry = latency.get(key)
+        if isinstance(entry, Mapping):
+            times = [_fmt(entry.get(k), ".3f") if entry.get(k) is not None else "–"
+                     for k in ("median_ms", "min_ms", "mean_ms")]
+            rows.append([label, *times, entry.get("runs")])
+        else:
+            rows.append([label, NOT_MEASURED, "–", "–", "–"])
+    lines += [f"{format_latency(latency)}.", ""]
+    lines += _table(["runtime", "median ms", "min ms", "mean ms", "runs"], rows)
+    return lines + (["![latency](latency.png)", ""] if has_plot else [])
+
+
+def _section_target(target: Mapping[str, Any]) -> list[str]:
+    lines = ["## Target", ""]
+    if not target:
+        return lines + ["Target: not recorded.", ""]
+    lines += [f"- name: `{target.get('name', '?')}`"]
+    for key, value in (target.get("options") or {}).items():
+        lines.append(f"- option `{key}` = `{value}`")
+    info = target.get("info") or {}
+    for key, value in info.items():
+        if key != "kernels" and not isinstance(value, (Mapping, list, tuple)):
+            lines.append(f"- {key}: {_cell(value)}")
+    lines.append("")
+    kernels = info.get("kernels")
+    if isinstance(kernels, Mapping) and kernels:
+        lines += ["### Kernels", ""]
+        lines += _table(["kernel", "template"], [[k, v if not isinstance(v, Mapping) else _stats_summary(v)]
+                                                  for k, v in kernels.items()])
+    elif isinstance(kernels, (list, tuple)) and kernels:
+        columns = list(dict.fromkeys(k for item in kernels if isinstance(item, Mapping) for k in item)) or ["kernel"]
+        rows = [[item.get(c) for c in columns] if isinstance(item, Mapping) else [item] for item in kernels]
+        lines += ["### Kernels", ""] + _table(columns, rows)
+    return lines
+
+
+def render_markdown(report: Mapping[str, Any], plots_written: set[str] | None = None) -> str:
+    """The ``report.md`` text (schema in the module docstring); ``plots_written`` names PNGs to embed."""
+    plots_written = plots_written or set()
+    model, target = report.get("model") or {}, report.get("target") or {}
+    lines = [f"# effc report: {model.get('name', 'model')} → {target.get('name', '?')}", ""]
+    if model.get("source"):
+        lines += [f"Source: `{model['source']}`", ""]
+    lines += [f"Pipeline: `{report.get('pipeline') or '(no passes)'}`", "", "## Summary", ""]
+    lines += _table(["metric", "value"], [list(row) for row in summary_rows(report)])
+    inputs = report.get("inputs") or {}
+    lines += ["## Inputs", ""]
+    if inputs:
+        note = "**synthetic** inputs (generated, not real data): " if inputs.get("synthetic") else ""
+        lines += [f"{note}{inputs.get('description', '(no description)')} — {inputs.get('count', '?')} sample(s).", ""]
+    else:
+        lines += [f"Inputs: {NOT_MEASURED}.", ""]
+    lines += ["## Passes", ""]
+    records = report.get("passes") or []
+    if records:
+        rows = [[i + 1, r.get("name"), f"`{r.get('text', r.get('name'))}`", r.get("seconds"), r.get("modified"),
+                 _stats_summary(r.get("stats") or {})] for i, r in enumerate(records)]
+        lines += _table(["#", "pass", "text", "seconds", "modified", "stats"], rows)
+    else:
+        lines += ["No passes ran.", ""]
+    tables = per_layer_tables(report)
+    if tables:
+        lines += ["## Per layer", ""]
+        for title, columns, rows in tables:
+            lines += [f"### {title}", ""] + _table(["layer", *columns], [[n, *(v.get(c) for c in columns)]
+                                                                         for n, v in rows])
+        if "layers.png" in plots_written:
+            lines += ["![per-layer](layers.png)", ""]
+    lines += _section_fidelity(report.get("fidelity") or {})
+    lines += _section_cost(report.get("cost") or {})
+    lines += _section_latency(report.get("latency"), "latency.png" in plots_written)
+    lines += _section_target(target)
+    seconds = _num(report.get("compile_seconds"))
+    lines += ["## Compile time", "", f"{seconds:.2f} s" if seconds is not None else NOT_MEASURED, ""]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str | Path, report: Mapping[str, Any]) -> list[str]:
+    """Write ``report.json``, ``report.md`` and the PNG plots that have data into ``out_dir``.
+
+    Args:
+        out_dir: the artifact folder (created if missing).
+        report: the report dict (schema in the module docstring); not modified.
+
+    Returns:
+        The file names written, relative to ``out_dir`` (``report.json``, ``report.md``, then ``latency.png``
+        and/or ``layers.png`` when drawn).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = to_jsonable(report)
+    (out / "report.json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    written = ["report.json", "report.md"]
+    pngs: set[str] = set()
+    if isinstance(data.get("latency"), Mapping) and plots.latency_plot(out / "latency.png", data["latency"]):
+        pngs.add("latency.png")
+    if plots.layers_plot(out / "layers.png", per_layer_tables(data)):
+        pngs.add("layers.png")
+    missing = [k for k in ("fidelity", "cost", "latency", "inputs") if not data.get(k)]
+    if missing:
+        logger.info("report for %s: sections not measured: %s", (data.get("model") or {}).get("name"), missing)
+    (out / "report.md").write_text(render_markdown(data, pngs), encoding="utf-8")
+    return written + sorted(pngs)

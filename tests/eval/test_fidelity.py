@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+
+from effc.errors import DataError
+from effc.eval.fidelity import compare
+
+
+def test_known_cosine_rel_l2_and_abs():
+    a = np.array([1.0, 0.0, 0.0, 0.0], np.float32)
+    b = np.array([1.0, 1.0, 0.0, 0.0], np.float32)
+    r = compare([[a]], [[b]], ["y"])
+    out = r["outputs"]["y"]
+    assert out["cosine"] == pytest.approx(1 / np.sqrt(2))
+    assert out["rel_l2"] == pytest.approx(1.0)
+    assert out["max_abs"] == pytest.approx(1.0)
+    assert out["mean_abs"] == pytest.approx(0.25)
+    assert out["kind"] == "float" and out["top1_agreement"] is None  # 1-D: not class scores
+    assert r["samples"] == 1 and r["summary"]["worst_output"] == "y"
+
+
+def test_cosine_is_mean_over_samples_and_rel_l2_over_all():
+    ref = [[np.array([3.0, 4.0])], [np.array([1.0, 0.0])]]
+    cand = [[np.array([3.0, 4.0])], [np.array([0.0, 1.0])]]
+    out = compare(ref, cand, ["y"])["outputs"]["y"]
+    assert out["cosine"] == pytest.approx(0.5)  # (1 + 0) / 2
+    assert out["rel_l2"] == pytest.approx(np.sqrt(2) / np.sqrt(26))
+
+
+def test_zero_vectors():
+    z = np.zeros(3)
+    assert compare([[z]], [[z]], ["y"])["outputs"]["y"]["cosine"] == 1.0
+    out = compare([[z]], [[np.ones(3)]], ["y"])["outputs"]["y"]
+    assert out["cosine"] == 0.0 and out["rel_l2"] == float("inf")
+    assert compare([[z]], [[z]], ["y"])["outputs"]["y"]["rel_l2"] == 0.0
+
+
+def test_top1_agreement_class_scores_heuristic_and_forced():
+    ref = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]], np.float32)
+    cand = np.array([[0.2, 0.8], [0.1, 0.9], [0.3, 0.7], [0.9, 0.1]], np.float32)
+    r = compare([[ref]], [[cand]], ["logits"])
+    assert r["outputs"]["logits"]["kind"] == "class_scores"
+    assert r["outputs"]["logits"]["top1_agreement"] == pytest.approx(0.75)
+    # explicit other kind switches the heuristic off
+    off = compare([[ref]], [[cand]], ["logits"], output_kind="embedding")
+    assert off["outputs"]["logits"]["top1_agreement"] is None
+    # forced on a 3-D output: rows along the last axis over all samples
+    r3 = compare([[ref[None]], [ref[None]]], [[cand[None]], [ref[None]]], ["s"], output_kind={"s": "class_scores"})
+    assert r3["outputs"]["s"]["top1_agreement"] == pytest.approx(7 / 8)
+
+
+def test_int_and_bool_outputs_exact_match():
+    ref = [[np.array([1, 2, 3, 4], np.int64), np.array([True, False])]]
+    cand = [[np.array([1, 2, 0, 4], np.int64), np.array([True, True])]]
+    r = compare(ref, cand, ["ids", "mask"])
+    assert r["outputs"]["ids"]["exact_match"] == pytest.approx(0.75)
+    assert r["outputs"]["ids"]["max_abs"] == 3.0 and r["outputs"]["ids"]["cosine"] is None
+    assert r["outputs"]["mask"]["kind"] == "bool" and r["outputs"]["mask"]["exact_match"] == 0.5
+    assert r["summary"]["exact_match"] == 0.5 and r["summary"]["cosine"] is None
+
+
+def test_summary_is_worst_over_outputs():
+    a = np.array([[1.0, 2.0, 3.0]])
+    ref = [[a, a]]
+    cand = [[a + 0.01, -a]]
+    r = compare(ref, cand, ["good", "bad"], output_kind="embedding")
+    assert r["summary"]["cosine"] == pytest.approx(-1.0)
+    assert r["summary"]["max_abs"] == pytest.approx(6.0)
+    assert r["summary"]["worst_output"] == "bad"
+
+
+def test_nonfinite_counted():
+    r = compare([[np.ones(4)]], [[np.array([1.0, np.nan, 1.0, np.inf])]], ["y"])
+    assert r["outputs"]["y"]["nonfinite"] == 2 and r["summary"]["nonfinite"] == 2
+
+
+def test_mismatches_raise_data_error_naming_output():
+    a = np.zeros((2, 3))
+    with pytest.raises(DataError, match="'logits'"):
+        compare([[a]], [[np.zeros((3, 2))]], ["logits"])
+    with pytest.raises(DataError, match="1 sample"):
+        compare([[a]], [[a], [a]], ["y"])
+    with pytest.raises(DataError, match="output name"):
+        compare([[a, a]], [[a, a]], ["y"])
+    with pytest.raises(DataError, match="no samples"):
+        compare([], [], ["y"])

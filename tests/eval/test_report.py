@@ -1,0 +1,80 @@
+import json
+
+import numpy as np
+import pytest
+
+from effc.eval.fidelity import compare
+from effc.eval.report import NOT_MEASURED, render_markdown, summary_rows, to_jsonable, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def full_report():
+    ref = [[np.array([[0.1, 0.9], [0.8, 0.2]], np.float32)]]
+    cand = [[np.array([[0.2, 0.8], [0.1, 0.9]], np.float32)]]
+    fid = compare(ref, cand, ["logits"])
+    return {
+        "model": {"name": "tiny-mlp", "source": "/models/tiny.onnx"},
+        "target": {"name": "cpu", "options": {"threads": 1},
+                   "info": {"tvm_target": "llvm -mcpu=znver3", "kernels": {"fused_matmul_add": "dense_avx2"}}},
+        "pipeline": "prune(sparsity=0.5)",
+        "passes": [{"name": "prune", "text": "prune(sparsity=0.5)", "seconds": np.float64(0.125), "modified": True,
+                    "stats": {"sparsity": 0.5, "per_layer": {"fc1": 0.4, "fc2": 0.6},
+                              "errors": {"fc1": {"rel_l2": 0.01, "cosine": 0.99}}}}],
+        "inputs": {"description": "random normal x", "synthetic": True, "count": np.int64(1)},
+        "fidelity": {"vs_original": fid, "compiled_vs_rewritten": fid},
+        "cost": {"params_bytes_before": 4_194_304, "params_bytes_after": 1_048_576,
+                 "macs_before": {"total": 2_000_000, "by_op": {"MatMul": 2_000_000}}, "macs_after": 1_000_000},
+        "latency": {"threads": 1, "ort": {"median_ms": 4.0, "min_ms": 3.5, "mean_ms": 4.2, "max_ms": 5.0, "runs": 20},
+                    "effc": {"median_ms": 2.0, "min_ms": 1.9, "mean_ms": 2.1, "max_ms": 2.5, "runs": 20}},
+        "compile_seconds": 12.5,
+    }
+
+
+def test_write_report_full(tmp_path, full_report):
+    files = write_report(tmp_path / "out", full_report)
+    assert files == ["report.json", "report.md", "latency.png", "layers.png"]
+    for png in ("latency.png", "layers.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:8] == PNG_MAGIC
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert data["passes"][0]["seconds"] == 0.125 and data["inputs"]["count"] == 1
+    assert data["fidelity"]["vs_original"]["outputs"]["logits"]["top1_agreement"] == 0.5
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert md.startswith("# effc report: tiny-mlp → cpu")
+    assert "**synthetic**" in md and "random normal x" in md
+    assert "4.19 MB → 1.05 MB (×4.00 smaller)" in md
+    assert "2 M → 1 M (×2.00 smaller)" in md and "4,194,304" in md
+    assert "onnxruntime 4.000 ms / effc 2.000 ms (×2.00 faster), 1 thread(s)" in md
+    assert "top-1 50.0%" in md and "12.50 s" in md
+    assert "| fused_matmul_add | dense_avx2 |" in md
+    assert "| fc2 | 0.6 |" in md and "| fc1 | 0.01 | 0.99 |" in md  # per-layer tables from pass stats
+    assert "![latency](latency.png)" in md and NOT_MEASURED not in md
+
+
+def test_missing_sections_say_not_measured(tmp_path):
+    report = {"model": {"name": "m"}, "target": {"name": "cortex-m4"},
+              "inputs": {"description": "3 real samples", "synthetic": False, "count": 3}}
+    files = write_report(tmp_path, report)
+    assert files == ["report.json", "report.md"]
+    md = (tmp_path / "report.md").read_text()
+    assert md.count(NOT_MEASURED) >= 5 and "**synthetic**" not in md
+    assert dict(summary_rows(report))["Latency (median)"] == NOT_MEASURED
+
+
+def test_summary_rows(full_report):
+    rows = dict(summary_rows(full_report))
+    assert list(rows)[:2] == ["Fidelity vs original (onnxruntime)", "Fidelity compiled vs rewritten"]
+    # cosine of the flattened (2, 2) scores: 1.0 / 1.5
+    assert rows["Fidelity vs original (onnxruntime)"] == "cosine 0.666667, max |Δ| 0.7, top-1 50.0% (1 sample(s))"
+    assert rows["Parameters"] == "4.19 MB → 1.05 MB (×4.00 smaller)"
+    full_report["latency"]["ratio"] = 3.0  # an explicit ratio wins
+    assert "(×3.00 faster)" in dict(summary_rows(full_report))["Latency (median)"]
+
+
+def test_jsonable_handles_numpy_and_nonfinite():
+    data = to_jsonable({"a": np.float32(1.5), "b": np.arange(3), "c": (1, {2}), "d": float("nan"), 3: np.bool_(True)})
+    assert data == {"a": 1.5, "b": [0, 1, 2], "c": [1, [2]], "d": "nan", "3": True}
+    json.dumps(data, allow_nan=False)
+    assert "nan" in render_markdown({"model": {"name": "m"}, "fidelity": {"vs_original": {
+        "samples": 1, "outputs": {}, "summary": {"max_abs": "nan", "cosine": "nan"}}}})
