@@ -5,6 +5,7 @@ kept sorted.
 """
 
 import effc.passes.cleanup  # noqa: F401
+import effc.passes.nm_sparsity  # noqa: F401
 import effc.passes.prune  # noqa: F401
 from effc.passes.base import EffcPass, PassOptions, register_pass, registered_passes
 from effc.passes.manager import PassManager, PassRecord, PipelineResult

@@ -1,0 +1,344 @@
+"""``nm-sparsity``: N:M fine-grained structured sparsity stored packed as ``effc.NMSparseMatMul``.
+
+N of every M consecutive weights along the reduction (input) axis are kept (2:4, 1:4, 4:8, ...), chosen by
+magnitude, Wanda score, or inside a SparseGPT reconstruction sweep. With ``vector=V`` the kept pattern of a group is
+shared by V adjacent output channels (V = SIMD width: the input element becomes a scalar broadcast in the kernel);
+``vector=1`` is element-wise N:M (the sparse-tensor-core format).
+
+Packed form of a ``MatMul(X, W)`` with ``W`` of shape ``(K, Cout)`` (``K`` = reduction axis, ``G = K / m`` groups):
+
+* ``values``  ``(G·n, Cout)`` float32: the kept weights, group by group, ascending input index within a group;
+* ``indices`` ``(G·n, Cout / V)`` uint16: the absolute input row (0..K-1) each kept value multiplies.
+
+Indices are absolute, so an input-channel permutation found by ``permute=true`` (groups formed over permuted
+inputs, as NVIDIA ASP's channel permutation does) costs nothing at run time and changes no other node: the
+consumer's reads are permuted exactly through the indices. The reference body (an ONNX model-local function)
+scatters the values into a dense ``(K, Cout)`` matrix and multiplies, so onnxruntime runs the rewritten model.
+
+Sources: Mishra et al., "Accelerating Sparse Deep Neural Networks" (2021); Pool & Yu, "Channel Permutations for N:M
+Sparsity" (NeurIPS 2021); SparseGPT and Wanda (see :mod:`effc.passes.sparsegpt`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper
+
+from effc.errors import PassError
+from effc.ir.effc_ops import EFFC_DOMAIN, add_function
+from effc.passes import sparsegpt as sg
+from effc.passes.base import EffcPass, PassOptions, register_pass
+
+logger = logging.getLogger(__name__)
+
+OP_TYPE = "NMSparseMatMul"
+
+
+def pack_nm(
+    weight: np.ndarray, n: int, m: int, vector: int = 1, perm: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pack a ``(K, Cout)`` MatMul weight that already satisfies N:M into ``(values, indices)``.
+
+    Args:
+        weight: ``(K, Cout)``; along axis 0 (after ``perm``) every group of ``m`` rows has at most ``n`` non-zero
+            rows per block of ``vector`` adjacent columns.
+        n: kept per group.
+        m: group length along the reduction axis.
+        vector: columns sharing one index set.
+        perm: ``(K,)`` input order the groups are formed over (default: identity).
+
+    Returns:
+        ``values`` ``(K/m·n, Cout)`` float32 and ``indices`` ``(K/m·n, Cout/vector)`` uint16 (absolute rows).
+
+    Raises:
+        PassError: shapes that do not divide, K ≥ 65536, or a group holding more than ``n`` non-zeros.
+    """
+    k, cout = weight.shape
+    sg.check_nm(n, m, vector, (cout, k))
+    if k >= 1 << 16:
+        raise PassError(f"reduction axis {k} too long for uint16 indices", "split the layer first")
+    perm = np.arange(k) if perm is None else np.asarray(perm)
+    wp = weight[perm]
+    g, cb = k // m, cout // vector
+    nz = (wp.reshape(g, m, cb, vector) != 0).any(axis=-1)  # (G, M, CB)
+    counts = nz.sum(axis=1)
+    if (counts > n).any():
+        gi, bi = np.argwhere(counts > n)[0]
+        raise PassError(
+            f"weight is not {n}:{m} (vector={vector}): group {gi} of output block {bi} has {counts[gi, bi]} non-zeros",
+            f"prune it first (e.g. nm-sparsity(n={n},m={m},vector={vector})) or pack with larger n",
+        )
+    off = np.sort(np.argsort(~nz, axis=1, kind="stable")[:, :n, :], axis=1)  # (G, n, CB) offsets in group
+    rows = off + (np.arange(g) * m)[:, None, None]  # permuted row index
+    rows_full = np.repeat(rows, vector, axis=2).reshape(g * n, cout)
+    values = np.take_along_axis(wp, rows_full, axis=0).astype(np.float32)
+    indices = perm[rows.reshape(g * n, cb)].astype(np.uint16)
+    return values, indices
+
+
+def unpack_nm(values: np.ndarray, indices: np.ndarray, k: int) -> np.ndarray:
+    """Dense ``(K, Cout)`` weight from the packed form (inverse of :func:`pack_nm`, exact)."""
+    rows, cout = values.shape
+    vector = cout // indices.shape[1]
+    full = np.repeat(indices.astype(np.int64), vector, axis=1)
+    dense = np.zeros((k, cout), dtype=values.dtype)
+    np.put_along_axis(dense, full, values, axis=0)
+    return dense
+
+
+def nm_function(opset: int) -> ir.Function:
+    """Reference body of ``effc.NMSparseMatMul(X, values, indices) -> Y`` in standard ONNX ops (opset ≥ 13)."""
+    i64 = lambda name, v: helper.make_node(  # noqa: E731
+        "Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(v)], v)
+    )
+    nodes = [
+        i64("c0", [0]), i64("c1", [1]), i64("c2", [2]), i64("cm1", [-1]), i64("cbig", [1 << 62]),
+        helper.make_node("Cast", ["indices"], ["idx"], to=TensorProto.INT64),
+        helper.make_node("Shape", ["values"], ["sv"]),
+        helper.make_node("Shape", ["indices"], ["si"]),
+        helper.make_node("Shape", ["X"], ["sx"]),
+        helper.make_node("Slice", ["sv", "c0", "c1"], ["r"]),
+        helper.make_node("Slice", ["sv", "c1", "c2"], ["cout"]),
+        helper.make_node("Slice", ["si", "c1", "c2"], ["cb"]),
+        helper.make_node("Div", ["cout", "cb"], ["vec"]),
+        helper.make_node("Slice", ["sx", "cm1", "cbig"], ["k"]),
+        helper.make_node("Unsqueeze", ["idx", "c2"], ["idx3"]),
+        helper.make_node("Concat", ["r", "cb", "vec"], ["eshape"], axis=0),
+        helper.make_node("Expand", ["idx3", "eshape"], ["idxe"]),
+        helper.make_node("Reshape", ["idxe", "sv"], ["rows"]),
+        helper.make_node("Concat", ["k", "cout"], ["dshape"], axis=0),
+        helper.make_node("ConstantOfShape", ["dshape"], ["zeros"]),
+        helper.make_node("ScatterElements", ["zeros", "rows", "values"], ["w"], axis=0),
+        helper.make_node("MatMul", ["X", "w"], ["Y"]),
+    ]
+    proto = helper.make_function(
+        EFFC_DOMAIN, OP_TYPE, ["X", "values", "indices"], ["Y"], nodes,
+        [helper.make_opsetid("", opset)], attributes=["n", "m", "vector"],
+    )
+    return ir.serde.deserialize_function(proto)
+
+
+def replace_with_packed(model: ir.Model, node: ir.Node, n: int, m: int, vector: int, perm=None) -> dict:
+    """Rewrite one ``MatMul(X, W)`` (W constant ``(K, Cout)``, already N:M) into ``effc.NMSparseMatMul``.
+
+    Returns:
+        ``{"name", "dense_bytes", "packed_bytes"}``.
+
+    Raises:
+        PassError: the weight is not N:M, or the model's default opset is below 13.
+    """
+    opset = model.opset_imports.get("", 0)
+    if opset < 13:
+        raise PassError(f"model opset {opset} < 13", "canonicalize or convert the model to opset >= 13")
+    add_function(model, nm_function(opset))
+    wv = node.inputs[1]
+    dense = wv.const_value.numpy()
+    values, indices = pack_nm(dense, n, m, vector, perm)
+    base = node.name or wv.name
+    vals = ir.Value(name=f"{base}.nm_values", const_value=ir.tensor(values, name=f"{base}.nm_values"))
+    idx = ir.Value(name=f"{base}.nm_indices", const_value=ir.tensor(indices, name=f"{base}.nm_indices"))
+    for v in (vals, idx):
+        v.shape, v.type = v.const_value.shape, ir.TensorType(v.const_value.dtype)
+        model.graph.register_initializer(v)
+    new = ir.Node(
+        EFFC_DOMAIN, OP_TYPE, [node.inputs[0], vals, idx],
+        attributes=[ir.AttrInt64("n", n), ir.AttrInt64("m", m), ir.AttrInt64("vector", vector)],
+        name=f"{base}/nm", metadata_props={"effc.pass": "nm-sparsity"},
+    )
+    out = node.outputs[0]
+    new.outputs[0].name, new.outputs[0].shape, new.outputs[0].type = out.name + "_nm", out.shape, out.type
+    model.graph.insert_after(node, new)
+    ir.convenience.replace_all_uses_with(out, new.outputs[0])
+    if out.is_graph_output():
+        outs = model.graph.outputs
+        outs[outs.index(out)] = new.outputs[0]
+    model.graph.remove(node, safe=True)
+    new.outputs[0].name = out.name
+    if wv.name in model.graph.initializers and not wv.uses():
+        del model.graph.initializers[wv.name]
+    return {"name": base, "dense_bytes": int(dense.nbytes), "packed_bytes": int(values.nbytes + indices.nbytes)}
+
+
+def packed_layers(model: ir.Model) -> list[ir.Node]:
+    """All ``effc.NMSparseMatMul`` nodes of the main graph."""
+    return [nd for nd in model.graph if nd.domain == EFFC_DOMAIN and nd.op_type == OP_TYPE]
+
+
+def onnx_proto(model: ir.Model) -> onnx.ModelProto:
+    """``ir.to_proto`` (kept here so tests and the benchmark share one call)."""
+    return ir.to_proto(model)
+
+
+def _kept(t: np.ndarray, n: int) -> np.ndarray:
+    """Sum of the top-``n`` along axis -2 of ``(..., m, B)``, summed over ``B``."""
+    return np.sort(t, axis=-2)[..., -n:, :].sum(axis=(-2, -1))
+
+
+def permutation_search(scores: np.ndarray, n: int, m: int, vector: int = 1, rounds: int = 64, seed: int = 0):
+    """Input-channel order raising the score an N:M mask keeps (greedy channel swaps between groups).
+
+    Each round pairs the groups at random and applies, per pair, the single channel swap with the largest gain
+    (all ``m²`` swaps evaluated at once). After Pool & Yu, "Channel Permutations for N:M Sparsity" (2021).
+
+    Args:
+        scores: ``(Cout, K)`` importance; the search groups along ``K``.
+        n: kept per group.
+        m: group length.
+        vector: output rows sharing a pattern (their scores are summed first).
+        rounds: swap rounds (each evaluates ``K/(2m)`` group pairs).
+        seed: random seed of the pairing.
+
+    Returns:
+        ``((K,) permutation, kept score before, kept score after)``.
+    """
+    cout, k = scores.shape
+    sg.check_nm(n, m, vector, scores.shape)
+    t = scores.reshape(cout // vector, vector, k).sum(axis=1).T.astype(np.float64)  # (K, B)
+    g = k // m
+    perm = np.arange(k)
+    rng = np.random.default_rng(seed)
+    ii, jj = (a.ravel() for a in np.meshgrid(np.arange(m), np.arange(m), indexing="ij"))
+    before = float(_kept(t[perm.reshape(g, m)], n).sum())
+    for _ in range(rounds if g > 1 else 0):
+        pairs = rng.permutation(g)[: g // 2 * 2].reshape(-1, 2)
+        groups = perm.reshape(g, m)
+        a_ch, b_ch = groups[pairs[:, 0]], groups[pairs[:, 1]]
+        ta, tb = t[a_ch], t[b_ch]  # (P, m, B)
+        base = _kept(ta, n) + _kept(tb, n)
+        na = np.repeat(ta[:, None], m * m, axis=1)  # (P, m*m, m, B)
+        nb = np.repeat(tb[:, None], m * m, axis=1)
+        cand = np.arange(m * m)
+        na[:, cand, ii, :] = tb[:, jj, :]
+        nb[:, cand, jj, :] = ta[:, ii, :]
+        gain = _kept(na, n) + _kept(nb, n) - base[:, None]
+        best = gain.argmax(axis=1)
+        for p in np.nonzero(gain[np.arange(len(pairs)), best] > 1e-12)[0]:
+            ga, gb = pairs[p]
+            i, j = ii[best[p]], jj[best[p]]
+            groups[ga, i], groups[gb, j] = groups[gb, j], groups[ga, i]
+        perm = groups.reshape(-1)
+    after = float(_kept(t[perm.reshape(g, m)], n).sum())
+    return perm, before, after
+
+
+@dataclasses.dataclass(frozen=True)
+class NMSparsityOptions(PassOptions):
+    """Options of ``nm-sparsity`` (groups run along the reduction axis of each MatMul weight)."""
+
+    n: int = dataclasses.field(default=2, metadata={"help": "weights kept per group"})
+    m: int = dataclasses.field(default=4, metadata={"help": "group length along the reduction axis"})
+    vector: int = dataclasses.field(default=1, metadata={"help": "output channels sharing a pattern (1 = element)"})
+    method: str = dataclasses.field(default="wanda", metadata={"help": "mask score: magnitude | wanda"})
+    layers: str = dataclasses.field(default="all", metadata={"help": "all | ffn | attention | name patterns (a|b)"})
+    reconstruct: bool = dataclasses.field(default=True, metadata={"help": "SparseGPT updates (with calibration)"})
+    permute: bool = dataclasses.field(default=False, metadata={"help": "input-channel permutation search"})
+    min_cosine: float | None = dataclasses.field(default=None, metadata={"help": "output cosine floor; drops layers"})
+    pack: bool = dataclasses.field(default=True, metadata={"help": "store as effc.NMSparseMatMul (values+indices)"})
+
+    def validate(self) -> None:
+        """Raises: PipelineError: n, m, vector, method or min_cosine out of range."""
+        if not 1 <= self.m <= 64:
+            self.fail("m", self.m, "an integer in [1, 64]")
+        if not 1 <= self.n < self.m:
+            self.fail("n", self.n, f"an integer in [1, m) with m={self.m}")
+        if self.vector < 1:
+            self.fail("vector", self.vector, "a positive integer (1 = element-wise, 16 = AVX-512 lanes)")
+        if self.method not in ("magnitude", "wanda"):
+            self.fail("method", self.method, "magnitude or wanda")
+        if self.min_cosine is not None and not 0.0 < self.min_cosine <= 1.0:
+            self.fail("min_cosine", self.min_cosine, "a cosine in (0, 1]")
+
+
+@register_pass
+class NMSparsityPass(EffcPass):
+    """Prune MatMul weights to N:M along the reduction axis and store them packed as ``effc.NMSparseMatMul``.
+
+    Stats: ``layers`` (name, shape, kind, kept fraction, bytes dense/packed, permutation gain), ``skipped``
+    (name, reason), ``method`` actually used, ``reconstructed``, ``weight_bytes_before/after``, and with
+    ``min_cosine`` the per-layer ``sensitivity`` and the measured ``cosine``.
+
+    Raises:
+        PassError: ``layers`` matches nothing.
+    """
+
+    name = "nm-sparsity"
+    summary = "N:M structured sparsity (2:4, ...) along the reduction axis, packed as effc.NMSparseMatMul"
+    Options = NMSparsityOptions
+    exact = False
+    uses_calibration = True
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Select, prune (sequentially, with calibration taps), optionally pack; see the class docstring."""
+        o = self.options
+        cands, skipped = [], []
+        for lay in sg.select_layers(model, o.layers):
+            shape = tuple(lay[1].const_value.shape)
+            cout, cin = (shape if lay[2] else shape[::-1])
+            if lay[0].op_type != "MatMul":
+                skipped.append({"name": lay[0].name, "reason": f"{lay[0].op_type} is not packed (MatMul only)"})
+            elif cin % o.m or cout % o.vector:
+                skipped.append({"name": lay[0].name, "reason": f"(Cout, Cin)=({cout}, {cin}) does not divide by "
+                                f"vector={o.vector}, m={o.m}"})
+            else:
+                cands.append(lay)
+        cal = self.calibration
+        method = o.method if cal is not None else "magnitude"
+        if cal is None and (o.method == "wanda" or o.reconstruct):
+            logger.warning("nm-sparsity: no calibration data, falling back to magnitude without reconstruction")
+        if o.min_cosine is not None and cal is not None and cands:
+            from effc.passes.structured.sensitivity import choose_layers
+
+            cands, sens, ref = choose_layers(model, cands, cal, o.min_cosine, self._prune_fn(method, False))
+            self.stats["sensitivity"] = sens
+        perms: dict[str, np.ndarray] = {}
+        gains: dict[str, float] = {}
+
+        def prune_fn(layer, w, hessian):
+            perm = None
+            if o.permute:
+                scores = sg.importance(w, None if hessian is None else np.diag(hessian), method)
+                rounds = self._rounds((w.shape[0] // o.vector, w.shape[1]))
+                perm, before, after = permutation_search(scores, o.n, o.m, o.vector, rounds=rounds)
+                perms[layer[0].name], gains[layer[0].name] = perm, after / max(before, 1e-30)
+            return self._prune_fn(method, o.reconstruct)(layer, w, hessian, perm)
+
+        records = sg.prune_sequential(model, cands, cal, prune_fn)
+        before = after = 0
+        for lay, rec in zip(sorted(cands, key=lambda c: [*model.graph].index(c[0])), records, strict=True):
+            rec["kind"] = sg.layer_kind(lay[0], tuple(rec["shape"]))
+            rec["permutation_gain"] = gains.get(lay[0].name)
+            if o.pack:
+                info = replace_with_packed(model, lay[0], o.n, o.m, o.vector, perms.get(lay[0].name))
+                rec.update(dense_bytes=info["dense_bytes"], packed_bytes=info["packed_bytes"])
+                before, after = before + info["dense_bytes"], after + info["packed_bytes"]
+        self.stats.update(layers=records, skipped=skipped, method=method, pattern=f"{o.n}:{o.m}", vector=o.vector,
+                          reconstructed=bool(o.reconstruct and cal is not None),
+                          weight_bytes_before=before, weight_bytes_after=after)
+        if o.min_cosine is not None and cal is not None:
+            from effc.passes.structured.sensitivity import output_cosine
+
+            self.stats["cosine"] = output_cosine(model, self.stats["sensitivity"]["feeds"], ref)
+            self.stats["sensitivity"].pop("feeds")
+        logger.info("nm-sparsity %d:%d v%d: %d layer(s) pruned, %d skipped", o.n, o.m, o.vector, len(records),
+                    len(skipped))
+        return ir.passes.PassResult(model, modified=bool(records))
+
+    def _prune_fn(self, method: str, reconstruct: bool):
+        o = self.options
+
+        def fn(layer, w, hessian, perm=None):
+            return sg.prune_weight(w, method=method, n=o.n, m=o.m, vector=o.vector, hessian=hessian,
+                                   reconstruct=reconstruct, perm=perm)
+
+        return fn
+
+    @staticmethod
+    def _rounds(shape: tuple[int, int], budget: float = 3e8) -> int:
+        """Swap rounds that fit a fixed work budget (element-wise search on wide layers is costly)."""
+        cout, cin = shape
+        return int(min(64, max(4, budget // (cout * cin * 64))))

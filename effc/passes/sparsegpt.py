@@ -1,0 +1,342 @@
+"""Pruning numerics shared by ``prune`` and ``nm-sparsity``: masks, Wanda scores, SparseGPT reconstruction.
+
+Layout used throughout this module: a weight ``W`` of shape ``(Cout, Cin)`` (output rows, reduction columns), i.e.
+the transpose of an ONNX ``MatMul`` weight ``(Cin, Cout)``. N:M groups run along the reduction axis ``Cin``: every
+``m`` consecutive input columns of one output row keep ``n`` weights. Vector-wise N:M (``vector=V > 1``) shares the
+kept pattern of a group between ``V`` adjacent output rows (the layout a SIMD kernel can use).
+
+Sources:
+    * Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot" (2023):
+      OBS row updates with the inverse Hessian ``H = XᵀX + λI`` processed column block by column block, the mask
+      (unstructured or N:M) chosen inside the sweep from ``w² / [H⁻¹]ᵢᵢ²``.
+    * Sun et al., "A Simple and Effective Pruning Approach for Large Language Models" (Wanda, 2023):
+      score ``|W| · ‖X_j‖₂`` per input column, compared within each output row.
+    * Mishra et al., "Accelerating Sparse Deep Neural Networks" (NVIDIA ASP, 2021): 2:4 along the reduction axis.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from effc.errors import PassError
+
+logger = logging.getLogger(__name__)
+
+
+def check_nm(n: int, m: int, vector: int, shape: tuple[int, int]) -> None:
+    """Check that a ``(Cout, Cin)`` weight can carry an N:M pattern with the given vector width.
+
+    Raises:
+        PassError: ``Cin`` is not a multiple of ``m`` or ``Cout`` not a multiple of ``vector``.
+    """
+    cout, cin = shape
+    if cin % m:
+        raise PassError(f"reduction axis of length {cin} is not a multiple of m={m}", "choose m dividing Cin")
+    if cout % vector:
+        raise PassError(
+            f"{cout} output channels are not a multiple of vector={vector}", "use vector=1 or a divisor of Cout"
+        )
+
+
+def nm_mask(scores: np.ndarray, n: int, m: int, vector: int = 1) -> np.ndarray:
+    """Keep-mask with the ``n`` highest-scoring of every ``m`` consecutive inputs.
+
+    Args:
+        scores: ``(Cout, Cin)`` non-negative importance (``|W|``, Wanda ``|W|·‖X‖``, or OBS saliency).
+        n: weights kept per group.
+        m: group length along the reduction axis ``Cin``.
+        vector: number of adjacent output rows sharing one pattern (their scores are summed).
+
+    Returns:
+        ``(Cout, Cin)`` boolean mask, True where the weight is kept.
+
+    Raises:
+        PassError: shapes that do not divide (see :func:`check_nm`).
+    """
+    cout, cin = scores.shape
+    check_nm(n, m, vector, scores.shape)
+    grouped = scores.reshape(cout // vector, vector, cin // m, m).sum(axis=1)  # (Cout/V, G, M)
+    order = np.argsort(-grouped, axis=-1, kind="stable")[..., :n]
+    keep = np.zeros_like(grouped, dtype=bool)
+    np.put_along_axis(keep, order, True, axis=-1)
+    return np.repeat(keep[:, None], vector, axis=1).reshape(cout, cin)
+
+
+def unstructured_mask(scores: np.ndarray, sparsity: float, per_row: bool = True) -> np.ndarray:
+    """Keep-mask dropping the fraction ``sparsity`` of lowest scores, per output row (Wanda) or per layer."""
+    cout, cin = scores.shape
+    if per_row:
+        k = int(cin * sparsity)
+        order = np.argsort(scores, axis=1, kind="stable")[:, :k]
+        keep = np.ones_like(scores, dtype=bool)
+        np.put_along_axis(keep, order, False, axis=1)
+        return keep
+    k = int(scores.size * sparsity)
+    flat = np.argsort(scores, axis=None, kind="stable")[:k]
+    keep = np.ones(scores.size, dtype=bool)
+    keep[flat] = False
+    return keep.reshape(cout, cin)
+
+
+def importance(weight: np.ndarray, act_sq: np.ndarray | None, method: str) -> np.ndarray:
+    """Score ``(Cout, Cin)``: ``|W|`` (magnitude) or ``|W|·‖X_j‖₂`` (Wanda; ``act_sq`` = Σ x_j² per input)."""
+    if method == "magnitude" or act_sq is None:
+        return np.abs(weight)
+    if method == "wanda":
+        return np.abs(weight) * np.sqrt(act_sq)[None, :]
+    raise PassError(f"unknown pruning criterion {method!r}", "use method=magnitude or method=wanda")
+
+
+def sparsegpt(
+    weight: np.ndarray,
+    hessian: np.ndarray,
+    *,
+    sparsity: float | None = None,
+    n: int | None = None,
+    m: int | None = None,
+    vector: int = 1,
+    blocksize: int = 128,
+    damp: float = 0.01,
+) -> np.ndarray:
+    """Prune ``weight`` and update the kept weights to minimise ``‖(W - Ŵ) Xᵀ‖²`` (SparseGPT).
+
+    Args:
+        weight: ``(Cout, Cin)`` float weights.
+        hessian: ``(Cin, Cin)`` ``XᵀX`` accumulated over calibration rows (any positive scale).
+        sparsity: fraction of weights removed in [0, 1) (unstructured; chosen per column block) — or give n, m.
+        n: kept weights per group of ``m`` along ``Cin`` (N:M); the mask is chosen when the sweep reaches a group.
+        m: group length.
+        vector: output rows sharing an N:M pattern (their saliencies are summed).
+        blocksize: columns per lazy-update block (a multiple of m).
+        damp: dampening λ as a fraction of the mean diagonal of ``H``.
+
+    Returns:
+        ``(Cout, Cin)`` float32 weights with exact zeros where pruned (N:M patterns hold exactly).
+
+    Raises:
+        PassError: neither ``sparsity`` nor ``n, m`` given, or N:M shapes that do not divide.
+    """
+    w = weight.astype(np.float64).copy()
+    cout, cin = w.shape
+    nm = n is not None and m is not None
+    if not nm and sparsity is None:
+        raise PassError("sparsegpt needs sparsity or n and m", "pass sparsity=0.5 or n=2, m=4")
+    if nm:
+        check_nm(n, m, vector, w.shape)
+        blocksize = max(m, blocksize // m * m)
+    h = hessian.astype(np.float64).copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h[np.diag_indices(cin)] += damp * np.mean(np.diag(h))
+    hinv = _upper_cholesky_of_inverse(h)
+    for i1 in range(0, cin, blocksize):
+        i2 = min(i1 + blocksize, cin)
+        w1 = w[:, i1:i2].copy()
+        hinv1 = hinv[i1:i2, i1:i2]
+        d = np.diag(hinv1)
+        err1 = np.zeros_like(w1)
+        if nm:
+            prune = np.zeros_like(w1, dtype=bool)
+        else:
+            sal = w1**2 / d[None, :] ** 2
+            prune = ~unstructured_mask(sal, sparsity, per_row=True)
+        for i in range(i2 - i1):
+            if nm and i % m == 0:
+                sal = w1[:, i : i + m] ** 2 / d[None, i : i + m] ** 2
+                prune[:, i : i + m] = ~nm_mask(sal, n, m, vector)
+            col = w1[:, i]
+            q = np.where(prune[:, i], 0.0, col)
+            e = (col - q) / d[i]
+            w1[:, i:] -= np.outer(e, hinv1[i, i:])
+            w1[:, i] = q
+            err1[:, i] = e
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return w.astype(np.float32)
+
+
+def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factor of ``H⁻¹`` (SparseGPT's numerically stable form), raising damping if needed."""
+    eye = np.eye(h.shape[0])
+    extra = 0.0
+    for _ in range(6):
+        try:
+            low = np.linalg.cholesky(h + extra * eye)
+            inv = np.linalg.inv(low)
+            hinv = inv.T @ inv
+            return np.linalg.cholesky(hinv).T
+        except np.linalg.LinAlgError:
+            extra = max(extra * 10, 1e-3 * float(np.mean(np.diag(h))))
+            logger.debug("Hessian not positive definite, dampening by %g", extra)
+    raise PassError("calibration Hessian is singular even after dampening", "use more calibration samples")
+
+
+def prune_weight(
+    weight: np.ndarray,
+    *,
+    method: str,
+    sparsity: float | None = None,
+    n: int | None = None,
+    m: int | None = None,
+    vector: int = 1,
+    hessian: np.ndarray | None = None,
+    act_sq: np.ndarray | None = None,
+    reconstruct: bool = False,
+    perm: np.ndarray | None = None,
+) -> np.ndarray:
+    """Prune one ``(Cout, Cin)`` weight by magnitude/Wanda, or by SparseGPT when ``reconstruct`` and ``hessian``.
+
+    Args:
+        weight: ``(Cout, Cin)``.
+        method: ``"magnitude"`` or ``"wanda"`` (mask criterion without reconstruction).
+        sparsity: unstructured fraction removed, or None for N:M.
+        n: N:M kept count (with ``m``).
+        m: N:M group length along ``Cin``.
+        vector: rows sharing an N:M pattern.
+        hessian: ``(Cin, Cin)`` ``XᵀX``; its diagonal also gives Wanda's ``Σx²``.
+        act_sq: ``(Cin,)`` ``Σx²`` per input (used when no Hessian is given).
+        reconstruct: run SparseGPT (needs ``hessian``).
+        perm: optional input-channel order; groups are formed over ``weight[:, perm]`` (exact: the packed indices
+            point at original inputs).
+
+    Returns:
+        ``(Cout, Cin)`` float32 pruned (and possibly updated) weights in the original column order.
+    """
+    if hessian is not None and act_sq is None:
+        act_sq = np.diag(hessian).copy()
+    w = weight if perm is None else weight[:, perm]
+    h = None if hessian is None or perm is None else hessian[np.ix_(perm, perm)]
+    h = hessian if perm is None else h
+    a = act_sq if (act_sq is None or perm is None) else act_sq[perm]
+    if reconstruct and h is not None:
+        out = sparsegpt(w, h, sparsity=sparsity, n=n, m=m, vector=vector)
+    else:
+        scores = importance(w, a, method)
+        keep = nm_mask(scores, n, m, vector) if sparsity is None else unstructured_mask(scores, sparsity)
+        out = np.where(keep, w, 0.0).astype(np.float32)
+    if perm is not None:
+        restored = np.empty_like(out)
+        restored[:, perm] = out
+        out = restored
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layer discovery and the sequential calibration driver (shared by prune and nm-sparsity).
+
+_FFN_WORDS = ("intermediate", "ffn", "mlp", "fc1", "fc2", "output/dense", "output.dense", "feed_forward")
+_ATTN_WORDS = ("attention", "attn", "query", "key", "value", "q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def linear_matmuls(model) -> list:
+    """``(node, weight_value, transposed)`` for every MatMul/Gemm whose second input is a constant 2-D weight.
+
+    ``transposed`` is True when the stored weight is ``(Cout, Cin)`` (Gemm ``transB=1``); otherwise it is the
+    ONNX ``MatMul`` layout ``(Cin, Cout)``.
+    """
+    found = []
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+            continue
+        wv = node.inputs[1]
+        if wv is None or wv.const_value is None or len(wv.const_value.shape) != 2 or len(wv.uses()) != 1:
+            continue
+        if node.op_type == "Gemm":
+            attrs = {k: a.value for k, a in node.attributes.items()}
+            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+                continue
+            found.append((node, wv, bool(attrs.get("transB", 0))))
+        else:
+            found.append((node, wv, False))
+    return found
+
+
+def layer_kind(node, weight_shape: tuple[int, int]) -> str:
+    """``"ffn"`` or ``"attention"``: by the node name, else by shape (FFN projections are not square)."""
+    name = (node.name or "").lower()
+    if any(w in name for w in _ATTN_WORDS):
+        return "attention"
+    if any(w in name for w in _FFN_WORDS):
+        return "ffn"
+    return "attention" if weight_shape[0] == weight_shape[1] else "ffn"
+
+
+def select_layers(model, layers: str) -> list:
+    """Linear layers chosen by ``layers``: ``all``, ``ffn``, ``attention`` or ``|``-separated fnmatch patterns.
+
+    Raises:
+        PassError: a pattern that matches no layer.
+    """
+    import fnmatch
+
+    cands = linear_matmuls(model)
+    if layers == "all":
+        return cands
+    if layers in ("ffn", "attention"):
+        return [c for c in cands if layer_kind(c[0], tuple(c[1].const_value.shape)) == layers]
+    pats = [p.strip() for p in layers.split("|") if p.strip()]
+    chosen = [c for c in cands if any(fnmatch.fnmatch(c[0].name or "", p) for p in pats)]
+    if not chosen:
+        names = ", ".join((c[0].name or "?") for c in cands[:5])
+        raise PassError(f"layers={layers!r} matches no linear layer", f"use all, ffn, attention or names like {names}")
+    return chosen
+
+
+def get_weight(layer) -> np.ndarray:
+    """``(Cout, Cin)`` float32 copy of a layer's weight."""
+    _, wv, transposed = layer
+    w = wv.const_value.numpy().astype(np.float32)
+    return w if transposed else w.T.copy()
+
+
+def set_weight(layer, w: np.ndarray) -> None:
+    """Store a ``(Cout, Cin)`` weight back into the layer's initializer (in its own layout)."""
+    import onnx_ir as ir
+
+    _, wv, transposed = layer
+    data = w if transposed else w.T
+    wv.const_value = ir.tensor(np.ascontiguousarray(data.astype(np.float32)), name=wv.name)
+
+
+def input_statistics(model, layer_group: list, calibration) -> dict[str, np.ndarray]:
+    """``XᵀX`` ``(Cin, Cin)`` per input value name of the given layers, from onnxruntime taps of ``model``."""
+    names = sorted({layer[0].inputs[0].name for layer in layer_group})
+    taps = calibration.tap(model, names, progress=False)
+    stats = {}
+    for name in names:
+        acc = None
+        for arr in taps[name]:
+            x = np.asarray(arr, dtype=np.float64).reshape(-1, arr.shape[-1])
+            acc = x.T @ x if acc is None else acc + x.T @ x
+        stats[name] = acc
+    return stats
+
+
+def prune_sequential(model, layers: list, calibration, prune_fn) -> list[dict]:
+    """Prune ``layers`` in graph order, tapping each layer's input from the model pruned so far.
+
+    Layers sharing one input value (Q, K, V) are pruned together from one tap. ``prune_fn(layer, weight, hessian)``
+    returns the new ``(Cout, Cin)`` weight; ``hessian`` is None when ``calibration`` is None.
+
+    Returns:
+        One record per layer: ``{"name", "shape", "kept"}`` (``kept`` = fraction of non-zero weights).
+    """
+    order = {id(node): i for i, node in enumerate(model.graph)}
+    layers = sorted(layers, key=lambda lay: order[id(lay[0])])
+    by_input: dict[int, list] = {}
+    for layer in layers:  # first occurrence order is a topological order of the groups
+        by_input.setdefault(id(layer[0].inputs[0]), []).append(layer)
+    groups = list(by_input.values())
+    records = []
+    for group in groups:
+        stats = input_statistics(model, group, calibration) if calibration is not None else {}
+        for layer in group:
+            w = get_weight(layer)
+            new = prune_fn(layer, w, stats.get(layer[0].inputs[0].name))
+            set_weight(layer, new)
+            records.append({"name": layer[0].name, "shape": list(w.shape), "kept": float(np.mean(new != 0))})
+            logger.debug("pruned %s %s: kept %.3f", layer[0].name, w.shape, records[-1]["kept"])
+    return records
