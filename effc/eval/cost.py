@@ -53,8 +53,8 @@ def all_graphs(model: ir.Model) -> Iterator[ir.Graph]:
 def parameter_tensors(model: ir.Model) -> Iterator[tuple[str, ir.TensorProtocol | None, int, int]]:
     """Every stored parameter once: ``(name, tensor or None, elements, bytes)``.
 
-    ``tensor`` is None for ``Constant`` scalar/list attributes (``value_floats`` ...) and for initializers
-    without data. Reading ``elements``/``bytes`` never loads external data.
+    ``tensor`` is None for ``Constant`` scalar/list attributes (``value_floats`` ...); initializers without a value
+    (declared but holding no data) are skipped. Reading ``elements``/``bytes`` never loads external data.
     """
     seen: set[int] = set()
     for graph in all_graphs(model):

@@ -18,13 +18,14 @@ The report dict (every section optional except where noted; a missing section is
                "macs_before": int | count_macs dict, "macs_after": int | count_macs dict,
                "sparsity": sparsity_stats dict of the rewritten model},
       "latency": {"threads": int, "ort": measure dict, "effc": measure dict,
-                  "ratio": float},                    # ratio = ort median / effc median (> 1: effc is faster);
+                  "ratio": float},                    # ratio = effc median / ort median (< 1: effc is faster);
                                                       # computed when absent
-      "compile_seconds": float,
+      "compile_seconds": float,                       # the whole compile, wall clock
+      "build_seconds": float,                         # the target build (TVM lowering) part of it
     }
 
-Ratios shown for sizes and MACs are before / after (how many times smaller), for latency onnxruntime / effc
-(how many times faster).
+Ratios shown for sizes and MACs are before / after (how many times smaller). The latency ratio is effc / onnxruntime
+(the fraction of onnxruntime's time effc takes), shown with the speed-up it means ("0.50 = 2.00× faster").
 """
 
 from __future__ import annotations
@@ -154,13 +155,13 @@ def _before_after(before: float | None, after: float | None, unit: str) -> str:
 
 
 def latency_ratio(latency: Mapping[str, Any] | None) -> float | None:
-    """``latency["ratio"]``, else onnxruntime median / effc median, else None."""
+    """``latency["ratio"]``, else effc median / onnxruntime median (< 1: effc is faster), else None."""
     if not latency:
         return None
     if _num(latency.get("ratio")) is not None:
         return float(latency["ratio"])
     ort, eff = (_num((latency.get(k) or {}).get("median_ms")) for k in ("ort", "effc"))
-    return ort / eff if ort and eff else None
+    return eff / ort if ort and eff is not None else None
 
 
 def format_latency(latency: Mapping[str, Any] | None) -> str:
@@ -176,7 +177,10 @@ def format_latency(latency: Mapping[str, Any] | None) -> str:
     )
     ratio = latency_ratio(latency)
     if ratio is not None:
-        text += f" (×{ratio:.2f} {'faster' if ratio >= 1 else 'of onnxruntime speed'})"
+        if 0 < ratio <= 1:
+            text += f" (ratio {ratio:.2f}: {1 / ratio:.2f}× faster)"
+        elif ratio > 1:
+            text += f" (ratio {ratio:.2f}: {ratio:.2f}× slower)"
     if latency.get("threads"):
         text += f", {latency['threads']} thread(s)"
     return text
@@ -196,13 +200,23 @@ def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     rows = [
         ("Fidelity vs original (onnxruntime)", format_fidelity(fidelity.get("vs_original"))),
         ("Fidelity compiled vs rewritten", format_fidelity(fidelity.get("compiled_vs_rewritten"))),
+    ]
+    if fidelity.get("rewritten_vs_original"):  # the passes' share of the loss, when measured
+        rows.insert(1, ("Fidelity rewritten vs original (passes)", format_fidelity(fidelity["rewritten_vs_original"])))
+    rows += [
         ("Parameters", _before_after(_num(cost.get("params_bytes_before")), _num(cost.get("params_bytes_after")), "B")),
         ("MACs", _before_after(_macs(cost.get("macs_before")), _macs(cost.get("macs_after")), "")),
         ("Latency (median)", format_latency(report.get("latency"))),
     ]
-    seconds = _num(report.get("compile_seconds"))
-    rows.append(("Compile time", f"{seconds:.2f} s" if seconds is not None else NOT_MEASURED))
+    rows.append(("Compile time", _format_seconds(report)))
     return rows
+
+
+def _format_seconds(report: Mapping[str, Any]) -> str:
+    seconds, build = _num(report.get("compile_seconds")), _num(report.get("build_seconds"))
+    if seconds is None:
+        return NOT_MEASURED
+    return f"{seconds:.2f} s" + (f" (target build {build:.2f} s)" if build is not None else "")
 
 
 # ---------------------------------------------------------------- per-layer tables
@@ -380,8 +394,7 @@ def render_markdown(report: Mapping[str, Any], plots_written: set[str] | None = 
     lines += _section_cost(report.get("cost") or {})
     lines += _section_latency(report.get("latency"), "latency.png" in plots_written)
     lines += _section_target(target)
-    seconds = _num(report.get("compile_seconds"))
-    lines += ["## Compile time", "", f"{seconds:.2f} s" if seconds is not None else NOT_MEASURED, ""]
+    lines += ["## Compile time", "", _format_seconds(report), ""]
     return "\n".join(lines)
 
 

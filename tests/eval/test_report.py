@@ -29,6 +29,7 @@ def full_report():
         "latency": {"threads": 1, "ort": {"median_ms": 4.0, "min_ms": 3.5, "mean_ms": 4.2, "max_ms": 5.0, "runs": 20},
                     "effc": {"median_ms": 2.0, "min_ms": 1.9, "mean_ms": 2.1, "max_ms": 2.5, "runs": 20}},
         "compile_seconds": 12.5,
+        "build_seconds": 10.25,
     }
 
 
@@ -45,8 +46,8 @@ def test_write_report_full(tmp_path, full_report):
     assert "**synthetic**" in md and "random normal x" in md
     assert "4.19 MB → 1.05 MB (×4.00 smaller)" in md
     assert "2 M → 1 M (×2.00 smaller)" in md and "4,194,304" in md
-    assert "onnxruntime 4.000 ms / effc 2.000 ms (×2.00 faster), 1 thread(s)" in md
-    assert "top-1 50.0%" in md and "12.50 s" in md
+    assert "onnxruntime 4.000 ms / effc 2.000 ms (ratio 0.50: 2.00× faster), 1 thread(s)" in md
+    assert "top-1 50.0%" in md and "12.50 s (target build 10.25 s)" in md
     assert "| fused_matmul_add | dense_avx2 |" in md
     assert "| fc2 | 0.6 |" in md and "| fc1 | 0.01 | 0.99 |" in md  # per-layer tables from pass stats
     assert "![latency](latency.png)" in md and NOT_MEASURED not in md
@@ -68,8 +69,12 @@ def test_summary_rows(full_report):
     # cosine of the flattened (2, 2) scores: 1.0 / 1.5
     assert rows["Fidelity vs original (onnxruntime)"] == "cosine 0.666667, max |Δ| 0.7, top-1 50.0% (1 sample(s))"
     assert rows["Parameters"] == "4.19 MB → 1.05 MB (×4.00 smaller)"
-    full_report["latency"]["ratio"] = 3.0  # an explicit ratio wins
-    assert "(×3.00 faster)" in dict(summary_rows(full_report))["Latency (median)"]
+    assert "Fidelity rewritten vs original (passes)" not in rows
+    full_report["latency"]["ratio"] = 1.5  # an explicit ratio (effc / onnxruntime) wins
+    full_report["fidelity"]["rewritten_vs_original"] = full_report["fidelity"]["vs_original"]
+    rows = summary_rows(full_report)
+    assert "(ratio 1.50: 1.50× slower)" in dict(rows)["Latency (median)"]
+    assert rows[1][0] == "Fidelity rewritten vs original (passes)"
 
 
 def test_jsonable_handles_numpy_and_nonfinite():
