@@ -1,5 +1,8 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from effc.errors import DataError
 from effc.eval.fidelity import compare
@@ -83,3 +86,18 @@ def test_mismatches_raise_data_error_naming_output():
         compare([[a, a]], [[a, a]], ["y"])
     with pytest.raises(DataError, match="no samples"):
         compare([], [], ["y"])
+
+
+@settings(max_examples=25, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(2, 6)),
+              elements=st.floats(-1e3, 1e3, width=32, allow_subnormal=False)))
+def test_identical_outputs_are_perfect(x):
+    r = compare([[x], [x * 2]], [[x.copy()], [x * 2]], ["scores"])
+    out = r["outputs"]["scores"]
+    assert out["max_abs"] == 0.0 and out["rel_l2"] == 0.0
+    assert out["cosine"] == pytest.approx(1.0, abs=1e-9) and out["top1_agreement"] == 1.0
+    # scaling the candidate keeps cosine and top-1 but not rel_l2
+    scaled = compare([[x]], [[x * 3]], ["scores"])["outputs"]["scores"]
+    assert scaled["top1_agreement"] == 1.0
+    if np.any(x != 0):
+        assert scaled["rel_l2"] == pytest.approx(2.0, rel=1e-5)
