@@ -68,13 +68,11 @@ def _tokenize(text: str) -> list[_Token]:
             if bad in "'\"":
                 raise _error(text, pos, 1, "unterminated quoted string", f"close the string with {bad}")
             raise _error(text, pos, 1, f"unexpected character {bad!r}", "quote values with special characters")
-        kind = m.lastgroup
-        assert kind is not None
+        kind, raw = m.lastgroup or "", m.group()
         if kind == "string":
-            raw = m.group()[1:-1]
-            tokens.append(_Token("string", re.sub(r"\\(.)", r"\1", raw, flags=re.DOTALL), pos, len(m.group())))
+            tokens.append(_Token(kind, re.sub(r"\\(.)", r"\1", raw[1:-1], flags=re.DOTALL), pos, len(raw)))
         elif kind != "ws":
-            tokens.append(_Token(kind, m.group(), pos, len(m.group())))
+            tokens.append(_Token(kind, raw, pos, len(raw)))
         pos = m.end()
     tokens.append(_Token("end", "", len(text), 1))
     return tokens
@@ -99,8 +97,7 @@ class TypeSpec:
     base: type  # bool | int | float | str
     optional: bool
     is_tuple: bool
-    has_default: bool
-    default: Any
+    default: Any  # dataclasses.MISSING when the field has no default
     help: str
     choices: tuple[str, ...]
 
@@ -125,14 +122,9 @@ def field_specs(options_cls: type[PassOptions]) -> tuple[TypeSpec, ...]:
             is_tuple, t = True, args[0] if len(args) == 2 and args[1] is Ellipsis else None
         if t not in (bool, int, float, str):
             raise TypeError(f"{options_cls.__name__}.{f.name}: type {hints[f.name]} cannot be written in a pipeline")
-        if f.default is not dataclasses.MISSING:
-            has_default, default = True, f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            has_default, default = True, f.default_factory()
-        else:
-            has_default, default = False, None
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         choices = tuple(f.metadata.get("choices", ()))
-        specs.append(TypeSpec(f.name, t, optional, is_tuple, has_default, default, f.metadata.get("help", ""), choices))
+        specs.append(TypeSpec(f.name, t, optional, is_tuple, default, f.metadata.get("help", ""), choices))
     return tuple(specs)
 
 
@@ -204,56 +196,49 @@ def format_value(spec: TypeSpec, value: Any) -> str:
 
 
 class _Parser:
+    """Recursive descent over the tokens; every error names the offending token's column."""
+
     def __init__(self, text: str) -> None:
-        self.text = text
-        self.tokens = _tokenize(text)
-        self.i = 0
+        self.text, self.tokens, self.i = text, _tokenize(text), 0
 
     def peek(self) -> _Token:
         return self.tokens[self.i]
 
-    def next(self) -> _Token:
+    def accept(self, punct: str) -> _Token | None:
+        """Consume and return the next token when it is ``punct``."""
+        tok = self.tokens[self.i]
+        if tok.kind == "punct" and tok.text == punct:
+            self.i += 1
+            return tok
+        return None
+
+    def take(self, kinds: tuple[str, ...], what: str, hint: str | None = None) -> _Token:
+        """Consume the next token; it must be of one of ``kinds`` (``"word"``, ``"string"``) or be ``what``."""
         tok = self.tokens[self.i]
         self.i += 1
-        return tok
-
-    def expect(self, what: str, hint: str | None = None) -> _Token:
-        tok = self.next()
-        if tok.kind == "punct" and tok.text == what:
+        if tok.kind in kinds or (tok.kind == "punct" and tok.text == what):
             return tok
         found = "end of text" if tok.kind == "end" else repr(tok.text)
-        raise self.error(tok, f"expected {what!r}, found {found}", hint)
+        raise self.error(tok, f"expected {what if kinds else repr(what)}, found {found}", hint)
 
     def error(self, tok: _Token, message: str, hint: str | None = None) -> PipelineError:
         return _error(self.text, tok.pos, tok.length, message, hint)
 
-    def scalar(self) -> _Token:
-        tok = self.next()
-        if tok.kind in ("word", "string"):
-            return tok
-        found = "end of text" if tok.kind == "end" else repr(tok.text)
-        raise self.error(tok, f"expected a value, found {found}", "quote values with special characters")
-
     def value(self) -> tuple[_Token, list[_Token] | _Token]:
         """Return (first token, scalar token or list of scalar tokens)."""
-        tok = self.peek()
-        if tok.kind == "punct" and tok.text == "[":
-            self.next()
-            items: list[_Token] = []
-            if not (self.peek().kind == "punct" and self.peek().text == "]"):
-                items.append(self.scalar())
-                while self.peek().kind == "punct" and self.peek().text == ",":
-                    self.next()
-                    items.append(self.scalar())
-            self.expect("]", "close the list with ']'")
-            return tok, items
-        return tok, self.scalar()
+        first, hint = self.peek(), "quote values with special characters"
+        if not self.accept("["):
+            return first, self.take(("word", "string"), "a value", hint)
+        items: list[_Token] = []
+        if not self.accept("]"):
+            items.append(self.take(("word", "string"), "a value", hint))
+            while self.accept(","):
+                items.append(self.take(("word", "string"), "a value", hint))
+            self.take((), "]", "close the list with ']'")
+        return first, items
 
     def pass_(self, calibration: Calibration | None) -> EffcPass:
-        name_tok = self.next()
-        if name_tok.kind != "word":
-            found = "end of text" if name_tok.kind == "end" else repr(name_tok.text)
-            raise self.error(name_tok, f"expected a pass name, found {found}", "passes are separated by ','")
+        name_tok = self.take(("word",), "a pass name", "passes are separated by ','")
         passes = registered_passes()
         cls = passes.get(name_tok.text)
         if cls is None:
@@ -261,20 +246,15 @@ class _Parser:
             raise self.error(name_tok, f"unknown pass {name_tok.text!r}", hint)
         specs = {s.name: s for s in field_specs(cls.Options)}
         values: dict[str, Any] = {}
-        start = name_tok.pos
         end = name_tok.pos + name_tok.length
-        if self.peek().kind == "punct" and self.peek().text == "(":
-            self.next()
-            if not (self.peek().kind == "punct" and self.peek().text == ")"):
-                while True:
+        if self.accept("("):
+            if not self.accept(")"):
+                self._option(cls, specs, values)
+                while self.accept(","):
                     self._option(cls, specs, values)
-                    if self.peek().kind == "punct" and self.peek().text == ",":
-                        self.next()
-                        continue
-                    break
-            close = self.expect(")", "separate options with ',' and close with ')'")
-            end = close.pos + 1
-        segment = self.text[start:end]
+                self.take((), ")", "separate options with ',' and close with ')'")
+            end = self.tokens[self.i - 1].pos + 1
+        segment = self.text[name_tok.pos : end]
         try:
             return cls(cls.Options(**values), calibration=calibration)
         except PipelineError as e:
@@ -283,20 +263,14 @@ class _Parser:
             raise PipelineError(f"{segment}: {e.message}", e.hint) from e
 
     def _option(self, cls: type[EffcPass], specs: dict[str, TypeSpec], values: dict[str, Any]) -> None:
-        key = self.next()
-        if key.kind != "word":
-            found = "end of text" if key.kind == "end" else repr(key.text)
-            raise self.error(key, f"expected an option name of '{cls.name}', found {found}")
+        key = self.take(("word",), f"an option name of '{cls.name}'")
         spec = specs.get(key.text)
         if spec is None:
-            raise self.error(
-                key,
-                f"pass '{cls.name}' has no option {key.text!r}",
-                _did_you_mean(key.text, specs, f"options of '{cls.name}'"),
-            )
+            hint = _did_you_mean(key.text, specs, f"options of '{cls.name}'")
+            raise self.error(key, f"pass '{cls.name}' has no option {key.text!r}", hint)
         if key.text in values:
             raise self.error(key, f"option {key.text!r} of '{cls.name}' given twice", "give each option once")
-        self.expect("=", f"write options as {key.text}=value")
+        self.take((), "=", f"write options as {key.text}=value")
         first, raw = self.value()
         try:
             if isinstance(raw, list):
@@ -304,9 +278,8 @@ class _Parser:
             else:
                 values[key.text] = convert_value(spec, (raw.text, raw.kind == "string"), is_list=False)
         except ValueError as e:
-            raise self.error(
-                first, f"bad value for {cls.name}({key.text}=...): {e}", f"{key.text} expects {type_name(spec)}"
-            ) from None
+            message, hint = f"bad value for {cls.name}({key.text}=...): {e}", f"{key.text} expects {type_name(spec)}"
+            raise self.error(first, message, hint) from None
 
 
 class Pipeline(collections.abc.Sequence):
@@ -320,25 +293,23 @@ class Pipeline(collections.abc.Sequence):
 
     def __init__(self, passes: collections.abc.Iterable[EffcPass] = ()) -> None:
         self._passes = list(passes)
-        for p in self._passes:
-            if not isinstance(p, EffcPass):
-                raise TypeError(f"a Pipeline holds EffcPass instances, got {type(p).__name__}")
+        bad = [type(p).__name__ for p in self._passes if not isinstance(p, EffcPass)]
+        if bad:
+            raise TypeError(f"a Pipeline holds EffcPass instances, got {bad[0]}")
 
-    def __getitem__(self, index):  # noqa: D105
-        if isinstance(index, slice):
-            return Pipeline(self._passes[index])
-        return self._passes[index]
+    def __getitem__(self, index):
+        return Pipeline(self._passes[index]) if isinstance(index, slice) else self._passes[index]
 
-    def __len__(self) -> int:  # noqa: D105
+    def __len__(self) -> int:
         return len(self._passes)
 
-    def __str__(self) -> str:  # noqa: D105
+    def __str__(self) -> str:
         return ",".join(str(p) for p in self._passes)
 
-    def __repr__(self) -> str:  # noqa: D105
+    def __repr__(self) -> str:
         return f"Pipeline({str(self)!r})"
 
-    def __eq__(self, other: object) -> bool:  # noqa: D105
+    def __eq__(self, other: object) -> bool:
         if not isinstance(other, Pipeline):
             return NotImplemented
         return [(type(p), p.options) for p in self] == [(type(p), p.options) for p in other]
@@ -370,15 +341,10 @@ def parse_pipeline(text: str, calibration: Calibration | None = None) -> Pipelin
         raise PipelineError(f"pipeline text must be a string, got {type(text).__name__}")
     parser = _Parser(text)
     passes: list[EffcPass] = []
-    if parser.peek().kind == "end":
-        return Pipeline()
-    while True:
+    while parser.peek().kind != "end":
+        if passes:
+            parser.take((), ",", "separate passes with ','")
         passes.append(parser.pass_(calibration))
-        tok = parser.next()
-        if tok.kind == "end":
-            break
-        if not (tok.kind == "punct" and tok.text == ","):
-            raise parser.error(tok, f"expected ',' or end of text, found {tok.text!r}", "separate passes with ','")
     return Pipeline(passes)
 
 
@@ -391,9 +357,8 @@ def format_pass(name: str, options: PassOptions) -> str:
     parts = []
     for spec in field_specs(type(options)):
         value = getattr(options, spec.name)
-        if spec.has_default and value == spec.default and type(value) is type(spec.default):
-            continue
-        parts.append(f"{spec.name}={format_value(spec, value)}")
+        if value != spec.default:
+            parts.append(f"{spec.name}={format_value(spec, value)}")
     return f"{name}({','.join(parts)})" if parts else name
 
 
@@ -410,17 +375,8 @@ def describe_passes() -> list[dict[str, Any]]:
         options = []
         for spec in field_specs(cls.Options):
             default = list(spec.default) if isinstance(spec.default, tuple) else spec.default
-            entry = {"name": spec.name, "type": type_name(spec), "default": default, "help": spec.help}
-            if spec.choices:
-                entry["choices"] = list(spec.choices)
-            options.append(entry)
-        out.append(
-            {
-                "name": name,
-                "summary": cls.summary,
-                "exact": cls.exact,
-                "uses_calibration": cls.uses_calibration,
-                "options": options,
-            }
-        )
+            options.append({"name": spec.name, "type": type_name(spec), "default": default, "help": spec.help})
+            options[-1].update({"choices": list(spec.choices)} if spec.choices else {})
+        info = {"summary": cls.summary, "exact": cls.exact, "uses_calibration": cls.uses_calibration}
+        out.append({"name": name, **info, "options": options})
     return out

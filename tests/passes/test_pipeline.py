@@ -135,7 +135,7 @@ def test_round_trip_property(data):
         ("prune(sparsity=0.5,sparsity=0.2)", "option 'sparsity' of 'prune' given twice at column 20"),
         ("prune(sparsity)", "expected '=', found ')' at column 15"),
         ("dce,,cse", "expected a pass name, found ',' at column 5"),
-        ("dce cse", "expected ',' or end of text, found 'cse' at column 5"),
+        ("dce cse", "expected ',', found 'cse' at column 5"),
         ("dce,", "expected a pass name, found end of text at column 5"),
         ("prune(include='abc)", "unterminated quoted string at column 15"),
         ("prune(include=[a,b)", "expected ']', found ')' at column 19"),
