@@ -34,6 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from effc.errors import CalibrationError, PipelineError
+from effc.ir.queries import constant_tensor, linear_layers
 from effc.passes.base import EffcPass, PassOptions, register_pass
 
 __all__ = ["METHODS", "Method", "PruneOptions", "PrunePass", "WeightLayer"]
@@ -47,7 +48,7 @@ class WeightLayer:
 
     Attributes:
         nodes: consumers (a shared weight is pruned once for all of them).
-        weight: the initializer value.
+        weight: the weight value (an initializer or a ``Constant`` node's output).
         kind: ``"MatMul"``, ``"Gemm"`` or ``"Conv"``.
         out_axis: output-channel axis of the weight.
         in_axis: input-channel (reduction) axis of the weight.
@@ -125,53 +126,59 @@ class PruneOptions(PassOptions):
 
 
 def find_weight_layers(model: ir.Model) -> tuple[list[WeightLayer], list[dict[str, str]]]:
-    """MatMul / Gemm / Conv nodes of the main graph with a constant initializer weight, grouped by weight.
-
-    Private stand-in for ``effc.ir.queries.linear_layers`` (not available when this pass was written).
+    """Linear layers (:func:`effc.ir.queries.linear_layers`) grouped by weight, with their pruning axes.
 
     Returns:
         ``(layers, skipped)``: ``skipped`` lists ``{"node", "weight", "reason"}`` for linear nodes whose weight
-        cannot be pruned (not an initializer, 1-D, integer dtype).
+        cannot be pruned (a graph input that callers may override, a non-float dtype, a weight read with two
+        different layouts).
     """
     by_weight: dict[int, WeightLayer] = {}
     skipped: list[dict[str, str]] = []
-    for node in model.graph:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv"):
+    for found in linear_layers(model):
+        node, w = found.node, found.weight
+        tensor = constant_tensor(w)
+        entry = {"node": node.name or "", "weight": w.name or ""}
+        if w.is_graph_input() or tensor is None:
+            skipped.append({**entry, "reason": "weight is a graph input"})
             continue
-        if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[0] is None:
+        if not tensor.dtype.is_floating_point():
+            skipped.append({**entry, "reason": f"{tensor.dtype} weight"})
             continue
-        w = node.inputs[1]
-        if w.const_value is None or not w.is_initializer() or w.is_graph_input():
-            if node.op_type != "MatMul":  # MatMul of two activations is not a weight layer
-                skipped.append({"node": node.name or "", "weight": w.name or "", "reason": "weight is not a constant"})
-            continue
-        ndim = len(w.const_value.shape)
-        if ndim < 2 or not w.const_value.dtype.is_floating_point():
-            reason = "1-D weight" if ndim < 2 else f"{w.const_value.dtype} weight"
-            skipped.append({"node": node.name or "", "weight": w.name or "", "reason": reason})
-            continue
-        if node.op_type == "MatMul":
-            out_axis, in_axis, act_axis, groups = ndim - 1, ndim - 2, -1, 1
-        elif node.op_type == "Gemm":
-            trans_b = node.attributes.get_int("transB", 0)
-            out_axis, in_axis = (0, 1) if trans_b else (1, 0)
-            act_axis, groups = (0 if node.attributes.get_int("transA", 0) else 1), 1
+        ndim, act_axis, groups = len(tensor.shape), -1, 1
+        if found.kind == "matmul":
+            out_axis = ndim - 1
+        elif found.kind == "gemm":
+            out_axis, act_axis = 1 - found.reduction_axis, 0 if node.attributes.get_int("transA", 0) else 1
         else:
-            out_axis, in_axis, act_axis, groups = 0, 1, 1, node.attributes.get_int("group", 1)
+            out_axis, act_axis, groups = 0, 1, node.attributes.get_int("group", 1)
+        kind = {"matmul": "MatMul", "gemm": "Gemm", "conv": "Conv"}[found.kind]
         layer = by_weight.get(id(w))
         if layer is None:
-            by_weight[id(w)] = WeightLayer([node], w, node.op_type, out_axis, in_axis, [act_axis], groups)
-        elif (layer.kind, layer.out_axis) == (node.op_type, out_axis):
+            by_weight[id(w)] = WeightLayer([node], w, kind, out_axis, found.reduction_axis, [act_axis], groups)
+        elif (layer.kind, layer.out_axis) == (kind, out_axis):
             layer.nodes.append(node)
             layer.act_axes.append(act_axis)
         else:
-            skipped.append({"node": node.name or "", "weight": w.name or "", "reason": "weight shared across layouts"})
+            skipped.append({**entry, "reason": "weight shared across layouts"})
     return list(by_weight.values()), skipped
+
+
+def _write_weight(value: ir.Value, array: np.ndarray, dtype: ir.DataType) -> None:
+    """Replace the tensor behind ``value`` (initializer or ``Constant`` node), keeping name and dtype."""
+    tensor = ir.Tensor(array, dtype=dtype, name=value.name)
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant":
+        producer.attributes["value"] = ir.AttrTensor("value", tensor)
+        if value.const_value is not None:
+            value.const_value = tensor
+    else:
+        value.const_value = tensor
 
 
 def _input_norm(layer: WeightLayer, taps: dict[str, list[np.ndarray]]) -> np.ndarray:
     """Per-input-channel L2 norm of the layer's activations (all consumers pooled), broadcast to the weight shape."""
-    shape = tuple(layer.weight.const_value.shape)
+    shape = tuple(constant_tensor(layer.weight).shape)
     sq = None
     for node, axis in zip(layer.nodes, layer.act_axes, strict=True):
         for x in taps[node.inputs[0].name]:
@@ -225,8 +232,8 @@ class PrunePass(EffcPass):
                 skipped.append({**entry, "reason": "not matched by include"})
             elif hit:
                 skipped.append({**entry, "reason": f"excluded by {hit[0]!r}"})
-            elif layer.weight.const_value.size < opts.min_params:
-                reason = f"{layer.weight.const_value.size} elements < min_params={opts.min_params}"
+            elif constant_tensor(layer.weight).size < opts.min_params:
+                reason = f"{constant_tensor(layer.weight).size} elements < min_params={opts.min_params}"
                 skipped.append({**entry, "reason": reason})
             else:
                 chosen.append(layer)
@@ -246,7 +253,8 @@ class PrunePass(EffcPass):
                 )
             names = sorted({n.inputs[0].name for layer in layers for n in layer.nodes})
             taps = self.calibration.tap(model, names)
-        weights = [layer.weight.const_value.numpy() for layer in layers]
+        tensors = [constant_tensor(layer.weight) for layer in layers]
+        weights = [t.numpy() for t in tensors]
         scores = [
             method.score(w.astype(np.float64), _input_norm(layer, taps) if method.needs_activations else None)
             for layer, w in zip(layers, weights, strict=True)
@@ -259,11 +267,11 @@ class PrunePass(EffcPass):
         else:
             masks = [self._layer_mask(layer, s) for layer, s in zip(layers, scores, strict=True)]
         report, zeroed_total, changed = {}, 0, 0
-        for layer, w, mask in zip(layers, weights, masks, strict=True):
+        for layer, tensor, w, mask in zip(layers, tensors, weights, masks, strict=True):
             changed += int(np.count_nonzero(w[mask]))
             new = w.copy()
             new[mask] = 0
-            layer.weight.const_value = ir.Tensor(new, dtype=layer.weight.const_value.dtype, name=layer.weight.name)
+            _write_weight(layer.weight, new, tensor.dtype)
             zeroed = int(np.count_nonzero(new == 0))
             report[layer.weight.name] = {
                 "node": layer.nodes[0].name,

@@ -9,23 +9,21 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from effc.errors import CalibrationError
-from effc.ir.reference import run_with_taps
+from effc.ir.calibration import Calibration
 from effc.passes import parse_pipeline
 from effc.passes.prune import PrunePass
 
 
-class TapCalibration:
-    """Minimal stand-in for effc.ir.calibration.Calibration: feeds plus ``tap`` through onnxruntime."""
+class TapCalibration(Calibration):
+    """The real Calibration, recording which values were tapped."""
 
     def __init__(self, feeds):
-        self.feeds = feeds
-        self.source = "test feeds"
+        super().__init__(feeds, source="test feeds")
         self.calls = []
 
-    def tap(self, model, value_names, progress=True):
+    def tap(self, model, value_names, progress=True, threads=1):
         self.calls.append(list(value_names))
-        runs = run_with_taps(model, self.feeds, value_names)
-        return {name: [r[name] for r in runs] for name in value_names}
+        return super().tap(model, value_names, progress=False, threads=threads)
 
 
 def mlp(seed=0, k=64, h=48, n=16, dtype=np.float32, share=False) -> ir.Model:
@@ -206,3 +204,30 @@ def test_wanda_on_grouped_conv_reaches_sparsity_and_runs():
 def test_wanda_without_calibration_raises_calibration_error():
     with pytest.raises(CalibrationError, match="prune\\(method=wanda\\).*no calibration data"):
         PrunePass(method="wanda", min_params=0)(mlp())
+
+
+def test_constant_node_weight_is_pruned_and_graph_input_weight_is_skipped():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((4, 6)).astype(np.float32)
+    v = rng.standard_normal((6, 6)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w, "w")),
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="mm1"),
+            helper.make_node("MatMul", ["h", "v"], ["y"], name="mm2"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 6])],
+        [numpy_helper.from_array(v, "v")],
+    )
+    graph.input.append(helper.make_tensor_value_info("v", TensorProto.FLOAT, [6, 6]))  # overridable weight
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    p = PrunePass(sparsity=0.5, min_params=0)
+    assert p(model).modified is True
+    pruned = next(n for n in model.graph if n.op_type == "Constant").attributes["value"].as_tensor().numpy()
+    assert np.count_nonzero(pruned == 0) == 12 and pruned.dtype == np.float32
+    assert p.stats["skipped"] == [{"node": "mm2", "weight": "v", "reason": "weight is a graph input"}]
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"x": x, "v": v})[0], x @ pruned @ v, rtol=1e-5, atol=1e-5)
