@@ -12,7 +12,7 @@ A WORD is a run of letters, digits and ``_ . / * - + : ? @ % ~`` (numbers such a
 ``/encoder/*.MatMul`` are words); a STRING is quoted with ``'`` or ``"`` and ``\\`` escapes the next character.
 Values are converted by the type of the options dataclass field: ``bool`` (``true``/``false``), ``int``,
 ``float``, ``str``, optional variants (``none``) and ``tuple[str, ...]`` (a single scalar becomes a 1-tuple).
-A field whose metadata has ``"choices"`` accepts only those strings.
+A ``str`` field whose metadata has ``"choices"`` (or typed ``Literal["a", "b"]``) accepts only those strings.
 
 The syntax follows MLIR's textual pass pipelines (``mlir/docs/PassManagement.md``) reduced to one nesting level.
 """
@@ -120,10 +120,12 @@ def field_specs(options_cls: type[PassOptions]) -> tuple[TypeSpec, ...]:
         if typing.get_origin(t) is tuple:
             args = typing.get_args(t)
             is_tuple, t = True, args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        choices = tuple(f.metadata.get("choices", ()))
+        if typing.get_origin(t) is typing.Literal and all(isinstance(a, str) for a in typing.get_args(t)):
+            t, choices = str, typing.get_args(t)
         if t not in (bool, int, float, str):
             raise TypeError(f"{options_cls.__name__}.{f.name}: type {hints[f.name]} cannot be written in a pipeline")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        choices = tuple(f.metadata.get("choices", ()))
         specs.append(TypeSpec(f.name, t, optional, is_tuple, default, f.metadata.get("help", ""), choices))
     return tuple(specs)
 
@@ -174,12 +176,12 @@ def convert_value(spec: TypeSpec, raw: Any, is_list: bool) -> Any:
 
 
 def _format_scalar(spec: TypeSpec, value: Any, top: bool) -> str:
-    if isinstance(value, bool):
+    if spec.base is bool:
         return "true" if value else "false"
-    if isinstance(value, float) or (spec.base is float and isinstance(value, int)):
-        return repr(float(value))
-    if isinstance(value, int):
-        return str(value)
+    if spec.base is float:
+        return repr(float(value))  # shortest text that reads back to the same double
+    if spec.base is int:
+        return str(int(value))
     text = str(value)
     if re.fullmatch(r"[\w./*\-+:?@%~]+", text) and not (top and spec.optional and text == "none"):
         return text
