@@ -1,0 +1,328 @@
+"""The ``effc`` command line: a thin layer over the Python API (every command calls one API function).
+
+Errors that effc raises on purpose (:class:`effc.errors.EffcError`) print as one line on stderr with a non-zero
+exit code; ``effc --debug ...`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from effc.errors import EffcError
+
+console = Console()
+err_console = Console(stderr=True)
+
+EPILOG_COMPILE = """\b
+Examples:
+  effc compile zoo:ppocr-cls -o out
+  effc compile zoo:minilm-l6 --passes "prune(sparsity=0.3)" -o out-pruned
+  effc compile model.onnx --input-shape x=1x3x224x224 --data samples.npz -o out
+  effc compile model.onnx --passes "prune(sparsity=0.5,method=wanda),cleanup" --verify-each --dump-ir ir/ -o out
+
+\b
+MODEL is a path to an .onnx file or a built-in real model: zoo:minilm-l6, zoo:ppocr-det, zoo:ppocr-rec,
+zoo:ppocr-cls, zoo:magika, zoo:silero-vad (weights ship inside pip packages; nothing is downloaded).
+See `effc passes` for the passes and their options, `effc targets` for targets.
+"""
+
+
+def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    from effc.ir.canonicalize import parse_input_shape
+
+    return dict(parse_input_shape(v) for v in values)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.option("-v", "--verbose", count=True, help="Log progress (-v: info, -vv: debug).")
+@click.version_option(package_name="effc")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
+    """effc: compress a trained network and compile it for CPU, CUDA or a Cortex-M microcontroller.
+
+    The flow: load (ONNX or zoo model) → canonicalize (static shapes, constant folding) → passes
+    (pruning, N:M sparsity, block quantization, ...) → lower with Apache TVM → artifact folder with
+    model.onnx (the rewritten graph, runs in onnxruntime), the compiled code, manifest.json and a
+    report (fidelity vs the original under onnxruntime, bytes, MACs, latency).
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command(epilog=EPILOG_COMPILE)
+@click.argument("model")
+@click.option(
+    "-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False), help="Artifact folder to write."
+)
+@click.option(
+    "--passes", default="", metavar="TEXT", help='Pipeline, e.g. "prune(sparsity=0.3),cleanup". Default: none.'
+)
+@click.option("--target", default="cpu", show_default=True, help="Target name (see `effc targets`).")
+@click.option(
+    "--input-shape",
+    "input_shapes",
+    multiple=True,
+    metavar="NAME=DxDxD",
+    help="Fix an input's shape, e.g. x=1x3x48x192 (repeatable). Needed for dynamic dimensions.",
+)
+@click.option(
+    "--data",
+    type=click.Path(exists=True),
+    help="Samples: .npz keyed by input name (optional leading sample "
+    "axis) or a folder of .npz. First half calibrates, the rest evaluates. Default: zoo samples or synthetic.",
+)
+@click.option("--threads", type=int, default=1, show_default=True, help="Threads for the artifact and for onnxruntime.")
+@click.option("--mcpu", default=None, help="CPU model for LLVM (default: detected from this machine).")
+@click.option("--no-fast-math", is_flag=True, help="Keep exact erf/exp/tanh (CPU target).")
+@click.option("--flash", default=None, help="Flash budget for microcontroller targets, e.g. 1M.")
+@click.option("--ram", default=None, help="RAM budget for microcontroller targets, e.g. 256K.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--verify-each", is_flag=True, help="Run the ONNX checker and shape inference after every pass.")
+@click.option("--dump-ir", type=click.Path(file_okay=False), help="Write the model after each pass (numbered .onnx).")
+@click.option("--eval-samples", type=int, default=8, show_default=True, help="Held-out samples for fidelity.")
+@click.option("--no-latency", is_flag=True, help="Skip the latency comparison with onnxruntime.")
+@click.pass_context
+def compile(
+    ctx,
+    model,
+    out_dir,
+    passes,
+    target,
+    input_shapes,
+    data,
+    threads,
+    mcpu,
+    no_fast_math,
+    flash,
+    ram,
+    force,  # noqa: A001
+    verify_each,
+    dump_ir,
+    eval_samples,
+    no_latency,
+):
+    """Compile MODEL with the given passes into an artifact folder, and report cost and gain."""
+
+    def run():
+        from effc.compiler import compile_model
+        from effc.eval.report import summary_rows
+
+        options = {}
+        if mcpu:
+            options["mcpu"] = mcpu
+        if no_fast_math:
+            options["fast_math"] = False
+        if flash:
+            options["flash"] = flash
+        if ram:
+            options["ram"] = ram
+        with console.status(f"compiling {model} for {target} ..."):
+            result = compile_model(
+                model,
+                passes=passes,
+                target=target,
+                out_dir=out_dir,
+                input_shapes=_parse_shapes(input_shapes),
+                data=data,
+                force=force,
+                verify_each=verify_each,
+                dump_ir=dump_ir,
+                threads=threads,
+                eval_samples=eval_samples,
+                measure_latency=not no_latency,
+                target_options=options,
+            )
+        table = Table(title=f"effc compile {model} → {result.out_dir}", show_header=False)
+        for key, value in summary_rows(result.report):
+            table.add_row(key, value)
+        console.print(table)
+        console.print(f"report: {result.out_dir / 'report.md'}")
+
+    _guard(ctx, run)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxDxD", help="Fix an input's shape.")
+@click.pass_context
+def inspect(ctx, model, input_shapes):
+    """Print a model's inputs/outputs, operators (and whether TVM imports each), parameters and MACs."""
+
+    def run():
+        from effc.compiler import load_any
+        from effc.eval.cost import count_macs, param_bytes, param_count
+        from effc.ir.canonicalize import canonicalize
+        from effc.ir.model import io_signature
+        from effc.ir.queries import op_types
+
+        loaded = load_any(model)
+        shapes = {**loaded.input_shapes, **_parse_shapes(input_shapes)}
+        canonical = canonicalize(
+            loaded.model, input_shapes=shapes or None, constant_inputs=loaded.constant_inputs or None
+        )
+        from effc.codegen.frontend import unsupported_ops
+
+        missing = unsupported_ops(canonical)
+        sig = io_signature(canonical)
+        io = Table(title=f"{model}: inputs and outputs")
+        for col in ("kind", "name", "shape", "dtype"):
+            io.add_column(col)
+        for kind in ("inputs", "outputs"):
+            for v in sig[kind]:
+                io.add_row(kind[:-1], v["name"], "x".join(map(str, v["shape"])), v["dtype"])
+        console.print(io)
+        ops = Table(title="operators (after canonicalization)")
+        for col in ("op", "count", "TVM import"):
+            ops.add_column(col)
+        for op, n in sorted(op_types(canonical).items()):
+            ops.add_row(op, str(n), "[red]no[/red]" if op in missing else "yes")
+        console.print(ops)
+        macs = count_macs(canonical)
+        console.print(
+            f"parameters: {param_count(canonical):,} ({param_bytes(canonical):,} bytes)   MACs: {macs['total']:,}"
+        )
+        if missing:
+            console.print(f"[red]not importable by TVM:[/red] {', '.join(sorted(missing))}")
+
+    _guard(ctx, run)
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.pass_context
+def passes(ctx, name):
+    """List every pass with its summary and options (or one pass in detail)."""
+
+    def run():
+        from effc.passes.pipeline import describe_passes
+
+        found = False
+        for p in describe_passes():
+            if name and p["name"] != name:
+                continue
+            found = True
+            kind = "exact" if p.get("exact") else "lossy"
+            console.print(f"[bold]{p['name']}[/bold] ({kind}) — {p['summary']}")
+            for opt in p.get("options", []):
+                console.print(f"    {opt['name']}: {opt['type']} = {opt['default']!r}  {opt.get('help', '')}")
+        if name and not found:
+            raise EffcError(f"unknown pass {name!r}", "run `effc passes` to list them")
+
+    _guard(ctx, run)
+
+
+@cli.command()
+def targets():
+    """List the compilation targets."""
+    from effc.targets import get_target, target_names
+
+    for n in target_names():
+        console.print(f"[bold]{n}[/bold] — {get_target(n).summary}")
+
+
+@cli.command(name="run")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", type=click.Path(exists=True), help=".npz keyed by input name; default: synthetic inputs.")
+@click.option("-o", "--output", "out_file", type=click.Path(dir_okay=False), help="Write outputs to this .npz.")
+@click.pass_context
+def run_cmd(ctx, artifact, data, out_file):
+    """Run a compiled artifact once per sample and print (or save) the outputs."""
+
+    def run():
+        import numpy as np
+
+        from effc.api import run_artifact
+
+        results = run_artifact(artifact, data)
+        for i, outputs in enumerate(results):
+            for name, arr in outputs.items():
+                console.print(
+                    f"sample {i} {name}: shape={arr.shape} dtype={arr.dtype} "
+                    f"min={arr.min():.6g} max={arr.max():.6g} mean={arr.mean():.6g}"
+                )
+        if out_file:
+            flat = {
+                f"{name}" if len(results) == 1 else f"{i}/{name}": a
+                for i, o in enumerate(results)
+                for name, a in o.items()
+            }
+            np.savez(out_file, **flat)
+            console.print(f"outputs written to {out_file}")
+
+    _guard(ctx, run)
+
+
+@cli.command(name="eval")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", type=click.Path(exists=True), help=".npz keyed by input name; default: synthetic inputs.")
+@click.option("--threads", type=int, default=1, show_default=True)
+@click.pass_context
+def eval_cmd(ctx, artifact, data, threads):
+    """Compare a compiled artifact with its model.onnx under onnxruntime (fidelity and latency)."""
+
+    def run():
+        from effc.api import evaluate_artifact
+
+        summary = evaluate_artifact(artifact, data, threads=threads)
+        table = Table(title=f"effc eval {artifact}", show_header=False)
+        for key, value in summary.items():
+            table.add_row(key, str(value))
+        console.print(table)
+
+    _guard(ctx, run)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", type=click.Path(exists=True), help=".npz keyed by input name; default: synthetic inputs.")
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="Tolerance for floating-point outputs.")
+@click.pass_context
+def verify(ctx, artifact, data, atol):
+    """Run the artifact on its target (qemu for Cortex-M) and check every output against onnxruntime.
+
+    Exit code 0 only when every output matches.
+    """
+
+    def run():
+        from effc.api import verify_artifact
+
+        result = verify_artifact(artifact, data, atol=atol)
+        for key, value in result.items():
+            console.print(f"{key}: {value}")
+        if not result["ok"]:
+            err_console.print("[red]verification failed[/red]: outputs differ from onnxruntime")
+            sys.exit(1)
+        console.print("[green]verified[/green]")
+
+    _guard(ctx, run)
+
+
+def _guard(ctx: click.Context, fn) -> None:
+    try:
+        fn()
+    except EffcError as exc:
+        if ctx.obj.get("debug"):
+            raise
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    cli.main(args=argv, prog_name="effc")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])
+
+
+__all__ = ["cli", "main", "Path"]

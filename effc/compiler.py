@@ -1,0 +1,433 @@
+"""The compile driver: load → canonicalize → passes → lower → artifact → evaluate → report.
+
+This is the one Python entry point behind ``effc compile`` and :func:`effc.compile`. It owns no graph or
+codegen logic of its own: it calls the layers in the order of DESIGN.md and writes the artifact atomically (a
+temporary folder beside the output, renamed into place only when everything succeeded), so a failed compile
+never leaves a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from effc.errors import ArtifactError, DataError, EffcError
+
+logger = logging.getLogger(__name__)
+
+#: Number of evaluation samples used for fidelity when the caller does not say.
+DEFAULT_EVAL_SAMPLES = 8
+#: Number of calibration samples handed to data-driven passes when the caller does not say.
+DEFAULT_CALIBRATION_SAMPLES = 32
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model as the user gave it, before canonicalization.
+
+    Attributes:
+        model: the loaded graph.
+        source: ``{"name": ..., "path": ..., "sha256": ...}`` for the manifest.
+        input_shapes: deployment shapes known for this model (zoo entries), overridable by the user.
+        constant_inputs: inputs to bake in as constants (e.g. Silero's sample rate).
+        zoo: the zoo entry when the model came from ``zoo:NAME``, else None.
+    """
+
+    model: ir.Model
+    source: dict[str, Any]
+    input_shapes: dict[str, tuple[int, ...]]
+    constant_inputs: dict[str, np.ndarray]
+    zoo: Any = None
+
+
+@dataclasses.dataclass
+class CompileResult:
+    """What :func:`compile_model` produced.
+
+    Attributes:
+        out_dir: the artifact folder (``manifest.json``, ``model.onnx``, target files, ``report.*``).
+        manifest: the manifest as written.
+        report: the report dict as written to ``report.json``.
+    """
+
+    out_dir: Path
+    manifest: dict[str, Any]
+    report: dict[str, Any]
+
+
+def load_any(model: Any, example_inputs: Any = None) -> LoadedModel:
+    """Load a model given as a path, ``zoo:NAME``, ``onnx.ModelProto``, ``onnx_ir.Model`` or ``torch.nn.Module``.
+
+    Args:
+        model: the model or where to find it.
+        example_inputs: for a torch module, a tuple of example tensors (or a dict of keyword tensors) that fix the
+            input shapes of the export.
+
+    Returns:
+        The loaded model and what is known about it.
+
+    Raises:
+        LoadError: the file is missing or not a valid ONNX model; a torch module cannot be exported.
+        EffcError: unknown zoo name, or a torch module without ``example_inputs``.
+    """
+    from effc.ir import model as ir_model
+
+    if isinstance(model, str) and model.startswith("zoo:"):
+        from effc import zoo
+
+        entry = zoo.get(model)
+        path = Path(entry.path())
+        return LoadedModel(
+            model=ir_model.load(path),
+            source={"name": f"zoo:{entry.name}", "path": str(path), "sha256": ir_model.sha256_file(path)},
+            input_shapes={k: tuple(v) for k, v in dict(entry.input_shapes).items()},
+            constant_inputs=dict(entry.constant_inputs),
+            zoo=entry,
+        )
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        loaded = ir_model.load(path)
+        return LoadedModel(
+            loaded, {"name": path.name, "path": str(path.resolve()), "sha256": ir_model.sha256_file(path)}, {}, {}
+        )
+    if isinstance(model, onnx.ModelProto):
+        return LoadedModel(ir.from_proto(model), _memory_source(model, "onnx.ModelProto"), {}, {})
+    if isinstance(model, ir.Model):
+        proto = ir.to_proto(model)
+        return LoadedModel(ir.from_proto(proto), _memory_source(proto, "onnx_ir.Model"), {}, {})
+    if _is_torch_module(model):
+        if example_inputs is None:
+            raise EffcError(
+                f"cannot capture {type(model).__name__} without example inputs",
+                "call effc.compile(module, example_inputs=(tensor, ...), ...) with tensors of the deployment shape",
+            )
+        from effc.ir.capture import capture_torch
+
+        captured = capture_torch(model, example_inputs)
+        return LoadedModel(captured, _memory_source(ir.to_proto(captured), f"torch:{type(model).__name__}"), {}, {})
+    raise EffcError(
+        f"cannot compile an object of type {type(model).__name__}",
+        "pass a path to an .onnx file, 'zoo:NAME', an onnx.ModelProto, an onnx_ir.Model or a torch.nn.Module",
+    )
+
+
+def _memory_source(proto: onnx.ModelProto, name: str) -> dict[str, Any]:
+    import hashlib
+
+    return {"name": name, "path": None, "sha256": hashlib.sha256(proto.SerializeToString()).hexdigest()}
+
+
+def _is_torch_module(obj: Any) -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return isinstance(obj, torch.nn.Module)
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    return ir.from_proto(ir.to_proto(model))
+
+
+def prepare_output_dir(out_dir: str | os.PathLike, force: bool) -> Path:
+    """Check that ``out_dir`` can receive an artifact; returns it as an absolute path.
+
+    Raises:
+        ArtifactError: the folder exists, is not empty, and ``force`` is False; or it is a file.
+    """
+    out = Path(out_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"output path {out} exists and is not a folder", "choose another -o/--output path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ArtifactError(
+            f"output folder {out} already exists and is not empty",
+            "choose another -o/--output folder, or pass --force (force=True) to replace it",
+        )
+    return out
+
+
+def gather_feeds(
+    loaded: LoadedModel,
+    model: ir.Model,
+    data: str | os.PathLike | Sequence[Mapping[str, np.ndarray]] | None,
+    n_eval: int,
+    n_calib: int,
+) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], dict[str, Any]]:
+    """Calibration feeds, held-out evaluation feeds, and a description of where they came from.
+
+    ``data`` (a ``.npz`` path, a folder, or a list of feed dicts) wins; then a zoo entry's real samples; else
+    generated inputs, labelled synthetic. With user data of fewer than two samples, the same samples serve both
+    (stated in the description).
+
+    Raises:
+        DataError: the data does not match the model's inputs.
+    """
+    from effc.ir.data import load_data, synthetic_feeds
+
+    names = [v.name for v in model.graph.inputs]
+    if data is not None:
+        feeds = load_data(data, names) if isinstance(data, (str, os.PathLike)) else [dict(f) for f in data]
+        for i, feed in enumerate(feeds):
+            missing = [n for n in names if n not in feed]
+            if missing:
+                raise DataError(f"data sample {i} lacks input(s) {missing}", f"the model's inputs are {names}")
+        if not feeds:
+            raise DataError("the data holds no samples", "give at least one array per model input")
+        if len(feeds) == 1:
+            where = data if isinstance(data, (str, os.PathLike)) else "in memory"
+            desc = f"user data ({where}), 1 sample used for calibration and evaluation"
+            return feeds, feeds, {"description": desc, "synthetic": False, "count": 1}
+        split = max(1, len(feeds) // 2)
+        calib, evals = feeds[:split], feeds[split:]
+        desc = f"user data: {len(calib)} calibration sample(s), {len(evals)} held-out evaluation sample(s)"
+        return calib, evals[:n_eval], {"description": desc, "synthetic": False, "count": len(evals[:n_eval])}
+    if loaded.zoo is not None:
+        calib = loaded.zoo.samples("calibration", n_calib)
+        evals = loaded.zoo.samples("eval", n_eval)
+        desc = loaded.zoo.samples_description("eval")
+        synthetic = "synthetic" in desc.lower()
+        return calib, evals, {"description": desc, "synthetic": synthetic, "count": len(evals)}
+    calib = synthetic_feeds(model, n_calib, seed=1)
+    evals = synthetic_feeds(model, n_eval, seed=2)
+    desc = "generated inputs (synthetic: no --data given); fidelity on real data may differ"
+    return calib, evals, {"description": desc, "synthetic": True, "count": len(evals)}
+
+
+def _reference_feeds(model: ir.Model, feed: Mapping[str, np.ndarray], constants: Mapping[str, np.ndarray]) -> dict:
+    names = [v.name for v in model.graph.inputs]
+    merged = {**{k: np.asarray(v) for k, v in constants.items()}, **feed}
+    return {n: merged[n] for n in names if n in merged}
+
+
+def compile_model(
+    model: Any,
+    example_inputs: Any = None,
+    *,
+    passes: str = "",
+    target: str = "cpu",
+    out_dir: str | os.PathLike = "out",
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    data: Any = None,
+    force: bool = False,
+    verify_each: bool = False,
+    dump_ir: str | os.PathLike | None = None,
+    threads: int | None = None,
+    eval_samples: int = DEFAULT_EVAL_SAMPLES,
+    calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES,
+    measure_latency: bool = True,
+    latency_repeat: int = 20,
+    target_options: Mapping[str, Any] | None = None,
+) -> CompileResult:
+    """Compile a model into a deployable artifact folder and report what the passes cost and bought.
+
+    Args:
+        model: path to an ``.onnx`` file, ``"zoo:NAME"``, ``onnx.ModelProto``, ``onnx_ir.Model`` or
+            ``torch.nn.Module``.
+        example_inputs: example tensors for a torch module (tuple, or dict of keyword inputs).
+        passes: pipeline text, e.g. ``"prune(sparsity=0.3),cleanup"``; empty for none.
+        target: a registered target name (``effc.targets.target_names()``).
+        out_dir: artifact folder; must be absent or empty unless ``force``.
+        input_shapes: deployment shape per input name, for dynamic dimensions.
+        data: ``.npz`` file / folder / list of feed dicts for calibration (first half) and evaluation (rest).
+        force: replace a non-empty ``out_dir``.
+        verify_each: run the ONNX checker and shape inference after every pass.
+        dump_ir: folder receiving the numbered ONNX model after each pass.
+        threads: threads for the compiled artifact and for onnxruntime in the latency comparison (default 1).
+        eval_samples: held-out samples used for fidelity.
+        calibration_samples: samples handed to data-driven passes.
+        measure_latency: time onnxruntime vs the artifact (host-runnable targets only).
+        latency_repeat: timed runs per side (median and min reported).
+        target_options: extra target options (``mcpu``, ``fast_math``, ``flash``, ``ram``, ...).
+
+    Returns:
+        The artifact folder, its manifest and report.
+
+    Raises:
+        LoadError, ShapeError, UnsupportedOpError, PipelineError, PassError, CalibrationError, DataError,
+        TargetError, BudgetError, ArtifactError: see :mod:`effc.errors`; nothing is left in ``out_dir``.
+    """
+    from effc.eval import cost
+    from effc.ir.calibration import Calibration
+    from effc.ir.canonicalize import canonicalize
+    from effc.ir.model import io_signature, save
+    from effc.passes.manager import PassManager
+    from effc.passes.pipeline import parse_pipeline
+    from effc.targets import get_target
+
+    started = time.perf_counter()
+    out = prepare_output_dir(out_dir, force)
+    tgt = get_target(target)  # unknown target fails before any work
+    threads = int(threads or 1)
+    options = {"threads": threads, **dict(target_options or {})}
+    unknown = sorted(set(options) - set(tgt.option_names()) - {"threads"})
+    if unknown:
+        raise EffcError(
+            f"target {target!r} has no option(s) {unknown}",
+            f"options of {target!r}: {', '.join(sorted(set(tgt.option_names()) | {'threads'}))}",
+        )
+    pipeline_check = parse_pipeline(passes)  # syntax/option errors before loading anything heavy
+    del pipeline_check
+
+    loaded = load_any(model, example_inputs)
+    shapes = {**loaded.input_shapes, **{k: tuple(v) for k, v in dict(input_shapes or {}).items()}}
+    original = _copy(loaded.model)
+    canonical = canonicalize(loaded.model, input_shapes=shapes or None, constant_inputs=loaded.constant_inputs or None)
+    _precheck(canonical)
+
+    calib_feeds, eval_feeds, inputs_info = gather_feeds(loaded, canonical, data, eval_samples, calibration_samples)
+    calibration = Calibration(calib_feeds, source=inputs_info["description"].replace("eval", "calibration"))
+    pipeline = parse_pipeline(passes, calibration=calibration)
+    before = _copy(canonical)
+    result = PassManager(pipeline, verify_each=verify_each, dump_ir=dump_ir).run(canonical)
+    rewritten = result.model
+    if pipeline and len(list(pipeline)) > 0:
+        _precheck(rewritten)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save(rewritten, tmp / "model.onnx")
+        build_started = time.perf_counter()
+        build = tgt.build(rewritten, tmp, options)
+        build_seconds = time.perf_counter() - build_started
+        manifest = {
+            "effc_version": _version(),
+            "source": loaded.source,
+            "pipeline": str(pipeline),
+            "passes": [_record_dict(r) for r in result.records],
+            "target": {"name": tgt.name, "options": options, "info": build.info},
+            **io_signature(rewritten),
+        }
+        runner = tgt.load(tmp, manifest)
+        report = _evaluate(
+            loaded,
+            original,
+            before,
+            rewritten,
+            runner,
+            tgt,
+            eval_feeds,
+            inputs_info,
+            threads,
+            measure_latency,
+            latency_repeat,
+        )
+        report.update(
+            model={"name": loaded.source["name"], "source": loaded.source.get("path")},
+            target={"name": tgt.name, "options": options, "info": build.info},
+            pipeline=str(pipeline),
+            passes=manifest["passes"],
+            inputs=inputs_info,
+            compile_seconds=round(time.perf_counter() - started, 3),
+            build_seconds=round(build_seconds, 3),
+        )
+        report["cost"] = {
+            "params_bytes_before": cost.param_bytes(before),
+            "params_bytes_after": cost.param_bytes(rewritten),
+            "macs_before": cost.count_macs(before)["total"],
+            "macs_after": cost.count_macs(rewritten)["total"],
+        }
+        from effc.eval.report import write_report
+        from effc.runtime.manifest import write_manifest
+
+        report_files = write_report(tmp, report)
+        manifest["metrics"] = {
+            "fidelity_vs_original": report["fidelity"]["vs_original"].get("summary"),
+            "cost": report["cost"],
+            "latency": report.get("latency"),
+        }
+        write_manifest(tmp, manifest, files=["model.onnx", *build.files, *report_files])
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    from effc.runtime.manifest import read_manifest
+
+    return CompileResult(out, read_manifest(out), report)
+
+
+def _precheck(model: ir.Model) -> None:
+    from effc.codegen.frontend import check_importable
+
+    check_importable(model)
+
+
+def _record_dict(record: Any) -> dict[str, Any]:
+    return record.to_dict()
+
+
+def _version() -> str:
+    from effc import __version__
+
+    return __version__
+
+
+def _evaluate(
+    loaded: LoadedModel,
+    original: ir.Model,
+    before: ir.Model,
+    rewritten: ir.Model,
+    runner: Any,
+    tgt: Any,
+    feeds: list[dict[str, np.ndarray]],
+    inputs_info: dict[str, Any],
+    threads: int,
+    measure_latency: bool,
+    repeat: int,
+) -> dict[str, Any]:
+    from effc.eval.fidelity import compare
+    from effc.eval.latency import measure, ort_latency
+    from effc.ir.reference import Reference
+
+    kind = getattr(loaded.zoo, "output_kind", None)
+    names = [v.name for v in rewritten.graph.outputs]
+    ref_original = Reference(original, threads=threads)
+    ref_rewritten = Reference(rewritten, threads=threads)
+    orig_out = [ref_original.run(_reference_feeds(original, f, loaded.constant_inputs)) for f in feeds]
+    rew_out = [ref_rewritten.run(f) for f in feeds]
+    compiled_out = [runner.run(f) for f in feeds]
+    report: dict[str, Any] = {
+        "fidelity": {
+            "vs_original": compare(orig_out, compiled_out, names, output_kind=kind),
+            "rewritten_vs_original": compare(orig_out, rew_out, names, output_kind=kind),
+            "compiled_vs_rewritten": compare(rew_out, compiled_out, names, output_kind=kind),
+        }
+    }
+    if measure_latency and getattr(tgt, "host_latency", True):
+        ort = ort_latency(
+            ir.to_proto(original).SerializeToString(),
+            [_reference_feeds(original, f, loaded.constant_inputs) for f in feeds],
+            threads=threads,
+            repeat=repeat,
+        )
+        mine = measure(runner.run, feeds, repeat=repeat)
+        report["latency"] = {
+            "threads": threads,
+            "ort": ort,
+            "effc": mine,
+            "ratio": round(mine["median_ms"] / ort["median_ms"], 3) if ort["median_ms"] else None,
+        }
+    else:
+        report["latency"] = None
+    return report
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(trash)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)

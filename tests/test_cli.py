@@ -1,0 +1,191 @@
+"""The command line on bad input: one readable error line, exit code != 0, no artifact left behind."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from effc.cli import cli
+from tests.conftest import make_mlp
+
+
+def _run(*args):
+    return CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=False)
+
+
+def _assert_clean_failure(result, out_dir, *needles):
+    assert result.exit_code != 0, result.output
+    text = result.output
+    assert "Traceback" not in text
+    assert "error:" in text
+    for needle in needles:
+        assert needle.lower() in text.lower(), text
+    leftovers = [p for p in out_dir.parent.iterdir() if p.name.startswith(f".{out_dir.name}.tmp")]
+    assert not leftovers
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_missing_file(tmp_path):
+    out = tmp_path / "out"
+    _assert_clean_failure(_run("compile", tmp_path / "nope.onnx", "-o", out), out, "nope.onnx")
+
+
+def test_not_onnx_bytes(tmp_path):
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("this is a text file, not a protobuf\n" * 20)
+    out = tmp_path / "out"
+    _assert_clean_failure(_run("compile", bad, "-o", out), out, "notes.onnx")
+
+
+def test_truncated_onnx(tmp_path, mlp_path):
+    data = mlp_path.read_bytes()
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    _assert_clean_failure(_run("compile", cut, "-o", out), out, "cut.onnx")
+
+
+def test_external_data_escaping_folder(tmp_path):
+    model = make_mlp()
+    for init in model.graph.initializer:
+        if init.name == "w1":
+            init.ClearField("raw_data")
+            init.ClearField("float_data")
+            init.data_location = TensorProto.EXTERNAL
+            init.external_data.add(key="location", value="../../etc/passwd")
+    path = tmp_path / "model" / "evil.onnx"
+    path.parent.mkdir()
+    path.write_bytes(model.SerializeToString())
+    out = tmp_path / "out"
+    _assert_clean_failure(_run("compile", path, "-o", out), out, "passwd")
+
+
+def test_unsupported_op(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("NonMaxSuppressionX", ["r"], ["y"], domain="acme")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("acme", 1)])
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, str(path))
+    out = tmp_path / "out"
+    _assert_clean_failure(_run("compile", path, "-o", out), out, "NonMaxSuppressionX")
+
+
+def test_dynamic_dim_without_input_shape(tmp_path):
+    path = tmp_path / "dyn.onnx"
+    make_mlp(path, dynamic_batch=True)
+    out = tmp_path / "out"
+    _assert_clean_failure(_run("compile", path, "-o", out), out, "--input-shape", "x")
+
+
+def test_dynamic_dim_with_input_shape_compiles(tmp_path):
+    path = tmp_path / "dyn.onnx"
+    make_mlp(path, dynamic_batch=True)
+    out = tmp_path / "out"
+    result = _run("compile", path, "-o", out, "--input-shape", "x=2x16", "--no-latency")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"][0]["shape"] == [2, 16]
+
+
+def test_unknown_pass(tmp_path, mlp_path):
+    out = tmp_path / "out"
+    _assert_clean_failure(_run("compile", mlp_path, "--passes", "prun(sparsity=0.3)", "-o", out), out, "prun", "prune")
+
+
+def test_invalid_option(tmp_path, mlp_path):
+    out = tmp_path / "out"
+    _assert_clean_failure(_run("compile", mlp_path, "--passes", "prune(sparsity=1.5)", "-o", out), out, "sparsity")
+
+
+def test_unknown_option(tmp_path, mlp_path):
+    out = tmp_path / "out"
+    _assert_clean_failure(_run("compile", mlp_path, "--passes", "prune(sparsty=0.5)", "-o", out), out, "sparsty")
+
+
+def test_existing_output_needs_force(tmp_path, mlp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user file")
+    result = _run("compile", mlp_path, "-o", out)
+    assert result.exit_code != 0
+    assert "--force" in result.output
+    assert (out / "keep.txt").read_text() == "user file"
+    result = _run("compile", mlp_path, "-o", out, "--force", "--no-latency")
+    assert result.exit_code == 0, result.output
+    assert not (out / "keep.txt").exists()
+    assert (out / "manifest.json").exists()
+
+
+def test_unknown_target(tmp_path, mlp_path):
+    out = tmp_path / "out"
+    _assert_clean_failure(_run("compile", mlp_path, "--target", "tpu9000", "-o", out), out, "tpu9000", "cpu")
+
+
+def test_debug_shows_traceback(tmp_path):
+    result = CliRunner().invoke(cli, ["--debug", "compile", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "o")])
+    assert result.exit_code != 0
+    assert result.exception is not None
+
+
+def test_compile_user_file_and_run_eval_verify(tmp_path, mlp_path):
+    out = tmp_path / "out"
+    result = _run("compile", mlp_path, "--passes", "prune(sparsity=0.5),cleanup", "-o", out)
+    assert result.exit_code == 0, result.output
+    for name in ("manifest.json", "model.onnx", "model.so", "report.json", "report.md"):
+        assert (out / name).exists(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["inputs"]["synthetic"] is True
+    assert report["fidelity"]["compiled_vs_rewritten"]["summary"]["max_abs"] < 1e-4
+    assert report["latency"]["threads"] == 1
+    data = tmp_path / "x.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((3, 1, 16)).astype(np.float32))
+    run = _run("run", out, "--data", data)
+    assert run.exit_code == 0, run.output
+    assert run.output.count("sample") == 3
+    ev = _run("eval", out, "--data", data)
+    assert ev.exit_code == 0, ev.output
+    ver = _run("verify", out, "--data", data)
+    assert ver.exit_code == 0, ver.output
+    assert "verified" in ver.output
+
+
+def test_verify_fails_on_tampered_artifact(tmp_path, mlp_path):
+    out = tmp_path / "out"
+    assert _run("compile", mlp_path, "-o", out, "--no-latency").exit_code == 0
+    so = out / "model.so"
+    blob = bytearray(so.read_bytes())
+    blob[-1] ^= 0xFF
+    so.write_bytes(bytes(blob))
+    result = _run("verify", out)
+    assert result.exit_code != 0
+    assert "model.so" in result.output
+
+
+def test_passes_lists_prune_and_options():
+    result = _run("passes")
+    assert result.exit_code == 0
+    assert "prune" in result.output and "sparsity" in result.output
+    assert "cleanup" in result.output
+
+
+def test_inspect_lists_ops(mlp_path):
+    result = _run("inspect", mlp_path)
+    assert result.exit_code == 0, result.output
+    assert "Gemm" in result.output and "MatMul" in result.output
+    assert "MACs" in result.output
+
+
+@pytest.mark.parametrize("args", [["--help"], ["compile", "--help"]])
+def test_help_teaches(args):
+    result = _run(*args)
+    assert result.exit_code == 0
+    assert "zoo:" in result.output or "compile" in result.output

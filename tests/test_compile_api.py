@@ -1,0 +1,83 @@
+"""effc.compile from Python: a torch module, an ONNX file, atomic output, manifest and runtime contract."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import effc
+import effc.runtime
+from effc.errors import ArtifactError, EffcError
+
+
+class SmallNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.fc1 = torch.nn.Linear(4 * 8 * 8, 32)
+        self.fc2 = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+def test_compile_torch_module_matches_torch(tmp_path):
+    net = SmallNet().eval()
+    x = torch.randn(1, 1, 8, 8)
+    result = effc.compile(net, (x,), passes="prune(sparsity=0.3)", out_dir=tmp_path / "out", latency_repeat=3)
+    compiled = effc.runtime.load(result.out_dir)
+    name = compiled.inputs[0]["name"]
+    (y,) = compiled.run({name: x.numpy()})
+    rewritten = ort.InferenceSession(str(result.out_dir / "model.onnx")).run(None, {name: x.numpy()})[0]
+    np.testing.assert_allclose(y, rewritten, atol=1e-4)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    assert np.argmax(ref) == np.argmax(y) or result.report["fidelity"]["vs_original"]["summary"]["cosine"] > 0.9
+    stats = result.manifest["passes"][0]["stats"]
+    assert result.manifest["pipeline"] == "prune(sparsity=0.3)"
+    assert stats  # the pass recorded what it changed
+    assert result.report["cost"]["params_bytes_after"] == result.report["cost"]["params_bytes_before"]
+
+
+def test_compile_without_passes_is_exact(tmp_path, mlp_path):
+    result = effc.compile(str(mlp_path), out_dir=tmp_path / "out", measure_latency=False)
+    fid = result.report["fidelity"]
+    assert fid["vs_original"]["summary"]["max_abs"] < 1e-5
+    assert fid["rewritten_vs_original"]["summary"]["max_abs"] < 1e-6
+    assert result.report["latency"] is None
+    manifest = json.loads((result.out_dir / "manifest.json").read_text())
+    assert set(manifest["files"]) >= {"model.onnx", "model.so", "report.json", "report.md"}
+    assert manifest["source"]["sha256"] and manifest["effc_version"] == effc.__version__
+    assert manifest["inputs"] == [{"name": "x", "shape": [1, 16], "dtype": "float32"}]
+
+
+def test_failed_build_leaves_nothing(tmp_path, mlp_path, monkeypatch):
+    from effc.errors import TargetError
+    from effc.targets import get_target
+
+    def boom(self, model, workdir, options):
+        (workdir / "model.so").write_bytes(b"half written")
+        raise TargetError("simulated build failure")
+
+    monkeypatch.setattr(type(get_target("cpu")), "build", boom)
+    out = tmp_path / "art" / "out"
+    with pytest.raises(TargetError, match="simulated"):
+        effc.compile(str(mlp_path), out_dir=out)
+    assert not out.exists()
+    assert list((tmp_path / "art").iterdir()) == []
+
+
+def test_runtime_rejects_missing_manifest(tmp_path):
+    with pytest.raises(ArtifactError):
+        effc.runtime.load(tmp_path)
+
+
+def test_torch_module_without_examples():
+    with pytest.raises(EffcError, match="example"):
+        effc.compile(SmallNet(), out_dir="unused")
