@@ -196,6 +196,22 @@ def _input_norm(layer: WeightLayer, taps: dict[str, list[np.ndarray]]) -> np.nda
     return np.broadcast_to(norm.reshape(view), shape)
 
 
+def _output_error(layer: WeightLayer, old: np.ndarray, new: np.ndarray, taps: dict[str, list[np.ndarray]]):
+    """``||X (W - W')|| / ||X W||`` over all calibration tokens (Frobenius), or None for Conv / batched weights."""
+    if layer.kind == "Conv" or old.ndim != 2:
+        return None
+    w, diff = old.astype(np.float64), old.astype(np.float64) - new.astype(np.float64)
+    if layer.out_axis == 0:  # Gemm transB=1: (N, K) -> (K, N)
+        w, diff = w.T, diff.T
+    num = den = 0.0
+    for node, axis in zip(layer.nodes, layer.act_axes, strict=True):
+        for x in taps[node.inputs[0].name]:
+            x2 = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1).reshape(-1, w.shape[0])
+            num += float(np.square(x2 @ diff).sum())
+            den += float(np.square(x2 @ w).sum())
+    return float(np.sqrt(num / den)) if den > 0 else 0.0
+
+
 def _lowest(scores: np.ndarray, k: int) -> np.ndarray:
     """Boolean mask of the ``k`` lowest entries along the last axis of a 2-D array (exactly ``k`` per row)."""
     mask = np.zeros(scores.shape, dtype=bool)
@@ -209,8 +225,10 @@ def _lowest(scores: np.ndarray, k: int) -> np.ndarray:
 class PrunePass(EffcPass):
     """Zero the lowest-scoring fraction of constant MatMul / Gemm / Conv weights (unstructured sparsity).
 
-    Stats: ``layers`` (weight name -> node, params, zeroed, sparsity reached), ``params_zeroed``,
-    ``params_considered``, ``sparsity`` (over considered weights), ``skipped`` (node, weight, reason).
+    Stats: ``layers`` (weight name -> node, shared_by, params, zeroed, sparsity reached, rel_output_error),
+    ``params_zeroed``, ``params_considered``, ``sparsity`` (over considered weights, fraction), ``skipped``
+    (node, weight, reason), ``max_rel_output_error``. The output error ``||X(W - W')||_F / ||XW||_F`` of each
+    MatMul/Gemm is measured on the calibration activations when calibration is given (None otherwise).
 
     Raises:
         CalibrationError: ``method=wanda`` without calibration data.
@@ -245,14 +263,13 @@ class PrunePass(EffcPass):
         layers, skipped = find_weight_layers(model)
         layers = self._selected(layers, skipped)
         taps: dict[str, list[np.ndarray]] = {}
-        if method.needs_activations and layers:
-            if self.calibration is None:
-                raise CalibrationError(
-                    f"prune(method={opts.method}) scores weights by input activations but got no calibration data",
-                    "give calibration inputs (--data FILE.npz, or a zoo: model with samples), or use method=magnitude",
-                )
-            names = sorted({n.inputs[0].name for layer in layers for n in layer.nodes})
-            taps = self.calibration.tap(model, names)
+        if method.needs_activations and layers and self.calibration is None:
+            raise CalibrationError(
+                f"prune(method={opts.method}) scores weights by input activations but got no calibration data",
+                "give calibration inputs (--data FILE.npz, or a zoo: model with samples), or use method=magnitude",
+            )
+        if self.calibration is not None and layers:  # activations for Wanda and for the measured error
+            taps = self.calibration.tap(model, sorted({n.inputs[0].name for layer in layers for n in layer.nodes}))
         tensors = [constant_tensor(layer.weight) for layer in layers]
         weights = [t.numpy() for t in tensors]
         scores = [
@@ -268,10 +285,11 @@ class PrunePass(EffcPass):
             masks = [self._layer_mask(layer, s) for layer, s in zip(layers, scores, strict=True)]
         report, zeroed_total, changed = {}, 0, 0
         for layer, tensor, w, mask in zip(layers, tensors, weights, masks, strict=True):
-            changed += int(np.count_nonzero(w[mask]))
             new = w.copy()
             new[mask] = 0
-            _write_weight(layer.weight, new, tensor.dtype)
+            if np.count_nonzero(w[mask]):
+                changed += 1
+                _write_weight(layer.weight, new, tensor.dtype)
             zeroed = int(np.count_nonzero(new == 0))
             report[layer.weight.name] = {
                 "node": layer.nodes[0].name,
@@ -279,6 +297,7 @@ class PrunePass(EffcPass):
                 "params": int(new.size),
                 "zeroed": zeroed,
                 "sparsity": zeroed / new.size if new.size else 0.0,
+                "rel_output_error": _output_error(layer, w, new, taps) if taps else None,
             }
             zeroed_total += zeroed
         considered = sum(int(w.size) for w in weights)
@@ -289,6 +308,7 @@ class PrunePass(EffcPass):
             "params_considered": considered,
             "sparsity": zeroed_total / considered if considered else 0.0,
             "skipped": skipped,
+            "max_rel_output_error": max((r["rel_output_error"] or 0.0 for r in report.values()), default=0.0),
         }
         logger.info("prune: %d/%d weights zero in %d layer(s), %d skipped", zeroed_total, considered, len(layers),
                     len(skipped))

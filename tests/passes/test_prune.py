@@ -88,6 +88,7 @@ def test_layer_granularity_reaches_exact_sparsity(sparsity):
         assert abs(np.count_nonzero(w == 0) - sparsity * w.size) <= 1, name
         assert abs(p.stats["layers"][name]["sparsity"] - sparsity) <= 1 / w.size
     assert p.stats["params_considered"] == 64 * 48 + 16 * 48 + 16 * 16
+    assert p.stats["layers"]["w1"]["rel_output_error"] is None  # no calibration: nothing measured
 
 
 def test_row_granularity_per_output_channel():
@@ -179,13 +180,17 @@ def test_wanda_differs_from_magnitude_on_skewed_activations_and_has_lower_error(
     errors, masks = {}, {}
     for method in ("magnitude", "wanda"):
         model = _skewed_model()
-        parse_pipeline(f"prune(sparsity=0.25,granularity=row,method={method},min_params=0)", calibration=cal)[0](model)
+        p = parse_pipeline(f"prune(sparsity=0.25,granularity=row,method={method},min_params=0)", calibration=cal)[0]
+        p(model)
         masks[method] = weights(model)["w"] == 0
-        errors[method] = sum(np.linalg.norm(run(model, f["x"]) - run(reference, f["x"])) for f in feeds)
+        diff = sum(np.square(run(model, f["x"]) - run(reference, f["x"])).sum() for f in feeds)
+        errors[method] = np.sqrt(diff / sum(np.square(run(reference, f["x"])).sum() for f in feeds))
+        assert p.stats["layers"]["w"]["rel_output_error"] == pytest.approx(errors[method], rel=1e-4)
+        assert p.stats["max_rel_output_error"] == p.stats["layers"]["w"]["rel_output_error"]
     assert masks["magnitude"][0].all() and not masks["wanda"][0].any()  # ... but channel 0 carries 100x activations
     assert (masks["wanda"].sum(axis=0) == 1).all()
     assert errors["wanda"] < 0.2 * errors["magnitude"]
-    assert cal.calls == [["x"]]
+    assert cal.calls == [["x"], ["x"]]
 
 
 def test_wanda_on_grouped_conv_reaches_sparsity_and_runs():
@@ -231,3 +236,16 @@ def test_constant_node_weight_is_pruned_and_graph_input_weight_is_skipped():
     x = rng.standard_normal((3, 4)).astype(np.float32)
     sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(sess.run(None, {"x": x, "v": v})[0], x @ pruned @ v, rtol=1e-5, atol=1e-5)
+
+
+def test_measured_error_of_transposed_gemm_matches_numpy():
+    model = mlp()
+    cal = TapCalibration([{"x": X}, {"x": X[::-1].copy()}])
+    hr = cal.tap(model, ["hr"])["hr"]
+    w2 = weights(model)["w2"]  # (N, K), transB=1
+    p = PrunePass(sparsity=0.5, include=("/ffn/fc2",), min_params=0, calibration=cal)
+    p(model)
+    d = w2 - weights(model)["w2"]
+    expected = np.sqrt(sum(np.square(h @ d.T).sum() for h in hr) / sum(np.square(h @ w2.T).sum() for h in hr))
+    assert p.stats["layers"]["w2"]["rel_output_error"] == pytest.approx(expected, rel=1e-6)
+    assert 0 < expected < 1
