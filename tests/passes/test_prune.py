@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -48,7 +49,8 @@ def mlp(seed=0, k=64, h=48, n=16, dtype=np.float32, share=False) -> ir.Model:
         nodes, "mlp", *io,
         [numpy_helper.from_array(a.astype(dtype), name) for name, a in inits.items()],
     )
-    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return ir.from_proto(onnx.shape_inference.infer_shapes(proto))
 
 
 def conv_model(groups=2) -> ir.Model:
