@@ -78,6 +78,12 @@ def _save_proto(proto: onnx.ModelProto, path: Path) -> None:
         onnx.save_model(proto, str(path))
 
 
+def _dump(model: ir.Model, path: Path) -> None:
+    """Save ``model`` to ``path``; weights go to ``<name>.data`` beside it when they pass 2 GB."""
+    weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    ir.save(model, path, external_data=path.name + ".data" if weight_bytes > _PROTO_LIMIT else None)
+
+
 def verify_model(model: ir.Model) -> None:
     """Run the ONNX checker with ``full_check`` (strict shape inference included) on ``model``.
 
@@ -142,7 +148,7 @@ class PassManager:
         snapshot = ir.to_proto(model) if self.save_replay and len(self.pipeline) else None
         if self.dump_ir is not None:
             self.dump_ir.mkdir(parents=True, exist_ok=True)
-            ir.save(model, self.dump_ir / "00_input.onnx")
+            _dump(model, self.dump_ir / "00_input.onnx")
         if self.verify_each:
             try:
                 verify_model(model)
@@ -173,7 +179,7 @@ class PassManager:
             logger.info("pass %s: %.3f s, modified=%s", p, seconds, result.modified)
             records.append(PassRecord(p.name, str(p), seconds, bool(result.modified), copy.deepcopy(p.stats)))
             if self.dump_ir is not None:
-                ir.save(model, self.dump_ir / f"{index:02d}_{_safe(p.name)}.onnx")
+                _dump(model, self.dump_ir / f"{index:02d}_{_safe(p.name)}.onnx")
             if self.verify_each:
                 try:
                     verify_model(model)
