@@ -1,1 +1,106 @@
-"""effc.runtime."""
+"""Load a compiled artifact folder and run it from Python.
+
+``load(out_dir)`` reads ``manifest.json``, checks every listed file's sha256 *before* any shared object is
+loaded, then hands the folder to the target named in the manifest::
+
+    model = effc.runtime.load("out")
+    outputs = model.run({"x": x})      # list of numpy arrays, graph output order
+
+This package does not import :mod:`effc.passes`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from effc.errors import ArtifactError, DataError
+from effc.runtime.manifest import read_manifest, verify_files, write_manifest
+
+__all__ = ["CompiledModel", "load", "read_manifest", "verify_files", "write_manifest"]
+
+logger = logging.getLogger(__name__)
+
+
+class CompiledModel:
+    """A loaded artifact.
+
+    Attributes:
+        manifest: the parsed ``manifest.json``.
+        inputs: ``[{"name", "shape", "dtype"}]`` in the order ``run`` expects them.
+        outputs: ``[{"name", "shape", "dtype"}]`` in the order ``run`` returns them.
+    """
+
+    def __init__(self, out_dir: Path, manifest: dict[str, Any], runner: Any):
+        self.out_dir = Path(out_dir)
+        self.manifest = manifest
+        self.inputs: list[dict[str, Any]] = list(manifest.get("inputs", []))
+        self.outputs: list[dict[str, Any]] = list(manifest.get("outputs", []))
+        self._runner = runner
+
+    def _check_feeds(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
+        expected = [spec["name"] for spec in self.inputs]
+        unknown = sorted(set(feeds) - set(expected))
+        missing = [name for name in expected if name not in feeds]
+        if unknown or missing:
+            raise DataError(
+                f"feeds do not match the model inputs (missing {missing}, unknown {unknown})",
+                f"pass exactly these inputs: {expected}",
+            )
+        checked = {}
+        for spec in self.inputs:
+            name, shape, dtype = spec["name"], tuple(spec["shape"]), np.dtype(spec["dtype"])
+            array = np.asarray(feeds[name])
+            if array.shape != shape:
+                raise DataError(
+                    f"input {name!r} has shape {list(array.shape)}, the compiled model expects {list(shape)}",
+                    "reshape the data, or recompile with --input-shape " + f"{name}={'x'.join(map(str, shape))}",
+                )
+            if array.dtype != dtype:
+                if array.dtype.kind != dtype.kind:
+                    raise DataError(
+                        f"input {name!r} has dtype {array.dtype}, the compiled model expects {dtype}",
+                        f"convert it with .astype('{dtype}')",
+                    )
+                array = array.astype(dtype)
+            checked[name] = array
+        return checked
+
+    def run(self, feeds: dict[str, Any]) -> list[np.ndarray]:
+        """Run one inference.
+
+        Args:
+            feeds: input name → array with the manifest's shape; a dtype of the same kind (float64 for float32,
+                int32 for int64) is converted, others (int for float) are rejected.
+
+        Returns:
+            Output arrays in the manifest's output order.
+
+        Raises:
+            DataError: an input is missing, unknown, or has the wrong shape/dtype (names it and the expected one).
+            TargetError: the target failed at run time.
+        """
+        return self._runner.run(self._check_feeds(feeds))
+
+
+def load(out_dir: Path | str) -> CompiledModel:
+    """Load the artifact in ``out_dir`` (hashes verified before any shared object is loaded).
+
+    Raises:
+        ArtifactError: manifest missing/invalid, a file missing or modified, or no target recorded.
+        TargetError: the manifest's target is unknown here or cannot run the artifact on this machine.
+    """
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    verify_files(out_dir, manifest)
+    target_name = (manifest.get("target") or {}).get("name")
+    if not target_name:
+        raise ArtifactError(f"manifest in {out_dir} names no target", "recompile the model")
+    from effc.targets import get_target  # import here: targets pull in TVM
+
+    runner = get_target(target_name).load(out_dir, manifest)
+    logger.info("loaded %s artifact from %s", target_name, out_dir)
+    return CompiledModel(out_dir, manifest, runner)

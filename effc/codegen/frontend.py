@@ -1,0 +1,224 @@
+"""ONNX IR → TVM Relax: the one module that touches TVM's ONNX frontend.
+
+TVM 0.27's ``from_onnx`` looks every node up by ``op_type`` alone in the table that
+``tvm.relax.frontend.onnx.onnx_frontend._get_convert_map()`` rebuilds on each call (domains ignored, model-local
+functions not inlined). effc operators (domain ``effc``) enter through converters registered with
+:func:`register_converter`; during :func:`to_relax` their nodes are renamed to ``effc.<op_type>`` in a private
+copy of the graph and the convert map is extended with those names, then restored (see shared/notes/lowering.md).
+
+Before converting anything, :func:`check_importable` checks every node — including the bodies of ``If``/``Loop``/
+``Scan`` — and raises one error listing all unsupported operators (TVM's own pre-check skips subgraphs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+import tvm
+from tvm.relax.frontend.onnx import onnx_frontend as _tvm_onnx
+
+from effc.errors import TargetError, UnsupportedOpError
+from effc.ir.effc_ops import EFFC_DOMAIN
+
+logger = logging.getLogger(__name__)
+
+# Ops the TVM importer handles itself rather than through the convert map.
+_DIRECT_OPS = frozenset({"If", "Constant"})
+# effc nodes are imported under this op_type prefix (TVM matches op_type only, so effc names could clash).
+_EFFC_PREFIX = "effc."
+
+_EFFC_CONVERTERS: dict[str, type] = {}
+
+
+def register_converter(op_type: str, domain: str = EFFC_DOMAIN) -> Callable[[type], type]:
+    """Register a TVM converter for an effc operator (active only during :func:`to_relax`).
+
+    The decorated class follows TVM's ``OnnxOpConverter`` protocol: classmethods ``_impl_vN(cls, bb, inputs, attr,
+    params)`` returning a Relax expression built with the BlockBuilder ``bb`` (e.g. ``relax.call_tir`` of an effc
+    PrimFunc). ``N`` is matched against the model's default-domain opset; a single ``_impl_v1`` always applies.
+
+    Args:
+        op_type: the effc operator name, e.g. ``"NMSparseMatMul"``.
+        domain: must be ``"effc"`` (standard ops are TVM's business).
+
+    Returns:
+        A class decorator that registers the class and returns it unchanged.
+
+    Raises:
+        ValueError: ``domain`` is not ``effc``, or the class has no ``_impl_vN`` method.
+    """
+    if domain != EFFC_DOMAIN:
+        raise ValueError(f"effc converters must be registered for domain {EFFC_DOMAIN!r}, got {domain!r}")
+
+    def decorate(cls: type) -> type:
+        if not any(name.startswith("_impl_v") for name in dir(cls)):
+            raise ValueError(f"converter {cls.__name__} for effc.{op_type} defines no _impl_vN method")
+        if op_type in _EFFC_CONVERTERS and _EFFC_CONVERTERS[op_type] is not cls:
+            logger.warning("converter for effc.%s replaced by %s", op_type, cls.__name__)
+        _EFFC_CONVERTERS[op_type] = cls
+        return cls
+
+    return decorate
+
+
+def registered_converters() -> dict[str, type]:
+    """The registered converters, ``{effc op_type: converter class}`` (a copy)."""
+    return dict(_EFFC_CONVERTERS)
+
+
+def _tvm_supported_op_types() -> frozenset[str]:
+    return frozenset(_tvm_onnx._get_convert_map()) | _DIRECT_OPS
+
+
+def _node_label(node: ir.Node) -> str:
+    if node.name:
+        return node.name
+    outputs = [v.name for v in node.outputs if v is not None and v.name]
+    return f"<{node.op_type} producing {outputs[0]}>" if outputs else f"<unnamed {node.op_type}>"
+
+
+def unsupported_ops(model: ir.Model) -> dict[str, list[str]]:
+    """Operators that neither TVM's ONNX frontend nor an effc converter can import.
+
+    Every node is checked, including those inside ``If``/``Loop``/``Scan`` bodies. Nodes calling a model-local
+    function outside the ``effc`` domain are reported too (TVM does not inline functions).
+
+    Args:
+        model: the model to check (not modified).
+
+    Returns:
+        ``{op_type: [node names]}`` (key ``"domain::op_type"`` for non-standard domains), empty when all import.
+    """
+    tvm_ops = _tvm_supported_op_types()
+    missing: dict[str, list[str]] = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        domain = node.domain or ""
+        if domain == EFFC_DOMAIN:
+            supported = node.op_type in _EFFC_CONVERTERS
+        elif domain not in ("", "ai.onnx") and (domain, node.op_type, node.overload) in model.functions:
+            supported = False
+        else:
+            supported = node.op_type in tvm_ops
+        if not supported:
+            key = node.op_type if domain in ("", "ai.onnx") else f"{domain}::{node.op_type}"
+            missing.setdefault(key, []).append(_node_label(node))
+    return missing
+
+
+def check_importable(model: ir.Model) -> None:
+    """Raise if any operator of ``model`` (subgraphs included) cannot be imported.
+
+    Raises:
+        UnsupportedOpError: lists every unsupported operator type with example node names.
+    """
+    missing = unsupported_ops(model)
+    if missing:
+        raise UnsupportedOpError(missing)
+
+
+def _rename_effc_nodes(graph: onnx.GraphProto) -> None:
+    """Give effc-domain nodes (subgraphs included) the op_type ``effc.<op>`` so they cannot clash with TVM's."""
+    for node in graph.node:
+        if node.domain == EFFC_DOMAIN:
+            node.op_type = _EFFC_PREFIX + node.op_type
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _rename_effc_nodes(attr.g)
+            for sub in attr.graphs:
+                _rename_effc_nodes(sub)
+
+
+class _NodeConversionError(Exception):
+    """A converter failed; carries the op and node so the caller can name them."""
+
+    def __init__(self, op_name: str, node_name: str, cause: BaseException):
+        super().__init__(f"{op_name} {node_name}: {cause}")
+        self.op_name, self.node_name, self.cause = op_name, node_name, cause
+
+
+def _as_tvm_converter(cls: type) -> type:
+    """``cls`` with TVM's ``OnnxOpConverter.get_converter`` (opset → ``_impl_vN``) mixed in when it lacks it."""
+    if issubclass(cls, _tvm_onnx.OnnxOpConverter):
+        return cls
+    return type(cls.__name__, (cls, _tvm_onnx.OnnxOpConverter), {})
+
+
+@contextlib.contextmanager
+def _effc_converters_active() -> Iterator[None]:
+    """Extend TVM's convert map with the effc converters and name failing nodes; restore both afterwards."""
+    original_map = _tvm_onnx._get_convert_map
+    importer = _tvm_onnx.ONNXGraphImporter
+    original_convert = importer._convert_operator
+    extra = {_EFFC_PREFIX + op: _as_tvm_converter(cls) for op, cls in _EFFC_CONVERTERS.items()}
+
+    def extended_map() -> dict[str, Any]:
+        table = original_map()
+        table.update(extra)
+        return table
+
+    def convert_naming_node(self, op_name, inputs, attrs, opset):
+        try:
+            return original_convert(self, op_name, inputs, attrs, opset)
+        except _NodeConversionError:
+            raise
+        except Exception as exc:  # noqa: BLE001  (any converter failure is reported with its node)
+            node_name = (attrs.get("tvm_custom") or {}).get("name", "?")
+            raise _NodeConversionError(op_name, str(node_name), exc) from exc
+
+    _tvm_onnx._get_convert_map = extended_map
+    importer._convert_operator = convert_naming_node
+    try:
+        yield
+    finally:
+        _tvm_onnx._get_convert_map = original_map
+        importer._convert_operator = original_convert
+
+
+def to_relax(model: ir.Model) -> tvm.IRModule:
+    """Import a canonical (static-shape, constant-folded) model into a Relax module with function ``main``.
+
+    ``main``'s parameters follow the graph inputs' order; weights become constants.
+
+    Args:
+        model: the model (not modified), canonicalized by :func:`effc.ir.canonicalize.canonicalize`.
+
+    Returns:
+        The Relax ``IRModule``.
+
+    Raises:
+        UnsupportedOpError: an operator has no converter (all are listed), or a converter rejected a node
+            as not implemented.
+        TargetError: a converter failed on a node (message names the op and node, with TVM's reason).
+    """
+    check_importable(model)
+    proto = ir.to_proto(model)
+    _rename_effc_nodes(proto.graph)
+    captured = io.StringIO()
+    try:
+        with _effc_converters_active(), warnings.catch_warnings(), contextlib.redirect_stdout(captured):
+            warnings.simplefilter("ignore")
+            mod = _tvm_onnx.from_onnx(proto)
+    except _NodeConversionError as exc:
+        op = exc.op_name.removeprefix(_EFFC_PREFIX)
+        if isinstance(exc.cause, NotImplementedError | tvm.error.OpNotImplemented):
+            raise UnsupportedOpError({op: [exc.node_name]}, hint=f"TVM said: {str(exc.cause)[:300]}") from exc
+        raise TargetError(
+            f"TVM's ONNX frontend failed on {op} node {exc.node_name!r}: {type(exc.cause).__name__}: "
+            f"{str(exc.cause)[:400]}",
+            "canonicalize the model first (static input shapes, constant folding), or rewrite this node",
+        ) from exc
+    except Exception as exc:  # noqa: BLE001  (never let a TVM traceback escape)
+        raise TargetError(
+            f"TVM's ONNX frontend failed: {type(exc).__name__}: {str(exc)[:400]}",
+            "canonicalize the model first (static input shapes, constant folding)",
+        ) from exc
+    if captured.getvalue():
+        logger.debug("TVM ONNX frontend output: %s", captured.getvalue()[:2000])
+    return mod

@@ -1,0 +1,194 @@
+"""The host CPU target: LLVM codegen for the detected ``mcpu``, artifact ``model.so`` run by TVM's Relax VM.
+
+Options: ``threads`` (worker threads at compile time for ``num-cores`` and at run time; default: the cores this
+process may use), ``mcpu`` (an LLVM CPU name, default: the host's, e.g. ``znver3``), and those of
+:func:`effc.codegen.cpu.compile_cpu` (``fast_math``, ``schedule``, ``tune``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import tvm
+
+from effc.codegen import build as tvm_build
+from effc.codegen import cpu as cpu_codegen
+from effc.codegen.frontend import check_importable, to_relax
+from effc.errors import TargetError
+from effc.targets.base import BuildResult, Runner, Target, register_target
+
+logger = logging.getLogger(__name__)
+
+_LIBRARY = "model.so"
+_OPTIONS = ("threads", "mcpu")
+# Options read by effc.codegen.cpu.compile_cpu (schedules, fast-math, tuning), if it does not list them itself.
+_CODEGEN_OPTIONS = ("fast_math", "schedule", "tune")
+# Widest SIMD extension first: LLVM feature name → vector register width in bits.
+_VECTOR_FEATURES = (("avx512f", 512), ("avx2", 256), ("avx", 256), ("sse2", 128), ("neon", 128), ("sve", 128))
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _vector_bits(tvm_target: tvm.target.Target) -> int:
+    features = tvm.target.codegen.llvm_get_cpu_features(tvm_target)
+    return next((bits for name, bits in _VECTOR_FEATURES if name in features), 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuTarget(Target):
+    """Capability record of a CPU and how to build/run for it.
+
+    Attributes:
+        mcpu: LLVM CPU name (``znver3``, ``skylake-avx512``, ``neoverse-n1``, ...).
+        triple: LLVM target triple of the host.
+        vector_bits: SIMD register width in bits from the CPU features (avx512f → 512, avx2 → 256, 0 unknown).
+        num_cores: cores this process may use (the default thread count).
+    """
+
+    mcpu: str
+    triple: str
+    vector_bits: int
+    num_cores: int
+    name: str = "cpu"
+    summary: str = "host CPU via LLVM (mcpu detected); artifact model.so run by TVM's Relax VM"
+
+    @classmethod
+    def detect_host(cls) -> CpuTarget:
+        """The record of the machine this process runs on."""
+        mcpu = str(tvm.target.codegen.llvm_get_system_cpu())
+        target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+        return cls(
+            mcpu=mcpu,
+            triple=str(tvm.target.codegen.llvm_get_system_triple()),
+            vector_bits=_vector_bits(target),
+            num_cores=_usable_cores(),
+        )
+
+    def option_names(self) -> tuple[str, ...]:
+        """``threads``, ``mcpu`` and the options of :func:`effc.codegen.cpu.compile_cpu`."""
+        return _OPTIONS + tuple(getattr(cpu_codegen, "OPTION_NAMES", _CODEGEN_OPTIONS))
+
+    def threads(self, options: dict[str, Any]) -> int:
+        """The thread count from ``options["threads"]`` (default: :attr:`num_cores`).
+
+        Raises:
+            TargetError: not a positive integer.
+        """
+        value = options.get("threads")
+        if value is None:
+            return self.num_cores
+        try:
+            threads = int(value)
+        except (TypeError, ValueError):
+            threads = 0
+        if threads < 1 or str(value).strip() != str(threads):
+            raise TargetError(f"option threads={value!r} is not a positive integer", "e.g. --threads 2")
+        return threads
+
+    def tvm_target(self, options: dict[str, Any]) -> tvm.target.Target:
+        """The LLVM target for ``options`` (``mcpu`` overrides the host CPU, ``threads`` sets ``num-cores``).
+
+        Raises:
+            TargetError: ``mcpu`` is not a CPU LLVM knows for this triple, or ``threads`` is invalid.
+        """
+        mcpu = str(options.get("mcpu") or self.mcpu)
+        if not tvm.target.codegen.llvm_is_valid_cpu(mcpu, self.triple):
+            raise TargetError(
+                f"option mcpu={mcpu!r} is not a CPU LLVM knows for {self.triple}",
+                f"omit mcpu to use the host CPU ({self.mcpu}), or pick a name from `llc -mcpu=help`",
+            )
+        return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": self.threads(options)})
+
+    def build(self, model: ir.Model, workdir: Path, options: dict[str, Any]) -> BuildResult:
+        """Import, compile and export ``model`` to ``workdir/model.so``.
+
+        Raises:
+            UnsupportedOpError: operators TVM cannot import (all listed).
+            TargetError: bad options, or TVM failed to import/compile/export (the step is named).
+        """
+        check_importable(model)
+        tvm_target = self.tvm_target(options)
+        mod = to_relax(model)
+        executable, info = cpu_codegen.compile_cpu(mod, tvm_target, options)
+        tvm_build.export_library(executable, Path(workdir) / _LIBRARY)
+        facts = {
+            "tvm_target": str(tvm_target),
+            "mcpu": str(tvm_target.attrs["mcpu"]),
+            "vector_bits": _vector_bits(tvm_target),
+            "threads": self.threads(options),
+            **info,
+        }
+        return BuildResult(files=[_LIBRARY], info=facts)
+
+    def load(self, artifact_dir: Path, manifest: dict[str, Any]) -> Runner:
+        """Load ``model.so`` into a Relax VM on the host CPU; threads from the manifest's target options.
+
+        Raises:
+            TargetError: the library cannot be loaded here.
+        """
+        target = manifest.get("target", {})
+        threads = self.threads(target.get("options") or {})
+        input_names = [spec["name"] for spec in manifest.get("inputs", [])]
+        vm = tvm_build.load_vm(Path(artifact_dir) / _LIBRARY, tvm.cpu())
+        return CpuRunner(vm, input_names, threads)
+
+
+def set_runtime_threads(threads: int) -> int:
+    """Make TVM's thread pool (of the calling thread) use ``threads`` workers; returns the count now in use.
+
+    TVM sizes its pool from ``TVM_NUM_THREADS`` when the pool is first created (default: half the logical CPUs),
+    and ``runtime.config_threadpool`` can then only choose up to that many. So the variable is set to all usable
+    cores when the user has not set it, before the first TVM call that creates the pool.
+    """
+    os.environ.setdefault("TVM_NUM_THREADS", str(max(threads, _usable_cores())))
+    if tvm.runtime.num_threads() != threads:
+        tvm.get_global_func("runtime.config_threadpool")(1, threads)  # 1 = kBig: all cores on a homogeneous CPU
+    return int(tvm.runtime.num_threads())
+
+
+class CpuRunner(Runner):
+    """A loaded ``model.so``: ``run(feeds)`` calls ``main`` with the inputs in manifest order.
+
+    Attributes:
+        threads: the requested worker thread count (TVM clamps it to its pool size; see :func:`set_runtime_threads`).
+    """
+
+    def __init__(self, vm: Any, input_names: list[str], threads: int):
+        self._vm = vm
+        self._input_names = list(input_names)
+        self.threads = threads
+        self._device = tvm.cpu()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run one inference (feeds already validated by :class:`effc.runtime.CompiledModel`).
+
+        Raises:
+            TargetError: an input is missing or TVM failed at run time.
+        """
+        set_runtime_threads(self.threads)
+        missing = [name for name in self._input_names if name not in feeds]
+        if missing:
+            raise TargetError(f"inputs {missing} missing from the feeds", f"pass all of {self._input_names}")
+        try:
+            args = [tvm_build.to_tvm_tensor(np.ascontiguousarray(feeds[n]), self._device) for n in self._input_names]
+            result = self._vm["main"](*args)
+            return tvm_build.outputs_to_numpy(result)
+        except Exception as exc:  # noqa: BLE001  (never let a TVM traceback escape)
+            raise TargetError(
+                f"running model.so failed: {type(exc).__name__}: {str(exc)[:400]}",
+                "check the feeds match the manifest's inputs (dtype, shape), or recompile",
+            ) from exc
+
+
+register_target(CpuTarget.detect_host())
