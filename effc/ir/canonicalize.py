@@ -5,7 +5,7 @@ The recipe is the one measured in ``shared/notes/import.md`` (it made 15 of 15 r
 1. drop initializers listed as graph inputs (old exporters), turn configuration inputs (Silero's ``sr``) into
    initializers, fix every input dimension (from the model or ``input_shapes``);
 2. ``onnx.shape_inference.infer_shapes(data_prop=True)``;
-3. ``onnxscript.optimizer.optimize_ir`` with ``ConstantOfShape`` allowed to fold and large size limits;
+3. onnxscript's constant folder with ``ConstantOfShape`` allowed to fold and large size limits;
 4. unroll LSTM (``effc.ir.lstm``), recursing into ``If``/``Loop`` bodies; repeat 2-3 until nothing changes.
 
 What was done is recorded in ``model.metadata_props["effc.canonicalize"]`` (JSON).
@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxscript.optimizer
+from onnxscript.optimizer import _constant_folding
 
 from effc.errors import ShapeError
 from effc.ir.lstm import unroll_lstms
@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 FOLD_INPUT_LIMIT = 2**24
 FOLD_OUTPUT_LIMIT = 2**26
 MAX_ROUNDS = 3
+FOLD_STEPS = 4
 _SHAPE_RE = re.compile(r"^\s*([^=\s]+)\s*=\s*(\d+(?:\s*x\s*\d+)*)\s*$")
 
 
@@ -68,7 +69,9 @@ def _fix_inputs(model: ir.Model, input_shapes: Mapping[str, Sequence[int]],
         graph.inputs.remove(graph.initializers[name])
     by_name = {v.name: v for v in graph.inputs}
     # Idempotent: a constant input made an initializer by an earlier canonicalize is simply kept.
-    constant_inputs = {k: v for k, v in constant_inputs.items() if k in by_name or k not in graph.initializers}
+    done = json.loads(model.metadata_props.get("effc.canonicalize", "{}")).get("constant_inputs", [])
+    constant_inputs = {k: v for k, v in constant_inputs.items()
+                       if k in by_name or (k not in graph.initializers and k not in done)}
     for name in list(constant_inputs) + list(input_shapes):
         if name not in by_name:
             raise ShapeError(f"model has no input named {name!r}; its inputs are {sorted(by_name)}",
@@ -102,7 +105,7 @@ def _fix_inputs(model: ir.Model, input_shapes: Mapping[str, Sequence[int]],
                                                    for d in (unknown[0].shape or [1]))
         raise ShapeError(f"input(s) with unknown dims: {listed}",
                          f"give a deployment shape for each, e.g. --input-shape {example} (like name=1x3x48x192)")
-    return {"dropped_initializer_inputs": len(dropped), "constant_inputs": sorted(constant_inputs),
+    return {"dropped_initializer_inputs": len(dropped), "constant_inputs": sorted({*constant_inputs, *done}),
             "input_shapes": {v.name: list(v.shape) for v in graph.inputs}}
 
 
@@ -127,10 +130,30 @@ def _should_fold(node: ir.Node) -> bool | None:
 
 
 def _fold(model: ir.Model) -> None:
-    has_effc_functions = any(key[0] == "effc" for key in model.functions)
-    onnxscript.optimizer.optimize_ir(model, num_iterations=3, input_size_limit=FOLD_INPUT_LIMIT,
-                                     output_size_limit=FOLD_OUTPUT_LIMIT, should_fold=_should_fold,
-                                     inline=not has_effc_functions)
+    """``onnxscript.optimizer.optimize_ir`` without its pattern rewriter (slow, and not needed for static shapes).
+
+    Constant folding (ConstantOfShape allowed, large limits) and dead-node removal iterate to a fixed point, then
+    constants are lifted to initializers and deduplicated. Model-local functions are inlined unless they are effc
+    operators (those must survive as functions).
+    """
+    common = ir.passes.common
+    steps = []
+    if model.functions and not any(key[0] == "effc" for key in model.functions):
+        steps.append(common.InlinePass())
+    steps += [
+        ir.passes.PassManager(
+            [_constant_folding.FoldConstantsPass(shape_inference=True, input_size_limit=FOLD_INPUT_LIMIT,
+                                                 output_size_limit=FOLD_OUTPUT_LIMIT, should_fold=_should_fold),
+             common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass()],
+            steps=FOLD_STEPS, early_stop=True),
+        common.RemoveUnusedNodesPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.LiftSubgraphInitializersToMainGraphPass(),
+        common.DeduplicateInitializersPass(),
+        common.OutputFixPass(),
+        common.NameFixPass(),
+    ]
+    ir.passes.Sequential(*steps)(model)
 
 
 def _count_nodes(model: ir.Model) -> int:

@@ -43,7 +43,7 @@ def _why_not(node: ir.Node) -> str | None:
     x = node.inputs[0]
     if x is None or x.shape is None or not x.shape.is_static() or len(x.shape) != 3:
         return f"input X has no static 3-D shape ({None if x is None else x.shape})"
-    if len(node.inputs) > 4 and node.inputs[4] is not None and node.inputs[4].name:
+    if len(node.inputs) > 4 and node.inputs[4] is not None:
         return "sequence_lens is given"
     return None
 
@@ -69,17 +69,18 @@ def _unroll(graph: ir.Graph, node: ir.Node) -> None:
     w_t = tape.op("Transpose", [tape.op("Gather", [w, zero], {"axis": 0})], {"perm": [1, 0]})  # (I, 4H)
     r_t = tape.op("Transpose", [tape.op("Gather", [r, zero], {"axis": 0})], {"perm": [1, 0]})  # (H, 4H)
     gates_x = tape.op("MatMul", [x_seq, w_t])  # (S, B, 4H)
-    if b is not None and b.name:
+    if b is not None:
         b0 = tape.op("Gather", [b, zero], {"axis": 0})  # (8H,)
         wb = tape.op("Slice", [b0, _const(tape, np.array([0])), _const(tape, np.array([4 * hidden]))])
         rb = tape.op("Slice", [b0, _const(tape, np.array([4 * hidden])), _const(tape, np.array([8 * hidden]))])
         gates_x = tape.op("Add", [gates_x, tape.op("Add", [wb, rb])])
     dtype = x.dtype.numpy() if x.dtype is not None else np.float32
     zeros = _const(tape, np.zeros((batch, hidden), dtype=dtype))
-    h = tape.op("Gather", [h0, zero], {"axis": 0}) if h0 is not None and h0.name else zeros
-    c = tape.op("Gather", [c0, zero], {"axis": 0}) if c0 is not None and c0.name else zeros
+    state_axis = 0 if layout == 0 else 1  # initial_h/initial_c: (dirs, B, H) or (B, dirs, H)
+    h = tape.op("Gather", [h0, zero], {"axis": state_axis}) if h0 is not None else zeros
+    c = tape.op("Gather", [c0, zero], {"axis": state_axis}) if c0 is not None else zeros
     peep = None
-    if p is not None and p.name:
+    if p is not None:
         p0 = tape.op("Gather", [p, zero], {"axis": 0})  # (3H,) order i, o, f
         peep = [
             tape.op("Slice", [p0, _const(tape, np.array([k * hidden])), _const(tape, np.array([(k + 1) * hidden]))])
@@ -111,7 +112,10 @@ def _unroll(graph: ir.Graph, node: ir.Node) -> None:
     for old, new in zip(node.outputs, new_outputs, strict=False):
         if not old.name and not old.uses() and not old.is_graph_output():
             continue
-        new.dtype, new.shape = old.dtype, old.shape
+        if old.dtype is not None:
+            new.dtype = old.dtype
+        if old.shape is not None:
+            new.shape = old.shape
         old_name = old.name
         ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
         old.name = None

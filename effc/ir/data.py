@@ -1,0 +1,131 @@
+"""User data for calibration/evaluation (``--data``) and labelled synthetic feeds.
+
+File format: an ``.npz`` keyed by input name. An array whose rank is the input's rank + 1 holds many samples along
+its first axis; an array of the input's rank is one sample. A folder is read as its ``.npz`` files in name order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from effc.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+#: Range of synthetic integer ids (token ids, byte values): [0, SYNTHETIC_INT_HIGH).
+SYNTHETIC_INT_HIGH = 100
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise DataError(f"cannot read data file {str(path)!r}: {err}",
+                        "save inputs with numpy.savez(path, **{input_name: array})") from err
+
+
+def _samples_of(arrays: Mapping[str, np.ndarray], path: Path, input_names: Sequence[str],
+                ranks: Mapping[str, int] | None) -> list[dict[str, np.ndarray]]:
+    missing = [n for n in input_names if n not in arrays]
+    if missing:
+        raise DataError(f"data file {str(path)!r} lacks input(s) {missing}; it holds {sorted(arrays)}",
+                        f"save one array per model input: {list(input_names)}")
+    counts = set()
+    batched = {}
+    for name in input_names:
+        array = arrays[name]
+        rank = (ranks or {}).get(name)
+        if rank is None:
+            is_batched = False
+        elif array.ndim == rank + 1:
+            is_batched = True
+        elif array.ndim == rank:
+            is_batched = False
+        else:
+            raise DataError(f"input {name!r} in {str(path)!r} has rank {array.ndim} (shape {array.shape}), "
+                            f"the model expects rank {rank}", f"give shape of rank {rank} (one sample) or "
+                            f"{rank + 1} (samples along axis 0)")
+        batched[name] = is_batched
+        counts.add(array.shape[0] if is_batched else 1)
+    if len(counts) > 1:
+        raise DataError(f"inputs in {str(path)!r} hold different sample counts {sorted(counts)}",
+                        "stack the same number of samples for every input")
+    n = counts.pop()
+    return [{name: (arrays[name][k] if batched[name] else arrays[name]) for name in input_names} for k in range(n)]
+
+
+def load_data(path: str | os.PathLike, input_names: Sequence[str],
+              ranks: Mapping[str, int] | None = None) -> list[dict[str, np.ndarray]]:
+    """Read feeds from an ``.npz`` file (or a folder of them).
+
+    Args:
+        path: ``.npz`` keyed by input name, or a folder whose ``*.npz`` files are read in name order.
+        input_names: the model's data inputs (every one must be present; extra keys are ignored).
+        ranks: rank per input (e.g. from the model); with it an extra leading axis means many samples and a wrong
+            rank raises. Without it every file is one sample.
+
+    Returns:
+        One feed dict per sample.
+
+    Raises:
+        DataError: missing path, unreadable file, empty folder, missing input key, wrong rank, or unequal sample
+            counts between inputs.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data path {str(path)!r} does not exist", "pass an .npz file or a folder of .npz files")
+    files = sorted(path.glob("*.npz")) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"data folder {str(path)!r} holds no .npz files", "save inputs with numpy.savez")
+    feeds = []
+    for file in files:
+        feeds.extend(_samples_of(_read_npz(file), file, input_names, ranks))
+    if not feeds:
+        raise DataError(f"data {str(path)!r} holds zero samples", "stack at least one sample per input")
+    logger.info("loaded %d samples from %s", len(feeds), path)
+    return feeds
+
+
+def input_ranks(model: ir.Model) -> dict[str, int]:
+    """Rank of every data input of ``model`` (for :func:`load_data`)."""
+    return {v.name: len(v.shape) for v in model.graph.inputs if not v.is_initializer() and v.shape is not None}
+
+
+def synthetic_feeds(model: ir.Model, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``n`` SYNTHETIC feeds for ``model``'s inputs (for smoke tests and timing, never fidelity claims).
+
+    Floats are standard normal, integers uniform in ``[0, 100)``, booleans True.
+
+    Raises:
+        DataError: an input has no static shape (canonicalize first) or an unsupported dtype.
+    """
+    rng = np.random.default_rng(seed)
+    inputs = [v for v in model.graph.inputs if not v.is_initializer()]
+    for v in inputs:
+        if v.shape is None or not all(isinstance(d, int) and d >= 0 for d in v.shape):
+            raise DataError(f"input {v.name!r} has no static shape ({v.shape})",
+                            "canonicalize the model with --input-shape first")
+    feeds = []
+    for _ in range(n):
+        feed = {}
+        for v in inputs:
+            dtype = np.dtype(v.dtype.numpy())
+            shape = tuple(v.shape)
+            if dtype == np.bool_:
+                feed[v.name] = np.ones(shape, dtype=np.bool_)
+            elif np.issubdtype(dtype, np.integer):
+                feed[v.name] = rng.integers(0, SYNTHETIC_INT_HIGH, shape).astype(dtype)
+            elif np.issubdtype(dtype, np.floating):
+                feed[v.name] = rng.standard_normal(shape).astype(dtype)
+            else:
+                raise DataError(f"cannot synthesize input {v.name!r} of dtype {dtype}", "pass real data with --data")
+        feeds.append(feed)
+    return feeds
