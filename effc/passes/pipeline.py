@@ -36,18 +36,15 @@ if TYPE_CHECKING:
 
 __all__ = ["Pipeline", "describe_passes", "format_pass", "parse_pipeline"]
 
+_WORD = r"[\w./*\-+:?@%~]+"
 _TOKEN = re.compile(
-    r"""(?P<ws>\s+)|(?P<word>[\w./*\-+:?@%~]+)|(?P<string>"(?:\\.|[^"\\])*"|'(?:\\.|[^'\\])*')|(?P<punct>[(),=\[\]])""",
+    rf"""(?P<ws>\s+)|(?P<word>{_WORD})|(?P<string>"(?:\\.|[^"\\])*"|'(?:\\.|[^'\\])*')|(?P<punct>[(),=\[\]])|(?P<bad>.)""",
     re.DOTALL,
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class _Token:
-    kind: str  # "word" | "string" | "punct" | "end"
-    text: str  # for strings: the unescaped content
-    pos: int  # 0-based offset in the pipeline text
-    length: int
+# kind: "word" | "string" | "punct" | "end"; text: unescaped for strings; pos: 0-based offset; length: chars
+_Token = collections.namedtuple("_Token", "kind text pos length")
 
 
 def _error(text: str, pos: int, length: int, message: str, hint: str | None = None) -> PipelineError:
@@ -60,22 +57,16 @@ def _error(text: str, pos: int, length: int, message: str, hint: str | None = No
 
 def _tokenize(text: str) -> list[_Token]:
     tokens: list[_Token] = []
-    pos = 0
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if m is None:
-            bad = text[pos]
-            if bad in "'\"":
-                raise _error(text, pos, 1, "unterminated quoted string", f"close the string with {bad}")
-            raise _error(text, pos, 1, f"unexpected character {bad!r}", "quote values with special characters")
-        kind, raw = m.lastgroup or "", m.group()
-        if kind == "string":
-            tokens.append(_Token(kind, re.sub(r"\\(.)", r"\1", raw[1:-1], flags=re.DOTALL), pos, len(raw)))
-        elif kind != "ws":
-            tokens.append(_Token(kind, raw, pos, len(raw)))
-        pos = m.end()
-    tokens.append(_Token("end", "", len(text), 1))
-    return tokens
+    for m in _TOKEN.finditer(text):
+        kind, raw, pos = m.lastgroup, m.group(), m.start()
+        if kind == "bad" and raw in "'\"":
+            raise _error(text, pos, 1, "unterminated quoted string", f"close the string with {raw}")
+        if kind == "bad":
+            raise _error(text, pos, 1, f"unexpected character {raw!r}", "quote values with special characters")
+        if kind != "ws":
+            value = re.sub(r"\\(.)", r"\1", raw[1:-1], flags=re.DOTALL) if kind == "string" else raw
+            tokens.append(_Token(kind, value, pos, len(raw)))
+    return [*tokens, _Token("end", "", len(text), 1)]
 
 
 def _did_you_mean(word: str, names: collections.abc.Iterable[str], what: str) -> str:
@@ -154,12 +145,7 @@ def _convert_scalar(spec: TypeSpec, text: str, quoted: bool) -> Any:
 
 
 def convert_value(spec: TypeSpec, raw: Any, is_list: bool) -> Any:
-    """Convert parsed text to the field's type.
-
-    Args:
-        spec: the field.
-        raw: ``(text, quoted)`` for a scalar, or a list of those for ``[a,b]``.
-        is_list: whether ``raw`` came from ``[...]``.
+    """Convert ``raw`` (``(text, quoted)``, or a list of those when ``is_list``) to the field's type.
 
     Raises:
         ValueError: the text does not fit the field's type (the parser turns it into a PipelineError).
@@ -175,26 +161,19 @@ def convert_value(spec: TypeSpec, raw: Any, is_list: bool) -> Any:
     return (value,) if spec.is_tuple else value
 
 
-def _format_scalar(spec: TypeSpec, value: Any, top: bool) -> str:
-    if spec.base is bool:
-        return "true" if value else "false"
-    if spec.base is float:
-        return repr(float(value))  # shortest text that reads back to the same double
-    if spec.base is int:
-        return str(int(value))
-    text = str(value)
-    if re.fullmatch(r"[\w./*\-+:?@%~]+", text) and not (top and spec.optional and text == "none"):
-        return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def format_value(spec: TypeSpec, value: Any) -> str:
+def format_value(spec: TypeSpec, value: Any, top: bool = True) -> str:
     """Canonical text of one option value (inverse of :func:`convert_value`)."""
     if value is None:
         return "none"
-    if spec.is_tuple:
-        return "[" + ",".join(_format_scalar(spec, v, top=False) for v in value) + "]"
-    return _format_scalar(spec, value, top=True)
+    if spec.is_tuple and top:
+        return "[" + ",".join(format_value(spec, v, top=False) for v in value) + "]"
+    if spec.base is bool:
+        return "true" if value else "false"
+    if spec.base in (int, float):
+        return repr(spec.base(value))  # repr(float) is the shortest text that reads back to the same double
+    if re.fullmatch(_WORD, value) and not (top and spec.optional and value == "none"):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 class _Parser:
