@@ -218,7 +218,8 @@ def _safe(name: str) -> str:
 
 def _with_prefix(error: EffcError, prefix: str, replay: str) -> EffcError:
     """A copy of ``error`` (same class) whose message starts with ``prefix`` and whose hint names the replay files."""
-    new = copy.copy(error)
+    new = type(error).__new__(type(error))  # not copy.copy: subclasses may take other constructor arguments
+    new.__dict__.update(error.__dict__)
     new.message = f"{prefix}: {error.message}"
     new.hint = f"{error.hint}; {replay}" if error.hint else replay
     new.args = (f"{new.message}; fix: {new.hint}",)

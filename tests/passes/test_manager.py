@@ -12,7 +12,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from effc.errors import CalibrationError, PassError
+from effc.errors import CalibrationError, PassError, UnsupportedOpError
 from effc.passes import EffcPass, PassManager, parse_pipeline
 
 
@@ -165,6 +165,23 @@ def test_effc_error_in_precondition_is_unwrapped():
         PassManager([*parse_pipeline("dce"), NeedsCalibrationPass()], save_replay=False).run(chain_model())
     assert info.value.message == "pass 'needs-cal' failed after [dce]: needs-cal needs calibration data"
     assert info.value.hint.startswith("give --data; ")
+
+
+class UnsupportedPass(EffcPass):
+    name = "unsupported"
+    summary = "raises an error subclass with its own constructor"
+
+    def call(self, model):
+        raise UnsupportedOpError({"Foo": ["n1", "n2"]}, where="pass 'unsupported'")
+
+
+def test_effc_error_with_custom_constructor_keeps_its_fields():
+    with pytest.raises(UnsupportedOpError) as info:
+        PassManager([UnsupportedPass()], save_replay=False).run(chain_model())
+    err = info.value
+    assert err.ops == {"Foo": ["n1", "n2"]}
+    assert err.message.startswith("pass 'unsupported' failed after []: 1 operator type(s) not supported by pass")
+    assert str(err).endswith("rerun with the same pipeline to reproduce")
 
 
 def _matmul_model() -> ir.Model:
