@@ -20,6 +20,11 @@ Layouts and axes (``out`` = output-channel axis, ``in`` = reduction / input-chan
 separately (Wanda's per-output comparison group). ``scope=global`` ranks all selected layers together (one
 threshold for the model; layer granularity only). Scores live in the table :data:`METHODS` (method -> scorer),
 so reconstruction methods (SparseGPT) can be added beside them.
+
+Selection: ``include``/``exclude`` are fnmatch patterns matched against node names and the weight's name
+(``include`` empty = every layer; ``exclude`` wins). Weights with fewer than ``min_params`` elements (default
+1024) stay dense: tiny heads and projections cost little and are sensitive. Biases and other 1-D tensors are
+never weights here; graph-input weights (overridable by callers) and non-float weights are skipped with a reason.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from effc.errors import CalibrationError, PipelineError
 from effc.ir.queries import constant_tensor, linear_layers
 from effc.passes.base import EffcPass, PassOptions, register_pass
 
-__all__ = ["METHODS", "Method", "PruneOptions", "PrunePass", "WeightLayer"]
+__all__ = ["METHODS", "Method", "PruneOptions", "PrunePass", "WeightLayer", "find_weight_layers"]
 
 logger = logging.getLogger(__name__)
 
