@@ -10,13 +10,13 @@ import numpy as np
 
 
 def _feeds(artifact: Path, data: str | os.PathLike | None, n_synthetic: int = 4) -> tuple[Any, list[dict], bool]:
-    from effc.ir.data import load_data, synthetic_feeds
+    from effc.ir.data import input_ranks, load_data, synthetic_feeds
     from effc.ir.model import load
 
     model = load(artifact / "model.onnx")
     names = [v.name for v in model.graph.inputs]
     if data is not None:
-        return model, load_data(data, names), False
+        return model, load_data(data, names, input_ranks(model)), False
     return model, synthetic_feeds(model, n_synthetic, seed=3), True
 
 

@@ -173,11 +173,11 @@ def gather_feeds(
     Raises:
         DataError: the data does not match the model's inputs.
     """
-    from effc.ir.data import load_data, synthetic_feeds
+    from effc.ir.data import input_ranks, load_data, synthetic_feeds
 
     names = [v.name for v in model.graph.inputs]
     if data is not None:
-        feeds = load_data(data, names) if isinstance(data, (str, os.PathLike)) else [dict(f) for f in data]
+        feeds = load_data(data, names, input_ranks(model)) if isinstance(data, (str, os.PathLike)) else [dict(f) for f in data]
         for i, feed in enumerate(feeds):
             missing = [n for n in names if n not in feed]
             if missing:
