@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -89,6 +92,23 @@ def test_unsupported_op_stops_the_build_before_tvm(tmp_path):
 def test_runtime_threads_option_is_applied():
     assert set_runtime_threads(1) == 1 == tvm.runtime.num_threads()
     assert set_runtime_threads(2) == tvm.runtime.num_threads() <= 2
+
+
+def test_fresh_process_runs_with_the_manifest_thread_count(tmp_path):
+    """TVM's default pool is half the logical CPUs; a fresh process must still get threads=2 (where 2 cores exist)."""
+    model = two_in_two_out()
+    out = build_artifact(model, tmp_path / "out", {"threads": 2})
+    code = (
+        "import numpy as np, tvm, effc.runtime\n"
+        f"m = effc.runtime.load({str(out)!r})\n"
+        "m.run({'a': np.zeros((3, 5), np.float32), 'b': np.zeros(5, np.float32)})\n"
+        "print(tvm.runtime.num_threads())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) == min(2, get_target("cpu").num_cores)
 
 
 PPOCR_CLS = "ch_ppocr_mobile_v2.0_cls_infer.onnx"
