@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+
+from effc.errors import CalibrationError, DataError, EffcError
+from effc.ir.calibration import Calibration
+from effc.ir.reference import Reference, run_with_taps
+
+
+def test_reference_runs_in_output_order(zoo_models):
+    entry, _, model = zoo_models.get("ppocr-cls")
+    ref = Reference(model, threads=1)
+    assert ref.input_names == ["x"] and len(ref.output_names) == 1
+    (out,) = ref.run(entry.samples("eval", 1)[0])
+    assert out.shape == (1, 2)
+    np.testing.assert_allclose(out.sum(), 1.0, atol=1e-5)  # softmax over the two angles
+    with pytest.raises(DataError, match="lack"):
+        ref.run({"y": out})
+
+
+def test_taps_shapes_and_tapped_output_equals_graph_output(zoo_models):
+    entry, _, model = zoo_models.get("ppocr-cls")
+    convs = [n for n in model.graph if n.op_type == "Conv"][:3]
+    names = [n.outputs[0].name for n in convs] + [model.graph.outputs[0].name, "x"]
+    feeds = entry.samples("eval", 2)
+    taps = run_with_taps(model, feeds, names)
+    assert len(taps) == 2
+    for feed, tapped in zip(feeds, taps, strict=True):
+        for node in convs:
+            value = node.outputs[0]
+            assert tapped[value.name].shape == tuple(value.shape)
+        # exposing intermediates can change onnxruntime's kernel fusion: equal up to float rounding
+        np.testing.assert_allclose(tapped[model.graph.outputs[0].name], Reference(model).run(feed)[0],
+                                   rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(tapped["x"], feed["x"])
+    # the tapped copy is a copy: the model keeps its single output
+    assert len(model.graph.outputs) == 1
+
+
+def test_unknown_tap_name_lists_candidates(zoo_models):
+    entry, _, model = zoo_models.get("ppocr-cls")
+    real = next(n for n in model.graph if n.op_type == "Conv").outputs[0].name
+    with pytest.raises(EffcError, match="close names") as info:
+        run_with_taps(model, entry.samples("eval", 1), [real + "_typo"])
+    assert real in str(info.value)
+
+
+def test_calibration_tap_collects_one_array_per_feed(zoo_models):
+    entry, _, model = zoo_models.get("magika")
+    feeds = entry.samples("calibration", 3)
+    calib = Calibration(feeds, source="zoo:magika real samples (calibration split)")
+    assert len(calib) == 3 and list(calib)[1]["bytes"].shape == (1, 2048)
+    matmul = next(n for n in model.graph if n.op_type in ("MatMul", "Gemm", "Conv"))
+    name = matmul.outputs[0].name
+    taps = calib.tap(model, [name], progress=True)
+    assert list(taps) == [name] and len(taps[name]) == 3
+    assert taps[name][0].shape == tuple(matmul.outputs[0].shape)
+    assert not np.array_equal(taps[name][0], taps[name][1])  # different files -> different activations
+
+
+def test_calibration_errors(zoo_models):
+    with pytest.raises(CalibrationError, match="no samples"):
+        Calibration([], source="empty")
+    _, _, model = zoo_models.get("magika")
+    calib = Calibration([{"wrong": np.zeros((1, 2048), np.int32)}], source="bad")
+    with pytest.raises(CalibrationError, match="lacks model input"):
+        calib.tap(model, [model.graph.outputs[0].name], progress=False)
