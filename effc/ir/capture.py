@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,14 @@ logger = logging.getLogger(__name__)
 
 #: Opset of captured models (measured to import into TVM 0.27 and run in onnxruntime 1.32).
 CAPTURE_OPSET = 20
+
+
+def _reason(err: BaseException) -> str:
+    """First line of the innermost exception message (the exporter wraps torch.export's own error), no ANSI."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def capture_torch(module: Any, example_inputs: Sequence[Any] | Any, input_names: Sequence[str] | None = None,
@@ -58,7 +67,7 @@ def capture_torch(module: Any, example_inputs: Sequence[Any] | Any, input_names:
                                         output_names=list(output_names) if output_names else None,
                                         external_data=False, optimize=True)
     except Exception as err:  # torch.export raises many types (Unsupported, UserError, TorchExportError...)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = _reason(err)
         raise LoadError(f"cannot export module {name} to ONNX with torch.export: {first}",
                         "make forward() traceable by torch.export (no data-dependent Python control flow), or "
                         "export it to ONNX yourself and pass the file") from err

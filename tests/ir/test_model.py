@@ -46,7 +46,8 @@ def test_load_missing_file(tmp_path):
     assert info.value.hint
 
 
-@pytest.mark.parametrize("payload", [b"just some text\nnot a model\n", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, b""])
+@pytest.mark.parametrize("payload", [b"just some text\nnot a model\n", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4,
+                                     b""])
 def test_load_not_onnx(tmp_path, payload):
     path = tmp_path / "bad.onnx"
     path.write_bytes(payload)
