@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,10 +120,15 @@ class CpuTarget(Target):
         """
         check_importable(model)
         tvm_target = self.tvm_target(options)
+        start = time.perf_counter()
         mod = to_relax(model)
+        import_seconds = time.perf_counter() - start
         executable, info = cpu_codegen.compile_cpu(mod, tvm_target, options)
-        tvm_build.export_library(executable, Path(workdir) / _LIBRARY)
+        start = time.perf_counter()
+        tvm_build.export_library(executable, Path(workdir) / _LIBRARY)  # LLVM emits machine code here
         facts = {
+            "import_seconds": round(import_seconds, 3),
+            "export_seconds": round(time.perf_counter() - start, 3),
             "tvm_target": str(tvm_target),
             "mcpu": str(tvm_target.attrs["mcpu"]),
             "vector_bits": _vector_bits(tvm_target),

@@ -60,7 +60,8 @@ def test_build_load_run_matches_ort(tmp_path, make):
     compiled = effc.runtime.load(out)
     info = compiled.manifest["target"]["info"]
     assert info["mcpu"] == get_target("cpu").mcpu and info["threads"] == 1 and info["kernels"]
-    assert info["compile_seconds"] > 0 and '"num-cores":1' in info["tvm_target"]
+    assert min(info["compile_seconds"], info["export_seconds"], info["import_seconds"]) > 0
+    assert '"num-cores":1' in info["tvm_target"]
     for seed in (0, 1):
         feeds = random_feeds(model, seed)
         got, want = compiled.run(feeds), ort_run(model, feeds)
