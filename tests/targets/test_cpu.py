@@ -96,20 +96,25 @@ def test_runtime_threads_option_is_applied():
 
 
 def test_fresh_process_runs_with_the_manifest_thread_count(tmp_path):
-    """TVM's default pool is half the logical CPUs; a fresh process must still get threads=2 (where 2 cores exist)."""
+    """TVM's default pool is half the logical CPUs; a fresh process must still get threads=2 (where 2 cores exist).
+
+    The same process shows that loading and running an artifact never imports effc.passes.
+    """
     model = two_in_two_out()
     out = build_artifact(model, tmp_path / "out", {"threads": 2})
     code = (
-        "import numpy as np, tvm, effc.runtime\n"
+        "import sys, numpy as np, tvm, effc.runtime\n"
         f"m = effc.runtime.load({str(out)!r})\n"
         "m.run({'a': np.zeros((3, 5), np.float32), 'b': np.zeros(5, np.float32)})\n"
-        "print(tvm.runtime.num_threads())\n"
+        "print('effc.passes' in sys.modules, tvm.runtime.num_threads())\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert int(done.stdout.split()[-1]) == min(2, get_target("cpu").num_cores)
+    passes_imported, threads = done.stdout.split()[-2:]
+    assert passes_imported == "False"
+    assert int(threads) == min(2, get_target("cpu").num_cores)
 
 
 PPOCR_CLS = "ch_ppocr_mobile_v2.0_cls_infer.onnx"
