@@ -120,7 +120,7 @@ def ocr_page(split: str, n: int, size: int) -> list[np.ndarray]:
 # ---------------------------------------------------------------- Magika: bytes of real files
 _MAGIKA_PACKAGES = ("magika", "matplotlib", "onnx", "PIL", "rich", "click")
 _MAGIKA_EXTS = (".py", ".json", ".txt", ".md", ".png", ".svg", ".ttf", ".afm", ".csv", ".rst", ".c", ".h", ".pyi",
-                ".html", ".css", ".js", ".so", ".toml", ".yaml", ".xml", ".cfg", ".proto", ".onnx", ".npy", ".pyc")
+                ".html", ".css", ".js", ".so", ".toml", ".yaml", ".xml", ".cfg", ".proto", ".onnx", ".npy")
 
 
 @functools.cache
@@ -132,7 +132,7 @@ def _package_files() -> tuple[Path, ...]:
         if spec is None:
             continue
         for root, dirs, files in os.walk(str(spec)):
-            dirs.sort()
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")  # .pyc caches change as modules get imported
             for name in sorted(files):
                 ext = os.path.splitext(name)[1]
                 path = Path(root, name)

@@ -165,7 +165,7 @@ def canonicalize(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | No
     """Return a canonical copy of ``model``: every main-graph value has a static shape, constants folded.
 
     Args:
-        model: the model (left unchanged).
+        model: the model (left unchanged, except that tensors still in external files are read into memory).
         input_shapes: deployment shape per input name for dims the model leaves symbolic, e.g.
             ``{"x": (1, 3, 48, 192)}`` (parse CLI text with :func:`parse_input_shape`).
         constant_inputs: inputs that are configuration, not data (Silero's ``sr``): name -> value; they become
@@ -179,6 +179,7 @@ def canonicalize(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | No
         ShapeError: an input keeps unknown dims (message lists them and the ``--input-shape`` fix), a name in
             ``input_shapes``/``constant_inputs`` is not an input, or a given shape has the wrong rank.
     """
+    ir.external_data.load_to_model(model)  # lazy external tensors would lose their base folder in the copy
     work = ir.from_proto(ir.to_proto(model))
     record = _fix_inputs(work, dict(input_shapes or {}), dict(constant_inputs or {}))
     nodes_before = _count_nodes(work)

@@ -97,3 +97,17 @@ def test_io_signature():
     sig = io_signature(ir.from_proto(_tiny()))
     assert sig == {"inputs": [{"name": "x", "shape": ["N", 3], "dtype": "float32"}],
                    "outputs": [{"name": "y", "shape": ["N", 4], "dtype": "float32"}]}
+
+
+def test_canonical_zoo_model_survives_save_and_load(zoo_models, tmp_path):
+    from effc.ir.reference import Reference
+
+    entry, _, canonical = zoo_models.get("silero-vad")
+    save(canonical, tmp_path / "silero.onnx")
+    again = load(tmp_path / "silero.onnx")
+    assert io_signature(again) == io_signature(canonical)
+    assert io_signature(again)["inputs"] == [{"name": "input", "shape": [1, 576], "dtype": "float32"},
+                                             {"name": "state", "shape": [2, 1, 128], "dtype": "float32"}]
+    feed = entry.samples("eval", 3)[2]
+    for a, b in zip(Reference(canonical).run(feed), Reference(again).run(feed), strict=True):
+        np.testing.assert_array_equal(a, b)
