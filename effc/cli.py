@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from effc.errors import EffcError
@@ -213,7 +214,8 @@ def passes(ctx, name):
             kind = "exact" if p.get("exact") else "lossy"
             console.print(f"[bold]{p['name']}[/bold] ({kind}) — {p['summary']}")
             for opt in p.get("options", []):
-                console.print(f"    {opt['name']}: {opt['type']} = {opt['default']!r}  {opt.get('help', '')}")
+                line = f"    {opt['name']}: {opt['type']} = {opt['default']!r}  {opt.get('help', '')}"
+                console.print(escape(line), highlight=False)
         if name and not found:
             raise EffcError(f"unknown pass {name!r}", "run `effc passes` to list them")
 
