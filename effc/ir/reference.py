@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -76,7 +77,16 @@ def with_taps(model: ir.Model, value_names: Iterable[str]) -> ir.Model:
     Raises:
         EffcError: a name is not a value of the main graph (the message lists close candidates) or has no dtype.
     """
-    copy = ir.from_proto(ir.to_proto(model))
+    value_names = list(value_names)
+    proto = ir.to_proto(model)
+    values = _all_values(model)
+    if any(name in values and values[name].dtype is None for name in value_names):
+        # values made by a pass may carry no type yet: ONNX shape inference fills it in (graph outputs need one)
+        try:
+            proto = onnx.shape_inference.infer_shapes(proto)
+        except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as err:
+            logger.debug("shape inference for taps failed: %s", err)
+    copy = ir.from_proto(proto)
     values = _all_values(copy)
     present = {v.name for v in copy.graph.outputs}
     for name in value_names:

@@ -64,3 +64,18 @@ def test_calibration_errors(zoo_models):
     calib = Calibration([{"wrong": np.zeros((1, 2048), np.int32)}], source="bad")
     with pytest.raises(CalibrationError, match="lacks model input"):
         calib.tap(model, [model.graph.outputs[0].name], progress=False)
+
+
+def test_tap_on_untyped_value_made_by_a_pass():
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["r"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    relu = next(n for n in model.graph if n.op_type == "Relu")
+    relu.outputs[0].type = None  # as a freshly inserted node would leave it
+    x = np.array([[-1, 2, -3], [4, -5, 6]], np.float32)
+    (taps,) = run_with_taps(model, [{"x": x}], ["r"])
+    np.testing.assert_array_equal(taps["r"], np.maximum(x, 0))
