@@ -177,7 +177,10 @@ def gather_feeds(
 
     names = [v.name for v in model.graph.inputs]
     if data is not None:
-        feeds = load_data(data, names, input_ranks(model)) if isinstance(data, (str, os.PathLike)) else [dict(f) for f in data]
+        if isinstance(data, (str, os.PathLike)):
+            feeds = load_data(data, names, input_ranks(model))
+        else:
+            feeds = [dict(f) for f in data]
         for i, feed in enumerate(feeds):
             missing = [n for n in names if n not in feed]
             if missing:
@@ -332,11 +335,14 @@ def compile_model(
             compile_seconds=round(time.perf_counter() - started, 3),
             build_seconds=round(build_seconds, 3),
         )
+        macs_before, macs_after = cost.count_macs(before), cost.count_macs(rewritten)
         report["cost"] = {
             "params_bytes_before": cost.param_bytes(before),
             "params_bytes_after": cost.param_bytes(rewritten),
-            "macs_before": cost.count_macs(before)["total"],
-            "macs_after": cost.count_macs(rewritten)["total"],
+            "macs_before": macs_before["total"],
+            "macs_after": macs_after["total"],
+            "macs_by_op_after": macs_after["by_op"],
+            "weight_sparsity_after": cost.sparsity_stats(rewritten)["total"],
         }
         from effc.eval.report import write_report
         from effc.runtime.manifest import write_manifest
