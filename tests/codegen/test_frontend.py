@@ -89,6 +89,26 @@ def test_unsupported_ops_lists_main_graph_and_if_branch_ops():
     assert missing == {"DFT": ["dft_main"], "Det": ["det_in_then"]}
 
 
+def test_loop_body_ops_are_checked_too():
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
+         helper.make_node("Det", ["m"], ["d"], name="det_in_loop")],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("d", TensorProto.FLOAT, [])],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["n", ""], ["ds"], name="loop", body=body)], "g",
+        [helper.make_tensor_value_info("m", TensorProto.FLOAT, [2, 2]),
+         helper.make_tensor_value_info("n", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("ds", TensorProto.FLOAT, None)],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert frontend.unsupported_ops(model) == {"Loop": ["loop"], "Det": ["det_in_loop"]}
+
+
 def test_check_importable_raises_one_error_listing_all():
     with pytest.raises(UnsupportedOpError) as info:
         frontend.check_importable(_model_with_unsupported())
