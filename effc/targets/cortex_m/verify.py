@@ -1,0 +1,207 @@
+"""``effc verify out/`` for Cortex-M artifacts: build the firmware, run it in QEMU, compare with onnxruntime.
+
+The firmware prints every output's raw bytes, so the comparison sees the exact IEEE-754 bits the core computed;
+the reference is onnxruntime running the artifact's own ``model.onnx``. Instruction counts come from SysTick under
+``-icount shift=0`` (see :mod:`effc.targets.cortex_m.firmware`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from effc.errors import ArtifactError, TargetError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class VerifyResult:
+    """Firmware vs onnxruntime on the same inputs.
+
+    Attributes:
+        ok: every output of every sample is within ``atol`` (float) or equal (integer).
+        target: core name; machine: the QEMU board.
+        samples: number of inferences run.
+        max_abs: output name -> largest absolute difference over all samples.
+        bit_exact: fraction of output elements whose bits equal onnxruntime's.
+        instructions: instructions per inference, per sample (SysTick × 40, ±40).
+        macs: multiply-accumulates per inference (from the ONNX model), or None when unknown.
+        flash_bytes / ram_bytes: of the whole verification ELF (model + harness + newlib), from its sections.
+        atol: the tolerance used.
+        outputs: the firmware's outputs per sample (graph output order).
+    """
+
+    ok: bool
+    target: str
+    machine: str
+    samples: int
+    max_abs: dict[str, float]
+    bit_exact: float
+    instructions: list[int]
+    macs: int | None
+    flash_bytes: int
+    ram_bytes: int
+    atol: float
+    outputs: list[list[np.ndarray]] = dataclasses.field(repr=False, default_factory=list)
+
+    @property
+    def instructions_per_inference(self) -> float:
+        return float(np.mean(self.instructions)) if self.instructions else 0.0
+
+    @property
+    def instructions_per_mac(self) -> float | None:
+        return self.instructions_per_inference / self.macs if self.macs else None
+
+    def summary(self) -> str:
+        """One line for the CLI."""
+        worst = max(self.max_abs.values(), default=0.0)
+        per_mac = f", {self.instructions_per_mac:.2f}/MAC" if self.instructions_per_mac else ""
+        verdict = "OK" if self.ok else "MISMATCH"
+        return (
+            f"{verdict}: {self.target} on QEMU {self.machine}, {self.samples} sample(s), max |diff| {worst:.3g} "
+            f"(atol {self.atol:g}), {100 * self.bit_exact:.1f}% bit-exact, "
+            f"{self.instructions_per_inference:,.0f} instructions/inference{per_mac}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("outputs")
+        data["instructions_per_inference"] = self.instructions_per_inference
+        data["instructions_per_mac"] = self.instructions_per_mac
+        return data
+
+
+def _synthetic(specs: list[dict], n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(n):
+        sample = {}
+        for s in specs:
+            shape = [int(d) for d in s["shape"]]
+            dtype = np.dtype(s["dtype"])
+            if dtype.kind == "f":
+                sample[s["name"]] = rng.standard_normal(shape).astype(dtype)
+            else:
+                sample[s["name"]] = np.zeros(shape, dtype=dtype)
+        feeds.append(sample)
+    return feeds
+
+
+def _macs(model_path: Path) -> int | None:
+    try:
+        from effc.eval.cost import count_macs
+        from effc.ir.model import load
+
+        return int(count_macs(load(model_path))["total"])
+    except Exception as exc:  # noqa: BLE001  (MAC counting is informative only)
+        logger.debug("MAC count unavailable: %s", exc)
+        return None
+
+
+def _bit_equal(a: np.ndarray, b: np.ndarray) -> int:
+    """Number of elements whose bytes are identical."""
+    if a.size == 0:
+        return 0
+    ab = np.ascontiguousarray(a).view(np.uint8).reshape(a.size, a.itemsize)
+    bb = np.ascontiguousarray(b).view(np.uint8).reshape(b.size, b.itemsize)
+    return int(np.sum(np.all(ab == bb, axis=1)))
+
+
+def verify_artifact(
+    out_dir: Path | str,
+    feeds_list: list[dict[str, np.ndarray]] | None = None,
+    reference_outputs: list[list[np.ndarray]] | None = None,
+    *,
+    samples: int = 4,
+    atol: float = 1e-5,
+    seed: int = 0,
+) -> VerifyResult:
+    """Build the artifact's firmware, run it under QEMU and compare with onnxruntime.
+
+    Args:
+        out_dir: a Cortex-M artifact folder (``manifest.json``, ``model.onnx``, the C files).
+        feeds_list: inputs, one dict per inference; default ``samples`` seeded standard-normal samples.
+        reference_outputs: expected outputs per sample; default onnxruntime on ``out_dir/model.onnx``.
+        samples: number of synthetic samples when ``feeds_list`` is None.
+        atol: largest absolute difference accepted for float outputs (integer outputs must be equal).
+        seed: seed of the synthetic samples.
+
+    Returns:
+        The comparison, instruction counts and sizes; ``ok`` says whether every output matched.
+
+    Raises:
+        ArtifactError: the folder is not a Cortex-M artifact.
+        TargetError: the toolchain or QEMU is missing, or the firmware failed to build or run.
+    """
+    from effc.targets.base import get_target
+    from effc.targets.cortex_m import firmware
+    from effc.targets.cortex_m.targets import CortexMTarget, QemuRunner
+
+    out = Path(out_dir)
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{out} has no readable manifest.json", "verify a folder written by effc compile") from exc
+    tinfo = manifest.get("target")
+    name = tinfo.get("name") if isinstance(tinfo, dict) else tinfo
+    target = get_target(str(name))
+    if not isinstance(target, CortexMTarget):
+        raise ArtifactError(f"{out} is a {name} artifact, not a Cortex-M one", "use the target's own runner")
+    feeds = feeds_list if feeds_list is not None else _synthetic(manifest["inputs"], samples, seed)
+    if reference_outputs is None:
+        from effc.ir.model import load
+        from effc.ir.reference import Reference
+
+        if not (out / "model.onnx").exists():
+            raise ArtifactError(f"{out} has no model.onnx to compare with", "recompile the artifact")
+        ref = Reference(load(out / "model.onnx"))
+        reference_outputs = [ref.run(f) for f in feeds]
+
+    runner = QemuRunner(target, out, manifest)
+    got = runner.run_many(feeds)
+    sections = firmware.elf_sections(runner._elf) if runner._elf is not None else {}
+    flash = sum(v for k, v in sections.items() if k in (".isr_vector", ".text", ".rodata", ".data", ".ARM.exidx"))
+    ram = sum(v for k, v in sections.items() if k in (".data", ".bss"))
+
+    names = [o["name"] for o in manifest["outputs"]]
+    max_abs = dict.fromkeys(names, 0.0)
+    ok, same, total = True, 0, 0
+    for ref_outs, fw_outs in zip(reference_outputs, got, strict=True):
+        for name_k, r, g in zip(names, ref_outs, fw_outs, strict=True):
+            r = np.asarray(r).reshape(g.shape).astype(g.dtype)
+            if g.dtype.kind == "f":
+                diff = float(np.max(np.abs(r.astype(np.float64) - g.astype(np.float64)), initial=0.0))
+                ok &= bool(diff <= atol) and not np.isnan(diff)
+            else:
+                diff = float(np.max(np.abs(r.astype(np.int64) - g.astype(np.int64)), initial=0))
+                ok &= diff == 0
+            max_abs[name_k] = max(max_abs[name_k], diff)
+            same += _bit_equal(r, g)
+            total += r.size
+    result = VerifyResult(
+        ok=ok,
+        target=target.name,
+        machine=target.qemu_machine,
+        samples=len(feeds),
+        max_abs=max_abs,
+        bit_exact=same / total if total else 1.0,
+        instructions=runner.last_instructions,
+        macs=_macs(out / "model.onnx"),
+        flash_bytes=flash,
+        ram_bytes=ram,
+        atol=atol,
+        outputs=got,
+    )
+    logger.info("%s", result.summary())
+    if not result.ok:
+        logger.warning("firmware outputs differ from onnxruntime: %s", result.max_abs)
+    return result
+
+
+__all__ = ["TargetError", "VerifyResult", "verify_artifact"]
