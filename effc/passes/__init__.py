@@ -4,6 +4,7 @@ Importing this package registers the built-in passes: one ``import effc.passes.<
 kept sorted.
 """
 
+import effc.passes.block_quant  # noqa: F401
 import effc.passes.cleanup  # noqa: F401
 import effc.passes.nm_sparsity  # noqa: F401
 import effc.passes.prune  # noqa: F401

@@ -14,7 +14,7 @@ from effc.passes.quant.formats import (
     quantize_dequantize,
     sqnr_db,
 )
-from effc.passes.quant.packing import pack_codes, packed_row_bytes, unpack_codes
+from effc.passes.quant.packing import pack_blocks, pack_codes, packed_row_bytes, unpack_codes
 
 __all__ = [
     "FORMATS",
@@ -23,6 +23,7 @@ __all__ = [
     "bits_per_weight",
     "dequantize",
     "get_format",
+    "pack_blocks",
     "pack_codes",
     "packed_row_bytes",
     "quantize",

@@ -189,26 +189,43 @@ def quantize(
     x = np.asarray(x, dtype=np.float32)
     axis = axis % max(x.ndim, 1)
     blocks, _ = _blocks(x, axis, block_size)
+    scales, scale_values = block_scales(blocks, fmt, scale_dtype)
+    codes = element_codes(blocks / scale_values[..., None] if not fmt.is_mx else
+                          np.ldexp(blocks, -(scales.astype(np.int32) - E8M0_BIAS)[..., None]), fmt)
+    return QuantizedBlocks(codes, scales, fmt, tuple(x.shape), axis, block_size)
+
+
+def block_scales(blocks: np.ndarray, fmt: BlockFormat, scale_dtype: str = "float16") -> tuple[np.ndarray, np.ndarray]:
+    """Scales of blocks ``(..., block_size)`` (last axis = one block).
+
+    Returns:
+        ``(stored, values)``: stored scales (uint8 E8M0 codes for MX formats, float16/float32 for int formats)
+        and their float32 values, both of shape ``blocks.shape[:-1]``. MX: ``2^(floor(log2 amax) - emax)``
+        clamped to the E8M0 range, 2^-127 for an all-zero block; int: ``amax / qmax`` (1 for an all-zero block).
+    """
     amax = np.max(np.abs(blocks), axis=-1)
     if fmt.is_mx:
-        # floor(log2(amax)) exactly: amax = m * 2^e with m in [0.5, 1)  =>  floor(log2(amax)) = e - 1.
-        _, e = np.frexp(amax)
-        shared = np.where(amax > 0, e - 1 - fmt.emax, -E8M0_BIAS)
-        shared = np.clip(shared, -E8M0_BIAS, E8M0_BIAS).astype(np.int32)
-        scaled = np.ldexp(blocks, -shared[..., None])  # v / X, exact (X is a power of two)
-        scaled = np.clip(scaled, -fmt.max_value, fmt.max_value)  # saturate (OCP MX v1.0 section 6.3)
-        if fmt.kind == "mxfp":
-            codes = scaled.astype(fmt.element_dtype).view(np.uint8)
-        else:
-            codes = np.clip(np.rint(scaled * 64.0), -fmt.qmax, fmt.qmax).astype(np.int8).view(np.uint8)
-        scales = (shared + E8M0_BIAS).astype(np.uint8)
-    else:
-        scale = (amax / fmt.qmax).astype(scale_dtype)
-        scale = np.where(scale > 0, scale, np.ones_like(scale))  # all-zero (or underflowing) block: scale 1
-        q = np.clip(np.rint(blocks / scale[..., None].astype(np.float32)), -fmt.qmax, fmt.qmax).astype(np.int8)
-        codes = q.view(np.uint8) & np.uint8(2**fmt.bits - 1)
-        scales = scale
-    return QuantizedBlocks(codes, scales, fmt, tuple(x.shape), axis, block_size)
+        _, e = np.frexp(amax)  # amax = m * 2^e, m in [0.5, 1)  =>  floor(log2(amax)) = e - 1 (exact)
+        shared = np.clip(np.where(amax > 0, e - 1 - fmt.emax, -E8M0_BIAS), -E8M0_BIAS, E8M0_BIAS).astype(np.int32)
+        return (shared + E8M0_BIAS).astype(np.uint8), np.ldexp(np.float32(1.0), shared).astype(np.float32)
+    scale = (amax / fmt.qmax).astype(scale_dtype)
+    scale = np.where(scale > 0, scale, np.ones_like(scale))  # all-zero (or underflowing) block: scale 1
+    return scale, scale.astype(np.float32)
+
+
+def element_codes(scaled: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+    """Codes (uint8) of values already divided by their block scale: saturate, then round to nearest even."""
+    scaled = np.clip(np.asarray(scaled, np.float32), -fmt.max_value, fmt.max_value)  # OCP MX v1.0 section 6.3
+    if fmt.kind == "mxfp":
+        return scaled.astype(fmt.element_dtype).view(np.uint8)
+    step = 64.0 if fmt.kind == "mxint" else 1.0
+    q = np.clip(np.rint(scaled * step), -fmt.qmax, fmt.qmax).astype(np.int8)
+    return q.view(np.uint8) & np.uint8(2**fmt.bits - 1)
+
+
+def round_to_elements(scaled: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+    """Nearest element values (float32) of values already divided by their block scale (used by GPTQ)."""
+    return fmt.code_table()[element_codes(scaled, fmt)]
 
 
 def dequantize(q: QuantizedBlocks) -> np.ndarray:

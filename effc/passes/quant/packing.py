@@ -12,7 +12,7 @@ import numpy as np
 
 from effc.errors import PipelineError
 
-__all__ = ["pack_codes", "packed_row_bytes", "unpack_codes"]
+__all__ = ["pack_blocks", "pack_codes", "packed_row_bytes", "unpack_codes"]
 
 
 def packed_row_bytes(n: int, bits: int) -> int:
@@ -53,3 +53,19 @@ def unpack_codes(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     planes = stream.reshape(*packed.shape[:-1], n, bits)
     weights = (1 << np.arange(bits, dtype=np.uint16)).astype(np.uint16)
     return (planes.astype(np.uint16) * weights).sum(axis=-1).astype(np.uint8)
+
+
+def pack_blocks(codes: np.ndarray, scales: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Storage of a 2-D block-quantized tensor: packed rows and per-block scales.
+
+    Args:
+        codes: uint8 codes ``(R, nblocks, block_size)`` (:attr:`QuantizedBlocks.codes` of a 2-D tensor whose
+            blocked axis was moved last, e.g. a MatMul weight ``(K, N)`` blocked along K gives ``R = N``).
+        scales: ``(R, nblocks)``.
+        bits: bits per code.
+
+    Returns:
+        ``(packed (R, nblocks * block_size * bits / 8) uint8, scales (R, nblocks))``.
+    """
+    rows = codes.reshape(codes.shape[0], -1)
+    return pack_codes(rows, bits), np.ascontiguousarray(scales)

@@ -1,0 +1,219 @@
+"""Reference bodies (ONNX functions of standard ops) of the effc block-quantization operators.
+
+* ``effc.BlockQuantMatMul(X, Wq, S) -> Y``: ``Y = X @ W`` with ``W`` of shape ``(K, N)`` stored transposed and
+  packed: ``Wq`` uint8 ``(N, K * bits / 8)`` (each row = one output channel, codes along the reduction axis K,
+  see :mod:`effc.passes.quant.packing`), ``S`` uint8 E8M0 ``(N, K / block_size)`` (MX formats) or float16 /
+  float32 scale values (int8 / int4).
+* ``effc.BlockQuantGather(Tq, S, I) -> Y``: ``Y = Gather(T, I)`` for an embedding table ``T`` ``(V, D)`` stored
+  as ``Tq`` uint8 ``(V, D * bits / 8)`` and ``S`` uint8 ``(V, D / block_size)`` (blocks along D).
+* ``effc.BlockQDQ(X) -> Y``: dynamic MX quantize-dequantize of an activation along its last axis in blocks of
+  ``block_size`` (weights + activations mode, KV mode).
+
+Decoding is bit-exact with :func:`effc.passes.quant.formats.dequantize`: codes are unpacked with integer
+``Div``/``Mod`` (opset 13+), element values come from a lookup table (``Gather``), scales from a 256-entry table of
+``2^(s - 127)`` and one exact product (a power of two times an element value). ``BlockQDQ`` computes
+``floor(log2 |x|)`` with ``Log`` plus an exact correction step against ``Pow(2, e)``, so scales are exact too.
+Each format/block size is one function overload (``"mxfp4_b32"``); nodes carry ``format`` and ``block_size``
+attributes for the TVM converters. Source: OCP MX v1.0 section 6.3.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper, numpy_helper
+
+from effc.ir.effc_ops import EFFC_DOMAIN, add_function
+from effc.passes.quant.formats import E8M0_BIAS, BlockFormat
+
+__all__ = ["add_block_qdq", "add_block_quant_gather", "add_block_quant_matmul", "overload_name"]
+
+_MIN_OPSET = 13
+
+
+def overload_name(fmt: BlockFormat, block_size: int) -> str:
+    """Function overload for one format and block size, e.g. ``"mxfp4_b32"``."""
+    return f"{fmt.name}_b{block_size}"
+
+
+class _Body:
+    """Accumulates the nodes of a function body with unique value names."""
+
+    def __init__(self, prefix: str, opset: int) -> None:
+        self.prefix, self.nodes, self.n, self.opset = prefix, [], 0, opset
+
+    def const(self, array: np.ndarray) -> str:
+        name = self.fresh("c")
+        self.nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(array))))
+        return name
+
+    def fresh(self, hint: str) -> str:
+        self.n += 1
+        return f"{self.prefix}_{hint}{self.n}"
+
+    def op(self, op_type: str, *inputs: str, **attrs) -> str:
+        out = self.fresh(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def i32(self, v: int) -> str:
+        return self.const(np.array(v, np.int32))
+
+
+def _unpack(b: _Body, packed: str, bits: int) -> str:
+    """int32 codes ``(R, C)`` from packed uint8 rows ``(R, C * bits / 8)`` (little-endian bit stream)."""
+    p = b.op("Cast", packed, to=TensorProto.INT32)
+    if bits == 8:
+        return p
+    if bits == 4:
+        parts = [b.op("Mod", p, b.i32(16)), b.op("Div", p, b.i32(16))]
+        group = 2
+    elif bits == 6:
+        grouped = b.op("Reshape", p, b.const(np.array([0, -1, 3], np.int64)))
+        b0, b1, b2 = (b.op("Gather", grouped, b.const(np.array(i, np.int64)), axis=2) for i in range(3))
+        parts = [
+            b.op("Mod", b0, b.i32(64)),
+            b.op("Add", b.op("Div", b0, b.i32(64)), b.op("Mul", b.op("Mod", b1, b.i32(16)), b.i32(4))),
+            b.op("Add", b.op("Div", b1, b.i32(16)), b.op("Mul", b.op("Mod", b2, b.i32(4)), b.i32(16))),
+            b.op("Div", b2, b.i32(4)),
+        ]
+        group = 4
+    else:
+        raise ValueError(f"no unpacking rule for {bits}-bit codes")
+    axes = b.const(np.array([-1], np.int64))
+    stacked = b.op("Concat", *(b.op("Unsqueeze", x, axes) for x in parts), axis=-1)  # (R, C/group, group)
+    del group
+    return b.op("Reshape", stacked, b.const(np.array([0, -1], np.int64)))
+
+
+def _dequant_rows(b: _Body, packed: str, scales: str, fmt: BlockFormat, block_size: int) -> str:
+    """float32 rows ``(R, C)`` from packed codes and E8M0 scales ``(R, C / block_size)``."""
+    codes = _unpack(b, packed, fmt.bits)
+    values = b.op("Gather", b.const(fmt.code_table()), codes, axis=0)
+    if fmt.is_mx:
+        pow2 = np.append(np.ldexp(1.0, np.arange(255) - E8M0_BIAS), np.nan).astype(np.float32)  # 0xFF: NaN
+        scale = b.op("Gather", b.const(pow2), b.op("Cast", scales, to=TensorProto.INT32), axis=0)
+    else:  # int formats: float16 / float32 scale values
+        scale = b.op("Cast", scales, to=TensorProto.FLOAT)
+    blocks = b.op("Reshape", values, b.const(np.array([0, -1, block_size], np.int64)))
+    scaled = b.op("Mul", blocks, b.op("Unsqueeze", scale, b.const(np.array([-1], np.int64))))
+    return b.op("Reshape", scaled, b.const(np.array([0, -1], np.int64)))
+
+
+def _floor_log2(b: _Body, a: str) -> str:
+    """Exact ``floor(log2(a))`` for positive float32 ``a`` (``Log`` estimate corrected by one step either way)."""
+    est = b.op("Floor", b.op("Div", b.op("Log", a), b.const(np.float32(math.log(2.0)))))
+    two = b.const(np.float32(2.0))
+    p = b.op("Pow", two, est)
+    too_big = b.op("Cast", b.op("Greater", p, a), to=TensorProto.FLOAT)
+    too_small = b.op("Cast", b.op("LessOrEqual", b.op("Mul", p, two), a), to=TensorProto.FLOAT)
+    return b.op("Add", b.op("Sub", est, too_big), too_small)
+
+
+def _qdq_last_axis(b: _Body, x: str, fmt: BlockFormat, block_size: int) -> str:
+    """MX quantize-dequantize of ``x`` along its last axis (length divisible by ``block_size``)."""
+    shape = b.op("Shape", x)
+    lead = b.op("Slice", shape, b.const(np.array([0], np.int64)), b.const(np.array([-1], np.int64)))
+    blocked_shape = b.op("Concat", lead, b.const(np.array([-1, block_size], np.int64)), axis=0)
+    xb = b.op("Reshape", x, blocked_shape)
+    if b.opset >= 18:  # ReduceMax takes axes as an input from opset 18
+        amax = b.op("ReduceMax", b.op("Abs", xb), b.const(np.array([-1], np.int64)), keepdims=1)
+    else:
+        amax = b.op("ReduceMax", b.op("Abs", xb), axes=[-1], keepdims=1)
+    tiny = b.const(np.float32(2.0**-126))
+    shared = b.op("Sub", _floor_log2(b, b.op("Max", amax, tiny)), b.const(np.float32(fmt.emax)))
+    shared = b.op("Clip", shared, b.const(np.float32(-E8M0_BIAS)), b.const(np.float32(E8M0_BIAS)))
+    scale = b.op("Pow", b.const(np.float32(2.0)), shared)
+    lim = fmt.max_value
+    v = b.op("Clip", b.op("Div", xb, scale), b.const(np.float32(-lim)), b.const(np.float32(lim)))
+    if fmt.kind == "mxint":
+        c64 = b.const(np.float32(64.0))
+        q = b.op("Div", b.op("Round", b.op("Mul", v, c64)), c64)
+    else:
+        info = _fp_info(fmt)
+        e = b.op("Max", _floor_log2(b, b.op("Abs", v)), b.const(np.float32(info[0])))
+        quantum = b.op("Pow", b.const(np.float32(2.0)), b.op("Sub", e, b.const(np.float32(info[1]))))
+        q = b.op("Mul", b.op("Round", b.op("Div", v, quantum)), quantum)
+    return b.op("Reshape", b.op("Mul", q, scale), shape)
+
+
+def _fp_info(fmt: BlockFormat) -> tuple[int, int]:
+    """``(emin, mantissa bits)`` of an FP element format (subnormals share the exponent ``emin``)."""
+    import ml_dtypes
+
+    fi = ml_dtypes.finfo(fmt.element_dtype)
+    return int(fi.minexp), int(fi.nmant)
+
+
+def _function(name: str, fmt: BlockFormat, block_size: int, inputs: list[str], b: _Body, out: str) -> ir.Function:
+    b.nodes.append(helper.make_node("Identity", [out], ["Y"]))
+    proto = helper.make_function(
+        EFFC_DOMAIN,
+        name,
+        inputs,
+        ["Y"],
+        b.nodes,
+        [helper.make_opsetid("", b.opset)],
+        attributes=["format", "block_size"],
+    )
+    proto.overload = overload_name(fmt, block_size)
+    return ir.serde.deserialize_function(proto)
+
+
+def _opset(model: ir.Model) -> int:
+    """The model's default-domain opset (function bodies must import the same version).
+
+    Raises:
+        ValueError: the model's opset is older than 13.
+    """
+    opset = model.opset_imports.get("", model.graph.opset_imports.get("", _MIN_OPSET))
+    if opset < _MIN_OPSET:
+        raise ValueError(f"block quantization needs opset >= {_MIN_OPSET}, the model imports {opset}")
+    return opset
+
+
+def _node_attrs(fmt: BlockFormat, block_size: int) -> list[ir.Attr]:
+    return [ir.AttrString("format", fmt.name), ir.AttrInt64("block_size", block_size)]
+
+
+def add_block_quant_matmul(
+    model: ir.Model, x: ir.Value, wq: ir.Value, scales: ir.Value, fmt: BlockFormat, block_size: int, name: str
+) -> ir.Node:
+    """A new (not yet inserted) ``effc.BlockQuantMatMul`` node; attaches the function body to ``model``."""
+    b = _Body("bqmm", _opset(model))
+    w_nk = _dequant_rows(b, "Wq", "S", fmt, block_size)
+    y = b.op("MatMul", "X", b.op("Transpose", w_nk, perm=[1, 0]))
+    add_function(model, _function("BlockQuantMatMul", fmt, block_size, ["X", "Wq", "S"], b, y))
+    return ir.Node(EFFC_DOMAIN, "BlockQuantMatMul", [x, wq, scales], _node_attrs(fmt, block_size),
+                   overload=overload_name(fmt, block_size), name=name, num_outputs=1)
+
+
+def add_block_quant_gather(
+    model: ir.Model, tq: ir.Value, scales: ir.Value, ids: ir.Value, fmt: BlockFormat, block_size: int, name: str
+) -> ir.Node:
+    """A new ``effc.BlockQuantGather`` node (embedding lookup of a block-quantized ``(V, D)`` table)."""
+    b = _Body("bqg", _opset(model))
+    table = _dequant_rows(b, "Tq", "S", fmt, block_size)
+    y = b.op("Gather", table, "I", axis=0)
+    add_function(model, _function("BlockQuantGather", fmt, block_size, ["Tq", "S", "I"], b, y))
+    return ir.Node(EFFC_DOMAIN, "BlockQuantGather", [tq, scales, ids], _node_attrs(fmt, block_size),
+                   overload=overload_name(fmt, block_size), name=name, num_outputs=1)
+
+
+def add_block_qdq(model: ir.Model, x: ir.Value, fmt: BlockFormat, block_size: int, name: str) -> ir.Node:
+    """A new ``effc.BlockQDQ`` node: dynamic MX quantize-dequantize of ``x`` along its last axis."""
+    if not fmt.is_mx:
+        raise ValueError(f"dynamic activation quantization needs an MX format, got {fmt.name}")
+    b = _Body("bqdq", _opset(model))
+    y = _qdq_last_axis(b, "X", fmt, block_size)
+    add_function(model, _function("BlockQDQ", fmt, block_size, ["X"], b, y))
+    return ir.Node(EFFC_DOMAIN, "BlockQDQ", [x], _node_attrs(fmt, block_size),
+                   overload=overload_name(fmt, block_size), name=name, num_outputs=1)
+
+
+def check_function_proto(function: ir.Function) -> None:
+    """Run the ONNX checker on one function body (debug helper)."""
+    onnx.checker.check_function(ir.serde.serialize_function(function))

@@ -1,0 +1,177 @@
+"""block-quant: structure of the rewritten graph, onnxruntime numbers (bit-exact decode), contract, MiniLM fidelity."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from effc.errors import CalibrationError, PipelineError
+from effc.passes.block_quant import BlockQuantPass
+from effc.passes.quant import quantize_dequantize
+from effc.passes.quant.compensation import lorc
+
+
+def _toy(opset=17, seed=0):
+    """ids (1, 8) -> Gather(table (50, 64)) -> MatMul W1 (64, 64) -> Reshape (8, 64) -> Gemm(W2ᵀ (32, 64), b2)."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "table": rng.standard_normal((50, 64)).astype(np.float32),
+        "w1": (rng.standard_normal((64, 64)) * 0.2).astype(np.float32),
+        "w2": (rng.standard_normal((32, 64)) * 0.2).astype(np.float32),
+        "b2": rng.standard_normal(32).astype(np.float32),
+        "shape": np.array([8, 64], np.int64),
+    }
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+            helper.make_node("MatMul", ["e", "w1"], ["h"], name="fc1"),
+            helper.make_node("Reshape", ["h", "shape"], ["h2"], name="flat"),
+            helper.make_node("Gemm", ["h2", "w2", "b2"], ["y"], name="fc2", transB=1),
+        ],
+        "toy",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 32])],
+        [numpy_helper.from_array(a, n) for n, a in arrays.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return ir.serde.deserialize_model(model), arrays
+
+
+IDS = np.array([[0, 3, 7, 49, 12, 3, 21, 5]], np.int64)
+
+
+def _run(model, feeds, optimize=True):
+    proto = ir.to_proto(model)
+    onnx.checker.check_model(proto)
+    so = ort.SessionOptions()
+    if not optimize:  # ORT fuses blocked int4 DequantizeLinear + MatMul into MatMulNBits (different rounding)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _expected(arrays, fmt, lorc_rank=0, scale_dtype="float16"):
+    dq = {n: quantize_dequantize(arrays[n], fmt, axis=a, scale_dtype=scale_dtype)
+          for n, a in (("table", 1), ("w1", 0), ("w2", 1))}
+    w1 = dq["w1"]
+    if lorc_rank:
+        u, v = lorc(arrays["w1"] - w1, lorc_rank)
+        w1 = w1 + u @ v
+    h = dq["table"][IDS[0]] @ w1
+    return h @ dq["w2"].T + arrays["b2"]
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp6_e2m3", "mxint8", "mxfp8_e5m2", "int4", "int8"])
+def test_rewrite_matches_numpy_dequantization(fmt):
+    model, arrays = _toy()
+    p = BlockQuantPass(format=fmt, min_params=0)
+    assert p(model).modified
+    ops = sorted(n.op_type for n in model.graph)
+    assert ops == ["Add", "BlockQuantGather", "BlockQuantMatMul", "BlockQuantMatMul", "Reshape"]
+    assert not any(i in model.graph.initializers for i in ("table", "w1", "w2"))
+    (y,) = _run(model, {"ids": IDS})
+    np.testing.assert_allclose(y, _expected(arrays, fmt), rtol=1e-5, atol=1e-5)
+    bits = {"mxfp4": 4.25, "mxfp6_e2m3": 6.25, "mxint8": 8.25, "mxfp8_e5m2": 8.25, "int4": 4.5, "int8": 8.5}[fmt]
+    assert p.stats["bits_per_weight"] == pytest.approx(bits)
+    assert set(p.stats["layers"]) == {"table", "w1", "w2"}
+    assert all(v["sqnr_db"] > (15 if "4" in fmt else 20) for v in p.stats["layers"].values())
+    assert not BlockQuantPass(format=fmt, min_params=0)(model).modified  # second run: nothing left to do
+
+
+def test_int4_uses_dequantize_linear_from_opset_21():
+    model, arrays = _toy(opset=21)
+    BlockQuantPass(format="int4", scale_dtype="float32", min_params=0)(model)
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("DequantizeLinear") == 3 and not any(n.domain == "effc" for n in model.graph)
+    w1q = next(v for k, v in model.graph.initializers.items() if k.startswith("w1_q"))
+    assert w1q.const_value.dtype == ir.DataType.INT4 and tuple(w1q.const_value.shape) == (64, 64)
+    (y,) = _run(model, {"ids": IDS}, optimize=False)
+    np.testing.assert_allclose(y, _expected(arrays, "int4", scale_dtype="float32"), rtol=1e-5, atol=1e-5)
+
+
+def test_lorc_adds_low_rank_branch_and_reduces_error():
+    model, arrays = _toy()
+    p = BlockQuantPass(format="mxfp4", lorc_rank=8, include=("fc1",), min_params=0)
+    p(model)
+    assert [n.name for n in model.graph if n.op_type == "MatMul"] == ["fc1/lorc_u", "fc1/lorc_v"]
+    (y,) = _run(model, {"ids": IDS})
+    h = arrays["table"][IDS[0]] @ (quantize_dequantize(arrays["w1"], "mxfp4", axis=0) + np.dot(
+        *lorc(arrays["w1"] - quantize_dequantize(arrays["w1"], "mxfp4", axis=0), 8)))
+    np.testing.assert_allclose(y, h @ arrays["w2"].T + arrays["b2"], rtol=1e-4, atol=1e-4)
+    plain = BlockQuantPass(format="mxfp4", include=("fc1",), min_params=0)
+    plain(_toy()[0])
+    assert p.stats["layers"]["w1"]["sqnr_db"] > plain.stats["layers"]["w1"]["sqnr_db"] + 1.0
+    assert p.stats["layers"]["w1"]["bits_per_weight"] == pytest.approx(4.25 + 32 * (64 * 8 * 2) / 4096)  # fp32 U, V
+
+
+def test_selection_and_weight_act_mode():
+    model, _ = _toy()
+    p = BlockQuantPass(format="mxint8", mode="weight_act", ops=("MatMul", "Gemm"), exclude=("fc2",), min_params=0)
+    p(model)
+    assert [n.op_type for n in model.graph if n.domain == "effc"] == ["BlockQDQ", "BlockQuantMatMul"]
+    assert {s["reason"] for s in p.stats["skipped"]} == {"excluded by pattern"}
+    assert "table" in model.graph.initializers  # Gather not selected
+    (y,) = _run(model, {"ids": IDS})
+    assert np.all(np.isfinite(y))
+
+
+def test_options_are_validated_and_gptq_needs_calibration():
+    with pytest.raises(PipelineError, match="format"):
+        BlockQuantPass(format="mxfp5")
+    with pytest.raises(PipelineError, match="block_size"):
+        BlockQuantPass(block_size=24)
+    with pytest.raises(PipelineError, match="act_format"):
+        BlockQuantPass(act_format="int8")
+    with pytest.raises(CalibrationError):
+        BlockQuantPass(format="mxfp4", gptq=True, min_params=0)(_toy()[0])
+
+
+# --- MiniLM (real sentences) -----------------------------------------------------------------------------------
+
+
+def _cosine(ref, out):
+    return float(np.mean([np.dot(a.ravel(), b.ravel()) / np.linalg.norm(a) / np.linalg.norm(b)
+                          for a, b in zip(ref, out, strict=True)]))
+
+
+def _embeddings(model, feeds):
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    idx = names.index("sentence_embedding") if "sentence_embedding" in names else -1
+    return [sess.run(None, f)[idx] for f in feeds]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from effc import zoo
+
+    entry = zoo.get("minilm-l6")
+    feeds = entry.samples("eval", 6)
+    return entry, feeds, _embeddings(entry.load(), feeds)
+
+
+@pytest.mark.parametrize(("kwargs", "lo", "hi", "bits"), [
+    ({"format": "mxint8"}, 0.999, 1.0, 8.25),
+    ({"format": "mxfp4"}, 0.95, 0.975, 4.25),
+    ({"format": "mxint8", "mode": "weight_act"}, 0.998, 1.0, 8.25),
+])
+def test_minilm_fidelity(minilm, kwargs, lo, hi, bits):
+    entry, feeds, ref = minilm
+    model = entry.load()
+    p = BlockQuantPass(**kwargs)
+    p(model)
+    assert len(p.stats["layers"]) == 37  # 36 linear layers + the word embedding table
+    assert p.stats["bits_per_weight"] == pytest.approx(bits)
+    assert lo <= _cosine(ref, _embeddings(model, feeds)) <= hi
+
+
+def test_minilm_kv_mode_quantizes_keys_and_values(minilm):
+    entry, feeds, ref = minilm
+    model = entry.load()
+    p = BlockQuantPass(format="mxfp4", mode="kv")
+    p(model)
+    roles = [v["role"] for v in p.stats["kv_values"]]
+    assert roles.count("k") == 6 and roles.count("v") == 6
+    cos = _cosine(ref, _embeddings(model, feeds))
+    assert 0.9 < cos < 0.9999
