@@ -307,7 +307,7 @@ class NMSparsityPass(EffcPass):
                 perms[layer[0].name], gains[layer[0].name] = perm, after / max(before, 1e-30)
             return self._prune_fn(method, o.reconstruct)(layer, w, hessian, perm)
 
-        records = sg.prune_sequential(model, cands, cal, prune_fn)
+        records = sg.prune_sequential(model, cands, cal, prune_fn, sequential=o.reconstruct)
         before = after = 0
         for lay, rec in zip(sorted(cands, key=lambda c: [*model.graph].index(c[0])), records, strict=True):
             rec["kind"] = sg.layer_kind(lay[0], tuple(rec["shape"]))

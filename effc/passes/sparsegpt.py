@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import scipy.linalg
 
 from effc.errors import PassError
 
@@ -164,10 +165,9 @@ def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
     extra = 0.0
     for _ in range(6):
         try:
-            low = np.linalg.cholesky(h + extra * eye)
-            inv = np.linalg.inv(low)
-            hinv = inv.T @ inv
-            return np.linalg.cholesky(hinv).T
+            low = scipy.linalg.cholesky(h + extra * eye, lower=True)
+            inv = scipy.linalg.solve_triangular(low, eye, lower=True)
+            return scipy.linalg.cholesky(inv.T @ inv, lower=False)
         except np.linalg.LinAlgError:
             extra = max(extra * 10, 1e-3 * float(np.mean(np.diag(h))))
             logger.debug("Hessian not positive definite, dampening by %g", extra)
@@ -301,25 +301,46 @@ def set_weight(layer, w: np.ndarray) -> None:
     wv.const_value = ir.tensor(np.ascontiguousarray(data.astype(np.float32)), name=wv.name)
 
 
+def _token_rows(arr: np.ndarray, feed: dict) -> np.ndarray:
+    """Rows of a ``(..., Cin)`` activation that belong to real tokens.
+
+    When the feed has an ``attention_mask`` whose shape equals the activation's leading axes (a transformer's
+    ``(batch, seq)``), padded positions are dropped: they never reach a masked-mean-pooled output, and at length
+    128 they outnumber the real tokens of short sentences. Otherwise all rows are kept.
+    """
+    x = np.asarray(arr, dtype=np.float64)
+    mask = feed.get("attention_mask") if isinstance(feed, dict) else None
+    if mask is not None and tuple(np.shape(mask)) == x.shape[:-1] and np.any(mask):
+        return x[np.asarray(mask) != 0]
+    return x.reshape(-1, x.shape[-1])
+
+
 def input_statistics(model, layer_group: list, calibration) -> dict[str, np.ndarray]:
-    """``XᵀX`` ``(Cin, Cin)`` per input value name of the given layers, from onnxruntime taps of ``model``."""
+    """``XᵀX`` ``(Cin, Cin)`` per input value name of the given layers, from onnxruntime taps of ``model``.
+
+    Padded token positions are left out (see :func:`_token_rows`).
+    """
     names = sorted({layer[0].inputs[0].name for layer in layer_group})
     taps = calibration.tap(model, names, progress=False)
+    feeds = list(calibration)
     stats = {}
     for name in names:
         acc = None
-        for arr in taps[name]:
-            x = np.asarray(arr, dtype=np.float64).reshape(-1, arr.shape[-1])
-            acc = x.T @ x if acc is None else acc + x.T @ x
+        for arr, feed in zip(taps[name], feeds, strict=True):
+            x = _token_rows(arr, feed).astype(np.float32)
+            xtx = (x.T @ x).astype(np.float64)
+            acc = xtx if acc is None else acc + xtx
         stats[name] = acc
     return stats
 
 
-def prune_sequential(model, layers: list, calibration, prune_fn) -> list[dict]:
+def prune_sequential(model, layers: list, calibration, prune_fn, sequential: bool = True) -> list[dict]:
     """Prune ``layers`` in graph order, tapping each layer's input from the model pruned so far.
 
     Layers sharing one input value (Q, K, V) are pruned together from one tap. ``prune_fn(layer, weight, hessian)``
-    returns the new ``(Cout, Cin)`` weight; ``hessian`` is None when ``calibration`` is None.
+    returns the new ``(Cout, Cin)`` weight; ``hessian`` is None when ``calibration`` is None. With
+    ``sequential=False`` all inputs are tapped once from the unpruned model (one onnxruntime session; Wanda's
+    one-shot setting).
 
     Returns:
         One record per layer: ``{"name", "shape", "kept"}`` (``kept`` = fraction of non-zero weights).
@@ -331,8 +352,13 @@ def prune_sequential(model, layers: list, calibration, prune_fn) -> list[dict]:
         by_input.setdefault(id(layer[0].inputs[0]), []).append(layer)
     groups = list(by_input.values())
     records = []
+    if not sequential and calibration is not None:
+        groups, once = [layers], input_statistics(model, layers, calibration)
     for group in groups:
-        stats = input_statistics(model, group, calibration) if calibration is not None else {}
+        if calibration is None:
+            stats = {}
+        else:
+            stats = input_statistics(model, group, calibration) if sequential else once
         for layer in group:
             w = get_weight(layer)
             new = prune_fn(layer, w, stats.get(layer[0].inputs[0].name))

@@ -1,0 +1,1 @@
+"""TVM lowerings of effc operators: one module per operator, each registering its converter on import."""

@@ -1,0 +1,211 @@
+"""TVM lowering of ``effc.NMSparseMatMul``: a TIR kernel that reads the packed N:M form directly.
+
+Packed form (see :mod:`effc.passes.nm_sparsity`): ``values`` ``(R, Cout)`` float32 and ``indices`` ``(R, Cout/V)``
+uint16 absolute input rows, ``R = K·n/m``. The kernel computes, for ``X`` ``(M, K)``::
+
+    Y[i, j] = Σ_r X[i, indices[r, j // V]] · values[r, j]
+
+so it does ``n/m`` of the dense multiply-adds and reads ``n/m`` of the weights. With ``V`` a multiple of the SIMD
+width the index is uniform across a vector of outputs: ``X[i, idx]`` becomes one scalar broadcast and ``values``
+one contiguous vector load (notes/cpu.md: 1.8–1.95× faster than dense on Zen 4 at V=16). Element-wise N:M
+(``V=1``) needs a different input per lane (a gather) and loses to dense on CPUs.
+
+Schedule: output tiles of ``mr`` rows × ``nv·V`` columns in parallel, accumulator in a local buffer, reduction over
+``R`` outside the unrolled ``mr × nv`` block, innermost ``V`` lanes vectorized (Goto-style micro-kernel).
+
+Form choice per layer: ``policy="measure"`` (default) compiles and times the dense and packed kernels for each
+distinct ``(M, K, Cout, n, m, V)`` on the target and keeps the faster; ``"packed"`` / ``"dense"`` force one.
+:data:`LOWERING_LOG` records what each node took and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import tvm
+from tvm import relax, s_tir, te
+
+from effc.codegen.frontend import register_converter
+
+logger = logging.getLogger(__name__)
+
+POLICIES = ("measure", "packed", "dense")
+_STATE = {"policy": "measure"}
+_TIMING_CACHE: dict[tuple, dict] = {}
+LOWERING_LOG: list[dict] = []
+
+
+def nm_kernel(rows: int, k: int, cout: int, r: int, vector: int, idx_dtype: str = "uint16") -> tvm.tirx.PrimFunc:
+    """Unscheduled PrimFunc ``main(X (rows, K), values (R, Cout), indices (R, Cout/V), Y (rows, Cout))``."""
+    x = te.placeholder((rows, k), "float32", "X")
+    vals = te.placeholder((r, cout), "float32", "values")
+    idx = te.placeholder((r, cout // vector), idx_dtype, "indices")
+    red = te.reduce_axis((0, r), "r")
+    y = te.compute(
+        (rows, cout),
+        lambda i, j: te.sum(x[i, idx[red, j // vector].astype("int32")] * vals[red, j], axis=red),
+        name="Y",
+    )
+    return te.create_prim_func([x, vals, idx, y]).with_attr("global_symbol", "main")
+
+
+def schedule_nm(func: tvm.tirx.PrimFunc, vector: int, mr: int = 4, nv: int = 4) -> tvm.tirx.PrimFunc:
+    """Register-blocked schedule of :func:`nm_kernel` (see the module docstring); marks ``tir.is_scheduled``."""
+    sch = s_tir.Schedule(func)
+    blk = sch.get_sblock("Y")
+    i, j, red = sch.get_loops(blk)
+    rows, cout = (int(sch.get(loop).extent) for loop in (i, j))
+    lanes = vector if vector > 1 else 16
+    mr = _divisor(rows, mr)
+    nv = _divisor(cout // lanes, nv) if cout % lanes == 0 else 1
+    lanes = lanes if cout % lanes == 0 else _divisor(cout, 8)
+    io, ii = sch.split(i, [None, mr])
+    jo, jv, ji = sch.split(j, [None, nv, lanes])
+    sch.reorder(io, jo, red, ii, jv, ji)
+    acc = sch.cache_write(blk, 0, "local")
+    sch.reverse_compute_at(acc, jo)
+    sch.parallel(sch.fuse(io, jo))
+    sch.vectorize(ji)
+    sch.unroll(jv)
+    sch.unroll(ii)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    sch.decompose_reduction(blk, red)
+    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+
+
+def _divisor(n: int, want: int) -> int:
+    """Largest divisor of ``n`` not above ``want``."""
+    return max(d for d in range(1, max(1, min(n, want)) + 1) if n % d == 0)
+
+
+def _dense_kernel(rows: int, k: int, cout: int) -> tvm.tirx.PrimFunc:
+    from effc.codegen.schedules import schedule_kernel, tile_config  # the dense path the CPU pipeline takes
+
+    a = te.placeholder((rows, k), "float32", "A")
+    b = te.placeholder((k, cout), "float32", "B")
+    red = te.reduce_axis((0, k), "k")
+    c = te.compute((rows, cout), lambda i, j: te.sum(a[i, red] * b[red, j], axis=red), name="C")
+    func = te.create_prim_func([a, b, c]).with_attr("global_symbol", "main")
+    return schedule_kernel(func, tile_config(_target()))[0]
+
+
+def _target() -> tvm.target.Target:
+    return tvm.target.Target.current(allow_none=True) or tvm.target.Target(
+        {"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu())}
+    )
+
+
+def time_layer(rows: int, k: int, cout: int, n: int, m: int, vector: int, repeat: int = 5) -> dict:
+    """Min milliseconds of the dense GEMM template and the packed kernel for one layer shape (random data).
+
+    Returns:
+        ``{"dense_ms", "packed_ms", "speedup"}`` (speedup = dense / packed).
+    """
+    key = (rows, k, cout, n, m, vector, str(_target()))
+    if key in _TIMING_CACHE:
+        return _TIMING_CACHE[key]
+    rng = np.random.default_rng(0)
+    r = k // m * n
+    dev = tvm.cpu()
+    x = rng.standard_normal((rows, k)).astype("float32")
+    idx = np.sort(rng.random((k // m, m, cout // vector)).argsort(1)[:, :n], axis=1)
+    idx = idx + np.arange(0, k, m)[:, None, None]
+    packed_args = [x, rng.standard_normal((r, cout)).astype("float32"),
+                   idx.reshape(r, cout // vector).astype("uint16"), np.zeros((rows, cout), "float32")]
+    dense_args = [x, rng.standard_normal((k, cout)).astype("float32"), np.zeros((rows, cout), "float32")]
+    out = {}
+    for name, func, args in (("dense_ms", _dense_kernel(rows, k, cout), dense_args),
+                             ("packed_ms", schedule_nm(nm_kernel(rows, k, cout, r, vector), vector), packed_args)):
+        lib = tvm.compile(tvm.IRModule({"main": func}), target=_target())
+        timer = lib.mod.time_evaluator("main", dev, number=10, repeat=repeat)
+        out[name] = float(timer(*[tvm.runtime.tensor(a, dev) for a in args]).min * 1e3)
+    out["speedup"] = out["dense_ms"] / out["packed_ms"]
+    _TIMING_CACHE[key] = out
+    return out
+
+
+def _keep_prescheduled(sch: s_tir.Schedule, tiles) -> str:
+    """Schedule template that claims kernels an effc converter already scheduled (``tir.is_scheduled``)."""
+    from effc.codegen.schedules.gemm import NotApplicable
+
+    attrs = sch.mod["main"].attrs
+    if not attrs or not bool(attrs.get("tir.is_scheduled", False)):
+        raise NotApplicable("not pre-scheduled")
+    return "prescheduled"
+
+
+def _register_template() -> None:
+    """Put :func:`_keep_prescheduled` first in the CPU template table (once)."""
+    from effc.codegen.schedules import TEMPLATES
+
+    if not any(name == "prescheduled" for name, _ in TEMPLATES):
+        TEMPLATES.insert(0, ("prescheduled", _keep_prescheduled))
+
+
+_register_template()
+
+
+@contextlib.contextmanager
+def lowering_policy(policy: str) -> Iterator[None]:
+    """Choose how ``effc.NMSparseMatMul`` lowers inside the block: ``measure`` | ``packed`` | ``dense``.
+
+    Raises:
+        ValueError: an unknown policy.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown N:M lowering policy {policy!r}; use one of {', '.join(POLICIES)}")
+    old, _STATE["policy"] = _STATE["policy"], policy
+    try:
+        yield
+    finally:
+        _STATE["policy"] = old
+
+
+def _const(expr, params) -> np.ndarray:
+    if isinstance(expr, tvm.ir.expr.Constant):
+        return expr.value.numpy()
+    name = getattr(expr, "name_hint", None)
+    if params and name in params:
+        return params[name].numpy() if hasattr(params[name], "numpy") else np.asarray(params[name])
+    raise TypeError("NMSparseMatMul needs constant values/indices (initializers)")
+
+
+@register_converter("NMSparseMatMul")
+class NMSparseMatMulConverter:
+    """``effc.NMSparseMatMul(X, values, indices)`` → ``call_tir`` of the packed kernel, or dense ``matmul``."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        x, values_e, indices_e = inputs
+        values, indices = _const(values_e, params), _const(indices_e, params)
+        n, m = int(attr.get("n", 2)), int(attr.get("m", 4))
+        r, cout = values.shape
+        vector = cout // indices.shape[1]
+        x = bb.normalize(x)
+        shape = [int(d) for d in x.ty.shape.values]
+        k, rows = shape[-1], int(np.prod(shape[:-1]))
+        policy = _STATE["policy"]
+        entry = {"shape": [rows, k, cout], "n": n, "m": m, "vector": vector, "policy": policy}
+        if policy == "measure":
+            entry.update(time_layer(rows, k, cout, n, m, vector))
+            form = "packed" if entry["speedup"] > 1.0 else "dense"
+            entry["reason"] = f"measured {entry['speedup']:.2f}x vs dense"
+        else:
+            form, entry["reason"] = policy, "forced"
+        entry["form"] = form
+        LOWERING_LOG.append(entry)
+        logger.info("NMSparseMatMul %s: %s (%s)", entry["shape"], form, entry["reason"])
+        x2 = bb.normalize(relax.op.reshape(x, (rows, k)))
+        if form == "dense":
+            from effc.passes.nm_sparsity import unpack_nm
+
+            y = relax.op.matmul(x2, relax.const(unpack_nm(values, indices, k)))
+        else:
+            func = schedule_nm(nm_kernel(rows, k, cout, r, vector, str(indices.dtype)), vector)
+            gv = bb.add_func(func.without_attr("global_symbol"), "effc_nm_sparse_matmul")
+            y = relax.call_tir(gv, [x2, relax.const(values), relax.const(indices)],
+                               out_ty=relax.TensorType((rows, cout), "float32"))
+        return relax.op.reshape(bb.normalize(y), [*shape[:-1], cout])

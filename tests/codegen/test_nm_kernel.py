@@ -1,0 +1,65 @@
+"""TVM lowering of effc.NMSparseMatMul: the packed TIR kernel equals the ONNX reference body (onnxruntime)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+
+from effc.codegen.cpu import compile_cpu
+from effc.codegen.frontend import to_relax
+from effc.codegen.ops import nm_sparse as ns
+from effc.passes import nm_sparsity as nm
+from effc.passes import sparsegpt as sg
+from tests.passes.nm_helpers import feeds, ffn_model, run
+
+TARGET = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu())})
+
+
+@pytest.mark.parametrize(("rows", "k", "cout", "n", "m", "vector"),
+                         [(8, 64, 64, 2, 4, 16), (5, 32, 48, 1, 4, 1), (16, 64, 32, 4, 8, 8)])
+def test_standalone_kernel_matches_unpacked_matmul(rows, k, cout, n, m, vector):
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(k)
+    w = sg.prune_weight(rng.standard_normal((cout, k)).astype(np.float32), method="magnitude", n=n, m=m,
+                        vector=vector, perm=perm)
+    values, indices = nm.pack_nm(w.T, n, m, vector, perm)
+    func = ns.schedule_nm(ns.nm_kernel(rows, k, cout, values.shape[0], vector), vector)
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    args = [tvm.runtime.tensor(a) for a in (x, values, indices, np.zeros((rows, cout), np.float32))]
+    lib["main"](*args)
+    np.testing.assert_allclose(args[-1].numpy(), x @ w.T, rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def packed_model():
+    model = ffn_model(k=64, hidden=128, seq=16)
+    nm.NMSparsityPass(n=2, m=4, vector=16)(model)
+    return model
+
+
+@pytest.mark.parametrize("policy", ["packed", "dense", "measure"])
+def test_compiled_model_matches_onnxruntime(packed_model, policy):
+    ns.LOWERING_LOG.clear()
+    with ns.lowering_policy(policy):
+        mod = to_relax(packed_model)
+    ex, info = compile_cpu(mod, TARGET, {})
+    vm = tvm.relax.VirtualMachine(ex, tvm.cpu())
+    f = feeds(1, k=64, seq=16)[0]
+    np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(f["x"])).numpy(), run(packed_model, f),
+                               rtol=1e-5, atol=1e-5)
+    forms = [e["form"] for e in ns.LOWERING_LOG]
+    assert len(forms) == 2
+    if policy != "measure":
+        assert forms == [policy, policy]
+    else:
+        assert all(e["dense_ms"] > 0 and e["packed_ms"] > 0 for e in ns.LOWERING_LOG)
+        assert forms == ["packed" if e["speedup"] > 1 else "dense" for e in ns.LOWERING_LOG]
+    n_packed = sum(t == "prescheduled" for t in info["kernels"].values())
+    assert n_packed == forms.count("packed")
+
+
+def test_unknown_policy_raises():
+    with pytest.raises(ValueError, match="measure"), ns.lowering_policy("fast"):
+        pass
