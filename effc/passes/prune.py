@@ -113,6 +113,9 @@ class PruneOptions(PassOptions):
     min_params: int = dataclasses.field(
         default=1024, metadata={"help": "skip weights with fewer elements than this"}
     )
+    reconstruct: bool = dataclasses.field(
+        default=False, metadata={"help": "SparseGPT: OBS mask + weight updates from calibration (MatMul/Gemm)"}
+    )
 
     def validate(self) -> None:
         """Raises: PipelineError: a value out of range or an unknown method/granularity/scope."""
@@ -267,6 +270,11 @@ class PrunePass(EffcPass):
         opts, method = self.options, METHODS[self.options.method]
         layers, skipped = find_weight_layers(model)
         layers = self._selected(layers, skipped)
+        rebuilt: dict[str, dict] = {}
+        if opts.reconstruct:  # SparseGPT handles 2-D MatMul/Gemm (effc.passes.sparsegpt); the rest goes on below
+            from effc.passes.sparsegpt import reconstruct_weight_layers
+
+            rebuilt, layers = reconstruct_weight_layers(model, layers, self.calibration, opts.sparsity)
         taps: dict[str, list[np.ndarray]] = {}
         if method.needs_activations and layers and self.calibration is None:
             raise CalibrationError(
@@ -288,7 +296,7 @@ class PrunePass(EffcPass):
             masks = [m.reshape(s.shape) for m, s in zip(np.split(mask_all, splits), scores, strict=True)]
         else:
             masks = [self._layer_mask(layer, s) for layer, s in zip(layers, scores, strict=True)]
-        report, zeroed_total, changed = {}, 0, 0
+        report, zeroed_total, changed = dict(rebuilt), sum(r["zeroed"] for r in rebuilt.values()), len(rebuilt)
         for layer, tensor, w, mask in zip(layers, tensors, weights, masks, strict=True):
             new = w.copy()
             new[mask] = 0
@@ -305,7 +313,7 @@ class PrunePass(EffcPass):
                 "rel_output_error": _output_error(layer, w, new, taps) if taps else None,
             }
             zeroed_total += zeroed
-        considered = sum(int(w.size) for w in weights)
+        considered = sum(int(w.size) for w in weights) + sum(r["params"] for r in rebuilt.values())
         self.stats = {
             "method": opts.method,
             "layers": report,

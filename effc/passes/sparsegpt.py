@@ -366,3 +366,48 @@ def prune_sequential(model, layers: list, calibration, prune_fn, sequential: boo
             records.append({"name": layer[0].name, "shape": list(w.shape), "kept": float(np.mean(new != 0))})
             logger.debug("pruned %s %s: kept %.3f", layer[0].name, w.shape, records[-1]["kept"])
     return records
+
+
+def reconstruct_weight_layers(model, layers: list, calibration, sparsity: float) -> tuple[dict, list]:
+    """SparseGPT for ``prune(reconstruct=true)``: prune the 2-D MatMul/Gemm layers, return the others untouched.
+
+    Args:
+        model: the model, modified in place.
+        layers: :class:`effc.passes.prune.WeightLayer` records chosen by ``prune``.
+        calibration: feeds with ``.tap``; required.
+        sparsity: fraction removed per layer (the OBS saliency picks the mask inside the sweep).
+
+    Returns:
+        ``(report, rest)``: per weight name ``{"node", "shared_by", "params", "zeroed", "sparsity", "reconstructed",
+        "rel_output_error"}``
+        and the layers SparseGPT does not handle (Conv, N-D or shared weights), for the plain criterion.
+
+    Raises:
+        CalibrationError: no calibration data.
+    """
+    from effc.errors import CalibrationError
+
+    if calibration is None:
+        raise CalibrationError("prune(reconstruct=true) needs calibration data for the Hessian XᵀX",
+                               "give --data FILE.npz (or a zoo: model with samples), or drop reconstruct=true")
+    mine, rest = [], []
+    for layer in layers:
+        shape = layer.weight.const_value.shape
+        ok = layer.kind in ("MatMul", "Gemm") and len(shape) == 2 and len(layer.nodes) == 1
+        ok = ok and layer.weight.const_value is not None and layer.weight.is_initializer()
+        if ok and layer.kind == "Gemm" and layer.nodes[0].attributes.get_int("transA", 0):
+            ok = False
+        (mine if ok else rest).append(layer)
+    tuples = [(lay.nodes[0], lay.weight, lay.kind == "Gemm" and lay.out_axis == 0) for lay in mine]
+    records = prune_sequential(model, tuples, calibration,
+                               lambda layer, w, h: sparsegpt(w, h, sparsity=sparsity))
+    by_node = {r["name"]: r for r in records}
+    report = {}
+    for lay in mine:
+        rec = by_node[lay.nodes[0].name]
+        params = int(np.prod(rec["shape"]))
+        zeroed = params - int(round(rec["kept"] * params))
+        report[lay.weight.name] = {"node": lay.nodes[0].name, "shared_by": 1, "params": params, "zeroed": zeroed,
+                                   "sparsity": zeroed / params, "reconstructed": True,
+                                   "rel_output_error": None}
+    return report, rest

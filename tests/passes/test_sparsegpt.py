@@ -53,3 +53,26 @@ def test_dead_inputs_and_bad_arguments(layer):
         sg.sparsegpt(w, h)
     with pytest.raises(PassError, match="multiple of m"):
         sg.sparsegpt(w[:, :126], h[:126, :126], n=2, m=4)
+
+
+def test_prune_reconstruct_option_on_a_graph():
+    """``prune(reconstruct=true)`` zeroes exactly the asked fraction and lands closer to the original than Wanda."""
+    from effc.errors import CalibrationError
+    from effc.passes.prune import PrunePass
+    from tests.passes.nm_helpers import calibration, feeds, ffn_model, run
+
+    fs = feeds(16)
+    outs, stats = {}, {}
+    for kw in ({"method": "wanda"}, {"method": "wanda", "reconstruct": True}):
+        model = ffn_model()
+        p = PrunePass(sparsity=0.5, granularity="row", calibration=calibration(fs), **kw)
+        assert p(model).modified
+        assert p.stats["sparsity"] == pytest.approx(0.5, abs=0.01)
+        key = bool(kw.get("reconstruct"))
+        outs[key], stats[key] = model, p.stats
+    assert all(r["reconstructed"] for r in stats[True]["layers"].values()) and len(stats[True]["layers"]) == 2
+    ref = ffn_model()
+    err = {k: np.mean([np.linalg.norm(run(m, f) - run(ref, f)) for f in fs[:4]]) for k, m in outs.items()}
+    assert err[True] < err[False]
+    with pytest.raises(CalibrationError):
+        PrunePass(sparsity=0.5, reconstruct=True)(ffn_model())
