@@ -9,6 +9,7 @@ import effc.passes.channel_reorder  # noqa: F401
 import effc.passes.cleanup  # noqa: F401
 import effc.passes.nm_sparsity  # noqa: F401
 import effc.passes.prune  # noqa: F401
+import effc.passes.prune_structured  # noqa: F401
 from effc.passes.base import EffcPass, PassOptions, register_pass, registered_passes
 from effc.passes.manager import PassManager, PassRecord, PipelineResult
 from effc.passes.pipeline import Pipeline, describe_passes, format_pass, parse_pipeline
