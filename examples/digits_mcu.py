@@ -147,11 +147,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("digits_mcu")
 
-    import onnxruntime as ort
-
     from effc.runtime.manifest import write_manifest
     from effc.targets import get_target
-    from effc.targets.cortex_m.verify import verify_artifact
+    from effc.targets.cortex_m.verify import reference_session, verify_artifact
 
     x_train, x_test, y_train, y_test = digits_split()
     for kind, model in (("mlp", train_mlp(x_train, y_train)), ("cnn", train_cnn(x_train, y_train))):
@@ -167,7 +165,7 @@ def main() -> None:
                                  "outputs": [{"name": "logits", "shape": [1, 10], "dtype": "float32"}]})  # fmt: skip
             feeds = [{"pixels": x.reshape(shape)} for x in x_test[: args.samples]]
             check = verify_artifact(out, feeds_list=feeds)
-            sess = ort.InferenceSession(str(out / "model.onnx"))
+            sess = reference_session(out / "model.onnx")
             ort_pred = np.array([sess.run(None, f)[0].argmax() for f in feeds])
             fw_pred = np.array([o[0].argmax() for o in check.outputs])
             y = y_test[: len(feeds)]

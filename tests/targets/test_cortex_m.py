@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 
 from effc.errors import BudgetError, TargetError
 from effc.targets import get_target
 from effc.targets.cortex_m import firmware
 from effc.targets.cortex_m.budget import parse_bytes
-from effc.targets.cortex_m.verify import verify_artifact
+from effc.targets.cortex_m.verify import reference_session, verify_artifact
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_toolchain = pytest.mark.skipif(
@@ -74,7 +73,7 @@ def _accuracy_check(model, split, target, tmp_path, n=60):
     shape = [int(d) for d in model.graph.inputs[0].shape.numpy()]
     feeds = [{"pixels": x.reshape(shape)} for x in x_test[:n]]
     check = verify_artifact(tmp_path / target, feeds_list=feeds)
-    sess = ort.InferenceSession(str(tmp_path / target / "model.onnx"))
+    sess = reference_session(tmp_path / target / "model.onnx")
     ort_pred = np.array([sess.run(None, f)[0].argmax() for f in feeds])
     fw_pred = np.array([o[0].argmax() for o in check.outputs])
     return info, check, ort_pred, fw_pred, y_test[:n]
@@ -156,7 +155,7 @@ def test_runtime_runner_runs_in_qemu(mlp, tmp_path):
     runner = get_target("cortex-m3").load(out, manifest)
     x = np.linspace(0, 1, 64, dtype=np.float32).reshape(1, 64)
     (got,) = runner.run({"pixels": x})
-    (ref,) = ort.InferenceSession(str(out / "model.onnx")).run(None, {"pixels": x})
+    (ref,) = reference_session(out / "model.onnx").run(None, {"pixels": x})
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
@@ -176,3 +175,18 @@ def test_over_budget_raises_and_writes_nothing(mlp, tmp_path):
 def test_unknown_option_is_rejected(mlp, tmp_path):
     with pytest.raises(TargetError, match="unknown option"):
         get_target("cortex-m4").build(mlp, tmp_path, {"flsh": "1M"})
+
+
+@needs_toolchain
+def test_int8_weights_stay_int8_and_match(mlp, cnn, split, tmp_path):
+    for name, model in (("mlp", mlp), ("cnn", cnn)):
+        qmodel = DIGITS.int8_weights(model)
+        for target in ("cortex-m4", "cortex-m3"):
+            info, check, ort_pred, fw_pred, y = _accuracy_check(qmodel, split, target, tmp_path / name, n=40)
+            assert check.ok, check.summary()  # dequantize in the kernel: same products as onnxruntime, 1e-5
+            assert (fw_pred == ort_pred).all()
+            assert (fw_pred == y).mean() > 0.85
+        dtypes = [w["dtype"] for w in info["weights"]]
+        assert dtypes.count("int8") == (2 if name == "mlp" else 3)
+        assert "effc_q" in " ".join(k["name"] for k in info["kernels"])
+    assert info["flash"]["weight_bytes"] < 3000  # CNN: 1976 int8 weights + fp32 scales/biases

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from effc.codegen.mcu import emit_c, relax_plan, tir_c
+from effc.codegen.mcu import emit_c, int8, relax_plan, tir_c
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -91,6 +91,7 @@ def lower_to_c(model: ir.Model, name: str = "model", relax_mod: tvm.IRModule | N
     cname = re.sub(r"\W", "_", name).lower()
     prefix, macro = f"effc_{cname}_", f"EFFC_{cname.upper()}_"
     mod = relax_mod if relax_mod is not None else model_to_relax(model)
+    mod, n_int8 = int8.fuse_dequantize(mod)
     planned = relax_plan.relax_to_planned(mod)
     plan = relax_plan.read_plan(planned)
     kernels = relax_plan.called_kernels(planned, plan)

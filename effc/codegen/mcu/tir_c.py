@@ -193,6 +193,9 @@ def build_kernels(
     Raises:
         TargetError: TIR lowering or C printing failed.
     """
+    from effc.codegen.mcu.int8 import DEQUANT_STAGE, inline_dequant
+
+    kernels = {k: inline_dequant(f) if DEQUANT_STAGE in f.script() else f for k, f in kernels.items()}
     target = tvm.target.Target("c")
     symbols = {name: f"{prefix}{name}" for name in kernels}
     mod = tvm.IRModule(
