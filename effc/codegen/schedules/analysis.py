@@ -1,0 +1,131 @@
+"""Structural queries on the blocks of a fused PrimFunc (read-only; every template starts here).
+
+The fused kernels come from TVM's ``LegalizeOps`` + ``FuseTIR``: each block sits in its own loop nest, one loop
+per block iterator, in iterator order. These helpers name what a template needs: spatial/reduction iterators,
+extents, and whether a reduction is a multiply-accumulate (``C += A * B``, the GEMM/conv body).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tvm import s_tir, tirx
+
+_DATA_PAR = 0
+_COMM_REDUCE = 2
+
+
+@dataclasses.dataclass
+class BlockFacts:
+    """What a template needs to know about one block.
+
+    Attributes:
+        name: the block's name hint.
+        kinds: one letter per iterator: ``S`` spatial, ``R`` reduction, ``O`` other.
+        extents: integer extent per iterator (``-1`` when symbolic).
+        is_reduction: at least one ``R`` iterator.
+        mac: ``(A, B)`` buffer loads when the body is ``C = C + A * B`` (casts allowed), else None.
+        n_allocs: buffers allocated inside the block (vectorizing loops above it is unsafe).
+    """
+
+    name: str
+    kinds: str
+    extents: list[int]
+    is_reduction: bool
+    mac: tuple[Any, Any] | None
+    n_allocs: int
+
+
+def is_load(expr) -> bool:
+    """True for a buffer load (TVM 0.27 names the node ``TensorLoad``; ``tirx.BufferLoad`` is a function)."""
+    return type(expr).__name__ in ("TensorLoad", "BufferLoad")
+
+
+def load_buffer(expr) -> Any:
+    """The buffer a load reads (``source`` in TVM 0.27, ``buffer`` before)."""
+    source = getattr(expr, "source", None)
+    return source if source is not None else getattr(expr, "buffer", None)
+
+
+def _strip_cast(expr: Any) -> Any:
+    while isinstance(expr, tirx.Cast):
+        expr = expr.value
+    return expr
+
+
+def _mac_operands(block: s_tir.SBlock) -> tuple[Any, Any] | None:
+    """``(A, B)`` when ``block`` computes ``C[idx] = C[idx] + A[...] * B[...]``."""
+    store = block.body
+    if not isinstance(store, tirx.BufferStore) or not isinstance(store.value, tirx.Add):
+        return None
+    lhs, rhs = store.value.a, store.value.b
+    if not (is_load(lhs) and load_buffer(lhs).same_as(store.buffer)):
+        lhs, rhs = rhs, lhs
+    if not (is_load(lhs) and load_buffer(lhs).same_as(store.buffer)):
+        return None
+    rhs = _strip_cast(rhs)
+    if not isinstance(rhs, tirx.Mul):
+        return None
+    a, b = _strip_cast(rhs.a), _strip_cast(rhs.b)
+    if is_load(a) and is_load(b):
+        return a, b
+    return None
+
+
+def _extent(iv: tirx.IterVar) -> int:
+    ext = iv.dom.extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else -1
+
+
+def block_facts(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> BlockFacts:
+    """Facts about ``block`` in the current state of ``sch``."""
+    stmt = sch.get(block)
+    kinds = "".join(
+        "S" if iv.iter_type == _DATA_PAR else "R" if iv.iter_type == _COMM_REDUCE else "O" for iv in stmt.iter_vars
+    )
+    return BlockFacts(
+        name=stmt.name_hint,
+        kinds=kinds,
+        extents=[_extent(iv) for iv in stmt.iter_vars],
+        is_reduction="R" in kinds,
+        mac=_mac_operands(stmt) if "R" in kinds else None,
+        n_allocs=len(stmt.alloc_buffers),
+    )
+
+
+def child_blocks(sch: s_tir.Schedule) -> list[s_tir.schedule.SBlockRV]:
+    """The blocks directly under the root block, in program order."""
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def loop_extent(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int:
+    """Integer extent of ``loop`` (``-1`` when symbolic)."""
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else -1
+
+
+def index_vars(load: Any) -> list[tirx.Var | None]:
+    """Per index of ``load``: the block iterator it is (a bare variable), or None for any other expression."""
+    return [idx if isinstance(idx, tirx.Var) else None for idx in load.indices]
+
+
+def largest_divisor(n: int, candidates: tuple[int, ...] | list[int]) -> int | None:
+    """The first of ``candidates`` that divides ``n`` (candidates ordered best first), else None."""
+    for c in candidates:
+        if c > 0 and n % c == 0:
+            return c
+    return None
+
+
+def pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two ≤ ``cap`` dividing ``n`` (1 at least)."""
+    d = 1
+    while d * 2 <= cap and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+def region_buffer(region) -> Any:
+    """The buffer of a block read/write region (``TensorRegion.source`` in TVM 0.27, ``.buffer`` before)."""
+    return load_buffer(region)

@@ -1,0 +1,81 @@
+"""Direct conv2d template (NCHW, any groups incl. depthwise) with the epilogue fused into the tile write-back.
+
+Applies to a kernel whose one reduction block is ``out[n, co, oh, ow] += in[n, ci, oh*s+ry, ow*s+rx] * w[co, ..]``
+(iterators ``SSSS`` then 2–3 reductions), as TOPI's ``conv2d_nchw``/``group_conv2d_nchw``/``depthwise_conv2d_nchw``
+produce it. Schedule (register blocking over output channels × output columns, as in MLAS/oneDNN direct convs):
+
+    parallel for (n, co_o, oh):
+        for ow_o:
+            acc[co_i, ow_i] = 0
+            for ci, ry, rx:  for co_i in unroll:  for ow_i in vectorize:  acc += in * w   # w broadcast
+            out[...] = epilogue(acc)                                                       # bias, act, residual
+    padding: a separate parallel, vectorized copy.
+
+Stride-2 convs vectorize over a strided input walk (gathers); output widths that are not multiples of the lane
+count vectorize by their largest power-of-two divisor.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir
+
+from effc.codegen.schedules import analysis as an
+from effc.codegen.schedules.gemm import NotApplicable, find_mac_block
+from effc.codegen.schedules.injective import schedule_nest
+from effc.codegen.schedules.tiles import TileConfig
+
+
+def apply_conv(sch: s_tir.Schedule, tiles: TileConfig) -> str:
+    """Schedule a conv2d kernel with register blocking over output channels and columns.
+
+    Args:
+        sch: schedule of one fused PrimFunc (modified in place).
+        tiles: the target's tile table row.
+
+    Returns:
+        ``"conv2d"`` or ``"depthwise_conv2d"`` (the weight has one input channel per group).
+
+    Raises:
+        NotApplicable: the kernel has no single MAC reduction over ``SSSS`` + 2–3 reduction iterators.
+    """
+    main = find_mac_block(sch)
+    facts = an.block_facts(sch, main)
+    if not facts.kinds.startswith("SSSS") or facts.kinds[4:] not in ("RR", "RRR"):
+        raise NotApplicable(f"iterators {facts.kinds} are not NCHW conv (SSSS + RR/RRR)")
+    depthwise = facts.kinds[4:] == "RR"
+    main_name = facts.name
+    blocks = an.child_blocks(sch)
+    names = [an.block_facts(sch, b).name for b in blocks]
+    pos = names.index(main_name)
+    for blk in blocks[pos + 1 :]:
+        try:
+            sch.compute_inline(blk)
+        except s_tir.ScheduleError:
+            pass
+    consumers = list(sch.get_consumers(main)) or [sch.cache_write(main, 0, "global")]
+    _, co, _, ow = facts.extents[:4]
+    co_i = an.pow2_divisor(co, tiles.conv_co)
+    ow_i = an.pow2_divisor(ow, 2 * tiles.lanes)
+    loops = sch.get_loops(main)
+    n_l, co_l, oh_l, ow_l, *r_loops = loops
+    coo, coi = sch.split(co_l, [None, co_i])
+    owo, owi = sch.split(ow_l, [None, ow_i])
+    sch.reorder(n_l, coo, oh_l, owo, *r_loops, coi, owi)
+    outer = sch.fuse(n_l, coo, oh_l)
+    sch.parallel(outer)
+    for blk in consumers:
+        sch.reverse_compute_at(blk, owo, preserve_unit_loops=True)
+        c_inner = sch.get_loops(blk)[-1]
+        if an.loop_extent(sch, c_inner) >= 4:
+            sch.vectorize(c_inner)
+    sch.unroll(coi)
+    if ow_i >= 2:
+        sch.vectorize(owi)
+    init = sch.decompose_reduction(main, r_loops[0])
+    if ow_i >= 2:
+        sch.vectorize(sch.get_loops(init)[-1])
+    # Producers (padding, and anything else before the conv) run as their own parallel, vectorized nests.
+    for blk in an.child_blocks(sch):
+        if an.block_facts(sch, blk).name in (names[:pos]):
+            schedule_nest(sch, blk, tiles)
+    return "depthwise_conv2d" if depthwise else "conv2d"

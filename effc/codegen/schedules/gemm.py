@@ -1,0 +1,136 @@
+"""Register-blocked GEMM / batch-matmul template with the epilogue fused into the tile write-back.
+
+Applies to a kernel whose one reduction block is ``C[b.., i, j] += A[b.., i, k] * B[b.., k, j]`` (dense, batch
+matmul, and any MAC whose last spatial iterator indexes B's innermost axis). Schedule (Goto & van de Geijn,
+"Anatomy of High-Performance Matrix Multiplication", 2008, micro-kernel level only):
+
+    parallel for (b.., io, jo):          # one mr×nr output tile per iteration
+        acc[mr, nr] = 0                  # decomposed init, vectorized
+        for k:                           # A[i, k] broadcast, B[k, jo*nr:+nr] vector loads
+            for ii in unroll(mr): for ji in vectorize(nr): acc[ii, ji] += A * B
+        for ii, ji: out = epilogue(acc)  # bias, activation, residual add: inlined and vectorized
+
+The accumulator buffer shrinks to mr×nr (registers) because both its producer and consumer sit under the tile loop.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir
+
+from effc.codegen.schedules import analysis as an
+from effc.codegen.schedules.tiles import TileConfig
+
+
+class NotApplicable(Exception):
+    """The template does not fit this kernel (the reason is the message)."""
+
+
+def _inline_all(sch: s_tir.Schedule, blocks: list, keep: set[str]) -> None:
+    """Inline every spatial block except those named in ``keep``; blocks that refuse stay as they are."""
+    for blk in blocks:
+        facts = an.block_facts(sch, blk)
+        if facts.is_reduction or facts.name in keep:
+            continue
+        try:
+            sch.compute_inline(blk)
+        except s_tir.ScheduleError:
+            try:
+                sch.reverse_compute_inline(blk)
+            except s_tir.ScheduleError:
+                pass
+
+
+def find_mac_block(sch: s_tir.Schedule) -> s_tir.schedule.SBlockRV:
+    """The single MAC reduction block of the kernel.
+
+    Raises:
+        NotApplicable: no reduction, several reductions, or the reduction is not ``C += A * B``.
+    """
+    reductions = [b for b in an.child_blocks(sch) if an.block_facts(sch, b).is_reduction]
+    if len(reductions) != 1:
+        raise NotApplicable(f"{len(reductions)} reduction blocks")
+    facts = an.block_facts(sch, reductions[0])
+    if facts.mac is None:
+        raise NotApplicable("reduction is not a multiply-accumulate")
+    return reductions[0]
+
+
+def _write_back(sch: s_tir.Schedule, main: s_tir.schedule.SBlockRV) -> list:
+    """Inline the epilogue chain and return the blocks that consume ``main``'s result (creating one if none)."""
+    blocks = an.child_blocks(sch)
+    names = [an.block_facts(sch, b).name for b in blocks]
+    main_name = an.block_facts(sch, main).name
+    pos = names.index(main_name)
+    after = blocks[pos + 1 :]
+    # Inline intermediate epilogue blocks into the last ones (outputs cannot be inlined: compute_inline refuses).
+    _inline_all(sch, after, keep=set())
+    consumers = list(sch.get_consumers(main))
+    if not consumers:
+        consumers = [sch.cache_write(main, 0, "global")]
+    return consumers
+
+
+def apply_gemm(sch: s_tir.Schedule, tiles: TileConfig) -> str:
+    """Schedule the kernel in ``sch`` as a register-blocked GEMM.
+
+    Args:
+        sch: schedule of one fused PrimFunc (modified in place).
+        tiles: the target's tile table row.
+
+    Returns:
+        The template name (``"gemm"`` or ``"gemv"`` when the output has one row per batch).
+
+    Raises:
+        NotApplicable: the kernel is not a MAC over its last iterator with a vectorizable output axis.
+    """
+    main = find_mac_block(sch)
+    facts = an.block_facts(sch, main)
+    if not facts.kinds.endswith("R") or facts.kinds.count("R") != 1 or "O" in facts.kinds or len(facts.kinds) < 3:
+        raise NotApplicable(f"iterators {facts.kinds} are not (S.., S, S, R)")
+    j_var = sch.get(main).iter_vars[-2].var
+    # The vectorized operand is the one indexed by j in its innermost axis.
+    if not any(an.index_vars(ld)[-1:] == [j_var] for ld in facts.mac):
+        raise NotApplicable("no operand is contiguous along the output's last axis")
+    m, n = facts.extents[-3], facts.extents[-2]
+    nr = an.largest_divisor(n, [c for c in tiles.gemm_nr if c % tiles.lanes == 0])
+    if nr is None:
+        raise NotApplicable(f"N={n} is not a multiple of {tiles.lanes} lanes")
+    mr = an.pow2_divisor(m, tiles.gemm_mr)
+    # Producers (reshape/transpose of an operand) are inlined into the loads.
+    blocks = an.child_blocks(sch)
+    main_name = facts.name
+    before = blocks[: [an.block_facts(sch, b).name for b in blocks].index(main_name)]
+    _inline_all(sch, before, keep=set())
+    consumers = _write_back(sch, main)
+
+    # The operand read along j (B) is packed per column panel: K×nr contiguous floats reused by every row tile.
+    # Unpacked, a K-long column walk with a row stride of N floats maps onto a few L1 sets (N=1536: 2 sets).
+    stmt = sch.get(main)
+    j_var = stmt.iter_vars[-2].var
+    b_buf = next(an.load_buffer(ld) for ld in facts.mac if an.index_vars(ld)[-1:] == [j_var])
+    b_index = next(i for i, r in enumerate(stmt.reads) if an.region_buffer(r).same_as(b_buf))
+    loops = sch.get_loops(main)
+    *batch, i, j, k = loops
+    io, ii = sch.split(i, [None, mr])
+    jo, ji = sch.split(j, [None, nr])
+    sch.reorder(*batch, jo, io, k, ii, ji)
+    outer = sch.fuse(*batch, jo) if batch else jo
+    sch.parallel(outer)
+    if an.loop_extent(sch, io) > 1:
+        packed = sch.cache_read(main, b_index, "global")
+        sch.compute_at(packed, outer, preserve_unit_loops=True)
+        p_loops = sch.get_loops(packed)
+        if an.loop_extent(sch, p_loops[-1]) % tiles.lanes == 0:
+            sch.vectorize(p_loops[-1])
+    for blk in consumers:
+        sch.reverse_compute_at(blk, io, preserve_unit_loops=True)
+        c_loops = sch.get_loops(blk)[2:]
+        if c_loops:
+            inner = c_loops[-1]
+            if an.loop_extent(sch, inner) % tiles.lanes == 0:
+                sch.vectorize(inner)
+    sch.unroll(ii)
+    sch.vectorize(ji)
+    init = sch.decompose_reduction(main, k)
+    sch.vectorize(sch.get_loops(init)[-1])
+    return "gemv" if m == 1 else "gemm"

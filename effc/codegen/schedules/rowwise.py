@@ -1,0 +1,135 @@
+"""Row-wise reduction template: softmax, layer/RMS norm, mean — every reduction runs along the innermost axes.
+
+Applies when every reduction block reduces the trailing axes of a tensor whose leading axes are the output's
+leading ("row") axes, e.g. softmax ``(b, h, i, k)`` reduces ``k`` per row ``(b, h, i)``. Schedule:
+
+    parallel for row in rows:                      # all blocks computed per row (compute_at), buffers shrink
+        max/sum over k: k split by lanes, rfactor   # vector partial accumulators, then a lane reduction
+        elementwise over k: vectorized by lanes
+
+The rfactor on the lane loop turns a serial scalar reduction into ``lanes`` independent vector accumulators.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir
+
+from effc.codegen.schedules import analysis as an
+from effc.codegen.schedules.gemm import NotApplicable
+from effc.codegen.schedules.tiles import TileConfig
+
+
+def _n_rows(sch: s_tir.Schedule, blocks: list) -> int:
+    """How many leading axes all blocks share as spatial row axes (the reductions' spatial prefix)."""
+    n_rows = None
+    for blk in blocks:
+        facts = an.block_facts(sch, blk)
+        if facts.is_reduction:
+            if facts.kinds.rstrip("R").count("R") or "O" in facts.kinds:
+                raise NotApplicable(f"block {facts.name} reduces non-trailing axes ({facts.kinds})")
+            rows = len(facts.kinds.rstrip("R"))
+            n_rows = rows if n_rows is None else min(n_rows, rows)
+    if n_rows is None:
+        raise NotApplicable("no reduction block")
+    return n_rows
+
+
+def _rfactor_lanes(sch: s_tir.Schedule, blk, tiles: TileConfig):
+    """Split ``blk``'s single trailing reduction loop by lanes and rfactor the lane loop.
+
+    Returns:
+        The rfactor block (spatial over the lanes, reducing the chunks), or None when the loop is too short.
+    """
+    facts = an.block_facts(sch, blk)
+    if facts.kinds.count("R") != 1:
+        return None
+    k = sch.get_loops(blk)[-1]
+    ext = an.loop_extent(sch, k)
+    lanes = an.pow2_divisor(ext, tiles.lanes) if ext > 0 else 1
+    if lanes < 4 or ext == lanes:
+        return None
+    _, ki = sch.split(k, [None, lanes])
+    return sch.rfactor(ki, factor_axis=0)
+
+
+def apply_rowwise(sch: s_tir.Schedule, tiles: TileConfig) -> str:
+    """Schedule a row-wise reduction kernel (softmax, norms, means).
+
+    Order matters in TVM 0.27: rfactor before compute_at (rfactor needs compact dataflow under its loop),
+    parallel/vectorize before decompose_reduction (both refuse reduction blocks without their init).
+
+    Args:
+        sch: schedule of one fused PrimFunc (modified in place).
+        tiles: the target's tile table row.
+
+    Returns:
+        ``"rowwise"``.
+
+    Raises:
+        NotApplicable: a reduction is not along trailing axes, or blocks do not share the row axes.
+    """
+    blocks = an.child_blocks(sch)
+    n_rows = _n_rows(sch, blocks)
+    # Spatial intermediates over the rows only (mean = sum / n) inline into their consumers.
+    for blk in blocks[:-1]:
+        facts = an.block_facts(sch, blk)
+        if not facts.is_reduction and len(facts.kinds) == n_rows:
+            try:
+                sch.compute_inline(blk)
+            except s_tir.ScheduleError:
+                pass
+    blocks = an.child_blocks(sch)
+    outputs = [b for b in blocks if not sch.get_consumers(b)]
+    if len(outputs) != 1:
+        raise NotApplicable(f"{len(outputs)} output blocks")
+    out = outputs[0]
+    out_facts = an.block_facts(sch, out)
+    if len(out_facts.kinds) < n_rows or out_facts.is_reduction:
+        raise NotApplicable("output block is not spatial over the row axes")
+    rf_names = set()
+    for blk in blocks:
+        if an.block_facts(sch, blk).is_reduction:
+            rf = _rfactor_lanes(sch, blk, tiles)
+            if rf is not None:
+                rf_names.add(an.block_facts(sch, rf).name)
+    loops = sch.get_loops(out)
+    row = sch.fuse(*loops[:n_rows]) if n_rows > 1 else loops[0]
+    out_name = out_facts.name
+    for blk in reversed(an.child_blocks(sch)):
+        if an.block_facts(sch, blk).name != out_name:
+            sch.compute_at(blk, row, preserve_unit_loops=True)
+    sch.parallel(row)
+    under = _blocks_under(sch, row)
+    decompose_at = []
+    for blk in under:
+        facts = an.block_facts(sch, blk)
+        loops = sch.get_loops(blk)[1:]
+        # compute_at made one loop per block iterator (in iterator order); the output keeps its non-row loops.
+        kinds = facts.kinds if len(loops) == len(facts.kinds) else facts.kinds[n_rows:]
+        if len(loops) != len(kinds):
+            raise NotApplicable(f"block {facts.name}: {len(loops)} loops for iterators {facts.kinds}")
+        if facts.is_reduction:
+            r_loops = [lp for lp, kd in zip(loops, kinds, strict=True) if kd == "R"]
+            if facts.name in rf_names:
+                lane = loops[0]  # rfactor(factor_axis=0) put the lane iterator first
+                sch.reorder(r_loops[0], lane)
+                sch.vectorize(lane)
+            decompose_at.append((blk, r_loops[0], facts.name in rf_names))
+            continue
+        inner = loops[-1]
+        ext = an.loop_extent(sch, inner)
+        lanes = an.pow2_divisor(ext, tiles.lanes) if ext > 0 else 1
+        if lanes >= 4 and facts.n_allocs == 0:
+            if lanes < ext:
+                _, inner = sch.split(inner, [None, lanes])
+            sch.vectorize(inner)
+    for blk, r_loop, is_rf in decompose_at:
+        init = sch.decompose_reduction(blk, r_loop)
+        if is_rf:
+            sch.vectorize(sch.get_loops(init)[-1])
+    return "rowwise"
+
+
+def _blocks_under(sch: s_tir.Schedule, loop) -> list:
+    """The blocks nested under ``loop``, in program order."""
+    return list(sch.get_child_blocks(loop))

@@ -1,0 +1,82 @@
+"""Tile table: per vector width, the register blocking and chunk sizes the templates use. Data, not code.
+
+Values measured on AMD Zen 4 (AVX-512, 32 zmm registers; shared/notes/cpu.md): a 4×64 fp32 GEMM micro-tile
+(16 accumulators) reached 96–98 % of FMA peak; 8×32 was equivalent; non-power-of-two vector widths (nr=48) were
+6–22× slower, so every ``nr`` here is a power of two and a multiple of the lane count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Tiling parameters for one vector width.
+
+    Attributes:
+        lanes: fp32 elements per SIMD register (16 for AVX-512, 8 for AVX2, 4 for NEON/SSE).
+        gemm_mr: output rows per GEMM micro-tile (unrolled; the A element is broadcast).
+        gemm_nr: candidate output columns per micro-tile, best first (vectorized; each a multiple of ``lanes``).
+        conv_co: output channels per conv micro-tile (the weight scalar is broadcast).
+        unroll_k: reduction-loop unroll factor in the GEMM micro-kernel (1 = none).
+        min_parallel_elems: below this many output elements an injective kernel runs single-threaded.
+    """
+
+    lanes: int
+    gemm_mr: int
+    gemm_nr: tuple[int, ...]
+    conv_co: int
+    unroll_k: int = 1
+    min_parallel_elems: int = 16384
+
+
+# Keyed by fp32 lanes. 32 vector registers on AVX-512 → 16 accumulators + loads; 16 on AVX2 → 8 + loads.
+TILE_TABLE: dict[int, TileConfig] = {
+    16: TileConfig(lanes=16, gemm_mr=4, gemm_nr=(64, 32, 16), conv_co=8),
+    8: TileConfig(lanes=8, gemm_mr=4, gemm_nr=(16, 8), conv_co=4),
+    4: TileConfig(lanes=4, gemm_mr=4, gemm_nr=(16, 8, 4), conv_co=4),
+}
+
+# LLVM -mcpu names with AVX-512F (fp32 lanes 16); other x86 CPUs with AVX2 get 8. Arm (NEON) gets 4.
+_AVX512_CPUS = frozenset(
+    {
+        "znver4", "znver5", "skylake-avx512", "cascadelake", "cooperlake", "cannonlake", "icelake-client",
+        "icelake-server", "tigerlake", "sapphirerapids", "emeraldrapids", "graniterapids", "rocketlake",
+        "knl", "knm", "x86-64-v4",
+    }
+)
+_AVX2_CPUS = frozenset(
+    {
+        "znver1", "znver2", "znver3", "haswell", "broadwell", "skylake", "alderlake", "raptorlake", "meteorlake",
+        "x86-64-v3", "gracemont", "arrowlake", "lunarlake",
+    }
+)
+
+
+def vector_lanes(target: Any) -> int:
+    """fp32 SIMD lanes of an LLVM target, from its ``mcpu``/``mattr``/``mtriple``.
+
+    Args:
+        target: a ``tvm.target.Target`` of kind ``llvm``.
+
+    Returns:
+        16, 8 or 4 (4 when nothing is known: every loop split stays valid, only slower).
+    """
+    attrs = target.attrs
+    mcpu = str(attrs.get("mcpu", "") or "")
+    mattr = [str(a) for a in (attrs.get("mattr", None) or [])]
+    triple = str(attrs.get("mtriple", "") or "")
+    if mcpu in _AVX512_CPUS or "+avx512f" in mattr:
+        return 16
+    if mcpu in _AVX2_CPUS or "+avx2" in mattr:
+        return 8
+    if triple.startswith("aarch64") or triple.startswith("arm"):
+        return 4
+    return 4
+
+
+def tile_config(target: Any) -> TileConfig:
+    """The :data:`TILE_TABLE` row for ``target``'s vector width."""
+    return TILE_TABLE[vector_lanes(target)]

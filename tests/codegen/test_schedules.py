@@ -1,0 +1,141 @@
+"""Schedule templates: which template each kernel pattern takes, and the scheduled kernels compute the same numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import te, topi
+
+from effc.codegen.schedules import TILE_TABLE, schedule_kernel, vector_lanes
+from effc.codegen.schedules import analysis as an
+
+TARGET = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu())})
+TILES = TILE_TABLE[vector_lanes(TARGET)]
+RNG = np.random.default_rng(0)
+
+
+def _run(func, arrays, out_shape):
+    scheduled, template = schedule_kernel(func, TILES)
+    lib = tvm.compile(tvm.IRModule({"main": scheduled}), target=TARGET)
+    args = [tvm.runtime.tensor(a) for a in arrays] + [tvm.runtime.tensor(np.zeros(out_shape, "float32"))]
+    lib["main"](*args)
+    return template, args[-1].numpy()
+
+
+def _matmul_epilogue(b, m, k, n):
+    a = te.placeholder((b, m, k), name="A")
+    w = te.placeholder((k, n), name="W")
+    bias = te.placeholder((n,), name="bias")
+    r = te.reduce_axis((0, k), name="k")
+    mm = te.compute((b, m, n), lambda x, i, j: te.sum(a[x, i, r] * w[r, j], axis=r), name="matmul")
+    add = te.compute((b, m, n), lambda x, i, j: mm[x, i, j] + bias[j], name="T_add")
+    out = te.compute((b, m, n), lambda x, i, j: te.max(add[x, i, j], 0.0), name="T_relu")
+    return te.create_prim_func([a, w, bias, out])
+
+
+@pytest.mark.parametrize(
+    "b,m,k,n,expected", [(1, 64, 96, 128, "gemm"), (2, 8, 64, 32, "gemm"), (1, 1, 64, 256, "gemv")]
+)
+def test_gemm_template_with_fused_epilogue(b, m, k, n, expected):
+    x = RNG.standard_normal((b, m, k)).astype("float32")
+    w = RNG.standard_normal((k, n)).astype("float32")
+    bias = RNG.standard_normal(n).astype("float32")
+    template, got = _run(_matmul_epilogue(b, m, k, n), [x, w, bias], (b, m, n))
+    assert template == expected
+    np.testing.assert_allclose(got, np.maximum(x @ w + bias, 0), rtol=1e-5, atol=1e-4)
+
+
+def test_gemm_schedule_is_register_blocked():
+    scheduled, _ = schedule_kernel(_matmul_epilogue(1, 64, 96, 128), TILES)
+    text = scheduled.script()
+    assert "T.parallel" in text and "T.vectorized" in text and "T.unroll" in text
+    assert "matmul_init" in text  # reduction decomposed: the accumulator tile is zeroed, not the whole output
+
+
+def test_softmax_rows_are_parallel_and_vectorized():
+    x = te.placeholder((4, 32, 64), name="x")
+    func = te.create_prim_func([x, topi.nn.softmax(x, axis=-1)])
+    data = RNG.standard_normal((4, 32, 64)).astype("float32") * 4
+    template, got = _run(func, [data], (4, 32, 64))
+    assert template == "rowwise"
+    ref = np.exp(data - data.max(-1, keepdims=True))
+    np.testing.assert_allclose(got, ref / ref.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
+    text = schedule_kernel(func, TILES)[0].script()
+    assert "T.parallel" in text and "_rf" in text  # rfactor: vector partial sums
+
+
+def test_layer_norm_rowwise():
+    x = te.placeholder((1, 16, 384), name="x")
+    g = te.placeholder((384,), name="g")
+    b = te.placeholder((384,), name="b")
+    func = te.create_prim_func([x, g, b, topi.nn.layer_norm(x, g, b, axis=[2], epsilon=1e-12)])
+    data = RNG.standard_normal((1, 16, 384)).astype("float32")
+    gamma = RNG.standard_normal(384).astype("float32")
+    beta = RNG.standard_normal(384).astype("float32")
+    template, got = _run(func, [data, gamma, beta], (1, 16, 384))
+    assert template == "rowwise"
+    mean = data.mean(-1, keepdims=True)
+    ref = (data - mean) / np.sqrt(data.var(-1, keepdims=True) + 1e-12) * gamma + beta
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "cin,cout,ksize,stride,groups",
+    [(8, 16, 3, 1, 1), (16, 32, 1, 1, 1), (16, 16, 3, 2, 16)],
+    ids=["3x3", "1x1", "depthwise-s2"],
+)
+def test_conv_template(cin, cout, ksize, stride, groups):
+    torch = pytest.importorskip("torch")
+    x = te.placeholder((1, cin, 20, 32), name="x")
+    w = te.placeholder((cout, cin // groups, ksize, ksize), name="w")
+    pad = ksize // 2
+    if groups == 1:
+        conv = topi.nn.conv2d_nchw(x, w, stride, pad, 1)
+    else:
+        conv = topi.nn.group_conv2d_nchw(x, w, stride, pad, 1, groups)
+    out = te.compute(conv.shape, lambda *i: te.max(conv(*i), 0.0), name="relu")
+    func = te.create_prim_func([x, w, out])
+    data = RNG.standard_normal((1, cin, 20, 32)).astype("float32")
+    weight = RNG.standard_normal((cout, cin // groups, ksize, ksize)).astype("float32")
+    ref = torch.relu(torch.nn.functional.conv2d(torch.tensor(data), torch.tensor(weight), stride=stride, padding=pad,
+                                                groups=groups)).numpy()
+    template, got = _run(func, [data, weight], ref.shape)
+    assert template in ("conv2d", "depthwise_conv2d")
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_injective_transpose():
+    x = te.placeholder((2, 12, 64, 32), name="x")
+    y = topi.transpose(x, (0, 2, 1, 3))
+    z = te.compute(y.shape, lambda *i: y(*i) * 0.5, name="scale")
+    func = te.create_prim_func([x, z])
+    data = RNG.standard_normal((2, 12, 64, 32)).astype("float32")
+    template, got = _run(func, [data], (2, 64, 12, 32))
+    assert template == "injective"
+    np.testing.assert_allclose(got, data.transpose(0, 2, 1, 3) * 0.5)
+
+
+def test_unmatched_reduction_falls_back_but_is_scheduled():
+    x = te.placeholder((64, 48), name="x")
+    func = te.create_prim_func([x, topi.sum(x, axis=0)])  # reduces the leading axis: no row template
+    data = RNG.standard_normal((64, 48)).astype("float32")
+    template, got = _run(func, [data], (48,))
+    assert template in ("fallback", "rowwise")
+    np.testing.assert_allclose(got, data.sum(0), rtol=1e-5, atol=1e-4)
+
+
+def test_tile_table_and_lanes():
+    assert vector_lanes(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})) == 16
+    assert vector_lanes(tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})) == 8
+    assert vector_lanes(tvm.target.Target({"kind": "llvm", "mcpu": "generic"})) == 4
+    for lanes, row in TILE_TABLE.items():
+        assert row.lanes == lanes
+        assert all(nr % lanes == 0 and nr & (nr - 1) == 0 for nr in row.gemm_nr)  # power-of-two widths only
+
+
+def test_pow2_divisor():
+    assert an.pow2_divisor(384, 16) == 16
+    assert an.pow2_divisor(40, 16) == 8
+    assert an.pow2_divisor(10, 16) == 2
+    assert an.pow2_divisor(7, 16) == 1
