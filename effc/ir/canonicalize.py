@@ -57,6 +57,17 @@ def _dims_text(value: ir.Value) -> str:
                     for d in value.shape)
 
 
+def _example_shape(value: ir.Value, wanted: Sequence[int] = ()) -> str:
+    """A valid ``--input-shape`` text for ``value``: its fixed dims, else the dim in ``wanted``, else 1."""
+    dims = []
+    for i, d in enumerate(value.shape if value.shape is not None else [1]):
+        if isinstance(d, int) and d >= 0:
+            dims.append(d)
+        else:
+            dims.append(wanted[i] if i < len(wanted) else 1)
+    return f"{value.name}={'x'.join(map(str, dims))}"
+
+
 def _is_static(value: ir.Value) -> bool:
     return value.shape is not None and all(isinstance(d, int) and d >= 0 for d in value.shape)
 
@@ -92,17 +103,16 @@ def _fix_inputs(model: ir.Model, input_shapes: Mapping[str, Sequence[int]],
         dims = tuple(int(d) for d in dims)
         if value.shape is not None and len(value.shape) != len(dims):
             raise ShapeError(f"input {name!r} has rank {len(value.shape)} ({_dims_text(value)}), got shape {dims}",
-                             f"give {len(value.shape)} dims, e.g. --input-shape {name}={_dims_text(value)}")
+                             f"give {len(value.shape)} dims, e.g. --input-shape {_example_shape(value)}")
         for have, want in zip(value.shape or (), dims, strict=False):
             if isinstance(have, int) and have >= 0 and have != want:
                 raise ShapeError(f"input {name!r} has fixed dims {_dims_text(value)}, cannot set {dims}",
-                                 f"keep the fixed dims: --input-shape {name}={_dims_text(value)}")
+                                 f"keep the fixed dims: --input-shape {_example_shape(value, dims)}")
         value.shape = ir.Shape(dims)
     unknown = [v for v in graph.inputs if not _is_static(v)]
     if unknown:
         listed = ", ".join(f"{v.name} ({_dims_text(v)})" for v in unknown)
-        example = unknown[0].name + "=" + "x".join("1" if not (isinstance(d, int) and d >= 0) else str(d)
-                                                   for d in (unknown[0].shape or [1]))
+        example = _example_shape(unknown[0])
         raise ShapeError(f"input(s) with unknown dims: {listed}",
                          f"give a deployment shape for each, e.g. --input-shape {example} (like name=1x3x48x192)")
     return {"dropped_initializer_inputs": len(dropped), "constant_inputs": sorted({*constant_inputs, *done}),

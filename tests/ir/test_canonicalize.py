@@ -85,6 +85,16 @@ def test_wrong_rank_or_fixed_dim_raises(shape):
         canonicalize(_dynamic_model(), input_shapes={"x": shape}, constant_inputs={"scale": np.float32(2)})
 
 
+@pytest.mark.parametrize("shape,fix", [((1, 4, 1), "x=1x4"), ((3, 5), "x=3x4")])
+def test_shape_error_hint_is_valid_input_shape_text(shape, fix):
+    # the hint used to print the model's own dims ("x=?Nx4"), which --input-shape cannot parse
+    with pytest.raises(ShapeError) as info:
+        canonicalize(_dynamic_model(), input_shapes={"x": shape}, constant_inputs={"scale": np.float32(2)})
+    suggested = info.value.hint.split("--input-shape ")[1].split()[0]
+    assert suggested == fix
+    assert parse_input_shape(suggested) == ("x", tuple(int(d) for d in fix[2:].split("x")))
+
+
 def test_initializer_inputs_dropped_and_constant_input_folded():
     model = _dynamic_model(weights_as_inputs=True)
     canonical = canonicalize(model, input_shapes={"x": (2, 4)}, constant_inputs={"scale": np.float32(3)})
