@@ -10,13 +10,14 @@ import numpy as np
 
 
 def _feeds(artifact: Path, data: str | os.PathLike | None, n_synthetic: int = 4) -> tuple[Any, list[dict], bool]:
-    from effc.ir.data import input_ranks, load_data, synthetic_feeds
+    from effc.ir.data import conform_feeds, input_ranks, load_data, synthetic_feeds
     from effc.ir.model import load
 
     model = load(artifact / "model.onnx")
-    names = [v.name for v in model.graph.inputs]
+    names = [v.name for v in model.graph.inputs if not v.is_initializer()]
     if data is not None:
-        return model, load_data(data, names, input_ranks(model)), False
+        feeds = load_data(data, names, input_ranks(model))
+        return model, conform_feeds(model, feeds, where=f"--data {data}"), False
     return model, synthetic_feeds(model, n_synthetic, seed=3), True
 
 

@@ -81,7 +81,13 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
     help="Samples: .npz keyed by input name (optional leading sample "
     "axis) or a folder of .npz. First half calibrates, the rest evaluates. Default: zoo samples or synthetic.",
 )
-@click.option("--threads", type=int, default=1, show_default=True, help="Threads for the artifact and for onnxruntime.")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Threads for the artifact and for onnxruntime.",
+)
 @click.option("--mcpu", default=None, help="CPU model for LLVM (default: detected from this machine).")
 @click.option("--no-fast-math", is_flag=True, help="Keep exact erf/exp/tanh (CPU target).")
 @click.option("--flash", default=None, help="Flash budget for microcontroller targets, e.g. 1M.")
@@ -266,7 +272,7 @@ def run_cmd(ctx, artifact, data, out_file):
 @cli.command(name="eval")
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", type=click.Path(exists=True), help=".npz keyed by input name; default: synthetic inputs.")
-@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 @click.pass_context
 def eval_cmd(ctx, artifact, data, threads):
     """Compare a compiled artifact with its model.onnx under onnxruntime (fidelity and latency)."""

@@ -173,20 +173,20 @@ def gather_feeds(
     Raises:
         DataError: the data does not match the model's inputs.
     """
-    from effc.ir.data import input_ranks, load_data, synthetic_feeds
+    from effc.ir.data import conform_feeds, input_ranks, load_data, synthetic_feeds
 
-    names = [v.name for v in model.graph.inputs]
+    names = [v.name for v in model.graph.inputs if not v.is_initializer()]
     if data is not None:
         if isinstance(data, (str, os.PathLike)):
             feeds = load_data(data, names, input_ranks(model))
+            where = f"--data {data}"
         else:
             feeds = [dict(f) for f in data]
-        for i, feed in enumerate(feeds):
-            missing = [n for n in names if n not in feed]
-            if missing:
-                raise DataError(f"data sample {i} lacks input(s) {missing}", f"the model's inputs are {names}")
+            where = "data"
         if not feeds:
             raise DataError("the data holds no samples", "give at least one array per model input")
+        # shapes and dtypes are checked here, before the build, not by onnxruntime after it
+        feeds = conform_feeds(model, feeds, where=where)
         if len(feeds) == 1:
             where = data if isinstance(data, (str, os.PathLike)) else "in memory"
             desc = f"user data ({where}), 1 sample used for calibration and evaluation"
@@ -271,7 +271,7 @@ def compile_model(
     started = time.perf_counter()
     out = prepare_output_dir(out_dir, force)
     tgt = get_target(target)  # unknown target fails before any work
-    threads = int(threads or 1)
+    threads = _check_threads(threads)
     options = {"threads": threads, **dict(target_options or {})}
     unknown = sorted(set(options) - set(tgt.option_names()) - {"threads"})
     if unknown:
@@ -361,6 +361,19 @@ def compile_model(
     from effc.runtime.manifest import read_manifest
 
     return CompileResult(out, read_manifest(out), report)
+
+
+def _check_threads(threads: Any) -> int:
+    """The thread count (default 1) as a positive int.
+
+    Raises:
+        EffcError: ``threads`` is not a positive integer (0 used to become 1 silently).
+    """
+    if threads is None:
+        return 1
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise EffcError(f"threads={threads!r} is not a positive integer", "give --threads 1 or more (default 1)")
+    return int(threads)
 
 
 def _precheck(model: ir.Model) -> None:

@@ -125,6 +125,34 @@ def test_existing_output_needs_force(tmp_path, mlp_path):
     assert (out / "manifest.json").exists()
 
 
+@pytest.mark.parametrize(
+    "x,needle", [(np.zeros((1, 17), np.float32), "[1, 16]"), (np.zeros((1, 16), np.int64), "int64")]
+)
+def test_data_with_wrong_shape_or_dtype(tmp_path, mlp_path, x, needle):
+    # used to build the whole model, then crash in onnxruntime with a traceback
+    np.savez(tmp_path / "d.npz", x=x)
+    out = tmp_path / "out"
+    result = _run("compile", mlp_path, "--data", tmp_path / "d.npz", "-o", out)
+    _assert_clean_failure(result, out, "'x'", needle)
+
+
+def test_data_float64_is_accepted(tmp_path, mlp_path):
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((4, 1, 16)))  # numpy's default float64
+    out = tmp_path / "out"
+    result = _run("compile", mlp_path, "--data", tmp_path / "d.npz", "-o", out, "--no-latency")
+    assert result.exit_code == 0, result.output
+    result = _run("eval", out, "--data", tmp_path / "d.npz")
+    assert result.exit_code == 0, result.output
+    assert "2 user sample(s)" in result.output or "4 user sample(s)" in result.output
+
+
+def test_threads_zero_is_rejected(tmp_path, mlp_path):
+    out = tmp_path / "out"
+    result = _run("compile", mlp_path, "--threads", "0", "-o", out)
+    assert result.exit_code != 0 and "threads" in result.output.lower()
+    assert not out.exists()
+
+
 def test_unknown_target(tmp_path, mlp_path):
     out = tmp_path / "out"
     _assert_clean_failure(_run("compile", mlp_path, "--target", "tpu9000", "-o", out), out, "tpu9000", "cpu")

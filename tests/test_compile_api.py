@@ -81,3 +81,11 @@ def test_runtime_rejects_missing_manifest(tmp_path):
 def test_torch_module_without_examples():
     with pytest.raises(EffcError, match="example"):
         effc.compile(SmallNet(), out_dir="unused")
+
+
+@pytest.mark.parametrize("threads", [0, -2, 1.5])
+def test_invalid_threads_rejected_before_any_work(tmp_path, mlp_path, threads):
+    # threads=0 used to become 1 silently (``threads or 1``)
+    with pytest.raises(EffcError, match="threads"):
+        effc.compile(mlp_path, out_dir=tmp_path / "out", threads=threads)
+    assert not (tmp_path / "out").exists()

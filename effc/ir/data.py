@@ -94,6 +94,64 @@ def load_data(path: str | os.PathLike, input_names: Sequence[str],
     return feeds
 
 
+def _same_family(have: np.dtype, want: np.dtype) -> bool:
+    """True when ``have`` converts to ``want`` keeping the meaning (float64 → float32, int32 → int64, uint8 → int64)."""
+    family = {"f": "f", "i": "i", "u": "i", "b": "b", "c": "c"}
+    return family.get(have.kind, have.kind) == family.get(want.kind, want.kind)
+
+
+def conform_feeds(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]],
+                  where: str = "the data") -> list[dict[str, np.ndarray]]:
+    """Check feeds against ``model``'s data inputs and convert dtypes of the same kind.
+
+    Every feed must hold every data input with the input's static shape. An array whose dtype is of the same
+    family as the input's (``float64`` data for a ``float32`` input, ``int32`` for ``int64``) is converted; keys
+    that are not model inputs are dropped.
+
+    Args:
+        model: the model the feeds are for (canonical: static input shapes).
+        feeds: one dict input name → array per sample.
+        where: how the error messages name the data, e.g. ``"--data samples.npz"``.
+
+    Returns:
+        New feed dicts holding exactly the model's data inputs, with the model's dtypes.
+
+    Raises:
+        DataError: a feed lacks an input, or an array's shape or dtype kind does not match the input's (the
+            message names the input, the sample, what was given and what the model expects).
+    """
+    inputs = [v for v in model.graph.inputs if not v.is_initializer()]
+    names = [v.name for v in inputs]
+    conformed = []
+    for index, feed in enumerate(feeds):
+        missing = [n for n in names if n not in feed]
+        if missing:
+            raise DataError(f"{where}: sample {index} lacks input(s) {missing}; it holds {sorted(feed)}",
+                            f"give one array per model input: {names}")
+        out = {}
+        for value in inputs:
+            array = np.asarray(feed[value.name])
+            want_shape = tuple(value.shape) if value.shape is not None else None
+            static = want_shape is not None and all(isinstance(d, int) and d >= 0 for d in want_shape)
+            if static and array.shape != want_shape:
+                dims = "x".join(map(str, want_shape))
+                raise DataError(
+                    f"{where}: input {value.name!r} of sample {index} has shape {list(array.shape)}, the model "
+                    f"expects {list(want_shape)}",
+                    f"give arrays of shape {list(want_shape)} (or ({', '.join(['N', *map(str, want_shape)])}) for N "
+                    f"samples), or compile for another shape with --input-shape {value.name}=... (now {dims})")
+            want = np.dtype(value.dtype.numpy()) if value.dtype is not None else array.dtype
+            if array.dtype != want:
+                if not _same_family(array.dtype, want):
+                    raise DataError(
+                        f"{where}: input {value.name!r} of sample {index} has dtype {array.dtype}, the model expects "
+                        f"{want}", f"save it as {want}, e.g. numpy.savez(path, {value.name}=array.astype('{want}'))")
+                array = array.astype(want)
+            out[value.name] = array
+        conformed.append(out)
+    return conformed
+
+
 def input_ranks(model: ir.Model) -> dict[str, int]:
     """Rank of every data input of ``model`` (for :func:`load_data`)."""
     return {v.name: len(v.shape) for v in model.graph.inputs if not v.is_initializer() and v.shape is not None}

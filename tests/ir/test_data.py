@@ -4,7 +4,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from effc.errors import DataError
-from effc.ir.data import SYNTHETIC_INT_HIGH, input_ranks, load_data, synthetic_feeds
+from effc.ir.data import SYNTHETIC_INT_HIGH, conform_feeds, input_ranks, load_data, synthetic_feeds
 
 RANKS = {"x": 4, "ids": 2}
 
@@ -70,3 +70,17 @@ def test_synthetic_feeds_dtypes_and_ranges():
     assert not np.array_equal(feeds[0]["x"], feeds[1]["x"])
     with pytest.raises(DataError, match="no static shape"):
         synthetic_feeds(_model(dynamic=True), 1)
+
+
+def test_conform_feeds_casts_same_kind_and_rejects_wrong_shape_or_kind():
+    model = _model()
+    good = {"x": np.ones((2, 3)), "ids": np.zeros((1, 7), np.int32), "m": np.ones((1, 7), bool), "extra": 1}
+    (fed,) = conform_feeds(model, [good])
+    assert sorted(fed) == ["ids", "m", "x"]
+    assert fed["x"].dtype == np.float32 and fed["ids"].dtype == np.int64
+    with pytest.raises(DataError, match=r"input 'x' of sample 0 has shape \[2, 4\], the model expects \[2, 3\]"):
+        conform_feeds(model, [{**good, "x": np.ones((2, 4))}])
+    with pytest.raises(DataError, match="input 'x' of sample 1 has dtype int64, the model expects float32"):
+        conform_feeds(model, [good, {**good, "x": np.ones((2, 3), np.int64)}])
+    with pytest.raises(DataError, match=r"sample 0 lacks input\(s\) \['m'\]"):
+        conform_feeds(model, [{"x": good["x"], "ids": good["ids"]}])
