@@ -140,20 +140,45 @@ def _copy(model: ir.Model) -> ir.Model:
     return ir.from_proto(ir.to_proto(model))
 
 
-def prepare_output_dir(out_dir: str | os.PathLike, force: bool) -> Path:
+def prepare_output_dir(
+    out_dir: str | os.PathLike, force: bool, keep: Sequence[str | os.PathLike | None] = ()
+) -> Path:
     """Check that ``out_dir`` can receive an artifact; returns it as an absolute path.
 
+    Args:
+        out_dir: the artifact folder to (re)place.
+        force: allow replacing a non-empty folder.
+        keep: paths that must survive (the model file, the data, a dump folder); a folder holding one of them,
+            the current folder or the home folder is never replaced, even with ``force``.
+
     Raises:
-        ArtifactError: the folder exists, is not empty, and ``force`` is False; or it is a file.
+        ArtifactError: the folder exists, is not empty, and ``force`` is False; it is a file; its nearest existing
+            parent is a file or not writable; or replacing it would delete one of ``keep``, the current folder or
+            the home folder.
     """
     out = Path(out_dir).resolve()
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"output path {out} exists and is not a folder", "choose another -o/--output path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ArtifactError(
-            f"output folder {out} already exists and is not empty",
-            "choose another -o/--output folder, or pass --force (force=True) to replace it",
-        )
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ArtifactError(f"output path {out} lies under {parent}, which is a file", "choose another -o path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ArtifactError(f"cannot create {out}: folder {parent} is not writable", "choose a writable -o folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ArtifactError(
+                f"output folder {out} already exists and is not empty",
+                "choose another -o/--output folder, or pass --force (force=True) to replace it",
+            )
+        for path in [Path.cwd(), Path.home(), *(Path(k) for k in keep if k is not None)]:
+            path = path.resolve()
+            if path == out or out in path.parents:
+                raise ArtifactError(
+                    f"refusing to replace output folder {out}: it holds {path}, which --force would delete",
+                    "write the artifact to a new or empty folder, e.g. -o out",
+                )
     return out
 
 
@@ -269,7 +294,14 @@ def compile_model(
     from effc.targets import get_target
 
     started = time.perf_counter()
-    out = prepare_output_dir(out_dir, force)
+    keep = [model if isinstance(model, (str, os.PathLike)) and not str(model).startswith("zoo:") else None, dump_ir]
+    keep.append(data if isinstance(data, (str, os.PathLike)) else None)
+    out = prepare_output_dir(out_dir, force, keep=keep)
+    if dump_ir is not None and (Path(dump_ir).resolve() == out or out in Path(dump_ir).resolve().parents):
+        raise ArtifactError(
+            f"--dump-ir folder {dump_ir} lies inside the output folder {out}, which is replaced at the end",
+            "dump the IR to a folder outside -o, e.g. --dump-ir ir/",
+        )
     tgt = get_target(target)  # unknown target fails before any work
     threads = _check_threads(threads)
     options = {"threads": threads, **dict(target_options or {})}
@@ -443,10 +475,16 @@ def _evaluate(
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is replaced, or restored if the rename is interrupted."""
     if out.exists():
         trash = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(trash)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            if not out.exists():
+                trash.rename(out)  # put the previous artifact back
+            raise
         shutil.rmtree(trash, ignore_errors=True)
     else:
         tmp.rename(out)

@@ -89,3 +89,25 @@ def test_invalid_threads_rejected_before_any_work(tmp_path, mlp_path, threads):
     with pytest.raises(EffcError, match="threads"):
         effc.compile(mlp_path, out_dir=tmp_path / "out", threads=threads)
     assert not (tmp_path / "out").exists()
+
+
+def test_interrupted_replace_keeps_the_previous_artifact(tmp_path, mlp_path, monkeypatch):
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    effc.compile(str(mlp_path), out_dir=out, measure_latency=False)
+    before = (out / "manifest.json").read_text()
+    real_rename = Path.rename
+
+    def interrupted(self, target):
+        if self.name.startswith(".out.tmp-"):
+            raise KeyboardInterrupt  # Ctrl-C between moving the old artifact away and the new one in
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        effc.compile(str(mlp_path), out_dir=out, force=True, measure_latency=False)
+    monkeypatch.undo()
+    assert (out / "manifest.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "out"]
+    effc.runtime.load(out)
