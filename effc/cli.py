@@ -148,11 +148,11 @@ def compile(
                 measure_latency=not no_latency,
                 target_options=options,
             )
-        table = Table(title=f"effc compile {model} → {result.out_dir}", show_header=False)
+        table = Table(title=escape(f"effc compile {model} → {result.out_dir}"), show_header=False)
         for key, value in summary_rows(result.report):
-            table.add_row(key, value)
+            table.add_row(escape(key), escape(value))
         console.print(table)
-        console.print(f"report: {result.out_dir / 'report.md'}")
+        console.print(escape(f"report: {result.out_dir / 'report.md'}"), highlight=False)
 
     _guard(ctx, run)
 
@@ -180,7 +180,7 @@ def inspect(ctx, model, input_shapes):
 
         missing = unsupported_ops(canonical)
         sig = io_signature(canonical)
-        io = Table(title=f"{model}: inputs and outputs")
+        io = Table(title=escape(f"{model}: inputs and outputs"))
         for col in ("kind", "name", "shape", "dtype"):
             io.add_column(col)
         for kind in ("inputs", "outputs"):
@@ -251,12 +251,12 @@ def run_cmd(ctx, artifact, data, out_file):
         from effc.api import run_artifact
 
         results = run_artifact(artifact, data)
+        source = f"--data {data}" if data else "SYNTHETIC inputs (no --data given; outputs mean nothing)"
+        console.print(escape(f"{len(results)} sample(s) from {source}"), highlight=False)
         for i, outputs in enumerate(results):
             for name, arr in outputs.items():
-                console.print(
-                    f"sample {i} {name}: shape={arr.shape} dtype={arr.dtype} "
-                    f"min={arr.min():.6g} max={arr.max():.6g} mean={arr.mean():.6g}"
-                )
+                stats = f"min={arr.min():.6g} max={arr.max():.6g} mean={arr.mean():.6g}" if arr.size else "empty"
+                console.print(escape(f"sample {i} {name}: shape={arr.shape} dtype={arr.dtype} {stats}"))
         if out_file:
             flat = {
                 f"{name}" if len(results) == 1 else f"{i}/{name}": a
@@ -267,6 +267,15 @@ def run_cmd(ctx, artifact, data, out_file):
             console.print(f"outputs written to {out_file}")
 
     _guard(ctx, run)
+
+
+_EVAL_LABELS = {
+    "max_abs_diff": "max |compiled - onnxruntime|",
+    "min_cosine": "min cosine",
+    "ort_median_ms": "onnxruntime median ms",
+    "effc_median_ms": "effc median ms",
+    "ratio": "latency ratio effc / onnxruntime (< 1: effc faster)",
+}
 
 
 @cli.command(name="eval")
@@ -281,9 +290,10 @@ def eval_cmd(ctx, artifact, data, threads):
         from effc.api import evaluate_artifact
 
         summary = evaluate_artifact(artifact, data, threads=threads)
-        table = Table(title=f"effc eval {artifact}", show_header=False)
+        table = Table(title=escape(f"effc eval {artifact}"), show_header=False)
         for key, value in summary.items():
-            table.add_row(key, str(value))
+            label = _EVAL_LABELS.get(key, key)
+            table.add_row(escape(label), escape(f"{value:.4g}" if isinstance(value, float) else str(value)))
         console.print(table)
 
     _guard(ctx, run)
@@ -305,7 +315,7 @@ def verify(ctx, artifact, data, atol):
 
         result = verify_artifact(artifact, data, atol=atol)
         for key, value in result.items():
-            console.print(f"{key}: {value}")
+            console.print(escape(f"{key}: {value}"), highlight=False)
         if not result["ok"]:
             err_console.print("[red]verification failed[/red]: outputs differ from onnxruntime")
             sys.exit(1)
@@ -314,14 +324,33 @@ def verify(ctx, artifact, data, atol):
     _guard(ctx, run)
 
 
+#: Exit code for a failure effc did not anticipate (a bug): distinct from an EffcError's.
+INTERNAL_ERROR_EXIT = 3
+
+
 def _guard(ctx: click.Context, fn) -> None:
+    """Run ``fn``; an EffcError prints as one line, any other exception as one "internal error" line.
+
+    ``--debug`` re-raises instead (full traceback). Ctrl-C is left to click ("Aborted!").
+    """
     try:
         fn()
     except EffcError as exc:
         if ctx.obj.get("debug"):
             raise
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001  (no traceback for users; --debug shows it)
+        if ctx.obj.get("debug"):
+            raise
+        message = f"internal error: {type(exc).__name__}: {str(exc)[:300]}".replace("\n", " ")
+        err_console.print(
+            f"[red]error:[/red] {escape(message)}; fix: rerun with `effc --debug ...` for the traceback and report "
+            "it with the command line",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(INTERNAL_ERROR_EXIT)
 
 
 def main(argv: list[str] | None = None) -> None:

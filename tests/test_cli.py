@@ -22,6 +22,7 @@ def _assert_clean_failure(result, out_dir, *needles):
     assert result.exit_code != 0, result.output
     text = result.output
     assert "Traceback" not in text
+    assert "internal error" not in text
     assert "error:" in text
     for needle in needles:
         assert needle.lower() in text.lower(), text
@@ -151,6 +152,59 @@ def test_threads_zero_is_rejected(tmp_path, mlp_path):
     result = _run("compile", mlp_path, "--threads", "0", "-o", out)
     assert result.exit_code != 0 and "threads" in result.output.lower()
     assert not out.exists()
+
+
+def test_error_text_with_brackets_is_printed_not_parsed_as_markup(tmp_path, mlp_path):
+    # "[/fc*]" used to crash rich's markup parser (MarkupError traceback) instead of printing the error
+    out = tmp_path / "out"
+    result = _run("compile", mlp_path, "--passes", "prune(include=[/fc*],sparsity=1.5)", "-o", out)
+    _assert_clean_failure(result, out, "sparsity")
+    result = _run("compile", mlp_path, "--passes", "prune(include=[/fc*],sparsity=x)", "-o", out)
+    _assert_clean_failure(result, out, "prune(include=[/fc*],sparsity=x)")
+
+
+def test_unexpected_exception_is_one_line(tmp_path, mlp_path, monkeypatch):
+    import effc.compiler
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated bug\nsecond line")
+
+    monkeypatch.setattr(effc.compiler, "compile_model", crash)
+    result = _run("compile", mlp_path, "-o", tmp_path / "out")
+    assert result.exit_code == 3
+    assert "Traceback" not in result.output
+    assert "internal error: RuntimeError: simulated bug second line" in result.output
+    assert "--debug" in result.output
+    debug = CliRunner().invoke(cli, ["--debug", "compile", str(mlp_path), "-o", str(tmp_path / "out")])
+    assert isinstance(debug.exception, RuntimeError)
+
+
+def test_output_under_a_file(tmp_path, mlp_path):
+    (tmp_path / "f.txt").write_text("x")
+    out = tmp_path / "f.txt" / "out"
+    result = _run("compile", mlp_path, "-o", out)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "which is a file" in result.output
+
+
+def test_force_never_deletes_the_model_or_the_current_folder(tmp_path, mlp_path, monkeypatch):
+    # `-o . --force` used to rename the current folder away and delete it, model included
+    result = _run("compile", mlp_path, "-o", mlp_path.parent, "--force")
+    assert result.exit_code != 0 and "refusing to replace" in result.output
+    assert mlp_path.exists()
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep me")
+    monkeypatch.chdir(work)
+    result = _run("compile", mlp_path, "-o", ".", "--force")
+    assert result.exit_code != 0 and "refusing to replace" in result.output
+    assert (work / "notes.txt").read_text() == "keep me"
+
+
+def test_dump_ir_inside_output_is_rejected(tmp_path, mlp_path):
+    out = tmp_path / "out"
+    result = _run("compile", mlp_path, "-o", out, "--dump-ir", out / "ir")
+    _assert_clean_failure(result, out, "--dump-ir")
 
 
 def test_unknown_target(tmp_path, mlp_path):
