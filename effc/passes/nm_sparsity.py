@@ -342,3 +342,20 @@ class NMSparsityPass(EffcPass):
         """Swap rounds that fit a fixed work budget (element-wise search on wide layers is costly)."""
         cout, cin = shape
         return int(min(64, max(4, budget // (cout * cin * 64))))
+
+
+def _count_macs(node: ir.Node) -> int | None:
+    """Effective MACs of ``effc.NMSparseMatMul``: rows × (K·n/m) × Cout — only the kept weights multiply."""
+    from effc.eval.macs import static_shape
+
+    x, vals = static_shape(node.inputs[0]), static_shape(node.inputs[1])
+    return None if x is None or vals is None else int(np.prod(x[:-1])) * vals[0] * vals[1]
+
+
+def _register_macs() -> None:
+    from effc.eval.macs import register_mac_counter
+
+    register_mac_counter(OP_TYPE, _count_macs)
+
+
+_register_macs()

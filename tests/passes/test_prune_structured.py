@@ -154,3 +154,53 @@ def test_attention_heads_split_or_sliced_are_skipped(op):
     assert not p(model).modified
     reason = p.stats["skipped"][0]["reason"]
     assert ("Reshape" in reason or "Slice" in reason) and "heads" in reason
+
+
+# ------------------------------------------------------------------------------------------------------ real models
+def test_minilm_ffn_neurons_25_percent_macs_drop_as_expected():
+    from effc import zoo
+    from effc.eval.macs import count_macs
+    from effc.ir.reference import Reference
+
+    entry = zoo.get("minilm-l6")
+    model = entry.load()
+    macs = count_macs(model)["total"]
+    ffn = [n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None
+           and 1536 in n.inputs[1].const_value.shape]
+    ffn_macs = sum(128 * 384 * 1536 for _ in ffn)
+    p = PruneStructuredPass(ratio=0.25, targets="ffn")
+    assert p(model).modified
+    assert len(p.stats["groups"]) == 6 and all(g["kept"] == 1152 for g in p.stats["groups"])
+    assert count_macs(model)["total"] == macs - ffn_macs // 4
+    assert all("LayerNormalization" in s["reason"] for s in p.stats["skipped"])  # residual stream stays
+    feed = entry.samples("eval", 1)[0]
+    hidden, emb = Reference(model).run(feed)
+    assert hidden.shape == (1, 128, 384) and emb.shape == (1, 384) and np.isfinite(emb).all()
+
+
+def test_ppocr_det_channels_valid_smaller_and_compiles():
+    import tvm
+
+    from effc import zoo
+    from effc.codegen.cpu import compile_cpu
+    from effc.codegen.frontend import to_relax
+    from effc.eval.cost import param_bytes
+    from effc.eval.macs import count_macs
+    from effc.ir.reference import Reference
+
+    entry = zoo.get("ppocr-det")
+    model = entry.load()
+    before_bytes, before_macs = param_bytes(model), count_macs(model)["total"]
+    p = PruneStructuredPass(ratio=0.25, targets="conv", round_to=8)
+    assert p(model).modified and len(p.stats["groups"]) >= 10
+    assert [s["reason"] for s in p.stats["skipped"]] == ["channels of 'sigmoid_0.tmp_0' reach a graph output"]
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    assert param_bytes(model) < 0.7 * before_bytes and count_macs(model)["total"] < 0.7 * before_macs
+    feed = entry.samples("eval", 1)[0]
+    ref = Reference(model).run(feed)[0]
+    target = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu())})
+    exe, _ = compile_cpu(to_relax(model), target, {})
+    vm = tvm.relax.VirtualMachine(exe, tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(feed[name]) for name in Reference(model).input_names])
+    out = out if hasattr(out, "numpy") else out[0]
+    np.testing.assert_allclose(out.numpy(), ref, atol=2e-3)
