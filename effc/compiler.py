@@ -373,8 +373,9 @@ def compile_model(
             "params_bytes_after": cost.param_bytes(rewritten),
             "macs_before": macs_before["total"],
             "macs_after": macs_after["total"],
+            "macs_by_op_before": macs_before["by_op"],
             "macs_by_op_after": macs_after["by_op"],
-            "weight_sparsity_after": cost.sparsity_stats(rewritten)["total"],
+            "sparsity": {"total": cost.sparsity_stats(rewritten)["total"]},  # the key effc.eval.report reads
         }
         from effc.eval.report import write_report
         from effc.runtime.manifest import write_manifest

@@ -111,3 +111,16 @@ def test_interrupted_replace_keeps_the_previous_artifact(tmp_path, mlp_path, mon
     assert (out / "manifest.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "out"]
     effc.runtime.load(out)
+
+
+def test_report_shows_weight_sparsity_and_macs_per_op(tmp_path, mlp_path):
+    # the compiler wrote cost keys the report never read, so a pruned model's report.md said nothing about sparsity
+    from effc.eval.report import summary_rows
+
+    result = effc.compile(str(mlp_path), passes="prune(sparsity=0.5,min_params=0)", out_dir=tmp_path / "out",
+                          measure_latency=False)
+    md = (result.out_dir / "report.md").read_text()
+    assert "Weight sparsity (rewritten model): 50.0%" in md
+    assert "MACs per operator type" in md and "| Gemm |" in md
+    rows = dict(summary_rows(result.report))
+    assert rows["Weight sparsity"].startswith("50.0% zeros")

@@ -16,7 +16,8 @@ The report dict (every section optional except where noted; a missing section is
                                                       # effc.eval.fidelity.compare dicts; other keys are shown too
       "cost": {"params_bytes_before": int, "params_bytes_after": int,
                "macs_before": int | count_macs dict, "macs_after": int | count_macs dict,
-               "sparsity": sparsity_stats dict of the rewritten model},
+               "macs_by_op_before": dict, "macs_by_op_after": dict,   # op -> MACs (when macs_* are ints)
+               "sparsity": sparsity_stats dict of the rewritten model (at least its "total")},
       "latency": {"threads": int, "ort": measure dict, "effc": measure dict,
                   "ratio": float},                    # ratio = effc median / ort median (< 1: effc is faster);
                                                       # computed when absent
@@ -208,6 +209,10 @@ def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("MACs", _before_after(_macs(cost.get("macs_before")), _macs(cost.get("macs_after")), "")),
         ("Latency (median)", format_latency(report.get("latency"))),
     ]
+    total = (cost.get("sparsity") or {}).get("total") if isinstance(cost.get("sparsity"), Mapping) else None
+    if isinstance(total, Mapping) and total.get("zeros"):  # what unstructured passes bought (dense bytes stay)
+        rows.insert(-2, ("Weight sparsity", f"{100 * total['sparsity']:.1f}% zeros ({human(total['zeros'])} of "
+                                            f"{human(total['elements'])} weights; stored dense)"))
     rows.append(("Compile time", _format_seconds(report)))
     return rows
 
@@ -303,7 +308,8 @@ def _section_cost(cost: Mapping[str, Any]) -> list[str]:
         rows.append([label, f"{int(b):,}" if b is not None else NOT_MEASURED,
                      f"{int(a):,}" if a is not None else NOT_MEASURED, f"{b / a:.2f}" if a and b is not None else "–"])
     lines += _table(["", "before", "after", "before / after"], rows)
-    by_op = [cost[k].get("by_op") if isinstance(cost.get(k), Mapping) else None for k in ("macs_before", "macs_after")]
+    by_op = [cost[k].get("by_op") if isinstance(cost.get(k), Mapping) else cost.get(f"macs_by_op_{k[5:]}")
+             for k in ("macs_before", "macs_after")]
     if any(by_op):
         ops = sorted({op for d in by_op if d for op in d})
         rows = [[op, *(f"{int(d.get(op, 0)):,}" if d else "–" for d in by_op)] for op in ops]
