@@ -52,8 +52,16 @@ def nm_kernel(rows: int, k: int, cout: int, r: int, vector: int, idx_dtype: str 
     return te.create_prim_func([x, vals, idx, y]).with_attr("global_symbol", "main")
 
 
-def schedule_nm(func: tvm.tirx.PrimFunc, vector: int, mr: int = 4, nv: int = 4) -> tvm.tirx.PrimFunc:
-    """Register-blocked schedule of :func:`nm_kernel` (see the module docstring); marks ``tir.is_scheduled``."""
+def schedule_nm(func: tvm.tirx.PrimFunc, vector: int, mr: int = 4, nv: int | None = None) -> tvm.tirx.PrimFunc:
+    """Register-blocked schedule of :func:`nm_kernel` (see the module docstring); marks ``tir.is_scheduled``.
+
+    ``mr`` rows × ``nv`` blocks of ``V`` columns per micro-tile; by default ``nv`` keeps about 8 vector
+    accumulators for the target's SIMD width (AVX2: 4 × 16 columns; AVX-512: 4 × 32).
+    """
+    if nv is None:
+        from effc.codegen.schedules.tiles import vector_lanes
+
+        nv = max(1, 8 * vector_lanes(_target()) // (mr * max(vector, 16)))
     sch = s_tir.Schedule(func)
     blk = sch.get_sblock("Y")
     i, j, red = sch.get_loops(blk)
@@ -64,10 +72,10 @@ def schedule_nm(func: tvm.tirx.PrimFunc, vector: int, mr: int = 4, nv: int = 4) 
     lanes = lanes if cout % lanes == 0 else _divisor(cout, 8)
     io, ii = sch.split(i, [None, mr])
     jo, jv, ji = sch.split(j, [None, nv, lanes])
-    sch.reorder(io, jo, red, ii, jv, ji)
+    sch.reorder(jo, io, red, ii, jv, ji)  # column block outer: its values (R × nv·V) stay in L1 across rows
     acc = sch.cache_write(blk, 0, "local")
-    sch.reverse_compute_at(acc, jo)
-    sch.parallel(sch.fuse(io, jo))
+    sch.reverse_compute_at(acc, io)
+    sch.parallel(sch.fuse(jo, io))
     sch.vectorize(ji)
     sch.unroll(jv)
     sch.unroll(ii)
