@@ -251,3 +251,21 @@ def test_measured_error_of_transposed_gemm_matches_numpy():
     expected = np.sqrt(sum(np.square(h @ d.T).sum() for h in hr) / sum(np.square(h @ w2.T).sum() for h in hr))
     assert p.stats["layers"]["w2"]["rel_output_error"] == pytest.approx(expected, rel=1e-6)
     assert 0 < expected < 1
+
+
+def test_measured_error_gram_and_direct_paths_match_numpy():
+    # 240 calibration tokens: w1 (K=64, N=48) and w3 (16x16) take the Gram path XᵀX, w2 (N=16 < K=48) the direct one
+    model = mlp()
+    rng = np.random.default_rng(5)
+    cal = TapCalibration([{"x": rng.standard_normal((8, 64)).astype(np.float32)} for _ in range(30)])
+    acts = cal.tap(model, ["x", "hr", "g"])
+    before = weights(model)
+    p = PrunePass(sparsity=0.5, min_params=0, calibration=cal)
+    p(model)
+    after = weights(model)
+    for name, act, transpose in (("w1", "x", False), ("w2", "hr", True), ("w3", "g", False)):
+        w, d = before[name].astype(np.float64), before[name].astype(np.float64) - after[name]
+        w, d = (w.T, d.T) if transpose else (w, d)
+        xs = [a.astype(np.float64) for a in acts[act]]
+        expected = np.sqrt(sum(np.square(x @ d).sum() for x in xs) / sum(np.square(x @ w).sum() for x in xs))
+        assert p.stats["layers"][name]["rel_output_error"] == pytest.approx(expected, rel=1e-9), name
