@@ -62,7 +62,9 @@ def _tokenize(text: str) -> list[_Token]:
         if kind == "bad" and raw in "'\"":
             raise _error(text, pos, 1, "unterminated quoted string", f"close the string with {raw}")
         if kind == "bad":
-            raise _error(text, pos, 1, f"unexpected character {raw!r}", "quote values with special characters")
+            raise _error(text, pos, 1, f"unexpected character {raw!r}",
+                         "write name(key=value,...) and separate passes with ','; quote values holding other "
+                         "characters with ' or \" (ASCII quotes)")
         if kind != "ws":
             value = re.sub(r"\\(.)", r"\1", raw[1:-1], flags=re.DOTALL) if kind == "string" else raw
             tokens.append(_Token(kind, value, pos, len(raw)))
@@ -76,7 +78,7 @@ def _did_you_mean(word: str, names: collections.abc.Iterable[str], what: str) ->
         return f"{what}: (none)"
     ranked = difflib.get_close_matches(word, names, n=len(names), cutoff=0.0)
     ranked += sorted(n for n in names if n not in ranked)
-    guess = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    guess = [n for n in names if n.lower() == word.lower()] or difflib.get_close_matches(word, names, n=1, cutoff=0.6)
     return (f"did you mean {guess[0]!r}? " if guess else "") + f"{what}: {', '.join(ranked)}"
 
 
@@ -244,7 +246,8 @@ class _Parser:
             raise PipelineError(f"{segment}: {e.message}", e.hint) from e
 
     def _option(self, cls: type[EffcPass], specs: dict[str, TypeSpec], values: dict[str, Any]) -> None:
-        key = self.take(("word",), f"an option name of '{cls.name}'")
+        hint = f"options of '{cls.name}': {', '.join(specs) or '(none)'}; close the list with ')'"
+        key = self.take(("word",), f"an option name of '{cls.name}'", hint)
         spec = specs.get(key.text)
         if spec is None:
             hint = _did_you_mean(key.text, specs, f"options of '{cls.name}'")

@@ -179,6 +179,21 @@ def test_unknown_names_list_candidates_closest_first():
     assert "min_params" in info.value.hint and "exclude" in info.value.hint
 
 
+@pytest.mark.parametrize(
+    "text,hint",
+    [
+        ("prune(", "options of 'prune': sparsity"),  # used to have no fix at all
+        ("prune(sparsity=0.5,)", "options of 'prune': sparsity"),
+        ("dce;cse", "separate passes with ','"),  # used to say "quote values with special characters"
+        ("PRUNE", "did you mean 'prune'?"),
+    ],
+)
+def test_errors_carry_a_fix(text, hint):
+    with pytest.raises(PipelineError) as info:
+        parse_pipeline(text)
+    assert info.value.hint and hint in info.value.hint
+
+
 def test_direct_construction_validates_and_rejects_unknown_options():
     with pytest.raises(PipelineError, match=r"prune\(sparsity=-0.1\): sparsity must be a fraction in \[0, 1\]"):
         PrunePass(sparsity=-0.1)
