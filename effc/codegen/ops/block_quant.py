@@ -1,0 +1,266 @@
+"""TVM lowering of ``effc.BlockQuantMatMul``: weights stay packed in the artifact and are decoded in the GEMM.
+
+Compile-time layout (the converter re-packs the ONNX initializers, same bytes): codes ``Wt`` uint8
+``(K, N * bits / 8)`` packed along N (little-endian bit stream per row of K, as in
+:mod:`effc.passes.quant.packing`) and scales ``St`` ``(K / block_size, N)`` (E8M0 uint8 for MX, float16/float32
+for int blocks). The kernel computes ``Y (M, N) = X (M, K) @ W`` where::
+
+    W[k, j] = element(code(Wt, k, j)) * scale(St[k // block_size, j])
+
+Element decoding is arithmetic (vectorizable, no table): FP codes ``s|E|M`` give
+``(-1)^s * 2^(max(E,1) - bias) * ((E > 0) + M / 2^m)``; MXINT8 codes are int8 / 64; int4/int8 are two's complement.
+An E8M0 scale ``s`` is the float32 with exponent bits ``s`` (``2^(s - 127)``; ``s = 0`` reads as 0, which only
+all-zero blocks use). OCP MX v1.0 sections 5.3 and 6.
+
+Schedule: parallel over tiles of ``nr`` output columns; each tile's ``(K, nr)`` weights are decoded once into a
+local buffer (``compute_at``) and reused by every ``mr``-row register block of the GEMM (vectorized over ``nr``),
+so no fp32 copy of the whole weight exists and constant folding cannot widen it (the decode depends on the tile
+loop, not only on constants).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import tvm
+from tvm import relax, s_tir, te, tirx
+
+from effc.codegen.frontend import register_converter
+from effc.passes.quant import get_format, pack_codes, unpack_codes
+from effc.passes.quant.formats import BlockFormat
+
+__all__ = [
+    "BlockQDQConverter",
+    "BlockQuantGatherConverter",
+    "BlockQuantMatMulConverter",
+    "block_quant_kernel",
+    "repack_for_kernel",
+    "schedule_block_quant",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def repack_for_kernel(wq: np.ndarray, scales: np.ndarray, fmt: BlockFormat, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """ONNX layout ``(N, K*bits/8)``, ``(N, K/B)`` → kernel layout ``(K, N*bits/8 [+1 pad])``, ``(K/B, N)``.
+
+    The 6-bit layout gets one zero byte of padding per row so that a code straddling two bytes never reads past
+    the row.
+    """
+    codes = unpack_codes(wq, fmt.bits, k).T  # (K, N)
+    packed = pack_codes(np.ascontiguousarray(codes), fmt.bits)
+    if fmt.bits == 6:
+        packed = np.concatenate([packed, np.zeros((packed.shape[0], 1), np.uint8)], axis=1)
+    return np.ascontiguousarray(packed), np.ascontiguousarray(scales.T)
+
+
+def _code(wt: te.Tensor, k, j, bits: int):
+    """Unsigned code of element ``(k, j)`` from the N-packed rows (int32 expression)."""
+    if bits == 8:
+        return wt[k, j].astype("int32")
+    if bits == 4:
+        return (wt[k, j // 2].astype("int32") >> ((j % 2) * 4)) & 15
+    off = j * bits
+    lo = wt[k, off // 8].astype("int32") | (wt[k, off // 8 + 1].astype("int32") << 8)
+    return (lo >> (off % 8)) & ((1 << bits) - 1)
+
+
+def _element(code, fmt: BlockFormat):
+    """float32 value of an element code (before the block scale)."""
+    if fmt.kind == "mxint":
+        return ((code ^ 128) - 128).astype("float32") * tirx.const(1.0 / 64.0, "float32")
+    if fmt.kind == "int":
+        half = 1 << (fmt.bits - 1)
+        return ((code ^ half) - half).astype("float32")
+    import ml_dtypes
+
+    info = ml_dtypes.finfo(fmt.element_dtype)
+    m = int(info.nmant)
+    e_bits = fmt.bits - 1 - m
+    bias = 1 - int(info.minexp)
+    exp = (code >> m) & ((1 << e_bits) - 1)
+    man = code & ((1 << m) - 1)
+    # 2^(max(E,1) - bias) as float32 bits; (E > 0) + M / 2^m is the significand (subnormal when E == 0).
+    pow2 = tirx.reinterpret("float32", (tirx.max(exp, 1) - bias + 127) << 23)
+    sig = tirx.Select(exp > 0, tirx.const(1.0, "float32"), tirx.const(0.0, "float32")) + man.astype(
+        "float32") * tirx.const(2.0**-m, "float32")
+    mag = pow2 * sig
+    return tirx.Select(((code >> (fmt.bits - 1)) & 1) == 1, -mag, mag)
+
+
+def _scale(st: te.Tensor, kb, j, fmt: BlockFormat):
+    if fmt.is_mx:
+        return tirx.reinterpret("float32", st[kb, j].astype("int32") << 23)
+    return st[kb, j].astype("float32")
+
+
+def block_quant_kernel(m: int, k: int, n: int, fmt: BlockFormat | str, block_size: int = 32,
+                       scale_dtype: str = "uint8") -> tvm.tirx.PrimFunc:
+    """Unscheduled PrimFunc ``main(X (M, K) f32, Wt (K, N*bits/8) u8, St (K/B, N), Y (M, N) f32)``."""
+    fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+    row_bytes = n * fmt.bits // 8 + (1 if fmt.bits == 6 else 0)
+    x = te.placeholder((m, k), "float32", "X")
+    wt = te.placeholder((k, row_bytes), "uint8", "Wt")
+    st = te.placeholder((k // block_size, n), "uint8" if fmt.is_mx else scale_dtype, "St")
+    w = te.compute((k, n), lambda kk, j: _element(_code(wt, kk, j, fmt.bits), fmt) * _scale(st, kk // block_size, j,
+                                                                                               fmt), name="W")
+    r = te.reduce_axis((0, k), "r")
+    y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="Y")
+    return te.create_prim_func([x, wt, st, y]).with_attr("global_symbol", "main")
+
+
+def _divisor(n: int, want: int) -> int:
+    return max(d for d in range(1, max(1, min(n, want)) + 1) if n % d == 0)
+
+
+def schedule_block_quant(func: tvm.tirx.PrimFunc, mr: int = 4, nr: int = 32, lanes: int = 16) -> tvm.tirx.PrimFunc:
+    """Tile-decode + register-blocked GEMM schedule (module docstring); marks ``tir.is_scheduled``."""
+    sch = s_tir.Schedule(func)
+    yb, wb = sch.get_sblock("Y"), sch.get_sblock("W")
+    i, j, r = sch.get_loops(yb)
+    rows, cols = (int(sch.get(loop).extent) for loop in (i, j))
+    nr = _divisor(cols, nr)
+    lanes = _divisor(nr, lanes)
+    mr = _divisor(rows, mr)
+    jo, ji = sch.split(j, [None, nr])
+    io, ii = sch.split(i, [None, mr])
+    jv, jl = sch.split(ji, [None, lanes])
+    sch.reorder(jo, io, r, ii, jv, jl)
+    sch.compute_at(wb, jo)
+    sch.set_scope(wb, 0, "local")  # one (K, nr) tile per thread after buffer compaction
+    acc = sch.cache_write(yb, 0, "local")
+    sch.reverse_compute_at(acc, io)
+    sch.parallel(jo)
+    sch.vectorize(jl)
+    sch.unroll(jv)
+    sch.unroll(ii)
+    wk, wj = sch.get_loops(wb)[-2:]
+    wjo, wjl = sch.split(wj, [None, lanes])
+    sch.vectorize(wjl)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    sch.decompose_reduction(yb, r)
+    del wk, wjo
+    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+
+
+def _const(expr, params) -> np.ndarray:
+    value = getattr(expr, "value", None) or getattr(expr, "data", None)
+    if value is not None and hasattr(value, "numpy"):
+        return value.numpy()
+    name = getattr(expr, "name_hint", None)
+    if params and name in params:
+        return params[name].numpy() if hasattr(params[name], "numpy") else np.asarray(params[name])
+    raise TypeError("BlockQuantMatMul needs constant packed weights and scales (initializers)")
+
+
+LOWERING_LOG: list[dict] = []
+
+
+@register_converter("BlockQuantMatMul")
+class BlockQuantMatMulConverter:
+    """``effc.BlockQuantMatMul(X, Wq, S)`` → ``call_tir`` of the decode-in-GEMM kernel with packed constants."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        x, wq_e, s_e = inputs
+        fmt = get_format(attr["format"].decode() if isinstance(attr["format"], bytes) else str(attr["format"]))
+        bs = int(attr.get("block_size", 32))
+        wq, scales = _const(wq_e, params), _const(s_e, params)
+        n = wq.shape[0]
+        k = scales.shape[1] * bs
+        wt, st = repack_for_kernel(wq, scales, fmt, k)
+        x = bb.normalize(x)
+        shape = [int(d) for d in x.ty.shape.values]
+        rows = int(np.prod(shape[:-1]))
+        func = schedule_block_quant(block_quant_kernel(rows, k, n, fmt, bs, str(st.dtype)))
+        gv = bb.add_func(func.without_attr("global_symbol"), f"effc_block_quant_matmul_{fmt.name}")
+        x2 = bb.normalize(relax.op.reshape(x, (rows, k)))
+        y = relax.call_tir(gv, [x2, relax.const(wt), relax.const(st)], out_ty=relax.TensorType((rows, n), "float32"))
+        LOWERING_LOG.append({"format": fmt.name, "shape": [rows, k, n], "weight_bytes": int(wt.nbytes + st.nbytes)})
+        return relax.op.reshape(bb.normalize(y), [*shape[:-1], n])
+
+
+@register_converter("BlockQuantGather")
+class BlockQuantGatherConverter:
+    """``effc.BlockQuantGather(Tq, S, I)`` → a kernel that decodes only the gathered rows of the packed table."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        tq_e, s_e, ids = inputs
+        fmt = get_format(attr["format"].decode() if isinstance(attr["format"], bytes) else str(attr["format"]))
+        bs = int(attr.get("block_size", 32))
+        tq, scales = _const(tq_e, params), _const(s_e, params)
+        vocab, d = scales.shape[0], scales.shape[1] * bs
+        if fmt.bits == 6:  # one pad byte per row (see repack_for_kernel)
+            tq = np.concatenate([tq, np.zeros((vocab, 1), np.uint8)], axis=1)
+        ids = bb.normalize(ids)
+        shape = [int(v) for v in ids.ty.shape.values]
+        count = int(np.prod(shape)) if shape else 1
+        t = te.placeholder(tq.shape, "uint8", "Tq")
+        s = te.placeholder(scales.shape, str(scales.dtype), "S")
+        idx = te.placeholder((count,), str(ids.ty.dtype), "I")
+
+        def row(p):
+            raw = idx[p].astype("int32")
+            return tirx.Select(raw < 0, raw + vocab, raw)  # ONNX Gather: negative indices count from the end
+
+        out = te.compute((count, d), lambda p, c: _element(_code(t, row(p), c, fmt.bits), fmt) * _scale(
+            s, row(p), c // bs, fmt), name="Y")
+        func = te.create_prim_func([t, s, idx, out])
+        gv = bb.add_func(func.without_attr("global_symbol"), f"effc_block_quant_gather_{fmt.name}")
+        flat = bb.normalize(relax.op.reshape(ids, (count,)))
+        y = relax.call_tir(gv, [relax.const(tq), relax.const(scales), flat],
+                           out_ty=relax.TensorType((count, d), "float32"))
+        return relax.op.reshape(bb.normalize(y), [*shape, d])
+
+
+def _qdq_kernel(shape: list[int], fmt: BlockFormat, bs: int) -> tvm.tirx.PrimFunc:
+    """Dynamic MX quantize-dequantize along the last axis (exact exponent arithmetic on float32 bits)."""
+    rows, k = int(np.prod(shape[:-1])), shape[-1]
+    x = te.placeholder((rows, k), "float32", "X")
+    r = te.reduce_axis((0, bs), "r")
+    amax = te.compute((rows, k // bs), lambda i, b: te.max(tirx.abs(x[i, b * bs + r]), axis=r), name="amax")
+
+    def floor_log2(v):  # exponent field of a normal float32 (amax below 2^-126 counts as 2^-126)
+        return ((tirx.reinterpret("int32", tirx.max(v, tirx.const(2.0**-126, "float32"))) >> 23) & 255) - 127
+
+    def qdq(i, c):
+        shared = tirx.max(tirx.min(floor_log2(amax[i, c // bs]) - fmt.emax, 127), -126)
+        scale = tirx.reinterpret("float32", (shared + 127) << 23)
+        lim = tirx.const(fmt.max_value, "float32")
+        v = tirx.max(tirx.min(x[i, c] / scale, lim), -lim)
+        if fmt.kind == "mxint":
+            q = tirx.nearbyint(v * tirx.const(64.0, "float32")) * tirx.const(1.0 / 64.0, "float32")
+        else:
+            import ml_dtypes
+
+            info = ml_dtypes.finfo(fmt.element_dtype)
+            e = tirx.max(floor_log2(tirx.abs(v)), int(info.minexp))
+            quantum = tirx.reinterpret("float32", (e - int(info.nmant) + 127) << 23)
+            q = tirx.nearbyint(v / quantum) * quantum
+        return q * scale
+
+    y = te.compute((rows, k), qdq, name="Y")
+    return te.create_prim_func([x, y])
+
+
+@register_converter("BlockQDQ")
+class BlockQDQConverter:
+    """``effc.BlockQDQ(X)`` → elementwise kernel with a per-block max (activation / KV quantize-dequantize).
+
+    Blocks with ``amax < 2^-126 * 2^emax`` use the scale ``2^-126`` instead of the E8M0 value (the reference body
+    computes the same through ``Max(amax, 2^-126)``).
+    """
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        fmt = get_format(attr["format"].decode() if isinstance(attr["format"], bytes) else str(attr["format"]))
+        bs = int(attr.get("block_size", 32))
+        x = bb.normalize(inputs[0])
+        shape = [int(v) for v in x.ty.shape.values]
+        rows = int(np.prod(shape[:-1]))
+        gv = bb.add_func(_qdq_kernel(shape, fmt, bs).without_attr("global_symbol"), f"effc_block_qdq_{fmt.name}")
+        x2 = bb.normalize(relax.op.reshape(x, (rows, shape[-1])))
+        y = relax.call_tir(gv, [x2], out_ty=relax.TensorType((rows, shape[-1]), "float32"))
+        return relax.op.reshape(bb.normalize(y), shape)

@@ -1,0 +1,83 @@
+"""TVM lowering of the block-quant effc ops: kernel = numpy dequantized matmul, compiled model = onnxruntime."""
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import tvm
+from tvm import relax
+
+import effc.codegen.ops.block_quant as bq
+from effc.codegen.cpu import compile_cpu
+from effc.codegen.frontend import to_relax
+from effc.passes.block_quant import BlockQuantPass
+from effc.passes.quant import FORMATS, dequantize, pack_blocks, quantize, quantize_dequantize
+
+TARGET = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu())})
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_kernel_matches_numpy_dequantized_matmul(name):
+    fmt = FORMATS[name]
+    rng = np.random.default_rng(0)
+    m, k, n = 8, 96, 64
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    w[:32, 5] = 0.0  # an all-zero block (E8M0 code 0)
+    q = quantize(w, fmt, axis=0, scale_dtype="float32")
+    wt, st = bq.repack_for_kernel(*pack_blocks(q.codes, q.scales, fmt.bits), fmt, k)
+    assert wt.nbytes <= k * n * fmt.bits // 8 + k  # packed: bits/8 bytes per weight (+1 pad byte per row, 6-bit)
+    func = bq.schedule_block_quant(bq.block_quant_kernel(m, k, n, fmt, 32, str(st.dtype)))
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(a, dev) for a in (x, wt, st, np.zeros((m, n), np.float32))]
+    lib["main"](*args)
+    np.testing.assert_allclose(args[3].numpy(), x @ dequantize(q), rtol=1e-5, atol=1e-5)
+
+
+def _toy():
+    from tests.passes.test_block_quant import _toy as toy
+
+    return toy()
+
+
+def _compile_and_run(model, feeds):
+    mod = to_relax(model)
+    ex, info = compile_cpu(mod, TARGET, {})
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(v, tvm.cpu()) for v in feeds.values()])
+    return out.numpy() if hasattr(out, "numpy") else out[0].numpy(), mod
+
+
+@pytest.mark.parametrize(("fmt", "mode"), [("mxfp4", "weight"), ("mxfp6_e3m2", "weight"), ("mxint8", "weight_act"),
+                                           ("mxfp8_e4m3", "weight_act")])
+def test_compiled_model_matches_onnxruntime(fmt, mode):
+    model, _ = _toy()
+    BlockQuantPass(format=fmt, mode=mode, min_params=0)(model)
+    feeds = {"ids": np.array([[0, 3, 7, 49, 12, 3, 21, 5]], np.int64)}
+    ref = ort.InferenceSession(ir.to_proto(model).SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    start = len(bq.LOWERING_LOG)
+    out, mod = _compile_and_run(model, feeds)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    # weights enter the module packed: uint8 constants only, no fp32 weight of the quantized layers
+    log = bq.LOWERING_LOG[start:]
+    assert [e["shape"][1:] for e in log] == [[64, 64], [64, 32]]
+    bits = FORMATS[fmt].bits
+    assert all(e["weight_bytes"] <= e["shape"][1] * e["shape"][2] * (bits + 8 / 32) / 8 + e["shape"][1]
+               for e in log)
+    kernels = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert sum("block_quant_matmul" in k for k in kernels) == 2 and any("block_quant_gather" in k for k in kernels)
+
+
+def test_qdq_kernel_matches_reference_values():
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((4, 64)) * np.exp(rng.standard_normal((4, 64)))).astype(np.float32)
+    x[0, :32] = 0.0
+    x[1, 0] = 0.25  # a power-of-two amax
+    for name in ("mxint8", "mxfp4", "mxfp6_e2m3", "mxfp8_e5m2"):
+        func = bq._qdq_kernel([4, 64], FORMATS[name], 32)
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET)
+        args = [tvm.runtime.tensor(a, tvm.cpu()) for a in (x, np.zeros_like(x))]
+        lib["main"](*args)
+        np.testing.assert_array_equal(args[1].numpy(), quantize_dequantize(x, name, axis=-1))
