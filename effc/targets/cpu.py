@@ -21,7 +21,7 @@ import tvm
 from effc.codegen import build as tvm_build
 from effc.codegen import cpu as cpu_codegen
 from effc.codegen.frontend import check_importable, to_relax
-from effc.errors import TargetError
+from effc.errors import ArtifactError, TargetError
 from effc.targets.base import BuildResult, Runner, Target, register_target
 
 logger = logging.getLogger(__name__)
@@ -141,8 +141,14 @@ class CpuTarget(Target):
         """Load ``model.so`` into a Relax VM on the host CPU; threads from the manifest's target options.
 
         Raises:
+            ArtifactError: the manifest does not list ``model.so`` (so its hash was never checked).
             TargetError: the library cannot be loaded here.
         """
+        if _LIBRARY not in (manifest.get("files") or {}):  # an unlisted library would load without a hash check
+            raise ArtifactError(
+                f"{_LIBRARY} is not listed with a sha256 in {Path(artifact_dir) / 'manifest.json'}",
+                "recompile the model; never edit files of an artifact folder",
+            )
         target = manifest.get("target", {})
         threads = self.threads(target.get("options") or {})
         input_names = [spec["name"] for spec in manifest.get("inputs", [])]

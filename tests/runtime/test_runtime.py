@@ -90,6 +90,22 @@ def test_missing_library_is_an_artifact_error(mlp_artifact, tmp_path):
         effc.runtime.load(out)
 
 
+def test_library_dropped_from_manifest_is_not_loaded(mlp_artifact, tmp_path, monkeypatch):
+    # removing model.so's entry used to skip its hash check and load whatever library lay there
+    out = _copy(mlp_artifact, tmp_path / "copy")
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["files"]["model.so"]
+    (out / "extra.txt").write_text("listed")
+    manifest["files"]["extra.txt"] = sha256_of(out / "extra.txt")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "model.so").write_bytes(b"not the compiled library")
+    loaded = []
+    monkeypatch.setattr("effc.codegen.build.load_vm", lambda *a: loaded.append(a))
+    with pytest.raises(ArtifactError, match="model.so is not listed"):
+        effc.runtime.load(out)
+    assert loaded == []
+
+
 def test_manifest_without_target_is_an_artifact_error(mlp_artifact, tmp_path):
     out = _copy(mlp_artifact, tmp_path / "copy")
     manifest = json.loads((out / "manifest.json").read_text())
