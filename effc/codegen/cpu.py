@@ -86,20 +86,50 @@ _NUMPY_FOLD: dict[str, Any] = {
     "relax.add": lambda call, v: (v[0] + v[1]).astype(v[0].dtype),
     "relax.subtract": lambda call, v: (v[0] - v[1]).astype(v[0].dtype),
     "relax.multiply": lambda call, v: (v[0] * v[1]).astype(v[0].dtype),
+    "relax.divide": lambda call, v: (v[0] / v[1]).astype(v[0].dtype),
+    "relax.sqrt": lambda call, v: np.sqrt(v[0]),
+    "relax.rsqrt": lambda call, v: (1.0 / np.sqrt(v[0])).astype(v[0].dtype),
 }
+
+
+def _fold_where(call: relax.Call, folder: Any) -> relax.Expr | None:
+    """``where(c, x, y)`` with a constant, uniform condition → the chosen branch when its shape is the output's."""
+    cond = folder.constant_of(call.args[0])
+    if cond is None or cond.size == 0 or not (cond.all() or not cond.any()):
+        return None
+    branch = call.args[1] if bool(cond.flat[0]) else call.args[2]
+    ty = branch.ty
+    if getattr(ty, "shape", None) is None or _out_shape(call) is None:
+        return None
+    try:
+        same = [int(d) for d in ty.shape] == _out_shape(call) and ty.dtype == call.ty.dtype
+    except (TypeError, ValueError):
+        return None
+    return branch if same else None
 
 
 @expr_functor.mutator
 class _NumpyConstantFolder(PyExprMutator):
     """Folds cheap ops on constants with numpy (TVM's FoldConstant builds one LLVM module per call: 0.3 s each)."""
 
+    def constant_of(self, expr: relax.Expr) -> np.ndarray | None:
+        """The numpy value of ``expr`` when it is a constant or a variable bound to one."""
+        value = _const_value(expr)
+        if value is None and isinstance(expr, relax.Var):
+            bound = self.lookup_binding(expr)
+            value = None if bound is None else _const_value(bound)
+        return value
+
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
         op = call.op
+        if isinstance(op, tvm.ir.Op) and op.name == "relax.where":
+            folded = _fold_where(call, self)
+            return call if folded is None else folded
         if not isinstance(op, tvm.ir.Op) or op.name not in _NUMPY_FOLD:
             return call
         tensor_args = [a for a in call.args if type(a).__name__ != "ShapeExpr"]
-        values = [_const_value(a) for a in tensor_args]
+        values = [self.constant_of(a) for a in tensor_args]
         if not values or any(v is None for v in values) or _out_shape(call) is None:
             return call
         try:
@@ -127,6 +157,8 @@ def legalize_and_fuse(mod: tvm.IRModule, tvm_target: tvm.target.Target, fast_mat
         ``(fused_module, fast_math_counts)`` where the counts map a Relax op name to rewritten calls.
     """
     counts: dict[str, int] = {}
+    # batch_norm → elementwise ops with constant per-channel factors (folded next), which fuse into conv epilogues.
+    mod = relax.transform.DecomposeOpsForInference()(mod)
     mod = fold_constants_numpy(mod)
     if fast_math:
         mod, counts = apply_fast_math(mod)

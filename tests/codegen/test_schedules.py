@@ -121,7 +121,7 @@ def test_unmatched_reduction_falls_back_but_is_scheduled():
     func = te.create_prim_func([x, topi.sum(x, axis=0)])  # reduces the leading axis: no row template
     data = RNG.standard_normal((64, 48)).astype("float32")
     template, got = _run(func, [data], (48,))
-    assert template in ("fallback", "rowwise")
+    assert template in ("fallback", "rowwise", "reduce_spatial")
     np.testing.assert_allclose(got, data.sum(0), rtol=1e-5, atol=1e-4)
 
 
@@ -139,3 +139,28 @@ def test_pow2_divisor():
     assert an.pow2_divisor(40, 16) == 8
     assert an.pow2_divisor(10, 16) == 2
     assert an.pow2_divisor(7, 16) == 1
+
+
+def test_pool_and_column_sum_vectorize_spatially():
+    x = te.placeholder((1, 8, 4, 64), name="x")
+    func = te.create_prim_func([x, topi.nn.pool2d(x, (2, 2), (2, 2), (1, 1), (0, 0, 0, 0), "max")])
+    data = RNG.standard_normal((1, 8, 4, 64)).astype("float32")
+    template, got = _run(func, [data], (1, 8, 2, 32))
+    assert template == "reduce_spatial"
+    np.testing.assert_allclose(got, data.reshape(1, 8, 2, 2, 32, 2).max(axis=(3, 5)))
+    y = te.placeholder((1, 96, 64), name="y")
+    func = te.create_prim_func([y, topi.sum(y, axis=1)])
+    data = RNG.standard_normal((1, 96, 64)).astype("float32")
+    template, got = _run(func, [data], (1, 64))
+    assert template == "reduce_spatial"
+    np.testing.assert_allclose(got, data.sum(1), rtol=1e-5, atol=1e-4)
+
+
+def test_global_mean_is_rowwise():
+    x = te.placeholder((1, 8, 12, 96), name="x")
+    total = topi.sum(x, axis=(2, 3), keepdims=True)
+    func = te.create_prim_func([x, te.compute(total.shape, lambda *i: total(*i) / 1152.0, name="T_divide")])
+    data = RNG.standard_normal((1, 8, 12, 96)).astype("float32")
+    template, got = _run(func, [data], (1, 8, 1, 1))
+    assert template == "rowwise"
+    np.testing.assert_allclose(got, data.mean(axis=(2, 3), keepdims=True), rtol=1e-5, atol=1e-5)

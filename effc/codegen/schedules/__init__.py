@@ -16,6 +16,7 @@ from tvm import s_tir
 from effc.codegen.schedules.conv import apply_conv
 from effc.codegen.schedules.gemm import NotApplicable, apply_gemm
 from effc.codegen.schedules.injective import apply_fallback, apply_injective
+from effc.codegen.schedules.reduction import apply_reduce_spatial
 from effc.codegen.schedules.rowwise import apply_rowwise
 from effc.codegen.schedules.tiles import TILE_TABLE, TileConfig, tile_config, vector_lanes
 
@@ -39,6 +40,7 @@ TEMPLATES: list[tuple[str, Template]] = [
     ("gemm", apply_gemm),
     ("conv", apply_conv),
     ("rowwise", apply_rowwise),
+    ("reduce_spatial", apply_reduce_spatial),
     ("injective", apply_injective),
     ("fallback", apply_fallback),
 ]

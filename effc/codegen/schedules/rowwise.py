@@ -41,8 +41,9 @@ def _rfactor_lanes(sch: s_tir.Schedule, blk, tiles: TileConfig):
         The rfactor block (spatial over the lanes, reducing the chunks), or None when the loop is too short.
     """
     facts = an.block_facts(sch, blk)
-    if facts.kinds.count("R") != 1:
-        return None
+    n_r = facts.kinds.count("R")
+    if n_r > 1:  # e.g. a mean over (H, W): one fused reduction loop
+        sch.fuse(*sch.get_loops(blk)[-n_r:])
     k = sch.get_loops(blk)[-1]
     ext = an.loop_extent(sch, k)
     lanes = an.pow2_divisor(ext, tiles.lanes) if ext > 0 else 1
@@ -115,6 +116,8 @@ def apply_rowwise(sch: s_tir.Schedule, tiles: TileConfig) -> str:
                 sch.reorder(r_loops[0], lane)
                 sch.vectorize(lane)
             decompose_at.append((blk, r_loops[0], facts.name in rf_names))
+            continue
+        if not loops:
             continue
         inner = loops[-1]
         ext = an.loop_extent(sch, inner)
