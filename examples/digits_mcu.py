@@ -107,25 +107,32 @@ def train_cnn(x_train, y_train, seed: int = 0, epochs: int = 30) -> ir.Model:
 def int8_weights(model: ir.Model) -> ir.Model:
     """Weight-only int8 QDQ: every MatMul/Conv/Gemm weight becomes ``DequantizeLinear(int8, scale[, axis])``.
 
-    Symmetric, per output channel (axis 0 for Conv/Gemm-transB, axis 1 for MatMul), zero point 0; activations stay
-    float32. The rewritten model runs in onnxruntime unchanged (it is the reference).
+    Symmetric, per output channel (axis 0 for Conv/Gemm-transB, axis 1 for MatMul; per tensor below opset 13, which
+    has no ``axis``), zero point 0; activations stay float32. The rewritten model runs in onnxruntime unchanged (it
+    is the reference).
     """
     proto = ir.to_proto(model)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), OPSET)
+    per_channel = opset >= 13  # DequantizeLinear's axis attribute exists from opset 13; per-tensor before
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     new_inits, nodes = [], []
     for node in proto.graph.node:
         if node.op_type in ("MatMul", "Conv", "Gemm") and node.input[1] in inits:
             w = inits[node.input[1]]
             axis = 1 if node.op_type == "MatMul" else 0
-            red = tuple(i for i in range(w.ndim) if i != axis)
-            scale = (np.abs(w).max(axis=red) / 127.0).astype(np.float32)
+            red = tuple(i for i in range(w.ndim) if i != axis or not per_channel)
+            scale = np.atleast_1d(np.abs(w).max(axis=red) / 127.0).astype(np.float32)
             scale[scale == 0] = 1.0
             shape = [1] * w.ndim
-            shape[axis] = -1
+            if per_channel:
+                shape[axis] = -1
+            else:
+                scale = scale.reshape(())
             q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
             base = node.input[1]
             new_inits += [numpy_helper.from_array(q, base + "_q"), numpy_helper.from_array(scale, base + "_s")]
-            nodes.append(helper.make_node("DequantizeLinear", [base + "_q", base + "_s"], [base + "_dq"], axis=axis))
+            attrs = {"axis": axis} if per_channel else {}
+            nodes.append(helper.make_node("DequantizeLinear", [base + "_q", base + "_s"], [base + "_dq"], **attrs))
             node.input[1] = base + "_dq"
         nodes.append(node)
     used = {i for n in nodes for i in n.input}

@@ -73,13 +73,16 @@ def model_to_relax(model: ir.Model) -> tvm.IRModule:
     return to_relax(model)
 
 
-def lower_to_c(model: ir.Model, name: str = "model", relax_mod: tvm.IRModule | None = None) -> McuProgram:
+def lower_to_c(
+    model: ir.Model, name: str = "model", relax_mod: tvm.IRModule | None = None, schedule: str = "acc"
+) -> McuProgram:
     """Compile a canonical model to the C sources of a microcontroller artifact.
 
     Args:
         model: canonical ONNX IR model (static shapes).
         name: C name of the model: symbols are ``effc_<name>_*``, the entry point ``effc_<name>_run``.
-        relax_mod: an already imported Relax module (skips the frontend), e.g. after effc's int8 rewrite.
+        relax_mod: an already imported Relax module (skips the frontend).
+        schedule: ``"acc"`` (register accumulation + fused epilogue) or ``"naive"`` (TVM's legalized loops).
 
     Returns:
         The sources and the memory facts.
@@ -95,7 +98,7 @@ def lower_to_c(model: ir.Model, name: str = "model", relax_mod: tvm.IRModule | N
     planned = relax_plan.relax_to_planned(mod)
     plan = relax_plan.read_plan(planned)
     kernels = relax_plan.called_kernels(planned, plan)
-    kernels_c, symbols, memory = tir_c.build_kernels(kernels, prefix)
+    kernels_c, symbols, memory, applied = tir_c.build_kernels(kernels, prefix, schedule)
 
     taken: set[str] = {"arena"}
     input_names = [c_identifier(v.name, taken) for v in model.graph.inputs]
@@ -123,6 +126,7 @@ def lower_to_c(model: ir.Model, name: str = "model", relax_mod: tvm.IRModule | N
             "name": k,
             "symbol": symbols[k],
             "calls": calls[k],
+            "schedule": applied[k],
             "workspace_bytes": memory[k].workspace_bytes,
             "stack_bytes": int(sum(memory[k].stack)),
         }

@@ -179,23 +179,34 @@ def _clean_c(source: str) -> str:
 
 
 def build_kernels(
-    kernels: dict[str, tirx.PrimFunc], prefix: str
-) -> tuple[str, dict[str, str], dict[str, KernelMemory]]:
+    kernels: dict[str, tirx.PrimFunc], prefix: str, schedule: str = "acc"
+) -> tuple[str, dict[str, str], dict[str, KernelMemory], dict[str, str]]:
     """Lower TIR kernels to one C source.
 
     Args:
         kernels: Relax kernel name -> PrimFunc (as left by ``FuseTIR``).
         prefix: C symbol prefix, e.g. ``effc_model_`` (each kernel becomes ``<prefix><name>``).
+        schedule: ``"acc"`` (effc's register-accumulation schedule, :mod:`effc.codegen.mcu.schedule`) or
+            ``"naive"`` (TVM's legalized loops as they are).
 
     Returns:
-        ``(c_source, symbols, memory)``: the C text, kernel name -> C symbol, kernel name -> its internal memory.
+        ``(c_source, symbols, memory, schedules)``: the C text, kernel name -> C symbol, kernel name -> its internal
+        memory, kernel name -> schedule applied (``"effc-acc"`` or ``"naive"``).
 
     Raises:
         TargetError: TIR lowering or C printing failed.
     """
     from effc.codegen.mcu.int8 import DEQUANT_STAGE, inline_dequant
+    from effc.codegen.mcu.schedule import SCHEDULE_NAME, schedule_acc
 
+    if schedule not in ("acc", "naive"):
+        raise TargetError(f"unknown schedule {schedule!r}", "use schedule=acc or schedule=naive")
     kernels = {k: inline_dequant(f) if DEQUANT_STAGE in f.script() else f for k, f in kernels.items()}
+    applied = dict.fromkeys(kernels, "naive")
+    if schedule == "acc":
+        for name, func in kernels.items():
+            kernels[name], ok = schedule_acc(func)
+            applied[name] = SCHEDULE_NAME if ok else "naive"
     target = tvm.target.Target("c")
     symbols = {name: f"{prefix}{name}" for name in kernels}
     mod = tvm.IRModule(
@@ -215,4 +226,4 @@ def build_kernels(
         raise TargetError(
             f"TIR lowering to C failed: {type(exc).__name__}: {str(exc)[:400]}", "open an issue with the model"
         ) from exc
-    return _clean_c(source), symbols, memory
+    return _clean_c(source), symbols, memory, applied

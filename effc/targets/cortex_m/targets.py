@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_OPTIONS = ("flash", "ram", "name", "opt")
+_OPTIONS = ("flash", "ram", "name", "opt", "schedule")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -78,7 +78,9 @@ class CortexMTarget(Target):
             raise TargetError(f"unknown option(s) for {self.name}: {sorted(unknown)}", f"use {list(_OPTIONS)}")
         flash, ram = self.budgets(options)
         opt = str(options.get("opt") or "-O2")
-        program = lower_to_c(model, name=str(options.get("name") or "model"))
+        program = lower_to_c(
+            model, name=str(options.get("name") or "model"), schedule=str(options.get("schedule") or "acc")
+        )
         files = dict(program.sources)
         files["main.c"] = firmware.main_c(program)
         files["effc_startup.c"] = firmware.template("effc_startup.c")
@@ -98,6 +100,7 @@ class CortexMTarget(Target):
             "qemu_machine": self.qemu_machine,
             "entry": f"{program.prefix}run",
             "opt": opt,
+            "schedule": str(options.get("schedule") or "acc"),
             "flash": {
                 "budget_bytes": flash,
                 "weight_bytes": program.weight_bytes,
