@@ -344,7 +344,10 @@ def compile_model(
             "target": {"name": tgt.name, "options": options, "info": build.info},
             **io_signature(rewritten),
         }
-        runner = tgt.load(tmp, manifest)
+        from effc.runtime.manifest import sha256_of
+
+        built = {rel: sha256_of(tmp / rel) for rel in build.files}  # the target checks its files are listed
+        runner = tgt.load(tmp, {**manifest, "files": built})
         report = _evaluate(
             loaded,
             original,
@@ -439,7 +442,7 @@ def _evaluate(
     repeat: int,
 ) -> dict[str, Any]:
     from effc.eval.fidelity import compare
-    from effc.eval.latency import measure, ort_latency
+    from effc.eval.latency import paired_latency
     from effc.ir.reference import Reference
 
     kind = getattr(loaded.zoo, "output_kind", None)
@@ -457,13 +460,14 @@ def _evaluate(
         }
     }
     if measure_latency and getattr(tgt, "host_latency", True):
-        ort = ort_latency(
+        ort, mine = paired_latency(
             ir.to_proto(original).SerializeToString(),
             [_reference_feeds(original, f, loaded.constant_inputs) for f in feeds],
+            runner.run,
+            feeds,
             threads=threads,
             repeat=repeat,
         )
-        mine = measure(runner.run, feeds, repeat=repeat)
         report["latency"] = {
             "threads": threads,
             "ort": ort,
