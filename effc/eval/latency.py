@@ -70,6 +70,50 @@ def measure(
     return result
 
 
+def _stats(times_ms: list[float]) -> dict[str, Any]:
+    return {
+        "median_ms": statistics.median(times_ms),
+        "min_ms": min(times_ms),
+        "mean_ms": statistics.fmean(times_ms),
+        "max_ms": max(times_ms),
+        "runs": len(times_ms),
+    }
+
+
+def measure_interleaved(
+    runs: Mapping[str, tuple[Callable[[Feeds], Any], Feeds | Sequence[Feeds]]], warmup: int = 3, repeat: int = 20
+) -> dict[str, dict[str, Any]]:
+    """Time several runners in alternation (a, b, a, b, ...) so that they see the same machine load.
+
+    Timing one runner after the other lets a change in load (other processes, frequency scaling) between the two
+    blocks of runs show up as a speed difference; alternating run by run spreads it over both.
+
+    Args:
+        runs: name → (run function, feeds); each side's feeds are cycled as in :func:`measure` (feed ``i`` of every
+            side is used in round ``i``, so give each side the same samples in its own input format).
+        warmup: untimed rounds, >= 0.
+        repeat: timed rounds, >= 1.
+
+    Returns:
+        name → :func:`measure`'s dict.
+
+    Raises:
+        DataError: a side has no feeds.
+        EffcError: ``warmup`` < 0 or ``repeat`` < 1.
+    """
+    if warmup < 0 or repeat < 1:
+        raise EffcError(f"invalid timing counts warmup={warmup}, repeat={repeat}", "use warmup >= 0 and repeat >= 1")
+    sides = {name: (fn, _feed_list(feeds)) for name, (fn, feeds) in runs.items()}
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for i in range(warmup + repeat):
+        for name, (fn, items) in sides.items():
+            start = time.perf_counter()
+            fn(items[i % len(items)])
+            if i >= warmup:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: _stats(t) for name, t in times.items()}
+
+
 def _model_bytes(model: Any) -> bytes | str:
     if isinstance(model, bytes):
         return model
@@ -144,3 +188,47 @@ def ort_latency(
     result["threads"] = threads
     result["runtime"] = f"onnxruntime {ort.__version__}"
     return result
+
+
+def paired_latency(
+    model: Any,
+    ort_feeds: Feeds | Sequence[Feeds],
+    run_fn: Callable[[Feeds], Any],
+    feeds: Feeds | Sequence[Feeds],
+    threads: int = 1,
+    repeat: int = 20,
+    warmup: int = 3,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Time onnxruntime on ``model`` and ``run_fn`` (a compiled artifact) in alternation (:func:`measure_interleaved`).
+
+    Args:
+        model: the ONNX model onnxruntime runs (bytes, path, ``onnx.ModelProto`` or ``onnx_ir.Model``).
+        ort_feeds: its feeds (keys that are not model inputs are ignored).
+        run_fn: the other runner, e.g. ``CompiledModel.run``.
+        feeds: its feeds, sample ``i`` matching ``ort_feeds[i]``.
+        threads: onnxruntime intra-op threads (the artifact's own count is set when it is built/loaded).
+        repeat: timed rounds.
+        warmup: untimed rounds.
+
+    Returns:
+        ``(ort, other)``: :func:`measure`'s dicts; ``ort`` also has ``"threads"`` and ``"runtime"``.
+
+    Raises:
+        DataError: no feeds, or a feed lacks one of the model's inputs.
+        EffcError: invalid ``threads``/``warmup``/``repeat``.
+    """
+    import onnxruntime as ort
+
+    session = ort_session(model, threads)
+    names = [i.name for i in session.get_inputs()]
+    prepared = []
+    for k, feed in enumerate(_feed_list(ort_feeds)):
+        missing = [n for n in names if n not in feed]
+        if missing:
+            raise DataError(f"feed {k} lacks model input(s) {missing}", f"give every input: {', '.join(names)}")
+        prepared.append({n: feed[n] for n in names})
+    timed = measure_interleaved(
+        {"ort": (lambda f: session.run(None, f), prepared), "other": (run_fn, feeds)}, warmup=warmup, repeat=repeat
+    )
+    timed["ort"].update(threads=threads, runtime=f"onnxruntime {ort.__version__}")
+    return timed["ort"], timed["other"]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from effc.errors import DataError, EffcError
-from effc.eval.latency import measure, ort_latency
+from effc.eval.latency import measure, measure_interleaved, ort_latency, paired_latency
 from tests.conftest import make_mlp
 
 
@@ -39,3 +39,35 @@ def test_ort_latency_on_mlp(mlp_path):
     assert from_bytes["runs"] == 2
     with pytest.raises(DataError, match="'x'"):
         ort_latency(mlp_path, [{"y": np.ones((1, 16), np.float32)}], repeat=1)
+
+
+def test_interleaved_timing_shares_a_load_change_between_sides():
+    # timed one after the other, a slowdown that starts halfway made the second side look 5x slower
+    order, clock = [], {"n": 0}
+
+    def side(name):
+        def run(feed):
+            order.append((name, feed["k"]))
+            clock["n"] += 1
+            time.sleep(0.005 if clock["n"] > 12 else 0.001)  # the machine gets busy after 12 calls
+
+        return run
+
+    timed = measure_interleaved({"a": (side("a"), [{"k": 0}, {"k": 1}]), "b": (side("b"), [{"k": 0}, {"k": 1}])},
+                                warmup=1, repeat=10)
+    assert order[:4] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    assert timed["a"]["runs"] == timed["b"]["runs"] == 10
+    assert 0.5 < timed["a"]["median_ms"] / timed["b"]["median_ms"] < 2
+    sequential_a = measure(side("a"), [{"k": 0}], warmup=1, repeat=10)
+    assert sequential_a["median_ms"] > 2  # (the load now stays high: sequential timing would not have shared it)
+    with pytest.raises(EffcError, match="repeat"):
+        measure_interleaved({"a": (side("a"), [{"k": 0}])}, repeat=0)
+
+
+def test_paired_latency_on_mlp(mlp_path):
+    x = np.zeros((1, 16), np.float32)
+    ort_side, other = paired_latency(str(mlp_path), [{"x": x, "extra": 1}], lambda f: None, [{"x": x}], repeat=3)
+    assert ort_side["runs"] == other["runs"] == 3 and ort_side["threads"] == 1
+    assert ort_side["runtime"].startswith("onnxruntime")
+    with pytest.raises(DataError, match="lacks model input"):
+        paired_latency(str(mlp_path), [{"y": x}], lambda f: None, [{"x": x}], repeat=1)
