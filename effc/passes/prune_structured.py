@@ -2,6 +2,8 @@
 
 The driver plans, then applies (Torch-Pruning's structure; ../shared/CONVENTIONS.md item 5):
 
+0. with ``heads > 0``, attention heads (:mod:`effc.passes.structured.heads`): the lowest-norm heads of each block
+   leave W_q/W_k/W_v columns, W_o rows and both head reshapes;
 1. :func:`effc.passes.structured.coupling.find_groups` — coupling groups (the same channel index removed everywhere it
    flows: residual ``Add``, ``Concat`` offsets, ``Split``, depthwise / ``out = k·in`` grouped conv, BN and bias
    parameters); groups that cannot be pruned safely are reported with their reason and left alone;
@@ -26,6 +28,7 @@ import onnx_ir as ir
 from effc.passes.base import EffcPass, PassOptions, register_pass
 from effc.passes.structured import mechanics as mech
 from effc.passes.structured.coupling import Group, find_groups
+from effc.passes.structured.heads import apply_heads, find_head_groups, head_scores
 from effc.passes.structured.importance import IMPORTANCE
 
 logger = logging.getLogger(__name__)
@@ -40,6 +43,7 @@ class PruneStructuredOptions(PassOptions):
     importance: str = dataclasses.field(default="magnitude", metadata={"help": "unit score: magnitude"})
     round_to: int = dataclasses.field(default=1, metadata={"help": "kept channel count rounded up to a multiple"})
     min_keep: int = dataclasses.field(default=1, metadata={"help": "never keep fewer units than this per group"})
+    heads: float = dataclasses.field(default=0.0, metadata={"help": "fraction of attention heads removed per block"})
 
     def validate(self) -> None:
         """Raises: PipelineError: a ratio outside [0, 1), unknown importance, or a non-positive round_to/min_keep."""
@@ -49,6 +53,8 @@ class PruneStructuredOptions(PassOptions):
             self.fail("importance", self.importance, " | ".join(IMPORTANCE))
         if self.round_to < 1:
             self.fail("round_to", self.round_to, "a positive integer")
+        if not 0.0 <= self.heads < 1.0:
+            self.fail("heads", self.heads, "a fraction in [0, 1)")
         if self.min_keep < 1:
             self.fail("min_keep", self.min_keep, "a positive integer")
 
@@ -105,10 +111,31 @@ class PruneStructuredPass(EffcPass):
     Options = PruneStructuredOptions
     exact = False
 
+    def _prune_heads(self, model: ir.Model, pruned: list, skipped: list) -> int:
+        """Remove the ``heads`` fraction of lowest-norm heads in every safe attention block; returns heads removed."""
+        removed = 0
+        for g in find_head_groups(model):
+            if g.blocked:
+                skipped.append({"group": g.name, "reason": f"attention heads: {g.blocked}"})
+                continue
+            n_keep = max(1, g.heads - int(self.options.heads * g.heads))
+            if n_keep == g.heads:
+                continue
+            keep = np.sort(np.argsort(-head_scores(g), kind="stable")[:n_keep])
+            apply_heads(model, g, keep)
+            removed += g.heads - n_keep
+            pruned.append({"group": g.name, "kind": "heads", "units": g.heads, "kept": n_keep,
+                           "kept_heads": keep.tolist()})
+        for name in [n for n, v in model.graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
+            del model.graph.initializers[name]  # shape constants the new per-block ones replaced
+        return removed
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Plan groups, score, apply; see the class docstring."""
         o = self.options
         pruned, skipped, removed_total = [], [], 0
+        if o.heads > 0:
+            removed_total += self._prune_heads(model, pruned, skipped)
         for group in find_groups(model):
             if not _selected(group, o.targets):
                 continue

@@ -204,3 +204,57 @@ def test_ppocr_det_channels_valid_smaller_and_compiles():
     out = vm["main"](*[tvm.runtime.tensor(feed[name]) for name in Reference(model).input_names])
     out = out if hasattr(out, "numpy") else out[0]
     np.testing.assert_allclose(out.numpy(), ref, atol=2e-3)
+
+
+def test_minilm_attention_heads_25_percent():
+    from effc import zoo
+    from effc.eval.macs import count_macs
+    from effc.ir.reference import Reference
+
+    entry = zoo.get("minilm-l6")
+    model = entry.load()
+    macs = count_macs(model)["total"]
+    p = PruneStructuredPass(ratio=0.0, heads=0.25)
+    assert p(model).modified
+    assert [g["kept"] for g in p.stats["groups"]] == [9] * 6
+    attention_macs = 6 * (4 * 128 * 384 * 384 + 2 * 12 * 128 * 128 * 32)  # Q, K, V, O + QKᵀ and AV
+    assert count_macs(model)["total"] == macs - attention_macs // 4
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    emb = Reference(model).run(entry.samples("eval", 1)[0])[1]
+    assert emb.shape == (1, 384) and np.isfinite(emb).all()
+
+
+def test_grouped_query_attention_heads_are_skipped():
+    """Q has 4 heads, K/V 2 heads repeated with Expand (GQA): the block is left alone, with the reason."""
+    rng = np.random.default_rng(0)
+    i64 = {"qs": [1, 5, 4, 4], "ks": [1, 5, 2, 4], "kx": [1, 2, 2, 4, 5], "vx": [1, 2, 2, 5, 4], "ms": [1, 5, 16],
+           "kg": [1, 4, 4, 5], "vg": [1, 4, 5, 4], "ax2": [2]}
+    mk = helper.make_node
+    nodes = [
+        mk("MatMul", ["x", "wq"], ["q"], name="q_proj"), mk("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+        mk("MatMul", ["x", "wv"], ["v"], name="v_proj"),
+        mk("Reshape", ["q", "qs"], ["qh"]), mk("Transpose", ["qh"], ["qt"], perm=[0, 2, 1, 3]),
+        mk("Reshape", ["k", "ks"], ["kh"]), mk("Transpose", ["kh"], ["kt"], perm=[0, 2, 3, 1]),
+        mk("Reshape", ["v", "ks"], ["vh"]), mk("Transpose", ["vh"], ["vt"], perm=[0, 2, 1, 3]),
+        mk("Unsqueeze", ["kt", "ax2"], ["k5"]), mk("Expand", ["k5", "kx"], ["k6"]), mk("Reshape", ["k6", "kg"], ["kr"]),
+        mk("Unsqueeze", ["vt", "ax2"], ["v5"]), mk("Expand", ["v5", "vx"], ["v6"]), mk("Reshape", ["v6", "vg"], ["vr"]),
+        mk("MatMul", ["qt", "kr"], ["s"]), mk("Softmax", ["s"], ["p"], axis=-1),
+        mk("MatMul", ["p", "vr"], ["c"]), mk("Transpose", ["c"], ["ct"], perm=[0, 2, 1, 3]),
+        mk("Reshape", ["ct", "ms"], ["cm"]), mk("MatMul", ["cm", "wo"], ["y"], name="o_proj"),
+    ]
+    inits = {"wq": rng.standard_normal((16, 16)), "wk": rng.standard_normal((16, 8)),
+             "wv": rng.standard_normal((16, 8)), "wo": rng.standard_normal((16, 16))}
+    graph = helper.make_graph(
+        nodes, "gqa", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 16])],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()]
+        + [numpy_helper.from_array(np.asarray(v, np.int64), k) for k, v in i64.items()])
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])))
+    x = rng.standard_normal((1, 5, 16)).astype(np.float32)
+    ref = run(model, {"x": x})
+    p = PruneStructuredPass(ratio=0.0, heads=0.5)
+    assert not p(model).modified
+    reasons = " ".join(s["reason"] for s in p.stats["skipped"] if s["reason"].startswith("attention heads"))
+    assert "grouped-query" in reasons
+    np.testing.assert_array_equal(run(model, {"x": x}), ref)
