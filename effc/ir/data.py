@@ -24,6 +24,17 @@ SYNTHETIC_INT_HIGH = 100
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    fix = "save inputs with numpy.savez(path, **{input_name: array})"
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+    except OSError as err:
+        raise DataError(f"cannot read data file {str(path)!r}: {err}", fix) from err
+    if magic == b"\x93NUMPY":
+        raise DataError(f"data file {str(path)!r} is a single .npy array, not an .npz keyed by input name",
+                        f"{fix}, e.g. numpy.savez('samples.npz', x=numpy.load({path.name!r}))")
+    if not magic.startswith(b"PK"):
+        raise DataError(f"cannot read data file {str(path)!r}: not an .npz archive (no zip header)", fix)
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}

@@ -84,3 +84,13 @@ def test_conform_feeds_casts_same_kind_and_rejects_wrong_shape_or_kind():
         conform_feeds(model, [good, {**good, "x": np.ones((2, 3), np.int64)}])
     with pytest.raises(DataError, match=r"sample 0 lacks input\(s\) \['m'\]"):
         conform_feeds(model, [{"x": good["x"], "ids": good["ids"]}])
+
+
+def test_npy_and_junk_files_are_named_clearly(tmp_path):
+    # a .npy used to crash with TypeError (no context manager); junk read as "contains pickled (object) data"
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 2, 2), np.float32))
+    with pytest.raises(DataError, match="single .npy array, not an .npz"):
+        load_data(tmp_path / "x.npy", ["x"])
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(DataError, match="not an .npz archive"):
+        load_data(tmp_path / "junk.npz", ["x"])
