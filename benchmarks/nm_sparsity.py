@@ -142,7 +142,10 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=32, help="calibration sentences for masks (Wanda)")
     ap.add_argument("--recon-calib", type=int, default=96, help="calibration sentences for SparseGPT")
     ap.add_argument("--held-out", type=int, default=20)
+    ap.add_argument("--out", default=str(OUT), help="results JSON (read, updated, written back)")
     args = ap.parse_args()
+    global OUT
+    OUT = Path(args.out)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     sections = args.sections.split(",")
