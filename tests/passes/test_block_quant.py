@@ -147,14 +147,13 @@ def minilm():
     from effc import zoo
 
     entry = zoo.get("minilm-l6")
-    feeds = entry.samples("eval", 6)
+    feeds = entry.samples("eval", 4)
     return entry, feeds, _embeddings(entry.load(), feeds)
 
 
 @pytest.mark.parametrize(("kwargs", "lo", "hi", "bits"), [
-    ({"format": "mxint8"}, 0.999, 1.0, 8.25),
-    ({"format": "mxfp4"}, 0.95, 0.975, 4.25),
-    ({"format": "mxint8", "mode": "weight_act"}, 0.998, 1.0, 8.25),
+    ({"format": "mxfp4"}, 0.95, 0.975, 4.25),  # measured 0.960-0.963 (issue: 0.964)
+    ({"format": "mxint8", "mode": "weight_act"}, 0.999, 1.0, 8.25),  # measured 0.9996 (issue: 0.9995)
 ])
 def test_minilm_fidelity(minilm, kwargs, lo, hi, bits):
     entry, feeds, ref = minilm
@@ -175,3 +174,21 @@ def test_minilm_kv_mode_quantizes_keys_and_values(minilm):
     assert roles.count("k") == 6 and roles.count("v") == 6
     cos = _cosine(ref, _embeddings(model, feeds))
     assert 0.9 < cos < 0.9999
+
+
+def test_gptq_lowers_output_error_on_held_out_inputs():
+    from effc.ir.calibration import Calibration
+    from effc.passes.quant import sqnr_db
+
+    rng = np.random.default_rng(5)
+    cal = Calibration([{"ids": rng.integers(0, 50, (1, 8))} for _ in range(16)], "toy ids")
+    held_out = [{"ids": rng.integers(0, 50, (1, 8))} for _ in range(4)]
+    ref = np.concatenate([_run(_toy()[0], f)[0] for f in held_out])
+    sq = {}
+    for gptq in (False, True):
+        model, _ = _toy()
+        p = BlockQuantPass(format="mxfp4", gptq=gptq, include=("fc1",), min_params=0, calibration=cal)
+        p(model)
+        assert p.stats["layers"]["w1"]["gptq"] is gptq
+        sq[gptq] = sqnr_db(ref, np.concatenate([_run(model, f)[0] for f in held_out]))
+    assert sq[True] > sq[False] + 1.0, sq
