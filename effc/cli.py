@@ -95,7 +95,9 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--verify-each", is_flag=True, help="Run the ONNX checker and shape inference after every pass.")
 @click.option("--dump-ir", type=click.Path(file_okay=False), help="Write the model after each pass (numbered .onnx).")
-@click.option("--eval-samples", type=int, default=8, show_default=True, help="Held-out samples for fidelity.")
+@click.option(
+    "--eval-samples", type=click.IntRange(min=1), default=8, show_default=True, help="Held-out samples for fidelity."
+)
 @click.option("--no-latency", is_flag=True, help="Skip the latency comparison with onnxruntime.")
 @click.pass_context
 def compile(
@@ -251,8 +253,8 @@ def run_cmd(ctx, artifact, data, out_file):
         from effc.api import run_artifact
 
         results = run_artifact(artifact, data)
-        source = f"--data {data}" if data else "SYNTHETIC inputs (no --data given; outputs mean nothing)"
-        console.print(escape(f"{len(results)} sample(s) from {source}"), highlight=False)
+        source = f"--data {data}" if data else "SYNTHETIC (no --data given; the outputs mean nothing)"
+        console.print(escape(f"inputs: {source}; {len(results)} run(s)"), highlight=False)
         for i, outputs in enumerate(results):
             for name, arr in outputs.items():
                 stats = f"min={arr.min():.6g} max={arr.max():.6g} mean={arr.mean():.6g}" if arr.size else "empty"

@@ -304,6 +304,10 @@ def compile_model(
         )
     tgt = get_target(target)  # unknown target fails before any work
     threads = _check_threads(threads)
+    for name, count in (("eval_samples", eval_samples), ("calibration_samples", calibration_samples),
+                        ("latency_repeat", latency_repeat)):
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+            raise EffcError(f"{name}={count!r} is not a positive integer", f"give {name} >= 1")
     options = {"threads": threads, **dict(target_options or {})}
     unknown = sorted(set(options) - set(tgt.option_names()) - {"threads"})
     if unknown:

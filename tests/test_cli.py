@@ -233,6 +233,8 @@ def test_compile_user_file_and_run_eval_verify(tmp_path, mlp_path):
     run = _run("run", out, "--data", data)
     assert run.exit_code == 0, run.output
     assert run.output.count("sample") == 3
+    synthetic = _run("run", out)  # without --data the outputs come from generated inputs: say so
+    assert synthetic.exit_code == 0 and "SYNTHETIC" in synthetic.output
     ev = _run("eval", out, "--data", data)
     assert ev.exit_code == 0, ev.output
     ver = _run("verify", out, "--data", data)

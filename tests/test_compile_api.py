@@ -124,3 +124,13 @@ def test_report_shows_weight_sparsity_and_macs_per_op(tmp_path, mlp_path):
     assert "MACs per operator type" in md and "| Gemm |" in md
     rows = dict(summary_rows(result.report))
     assert rows["Weight sparsity"].startswith("50.0% zeros")
+
+
+@pytest.mark.parametrize("option", ["eval_samples", "calibration_samples", "latency_repeat"])
+def test_zero_sample_counts_rejected_before_the_build(tmp_path, mlp_path, option, monkeypatch):
+    # eval_samples=0 used to build the whole model and then fail with "no samples to compare"
+    from effc.targets import get_target
+
+    monkeypatch.setattr(type(get_target("cpu")), "build", lambda *a: pytest.fail("built"))
+    with pytest.raises(EffcError, match=option):
+        effc.compile(mlp_path, out_dir=tmp_path / "out", **{option: 0})
