@@ -137,15 +137,15 @@ def e2e(results: dict, base, cal, held_out) -> None:
 
 
 def main() -> None:
+    global OUT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", default="kernels,cosine,e2e")
     ap.add_argument("--calib", type=int, default=32, help="calibration sentences for masks (Wanda)")
     ap.add_argument("--recon-calib", type=int, default=96, help="calibration sentences for SparseGPT")
     ap.add_argument("--held-out", type=int, default=20)
-    ap.add_argument("--out", default=str(OUT), help="results JSON (read, updated, written back)")
+    ap.add_argument("--out", default=None, help="results JSON (read, updated, written back)")
     args = ap.parse_args()
-    global OUT
-    OUT = Path(args.out)
+    OUT = Path(args.out) if args.out else OUT
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     sections = args.sections.split(",")
