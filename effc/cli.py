@@ -35,9 +35,16 @@ See `effc passes` for the passes and their options, `effc targets` for targets.
 
 
 def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    from effc.errors import ShapeError
     from effc.ir.canonicalize import parse_input_shape
 
-    return dict(parse_input_shape(v) for v in values)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for text in values:
+        name, dims = parse_input_shape(text)
+        if name in shapes and shapes[name] != dims:
+            raise ShapeError(f"--input-shape gives input {name!r} two shapes", "give each input's shape once")
+        shapes[name] = dims
+    return shapes
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

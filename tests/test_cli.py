@@ -207,6 +207,15 @@ def test_dump_ir_inside_output_is_rejected(tmp_path, mlp_path):
     _assert_clean_failure(result, out, "--dump-ir")
 
 
+def test_input_shape_given_twice(tmp_path):
+    # the last one used to win silently
+    path = tmp_path / "dyn.onnx"
+    make_mlp(path, dynamic_batch=True)
+    out = tmp_path / "out"
+    result = _run("compile", path, "-o", out, "--input-shape", "x=2x16", "--input-shape", "x=3x16")
+    _assert_clean_failure(result, out, "two shapes", "'x'")
+
+
 def test_unknown_target(tmp_path, mlp_path):
     out = tmp_path / "out"
     _assert_clean_failure(_run("compile", mlp_path, "--target", "tpu9000", "-o", out), out, "tpu9000", "cpu")
