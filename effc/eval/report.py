@@ -277,13 +277,20 @@ def _stats_summary(stats: Mapping[str, Any]) -> str:
     return ", ".join(parts) or "–"
 
 
+_FIDELITY_TITLES = {
+    "vs_original": "compiled artifact vs original model (onnxruntime)",
+    "rewritten_vs_original": "rewritten model.onnx vs original (what the passes cost)",
+    "compiled_vs_rewritten": "compiled artifact vs rewritten model.onnx (what compilation cost)",
+}
+
+
 def _section_fidelity(fidelity: Mapping[str, Any]) -> list[str]:
     lines = ["## Fidelity per output", ""]
     if not fidelity:
         return lines + [f"Fidelity: {NOT_MEASURED}.", ""]
     header = ["output", "kind", "max abs", "mean abs", "rel L2", "cosine", "top-1", "exact"]
     for name, comparison in fidelity.items():
-        lines.append(f"### {name.replace('_', ' ')}")
+        lines.append(f"### {_FIDELITY_TITLES.get(name, name.replace('_', ' '))}")
         lines.append("")
         if not isinstance(comparison, Mapping) or "outputs" not in comparison:
             lines += [NOT_MEASURED, ""]
@@ -291,8 +298,9 @@ def _section_fidelity(fidelity: Mapping[str, Any]) -> list[str]:
         lines += [f"{comparison.get('samples', '?')} sample(s).", ""]
         rows = [[out, m.get("kind"), m.get("max_abs"), m.get("mean_abs"), m.get("rel_l2"), m.get("cosine"),
                  m.get("top1_agreement"), m.get("exact_match")] for out, m in comparison["outputs"].items()]
-        for row in rows:  # show cosine with enough digits to see small losses
+        for row in rows:  # show cosine with enough digits to see small losses; agreements as percentages
             row[5] = f"{row[5]:.6f}" if isinstance(row[5], float) else row[5]
+            row[6:] = [f"{100 * v:.1f}%" if _num(v) is not None else v for v in row[6:]]
         lines += _table(header, rows)
     return lines
 

@@ -48,6 +48,8 @@ def test_write_report_full(tmp_path, full_report):
     assert "2 M → 1 M (×2.00 smaller)" in md and "4,194,304" in md
     assert "onnxruntime 4.000 ms / effc 2.000 ms (ratio 0.50: 2.00× faster), 1 thread(s)" in md
     assert "top-1 50.0%" in md and "12.50 s (target build 10.25 s)" in md
+    assert "### compiled artifact vs original model (onnxruntime)" in md
+    assert "| 50.0% | – |" in md  # top-1 as a percentage (was "0.5")
     assert "| fused_matmul_add | dense_avx2 |" in md
     assert "| fc2 | 0.6 |" in md and "| fc1 | 0.01 | 0.99 |" in md  # per-layer tables from pass stats
     assert "![latency](latency.png)" in md and NOT_MEASURED not in md
