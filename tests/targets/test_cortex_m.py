@@ -144,7 +144,18 @@ def test_cnn_fp32_m4_and_m3(cnn, split, tmp_path):
         assert check.ok, check.summary()
         assert (fw_pred == ort_pred).all()
         assert (fw_pred == y).mean() > 0.85
+        if target == "cortex-m4":
+            acc = (check.instructions_per_inference, info)
     assert info["ram"]["arena_bytes"] > 0
+    # effc's schedule vs TVM's naive loops: fewer instructions and less kernel scratch, same results.
+    _, x_test, _, _ = split
+    naive_info = _artifact(cnn, "cortex-m4", tmp_path / "naive", schedule="naive")
+    naive = verify_artifact(tmp_path / "naive", feeds_list=[{"pixels": x_test[0].reshape(1, 1, 8, 8)}])
+    assert naive.ok
+    assert acc[0] < 0.8 * naive.instructions_per_inference
+    assert acc[1]["ram"]["scratch_bytes"] < naive_info["ram"]["scratch_bytes"]
+    assert all(k["schedule"] == "effc-acc" for k in acc[1]["kernels"] if "conv2d" in k["name"])
+    assert {k["schedule"] for k in naive_info["kernels"]} == {"naive"}
 
 
 @needs_toolchain

@@ -145,7 +145,7 @@ def shutil_sizes(target: CortexMTarget, files: dict[str, str], opt: str) -> dict
 
 
 class QemuRunner(Runner):
-    """Runs an MCU artifact from Python: firmware built once (``-O2``), one QEMU process per :meth:`run`."""
+    """Runs an MCU artifact from Python: firmware built once (the artifact's ``opt``), one QEMU process per run."""
 
     def __init__(self, target: CortexMTarget, artifact_dir: Path, manifest: dict[str, Any]) -> None:
         self.target = target
@@ -154,6 +154,9 @@ class QemuRunner(Runner):
         self.outputs = manifest["outputs"]
         self._tmp = tempfile.TemporaryDirectory(prefix="effc-qemu-")
         self._elf: Path | None = None
+        tinfo = manifest.get("target")
+        info = tinfo.get("info", {}) if isinstance(tinfo, dict) else {}
+        self.opt = str(info.get("opt") or "-O2")
         self.last_instructions: list[int] = []
 
     def run_many(self, feeds_list: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
@@ -161,7 +164,7 @@ class QemuRunner(Runner):
         import numpy as np
 
         if self._elf is None:
-            self._elf = firmware.build_firmware(self.artifact_dir, Path(self._tmp.name), self.target)
+            self._elf = firmware.build_firmware(self.artifact_dir, Path(self._tmp.name), self.target, self.opt)
         blob = bytearray()
         for feeds in feeds_list:
             for spec in self.inputs:

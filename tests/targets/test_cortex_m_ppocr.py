@@ -1,0 +1,76 @@
+"""PP-OCR mobile text-direction classifier (zoo:ppocr-cls) with int8 weights on Cortex-M7 (2 MB flash), in QEMU.
+
+Slow (lowering 53 convolutions takes minutes on a loaded machine): marked ``slow``. The same C is then run on the
+M4F and M3 boards by re-labelling the artifact (the C does not depend on the core; only the flags do).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from effc.targets import get_target
+from effc.targets.cortex_m import firmware
+from effc.targets.cortex_m.verify import reference_session, verify_artifact
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not firmware.have_toolchain(), reason="arm-none-eabi-gcc/qemu-system-arm missing"),
+]
+
+
+def _int8_weights():
+    spec = importlib.util.spec_from_file_location("digits_mcu", ROOT / "examples" / "digits_mcu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.int8_weights
+
+
+def test_ppocr_cls_int8_on_m7_m4_m3(tmp_path):
+    from effc import zoo
+    from effc.ir.canonicalize import canonicalize
+    from effc.runtime.manifest import write_manifest
+
+    entry = zoo.get("ppocr-cls")
+    model = canonicalize(ir.load(str(entry.path())), input_shapes=entry.input_shapes)
+    model = _int8_weights()(model)
+    out = tmp_path / "m7"
+    out.mkdir()
+    options = {"flash": "2M", "ram": "2M"}
+    result = get_target("cortex-m7").build(model, out, options)
+    ir.save(model, out / "model.onnx")
+    io = {
+        "inputs": [{"name": "x", "shape": [1, 3, 48, 192], "dtype": "float32"}],
+        "outputs": [
+            {"name": v.name, "shape": [int(d) for d in v.shape.numpy()], "dtype": "float32"}
+            for v in model.graph.outputs
+        ],  # fmt: skip
+    }
+    manifest = {"target": {"name": "cortex-m7", "options": options, "info": result.info}, **io}
+    write_manifest(out, manifest)
+    info = result.info
+    conv_weights = sum(int(np.prod(w["shape"])) for w in info["weights"] if w["dtype"] == "int8")
+    assert conv_weights > 100_000  # every conv/matmul weight stayed int8 in flash
+    assert info["flash"]["total_bytes"] < 2 * 1024 * 1024
+
+    feeds = entry.samples("eval", 2)
+    session = reference_session(out / "model.onnx")
+    for core in ("cortex-m7", "cortex-m4", "cortex-m3"):
+        art = tmp_path / core
+        if core != "cortex-m7":
+            shutil.copytree(out, art)
+            write_manifest(art, {**manifest, "target": {**manifest["target"], "name": core}})
+        check = verify_artifact(art, feeds_list=feeds[:1] if core == "cortex-m3" else feeds)
+        assert check.ok, check.summary()
+        for f, got in zip(feeds, check.outputs, strict=False):
+            ref = session.run(None, f)[0]
+            assert int(ref.argmax()) == int(got[0].argmax())
+    json.dumps(check.to_dict())
