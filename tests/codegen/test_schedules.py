@@ -35,7 +35,8 @@ def _matmul_epilogue(b, m, k, n):
 
 
 @pytest.mark.parametrize(
-    "b,m,k,n,expected", [(1, 64, 96, 128, "gemm"), (2, 8, 64, 32, "gemm"), (1, 1, 64, 256, "gemv")]
+    "b,m,k,n,expected",
+    [(1, 64, 96, 128, "gemm"), (2, 8, 64, 32, "gemm"), (1, 1, 64, 256, "gemv"), (1, 40, 24, 213, "gemm_padded")],
 )
 def test_gemm_template_with_fused_epilogue(b, m, k, n, expected):
     x = RNG.standard_normal((b, m, k)).astype("float32")

@@ -21,6 +21,13 @@ from effc.codegen.schedules import analysis as an
 from effc.codegen.schedules.tiles import TileConfig
 
 
+def schedule_nest(sch, blk, tiles):
+    """Parallel + vectorized loop nest for a helper block (deferred import: injective imports this module)."""
+    from effc.codegen.schedules.injective import schedule_nest as nest
+
+    nest(sch, blk, tiles)
+
+
 class NotApplicable(Exception):
     """The template does not fit this kernel (the reason is the message)."""
 
@@ -93,15 +100,28 @@ def apply_gemm(sch: s_tir.Schedule, tiles: TileConfig) -> str:
         raise NotApplicable("no operand is contiguous along the output's last axis")
     m, n = facts.extents[-3], facts.extents[-2]
     nr = an.largest_divisor(n, [c for c in tiles.gemm_nr if c % tiles.lanes == 0])
+    padded = False
     if nr is None:
-        raise NotApplicable(f"N={n} is not a multiple of {tiles.lanes} lanes")
+        if n < 4 * tiles.lanes:
+            raise NotApplicable(f"N={n} is not a multiple of {tiles.lanes} lanes")
+        # Pad N up to the smallest tile width: B's padding happens in the panel packing, the output is trimmed.
+        nr = min(tiles.gemm_nr)
+        sch.pad_einsum(main, [1] * (len(facts.kinds) - 2) + [nr, 1])
+        padded = True
+        main = sch.get_sblock(facts.name)
+        facts = an.block_facts(sch, main)
     mr = an.pow2_divisor(m, tiles.gemm_mr)
     # Producers (reshape/transpose of an operand) are inlined into the loads.
     blocks = an.child_blocks(sch)
     main_name = facts.name
     before = blocks[: [an.block_facts(sch, b).name for b in blocks].index(main_name)]
-    _inline_all(sch, before, keep=set())
+    if padded:  # the zero-padding copy of B stays a block (inlined, its condition would reach the inner loop)
+        pad_names = {an.block_facts(sch, b).name for b in before}
+    else:
+        _inline_all(sch, before, keep=set())
+        pad_names = set()
     consumers = _write_back(sch, main)
+    facts = an.block_facts(sch, main)
 
     # The operand read along j (B) is packed per column panel: K×nr contiguous floats reused by every row tile.
     # Unpacked, a K-long column walk with a row stride of N floats maps onto a few L1 sets (N=1536: 2 sets).
@@ -125,12 +145,15 @@ def apply_gemm(sch: s_tir.Schedule, tiles: TileConfig) -> str:
     for blk in consumers:
         sch.reverse_compute_at(blk, io, preserve_unit_loops=True)
         c_loops = sch.get_loops(blk)[2:]
-        if c_loops:
+        if c_loops and not padded:
             inner = c_loops[-1]
             if an.loop_extent(sch, inner) % tiles.lanes == 0:
                 sch.vectorize(inner)
+    for blk in an.child_blocks(sch):
+        if an.block_facts(sch, blk).name in pad_names:
+            schedule_nest(sch, blk, tiles)
     sch.unroll(ii)
     sch.vectorize(ji)
     init = sch.decompose_reduction(main, k)
     sch.vectorize(sch.get_loops(init)[-1])
-    return "gemv" if m == 1 else "gemm"
+    return ("gemv" if m == 1 else "gemm") + ("_padded" if padded else "")
