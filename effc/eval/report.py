@@ -210,7 +210,8 @@ def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("Latency (median)", format_latency(report.get("latency"))),
     ]
     total = (cost.get("sparsity") or {}).get("total") if isinstance(cost.get("sparsity"), Mapping) else None
-    if isinstance(total, Mapping) and total.get("zeros"):  # what unstructured passes bought (dense bytes stay)
+    modified = any(isinstance(p, Mapping) and p.get("modified") for p in report.get("passes") or [])
+    if modified and isinstance(total, Mapping) and total.get("zeros"):  # what pruning bought (dense bytes stay)
         rows.insert(-2, ("Weight sparsity", f"{100 * total['sparsity']:.1f}% zeros ({human(total['zeros'])} of "
                                             f"{human(total['elements'])} weights; stored dense)"))
     rows.append(("Compile time", _format_seconds(report)))

@@ -85,3 +85,12 @@ def test_jsonable_handles_numpy_and_nonfinite():
     json.dumps(data, allow_nan=False)
     assert "nan" in render_markdown({"model": {"name": "m"}, "fidelity": {"vs_original": {
         "samples": 1, "outputs": {}, "summary": {"max_abs": "nan", "cosine": "nan"}}}})
+
+
+def test_weight_sparsity_row_only_after_a_modifying_pass():
+    # an unpruned model's natural zeros (ppocr-det: 0.1%) read as if a pass had bought them
+    total = {"elements": 1000, "zeros": 1, "sparsity": 0.001}
+    report = {"model": {"name": "m"}, "cost": {"sparsity": {"total": total}}, "passes": []}
+    assert "Weight sparsity" not in dict(summary_rows(report))
+    report["passes"] = [{"name": "prune", "text": "prune", "seconds": 0.1, "modified": True, "stats": {}}]
+    assert dict(summary_rows(report))["Weight sparsity"].startswith("0.1% zeros")
