@@ -47,7 +47,7 @@ def kernels(results: dict) -> None:
     rows = []
     for shape in [(128, 384, 384), (128, 384, 1536), (128, 1536, 384), (1, 384, 1536)]:
         for vector in (16, 1):
-            t = ns.time_layer(*shape, 2, 4, vector, repeat=7)
+            t = ns.time_layer(*shape, 2, 4, vector, repeat=20)
             rows.append({"shape": list(shape), "pattern": "2:4", "vector": vector, **t})
             log.info("kernel %s v%d: dense %.3f ms packed %.3f ms (%.2fx)", shape, vector, t["dense_ms"],
                      t["packed_ms"], t["speedup"])
