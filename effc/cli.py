@@ -34,6 +34,28 @@ See `effc passes` for the passes and their options, `effc targets` for targets.
 """
 
 
+def _parse_target_options(values: tuple[str, ...]) -> dict[str, object]:
+    options: dict[str, object] = {}
+    for text in values:
+        key, sep, raw = text.partition("=")
+        if not sep or not key.strip():
+            raise EffcError(f"target option {text!r} is not KEY=VALUE", "write e.g. -O schedule=naive")
+        low = raw.strip().lower()
+        value: object = raw.strip()
+        if low in ("true", "false"):
+            value = low == "true"
+        else:
+            try:
+                value = int(raw)
+            except ValueError:
+                try:
+                    value = float(raw)
+                except ValueError:
+                    pass
+        options[key.strip().replace("-", "_")] = value
+    return options
+
+
 def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
     from effc.errors import ShapeError
     from effc.ir.canonicalize import parse_input_shape
@@ -106,6 +128,14 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
     "--eval-samples", type=click.IntRange(min=1), default=8, show_default=True, help="Held-out samples for fidelity."
 )
 @click.option("--no-latency", is_flag=True, help="Skip the latency comparison with onnxruntime.")
+@click.option(
+    "-O",
+    "--target-option",
+    "target_opts",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Any other target option, e.g. -O schedule=naive -O opt=-O3 (cortex-m), -O tune=64 (cpu). Repeatable.",
+)
 @click.pass_context
 def compile(
     ctx,
@@ -125,6 +155,7 @@ def compile(
     dump_ir,
     eval_samples,
     no_latency,
+    target_opts,
 ):
     """Compile MODEL with the given passes into an artifact folder, and report cost and gain."""
 
@@ -132,7 +163,7 @@ def compile(
         from effc.compiler import compile_model
         from effc.eval.report import summary_rows
 
-        options = {}
+        options = _parse_target_options(target_opts)
         if mcpu:
             options["mcpu"] = mcpu
         if no_fast_math:

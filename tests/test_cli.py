@@ -282,3 +282,25 @@ def test_help_teaches(args):
     result = _run(*args)
     assert result.exit_code == 0
     assert "zoo:" in result.output or "compile" in result.output
+
+
+@pytest.mark.skipif(
+    __import__("shutil").which("qemu-system-arm") is None or __import__("shutil").which("arm-none-eabi-gcc") is None,
+    reason="needs: apt-get install -y gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm",
+)
+def test_cortex_m4_compile_and_verify_in_qemu(tmp_path, mlp_path):
+    out = tmp_path / "m4"
+    result = _run("compile", mlp_path, "--target", "cortex-m4", "-o", out, "-O", "opt=-O2")
+    assert result.exit_code == 0, result.output
+    assert (out / "effc_model.c").exists() and (out / "Makefile").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["latency"] is None
+    assert report["fidelity"]["compiled_vs_rewritten"]["summary"]["max_abs"] < 1e-5
+    ver = _run("verify", out)
+    assert ver.exit_code == 0, ver.output
+    assert "instructions_per_mac" in ver.output
+
+
+def test_bad_target_option_syntax(tmp_path, mlp_path):
+    out = tmp_path / "out"
+    _assert_clean_failure(_run("compile", mlp_path, "-O", "schedule", "-o", out), out, "KEY=VALUE")

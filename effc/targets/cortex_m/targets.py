@@ -51,8 +51,24 @@ class CortexMTarget(Target):
     board_flash_bytes: int = 4 * 1024 * 1024
     board_ram_bytes: int = 4 * 1024 * 1024
 
+    #: Latency measured on the host means nothing for a microcontroller: the report gives instruction counts.
+    host_latency = False
+
     def option_names(self) -> Sequence[str]:
         return _OPTIONS
+
+    def verify(self, artifact_dir: Path, feeds: list[dict[str, Any]], atol: float = 1e-5) -> dict[str, Any]:
+        """Build the firmware, run it under QEMU on every feed and compare with onnxruntime (``effc verify``).
+
+        Returns:
+            ``VerifyResult.to_dict()``: ``ok``, ``max_abs``, ``bit_exact``, instructions per inference and per MAC.
+
+        Raises:
+            TargetError: the Arm toolchain or qemu-system-arm is missing, or the firmware fails to build/run.
+        """
+        from effc.targets.cortex_m.verify import verify_artifact
+
+        return verify_artifact(artifact_dir, feeds_list=feeds, atol=atol).to_dict()
 
     def budgets(self, options: dict[str, Any]) -> tuple[int, int]:
         """``(flash, ram)`` bytes from ``options`` (``"1M"``, ``"256K"``, ints) or this core's defaults."""
