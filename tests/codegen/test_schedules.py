@@ -83,22 +83,24 @@ def test_layer_norm_rowwise():
 
 @pytest.mark.parametrize(
     "cin,cout,ksize,stride,groups",
-    [(8, 16, 3, 1, 1), (16, 32, 1, 1, 1), (16, 16, 3, 2, 16)],
-    ids=["3x3", "1x1", "depthwise-s2"],
+    [(8, 16, 3, 1, 1), (16, 32, 1, 1, 1), (16, 16, 3, 2, 16), (8, 16, (5, 1), 1, 1)],
+    ids=["3x3", "1x1", "depthwise-s2", "conv1d-as-Lx1"],
 )
 def test_conv_template(cin, cout, ksize, stride, groups):
     torch = pytest.importorskip("torch")
-    x = te.placeholder((1, cin, 20, 32), name="x")
-    w = te.placeholder((cout, cin // groups, ksize, ksize), name="w")
-    pad = ksize // 2
+    kh, kw = ksize if isinstance(ksize, tuple) else (ksize, ksize)
+    width = 1 if kw == 1 and kh > 1 else 32
+    x = te.placeholder((1, cin, 20, width), name="x")
+    w = te.placeholder((cout, cin // groups, kh, kw), name="w")
+    pad = (kh // 2, kw // 2)
     if groups == 1:
         conv = topi.nn.conv2d_nchw(x, w, stride, pad, 1)
     else:
         conv = topi.nn.group_conv2d_nchw(x, w, stride, pad, 1, groups)
     out = te.compute(conv.shape, lambda *i: te.max(conv(*i), 0.0), name="relu")
     func = te.create_prim_func([x, w, out])
-    data = RNG.standard_normal((1, cin, 20, 32)).astype("float32")
-    weight = RNG.standard_normal((cout, cin // groups, ksize, ksize)).astype("float32")
+    data = RNG.standard_normal((1, cin, 20, width)).astype("float32")
+    weight = RNG.standard_normal((cout, cin // groups, kh, kw)).astype("float32")
     ref = torch.relu(torch.nn.functional.conv2d(torch.tensor(data), torch.tensor(weight), stride=stride, padding=pad,
                                                 groups=groups)).numpy()
     template, got = _run(func, [data, weight], ref.shape)

@@ -53,11 +53,13 @@ def apply_conv(sch: s_tir.Schedule, tiles: TileConfig) -> str:
         except s_tir.ScheduleError:
             pass
     consumers = list(sch.get_consumers(main)) or [sch.cache_write(main, 0, "global")]
-    _, co, _, ow = facts.extents[:4]
+    _, co, oh, ow = facts.extents[:4]
     co_i = an.pow2_divisor(co, tiles.conv_co)
-    ow_i = an.pow2_divisor(ow, 2 * tiles.lanes)
     loops = sch.get_loops(main)
     n_l, co_l, oh_l, ow_l, *r_loops = loops
+    if ow == 1 and oh > 1:  # a 1-D conv stored as (N, C, L, 1): vectorize along L instead
+        oh_l, ow_l, ow = ow_l, oh_l, oh
+    ow_i = an.pow2_divisor(ow, 2 * tiles.lanes)
     coo, coi = sch.split(co_l, [None, co_i])
     owo, owi = sch.split(ow_l, [None, ow_i])
     sch.reorder(n_l, coo, oh_l, owo, *r_loops, coi, owi)

@@ -4,13 +4,18 @@ Applies to a kernel whose one reduction block is ``C[b.., i, j] += A[b.., i, k] 
 matmul, and any MAC whose last spatial iterator indexes B's innermost axis). Schedule (Goto & van de Geijn,
 "Anatomy of High-Performance Matrix Multiplication", 2008, micro-kernel level only):
 
-    parallel for (b.., io, jo):          # one mr×nr output tile per iteration
-        acc[mr, nr] = 0                  # decomposed init, vectorized
-        for k:                           # A[i, k] broadcast, B[k, jo*nr:+nr] vector loads
-            for ii in unroll(mr): for ji in vectorize(nr): acc[ii, ji] += A * B
-        for ii, ji: out = epilogue(acc)  # bias, activation, residual add: inlined and vectorized
+    parallel for (b.., jo):              # one column panel per iteration
+        Bp[K, nr] = B[:, jo*nr:+nr]      # packed panel (contiguous; unpacked, a column walk with row stride
+                                         # N maps onto few L1 sets), reused by every row tile below
+        for io:                          # one mr×nr output tile
+            acc[mr, nr] = 0              # decomposed init, vectorized
+            for k:                       # A[i, k] broadcast, Bp[k, :] vector loads
+                for ii in unroll(mr): for ji in vectorize(nr): acc[ii, ji] += A * Bp
+            out = epilogue(acc)          # bias, activation, residual add: inlined and vectorized
 
 The accumulator buffer shrinks to mr×nr (registers) because both its producer and consumer sit under the tile loop.
+When N is not a multiple of the lanes (N ≥ 4 lanes), ``pad_einsum`` pads N to the tile width: B is zero-padded
+in a parallel copy and the epilogue writes only the valid columns (template ``gemm_padded``).
 """
 
 from __future__ import annotations
