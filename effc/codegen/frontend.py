@@ -68,8 +68,14 @@ def register_converter(op_type: str, domain: str = EFFC_DOMAIN) -> Callable[[typ
     return decorate
 
 
+def _load_builtin_converters() -> None:
+    """Import ``effc.codegen.ops`` so every built-in effc-operator converter is registered (idempotent)."""
+    import effc.codegen.ops  # noqa: F401  (registration side effect)
+
+
 def registered_converters() -> dict[str, type]:
     """The registered converters, ``{effc op_type: converter class}`` (a copy)."""
+    _load_builtin_converters()
     return dict(_EFFC_CONVERTERS)
 
 
@@ -96,6 +102,7 @@ def unsupported_ops(model: ir.Model) -> dict[str, list[str]]:
     Returns:
         ``{op_type: [node names]}`` (key ``"domain::op_type"`` for non-standard domains), empty when all import.
     """
+    _load_builtin_converters()
     tvm_ops = _tvm_supported_op_types()
     missing: dict[str, list[str]] = {}
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
@@ -153,6 +160,7 @@ def _as_tvm_converter(cls: type) -> type:
 @contextlib.contextmanager
 def _effc_converters_active() -> Iterator[None]:
     """Extend TVM's convert map with the effc converters and name failing nodes; restore both afterwards."""
+    _load_builtin_converters()
     original_map = _tvm_onnx._get_convert_map
     importer = _tvm_onnx.ONNXGraphImporter
     original_convert = importer._convert_operator

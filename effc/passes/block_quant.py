@@ -279,3 +279,21 @@ class BlockQuantPass(EffcPass):
             self.stats["kv_values"].append({"value": value.name, "role": role})
             count += 1
         return count
+
+
+def _count_block_quant_macs(node: ir.Node) -> int | None:
+    """MACs of ``effc.BlockQuantMatMul``: rows × K × N, from the activation ``(..., K)`` and packed ``(N, ...)``."""
+    from effc.eval.macs import static_shape
+
+    x, weight = static_shape(node.inputs[0]), node.inputs[1]
+    packed = static_shape(weight) or (tuple(weight.const_value.shape) if weight.const_value is not None else None)
+    return None if x is None or packed is None else int(np.prod(x[:-1])) * int(x[-1]) * int(packed[0])
+
+
+def _register_macs() -> None:
+    from effc.eval.macs import register_mac_counter
+
+    register_mac_counter("BlockQuantMatMul", _count_block_quant_macs)
+
+
+_register_macs()
