@@ -61,7 +61,7 @@ def compiled_zoo(tmp_path_factory):
         if key not in _ZOO_CACHE:
             out = tmp_path_factory.mktemp(name.replace(":", "_")) / "out"
             _ZOO_CACHE[key] = effc.compile(
-                f"zoo:{name}", passes=passes, out_dir=out, eval_samples=3, latency_repeat=3,
+                f"zoo:{name}", passes=passes, out_dir=out, eval_samples=3, latency_repeat=3, calibration_samples=8,
             )
         return _ZOO_CACHE[key]
 
