@@ -173,7 +173,8 @@ def to_markdown(results: dict, threads: list[int], runs: int) -> str:
         f"CPU: {_cpu_model()} (LLVM mcpu `{tvm.target.codegen.llvm_get_system_cpu()}`), {os.cpu_count()} "
         f"logical cores; threads as listed. Each number: its own process, warm-up then median (min) of {runs} runs "
         "on the same real input (zoo eval split). effc = templates + fast-math, no tuning. Ratio = effc / ORT "
-        "median (< 1: effc faster). The machine was shared while measuring: treat ±20 % as noise.",
+        f"median (< 1: effc faster). Load average when measuring: {os.getloadavg()[0]:.1f} (the box is a shared VM: "
+        "treat ±10 % as noise).",
         "",
         "| model | threads | ORT ms | effc ms | ratio | max abs diff | compile s |",
         "|---|---|---|---|---|---|---|",
