@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from effc.eval.latency import measure
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 START, END = "<!-- block-quant:start -->", "<!-- block-quant:end -->"
@@ -39,17 +41,6 @@ VARIANTS = {
     "effc-mxint8-w+a": ("effc", "block-quant(format=mxint8,mode=weight_act)"),
     "effc-mxfp4": ("effc", "channel-reorder,block-quant(format=mxfp4)"),
 }
-
-
-def _timeit(fn, warmup: int, runs: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return {"median_ms": round(float(np.median(times)), 3), "min_ms": round(float(np.min(times)), 3)}
 
 
 def _feeds(n: int):
@@ -145,7 +136,8 @@ def worker(name: str, work: Path, runs: int, threads: int, n_eval: int) -> dict:
         a = ref_sess.run(None, f)[ref_names.index("sentence_embedding")].ravel()
         b = np.asarray(run(f)).ravel()
         cos.append(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
-    timing = _timeit(lambda: run(feeds[0]), warmup=3, runs=runs)
+    timing = measure(run, feeds[0], warmup=3, repeat=runs)
+    timing = {"median_ms": round(timing["median_ms"], 3), "min_ms": round(timing["min_ms"], 3)}
     return {"variant": name, "recipe": recipe, "cosine": round(float(np.mean(cos)), 5),
             "artifact_bytes": os.path.getsize(artifact), "build_s": round(build_s, 1), **timing}
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from effc.eval.latency import measure
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 START, END = "<!-- cpu-codegen:start -->", "<!-- cpu-codegen:end -->"
@@ -31,17 +33,6 @@ MODELS = ["minilm-l6", "ppocr-det", "ppocr-rec", "ppocr-cls", "magika"]
 
 
 # ----------------------------------------------------------------------------- workers (one process each)
-def _timeit(fn, warmup: int, runs: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return {"median_ms": float(np.median(times)), "min_ms": float(np.min(times)), "runs": runs}
-
-
 def worker_compile(model_name: str, work: Path) -> dict:
     import onnx_ir as ir
     import tvm
@@ -77,7 +68,7 @@ def worker_ort(work: Path, threads: int, warmup: int, runs: int) -> dict:
     sess = ort.InferenceSession(str(work / "model.onnx"), opts, providers=["CPUExecutionProvider"])
     outs = sess.run(None, feeds)
     np.savez(work / f"ort_out_{threads}.npz", *outs)
-    return _timeit(lambda: sess.run(None, feeds), warmup, runs)
+    return measure(lambda f: sess.run(None, f), feeds, warmup, runs)
 
 
 def worker_effc(work: Path, threads: int, warmup: int, runs: int, profile: bool) -> dict:
@@ -92,7 +83,7 @@ def worker_effc(work: Path, threads: int, warmup: int, runs: int, profile: bool)
     args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n])) for n in info["input_names"]]
     outs = build.outputs_to_numpy(vm["main"](*args))
     np.savez(work / f"effc_out_{threads}.npz", *outs)
-    result = _timeit(lambda: vm["main"](*args), warmup, runs)
+    result = measure(lambda _: vm["main"](*args), {}, warmup, runs)
     if profile:
         acc: dict[str, float] = {}
         calls: dict[str, int] = {}
