@@ -99,3 +99,16 @@ def test_sentences_are_many_and_distinct():
     assert len(sentences) >= 160 and len(set(sentences)) == len(sentences)
     calib, evals = S.split_sentences("calibration", 200), S.split_sentences("eval", 200)
     assert len(calib) == 200 and not set(calib) & set(evals)
+
+
+def test_magika_splits_share_no_file_content():
+    import hashlib
+
+    from effc.data.samples import magika_files
+
+    def digest(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    calibration = {digest(p) for p in magika_files("calibration", 300)}
+    held_out = {digest(p) for p in magika_files("eval", 300)}
+    assert not calibration & held_out

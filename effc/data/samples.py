@@ -9,6 +9,7 @@ never share an input.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import math
@@ -127,6 +128,7 @@ _MAGIKA_EXTS = (".py", ".json", ".txt", ".md", ".png", ".svg", ".ttf", ".afm", "
 def _package_files() -> tuple[Path, ...]:
     """Files of installed packages, sorted, interleaved by extension so every prefix mixes file types."""
     by_ext: dict[str, list[Path]] = {ext: [] for ext in _MAGIKA_EXTS}
+    seen: set[tuple[int, bytes]] = set()  # files whose bytes Magika sees (start and end) are identical count once
     for package in _MAGIKA_PACKAGES:
         spec = resources.files(package) if _importable(package) else None
         if spec is None:
@@ -137,10 +139,23 @@ def _package_files() -> tuple[Path, ...]:
                 ext = os.path.splitext(name)[1]
                 path = Path(root, name)
                 if ext in by_ext and path.stat().st_size >= 64:
-                    by_ext[ext].append(path)
+                    key = _content_key(path)
+                    if key not in seen:
+                        seen.add(key)
+                        by_ext[ext].append(path)
     lists = [sorted(v) for v in by_ext.values() if v]
     interleaved = [lst[i] for i in range(max(map(len, lists), default=0)) for lst in lists if i < len(lst)]
     return tuple(interleaved)
+
+
+def _content_key(path: Path, edge: int = 4096) -> tuple[int, bytes]:
+    """Size and a digest of the first and last ``edge`` bytes: equal keys give equal Magika inputs."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(edge)
+        fh.seek(max(0, size - edge))
+        tail = fh.read(edge)
+    return size, hashlib.sha256(head + tail).digest()
 
 
 def _importable(package: str) -> bool:
