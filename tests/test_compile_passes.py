@@ -34,3 +34,7 @@ def test_pass_compiles_and_artifact_matches_rewritten(tmp_path, mlp64, passes, m
     if smaller:
         assert cost["params_bytes_after"] < 0.5 * cost["params_bytes_before"]
     assert all(record["stats"] for record in result.manifest["passes"])
+    if passes.startswith("nm-sparsity"):  # the lowering says which form each packed node took, and why
+        ops = result.report["target"]["info"]["effc_ops"]
+        assert ops and all(op["form"] in ("packed", "dense") and op["reason"] for op in ops)
+        assert "form chosen per node" in (result.out_dir / "report.md").read_text()

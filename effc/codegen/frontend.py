@@ -206,6 +206,8 @@ def to_relax(model: ir.Model) -> tvm.IRModule:
         TargetError: a converter failed on a node (message names the op and node, with TVM's reason).
     """
     check_importable(model)
+    logs = _lowering_logs()
+    marks = [len(log) for log in logs]
     proto = ir.to_proto(model)
     _rename_effc_nodes(proto.graph)
     captured = io.StringIO()
@@ -229,4 +231,30 @@ def to_relax(model: ir.Model) -> tvm.IRModule:
         ) from exc
     if captured.getvalue():
         logger.debug("TVM ONNX frontend output: %s", captured.getvalue()[:2000])
+    _LAST_LOWERING[:] = [entry for log, mark in zip(logs, marks, strict=True) for entry in log[mark:]]
     return mod
+
+
+_LAST_LOWERING: list[dict] = []
+
+
+def _lowering_logs() -> list[list[dict]]:
+    """The ``LOWERING_LOG`` lists of the effc-operator modules (each converter appends what it chose and why)."""
+    import sys
+
+    _load_builtin_converters()
+    return [
+        module.LOWERING_LOG
+        for name, module in sorted(sys.modules.items())
+        if name.startswith("effc.codegen.ops.") and isinstance(getattr(module, "LOWERING_LOG", None), list)
+    ]
+
+
+def last_lowering_log() -> list[dict]:
+    """What the effc-operator converters chose in the most recent :func:`to_relax` call.
+
+    Returns:
+        One dict per lowered effc node (e.g. packed vs dense N:M, with the measured reason); a copy, empty when
+        the model had no effc operators.
+    """
+    return [dict(entry) for entry in _LAST_LOWERING]

@@ -370,6 +370,11 @@ def _section_target(target: Mapping[str, Any]) -> list[str]:
         columns = list(dict.fromkeys(k for item in kernels if isinstance(item, Mapping) for k in item)) or ["kernel"]
         rows = [[item.get(c) for c in columns] if isinstance(item, Mapping) else [item] for item in kernels]
         lines += ["### Kernels", ""] + _table(columns, rows)
+    effc_ops = info.get("effc_ops")
+    if isinstance(effc_ops, (list, tuple)) and effc_ops:
+        columns = list(dict.fromkeys(k for item in effc_ops if isinstance(item, Mapping) for k in item))
+        lines += ["", "### effc operators: form chosen per node", ""]
+        lines += _table(columns, [[item.get(c) for c in columns] for item in effc_ops if isinstance(item, Mapping)])
     return lines
 
 

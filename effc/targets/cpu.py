@@ -20,7 +20,7 @@ import tvm
 
 from effc.codegen import build as tvm_build
 from effc.codegen import cpu as cpu_codegen
-from effc.codegen.frontend import check_importable, to_relax
+from effc.codegen.frontend import check_importable, last_lowering_log, to_relax
 from effc.errors import ArtifactError, TargetError
 from effc.targets.base import BuildResult, Runner, Target, register_target
 
@@ -135,6 +135,8 @@ class CpuTarget(Target):
             "threads": self.threads(options),
             **info,
         }
+        if effc_ops := last_lowering_log():
+            facts["effc_ops"] = effc_ops
         return BuildResult(files=[_LIBRARY], info=facts)
 
     def load(self, artifact_dir: Path, manifest: dict[str, Any]) -> Runner:
