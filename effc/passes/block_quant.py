@@ -211,12 +211,7 @@ class BlockQuantPass(EffcPass):
         name = t.node.name or base
         if t.kind == "Gather":
             if use_dq:
-                dq = ir.node("DequantizeLinear", [wq, sv], {"axis": 1, "block_size": bs}, name=f"{name}/dq")
-                new_nodes.append(dq)
-                out = dq.outputs[0]
-                if sv.dtype != ir.DataType.FLOAT:
-                    new_nodes.append(ir.node("Cast", [out], {"to": ir.DataType.FLOAT}, name=f"{name}/cast"))
-                    out = new_nodes[-1].outputs[0]
+                out = _dequantize_linear(new_nodes, wq, sv, 1, bs, name)
                 new_nodes.append(ir.node("Gather", [out, t.node.inputs[1]], {"axis": 0}, name=f"{name}/gather"))
             else:
                 new_nodes.append(onnx_ops.add_block_quant_gather(model, wq, sv, t.node.inputs[1], fmt, bs, name))
@@ -226,12 +221,7 @@ class BlockQuantPass(EffcPass):
                 new_nodes.append(onnx_ops.add_block_qdq(model, x, act_fmt, bs, f"{name}/act_qdq"))
                 x = new_nodes[-1].outputs[0]
             if use_dq:
-                dq = ir.node("DequantizeLinear", [wq, sv], {"axis": 0, "block_size": bs}, name=f"{name}/dq")
-                new_nodes.append(dq)
-                w = dq.outputs[0]
-                if sv.dtype != ir.DataType.FLOAT:
-                    new_nodes.append(ir.node("Cast", [w], {"to": ir.DataType.FLOAT}, name=f"{name}/cast"))
-                    w = new_nodes[-1].outputs[0]
+                w = _dequantize_linear(new_nodes, wq, sv, 0, bs, name)
                 new_nodes.append(ir.node("MatMul", [x, w], name=f"{name}/matmul"))
             else:
                 new_nodes.append(onnx_ops.add_block_quant_matmul(model, x, wq, sv, fmt, bs, name))
@@ -279,6 +269,20 @@ class BlockQuantPass(EffcPass):
             self.stats["kv_values"].append({"value": value.name, "role": role})
             count += 1
         return count
+
+
+def _dequantize_linear(nodes: list[ir.Node], wq: ir.Value, scales: ir.Value, axis: int, block_size: int,
+                       name: str) -> ir.Value:
+    """Append a blocked ``DequantizeLinear`` (blocks along ``axis``) plus a Cast to fp32 for fp16 scales.
+
+    Returns:
+        The fp32 weight value.
+    """
+    nodes.append(ir.node("DequantizeLinear", [wq, scales], {"axis": axis, "block_size": block_size},
+                         name=f"{name}/dq"))
+    if scales.dtype != ir.DataType.FLOAT:
+        nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{name}/cast"))
+    return nodes[-1].outputs[0]
 
 
 def _count_block_quant_macs(node: ir.Node) -> int | None:

@@ -157,6 +157,12 @@ def _const(expr, params) -> np.ndarray:
 LOWERING_LOG: list[dict] = []
 
 
+def _format_attrs(attr: dict) -> tuple:
+    """``(BlockFormat, block_size)`` from a node's ``format`` (bytes or str) and ``block_size`` attributes."""
+    raw = attr["format"]
+    return get_format(raw.decode() if isinstance(raw, bytes) else str(raw)), int(attr.get("block_size", 32))
+
+
 @register_converter("BlockQuantMatMul")
 class BlockQuantMatMulConverter:
     """``effc.BlockQuantMatMul(X, Wq, S)`` → ``call_tir`` of the decode-in-GEMM kernel with packed constants."""
@@ -164,8 +170,7 @@ class BlockQuantMatMulConverter:
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
         x, wq_e, s_e = inputs
-        fmt = get_format(attr["format"].decode() if isinstance(attr["format"], bytes) else str(attr["format"]))
-        bs = int(attr.get("block_size", 32))
+        fmt, bs = _format_attrs(attr)
         wq, scales = _const(wq_e, params), _const(s_e, params)
         n = wq.shape[0]
         k = scales.shape[1] * bs
@@ -188,8 +193,7 @@ class BlockQuantGatherConverter:
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
         tq_e, s_e, ids = inputs
-        fmt = get_format(attr["format"].decode() if isinstance(attr["format"], bytes) else str(attr["format"]))
-        bs = int(attr.get("block_size", 32))
+        fmt, bs = _format_attrs(attr)
         tq, scales = _const(tq_e, params), _const(s_e, params)
         vocab, d = scales.shape[0], scales.shape[1] * bs
         if fmt.bits == 6:  # one pad byte per row (see repack_for_kernel)
@@ -255,8 +259,7 @@ class BlockQDQConverter:
 
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
-        fmt = get_format(attr["format"].decode() if isinstance(attr["format"], bytes) else str(attr["format"]))
-        bs = int(attr.get("block_size", 32))
+        fmt, bs = _format_attrs(attr)
         x = bb.normalize(inputs[0])
         shape = [int(v) for v in x.ty.shape.values]
         rows = int(np.prod(shape[:-1]))
