@@ -285,6 +285,7 @@ def compile_model(
         LoadError, ShapeError, UnsupportedOpError, PipelineError, PassError, CalibrationError, DataError,
         TargetError, BudgetError, ArtifactError: see :mod:`effc.errors`; nothing is left in ``out_dir``.
     """
+    from effc.codegen.frontend import check_importable
     from effc.eval import cost
     from effc.ir.calibration import Calibration
     from effc.ir.canonicalize import canonicalize
@@ -315,23 +316,22 @@ def compile_model(
             f"target {target!r} has no option(s) {unknown}",
             f"options of {target!r}: {', '.join(sorted(set(tgt.option_names()) | {'threads'}))}",
         )
-    pipeline_check = parse_pipeline(passes)  # syntax/option errors before loading anything heavy
-    del pipeline_check
+    parse_pipeline(passes)  # syntax/option errors before loading anything heavy
 
     loaded = load_any(model, example_inputs)
     shapes = {**loaded.input_shapes, **{k: tuple(v) for k, v in dict(input_shapes or {}).items()}}
     original = _copy(loaded.model)
     canonical = canonicalize(loaded.model, input_shapes=shapes or None, constant_inputs=loaded.constant_inputs or None)
-    _precheck(canonical)
+    check_importable(canonical)  # fail before the passes; target.build checks the rewritten model again
 
     calib_feeds, eval_feeds, inputs_info = gather_feeds(loaded, canonical, data, eval_samples, calibration_samples)
-    calibration = Calibration(calib_feeds, source=inputs_info["description"].replace("eval", "calibration"))
+    from_zoo = loaded.zoo is not None and data is None
+    source = loaded.zoo.samples_description("calibration") if from_zoo else inputs_info["description"]
+    calibration = Calibration(calib_feeds, source=source)
     pipeline = parse_pipeline(passes, calibration=calibration)
     before = _copy(canonical)
     result = PassManager(pipeline, verify_each=verify_each, dump_ir=dump_ir).run(canonical)
     rewritten = result.model
-    if pipeline and len(list(pipeline)) > 0:
-        _precheck(rewritten)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -414,12 +414,6 @@ def _check_threads(threads: Any) -> int:
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
         raise EffcError(f"threads={threads!r} is not a positive integer", "give --threads 1 or more (default 1)")
     return int(threads)
-
-
-def _precheck(model: ir.Model) -> None:
-    from effc.codegen.frontend import check_importable
-
-    check_importable(model)
 
 
 def _record_dict(record: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import tvm
 
 from effc.codegen import build as tvm_build
 from effc.codegen import cpu as cpu_codegen
-from effc.codegen.frontend import check_importable, last_lowering_log, to_relax
+from effc.codegen.frontend import last_lowering_log, to_relax
 from effc.errors import ArtifactError, TargetError
 from effc.targets.base import BuildResult, Runner, Target, register_target
 
@@ -118,7 +118,6 @@ class CpuTarget(Target):
             UnsupportedOpError: operators TVM cannot import (all listed).
             TargetError: bad options, or TVM failed to import/compile/export (the step is named).
         """
-        check_importable(model)
         tvm_target = self.tvm_target(options)
         start = time.perf_counter()
         mod = to_relax(model)
