@@ -145,6 +145,93 @@ def int8_weights(model: ir.Model) -> ir.Model:
     return ir.from_proto(proto)
 
 
+def int8_static(model: ir.Model, calibration: np.ndarray) -> ir.Model:
+    """Full int8 (weights and activations) in onnxruntime's QDQ format, static scales from calibration samples.
+
+    ``onnxruntime.quantization.quant_pre_process`` (shape inference, MatMul+Add -> Gemm) then ``quantize_static``:
+    int8 activations with per-tensor scales and zero points (min/max calibration over ``calibration``, rows of
+    pixels), symmetric per-output-channel int8 weights, int32 biases at scale ``sx * sw``. A ReLU whose output is
+    quantized with its zero point at the range minimum is dropped by the quantizer (the clamp of QuantizeLinear
+    does it). The result runs in onnxruntime (it is the reference) and effc lowers each
+    ``DequantizeLinear -> Conv/Gemm -> QuantizeLinear`` to an int8 micro-kernel.
+
+    Args:
+        model: fp32 model with one input ``pixels``.
+        calibration: float32 samples, shape (S, features); each is reshaped to the model's input shape.
+
+    Returns:
+        The QDQ model.
+    """
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    shape = [int(d) for d in model.graph.inputs[0].shape.numpy()]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.samples = iter([{"pixels": x.reshape(shape)} for x in calibration])
+
+        def get_next(self):
+            return next(self.samples, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, pre, dst = (str(Path(tmp) / n) for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        ir.save(model, src)
+        quant_pre_process(src, pre)
+        quantize_static(pre, dst, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, per_channel=True,
+                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})  # fmt: skip
+        return ir.load(dst)
+
+
+def int8_layer(op: str, x_shape: list[int], n: int, kernel: int = 3, seed: int = 0) -> ir.Model:
+    """One int8 QDQ layer with int8 input and output: ``xq -> DQ -> Conv|Gemm(DQ W, DQ b) -> Relu -> Q -> yq``.
+
+    For measuring the int8 micro-kernel alone (instructions per MAC): no float at either end. Random int8 weights
+    (per-channel scales), int32 bias at scale ``sx * sw``; the output scale spans about 4 standard deviations
+    of the accumulator so few outputs saturate.
+
+    Args:
+        op: ``"Conv"`` (x (1, C, H, W), 3x3-style kernel, padding kernel//2) or ``"Gemm"`` (x (M, K), transB=1).
+        x_shape: input shape.
+        n: output channels / features.
+        kernel: conv kernel size.
+        seed: random seed.
+
+    Returns:
+        The model (input ``xq`` int8, output ``yq`` int8).
+    """
+    rng = np.random.default_rng(seed)
+    k = x_shape[1] * kernel * kernel if op == "Conv" else x_shape[1]
+    w_shape = [n, x_shape[1], kernel, kernel] if op == "Conv" else [n, k]
+    wq = rng.integers(-127, 128, size=w_shape, dtype=np.int8)
+    sx, sw = np.float32(0.02), (rng.uniform(0.5, 1.5, n) * 0.01).astype(np.float32)
+    bq = rng.integers(-2000, 2000, size=n, dtype=np.int32)
+    sy = np.float32(4 * 74 * 74 * np.sqrt(k) * sx * sw.mean() / 127)
+    inits = {"sx": sx, "zx": np.int8(-3), "wq": wq, "sw": sw, "bq": bq, "sb": (sx * sw).astype(np.float32),
+             "sy": sy, "zy": np.int8(-128)}  # fmt: skip
+    attrs = {"pads": [kernel // 2] * 4} if op == "Conv" else {"transB": 1}
+    nodes = [
+        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["x"]),
+        helper.make_node("DequantizeLinear", ["wq", "sw"], ["w"], axis=0),
+        helper.make_node("DequantizeLinear", ["bq", "sb"], ["b"], axis=0),
+        helper.make_node(op, ["x", "w", "b"], ["y"], **attrs),
+        helper.make_node("Relu", ["y"], ["r"]),
+        helper.make_node("QuantizeLinear", ["r", "sy", "zy"], ["yq"]),
+    ]
+    out_shape = [1, n, x_shape[2], x_shape[3]] if op == "Conv" else [x_shape[0], n]
+    graph = helper.make_graph(
+        nodes,
+        f"int8_{op.lower()}",
+        [helper.make_tensor_value_info("xq", TensorProto.INT8, x_shape)],
+        [helper.make_tensor_value_info("yq", TensorProto.INT8, out_shape)],
+        [numpy_helper.from_array(np.asarray(v), name) for name, v in inits.items()],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    onnx.checker.check_model(proto)
+    return ir.from_proto(proto)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--target", default="cortex-m4")

@@ -134,7 +134,7 @@ def emit_runner(
     out = [f'#include "{header}"', "#include <string.h>", kernels_c, ""]
     for i, arr in enumerate(plan.constants):
         out.append(f"extern const {c_type(str(arr.dtype))} {weight_symbol(prefix, i)}[{max(arr.size, 1)}];")
-    out.append(f"static uint8_t {prefix}arena[{macro}ARENA_BYTES] __attribute__((aligned(16)));")
+    out.append(f"static uint8_t {prefix}arena[{macro}ARENA_BYTES] __attribute__((aligned(16), unused));")
     out.append("")
     out.append(f"int {prefix}run({', '.join(_io_params(plan, input_names, output_names))}) {{")
     for call in plan.calls:

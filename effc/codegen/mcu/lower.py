@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from effc.codegen.mcu import emit_c, int8, relax_plan, tir_c
+from effc.codegen.mcu import emit_c, int8, relax_plan, s8_kernels, s8_rewrite, tir_c
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -74,7 +74,11 @@ def model_to_relax(model: ir.Model) -> tvm.IRModule:
 
 
 def lower_to_c(
-    model: ir.Model, name: str = "model", relax_mod: tvm.IRModule | None = None, schedule: str = "acc"
+    model: ir.Model,
+    name: str = "model",
+    relax_mod: tvm.IRModule | None = None,
+    schedule: str = "acc",
+    dsp: bool = False,
 ) -> McuProgram:
     """Compile a canonical model to the C sources of a microcontroller artifact.
 
@@ -83,6 +87,8 @@ def lower_to_c(
         name: C name of the model: symbols are ``effc_<name>_*``, the entry point ``effc_<name>_run``.
         relax_mod: an already imported Relax module (skips the frontend).
         schedule: ``"acc"`` (register accumulation + fused epilogue) or ``"naive"`` (TVM's legalized loops).
+        dsp: the core has the DSP extension: int8-activation layers use the SXTB16/SMLAD micro-kernel (else the
+            portable C loop).
 
     Returns:
         The sources and the memory facts.
@@ -93,12 +99,18 @@ def lower_to_c(
     """
     cname = re.sub(r"\W", "_", name).lower()
     prefix, macro = f"effc_{cname}_", f"EFFC_{cname.upper()}_"
+    s8_layers: list = []
+    if relax_mod is None:
+        model, s8_layers = s8_rewrite.rewrite_s8_layers(model)
     mod = relax_mod if relax_mod is not None else model_to_relax(model)
     mod, n_int8 = int8.fuse_dequantize(mod)
     planned = relax_plan.relax_to_planned(mod)
     plan = relax_plan.read_plan(planned)
     kernels = relax_plan.called_kernels(planned, plan)
     kernels_c, symbols, memory, applied = tir_c.build_kernels(kernels, prefix, schedule)
+    if s8_layers:
+        kernels_c = s8_kernels.library_c(dsp) + kernels_c
+        applied.update({k: "effc-s8-dsp" if dsp else "effc-s8-c" for k in kernels if k.startswith("effc_s8_")})
 
     taken: set[str] = {"arena"}
     input_names = [c_identifier(v.name, taken) for v in model.graph.inputs]

@@ -1,7 +1,8 @@
 """TIR kernels → plain C with no TVM runtime: effc's TIR pipeline and the pass that replaces ``MakePackedAPI``.
 
-The pipeline is TVM 0.27's ``s_tir`` pass list (``tvm/s_tir/pipeline.py``) with three changes: no GPU-only passes,
-no FP8/BF16 storage legalization, and :func:`unpacked_api` instead of ``MakePackedAPI`` — buffer parameters become
+The pipeline is TVM 0.27's ``s_tir`` pass list (``tvm/s_tir/pipeline.py``) with four changes: no GPU-only passes,
+no FP8/BF16 storage legalization, no ``AnnotateEntryFunc`` (a one-kernel module would get a packed
+``__tvm_ffi_main__`` wrapper), and :func:`unpacked_api` instead of ``MakePackedAPI`` — buffer parameters become
 raw pointer parameters (``float* x``), the body sits in ``device_id``/``device_type`` attributes (which
 ``LowerTVMBuiltin`` needs to place workspace calls) and ``return 0`` follows that scope, so workspace is freed
 before returning. ``finalize_host_passes`` and ``target.build.c`` then print ``int32_t effc_<model>_<kernel>(...)``.
@@ -88,7 +89,6 @@ def mcu_tir_pipeline():
             s_tir.transform.RewriteUnsafeSelect(),
             tirx.transform.CommonSubexprElim(),
             tirx.transform.VerifyMemory(),
-            tirx.transform.AnnotateEntryFunc(),
             _unpacked_api_pass,
         ]
         return tvm.ir.transform.Sequential(passes)(mod)

@@ -95,7 +95,10 @@ class CortexMTarget(Target):
         flash, ram = self.budgets(options)
         opt = str(options.get("opt") or "-O2")
         program = lower_to_c(
-            model, name=str(options.get("name") or "model"), schedule=str(options.get("schedule") or "acc")
+            model,
+            name=str(options.get("name") or "model"),
+            schedule=str(options.get("schedule") or "acc"),
+            dsp=self.dsp,
         )
         files = dict(program.sources)
         files["main.c"] = firmware.main_c(program)
