@@ -13,6 +13,7 @@ file a deployment ships (``model.so`` for effc, the ``.onnx`` for onnxruntime va
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -54,24 +55,9 @@ def _ort_model(recipe: str, work: Path) -> Path:
 
     from effc import zoo
 
-    path = work / f"{recipe}.onnx"
     base = work / "fp32.onnx"
     ir.save(zoo.get("minilm-l6").load(), base)
-    if recipe == "fp32":
-        return base
-    if recipe == "dynamic-int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantize_dynamic(str(base), str(path), weight_type=QuantType.QInt8)
-        return path
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    bits = 4 if recipe == "nbits4" else 8
-    quant = MatMulNBitsQuantizer(onnx.load(str(base)), block_size=32, is_symmetric=True, accuracy_level=4, bits=bits)
-    quant.process()
-    quant.model.save_model_to_file(str(path), use_external_data_format=False)
-    return path
+    return base if recipe == "fp32" else _ort_quantized(base, recipe)
 
 
 def worker(name: str, work: Path, runs: int, threads: int, n_eval: int) -> dict:
@@ -111,7 +97,9 @@ def worker(name: str, work: Path, runs: int, threads: int, n_eval: int) -> dict:
                 p(model)
         target = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu()),
                                     "num-cores": threads})
-        ex, _ = compile_cpu(to_relax(model), target, {})
+        with target:  # as effc.targets.cpu: lets MXINT8 W+A lower to the AVX2 integer kernels
+            mod = to_relax(model)
+        ex, _ = compile_cpu(mod, target, {})
         artifact = work / "model.so"
         build.export_library(ex, artifact)
         set_runtime_threads(threads)
@@ -140,6 +128,102 @@ def worker(name: str, work: Path, runs: int, threads: int, n_eval: int) -> dict:
     timing = {"median_ms": round(timing["median_ms"], 3), "min_ms": round(timing["min_ms"], 3)}
     return {"variant": name, "recipe": recipe, "cosine": round(float(np.mean(cos)), 5),
             "artifact_bytes": os.path.getsize(artifact), "build_s": round(build_s, 1), **timing}
+
+
+KERNEL_SHAPES = ((128, 384, 384), (128, 384, 1536), (128, 1536, 384), (1, 384, 1536))
+
+
+def _matmul_model(m: int, k: int, n: int, seed: int = 0):
+    """One-op ONNX model ``Y (M, N) = X (M, K) @ W (K, N)`` with MiniLM-like weights (std 0.04)."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = (np.random.default_rng(seed).standard_normal((k, n)) * 0.04).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], "mm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+                              [numpy_helper.from_array(w, "w")])
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def kernels(rounds: int, threads: int) -> list[dict]:
+    """Per MiniLM GEMM shape, interleaved in one process (min and median over ``rounds`` rounds): effc fp32
+    template, effc MXINT8 W+A integer kernels (activation quantization included), effc MXINT8 W+A through the fp32
+    decode kernel, onnxruntime fp32, dynamic int8 (``MatMulInteger``) and ``MatMulNBits`` 8-bit accuracy level 4."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+    import tvm
+
+    from effc.codegen import build
+    from effc.codegen.cpu import compile_cpu
+    from effc.codegen.frontend import to_relax
+    from effc.passes.block_quant import BlockQuantPass
+    from effc.targets.cpu import set_runtime_threads
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu()),
+                                "num-cores": threads})
+    set_runtime_threads(threads)
+
+    def effc_fn(model, x: np.ndarray, int8: bool):
+        with target if int8 else contextlib.nullcontext():  # no target in scope: the fp32 decode kernel
+            mod = to_relax(model)
+        ex, _ = compile_cpu(mod, target, {})
+        vm = tvm.relax.VirtualMachine(ex, tvm.cpu())
+        xt = build.to_tvm_tensor(x, tvm.cpu())
+        return lambda: vm["main"](xt)
+
+    def ort_fn(path: Path, x: np.ndarray):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # do not starve TVM's pool
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return lambda: sess.run(None, {"x": x})
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for m, k, n in KERNEL_SHAPES:
+            x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+            fns = {"effc-fp32": effc_fn(_matmul_model(m, k, n), x, False)}
+            for label, int8 in (("effc-mxint8-w+a-int8", True), ("effc-mxint8-w+a-fp32dec", False)):
+                model = _matmul_model(m, k, n)
+                BlockQuantPass(format="mxint8", mode="weight_act")(model)
+                fns[label] = effc_fn(model, x, int8)
+            base = Path(tmp) / f"mm{m}x{k}x{n}.onnx"
+            ir.save(_matmul_model(m, k, n), base)
+            fns["ort-fp32"] = ort_fn(base, x)
+            fns["ort-dynamic-int8"] = ort_fn(_ort_quantized(base, "dynamic-int8"), x)
+            fns["ort-matmulnbits-8bit"] = ort_fn(_ort_quantized(base, "nbits8"), x)
+            times = {name: [] for name in fns}
+            for fn in fns.values():
+                fn()
+            for _ in range(rounds):
+                for name, fn in fns.items():
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - start)
+            for name, ts in times.items():
+                row = {"shape": f"{m}x{k}x{n}", "kernel": name, "min_ms": round(1e3 * min(ts), 4),
+                       "median_ms": round(1e3 * float(np.median(ts)), 4)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def _ort_quantized(base: Path, recipe: str) -> Path:
+    path = base.with_name(f"{base.stem}-{recipe}.onnx")
+    if recipe == "dynamic-int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(base), str(path), weight_type=QuantType.QInt8)
+        return path
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quant = MatMulNBitsQuantizer(onnx.load(str(base)), block_size=32, is_symmetric=True, accuracy_level=4,
+                                 bits=4 if recipe == "nbits4" else 8)
+    quant.process()
+    quant.model.save_model_to_file(str(path), use_external_data_format=False)
+    return path
 
 
 FIDELITY_START, FIDELITY_END = "<!-- block-quant-fidelity:start -->", "<!-- block-quant-fidelity:end -->"
@@ -212,6 +296,23 @@ def _replace_block(start: str, end: str, block: str) -> None:
     DOC.write_text(text)
 
 
+KERNELS_START, KERNELS_END = "<!-- block-quant-kernels:start -->", "<!-- block-quant-kernels:end -->"
+
+
+def _write_kernels(rows: list[dict], args) -> None:
+    names = list(dict.fromkeys(r["kernel"] for r in rows))
+    lines = [KERNELS_START, "### Block quantization: MXINT8 integer GEMM vs fp32 (MiniLM GEMM shapes)", "",
+             f"`python benchmarks/block_quant.py --kernels --runs {args.runs} --threads {args.threads}`: one process, "
+             f"{args.runs} interleaved rounds, min ms (median in parentheses), {args.threads} thread(s), "
+             f"load average {os.getloadavg()[0]:.1f}. effc int8 includes the activation quantization kernel.", "",
+             "| M×K×N | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        cells = {r["kernel"]: f"{r['min_ms']:.3f} ({r['median_ms']:.3f})" for r in rows if r["shape"] == shape}
+        lines.append(f"| {shape} | " + " | ".join(cells.get(n, "-") for n in names) + " |")
+    lines += ["", KERNELS_END]
+    _replace_block(KERNELS_START, KERNELS_END, "\n".join(lines))
+
+
 def _write_doc(results: list[dict], args) -> None:
     base = next((r for r in results if r["variant"] == "ort-fp32"), None)
     fp32 = next((r for r in results if r["variant"] == "effc-fp32"), None)
@@ -239,6 +340,7 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=8)
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--fidelity", action="store_true", help="per-format SQNR/cosine table instead of latency")
+    ap.add_argument("--kernels", action="store_true", help="per-GEMM-shape kernel timings (interleaved)")
     ap.add_argument("--worker")
     ap.add_argument("--work")
     args = ap.parse_args()
@@ -246,6 +348,11 @@ def main() -> None:
         rows = fidelity(args.eval, 16)
         if not args.no_write:
             _write_fidelity(rows, args.eval)
+        return
+    if args.kernels:
+        rows = kernels(args.runs, args.threads)
+        if not args.no_write:
+            _write_kernels(rows, args)
         return
     if args.worker:
         print(json.dumps(worker(args.worker, Path(args.work), args.runs, args.threads, args.eval)))

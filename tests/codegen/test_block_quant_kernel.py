@@ -8,6 +8,7 @@ import tvm
 from tvm import relax
 
 import effc.codegen.ops.block_quant as bq
+import effc.codegen.ops.block_quant_int8 as bq_int8
 from effc.codegen.cpu import compile_cpu
 from effc.codegen.frontend import to_relax
 from effc.passes.block_quant import BlockQuantPass
@@ -80,3 +81,50 @@ def test_qdq_kernel_matches_reference_values():
         args = [tvm.runtime.tensor(a, tvm.cpu()) for a in (x, np.zeros_like(x))]
         lib["main"](*args)
         np.testing.assert_array_equal(args[1].numpy(), quantize_dequantize(x, name, axis=-1))
+
+
+@pytest.mark.skipif(not bq_int8.supports_int8_gemm(TARGET), reason="the integer MXINT8 GEMM needs x86 AVX2")
+@pytest.mark.parametrize(("m", "k", "n"), [(8, 96, 64), (5, 64, 24), (1, 32, 8)])
+def test_int8_gemm_equals_mxint8_qdq_matmul(m, k, n):
+    """quantize kernel codes are bit-exact with the MXINT8 QDQ; the integer GEMM equals Q(X) @ Q(W) in fp32."""
+    rng = np.random.default_rng(m)
+    x = (rng.standard_normal((m, k)) * np.exp(rng.standard_normal((m, k)))).astype(np.float32)
+    x[0, :32] = 0.0  # all-zero activation block
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    w[:32, n - 1] = 0.0  # all-zero weight block
+    w[32 % k:, 0] *= 1e4  # large scales: products must not saturate (|codes| <= 127)
+    q = quantize(w, "mxint8", axis=0)
+    wp, sw = bq_int8.pack_int8_weights(np.ascontiguousarray(q.codes.reshape(n, k).T), np.ascontiguousarray(q.scales.T))
+    dev = tvm.cpu()
+    quant = tvm.compile(tvm.IRModule({"main": bq_int8.quantize_act_kernel(m, k)}), target=TARGET)
+    gemm = tvm.compile(tvm.IRModule({"main": bq_int8.int8_gemm_kernel(m, k, n)}), target=TARGET)
+    qa = [tvm.runtime.tensor(a, dev) for a in (x, np.zeros((m, k), np.int8), np.zeros((m, k // 32), np.float32))]
+    quant["main"](*qa)
+    xq = quantize_dequantize(x, "mxint8", axis=-1)
+    np.testing.assert_array_equal(qa[1].numpy() * np.repeat(qa[2].numpy(), 32, axis=1), xq)
+    assert np.abs(qa[1].numpy()).max() <= 127
+    ga = [*qa[1:], *(tvm.runtime.tensor(a, dev) for a in (wp, sw, np.zeros((m, n), np.float32)))]
+    gemm["main"](*ga)
+    ref = xq.astype(np.float64) @ dequantize(q).astype(np.float64)
+    np.testing.assert_allclose(ga[4].numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.skipif(not bq_int8.supports_int8_gemm(TARGET), reason="the integer MXINT8 GEMM needs x86 AVX2")
+def test_mxint8_weight_act_compiles_to_integer_kernels():
+    model, _ = _toy()
+    BlockQuantPass(format="mxint8", mode="weight_act", min_params=0)(model)
+    feeds = {"ids": np.array([[0, 3, 7, 49, 12, 3, 21, 5]], np.int64)}
+    ref = ort.InferenceSession(ir.to_proto(model).SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    start = len(bq.LOWERING_LOG)
+    with TARGET:
+        out, mod = _compile_and_run(model, feeds)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert [e["kernel"] for e in bq.LOWERING_LOG[start:]] == ["int8", "int8"]
+    kernels = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert sum("int8_gemm" in k for k in kernels) == 2 and not any("block_quant_matmul" in k for k in kernels)
+    # without an AVX2 target in scope the same model keeps the fp32 decode-in-GEMM kernel
+    start = len(bq.LOWERING_LOG)
+    out, _ = _compile_and_run(model, feeds)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert [e["kernel"] for e in bq.LOWERING_LOG[start:]] == ["fp32", "fp32"]

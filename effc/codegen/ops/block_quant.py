@@ -16,6 +16,11 @@ Schedule: parallel over tiles of ``nr`` output columns; each tile's ``(K, nr)`` 
 local buffer (``compute_at``) and reused by every ``mr``-row register block of the GEMM (vectorized over ``nr``),
 so no fp32 copy of the whole weight exists and constant folding cannot widen it (the decode depends on the tile
 loop, not only on constants).
+
+Integer path: an MXINT8 ``BlockQuantMatMul`` whose input is an MXINT8 ``BlockQDQ`` (``mode=weight_act``) lowers,
+when the TVM target in scope has AVX2, to :mod:`effc.codegen.ops.block_quant_int8` (int8 activations quantized
+once per input, int8·int8 block dot products in int32, block scales after each block); the QDQ kernel it replaces
+becomes dead code. ``LOWERING_LOG`` entries say which kernel each layer got (``"kernel": "int8" | "fp32"``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import tvm
 from tvm import relax, s_tir, te, tirx
 
 from effc.codegen.frontend import register_converter
+from effc.codegen.ops.block_quant_int8 import int8_compute_applies, int8_matmul
 from effc.passes.quant import get_format, pack_codes, unpack_codes
 from effc.passes.quant.formats import BlockFormat
 
@@ -155,6 +161,8 @@ def _const(expr, params) -> np.ndarray:
 
 
 LOWERING_LOG: list[dict] = []
+# Output var of an effc.BlockQDQ -> (its input, format, block size), for the integer MXINT8 path.
+_QDQ_SOURCES: dict = {}
 
 
 def _format_attrs(attr: dict) -> tuple:
@@ -178,11 +186,18 @@ class BlockQuantMatMulConverter:
         x = bb.normalize(x)
         shape = [int(d) for d in x.ty.shape.values]
         rows = int(np.prod(shape[:-1]))
+        src = _QDQ_SOURCES.get(x) if isinstance(x, relax.Var) else None
+        if src is not None and int8_compute_applies(fmt, bs, src[1], src[2], k, n):
+            LOWERING_LOG.append({"format": fmt.name, "shape": [rows, k, n], "kernel": "int8",
+                                 "weight_bytes": int(wq.nbytes + scales.nbytes)})
+            y = int8_matmul(bb, src[0], wq, scales, rows, k, n)
+            return relax.op.reshape(y, [*shape[:-1], n])
         func = schedule_block_quant(block_quant_kernel(rows, k, n, fmt, bs, str(st.dtype)))
         gv = bb.add_func(func.without_attr("global_symbol"), f"effc_block_quant_matmul_{fmt.name}")
         x2 = bb.normalize(relax.op.reshape(x, (rows, k)))
         y = relax.call_tir(gv, [x2, relax.const(wt), relax.const(st)], out_ty=relax.TensorType((rows, n), "float32"))
-        LOWERING_LOG.append({"format": fmt.name, "shape": [rows, k, n], "weight_bytes": int(wt.nbytes + st.nbytes)})
+        LOWERING_LOG.append({"format": fmt.name, "shape": [rows, k, n], "kernel": "fp32",
+                             "weight_bytes": int(wt.nbytes + st.nbytes)})
         return relax.op.reshape(bb.normalize(y), [*shape[:-1], n])
 
 
@@ -266,4 +281,6 @@ class BlockQDQConverter:
         gv = bb.add_func(_qdq_kernel(shape, fmt, bs).without_attr("global_symbol"), f"effc_block_qdq_{fmt.name}")
         x2 = bb.normalize(relax.op.reshape(x, (rows, shape[-1])))
         y = relax.call_tir(gv, [x2], out_ty=relax.TensorType((rows, shape[-1]), "float32"))
-        return relax.op.reshape(bb.normalize(y), shape)
+        out = bb.emit(relax.op.reshape(bb.normalize(y), shape))
+        _QDQ_SOURCES[out] = (x, fmt, bs)  # lets an MXINT8 consumer quantize x itself and compute in int8
+        return out
