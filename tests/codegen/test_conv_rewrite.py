@@ -1,0 +1,89 @@
+"""Relax conv rewrites: which convs they rewrite, and compiled results against onnxruntime single-node models."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import tvm
+from onnx import TensorProto, helper, numpy_helper
+
+from effc.codegen.conv_rewrite import rewrite_convs
+from effc.codegen.cpu import compile_cpu
+from effc.codegen.frontend import to_relax
+
+TARGET = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu()), "num-cores": 2})
+RNG = np.random.default_rng(0)
+
+
+def _model(op: str, x_shape, w_shape, act: str | None = None, **attrs) -> onnx.ModelProto:
+    """One ``op`` node with constant weight and bias, optionally followed by ``act``."""
+    weight = (RNG.standard_normal(w_shape) * 0.2).astype(np.float32)
+    cout = w_shape[0] if op == "Conv" else w_shape[1] * attrs.get("group", 1)
+    bias = RNG.standard_normal(cout).astype(np.float32)
+    nodes = [helper.make_node(op, ["x", "w", "b"], ["y0" if act else "y"], **attrs)]
+    if act:
+        nodes.append(helper.make_node(act, ["y0"], ["y"]))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _compile_and_compare(model: onnx.ModelProto, x_shape) -> None:
+    x = RNG.standard_normal(x_shape).astype(np.float32)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = sess.run(None, {"x": x})[0]
+    executable, _ = compile_cpu(to_relax(ir.from_proto(model)), TARGET, {"fast_math": True})
+    vm = tvm.relax.VirtualMachine(executable, tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x))
+    got = got.numpy() if hasattr(got, "numpy") else got[0].numpy()
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def _ops(mod: tvm.IRModule) -> str:
+    return mod["main"].script()
+
+
+@pytest.mark.parametrize(
+    "x_shape,w_shape,act",
+    [((1, 6, 10, 12), (6, 5, 2, 2), "Sigmoid"), ((1, 4, 7, 9), (4, 1, 2, 2), None), ((2, 3, 5, 5), (3, 2, 3, 3), None)],
+)
+def test_transposed_conv_with_kernel_equal_stride_becomes_conv_and_matches_ort(x_shape, w_shape, act):
+    k = w_shape[2]
+    model = _model("ConvTranspose", x_shape, w_shape, act, strides=[k, k])
+    mod, counts = rewrite_convs(to_relax(ir.from_proto(model)), lanes=8)
+    assert counts.get("transpose_as_conv", 0) == 1
+    text = _ops(mod)
+    assert "conv2d_transpose" not in text and "R.nn.conv2d(" in text and "R.permute_dims" in text
+    _compile_and_compare(model, x_shape)
+
+
+def test_overlapping_transposed_conv_is_left_alone():
+    model = _model("ConvTranspose", (1, 4, 6, 6), (4, 3, 3, 3), strides=[2, 2])
+    mod, counts = rewrite_convs(to_relax(ir.from_proto(model)), lanes=8)
+    assert counts == {}
+    assert "conv2d_transpose" in _ops(mod)
+
+
+def test_one_dimensional_conv_output_padded_to_tile_and_sliced():
+    # (1, C, L, 1) with L_out = 74 - 5 + 1 = 70: not a multiple of 16, at least 4 tiles of 16 → padded to 80.
+    model = _model("Conv", (1, 8, 74, 1), (12, 8, 5, 1), "Relu")
+    mod, counts = rewrite_convs(to_relax(ir.from_proto(model)), lanes=8)
+    assert counts == {"pad_output_to_tile": 1}
+    text = _ops(mod)
+    assert "R.strided_slice" in text and "(1, 12, 80, 1)" in text
+    _compile_and_compare(model, (1, 8, 74, 1))
+
+
+def test_conv_with_tile_multiple_width_is_left_alone():
+    model = _model("Conv", (1, 4, 10, 66), (8, 4, 3, 3))  # output width 64
+    _, counts = rewrite_convs(to_relax(ir.from_proto(model)), lanes=8)
+    assert counts == {}
