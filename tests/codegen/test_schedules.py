@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -36,7 +39,8 @@ def _matmul_epilogue(b, m, k, n):
 
 @pytest.mark.parametrize(
     "b,m,k,n,expected",
-    [(1, 64, 96, 128, "gemm"), (2, 8, 64, 32, "gemm"), (1, 1, 64, 256, "gemv"), (1, 40, 24, 213, "gemm_padded")],
+    [(1, 64, 96, 128, "gemm"), (2, 8, 64, 32, "gemm"), (1, 1, 64, 256, "gemv"), (1, 40, 24, 213, "gemm_padded"),
+     (1, 16, 40, 96, "gemm")],  # N=96: AVX2 takes nr=24 (3 vectors, split into lane-wide chunks)
 )
 def test_gemm_template_with_fused_epilogue(b, m, k, n, expected):
     x = RNG.standard_normal((b, m, k)).astype("float32")
@@ -134,7 +138,17 @@ def test_tile_table_and_lanes():
     assert vector_lanes(tvm.target.Target({"kind": "llvm", "mcpu": "generic"})) == 4
     for lanes, row in TILE_TABLE.items():
         assert row.lanes == lanes
-        assert all(nr % lanes == 0 and nr & (nr - 1) == 0 for nr in row.gemm_nr)  # power-of-two widths only
+        assert all(nr % lanes == 0 for nr in row.gemm_nr)  # whole vectors only
+        assert row.gemm_mr * (max(row.gemm_nr) // lanes) <= 16  # accumulators fit the register file
+
+
+def test_gemm_non_power_of_two_vector_count_is_chunked():
+    """nr = 3 vectors is split into lane-wide vectors (one <3·lanes x float> vector lowers ~10x slower)."""
+    tiles = dataclasses.replace(TILES, gemm_nr=(3 * TILES.lanes,))
+    scheduled, template = schedule_kernel(_matmul_epilogue(1, 8, 16, 6 * TILES.lanes), tiles)
+    assert template == "gemm"
+    widths = {int(w) for w in re.findall(r"T\.vectorized\((?:T\.int\d+\()?(\d+)", scheduled.script())}
+    assert widths == {TILES.lanes}
 
 
 def test_pow2_divisor():

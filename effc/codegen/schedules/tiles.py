@@ -1,8 +1,10 @@
 """Tile table: per vector width, the register blocking and chunk sizes the templates use. Data, not code.
 
 Values measured on AMD Zen 4 (AVX-512, 32 zmm registers; shared/notes/cpu.md): a 4×64 fp32 GEMM micro-tile
-(16 accumulators) reached 96–98 % of FMA peak; 8×32 was equivalent; non-power-of-two vector widths (nr=48) were
-6–22× slower, so every ``nr`` here is a power of two and a multiple of the lane count.
+(16 accumulators) reached 96–98 % of FMA peak; 8×32 was equivalent; non-power-of-two vector widths (nr=48)
+vectorized as one wide vector were 6–22× slower. Every ``nr`` is a multiple of the lane count; the GEMM template
+splits a non-power-of-two count of vectors (AVX2 nr=24 = 3 ymm) into lane-wide vectors, which is as fast as it
+should be (Zen 3 / AVX2 values below).
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ class TileConfig:
     min_parallel_elems: int = 16384
 
 
-# Keyed by fp32 lanes. 32 vector registers on AVX-512 → 16 accumulators + loads; 16 on AVX2 → 8 + loads.
+# Keyed by fp32 lanes. 32 vector registers on AVX-512 → 16 accumulators + loads. 16 on AVX2 → 4×24 = 12 accumulators
+# + 3 B vectors + 1 broadcast (Zen 3, 1 thread: +3-15 % GFLOP/s over 4×16 on MiniLM's dense shapes; 8×16 and 4×32,
+# 16 accumulators, spill and halve the speed).
 TILE_TABLE: dict[int, TileConfig] = {
     16: TileConfig(lanes=16, gemm_mr=4, gemm_nr=(64, 32, 16), conv_co=8),
-    8: TileConfig(lanes=8, gemm_mr=4, gemm_nr=(16, 8), conv_co=4),
+    8: TileConfig(lanes=8, gemm_mr=4, gemm_nr=(24, 16, 8), conv_co=4),
     4: TileConfig(lanes=4, gemm_mr=4, gemm_nr=(16, 8, 4), conv_co=4),
 }
 
