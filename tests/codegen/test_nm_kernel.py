@@ -56,8 +56,9 @@ def test_compiled_model_matches_onnxruntime(packed_model, policy):
     else:
         assert all(e["dense_ms"] > 0 and e["packed_ms"] > 0 for e in ns.LOWERING_LOG)
         assert forms == ["packed" if e["speedup"] > 1 else "dense" for e in ns.LOWERING_LOG]
-    n_packed = sum(t == "prescheduled" for t in info["kernels"].values())
-    assert n_packed == forms.count("packed")
+    packed = [name for name, t in info["kernels"].items() if t == "nm_sparse"]
+    assert len(packed) == forms.count("packed")
+    assert all("add" in name for name in packed), packed  # the bias (and ReLU) epilogue is fused into the kernel
 
 
 def test_unknown_policy_raises():

@@ -38,33 +38,49 @@ _TIMING_CACHE: dict[tuple, dict] = {}
 LOWERING_LOG: list[dict] = []
 
 
-def nm_kernel(rows: int, k: int, cout: int, r: int, vector: int, idx_dtype: str = "uint16") -> tvm.tirx.PrimFunc:
-    """Unscheduled PrimFunc ``main(X (rows, K), values (R, Cout), indices (R, Cout/V), Y (rows, Cout))``."""
-    x = te.placeholder((rows, k), "float32", "X")
-    vals = te.placeholder((r, cout), "float32", "values")
-    idx = te.placeholder((r, cout // vector), idx_dtype, "indices")
-    red = te.reduce_axis((0, r), "r")
+BLOCK = "nm_sparse_matmul"
+
+
+def nm_kernel(rows: int, k: int, cout: int, r: int, vector: int, idx_dtype: str = "uint16",
+              lead: tuple[int, ...] | None = None) -> tvm.tirx.PrimFunc:
+    """Unscheduled PrimFunc ``main(X (*lead, K), values (R, Cout), indices (R, Cout/V), Y (*lead, Cout))``.
+
+    ``lead`` (default ``(rows,)``) are the leading axes of ``X`` (their product is ``rows``); keeping them lets
+    Relax fuse the elementwise consumers (bias, activation, residual add) into the kernel without a reshape.
+    """
+    i64 = lambda *dims: [tvm.tirx.IntImm("int64", d) for d in dims]  # noqa: E731  (Relax's shape dtype)
+    lead = tuple(lead) if lead else (rows,)
+    x = te.placeholder(i64(*lead, k), "float32", "X")
+    vals = te.placeholder(i64(r, cout), "float32", "values")
+    idx = te.placeholder(i64(r, cout // vector), idx_dtype, "indices")
+    red = te.reduce_axis(i64(0, r), "r")
     y = te.compute(
-        (rows, cout),
-        lambda i, j: te.sum(x[i, idx[red, j // vector].astype("int32")] * vals[red, j], axis=red),
-        name="Y",
+        i64(*lead, cout),
+        lambda *ax: te.sum(x[(*ax[:-1], idx[red, ax[-1] // vector].astype("int32"))] * vals[red, ax[-1]], axis=red),
+        name=BLOCK,
     )
     return te.create_prim_func([x, vals, idx, y]).with_attr("global_symbol", "main")
 
 
 def schedule_nm(func: tvm.tirx.PrimFunc, vector: int, mr: int = 4, nv: int | None = None) -> tvm.tirx.PrimFunc:
-    """Register-blocked schedule of :func:`nm_kernel` (see the module docstring); marks ``tir.is_scheduled``.
+    """Register-blocked schedule of a standalone :func:`nm_kernel`; marks ``tir.is_scheduled``.
 
     ``mr`` rows × ``nv`` blocks of ``V`` columns per micro-tile; by default ``nv`` keeps about 8 vector
     accumulators for the target's SIMD width (AVX2: 4 × 16 columns; AVX-512: 4 × 32).
     """
+    sch = s_tir.Schedule(func)
+    _tile(sch, sch.get_sblock(BLOCK), vector, mr, nv, consumers=[])
+    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+
+
+def _tile(sch: s_tir.Schedule, blk, vector: int, mr: int, nv: int | None, consumers: list) -> None:
+    """Tile the N:M block; write the accumulator back through ``consumers`` (fused epilogue) or a local cache."""
     if nv is None:
         from effc.codegen.schedules.tiles import vector_lanes
 
         nv = max(1, 8 * vector_lanes(_target()) // (mr * max(vector, 16)))
-    sch = s_tir.Schedule(func)
-    blk = sch.get_sblock("Y")
-    i, j, red = sch.get_loops(blk)
+    *lead, j, red = sch.get_loops(blk)
+    i = sch.fuse(*lead) if len(lead) > 1 else lead[0]
     rows, cout = (int(sch.get(loop).extent) for loop in (i, j))
     lanes = vector if vector > 1 else 16
     mr = _divisor(rows, mr)
@@ -73,15 +89,50 @@ def schedule_nm(func: tvm.tirx.PrimFunc, vector: int, mr: int = 4, nv: int | Non
     io, ii = sch.split(i, [None, mr])
     jo, jv, ji = sch.split(j, [None, nv, lanes])
     sch.reorder(jo, io, red, ii, jv, ji)  # column block outer: its values (R × nv·V) stay in L1 across rows
-    acc = sch.cache_write(blk, 0, "local")
-    sch.reverse_compute_at(acc, io)
+    if consumers:
+        sch.set_scope(blk, 0, "local")
+        for c in consumers:  # bias / activation / residual add applied to the tile in registers
+            sch.reverse_compute_at(c, io, preserve_unit_loops=True)
+            inner = sch.get_loops(c)[-1]
+            if int(sch.get(inner).extent) % 8 == 0:
+                sch.vectorize(inner)
+    else:
+        acc = sch.cache_write(blk, 0, "local")
+        sch.reverse_compute_at(acc, io)
+        sch.vectorize(sch.get_loops(acc)[-1])
     sch.parallel(sch.fuse(jo, io))
     sch.vectorize(ji)
     sch.unroll(jv)
     sch.unroll(ii)
-    sch.vectorize(sch.get_loops(acc)[-1])
     sch.decompose_reduction(blk, red)
-    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+
+
+def apply_nm_template(sch: s_tir.Schedule, tiles) -> str:
+    """Schedule template for a fused kernel holding one :func:`nm_kernel` block and its elementwise epilogue.
+
+    Intermediate epilogue blocks are inlined; the remaining consumer(s) are computed per output tile.
+
+    Raises:
+        NotApplicable: the kernel holds no N:M block (or more than one).
+    """
+    from effc.codegen.schedules import analysis as an
+    from effc.codegen.schedules.gemm import NotApplicable
+
+    del tiles
+    blocks = an.child_blocks(sch)
+    names = [sch.get(b).name_hint for b in blocks]
+    mains = [i for i, name in enumerate(names) if name.startswith(BLOCK)]
+    if len(mains) != 1:
+        raise NotApplicable(f"{len(mains)} N:M blocks")
+    main = blocks[mains[0]]
+    for blk in blocks[mains[0] + 1:]:
+        with contextlib.suppress(s_tir.ScheduleError):
+            sch.compute_inline(blk)
+    stmt = sch.get(main)
+    idx = next(b for b in map(an.region_buffer, stmt.reads) if "int" in str(b.dtype))
+    vector = int(an.region_buffer(stmt.writes[0]).shape[-1]) // int(idx.shape[-1])
+    _tile(sch, main, vector, 4, None, consumers=list(sch.get_consumers(main)))
+    return "nm_sparse"
 
 
 def _divisor(n: int, want: int) -> int:
@@ -139,22 +190,12 @@ def time_layer(rows: int, k: int, cout: int, n: int, m: int, vector: int, repeat
     return out
 
 
-def _keep_prescheduled(sch: s_tir.Schedule, tiles) -> str:
-    """Schedule template that claims kernels an effc converter already scheduled (``tir.is_scheduled``)."""
-    from effc.codegen.schedules.gemm import NotApplicable
-
-    attrs = sch.mod["main"].attrs
-    if not attrs or not bool(attrs.get("tir.is_scheduled", False)):
-        raise NotApplicable("not pre-scheduled")
-    return "prescheduled"
-
-
 def _register_template() -> None:
-    """Put :func:`_keep_prescheduled` first in the CPU template table (once)."""
+    """Put :func:`apply_nm_template` first in the CPU template table (once)."""
     from effc.codegen.schedules import TEMPLATES
 
-    if not any(name == "prescheduled" for name, _ in TEMPLATES):
-        TEMPLATES.insert(0, ("prescheduled", _keep_prescheduled))
+    if not any(name == "nm_sparse" for name, _ in TEMPLATES):
+        TEMPLATES.insert(0, ("nm_sparse", apply_nm_template))
 
 
 _register_template()
@@ -210,14 +251,14 @@ class NMSparseMatMulConverter:
         entry["form"] = form
         LOWERING_LOG.append(entry)
         logger.info("NMSparseMatMul %s: %s (%s)", entry["shape"], form, entry["reason"])
-        x2 = bb.normalize(relax.op.reshape(x, (rows, k)))
         if form == "dense":
             from effc.passes.nm_sparsity import unpack_nm
 
-            y = relax.op.matmul(x2, relax.const(unpack_nm(values, indices, k)))
-        else:
-            func = schedule_nm(nm_kernel(rows, k, cout, r, vector, str(indices.dtype)), vector)
-            gv = bb.add_func(func.without_attr("global_symbol"), "effc_nm_sparse_matmul")
-            y = relax.call_tir(gv, [x2, relax.const(values), relax.const(indices)],
-                               out_ty=relax.TensorType((rows, cout), "float32"))
-        return relax.op.reshape(bb.normalize(y), [*shape[:-1], cout])
+            return relax.op.matmul(x, relax.const(unpack_nm(values, indices, k)))
+        # Unscheduled, with the GEMM fusion pattern: FuseOps merges the elementwise epilogue into it and
+        # apply_nm_template schedules the fused kernel.
+        func = nm_kernel(rows, k, cout, r, vector, str(indices.dtype), lead=tuple(shape[:-1]))
+        func = func.without_attr("global_symbol").with_attr("op_pattern", 4)
+        gv = bb.add_func(func, "effc_nm_sparse_matmul")
+        return relax.call_tir(gv, [x, relax.const(values), relax.const(indices)],
+                              out_ty=relax.TensorType([*shape[:-1], cout], "float32"))
