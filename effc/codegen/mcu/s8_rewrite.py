@@ -51,7 +51,8 @@ class S8Layer:
         x: name of the int8 input value; y: name of the int8 output value.
         weights: pre-arranged int8 weights (channel pairs, see ``s8_kernels.c``), 1-D.
         bias: int32 bias with the input zero point folded in, shape (N,).
-        mult / shift: int32 fixed-point requantization per output channel, shape (N,).
+        mult / shift: int32 fixed-point requantization per output channel, shape (N,): the real multiplier is
+            ``mult * 2**-(31 + shift)``, ``shift`` in [0, 31].
         attrs: integer attributes of the node (``n``, ``zy``, ``lo``; conv ``geom``; matmul ``m``, ``k``).
         removed: names of the nodes the layer replaces.
     """
@@ -231,10 +232,13 @@ def _match(graph: _Graph, node: onnx.NodeProto, shapes: dict[str, list[int]]) ->
     except ValueError as exc:
         logger.info("int8 kernel skipped for %s: %s", node.name, exc)
         return None
+    if (shift < 31).any():  # the kernel rescales by mult / 2^31 then shifts right: multipliers below 1 only
+        logger.info("int8 kernel skipped for %s: requantization multiplier >= 1", node.name)
+        return None
     if np.abs(bias).max(initial=0) >= 2**31:
         return None
     attrs.update(n=n, zy=int(zy.reshape(-1)[0]), lo=int(zy.reshape(-1)[0]) if relu else -128)
-    return S8Layer(op, x_dq[0].input[0], user.output[0], pack_pairs(w2), bias.astype(np.int32), mult, shift,
+    return S8Layer(op, x_dq[0].input[0], user.output[0], pack_pairs(w2), bias.astype(np.int32), mult, shift - 31,
                    attrs, removed)  # fmt: skip
 
 
