@@ -13,6 +13,7 @@ from collections.abc import Callable
 import tvm
 from tvm import s_tir
 
+from effc.codegen import prepack
 from effc.codegen.schedules.conv import apply_conv
 from effc.codegen.schedules.gemm import NotApplicable, apply_gemm
 from effc.codegen.schedules.injective import apply_fallback, apply_injective
@@ -82,19 +83,23 @@ def apply_templates(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.I
         target: the LLVM target (its vector width picks the tile table row).
 
     Returns:
-        ``(new_mod, kernels)``: the module with scheduled PrimFuncs and ``{kernel name: template name}``.
+        ``(new_mod, kernels)``: the module with scheduled PrimFuncs and ``{kernel name: template name}``; GEMM
+        weights that templates re-laid out are repacked constants in the Relax functions (:mod:`..prepack`).
     """
     tiles = tile_config(target)
     kernels: dict[str, str] = {}
     updates = {}
+    mod = prepack.mark_constant_params(mod.clone() if hasattr(mod, "clone") else mod)
+    packed = {}
     for gv, func in mod.functions_items():
         if not isinstance(func, tvm.tirx.PrimFunc):
             continue
         scheduled, name = schedule_kernel(func, tiles)
         kernels[gv.name_hint] = name
         updates[gv] = scheduled
-    mod = mod.clone() if hasattr(mod, "clone") else mod
+        packed[gv.name_hint] = prepack.packed_params(func, scheduled)
     for gv, func in updates.items():
         mod[gv] = func
+    mod = prepack.pack_constant_args(mod, {k: v for k, v in packed.items() if v})
     logger.info("templates: %s", {t: list(kernels.values()).count(t) for t in set(kernels.values())})
     return mod, kernels
