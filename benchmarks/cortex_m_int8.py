@@ -91,7 +91,7 @@ def bench_layers(digits, tmp: Path) -> list[dict]:
         for target, opt in CONFIGS:
             out = tmp / f"{op}{n}{shape[0]}{target}{opt}"
             info = _artifact(model, target, out, opt)
-            check = verify_artifact(out, feeds_list=feeds, atol=1)
+            check = verify_artifact(out, feeds_list=feeds)  # int8 output: within one step
             rows.append({"layer": label, "target": target, "opt": opt, **_row(info, check),
                          "max_steps": max(check.max_abs.values())})  # fmt: skip
             log.info("%s %s %s: %.3f instr/MAC", label, target, opt, rows[-1]["instructions_per_mac"])
@@ -118,7 +118,7 @@ def bench_models(digits, tmp: Path, samples: int) -> list[dict]:
             for target, opt in CONFIGS:
                 out = tmp / f"{kind}{variant[:6]}{target}{opt}"
                 info = _artifact(model, target, out, opt)
-                check = verify_artifact(out, feeds_list=feeds, atol=step * 1.001 if step else 1e-5)
+                check = verify_artifact(out, feeds_list=feeds)  # QDQ logits: within one step
                 ort = reference_session(out / "model.onnx")
                 ref = np.stack([ort.run(None, f)[0].reshape(-1) for f in feeds])
                 got = np.stack([o[0].reshape(-1) for o in check.outputs])

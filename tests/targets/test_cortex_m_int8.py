@@ -81,13 +81,15 @@ def test_digits_int8_activations_m4_m3(kind, models, split, tmp_path):
     weight_only = _artifact(DIGITS.int8_weights(fp32), "cortex-m4", tmp_path / "wo")
     for target, schedule in (("cortex-m4", "effc-s8-dsp"), ("cortex-m3", "effc-s8-c")):
         info = _artifact(qmodel, target, tmp_path / target)
-        check = verify_artifact(tmp_path / target, feeds_list=feeds, atol=out_scale * 1.001)
+        check = verify_artifact(tmp_path / target, feeds_list=feeds)
         assert check.ok, check.summary()  # every logit within one output quantization step of onnxruntime
+        assert check.steps["logits"] == pytest.approx(out_scale)
         ref = reference_session(tmp_path / target / "model.onnx")
         ort_out = np.stack([ref.run(None, f)[0] for f in feeds])
         fw_out = np.stack([o[0] for o in check.outputs])
         steps = np.round(np.abs(ort_out.astype(np.float64) - fw_out) / out_scale)
         assert steps.max() <= 1 and (steps == 1).mean() < 0.05
+        assert check.one_step["logits"] == int((steps == 1).sum())
         assert (ort_out.argmax(-1) == fw_out.argmax(-1)).all()
         assert (fw_out.reshape(len(feeds), -1).argmax(-1) == y_test[: len(feeds)]).mean() > 0.85
         assert {k["schedule"] for k in info["kernels"] if k["name"].startswith("effc_s8_")} == {schedule}
@@ -104,8 +106,9 @@ def test_single_layer_under_two_instructions_per_mac_on_m4(op, x_shape, n, tmp_p
     feeds = [{"xq": rng.integers(-128, 128, size=x_shape, dtype=np.int8)} for _ in range(3)]
     for target in ("cortex-m4", "cortex-m3"):
         _artifact(model, target, tmp_path / target)
-        check = verify_artifact(tmp_path / target, feeds_list=feeds, atol=1)
+        check = verify_artifact(tmp_path / target, feeds_list=feeds)
         assert check.ok, check.summary()  # int8 outputs within one step of onnxruntime
+        assert check.steps == {"yq": 1.0}
         assert check.bit_exact > 0.9
         if target == "cortex-m4":
             assert check.instructions_per_mac is not None and check.instructions_per_mac <= 2.0, check.summary()

@@ -109,7 +109,7 @@ def lower_to_c(
     kernels = relax_plan.called_kernels(planned, plan)
     kernels_c, symbols, memory, applied = tir_c.build_kernels(kernels, prefix, schedule)
     if s8_layers:
-        kernels_c = s8_kernels.library_c(dsp) + kernels_c
+        kernels_c = s8_kernels.library_c(dsp, {layer.op for layer in s8_layers}) + kernels_c
         applied.update({k: "effc-s8-dsp" if dsp else "effc-s8-c" for k in kernels if k.startswith("effc_s8_")})
 
     taken: set[str] = {"arena"}

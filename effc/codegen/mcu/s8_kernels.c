@@ -21,6 +21,12 @@
 #ifndef EFFC_S8_DSP
 #define EFFC_S8_DSP 0
 #endif
+#ifndef EFFC_S8_CONV /* effc defines these to what the model uses (no unused code in flash) */
+#define EFFC_S8_CONV 1
+#endif
+#ifndef EFFC_S8_MATMUL
+#define EFFC_S8_MATMUL 1
+#endif
 #if EFFC_S8_DSP && !defined(__ARM_FEATURE_DSP)
 #undef EFFC_S8_DSP
 #define EFFC_S8_DSP 0 /* built for a core without the DSP extension: the portable loop */
@@ -226,6 +232,7 @@ static void effc_s8_gemm_driver(effc_s8_col_fn col, const void* ctx, int8_t* buf
   }
 }
 
+#if EFFC_S8_MATMUL
 typedef struct {
   const int8_t* x;
   int32_t K;
@@ -248,7 +255,9 @@ int32_t effc_s8_matmul(int8_t* x, int8_t* w, int32_t* bias, int32_t* mult, int32
   effc_s8_gemm_driver(effc_s8_row, &ctx, 0, w, bias, mult, shift, y, p);
   return 0;
 }
+#endif /* EFFC_S8_MATMUL */
 
+#if EFFC_S8_CONV
 /* Conv2d, NCHW, one image, groups 1: x (C, H, W) int8, y (N, OH, OW) int8; im2col column of output position m:
    K = C * KH * KW values, padding filled with the input zero point zx. g = {C, H, W, KH, KW, SH, SW, PH, PW, DH,
    DW, OH, OW, zx}. */
@@ -305,3 +314,4 @@ int32_t effc_s8_conv2d(int8_t* x, int8_t* w, int32_t* bias, int32_t* mult, int32
   effc_s8_gemm_driver(effc_s8_im2col, &ctx, cols, w, bias, mult, shift, y, p);
   return 0;
 }
+#endif /* EFFC_S8_CONV */

@@ -20,10 +20,17 @@ from effc.codegen.frontend import register_converter
 from effc.codegen.mcu.s8_rewrite import OP_CONV, OP_MATMUL
 
 
-def library_c(dsp: bool) -> str:
-    """The C text of the int8 micro-kernels, with the DSP path on or off (``dsp``: the core has SMLAD)."""
+def library_c(dsp: bool, ops: set[str]) -> str:
+    """The C text of the int8 micro-kernels.
+
+    Args:
+        dsp: the core has the DSP extension (SXTB16/SMLAD path), else the portable loop.
+        ops: the effc op types the model uses (``McuS8Conv``, ``McuS8MatMul``): only their entry points are
+            compiled.
+    """
     body = resources.files("effc.codegen.mcu").joinpath("s8_kernels.c").read_text()
-    return f"#define EFFC_S8_DSP {int(bool(dsp))}\n{body}"
+    flags = {"EFFC_S8_DSP": dsp, "EFFC_S8_CONV": OP_CONV in ops, "EFFC_S8_MATMUL": OP_MATMUL in ops}
+    return "".join(f"#define {k} {int(bool(v))}\n" for k, v in flags.items()) + body
 
 
 def _i32(v: int) -> tirx.IntImm:

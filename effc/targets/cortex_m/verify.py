@@ -25,7 +25,8 @@ class VerifyResult:
     """Firmware vs onnxruntime on the same inputs.
 
     Attributes:
-        ok: every output of every sample is within ``atol`` (integers: within ``floor(atol)`` steps).
+        ok: every output of every sample is within ``atol``, or within one quantization step for outputs the
+            model quantizes (``steps``).
         target: core name; machine: the QEMU board.
         samples: number of inferences run.
         max_abs: output name -> largest absolute difference over all samples.
@@ -34,6 +35,9 @@ class VerifyResult:
         macs: multiply-accumulates per inference (from the ONNX model), or None when unknown.
         flash_bytes / ram_bytes: of the whole verification ELF (model + harness + newlib), from its sections.
         atol: the tolerance used.
+        steps: output name -> one quantization step of that output when the model quantizes it (a
+            ``DequantizeLinear`` output: its scale; a ``QuantizeLinear`` output: 1); such outputs may differ by it.
+        one_step: output name -> number of elements differing by more than ``atol`` but at most one step.
         outputs: the firmware's outputs per sample (graph output order).
     """
 
@@ -48,6 +52,8 @@ class VerifyResult:
     flash_bytes: int
     ram_bytes: int
     atol: float
+    steps: dict[str, float] = dataclasses.field(default_factory=dict)
+    one_step: dict[str, int] = dataclasses.field(default_factory=dict)
     outputs: list[list[np.ndarray]] = dataclasses.field(repr=False, default_factory=list)
 
     @property
@@ -62,6 +68,9 @@ class VerifyResult:
         """One line for the CLI."""
         worst = max(self.max_abs.values(), default=0.0)
         per_mac = f", {self.instructions_per_mac:.2f}/MAC" if self.instructions_per_mac else ""
+        if self.steps:
+            off = sum(self.one_step.values())
+            per_mac += f", {off} output(s) one quantization step off"
         verdict = "OK" if self.ok else "MISMATCH"
         return (
             f"{verdict}: {self.target} on QEMU {self.machine}, {self.samples} sample(s), max |diff| {worst:.3g} "
@@ -107,6 +116,36 @@ def _macs(model_path: Path) -> int | None:
         return None
 
 
+def quantization_steps(model_path: Path) -> dict[str, float]:
+    """One quantization step of each graph output the model quantizes (int8 QDQ models).
+
+    An output written by ``DequantizeLinear`` with a constant scalar scale may differ from onnxruntime by that scale
+    (onnxruntime rounds a float conv result, the int8 kernel an exact int32 sum); one written by
+    ``QuantizeLinear`` by 1. Other outputs are absent (they get the plain ``atol``).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    try:
+        graph = onnx.load(str(model_path), load_external_data=False).graph
+    except Exception as exc:  # noqa: BLE001  (no steps: plain atol)
+        logger.debug("quantization steps unavailable: %s", exc)
+        return {}
+    inits = {t.name: t for t in graph.initializer}
+    steps = {}
+    for node in graph.node:
+        for out in node.output:
+            if out not in {v.name for v in graph.output}:
+                continue
+            if node.op_type == "QuantizeLinear":
+                steps[out] = 1.0
+            elif node.op_type == "DequantizeLinear" and node.input[1] in inits:
+                scale = numpy_helper.to_array(inits[node.input[1]])
+                if scale.size == 1:
+                    steps[out] = float(scale.reshape(-1)[0])
+    return steps
+
+
 def reference_session(model_path: Path):
     """Onnxruntime (CPU, one thread) at ``ORT_ENABLE_BASIC``: the graph's own semantics.
 
@@ -148,8 +187,8 @@ def verify_artifact(
         feeds_list: inputs, one dict per inference; default ``samples`` seeded standard-normal samples.
         reference_outputs: expected outputs per sample; default onnxruntime on ``out_dir/model.onnx``.
         samples: number of synthetic samples when ``feeds_list`` is None.
-        atol: largest absolute difference accepted, in output units (integer outputs: equal when ``atol < 1``;
-            ``atol=1`` accepts one quantization step of an int8 output).
+        atol: largest absolute difference accepted, in output units; outputs the model quantizes (see
+            :func:`quantization_steps`) may also differ by one quantization step (counted in ``one_step``).
         seed: seed of the synthetic samples.
 
     Returns:
@@ -188,17 +227,22 @@ def verify_artifact(
     ram = sum(v for k, v in sections.items() if k in (".data", ".bss"))
 
     names = [o["name"] for o in manifest["outputs"]]
+    steps = quantization_steps(out / "model.onnx") if (out / "model.onnx").exists() else {}
     max_abs = dict.fromkeys(names, 0.0)
+    one_step = {n: 0 for n in names if n in steps}
     ok, same, total = True, 0, 0
     for ref_outs, fw_outs in zip(reference_outputs, got, strict=True):
         for name_k, r, g in zip(names, ref_outs, fw_outs, strict=True):
             r = np.asarray(r).reshape(g.shape).astype(g.dtype)
-            if g.dtype.kind == "f":
-                diff = float(np.max(np.abs(r.astype(np.float64) - g.astype(np.float64)), initial=0.0))
-                ok &= bool(diff <= atol) and not np.isnan(diff)
-            else:
-                diff = float(np.max(np.abs(r.astype(np.int64) - g.astype(np.int64)), initial=0))
-                ok &= diff <= atol  # integers: equal unless atol admits whole steps (int8 outputs: atol=1)
+            wide = r.astype(np.float64) - g.astype(np.float64)
+            err = np.abs(wide)
+            diff = float(np.max(err, initial=0.0))
+            # integers: equal unless atol admits whole steps; quantized outputs: within one step
+            # (1.001: the float32 rounding of (q - zero_point) * scale; two steps stay far outside)
+            allowed = max(atol, steps.get(name_k, 0.0) * 1.001)
+            ok &= bool(diff <= allowed) and not np.isnan(diff)
+            if name_k in steps:
+                one_step[name_k] += int(np.sum((err > max(atol, steps[name_k] / 2)) & (err <= allowed)))
             max_abs[name_k] = max(max_abs[name_k], diff)
             same += _bit_equal(r, g)
             total += r.size
@@ -214,6 +258,8 @@ def verify_artifact(
         flash_bytes=flash,
         ram_bytes=ram,
         atol=atol,
+        steps={k: v for k, v in steps.items() if k in names},
+        one_step=one_step,
         outputs=got,
     )
     logger.info("%s", result.summary())
