@@ -1,6 +1,6 @@
 """Relax-level conv rewrites that turn slow conv forms into ones the direct-conv template runs at full width.
 
-Two rules, applied before ``LegalizeOps`` (:func:`rewrite_convs`):
+Three rules, applied before ``LegalizeOps`` (:func:`rewrite_convs`):
 
 * **Non-overlapping transposed conv → 1×1 conv + depth-to-space.** A ``conv2d_transpose`` whose kernel equals
   its stride (``k == s``, no padding, no output padding, dilation 1, groups 1, constant ``IOHW`` weight) writes
@@ -16,6 +16,10 @@ Two rules, applied before ``LegalizeOps`` (:func:`rewrite_convs`):
   input zero-padded on the far side so that the output axis becomes a multiple of the tile, then sliced back:
   the template's inner loop vectorizes ``2 * lanes`` wide instead of by the largest power-of-two divisor (Magika's
   508-long 1-D conv: 4 wide).
+* **Pointwise conv over a narrow image → 1-D conv over its pixels.** A 1×1, stride-1, unpadded conv whose width is
+  no multiple of the tile (PP-OCR det's 20×20 and 10×10 maps: 4 lanes wide) is run on the input viewed as
+  ``(N, C, H*W, 1)`` (a free reshape) and reshaped back; when ``H*W`` is no tile multiple either, the previous
+  rule pads it. The conv epilogue (bias, activation) then runs as its own injective kernel after the reshape.
 """
 
 from __future__ import annotations
@@ -121,6 +125,31 @@ def _pad_conv_output(call: relax.Call, mutator: PyExprMutator, tile: int) -> tup
     return relax.op.strided_slice(y, axes=[axis], begin=[0], end=[length]), ""
 
 
+def _pointwise_as_1d(call: relax.Call, mutator: PyExprMutator, tile: int) -> tuple[relax.Expr | None, str]:
+    """A 1×1 stride-1 unpadded conv over a narrow image as a 1-D conv over the flattened ``H*W`` pixels.
+
+    Returns:
+        ``(replacement, "")`` or ``(None, reason it does not apply)``.
+    """
+    attrs = call.attrs
+    x_shape, w_shape = _static_shape(call.args[0]), _static_shape(call.args[1])
+    if x_shape is None or w_shape is None or len(x_shape) != 4 or w_shape[2:] != [1, 1]:
+        return None, "not a static 1x1 conv"
+    if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NCHW", "OIHW", "NCHW"):
+        return None, "layout is not NCHW/OIHW"
+    if any(_ints(attrs.padding)) or any(s != 1 for s in _ints(attrs.strides)) or int(attrs.groups) != 1:
+        return None, "padded, strided or grouped"
+    n, c, h, w = x_shape
+    if h == 1 or w % tile == 0 or ((h * w) % tile and h * w < 4 * tile):
+        return None, f"width {w} already a tile multiple, or {h}x{w} pixels fewer than 4 tiles"
+    bb = mutator.builder_
+    x = bb.emit(relax.op.reshape(call.args[0], (n, c, h * w, 1)))
+    conv = bb.normalize(relax.op.nn.conv2d(x, call.args[1], out_dtype=_out_dtype(attrs)))
+    padded, _ = _pad_conv_output(conv, mutator, tile)  # H*W not a tile multiple: pad the 1-D output too
+    y = bb.emit(padded if padded is not None else conv)
+    return relax.op.reshape(y, (n, w_shape[0], h, w)), ""
+
+
 @expr_functor.mutator
 class _ConvRewriter(PyExprMutator):
     """Applies the rules of this module to every conv call; counts what it rewrote."""
@@ -138,7 +167,9 @@ class _ConvRewriter(PyExprMutator):
         if op.name == "relax.nn.conv2d_transpose":
             rule, (new, reason) = "transpose_as_conv", _transpose_as_conv(call, self)
         elif op.name == "relax.nn.conv2d":
-            rule, (new, reason) = "pad_output_to_tile", _pad_conv_output(call, self, self.tile)
+            rule, (new, reason) = "pointwise_as_1d", _pointwise_as_1d(call, self, self.tile)
+            if new is None:
+                rule, (new, reason) = "pad_output_to_tile", _pad_conv_output(call, self, self.tile)
         else:
             return call
         if new is None:

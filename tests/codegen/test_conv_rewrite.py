@@ -87,3 +87,20 @@ def test_conv_with_tile_multiple_width_is_left_alone():
     model = _model("Conv", (1, 4, 10, 66), (8, 4, 3, 3))  # output width 64
     _, counts = rewrite_convs(to_relax(ir.from_proto(model)), lanes=8)
     assert counts == {}
+
+
+@pytest.mark.parametrize("hw,flat", [((20, 20), 400), ((10, 10), 112)])
+def test_pointwise_conv_on_narrow_image_runs_as_1d_conv(hw, flat):
+    # 20x20 = 400 pixels is a tile multiple; 10x10 = 100 is not and is padded to 112 (then sliced back).
+    x_shape = (1, 16, *hw)
+    model = _model("Conv", x_shape, (24, 16, 1, 1), "HardSwish")
+    mod, counts = rewrite_convs(to_relax(ir.from_proto(model)), lanes=8)
+    assert counts == {"pointwise_as_1d": 1}
+    assert f"(1, 24, {flat}, 1)" in _ops(mod)
+    _compile_and_compare(model, x_shape)
+
+
+def test_pointwise_conv_on_tile_multiple_width_is_left_alone():
+    model = _model("Conv", (1, 8, 4, 32), (8, 8, 1, 1))
+    _, counts = rewrite_convs(to_relax(ir.from_proto(model)), lanes=8)
+    assert counts == {}
