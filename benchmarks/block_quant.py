@@ -60,74 +60,112 @@ def _ort_model(recipe: str, work: Path) -> Path:
     return base if recipe == "fp32" else _ort_quantized(base, recipe)
 
 
-def worker(name: str, work: Path, runs: int, threads: int, n_eval: int) -> dict:
+def _build(name: str, work: Path, threads: int):
+    """Build variant ``name`` in ``work``; returns ``(run(feed) -> sentence_embedding, artifact path)``."""
     kind, recipe = VARIANTS[name]
-    feeds = _feeds(n_eval)
-    start = time.perf_counter()
     if kind == "ort":
         import onnxruntime as ort
 
         path = _ort_model(recipe, work)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # interleaved with TVM's pool
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        names = [o.name for o in sess.get_outputs()]
+        index = [o.name for o in sess.get_outputs()].index("sentence_embedding")
+        return (lambda f: sess.run(None, f)[index]), path
+    import tvm
 
-        def run(f):
-            return sess.run(None, f)[names.index("sentence_embedding")]
+    import effc.codegen.ops.block_quant  # noqa: F401  (registers the effc converters)
+    from effc import zoo
+    from effc.codegen import build
+    from effc.codegen.cpu import compile_cpu
+    from effc.codegen.frontend import to_relax
+    from effc.ir.calibration import Calibration
+    from effc.passes import parse_pipeline
+    from effc.targets.cpu import set_runtime_threads
 
-        artifact = path
-    else:
-        import tvm
+    entry = zoo.get("minilm-l6")
+    model = entry.load()
+    if recipe:
+        cal = Calibration(entry.samples("calibration", 16), entry.samples_description("calibration"))
+        for p in parse_pipeline(recipe, calibration=cal):
+            p(model)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu()),
+                                "num-cores": threads})
+    with target:  # as effc.targets.cpu: lets MXINT8 W+A lower to the AVX2 integer kernels
+        mod = to_relax(model)
+    ex, _ = compile_cpu(mod, target, {})
+    artifact = work / "model.so"
+    build.export_library(ex, artifact)
+    set_runtime_threads(threads)
+    vm = build.load_vm(artifact, tvm.cpu())
+    order = [i.name for i in model.graph.inputs]
 
-        import effc.codegen.ops.block_quant  # noqa: F401  (registers the effc converters)
-        from effc import zoo
-        from effc.codegen import build
-        from effc.codegen.cpu import compile_cpu
-        from effc.codegen.frontend import to_relax
-        from effc.ir.calibration import Calibration
-        from effc.passes import parse_pipeline
-        from effc.targets.cpu import set_runtime_threads
+    def run(f):
+        return build.outputs_to_numpy(vm["main"](*[build.to_tvm_tensor(f[n], tvm.cpu()) for n in order]))[1]
 
-        entry = zoo.get("minilm-l6")
-        model = entry.load()
-        if recipe:
-            cal = Calibration(entry.samples("calibration", 16), entry.samples_description("calibration"))
-            for p in parse_pipeline(recipe, calibration=cal):
-                p(model)
-        target = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu()),
-                                    "num-cores": threads})
-        with target:  # as effc.targets.cpu: lets MXINT8 W+A lower to the AVX2 integer kernels
-            mod = to_relax(model)
-        ex, _ = compile_cpu(mod, target, {})
-        artifact = work / "model.so"
-        build.export_library(ex, artifact)
-        set_runtime_threads(threads)
-        vm = build.load_vm(artifact, tvm.cpu())
-        order = [i.name for i in model.graph.inputs]
+    return run, artifact
 
-        def run(f):
-            out = build.outputs_to_numpy(vm["main"](*[build.to_tvm_tensor(f[n], tvm.cpu()) for n in order]))
-            return out[1]
 
-    build_s = time.perf_counter() - start
+def _cosine(run, feeds) -> float:
+    """Mean cosine of ``run``'s sentence embedding vs onnxruntime fp32 over ``feeds``."""
     import onnx_ir as ir
     import onnxruntime as ort
 
-    from effc import zoo as _zoo  # reference: onnxruntime fp32 on the same feeds
+    from effc import zoo
 
-    ref_sess = ort.InferenceSession(ir.to_proto(_zoo.get("minilm-l6").load()).SerializeToString(),
+    ref_sess = ort.InferenceSession(ir.to_proto(zoo.get("minilm-l6").load()).SerializeToString(),
                                     providers=["CPUExecutionProvider"])
-    ref_names = [o.name for o in ref_sess.get_outputs()]
+    index = [o.name for o in ref_sess.get_outputs()].index("sentence_embedding")
     cos = []
     for f in feeds:
-        a = ref_sess.run(None, f)[ref_names.index("sentence_embedding")].ravel()
+        a = ref_sess.run(None, f)[index].ravel()
         b = np.asarray(run(f)).ravel()
         cos.append(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
+    return round(float(np.mean(cos)), 5)
+
+
+def worker(name: str, work: Path, runs: int, threads: int, n_eval: int) -> dict:
+    feeds = _feeds(n_eval)
+    start = time.perf_counter()
+    run, artifact = _build(name, work, threads)
+    build_s = time.perf_counter() - start
+    cosine = _cosine(run, feeds)
     timing = measure(run, feeds[0], warmup=3, repeat=runs)
     timing = {"median_ms": round(timing["median_ms"], 3), "min_ms": round(timing["min_ms"], 3)}
-    return {"variant": name, "recipe": recipe, "cosine": round(float(np.mean(cos)), 5),
+    return {"variant": name, "recipe": VARIANTS[name][1], "cosine": cosine,
             "artifact_bytes": os.path.getsize(artifact), "build_s": round(build_s, 1), **timing}
+
+
+def interleaved(names: list[str], rounds: int, threads: int, n_eval: int) -> list[dict]:
+    """All variants built in this process, then timed round-robin (``rounds`` rounds): under a noisy load the
+    variants see the same load, so their min/median ratios stay comparable."""
+    feeds = _feeds(n_eval)
+    built = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            work = Path(tmp) / name
+            work.mkdir()
+            start = time.perf_counter()
+            run, artifact = _build(name, work, threads)
+            built[name] = (run, os.path.getsize(artifact), round(time.perf_counter() - start, 1),
+                           _cosine(run, feeds))
+        times = {name: [] for name in names}
+        for _ in range(3):
+            for run, *_ in built.values():
+                run(feeds[0])
+        for _ in range(rounds):
+            for name, (run, *_) in built.items():
+                start = time.perf_counter()
+                run(feeds[0])
+                times[name].append(time.perf_counter() - start)
+    rows = []
+    for name, (_, nbytes, build_s, cosine) in built.items():
+        rows.append({"variant": name, "recipe": VARIANTS[name][1], "cosine": cosine, "artifact_bytes": nbytes,
+                     "build_s": build_s, "median_ms": round(1e3 * float(np.median(times[name])), 3),
+                     "min_ms": round(1e3 * min(times[name]), 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 KERNEL_SHAPES = ((128, 384, 384), (128, 384, 1536), (128, 1536, 384), (1, 384, 1536))
@@ -341,6 +379,8 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--fidelity", action="store_true", help="per-format SQNR/cosine table instead of latency")
     ap.add_argument("--kernels", action="store_true", help="per-GEMM-shape kernel timings (interleaved)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="build every variant in one process and time them round-robin (noisy machines)")
     ap.add_argument("--worker")
     ap.add_argument("--work")
     args = ap.parse_args()
@@ -353,6 +393,11 @@ def main() -> None:
         rows = kernels(args.runs, args.threads)
         if not args.no_write:
             _write_kernels(rows, args)
+        return
+    if args.interleave:
+        results = interleaved(args.variants.split(","), args.runs, args.threads, args.eval)
+        if not args.no_write:
+            _write_doc(results, args)
         return
     if args.worker:
         print(json.dumps(worker(args.worker, Path(args.work), args.runs, args.threads, args.eval)))

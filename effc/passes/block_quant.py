@@ -44,6 +44,7 @@ __all__ = ["BlockQuantOptions", "BlockQuantPass"]
 logger = logging.getLogger(__name__)
 
 MODES = ("weight", "weight_act", "kv")
+ROW_BLOCKED = ("Gather", "Conv")  # weights in the (rows, blocked axis) layout, blocks along axis 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +58,15 @@ class BlockQuantOptions(PassOptions):
         default=None, metadata={"help": "MX format of activations/KV (default: the weight format, mxint8 for int)"}
     )
     ops: tuple[str, ...] = dataclasses.field(
-        default=("MatMul", "Gemm", "Gather"), metadata={"help": "op types whose weights are quantized"}
+        default=("MatMul", "Gemm", "Gather", "Conv"), metadata={"help": "op types whose weights are quantized"}
     )
     include: tuple[str, ...] = dataclasses.field(default=(), metadata={"help": "fnmatch patterns on node/weight"})
     exclude: tuple[str, ...] = dataclasses.field(default=(), metadata={"help": "fnmatch patterns to leave fp32"})
     gptq: bool = dataclasses.field(default=False, metadata={"help": "GPTQ-style error feedback (calibration)"})
     gptq_damp: float = dataclasses.field(default=0.1, metadata={"help": "GPTQ dampening (fraction of mean diag H)"})
+    gptq_sequential: bool = dataclasses.field(
+        default=False, metadata={"help": "GPTQ Hessians from the inputs of the already quantized layers (in order)"}
+    )
     lorc_rank: int = dataclasses.field(default=0, metadata={"help": "rank of the LoRC correction (0: none)"})
     scale_dtype: str = dataclasses.field(
         default="float16", metadata={"help": "scale type of int8/int4", "choices": ("float16", "float32")}
@@ -131,10 +135,15 @@ class BlockQuantPass(EffcPass):
         if opts.mode == "kv":
             count = self._quantize_kv(model, act_fmt)
             return ir.passes.PassResult(model, modified=count > 0)
+        if find_targets(model, opts.ops, []):
+            _upgrade_opset(model)  # before selecting: the converter replaces the nodes
         targets = self._select(find_targets(model, opts.ops, self.stats["skipped"]))
-        hessians = self._hessians(model, targets) if opts.gptq else {}
+        hessians = self._hessians(model, targets) if opts.gptq and not opts.gptq_sequential else {}
         cache: dict[int, tuple[ir.Value, ir.Value, np.ndarray]] = {}
         for t in targets:
+            if opts.gptq and opts.gptq_sequential and t.node.name not in hessians:
+                # inputs as the partly quantized model computes them: one tap per distinct layer input
+                hessians.update(self._hessians(model, [u for u in targets if u.node.inputs[0] is t.node.inputs[0]]))
             self._rewrite(model, t, fmt, act_fmt, hessians.get(t.node.name), cache)
         for t in targets:  # drop fp32 weights nobody reads any more
             if not t.weight.uses() and t.weight.name in model.graph.initializers:
@@ -153,7 +162,7 @@ class BlockQuantPass(EffcPass):
         for t in targets:
             names = [t.node.name or "", t.weight.name or ""]
             entry = {"node": names[0], "weight": names[1]}
-            k = t.array.shape[1] if t.kind == "Gather" else t.array.shape[0]
+            k = t.array.shape[1] if t.kind in ROW_BLOCKED else t.array.shape[0]
             if opts.include and not any(fnmatch.fnmatchcase(n, p) for p in opts.include for n in names):
                 self.stats["skipped"].append({**entry, "reason": "not matched by include"})
             elif any(fnmatch.fnmatchcase(n, p) for p in opts.exclude for n in names):
@@ -172,7 +181,7 @@ class BlockQuantPass(EffcPass):
                 "block-quant(gptq=true) needs the inputs of every layer but got no calibration data",
                 "give calibration inputs (--data FILE.npz, or a zoo: model), or drop gptq=true",
             )
-        linear = [t for t in targets if t.kind != "Gather" and len(t.weight.uses()) == 1]
+        linear = [t for t in targets if t.kind not in ROW_BLOCKED and len(t.weight.uses()) == 1]
         taps = self.calibration.tap(model, sorted({t.node.inputs[0].name for t in linear}), progress=False)
         masks = [feed.get("attention_mask") for feed in self.calibration]
         out = {}
@@ -188,8 +197,8 @@ class BlockQuantPass(EffcPass):
         use_dq = not fmt.is_mx and model.opset_imports.get("", 0) >= 21
         entry = cache.get(id(t.weight))
         if entry is None:
-            # Quantize with blocks along the reduction axis: (K, N) axis 0 for MatMul, (V, D) axis 1 for Gather.
-            axis = 1 if t.kind == "Gather" else 0
+            # Blocks along the reduction axis: (K, N) axis 0 for MatMul/Gemm, axis 1 of Gather (V, D) / Conv rows.
+            axis = 1 if t.kind in ROW_BLOCKED else 0
             if h is not None:
                 q = gptq_quantize(t.array.T, h, fmt, bs, damp=opts.gptq_damp, scale_dtype=opts.scale_dtype)
             else:
@@ -209,7 +218,9 @@ class BlockQuantPass(EffcPass):
         nbytes = wq.const_value.nbytes + sv.const_value.nbytes
         new_nodes: list[ir.Node] = []
         name = t.node.name or base
-        if t.kind == "Gather":
+        if t.kind == "Conv":
+            new_nodes.extend(_decoded_conv(model, t, wq, sv, fmt, bs, use_dq, name))
+        elif t.kind == "Gather":
             if use_dq:
                 out = _dequantize_linear(new_nodes, wq, sv, 1, bs, name)
                 new_nodes.append(ir.node("Gather", [out, t.node.inputs[1]], {"axis": 0}, name=f"{name}/gather"))
@@ -283,6 +294,53 @@ def _dequantize_linear(nodes: list[ir.Node], wq: ir.Value, scales: ir.Value, axi
     if scales.dtype != ir.DataType.FLOAT:
         nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{name}/cast"))
     return nodes[-1].outputs[0]
+
+
+def _upgrade_opset(model: ir.Model) -> bool:
+    """Convert a model older than opset 13 (the effc operators' function bodies need it) to opset 13.
+
+    Returns:
+        True when the model was converted.
+
+    Raises:
+        PipelineError: the ONNX version converter cannot convert one of the model's operators.
+    """
+    opset = model.opset_imports.get("", 13)
+    if opset >= 13:
+        return False
+    from onnxscript.version_converter import convert_version
+
+    try:
+        convert_version(model, 13, fallback=True)
+    except Exception as exc:  # noqa: BLE001  (the converter raises many types)
+        raise PipelineError(f"block-quant: converting the model from opset {opset} to 13 failed: {exc}",
+                            "export the model at opset >= 13") from exc
+    logger.info("block-quant: model converted from opset %d to 13 for the effc operators", opset)
+    return True
+
+
+def _decoded_conv(model: ir.Model, t: QuantTarget, wq: ir.Value, sv: ir.Value, fmt, block_size: int, use_dq: bool,
+                  name: str) -> list[ir.Node]:
+    """Nodes that decode a block-quantized Conv weight ``(Cout, R)``, reshape it to the kernel and convolve.
+
+    Same attributes and bias as the original Conv; weights only (activations stay fp32).
+
+    The decode is ``DequantizeLinear(axis=1, block_size)`` for int formats at opset >= 21, else
+    ``effc.BlockQuantGather`` of all ``Cout`` rows (its ONNX body decodes bit-exactly).
+    """
+    nodes: list[ir.Node] = []
+    cout = t.array.shape[0]
+    if use_dq:
+        flat = _dequantize_linear(nodes, wq, sv, 1, block_size, name)
+    else:
+        rows = _initializer(model.graph, f"{wq.name}_rows", np.arange(cout, dtype=np.int64))
+        nodes.append(onnx_ops.add_block_quant_gather(model, wq, sv, rows, fmt, block_size, f"{name}/decode"))
+        flat = nodes[-1].outputs[0]
+    shape = _initializer(model.graph, f"{wq.name}_shape", np.array(t.weight.const_value.shape, np.int64))
+    nodes.append(ir.node("Reshape", [flat, shape], name=f"{name}/kernel"))
+    inputs = [t.node.inputs[0], nodes[-1].outputs[0], *([t.bias] if t.bias is not None else [])]
+    nodes.append(ir.node("Conv", inputs, {a.name: a for a in t.node.attributes.values()}, name=f"{name}/conv"))
+    return nodes
 
 
 def _count_block_quant_macs(node: ir.Node) -> int | None:

@@ -192,3 +192,44 @@ def test_gptq_lowers_output_error_on_held_out_inputs():
         assert p.stats["layers"]["w1"]["gptq"] is gptq
         sq[gptq] = sqnr_db(ref, np.concatenate([_run(model, f)[0] for f in held_out]))
     assert sq[True] > sq[False] + 1.0, sq
+
+
+def _conv_toy(opset=11, seed=0):
+    """x (1, 32, 8, 8) -> Conv W1 (64, 32, 3, 3) + b1 -> Relu -> Conv W2 (32, 64, 1, 1) -> Conv dw (32, 1, 3, 3)."""
+    rng = np.random.default_rng(seed)
+    arrays = {"w1": (rng.standard_normal((64, 32, 3, 3)) * 0.1).astype(np.float32),
+              "b1": rng.standard_normal(64).astype(np.float32),
+              "w2": (rng.standard_normal((32, 64, 1, 1)) * 0.1).astype(np.float32),
+              "dw": rng.standard_normal((32, 1, 3, 3)).astype(np.float32)}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+         helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+         helper.make_node("Conv", ["c2", "dw"], ["y"], name="dwconv", group=32)],
+        "convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 6, 6])],
+        [numpy_helper.from_array(a, n) for n, a in arrays.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return ir.serde.deserialize_model(model), arrays
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxint8", "int4"])
+def test_conv_weights_blocked_along_cin_kh_kw(fmt):
+    model, arrays = _conv_toy()
+    feeds = {"x": np.random.default_rng(1).standard_normal((1, 32, 8, 8)).astype(np.float32)}
+    p = BlockQuantPass(format=fmt, min_params=0)
+    p(model)
+    layers = p.stats["layers"]
+    assert {v["node"] for v in layers.values()} == {"conv1", "conv2"}  # depthwise: 9 per row, not a block multiple
+    assert [s["reason"] for s in p.stats["skipped"] if s["node"] == "dwconv"] == [
+        "blocked axis 9 not a multiple of block_size"]
+    assert model.opset_imports[""] >= 13 and "w1" not in model.graph.initializers
+    # reference: the same convs with each (Cout, Cin*kh*kw) row quantize-dequantized in blocks of 32
+    ref_model, _ = _conv_toy()
+    for name in ("w1", "w2"):
+        w = arrays[name]
+        deq = quantize_dequantize(w.reshape(w.shape[0], -1), fmt, axis=1).reshape(w.shape)
+        ref_model.graph.initializers[name].const_value = ir.tensor(deq, name=name)
+    run = [ort.InferenceSession(ir.to_proto(m).SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, feeds)[0] for m in (model, ref_model)]
+    np.testing.assert_allclose(run[0], run[1], rtol=1e-5, atol=1e-5)

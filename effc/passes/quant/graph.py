@@ -24,8 +24,8 @@ class QuantTarget:
         kind: its op type.
         weight: the initializer value.
         array: the weight in the rewrite layout: ``(K, N)`` for MatMul/Gemm (Gemm ``transB=1`` transposed), the
-            table ``(V, D)`` for Gather.
-        bias: Gemm's ``C`` input, or None.
+            table ``(V, D)`` for Gather, ``(Cout, Cin/group * prod(kernel))`` for Conv (blocked along axis 1).
+        bias: Gemm's ``C`` / Conv's ``B`` input, or None.
     """
 
     node: ir.Node
@@ -44,13 +44,20 @@ def _const_2d(value: ir.Value | None) -> np.ndarray | None:
 
 
 def find_targets(model: ir.Model, ops: tuple[str, ...], skipped: list[dict]) -> list[QuantTarget]:
-    """MatMul/Gemm (constant 2-D weight, second input) and Gather (constant 2-D table, axis 0) of the main graph.
+    """MatMul/Gemm (constant 2-D weight), Gather (constant 2-D table, axis 0) and Conv of the main graph.
+
+    Conv weights are flattened to ``(Cout, Cin/group * prod(kernel))``.
 
     Nodes that are close but not rewritable are appended to ``skipped`` with a reason.
     """
     found: list[QuantTarget] = []
     for node in model.graph:
         if node.domain not in ("", "ai.onnx") or node.op_type not in ops:
+            continue
+        if node.op_type == "Conv":
+            conv = _conv_target(node)
+            if conv is not None:
+                found.append(conv)
             continue
         if node.op_type == "Gather":
             table = _const_2d(node.inputs[0])
@@ -71,6 +78,21 @@ def find_targets(model: ir.Model, ops: tuple[str, ...], skipped: list[dict]) -> 
         else:
             found.append(QuantTarget(node, "MatMul", node.inputs[1], w))
     return found
+
+
+def _conv_target(node: ir.Node) -> QuantTarget | None:
+    """Conv with a constant float weight ``(Cout, Cin/group, *kernel)`` as a ``(Cout, Cin/group * prod(kernel))`` table.
+
+    One row per output channel; blocks run along the flattened ``Cin/group × kh × kw`` reduction axis.
+    """
+    value = node.inputs[1] if len(node.inputs) > 1 else None
+    if value is None or value.const_value is None or not value.is_initializer() or value.is_graph_input():
+        return None
+    if len(value.const_value.shape) < 3 or not value.const_value.dtype.is_floating_point():
+        return None
+    w = value.const_value.numpy().astype(np.float32)
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    return QuantTarget(node, "Conv", value, w.reshape(w.shape[0], -1), bias)
 
 
 def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
