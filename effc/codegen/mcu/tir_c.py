@@ -202,6 +202,7 @@ def build_kernels(
     if schedule not in ("acc", "naive"):
         raise TargetError(f"unknown schedule {schedule!r}", "use schedule=acc or schedule=naive")
     kernels = {k: inline_dequant(f) if DEQUANT_STAGE in f.script() else f for k, f in kernels.items()}
+    naive = dict(kernels)
     applied = dict.fromkeys(kernels, "naive")
     if schedule == "acc":
         for name, func in kernels.items():
@@ -209,6 +210,26 @@ def build_kernels(
             applied[name] = SCHEDULE_NAME if ok else "naive"
     target = tvm.target.Target("c")
     symbols = {name: f"{prefix}{name}" for name in kernels}
+    try:
+        source, memory = _lower(kernels, symbols, target)
+    except TargetError:
+        # A scheduled kernel TVM cannot lower (e.g. a long QDQ epilogue chain): find it, keep it naive, retry.
+        bad = [k for k in kernels if applied[k] != "naive" and not _lowers({k: kernels[k]}, symbols, target)]
+        if not bad:
+            raise
+        for name in bad:
+            logger.warning("schedule %s does not lower for %s: kept naive", applied[name], name)
+            kernels[name], applied[name] = naive[name], "naive"
+        source, memory = _lower(kernels, symbols, target)
+    return _clean_c(source), symbols, memory, applied
+
+
+def _lower(kernels: dict[str, tirx.PrimFunc], symbols: dict[str, str], target) -> tuple[str, dict[str, KernelMemory]]:
+    """Run effc's TIR pipeline and print C: ``(source, kernel name -> internal memory)``.
+
+    Raises:
+        TargetError: TIR lowering or C printing failed.
+    """
     mod = tvm.IRModule(
         {
             name: func.with_attr("global_symbol", symbols[name]).with_attr("target", target)
@@ -226,4 +247,13 @@ def build_kernels(
         raise TargetError(
             f"TIR lowering to C failed: {type(exc).__name__}: {str(exc)[:400]}", "open an issue with the model"
         ) from exc
-    return _clean_c(source), symbols, memory, applied
+    return source, memory
+
+
+def _lowers(kernels: dict[str, tirx.PrimFunc], symbols: dict[str, str], target) -> bool:
+    """True when these kernels go through :func:`_lower`."""
+    try:
+        _lower(kernels, symbols, target)
+    except TargetError:
+        return False
+    return True
