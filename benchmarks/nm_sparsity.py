@@ -2,14 +2,18 @@
 
 Run (from the repository root; results go to benchmarks/results/nm_sparsity.json, progressively)::
 
-    TVM_NUM_THREADS=2 python benchmarks/nm_sparsity.py [--sections kernels,cosine,e2e] [--calib 32] [--recon-calib 96]
+    TVM_NUM_THREADS=2 python benchmarks/nm_sparsity.py [--sections kernels,e2e] [--calib 32] [--recon-calib 64]
+
+The default sections (``kernels,e2e``) take about 2 minutes on a quiet machine; ``--sections cosine`` (fidelity, which
+does not depend on machine load; SparseGPT and the permutation search dominate) takes about 40 minutes.
 
 Sections:
 * ``kernels`` — each distinct MiniLM linear shape (seq 128, and a GEMV row): the dense GEMM template vs the packed
   N:M kernel (2:4, vector 16 and element-wise), min ms.
 * ``cosine`` — mean cosine of ``sentence_embedding`` vs the original on 20 held-out sentences: element-wise vs
   vector-wise 2:4 × magnitude vs Wanda × with/without permutation, plus SparseGPT reconstruction (FFN layers).
-* ``e2e`` — whole model: onnxruntime fp32 vs TVM dense vs TVM with vector-wise 2:4 (packed forced / measured choice).
+* ``e2e`` — whole model: onnxruntime fp32 vs TVM dense vs TVM with vector-wise 2:4 (packed forced / measured choice),
+  interleaved rounds (min and median). The packed kernels carry their fused epilogue (bias, GELU, residual add).
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ def kernels(results: dict) -> None:
             rows.append({"shape": list(shape), "pattern": "2:4", "vector": vector, **t})
             log.info("kernel %s v%d: dense %.3f ms packed %.3f ms (%.2fx)", shape, vector, t["dense_ms"],
                      t["packed_ms"], t["speedup"])
-    results["kernels"] = {"threads": os.environ.get("TVM_NUM_THREADS", "all"), "rows": rows}
+    results["kernels"] = {"threads": os.environ.get("TVM_NUM_THREADS", "all"), "load_average": os.getloadavg(),
+                          "rows": rows}
 
 
 def _embedder(model, held_out):
@@ -74,8 +79,11 @@ def cosine(results: dict, base, cal, recon_cal, held_out) -> None:
                 configs.append({"layers": layers, "vector": vector, "method": method, "permute": False})
             configs.append({"layers": layers, "vector": vector, "method": "wanda", "permute": True})
     configs += [{"layers": "ffn", "vector": 1, "method": "wanda", "permute": False, "reconstruct": True},
+                {"layers": "ffn", "vector": 1, "method": "wanda", "permute": False, "reconstruct": True,
+                 "min_cosine": 0.95},
                 {"layers": "ffn", "vector": 16, "method": "wanda", "permute": True, "reconstruct": True},
-                {"layers": "all", "vector": 1, "method": "wanda", "permute": False, "reconstruct": True}]
+                {"layers": "all", "vector": 1, "method": "wanda", "permute": False, "reconstruct": True},
+                {"layers": "all", "vector": 16, "method": "wanda", "permute": True, "reconstruct": True}]
     rows = results.setdefault("cosine", {"held_out": len(held_out), "rows": []})["rows"]
     for c in configs:
         model = ir.from_proto(ir.to_proto(base))
@@ -85,7 +93,9 @@ def cosine(results: dict, base, cal, recon_cal, held_out) -> None:
                            **{k: v for k, v in c.items() if k != "reconstruct"})
         p(model)
         gains = [r["permutation_gain"] for r in p.stats["layers"] if r.get("permutation_gain")]
+        chosen = p.stats.get("sensitivity", {}).get("chosen")
         row = {**c, "reconstruct": recon, "cosine": cos(model), "seconds": time.perf_counter() - start,
+               "layers_pruned": len(p.stats["layers"]) if chosen is None else len(chosen),
                "calibration": len(recon_cal if recon else cal),
                "kept_score_gain_by_permutation": float(np.mean(gains)) if gains else None,
                "weight_bytes_before": p.stats["weight_bytes_before"],
@@ -95,21 +105,21 @@ def cosine(results: dict, base, cal, recon_cal, held_out) -> None:
         _save(results)
 
 
-def e2e(results: dict, base, cal, held_out) -> None:
+def e2e(results: dict, base, cal, held_out, repeat: int = 40) -> None:
     import tvm
 
     from effc.codegen.cpu import compile_cpu
     from effc.codegen.frontend import to_relax
     from effc.codegen.ops import nm_sparse as ns
-    from effc.eval.latency import measure, ort_latency
+    from effc.eval.latency import measure_interleaved, ort_session
 
     threads = int(os.environ.get("TVM_NUM_THREADS", "2"))
     target = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu()),
                                 "num-cores": threads})
     feed = held_out[0]
-    rows = []
-    ort = ort_latency(base, feed, threads=threads)
-    rows.append({"variant": "onnxruntime fp32", **ort})
+    session = ort_session(base, threads)
+    runs = {"onnxruntime fp32": (lambda f: session.run(None, f), feed)}
+    rows = {"onnxruntime fp32": {}}
     sparse = ir.from_proto(ir.to_proto(base))
     p = NMSparsityPass(n=2, m=4, vector=16, method="wanda", reconstruct=False, calibration=cal)
     p(sparse)
@@ -121,28 +131,34 @@ def e2e(results: dict, base, cal, held_out) -> None:
         with ns.lowering_policy(policy), target:
             exe, info = compile_cpu(to_relax(model), target, {})
         vm = tvm.relax.VirtualMachine(exe, tvm.cpu())
-        names = Reference(model).input_names
-        args = [tvm.runtime.tensor(feed[n]) for n in names]
-        out = vm["main"](*args)
-        emb = out[1].numpy()[0]
-        t = measure(lambda _f, fn=vm["main"], a=args: fn(*a), feed, warmup=3, repeat=30)
+        args = [tvm.runtime.tensor(feed[n]) for n in Reference(model).input_names]
+        emb = vm["main"](*args)[1].numpy()[0]
+        runs[label] = (lambda _f, fn=vm["main"], a=args: fn(*a), feed)
         forms = [e["form"] for e in ns.LOWERING_LOG]
-        rows.append({"variant": label, **t, "compile_s": time.perf_counter() - start,
-                     "cosine_vs_original": float(emb @ reference / np.linalg.norm(emb) / np.linalg.norm(reference)),
-                     "layers_packed": forms.count("packed"), "layers_dense": forms.count("dense"),
-                     "choices": [{k: e.get(k) for k in ("shape", "form", "reason")} for e in ns.LOWERING_LOG]})
-        log.info("e2e %s: median %.2f ms min %.2f ms", label, t["median_ms"], t["min_ms"])
-        results["e2e"] = {"threads": threads, "rows": rows}
-        _save(results)
+        rows[label] = {"compile_s": time.perf_counter() - start,
+                       "cosine_vs_original": float(emb @ reference / np.linalg.norm(emb) / np.linalg.norm(reference)),
+                       "layers_packed": forms.count("packed"), "layers_dense": forms.count("dense"),
+                       "fused_nm_kernels": sorted(k for k, t in info["kernels"].items() if t == "nm_sparse"),
+                       "choices": [{k: e.get(k) for k in ("shape", "form", "reason")} for e in ns.LOWERING_LOG]}
+    timed = measure_interleaved(runs, warmup=3, repeat=repeat)  # alternating rounds: every variant sees the same load
+    out = [{"variant": label, **timed[label], **rows[label]} for label in runs]
+    for row in out:
+        log.info("e2e %s: median %.2f ms min %.2f ms", row["variant"], row["median_ms"], row["min_ms"])
+    ort_min, ort_med = out[0]["min_ms"], out[0]["median_ms"]
+    for row in out:
+        row["speedup_vs_ort_min"], row["speedup_vs_ort_median"] = ort_min / row["min_ms"], ort_med / row["median_ms"]
+    results["e2e"] = {"threads": threads, "repeat": repeat, "load_average": os.getloadavg(), "rows": out}
+    _save(results)
 
 
 def main() -> None:
     global OUT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sections", default="kernels,cosine,e2e")
+    ap.add_argument("--sections", default="kernels,e2e", help="comma-separated: kernels, e2e, cosine")
     ap.add_argument("--calib", type=int, default=32, help="calibration sentences for masks (Wanda)")
-    ap.add_argument("--recon-calib", type=int, default=96, help="calibration sentences for SparseGPT")
+    ap.add_argument("--recon-calib", type=int, default=64, help="calibration sentences for SparseGPT")
     ap.add_argument("--held-out", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=40, help="interleaved timing rounds (e2e)")
     ap.add_argument("--out", default=None, help="results JSON (read, updated, written back)")
     args = ap.parse_args()
     OUT = Path(args.out) if args.out else OUT
@@ -158,7 +174,7 @@ def main() -> None:
         cal = Calibration(entry.samples("calibration", args.calib), source=entry.samples_description("calibration"))
         held_out = entry.samples("eval", args.held_out)
         if "e2e" in sections:
-            e2e(results, base, cal, held_out)
+            e2e(results, base, cal, held_out, args.repeat)
         if "cosine" in sections:
             recon = Calibration(entry.samples("calibration", args.recon_calib), source="recon")
             results.pop("cosine", None)

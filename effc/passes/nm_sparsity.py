@@ -242,7 +242,10 @@ class NMSparsityPass(EffcPass):
         if o.min_cosine is not None and cal is not None and cands:
             from effc.passes.structured.sensitivity import choose_layers
 
-            cands, sens, ref = choose_layers(model, cands, cal, o.min_cosine, self._prune_fn(method, False))
+            # Sensitivity with the pass's own pruning (SparseGPT on one-shot Hessians when reconstructing): the
+            # mask-only loss overstates what a reconstructed layer costs and would drop most layers.
+            cands, sens, ref = choose_layers(model, cands, cal, o.min_cosine,
+                                             self._prune_fn(method, o.reconstruct))
             self.stats["sensitivity"] = sens
         perms: dict[str, np.ndarray] = {}
         gains: dict[str, float] = {}

@@ -125,10 +125,15 @@ def test_permutation_search_raises_kept_score_and_stays_exact():
 
 
 def test_min_cosine_drops_sensitive_layers():
-    model = ffn_model()
     fs = feeds()
-    p = nm.NMSparsityPass(n=1, m=4, min_cosine=0.999, calibration=calibration(fs))
-    p(model)
-    sens = p.stats["sensitivity"]
-    assert set(sens["per_layer"]) == {"ffn.up", "ffn.down"}
-    assert len(sens["chosen"]) < 2 and p.stats["cosine"] >= 0.999
+    stats = {}
+    for recon in (False, True):
+        p = nm.NMSparsityPass(n=1, m=4, min_cosine=0.999, reconstruct=recon, calibration=calibration(fs))
+        p(ffn_model())
+        sens = stats[recon] = p.stats["sensitivity"]
+        assert set(sens["per_layer"]) == {"ffn.up", "ffn.down"}
+        assert p.stats["cosine"] >= 0.999
+    assert len(stats[False]["chosen"]) < 2
+    # sensitivity measured with reconstruction: each layer loses less, so no fewer layers are kept
+    assert all(stats[True]["per_layer"][k] > stats[False]["per_layer"][k] for k in stats[False]["per_layer"])
+    assert len(stats[True]["chosen"]) >= len(stats[False]["chosen"])

@@ -1,6 +1,7 @@
 """Per-layer sensitivity and a fidelity floor for lossy weight passes (``min_cosine=0.95``).
 
-Each candidate layer is pruned alone (mask only, no reconstruction) on a copy of the model and the cosine between
+Each candidate layer is pruned alone (with the caller's ``prune_fn``: mask only, or SparseGPT on Hessians tapped once
+from the unpruned model) on a copy of the model and the cosine between
 the copy's outputs and the original's is measured with onnxruntime on calibration feeds. Layers are then taken
 from the least to the most sensitive while the predicted cosine (1 minus the summed per-layer losses) stays at the
 floor; the chosen set is checked by measurement and shrunk until it meets the floor.
@@ -50,7 +51,7 @@ def choose_layers(model: ir.Model, layers: list, calibration, min_cosine: float,
         layers: candidate ``(node, weight, transposed)`` tuples (see :func:`effc.passes.sparsegpt.linear_matmuls`).
         calibration: an iterable of feeds with ``.tap(model, names)``.
         min_cosine: fidelity floor in (0, 1].
-        prune_fn: ``(layer, (Cout, Cin) weight, hessian) -> pruned weight`` (mask only, cheap).
+        prune_fn: ``(layer, (Cout, Cin) weight, hessian) -> pruned weight`` (``hessian`` from the unpruned model).
         max_feeds: calibration feeds used for the measurements.
 
     Returns:
