@@ -338,6 +338,8 @@ def _decoded_conv(model: ir.Model, t: QuantTarget, wq: ir.Value, sv: ir.Value, f
         flat = nodes[-1].outputs[0]
     shape = _initializer(model.graph, f"{wq.name}_shape", np.array(t.weight.const_value.shape, np.int64))
     nodes.append(ir.node("Reshape", [flat, shape], name=f"{name}/kernel"))
+    nodes[-1].outputs[0].shape = ir.Shape(t.weight.const_value.shape)  # static: MAC counting, shape inference
+    nodes[-1].outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
     inputs = [t.node.inputs[0], nodes[-1].outputs[0], *([t.bias] if t.bias is not None else [])]
     nodes.append(ir.node("Conv", inputs, {a.name: a for a in t.node.attributes.values()}, name=f"{name}/conv"))
     return nodes

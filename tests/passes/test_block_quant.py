@@ -233,3 +233,13 @@ def test_conv_weights_blocked_along_cin_kh_kw(fmt):
     run = [ort.InferenceSession(ir.to_proto(m).SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, feeds)[0] for m in (model, ref_model)]
     np.testing.assert_allclose(run[0], run[1], rtol=1e-5, atol=1e-5)
+
+
+def test_conv_macs_still_counted():
+    from effc.eval.macs import count_macs
+
+    model, _ = _conv_toy()
+    before = count_macs(model)["by_node"]
+    BlockQuantPass(format="mxfp4", min_params=0)(model)
+    after = count_macs(model)["by_node"]
+    assert after["conv1/conv"] == before["conv1"] == 64 * 32 * 9 * 8 * 8  # Cout * Cin * kh * kw * H * W
