@@ -23,7 +23,8 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 
 from effc.codegen.conv_rewrite import rewrite_convs
 from effc.codegen.fastmath import apply_fast_math
-from effc.codegen.schedules import apply_templates, vector_lanes
+from effc.codegen.prepack import pad_constant_weights
+from effc.codegen.schedules import apply_templates, tile_config, vector_lanes
 from effc.errors import TargetError
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,7 @@ def legalize_and_fuse(mod: tvm.IRModule, tvm_target: tvm.target.Target, fast_mat
     if fast_math:
         mod, counts = apply_fast_math(mod)
     mod, _ = rewrite_convs(mod, vector_lanes(tvm_target))
+    mod, _ = pad_constant_weights(mod, vector_lanes(tvm_target), max(tile_config(tvm_target).gemm_nr))
     with tvm.target.Target(tvm_target):
         # TVM's FoldConstant is left out: it builds one LLVM module per constant call (0.2-0.4 s each, 17 s on
         # PP-OCR cls); the ONNX canonicalization and fold_constants_numpy already folded what matters.

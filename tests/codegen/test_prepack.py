@@ -7,8 +7,8 @@ import tvm
 from tvm import relax
 
 from effc.codegen.cpu import compile_cpu, legalize_and_fuse
-from effc.codegen.prepack import pack_panels
-from effc.codegen.schedules import apply_templates
+from effc.codegen.prepack import pack_panels, pad_constant_weights
+from effc.codegen.schedules import apply_templates, tile_config, vector_lanes
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu()), "num-cores": 2})
 RNG = np.random.default_rng(0)
@@ -76,3 +76,24 @@ def test_kernel_shared_with_a_runtime_b_is_not_packed():
     # x@w1+b and y@w3+b share one fused kernel; one call passes a runtime B, so that kernel keeps (K, N).
     assert any(s[1] == (48, 48) for s in _matmul_param_shapes(mod).values())
     np.testing.assert_allclose(_run(mod, x, w3), ((x @ w1 + 1) @ w2) @ w3 + 1, rtol=1e-4, atol=1e-3)
+
+
+def test_constant_weight_with_ragged_n_is_padded_at_compile_time():
+    x = RNG.standard_normal((1, 24, 40)).astype("float32")
+    w = RNG.standard_normal((40, 1003)).astype("float32")  # 1003 columns: no multiple of any vector width
+    bias = RNG.standard_normal(1003).astype("float32")
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.add(relax.op.matmul(xv, relax.const(w)), relax.const(bias))))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    lanes = vector_lanes(TARGET)
+    assert pad_constant_weights(mod, lanes, max(tile_config(TARGET).gemm_nr))[1] == 1
+    square = np.ones((48, 48), "float32")  # N = 48: whole vectors already, left alone
+    assert pad_constant_weights(_two_layer((1, 8, 48), square, square, False), lanes, 24)[1] == 0
+    fused, _ = legalize_and_fuse(mod, TARGET, True)
+    _, kernels = apply_templates(fused, TARGET)
+    assert "gemm" in kernels.values() and "gemm_padded" not in kernels.values()
+    np.testing.assert_allclose(_run(mod, x), x @ w + bias, rtol=1e-4, atol=1e-4)
