@@ -192,7 +192,9 @@ def int8_static(model: ir.Model, calibration: np.ndarray | list[dict[str, np.nda
         return ir.load(dst)
 
 
-def int8_layer(op: str, x_shape: list[int], n: int, kernel: int = 3, seed: int = 0) -> ir.Model:
+def int8_layer(
+    op: str, x_shape: list[int], n: int, kernel: int = 3, seed: int = 0, depthwise: bool = False
+) -> ir.Model:
     """One int8 QDQ layer with int8 input and output: ``xq -> DQ -> Conv|Gemm(DQ W, DQ b) -> Relu -> Q -> yq``.
 
     For measuring the int8 micro-kernel alone (instructions per MAC): no float at either end. Random int8 weights
@@ -205,20 +207,22 @@ def int8_layer(op: str, x_shape: list[int], n: int, kernel: int = 3, seed: int =
         n: output channels / features.
         kernel: conv kernel size.
         seed: random seed.
+        depthwise: conv with ``group = channels`` (``n`` must equal the input channels).
 
     Returns:
         The model (input ``xq`` int8, output ``yq`` int8).
     """
     rng = np.random.default_rng(seed)
-    k = x_shape[1] * kernel * kernel if op == "Conv" else x_shape[1]
-    w_shape = [n, x_shape[1], kernel, kernel] if op == "Conv" else [n, k]
+    cin = 1 if depthwise else x_shape[1]
+    k = cin * kernel * kernel if op == "Conv" else x_shape[1]
+    w_shape = [n, cin, kernel, kernel] if op == "Conv" else [n, k]
     wq = rng.integers(-127, 128, size=w_shape, dtype=np.int8)
     sx, sw = np.float32(0.02), (rng.uniform(0.5, 1.5, n) * 0.01).astype(np.float32)
     bq = rng.integers(-2000, 2000, size=n, dtype=np.int32)
     sy = np.float32(4 * 74 * 74 * np.sqrt(k) * sx * sw.mean() / 127)
     inits = {"sx": sx, "zx": np.int8(-3), "wq": wq, "sw": sw, "bq": bq, "sb": (sx * sw).astype(np.float32),
              "sy": sy, "zy": np.int8(-128)}  # fmt: skip
-    attrs = {"pads": [kernel // 2] * 4} if op == "Conv" else {"transB": 1}
+    attrs = {"pads": [kernel // 2] * 4, "group": n if depthwise else 1} if op == "Conv" else {"transB": 1}
     nodes = [
         helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["x"]),
         helper.make_node("DequantizeLinear", ["wq", "sw"], ["w"], axis=0),

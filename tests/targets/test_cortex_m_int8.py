@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from effc.codegen.mcu.s8_rewrite import OP_CONV, OP_MATMUL, fixed_point, pack_pairs, rewrite_s8_layers
+from effc.codegen.mcu.s8_rewrite import OP_CONV, OP_DWCONV, OP_MATMUL, fixed_point, pack_pairs, rewrite_s8_layers
 from effc.targets import get_target
 from effc.targets.cortex_m.verify import reference_session, verify_artifact
 from tests.targets import test_cortex_m as base
@@ -96,6 +96,19 @@ def test_digits_int8_activations_m4_m3(kind, models, split, tmp_path):
         # activations int8 in the arena: less RAM than the weight-only build (fp32 activations)
         assert info["ram"]["arena_bytes"] < weight_only["ram"]["arena_bytes"]
         assert [w["dtype"] for w in info["weights"]].count("int8") == (2 if kind == "mlp" else 3)
+
+
+@needs_toolchain
+def test_depthwise_conv_matches_onnxruntime(tmp_path):
+    model = DIGITS.int8_layer("Conv", [1, 8, 7, 9], 8, kernel=3, depthwise=True)
+    _, layers = rewrite_s8_layers(model)
+    assert [layer.op for layer in layers] == [OP_DWCONV]
+    rng = np.random.default_rng(2)
+    feeds = [{"xq": rng.integers(-128, 128, size=(1, 8, 7, 9), dtype=np.int8)} for _ in range(2)]
+    for target in ("cortex-m4", "cortex-m3"):
+        _artifact(model, target, tmp_path / target)
+        check = verify_artifact(tmp_path / target, feeds_list=feeds)
+        assert check.ok and check.bit_exact > 0.9, check.summary()
 
 
 @needs_toolchain

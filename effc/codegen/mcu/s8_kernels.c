@@ -27,6 +27,9 @@
 #ifndef EFFC_S8_MATMUL
 #define EFFC_S8_MATMUL 1
 #endif
+#ifndef EFFC_S8_DWCONV
+#define EFFC_S8_DWCONV 1
+#endif
 #if EFFC_S8_DSP && !defined(__ARM_FEATURE_DSP)
 #undef EFFC_S8_DSP
 #define EFFC_S8_DSP 0 /* built for a core without the DSP extension: the portable loop */
@@ -55,6 +58,7 @@ static inline int8_t effc_s8_requant(int32_t acc, int32_t mult, int32_t shift, i
   return (int8_t)(y > 127 ? 127 : y);
 }
 
+#if EFFC_S8_CONV || EFFC_S8_MATMUL /* the dense tiles and their driver */
 /* acc[0..3] += (rows n, n+1) x (columns a, b) over k4 blocks of 4 and a tail of `tail` values. */
 static void effc_s8_dot_2x2(const int8_t* a, const int8_t* b, const int8_t* w, int32_t k4, int32_t tail,
                             int32_t* acc) {
@@ -231,6 +235,7 @@ static void effc_s8_gemm_driver(effc_s8_col_fn col, const void* ctx, int8_t* buf
     }
   }
 }
+#endif /* EFFC_S8_CONV || EFFC_S8_MATMUL */
 
 #if EFFC_S8_MATMUL
 typedef struct {
@@ -315,3 +320,47 @@ int32_t effc_s8_conv2d(int8_t* x, int8_t* w, int32_t* bias, int32_t* mult, int32
   return 0;
 }
 #endif /* EFFC_S8_CONV */
+
+#if EFFC_S8_DWCONV
+/* Depthwise conv2d (groups = channels, one image): x (C, H, W) int8, w (C, KH*KW) int8 row-major, y (C, OH, OW);
+   padded taps read the input zero point zx (folded into bias like the dense conv). Plain C on every core: each
+   weight meets only OH*OW inputs of its own channel, so there is no channel pair to feed SMLAD. Same geometry
+   vector g as effc_s8_conv2d. */
+int32_t effc_s8_dwconv2d(int8_t* x, int8_t* w, int32_t* bias, int32_t* mult, int32_t* shift, int32_t* geom,
+                         int8_t* y, int32_t C, int32_t zy, int32_t lo) {
+  const int32_t H = geom[1], W = geom[2], KH = geom[3], KW = geom[4], SH = geom[5], SW = geom[6];
+  const int32_t PH = geom[7], PW = geom[8], DH = geom[9], DW = geom[10], OH = geom[11], OW = geom[12];
+  const int32_t zx = geom[13];
+  int32_t c, oh, ow, i, j;
+  for (c = 0; c < C; ++c) {
+    const int8_t* plane = x + c * H * W;
+    const int8_t* wc = w + c * KH * KW;
+    int8_t* out = y + c * OH * OW;
+    for (oh = 0; oh < OH; ++oh) {
+      const int32_t h0 = oh * SH - PH;
+      const int32_t rows_in = h0 >= 0 && h0 + (KH - 1) * DH < H;
+      for (ow = 0; ow < OW; ++ow) {
+        const int32_t v0 = ow * SW - PW;
+        int32_t acc = bias[c];
+        if (rows_in && v0 >= 0 && v0 + (KW - 1) * DW < W) {
+          const int8_t* src = plane + h0 * W + v0;
+          const int8_t* wk = wc;
+          for (i = 0; i < KH; ++i, src += DH * W, wk += KW)
+            for (j = 0; j < KW; ++j) acc += src[j * DW] * wk[j];
+        } else {
+          for (i = 0; i < KH; ++i) {
+            const int32_t h = h0 + i * DH;
+            for (j = 0; j < KW; ++j) {
+              const int32_t v = v0 + j * DW;
+              const int32_t xv = (h >= 0 && h < H && v >= 0 && v < W) ? plane[h * W + v] : zx;
+              acc += xv * wc[i * KW + j];
+            }
+          }
+        }
+        out[oh * OW + ow] = effc_s8_requant(acc, mult[c], shift[c], zy, lo);
+      }
+    }
+  }
+  return 0;
+}
+#endif /* EFFC_S8_DWCONV */

@@ -17,7 +17,7 @@ import numpy as np
 from tvm import relax, te, tirx
 
 from effc.codegen.frontend import register_converter
-from effc.codegen.mcu.s8_rewrite import OP_CONV, OP_MATMUL
+from effc.codegen.mcu.s8_rewrite import OP_CONV, OP_DWCONV, OP_MATMUL
 
 
 def library_c(dsp: bool, ops: set[str]) -> str:
@@ -25,11 +25,16 @@ def library_c(dsp: bool, ops: set[str]) -> str:
 
     Args:
         dsp: the core has the DSP extension (SXTB16/SMLAD path), else the portable loop.
-        ops: the effc op types the model uses (``McuS8Conv``, ``McuS8MatMul``): only their entry points are
-            compiled.
+        ops: the effc op types the model uses (``McuS8Conv``, ``McuS8DwConv``, ``McuS8MatMul``): only their entry
+            points are compiled.
     """
     body = resources.files("effc.codegen.mcu").joinpath("s8_kernels.c").read_text()
-    flags = {"EFFC_S8_DSP": dsp, "EFFC_S8_CONV": OP_CONV in ops, "EFFC_S8_MATMUL": OP_MATMUL in ops}
+    flags = {
+        "EFFC_S8_DSP": dsp,
+        "EFFC_S8_CONV": OP_CONV in ops,
+        "EFFC_S8_MATMUL": OP_MATMUL in ops,
+        "EFFC_S8_DWCONV": OP_DWCONV in ops,
+    }
     return "".join(f"#define {k} {int(bool(v))}\n" for k, v in flags.items()) + body
 
 
@@ -70,6 +75,22 @@ class McuS8ConvConverter:
         out = _extern(bb, "effc_s8_conv2d", [x, w, b, m, s, g], [(1, n, geom[11], geom[12]), (2 * k,)],
                       [n, zy, lo], "effc_s8_conv2d")  # fmt: skip
         return relax.TupleGetItem(out, 0)
+
+
+@register_converter(OP_DWCONV)
+class McuS8DwConvConverter:
+    """``effc.McuS8DwConv(xq, w, bias, mult, shift)`` → ``effc_s8_dwconv2d`` (depthwise, NCHW, one image)."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        del params
+        geom = [int(v) for v in attr["geom"]]
+        n, zy, lo = int(attr["n"]), int(attr["zy"]), int(attr["lo"])
+        g = relax.const(np.array(geom, dtype=np.int32))
+        x, w, b, m, s = inputs
+        # C order: x, w, bias, mult, shift, geom | y | C, zy, lo
+        return _extern(bb, "effc_s8_dwconv2d", [x, w, b, m, s, g], [(1, n, geom[11], geom[12])], [n, zy, lo],
+                       "effc_s8_dwconv2d")  # fmt: skip
 
 
 @register_converter(OP_MATMUL)

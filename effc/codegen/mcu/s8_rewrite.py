@@ -6,8 +6,9 @@ A statically quantized model in onnxruntime's QDQ format (``quantize_static``) w
     DequantizeLinear(Wq, sw)     ─┼─> Conv | Gemm | MatMul ─> [Relu] ─> QuantizeLinear(sy, zy) ─> yq
     DequantizeLinear(Bq, sx*sw)  ─┘      (bias optional)
 
-Each match (int8 xq/Wq/yq, zero weight zero points, int32 bias, scalar activation scales, Conv 2-D with groups 1
-on one image) becomes one ``effc.McuS8Conv`` / ``effc.McuS8MatMul`` node that maps ``xq`` straight to ``yq``:
+Each match (int8 xq/Wq/yq, zero weight zero points, int32 bias, scalar activation scales, Conv 2-D on one image
+with groups 1 or depthwise) becomes one ``effc.McuS8Conv`` / ``effc.McuS8DwConv`` / ``effc.McuS8MatMul`` node that
+maps ``xq`` straight to ``yq``:
 
     acc[c] = bias'[c] + sum_k xq[k] * Wq[c, k],   bias'[c] = Bq[c] - zx * sum_k Wq[c, k]   (zero point folded)
     yq[c] = clamp(zy + round(acc[c] * sx * sw[c] / sy), relu ? zy : -128, 127)
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 OP_CONV = "McuS8Conv"
 OP_MATMUL = "McuS8MatMul"
+OP_DWCONV = "McuS8DwConv"
 
 
 @dataclasses.dataclass
@@ -47,7 +49,7 @@ class S8Layer:
     """One matched layer, ready for the kernel.
 
     Attributes:
-        op: ``McuS8Conv`` or ``McuS8MatMul``.
+        op: ``McuS8Conv``, ``McuS8DwConv`` or ``McuS8MatMul``.
         x: name of the int8 input value; y: name of the int8 output value.
         weights: pre-arranged int8 weights (channel pairs, see ``s8_kernels.c``), 1-D.
         bias: int32 bias with the input zero point folded in, shape (N,).
@@ -190,19 +192,20 @@ def _match(graph: _Graph, node: onnx.NodeProto, shapes: dict[str, list[int]]) ->
     removed.append(user.name)
     wq = w_dq[1]
     if node.op_type == "Conv":
-        if wq.ndim != 4 or _attr(node, "group", 1) != 1 or _attr(node, "auto_pad", b"NOTSET") != b"NOTSET":
-            return None
-        xs = shapes.get(node.input[0])
-        if xs is None or len(xs) != 4 or xs[0] != 1:
+        xs, group = shapes.get(node.input[0]), _attr(node, "group", 1)
+        if wq.ndim != 4 or _attr(node, "auto_pad", b"NOTSET") != b"NOTSET" or xs is None or len(xs) != 4:
             return None
         n, c, kh, kw = wq.shape
+        depthwise = group == xs[1] == n and c == 1
+        if xs[0] != 1 or not (group == 1 or depthwise):
+            return None
         strides, dil = _attr(node, "strides", [1, 1]), _attr(node, "dilations", [1, 1])
         pads = _attr(node, "pads", [0, 0, 0, 0])
         oh = (xs[2] + pads[0] + pads[2] - dil[0] * (kh - 1) - 1) // strides[0] + 1
         ow = (xs[3] + pads[1] + pads[3] - dil[1] * (kw - 1) - 1) // strides[1] + 1
         w2, axis_ok = wq.reshape(n, -1), w_dq[4] % 4 == 0
-        attrs = {"geom": [c, xs[2], xs[3], kh, kw, *strides, pads[0], pads[1], *dil, oh, ow, zx]}
-        op = OP_CONV
+        attrs = {"geom": [xs[1], xs[2], xs[3], kh, kw, *strides, pads[0], pads[1], *dil, oh, ow, zx]}
+        op = OP_DWCONV if depthwise else OP_CONV
     else:
         xs = shapes.get(node.input[0])
         trans_b = node.op_type == "Gemm" and _attr(node, "transB", 0) == 1
@@ -238,7 +241,8 @@ def _match(graph: _Graph, node: onnx.NodeProto, shapes: dict[str, list[int]]) ->
     if np.abs(bias).max(initial=0) >= 2**31:
         return None
     attrs.update(n=n, zy=int(zy.reshape(-1)[0]), lo=int(zy.reshape(-1)[0]) if relu else -128)
-    return S8Layer(op, x_dq[0].input[0], user.output[0], pack_pairs(w2), bias.astype(np.int32), mult, shift - 31,
+    weights = w2.reshape(-1) if op == OP_DWCONV else pack_pairs(w2)  # depthwise: (C, KH*KW) as is
+    return S8Layer(op, x_dq[0].input[0], user.output[0], weights, bias.astype(np.int32), mult, shift - 31,
                    attrs, removed)  # fmt: skip
 
 
