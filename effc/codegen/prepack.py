@@ -122,6 +122,14 @@ def pack_panels(weight: np.ndarray, nr: int) -> np.ndarray:
     return np.ascontiguousarray(weight.reshape(k, n // nr, nr).transpose(1, 0, 2))
 
 
+def _rewrite_relax_functions(mod: tvm.IRModule, mutator: PyExprMutator) -> tvm.IRModule:
+    """Run ``mutator`` over every Relax function of ``mod`` (its builder's module is the result)."""
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
 @expr_functor.mutator
 class _ArgPacker(PyExprMutator):
     """Points calls at the re-laid-out kernels and replaces their constant arguments with packed copies."""
@@ -160,11 +168,9 @@ def pack_constant_args(mod: tvm.IRModule, packed: dict[str, dict[int, int]]) -> 
     functions.update({kernels[name]: mod[name] for name in packed})
     mod = tvm.IRModule(functions, attrs=mod.attrs, global_infos=mod.global_infos)
     packer = _ArgPacker(mod, packed, kernels)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            packer.builder_.update_func(gv, packer.visit_expr(func))
+    mod = _rewrite_relax_functions(mod, packer)
     logger.info("pre-packed %d constant GEMM weights of %d kernels", packer.count, len(packed))
-    return packer.builder_.get()
+    return mod
 
 
 @expr_functor.mutator
@@ -213,9 +219,7 @@ def pad_constant_weights(mod: tvm.IRModule, lanes: int, nr: int) -> tuple[tvm.IR
         ``(module, number of padded weights)``.
     """
     padder = _WeightPadder(mod, lanes, nr)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            padder.builder_.update_func(gv, padder.visit_expr(func))
+    mod = _rewrite_relax_functions(mod, padder)
     if padder.count:
         logger.info("padded the N axis of %d constant GEMM weights to whole vector tiles", padder.count)
-    return padder.builder_.get(), padder.count
+    return mod, padder.count

@@ -59,6 +59,18 @@ def _extern(bb, name: str, inputs: list, out_shapes: list[tuple[int, ...]], ints
     return bb.emit_te(fn, *inputs, primfunc_name_hint=hint)
 
 
+def _conv(bb, inputs, attr, name: str, im2col: bool):
+    """``name(x, w, bias, mult, shift, geom | y[, cols] | N, zy, lo)``: the conv entry points' shared call."""
+    geom = [int(v) for v in attr["geom"]]
+    n, zy, lo = int(attr["n"]), int(attr["zy"]), int(attr["lo"])
+    outs = [(1, n, geom[11], geom[12])]
+    if im2col:  # two im2col columns of K = C*KH*KW int8, planned in the arena
+        outs.append((2 * geom[0] * geom[3] * geom[4],))
+    g = relax.const(np.array(geom, dtype=np.int32))
+    out = _extern(bb, name, [*inputs, g], outs, [n, zy, lo], name)
+    return relax.TupleGetItem(out, 0) if im2col else out
+
+
 @register_converter(OP_CONV)
 class McuS8ConvConverter:
     """``effc.McuS8Conv(xq, w, bias, mult, shift)`` → ``effc_s8_conv2d`` (NCHW, one image, groups 1)."""
@@ -66,15 +78,7 @@ class McuS8ConvConverter:
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
         del params
-        geom = [int(v) for v in attr["geom"]]
-        n, zy, lo = int(attr["n"]), int(attr["zy"]), int(attr["lo"])
-        k = geom[0] * geom[3] * geom[4]
-        g = relax.const(np.array(geom, dtype=np.int32))
-        x, w, b, m, s = inputs
-        # C order: x, w, bias, mult, shift, geom | y, cols | N, zy, lo
-        out = _extern(bb, "effc_s8_conv2d", [x, w, b, m, s, g], [(1, n, geom[11], geom[12]), (2 * k,)],
-                      [n, zy, lo], "effc_s8_conv2d")  # fmt: skip
-        return relax.TupleGetItem(out, 0)
+        return _conv(bb, inputs, attr, "effc_s8_conv2d", im2col=True)
 
 
 @register_converter(OP_DWCONV)
@@ -84,13 +88,7 @@ class McuS8DwConvConverter:
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
         del params
-        geom = [int(v) for v in attr["geom"]]
-        n, zy, lo = int(attr["n"]), int(attr["zy"]), int(attr["lo"])
-        g = relax.const(np.array(geom, dtype=np.int32))
-        x, w, b, m, s = inputs
-        # C order: x, w, bias, mult, shift, geom | y | C, zy, lo
-        return _extern(bb, "effc_s8_dwconv2d", [x, w, b, m, s, g], [(1, n, geom[11], geom[12])], [n, zy, lo],
-                       "effc_s8_dwconv2d")  # fmt: skip
+        return _conv(bb, inputs, attr, "effc_s8_dwconv2d", im2col=False)
 
 
 @register_converter(OP_MATMUL)
