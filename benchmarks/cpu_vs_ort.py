@@ -24,9 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from effc.eval.latency import measure
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from a checkout: effc need not be installed
+
+from effc.eval.latency import measure  # noqa: E402
+
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 START, END = "<!-- cpu-codegen:start -->", "<!-- cpu-codegen:end -->"
 MODELS = ["minilm-l6", "ppocr-det", "ppocr-rec", "ppocr-cls", "magika"]
