@@ -14,8 +14,8 @@ Three rules, applied before ``LegalizeOps`` (:func:`rewrite_convs`):
 * **Output length padded to the vector tile.** A stride-1 ``conv2d`` whose vectorized output axis (the width, or
   the height of a ``(N, C, L, 1)`` 1-D conv) is at least 4 tiles long but no multiple of ``2 * lanes`` gets its
   input zero-padded on the far side so that the output axis becomes a multiple of the tile, then sliced back:
-  the template's inner loop vectorizes ``2 * lanes`` wide instead of by the largest power-of-two divisor (Magika's
-  508-long 1-D conv: 4 wide).
+  the template's inner loop vectorizes ``2 * lanes`` wide (``3 * lanes`` for a 1-D conv with several taps)
+  instead of by the largest power-of-two divisor (Magika's 508-long 1-D conv: 4 wide; now 528 = 22 × 24).
 * **Pointwise conv over a narrow image → 1-D conv over its pixels.** A 1×1, stride-1, unpadded conv whose width is
   no multiple of the tile (PP-OCR det's 20×20 and 10×10 maps: 4 lanes wide) is run on the input viewed as
   ``(N, C, H*W, 1)`` (a free reshape) and reshaped back; when ``H*W`` is no tile multiple either, the previous
@@ -30,6 +30,8 @@ import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax import PyExprMutator, expr_functor
+
+from effc.codegen.schedules.conv import one_d_tile
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +96,16 @@ def _padded_length(length: int, tile: int) -> int:
     return -(-length // tile) * tile
 
 
-def _pad_conv_output(call: relax.Call, mutator: PyExprMutator, tile: int) -> tuple[relax.Expr | None, str]:
-    """Pad a stride-1 conv's vectorized output axis up to a multiple of ``tile`` (input padded, output sliced).
+def _pad_conv_output(call: relax.Call, mutator: PyExprMutator, lanes: int) -> tuple[relax.Expr | None, str]:
+    """Pad a stride-1 conv's vectorized output axis up to a multiple of the template's tile; slice it back.
+
+    The tile is ``2 * lanes``, or :func:`~effc.codegen.schedules.conv.one_d_tile` for a 1-D conv.
 
     Returns:
         ``(replacement, "")`` or ``(None, reason it does not apply)``.
     """
     attrs = call.attrs
+    tile = 2 * lanes
     x_shape, out_shape = _static_shape(call.args[0]), _static_shape(call)
     if x_shape is None or out_shape is None or len(out_shape) != 4:
         return None, "shapes not static 4-D"
@@ -111,6 +116,9 @@ def _pad_conv_output(call: relax.Call, mutator: PyExprMutator, tile: int) -> tup
     _, _, oh, ow = out_shape
     axis = 2 if ow == 1 and oh > 1 else 3  # the axis the conv template vectorizes
     length = out_shape[axis]
+    w_shape = _static_shape(call.args[1])
+    if axis == 2 and w_shape is not None and len(w_shape) == 4:
+        tile = one_d_tile(w_shape[2], lanes)
     if length % tile == 0 or length < 4 * tile:
         return None, f"output length {length} is a multiple of {tile} or shorter than 4 tiles"
     extra = _padded_length(length, tile) - length
@@ -125,7 +133,7 @@ def _pad_conv_output(call: relax.Call, mutator: PyExprMutator, tile: int) -> tup
     return relax.op.strided_slice(y, axes=[axis], begin=[0], end=[length]), ""
 
 
-def _pointwise_as_1d(call: relax.Call, mutator: PyExprMutator, tile: int) -> tuple[relax.Expr | None, str]:
+def _pointwise_as_1d(call: relax.Call, mutator: PyExprMutator, lanes: int) -> tuple[relax.Expr | None, str]:
     """A 1×1 stride-1 unpadded conv over a narrow image as a 1-D conv over the flattened ``H*W`` pixels.
 
     Returns:
@@ -140,12 +148,13 @@ def _pointwise_as_1d(call: relax.Call, mutator: PyExprMutator, tile: int) -> tup
     if any(_ints(attrs.padding)) or any(s != 1 for s in _ints(attrs.strides)) or int(attrs.groups) != 1:
         return None, "padded, strided or grouped"
     n, c, h, w = x_shape
+    tile = 2 * lanes
     if h == 1 or w % tile == 0 or ((h * w) % tile and h * w < 4 * tile):
         return None, f"width {w} already a tile multiple, or {h}x{w} pixels fewer than 4 tiles"
     bb = mutator.builder_
     x = bb.emit(relax.op.reshape(call.args[0], (n, c, h * w, 1)))
     conv = bb.normalize(relax.op.nn.conv2d(x, call.args[1], out_dtype=_out_dtype(attrs)))
-    padded, _ = _pad_conv_output(conv, mutator, tile)  # H*W not a tile multiple: pad the 1-D output too
+    padded, _ = _pad_conv_output(conv, mutator, lanes)  # H*W not a tile multiple: pad the 1-D output too
     y = bb.emit(padded if padded is not None else conv)
     return relax.op.reshape(y, (n, w_shape[0], h, w)), ""
 
@@ -154,9 +163,9 @@ def _pointwise_as_1d(call: relax.Call, mutator: PyExprMutator, tile: int) -> tup
 class _ConvRewriter(PyExprMutator):
     """Applies the rules of this module to every conv call; counts what it rewrote."""
 
-    def __init__(self, mod: tvm.IRModule, tile: int) -> None:
+    def __init__(self, mod: tvm.IRModule, lanes: int) -> None:
         super().__init__(mod)
-        self.tile = tile
+        self.lanes = lanes
         self.counts: dict[str, int] = {}
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
@@ -167,9 +176,9 @@ class _ConvRewriter(PyExprMutator):
         if op.name == "relax.nn.conv2d_transpose":
             rule, (new, reason) = "transpose_as_conv", _transpose_as_conv(call, self)
         elif op.name == "relax.nn.conv2d":
-            rule, (new, reason) = "pointwise_as_1d", _pointwise_as_1d(call, self, self.tile)
+            rule, (new, reason) = "pointwise_as_1d", _pointwise_as_1d(call, self, self.lanes)
             if new is None:
-                rule, (new, reason) = "pad_output_to_tile", _pad_conv_output(call, self, self.tile)
+                rule, (new, reason) = "pad_output_to_tile", _pad_conv_output(call, self, self.lanes)
         else:
             return call
         if new is None:
@@ -184,12 +193,13 @@ def rewrite_convs(mod: tvm.IRModule, lanes: int) -> tuple[tvm.IRModule, dict[str
 
     Args:
         mod: a Relax module before ``LegalizeOps`` (NCHW convs with constant weights).
-        lanes: fp32 SIMD lanes of the target (8 on AVX2); the output-padding rule pads to ``2 * lanes``.
+        lanes: fp32 SIMD lanes of the target (8 on AVX2); the output-padding rule pads to ``2 * lanes``
+            (``3 * lanes`` for a 1-D conv with several taps).
 
     Returns:
         ``(new_mod, counts)`` with ``counts`` mapping a rule name to the number of convs it rewrote.
     """
-    rewriter = _ConvRewriter(mod, 2 * lanes)
+    rewriter = _ConvRewriter(mod, lanes)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gv, rewriter.visit_expr(func))

@@ -74,13 +74,13 @@ def test_overlapping_transposed_conv_is_left_alone():
 
 
 def test_one_dimensional_conv_output_padded_to_tile_and_sliced():
-    # (1, C, L, 1) with L_out = 74 - 5 + 1 = 70: not a multiple of 16, at least 4 tiles of 16 → padded to 80.
-    model = _model("Conv", (1, 8, 74, 1), (12, 8, 5, 1), "Relu")
+    # (1, C, L, 1) with 5 taps, L_out = 104 - 5 + 1 = 100: at least 4 tiles of 3 * 8 lanes → padded to 120.
+    model = _model("Conv", (1, 8, 104, 1), (12, 8, 5, 1), "Relu")
     mod, counts = rewrite_convs(to_relax(ir.from_proto(model)), lanes=8)
     assert counts == {"pad_output_to_tile": 1}
     text = _ops(mod)
-    assert "R.strided_slice" in text and "(1, 12, 80, 1)" in text
-    _compile_and_compare(model, (1, 8, 74, 1))
+    assert "R.strided_slice" in text and "(1, 12, 120, 1)" in text
+    _compile_and_compare(model, (1, 8, 104, 1))
 
 
 def test_conv_with_tile_multiple_width_is_left_alone():

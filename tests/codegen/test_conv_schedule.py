@@ -49,3 +49,20 @@ def test_conv_loop_order_and_numbers(ci, co, h, w, taps_outside):
     args = [tvm.runtime.tensor(x), tvm.runtime.tensor(wt), tvm.runtime.tensor(np.zeros((1, co, h, w), "float32"))]
     lib["main"](*args)
     np.testing.assert_allclose(args[-1].numpy(), _reference(x, wt, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_one_dimensional_conv_takes_three_vector_tile():
+    # (N, C, L, 1) with 5 taps and L = 48, a multiple of 3 lanes: unrolled lane-wide vectors, not one 24-wide vector.
+    x = te.placeholder((1, 8, 52, 1), name="x")
+    wt = te.placeholder((4, 8, 5, 1), name="w")
+    func = te.create_prim_func([x, wt, topi.nn.conv2d_nchw(x, wt, 1, 0, 1)])
+    scheduled, _ = schedule_kernel(func, TILES)
+    text = scheduled.script()
+    assert f"T.vectorized({TILES.lanes})" in text and "T.unroll(3)" in text
+    xv = RNG.standard_normal((1, 8, 52, 1)).astype("float32")
+    wv = RNG.standard_normal((4, 8, 5, 1)).astype("float32")
+    lib = tvm.compile(tvm.IRModule({"main": scheduled}), target=TARGET)
+    args = [tvm.runtime.tensor(xv), tvm.runtime.tensor(wv), tvm.runtime.tensor(np.zeros((1, 4, 48, 1), "float32"))]
+    lib["main"](*args)
+    expected = sum(np.einsum("oc,ncl->nol", wv[:, :, k, 0], xv[:, :, k : k + 48, 0]) for k in range(5))
+    np.testing.assert_allclose(args[-1].numpy()[..., 0], expected, rtol=1e-4, atol=1e-4)
