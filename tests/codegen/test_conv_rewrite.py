@@ -8,8 +8,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import tvm
-from onnx import TensorProto, helper, numpy_helper
 
+from benchmarks.conv_kernels import make_model
 from effc.codegen.conv_rewrite import rewrite_convs
 from effc.codegen.cpu import compile_cpu
 from effc.codegen.frontend import to_relax
@@ -18,22 +18,9 @@ TARGET = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_
 RNG = np.random.default_rng(0)
 
 
-def _model(op: str, x_shape, w_shape, act: str | None = None, **attrs) -> onnx.ModelProto:
-    """One ``op`` node with constant weight and bias, optionally followed by ``act``."""
-    weight = (RNG.standard_normal(w_shape) * 0.2).astype(np.float32)
-    cout = w_shape[0] if op == "Conv" else w_shape[1] * attrs.get("group", 1)
-    bias = RNG.standard_normal(cout).astype(np.float32)
-    nodes = [helper.make_node(op, ["x", "w", "b"], ["y0" if act else "y"], **attrs)]
-    if act:
-        nodes.append(helper.make_node(act, ["y0"], ["y"]))
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return onnx.shape_inference.infer_shapes(model)
+def _model(op: str, x_shape, w_shape, act: str | None = None, strides=(1, 1), group: int = 1) -> onnx.ModelProto:
+    """One ``op`` node with constant weight and bias, optionally followed by ``act`` (no padding)."""
+    return make_model(op, x_shape, w_shape, strides, (0, 0, 0, 0), group, act)
 
 
 def _compile_and_compare(model: onnx.ModelProto, x_shape) -> None:
