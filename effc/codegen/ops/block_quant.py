@@ -32,7 +32,7 @@ import tvm
 from tvm import relax, s_tir, te, tirx
 
 from effc.codegen.frontend import register_converter
-from effc.codegen.ops.block_quant_int8 import int8_compute_applies, int8_matmul
+from effc.codegen.ops.block_quant_int8 import builder_state, int8_compute_applies, int8_matmul
 from effc.passes.quant import get_format, pack_codes, unpack_codes
 from effc.passes.quant.formats import BlockFormat
 
@@ -186,7 +186,7 @@ class BlockQuantMatMulConverter:
         x = bb.normalize(x)
         shape = [int(d) for d in x.ty.shape.values]
         rows = int(np.prod(shape[:-1]))
-        src = _QDQ_SOURCES.get(x) if isinstance(x, relax.Var) else None
+        src = builder_state(_QDQ_SOURCES, bb).get(x) if isinstance(x, relax.Var) else None
         if src is not None and int8_compute_applies(fmt, bs, src[1], src[2], k, n):
             LOWERING_LOG.append({"format": fmt.name, "shape": [rows, k, n], "kernel": "int8",
                                  "weight_bytes": int(wq.nbytes + scales.nbytes)})
@@ -282,5 +282,5 @@ class BlockQDQConverter:
         x2 = bb.normalize(relax.op.reshape(x, (rows, shape[-1])))
         y = relax.call_tir(gv, [x2], out_ty=relax.TensorType((rows, shape[-1]), "float32"))
         out = bb.emit(relax.op.reshape(bb.normalize(y), shape))
-        _QDQ_SOURCES[out] = (x, fmt, bs)  # lets an MXINT8 consumer quantize x itself and compute in int8
+        builder_state(_QDQ_SOURCES, bb)[out] = (x, fmt, bs)  # an MXINT8 consumer may quantize x itself (int8 GEMM)
         return out

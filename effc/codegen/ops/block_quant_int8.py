@@ -31,6 +31,7 @@ from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
 __all__ = [
+    "builder_state",
     "int8_compute_applies",
     "int8_gemm_kernel",
     "int8_matmul",
@@ -193,6 +194,17 @@ def int8_compute_applies(fmt, block_size: int, act_fmt, act_block_size: int, k: 
 _ACT_CACHE: dict = {}
 
 
+def builder_state(store: dict, bb: relax.BlockBuilder) -> dict:
+    """The entries of ``store`` for the import that ``bb`` builds (emptied when ``bb`` is a new BlockBuilder).
+
+    The Relax values kept there are only meaningful inside the import that emitted them.
+    """
+    if store.get("builder") is not bb:
+        store.clear()
+        store.update(builder=bb, values={})
+    return store["values"]
+
+
 def int8_matmul(bb: relax.BlockBuilder, x: relax.Expr, wq: np.ndarray, scales: np.ndarray, rows: int, k: int,
                 n: int) -> relax.Expr:
     """Emit ``quantize(x)`` (shared per input) and the integer GEMM; returns ``Y (rows, N)`` float32.
@@ -206,14 +218,15 @@ def int8_matmul(bb: relax.BlockBuilder, x: relax.Expr, wq: np.ndarray, scales: n
         k: reduction size.
         n: output columns.
     """
+    cache = builder_state(_ACT_CACHE, bb)
     key = (x, rows, k)
-    cached = next((v for kk, v in _ACT_CACHE.items() if kk[0].same_as(x) and kk[1:] == (rows, k)), None)
+    cached = next((v for kk, v in cache.items() if kk[0].same_as(x) and kk[1:] == (rows, k)), None)
     if cached is None:
         qfn = bb.add_func(quantize_act_kernel(rows, k).without_attr("global_symbol"), "effc_mxint8_quantize_act")
         x2 = bb.normalize(relax.op.reshape(x, (rows, k)))
         out = bb.emit(relax.call_tir(qfn, [x2], out_ty=[relax.TensorType((rows, k), "int8"),
                                                         relax.TensorType((rows, k // BLOCK), "float32")]))
-        cached = _ACT_CACHE[key] = (bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1)))
+        cached = cache[key] = (bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1)))
     wp, sw = pack_int8_weights(np.ascontiguousarray(wq.T), np.ascontiguousarray(scales.T))
     gfn = bb.add_func(int8_gemm_kernel(rows, k, n).without_attr("global_symbol"), "effc_mxint8_int8_gemm")
     y = relax.call_tir(gfn, [cached[0], cached[1], relax.const(wp), relax.const(sw)],
