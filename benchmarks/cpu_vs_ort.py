@@ -167,7 +167,7 @@ def to_markdown(results: dict, threads: list[int], runs: int) -> str:
         f"logical cores; threads as listed. Each number: its own process, warm-up then median (min) of {runs} runs "
         "on the same real input (zoo eval split). effc = templates + fast-math, no tuning. Ratio = effc / ORT "
         f"median (< 1: effc faster). Load average when measuring: {os.getloadavg()[0]:.1f} (the box is a shared VM: "
-        "treat ±10 % as noise).",
+        "treat ±10 % as noise). Single GEMM kernels vs ORT in GFLOP/s: `python benchmarks/gemm_kernels.py`.",
         "",
         "| model | threads | ORT ms | effc ms | ratio | max abs diff | compile s |",
         "|---|---|---|---|---|---|---|",
