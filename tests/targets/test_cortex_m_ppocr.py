@@ -74,3 +74,48 @@ def test_ppocr_cls_int8_on_m7_m4_m3(tmp_path):
             ref = session.run(None, f)[0]
             assert int(ref.argmax()) == int(got[0].argmax())
     json.dumps(check.to_dict())
+
+
+def test_ppocr_cls_int8_activations_on_m7_m4(tmp_path):
+    """Static int8 QDQ (onnxruntime ``quantize_static``, 16 calibration images): dense and depthwise convs run on
+    effc's int8 kernels; the firmware matches onnxruntime within one quantization step, same class."""
+    from effc import zoo
+    from effc.ir.canonicalize import canonicalize
+    from effc.runtime.manifest import write_manifest
+
+    spec = importlib.util.spec_from_file_location("digits_mcu", ROOT / "examples" / "digits_mcu.py")
+    digits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(digits)
+    entry = zoo.get("ppocr-cls")
+    model = canonicalize(ir.load(str(entry.path())), input_shapes=entry.input_shapes)
+    model = digits.int8_static(model, entry.samples("calibration", 16))
+    out = tmp_path / "m7"
+    out.mkdir()
+    options = {"flash": "2M", "ram": "2M"}
+    result = get_target("cortex-m7").build(model, out, options)
+    ir.save(model, out / "model.onnx")
+    io = {
+        "inputs": [{"name": "x", "shape": [1, 3, 48, 192], "dtype": "float32"}],
+        "outputs": [
+            {"name": v.name, "shape": [int(d) for d in v.shape.numpy()], "dtype": "float32"}
+            for v in model.graph.outputs
+        ],  # fmt: skip
+    }
+    manifest = {"target": {"name": "cortex-m7", "options": options, "info": result.info}, **io}
+    write_manifest(out, manifest)
+    calls = {"effc-s8-dsp": 0, "effc-s8-c": 0}
+    for k in result.info["kernels"]:
+        if k["schedule"] in calls:
+            calls[k["schedule"]] += k["calls"]
+    assert calls == {"effc-s8-dsp": 43, "effc-s8-c": 11}  # 42 dense convs + the Gemm (DSP), 11 depthwise convs
+    feeds = entry.samples("eval", 2)
+    session = reference_session(out / "model.onnx")
+    for core in ("cortex-m7", "cortex-m4"):
+        art = out if core == "cortex-m7" else tmp_path / core
+        if core != "cortex-m7":
+            shutil.copytree(out, art)
+            write_manifest(art, {**manifest, "target": {**manifest["target"], "name": core}})
+        check = verify_artifact(art, feeds_list=feeds)
+        assert check.ok, check.summary()
+        for f, got in zip(feeds, check.outputs, strict=True):
+            assert int(session.run(None, f)[0].argmax()) == int(got[0].argmax())

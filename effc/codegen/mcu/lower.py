@@ -110,7 +110,9 @@ def lower_to_c(
     kernels_c, symbols, memory, applied = tir_c.build_kernels(kernels, prefix, schedule)
     if s8_layers:
         kernels_c = s8_kernels.library_c(dsp, {layer.op for layer in s8_layers}) + kernels_c
-        applied.update({k: "effc-s8-dsp" if dsp else "effc-s8-c" for k in kernels if k.startswith("effc_s8_")})
+        for k in kernels:  # the depthwise kernel is plain C on every core
+            if k.startswith("effc_s8_"):
+                applied[k] = "effc-s8-dsp" if dsp and not k.startswith("effc_s8_dwconv") else "effc-s8-c"
 
     taken: set[str] = {"arena"}
     input_names = [c_identifier(v.name, taken) for v in model.graph.inputs]
