@@ -9,10 +9,13 @@ produce it. Schedule (register blocking over output channels × output columns, 
             acc[co_i, ow_i] = 0
             for ci, ry, rx:  for co_i in unroll:  for ow_i in vectorize:  acc += in * w   # w broadcast
             out[...] = epilogue(acc)                                                       # bias, act, residual
-    padding: a separate parallel, vectorized copy.
+    padding: a separate copy, parallel over (n, c).
 
-Stride-2 convs vectorize over a strided input walk (gathers); output widths that are not multiples of the lane
-count vectorize by their largest power-of-two divisor.
+Deep, wide 2-D convs put the kernel taps outside the channel loop (``for ry, rx, ci``). The tile is
+``conv_co`` output channels × ``2 * lanes`` columns; a 1-D conv with several taps takes ``3 * lanes`` columns
+(unrolled lane-wide vectors). Stride-2 convs vectorize over a strided input walk (gathers); output widths that
+are not multiples of the tile vectorize by their largest power-of-two divisor, which is why
+:mod:`effc.codegen.conv_rewrite` pads or flattens such convs before legalization.
 """
 
 from __future__ import annotations
