@@ -3,7 +3,7 @@
 Run (from the repository root; ~2 min, needs arm-none-eabi-gcc and qemu-system-arm; results also go to
 benchmarks/results/cortex_m_int8.json)::
 
-    python benchmarks/cortex_m_int8.py [--samples 360]
+    python benchmarks/cortex_m_int8.py [--samples 360] [--sections layers,models,ppocr]
 
 Instruction counts come from QEMU ``-icount shift=0`` (SysTick ticks x 40, ±40 per inference): they do not depend on
 the host's load, so one run is enough.
@@ -14,6 +14,8 @@ Sections:
 * ``models`` — digits MLP and CNN: fp32, weight-only int8 (fp32 activations) and int8 activations
   (``int8_static``: onnxruntime ``quantize_static``), flash/RAM, instructions, accuracy firmware vs onnxruntime on
   the held-out split, and how many logits differ from onnxruntime by exactly one output quantization step.
+* ``ppocr`` (not in the default; ~2 min more) — PP-OCR cls (``zoo:ppocr-cls``) weight-only int8 vs int8 activations,
+  M7 artifact (2 MB flash/RAM) run on the M7 and M4F boards, 2 eval images.
 """
 
 from __future__ import annotations
@@ -136,6 +138,36 @@ def bench_models(digits, tmp: Path, samples: int) -> list[dict]:
     return rows
 
 
+def bench_ppocr(digits, tmp: Path) -> list[dict]:
+    from effc import zoo
+    from effc.ir.canonicalize import canonicalize
+
+    entry = zoo.get("ppocr-cls")
+    fp32 = canonicalize(ir.load(str(entry.path())), input_shapes=entry.input_shapes)
+    feeds = entry.samples("eval", 2)
+    rows = []
+    variants = {
+        "int8 weight-only": digits.int8_weights(fp32),
+        "int8 activations": digits.int8_static(fp32, entry.samples("calibration", 16)),
+    }
+    for variant, model in variants.items():
+        out = tmp / f"ppocr{variant[:6]}"
+        out.mkdir(parents=True)
+        options = {"flash": "2M", "ram": "2M"}
+        result = get_target("cortex-m7").build(model, out, options)
+        ir.save(model, out / "model.onnx")
+        for core in ("cortex-m7", "cortex-m4"):
+            io = {"inputs": [{"name": "x", "shape": [1, 3, 48, 192], "dtype": "float32"}],
+                  "outputs": [{"name": v.name, "shape": [int(d) for d in v.shape.numpy()], "dtype": "float32"}
+                              for v in model.graph.outputs]}  # fmt: skip
+            write_manifest(out, {"target": {"name": core, "options": options, "info": result.info}, **io})
+            check = verify_artifact(out, feeds_list=feeds)
+            rows.append({"model": "ppocr-cls", "variant": variant, "target": core, "opt": "-O2",
+                         **_row(result.info, check)})  # fmt: skip
+            log.info("ppocr %s %s: %s", variant, core, check.summary())
+    return rows
+
+
 def _table(rows: list[dict], keys: list[str]) -> str:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
@@ -153,7 +185,7 @@ def main() -> None:
     for noisy in ("effc", "onnxruntime", "root"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     digits = _digits()
-    results: dict = {}
+    results: dict = json.loads(OUT.read_text()) if OUT.exists() else {}  # sections not run keep their last results
     with tempfile.TemporaryDirectory(prefix="bench-cm-int8-") as tmp:
         if "layers" in args.sections:
             results["layers"] = bench_layers(digits, Path(tmp))
@@ -165,6 +197,11 @@ def main() -> None:
                                              "arena_bytes", "scratch_bytes", "stack_bytes", "instructions",
                                              "instructions_per_mac", "max_abs", "one_step", "logits", "acc_ort",
                                              "acc_firmware"]))  # fmt: skip
+        if "ppocr" in args.sections:
+            results["ppocr"] = bench_ppocr(digits, Path(tmp))
+            print(_table(results["ppocr"], ["model", "variant", "target", "code_bytes", "weight_bytes", "arena_bytes",
+                                            "scratch_bytes", "stack_bytes", "instructions", "instructions_per_mac",
+                                            "bit_exact", "ok"]))  # fmt: skip
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(results, indent=1))
 
