@@ -12,7 +12,8 @@ their elements times the product of the two shared scales)::
 * :func:`quantize_act_kernel` — per block of 32 along K: shared exponent and int8 codes, bit-identical with
   :func:`effc.codegen.ops.block_quant._qdq_kernel` for MXINT8 (``X (M, K) f32 → Q (M, K) i8, SX (M, K/32) f32``).
 * :func:`int8_gemm_kernel` — ``Q``, packed weights ``Wp (N/8, K/4, 32) i8`` (``Wp[jb, k4, 4*jj + kk] =
-  qw[4*k4 + kk, 8*jb + jj]``: 8 columns × 4 consecutive k per 32-byte vector) and ``SW (K/32, N) f32``.
+  qw[4*k4 + kk, 8*jb + jj]``: 8 columns × 4 consecutive k per 32-byte vector) and the E8M0 weight scales
+  ``SW (K/32, N) u8`` (decoded in the kernel as the float32 with exponent bits ``SW``: 8.25 bits per weight).
   Per step, 4 activation bytes are broadcast to all 8 lanes and ``vpmaddubsw(|w|, sign(x, w))`` (u8 × s8 →
   pairwise-summed s16; ``|w| <= 127`` and ``|x| <= 127`` so ``2 * 127 * 127 = 32258`` never saturates) then
   ``vpmaddwd(·, 1)`` (→ s32) give 8 columns × 4 k of products; the int32 sums of a block are converted and
@@ -64,14 +65,12 @@ def pack_int8_weights(codes_kn: np.ndarray, scales_kn: np.ndarray) -> tuple[np.n
         scales_kn: ``(K/32, N)`` uint8 E8M0 scales.
 
     Returns:
-        ``Wp (N/8, K/4, 32)`` int8 and ``SW (K/32, N)`` float32 (``2^(e - 127 - 6)``).
+        ``Wp (N/8, K/4, 32)`` int8 and ``SW (K/32, N)`` uint8 (the E8M0 codes, unchanged).
     """
     k, n = codes_kn.shape
     q = codes_kn.view(np.int8).reshape(k // 4, 4, n // LANES, LANES)  # (k4, kk, jb, jj)
     wp = np.ascontiguousarray(q.transpose(2, 0, 3, 1).reshape(n // LANES, k // 4, 4 * LANES))
-    sw = np.ldexp(np.float32(1.0), scales_kn.astype(np.int32) - 133).astype(np.float32)
-    sw[scales_kn == 0] = 0.0  # E8M0 code 0 is only used by all-zero blocks
-    return wp, np.ascontiguousarray(sw)
+    return wp, np.ascontiguousarray(scales_kn, dtype=np.uint8)
 
 
 def quantize_act_kernel(m: int, k: int) -> tvm.tirx.PrimFunc:
@@ -118,7 +117,7 @@ def _divisor(n: int, want: int) -> int:
 
 
 def int8_gemm_kernel(m: int, k: int, n: int, mr: int = 4, nv: int = 2) -> tvm.tirx.PrimFunc:
-    """``main(Q (M, K) i8, SX (M, K/32) f32, Wp (N/8, K/4, 32) i8, SW (K/32, N) f32, Y (M, N) f32)``.
+    """``main(Q (M, K) i8, SX (M, K/32) f32, Wp (N/8, K/4, 32) i8, SW (K/32, N) u8, Y (M, N) f32)``.
 
     Register tile: ``mr`` rows × ``nv`` 8-column vectors; parallel over column tiles; K/32 blocks, 8 steps of 4.
 
@@ -141,7 +140,7 @@ def int8_gemm_kernel(m: int, k: int, n: int, mr: int = 4, nv: int = 2) -> tvm.ti
         Q = T.match_buffer(q_h, (m, k), "int8")
         SX = T.match_buffer(sx_h, (m, blocks), "float32")
         W = T.match_buffer(w_h, (nb, k4s, 32), "int8")
-        SW = T.match_buffer(sw_h, (blocks, n), "float32")
+        SW = T.match_buffer(sw_h, (blocks, n), "uint8")
         Y = T.match_buffer(y_h, (m, n), "float32")
         for jt in T.parallel(tiles_n):
             for it in range(tiles_m):
@@ -171,8 +170,10 @@ def int8_gemm_kernel(m: int, k: int, n: int, mr: int = 4, nv: int = 2) -> tvm.ti
                             acc[vec(t)] = acc[vec(t)] + T.call_llvm_pure_intrin(
                                 "int32x8", "llvm.x86.avx2.pmadd.wd", pair, T.broadcast(T.int16(1), 16))
                     for t in T.unroll(mr * nv):
-                        scale = SW[b, T.ramp(jt * nv * LANES + (t % nv) * LANES, 1, LANES)] * T.broadcast(
-                            SX[it * mr + t // nv, b], LANES)
+                        # 2^(e - 127) from the E8M0 code e (0 -> 0.0: all-zero block) times sx * 2^-6 (MXINT8 /64)
+                        code = T.Cast("int32x8", SW[b, T.ramp(jt * nv * LANES + (t % nv) * LANES, 1, LANES)])
+                        sw = T.reinterpret("float32x8", code << T.broadcast(T.int32(23), LANES))
+                        scale = sw * T.broadcast(SX[it * mr + t // nv, b] * T.float32(1.0 / 64.0), LANES)
                         facc[vec(t)] = facc[vec(t)] + T.Cast("float32x8", acc[vec(t)]) * scale
                 for t in T.unroll(mr * nv):
                     Y[it * mr + t // nv, T.ramp(jt * nv * LANES + (t % nv) * LANES, 1, LANES)] = facc[vec(t)]
