@@ -60,8 +60,11 @@ def _ort_model(recipe: str, work: Path) -> Path:
     return base if recipe == "fp32" else _ort_quantized(base, recipe)
 
 
-def _build(name: str, work: Path, threads: int):
-    """Build variant ``name`` in ``work``; returns ``(run(feed) -> sentence_embedding, artifact path)``."""
+def _build(name: str, work: Path, threads: int, spin: bool = True):
+    """Build variant ``name`` in ``work``; returns ``(run(feed) -> sentence_embedding, artifact path)``.
+
+    ``spin=False`` turns off onnxruntime's spinning worker threads (needed when TVM's pool shares the process).
+    """
     kind, recipe = VARIANTS[name]
     if kind == "ort":
         import onnxruntime as ort
@@ -69,7 +72,8 @@ def _build(name: str, work: Path, threads: int):
         path = _ort_model(recipe, work)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # interleaved with TVM's pool
+        if not spin:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         index = [o.name for o in sess.get_outputs()].index("sentence_embedding")
         return (lambda f: sess.run(None, f)[index]), path
@@ -147,7 +151,7 @@ def interleaved(names: list[str], rounds: int, threads: int, n_eval: int) -> lis
             work = Path(tmp) / name
             work.mkdir()
             start = time.perf_counter()
-            run, artifact = _build(name, work, threads)
+            run, artifact = _build(name, work, threads, spin=False)
             built[name] = (run, os.path.getsize(artifact), round(time.perf_counter() - start, 1),
                            _cosine(run, feeds))
         times = {name: [] for name in names}
@@ -355,8 +359,10 @@ def _write_doc(results: list[dict], args) -> None:
     base = next((r for r in results if r["variant"] == "ort-fp32"), None)
     fp32 = next((r for r in results if r["variant"] == "effc-fp32"), None)
     lines = [START, "## Block quantization", "",
-             f"MiniLM-L6 (seq 128, batch 1), {args.threads} thread(s), {args.runs} timed runs after warm-up, each "
-             f"variant in its own process; {platform.processor() or platform.machine()}, "
+             f"MiniLM-L6 (seq 128, batch 1), {args.threads} thread(s), {args.runs} timed runs after warm-up, "
+             + ("all variants in one process, timed round-robin (`--interleave`)" if args.interleave else
+                "each variant in its own process")
+             + f", load average {os.getloadavg()[0]:.1f}; {platform.processor() or platform.machine()}, "
              f"{dt.date.today().isoformat()}. Cosine: mean over {args.eval} held-out sentences vs onnxruntime fp32. "
              "Bytes: the shipped file (effc `model.so`, onnxruntime `.onnx`). Produced by `benchmarks/block_quant.py`.",
              "", "| variant | pipeline / recipe | median ms | min ms | vs ORT fp32 | bytes | vs effc fp32 | cosine |",
