@@ -15,6 +15,8 @@ from effc.codegen.schedules import analysis as an
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu())})
 TILES = TILE_TABLE[vector_lanes(TARGET)]
+# Structure tests use small kernels: drop the work thresholds so the parallel loops they check are generated.
+ALWAYS_PARALLEL = dataclasses.replace(TILES, min_parallel_macs=0, min_parallel_elems=0)
 RNG = np.random.default_rng(0)
 
 
@@ -52,7 +54,7 @@ def test_gemm_template_with_fused_epilogue(b, m, k, n, expected):
 
 
 def test_gemm_schedule_is_register_blocked():
-    scheduled, _ = schedule_kernel(_matmul_epilogue(1, 64, 96, 128), TILES)
+    scheduled, _ = schedule_kernel(_matmul_epilogue(1, 64, 96, 128), ALWAYS_PARALLEL)
     text = scheduled.script()
     assert "T.parallel" in text and "T.vectorized" in text and "T.unroll" in text
     assert "matmul_init" in text  # reduction decomposed: the accumulator tile is zeroed, not the whole output
@@ -66,8 +68,16 @@ def test_softmax_rows_are_parallel_and_vectorized():
     assert template == "rowwise"
     ref = np.exp(data - data.max(-1, keepdims=True))
     np.testing.assert_allclose(got, ref / ref.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
-    text = schedule_kernel(func, TILES)[0].script()
+    text = schedule_kernel(func, ALWAYS_PARALLEL)[0].script()
     assert "T.parallel" in text and "_rf" in text  # rfactor: vector partial sums
+
+
+@pytest.mark.parametrize("b,m,k,n,parallel", [(1, 8, 16, 32, False), (1, 128, 384, 384, True)])
+def test_small_kernels_stay_single_threaded(b, m, k, n, parallel):
+    # Below min_parallel_macs (PP-OCR cls's small convs and GEMMs) waking the thread pool costs more than it saves.
+    assert (b * m * k * n >= TILES.min_parallel_macs) == parallel
+    text = schedule_kernel(_matmul_epilogue(b, m, k, n), TILES)[0].script()
+    assert ("T.parallel" in text) == parallel
 
 
 def test_layer_norm_rowwise():

@@ -20,6 +20,8 @@ are not multiples of the tile vectorize by their largest power-of-two divisor, w
 
 from __future__ import annotations
 
+import math
+
 from tvm import s_tir
 
 from effc.codegen.schedules import analysis as an
@@ -65,7 +67,8 @@ def _schedule_producer(sch: s_tir.Schedule, blk: s_tir.schedule.SBlockRV, tiles:
     if len(loops) != 4 or facts.kinds != "SSSS":
         schedule_nest(sch, blk, tiles)
         return
-    sch.parallel(sch.fuse(loops[0], loops[1]))
+    if math.prod(max(e, 1) for e in facts.extents) >= tiles.min_parallel_elems:
+        sch.parallel(sch.fuse(loops[0], loops[1]))
 
 
 def apply_conv(sch: s_tir.Schedule, tiles: TileConfig) -> str:
@@ -113,7 +116,8 @@ def apply_conv(sch: s_tir.Schedule, tiles: TileConfig) -> str:
     owo, owi = sch.split(ow_l, [None, ow_i])
     sch.reorder(n_l, coo, oh_l, owo, *r_loops, coi, owi)
     outer = sch.fuse(n_l, coo, oh_l)
-    sch.parallel(outer)
+    if math.prod(max(e, 1) for e in facts.extents) >= tiles.min_parallel_macs:
+        sch.parallel(outer)
     for blk in consumers:
         sch.reverse_compute_at(blk, owo, preserve_unit_loops=True)
         c_inner = sch.get_loops(blk)[-1]
