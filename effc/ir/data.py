@@ -168,10 +168,41 @@ def input_ranks(model: ir.Model) -> dict[str, int]:
     return {v.name: len(v.shape) for v in model.graph.inputs if not v.is_initializer() and v.shape is not None}
 
 
+_PASS_THROUGH = frozenset({"Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand"})
+
+
+def _index_bound(value: ir.Value) -> int:
+    """Exclusive upper bound for synthetic integers in ``value``.
+
+    The smallest row count of a constant table that ``value`` indexes through ``Gather`` (following shape-only
+    ops), else ``SYNTHETIC_INT_HIGH``.
+    """
+    bound = SYNTHETIC_INT_HIGH
+    todo, seen = [value], set()
+    while todo:
+        v = todo.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        for node, index in v.uses():
+            if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and index == 1:
+                table = node.inputs[0]
+                axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
+                if table is not None and table.const_value is not None and table.shape is not None:
+                    rows = table.shape[axis]
+                    if isinstance(rows, int) and rows > 0:
+                        bound = min(bound, rows)
+            elif node.op_type in _PASS_THROUGH and index == 0:
+                todo.extend(node.outputs)
+    return bound
+
+
 def synthetic_feeds(model: ir.Model, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """``n`` SYNTHETIC feeds for ``model``'s inputs (for smoke tests and timing, never fidelity claims).
 
-    Floats are standard normal, integers uniform in ``[0, 100)``, booleans True.
+    Floats are standard normal, integers uniform in ``[0, 100)`` — or in ``[0, rows)`` when the input indexes a
+    constant table through ``Gather`` (e.g. BERT's ``token_type_ids`` into a 2-row embedding; an index out of range
+    makes onnxruntime fail and compiled code read out of bounds), booleans True.
 
     Raises:
         DataError: an input has no static shape (canonicalize first) or an unsupported dtype.
@@ -191,7 +222,7 @@ def synthetic_feeds(model: ir.Model, n: int, seed: int = 0) -> list[dict[str, np
             if dtype == np.bool_:
                 feed[v.name] = np.ones(shape, dtype=np.bool_)
             elif np.issubdtype(dtype, np.integer):
-                feed[v.name] = rng.integers(0, SYNTHETIC_INT_HIGH, shape).astype(dtype)
+                feed[v.name] = rng.integers(0, _index_bound(v), shape).astype(dtype)
             elif np.issubdtype(dtype, np.floating):
                 feed[v.name] = rng.standard_normal(shape).astype(dtype)
             else:

@@ -94,3 +94,22 @@ def test_npy_and_junk_files_are_named_clearly(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"junk")
     with pytest.raises(DataError, match="not an .npz archive"):
         load_data(tmp_path / "junk.npz", ["x"])
+
+
+def test_synthetic_indices_stay_inside_the_gathered_table():
+    # token_type_ids-style input: indexes a 2-row table (through a Cast); out-of-range ids crash onnxruntime.
+    from onnx import numpy_helper
+
+    from effc.ir.reference import Reference
+
+    table = numpy_helper.from_array(np.arange(8, dtype=np.float32).reshape(2, 4), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["ids"], ["ids64"], to=TensorProto.INT64),
+         helper.make_node("Gather", ["table", "ids64"], ["out"])],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT32, [1, 64])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 64, 4])], [table])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    feeds = synthetic_feeds(model, 3)
+    ids = np.stack([f["ids"] for f in feeds])
+    assert ids.min() >= 0 and ids.max() <= 1 and len(np.unique(ids)) == 2
+    assert Reference(model).run(feeds[0])[0].shape == (1, 64, 4)
