@@ -23,7 +23,7 @@ OPSET = 17
 
 
 def digits_split(seed: int = 0):
-    """``(x_train, y_train, x_test, y_test)``: sklearn digits scaled to [0, 1], float32, 80/20 split."""
+    """``(x_train, x_test, y_train, y_test)``: sklearn digits scaled to [0, 1], float32, 80/20 split."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

@@ -65,7 +65,9 @@ def check_budget(program: McuProgram, code_bytes: int, stack_bytes: int, flash: 
         )
     if problems:
         hint = (
-            "shrink the model with passes, e.g. --passes 'block-quant(format=int8)' (4x smaller weights) or "
-            "'prune(sparsity=0.5)' / structured pruning (fewer channels, smaller activations), or raise --flash/--ram"
+            "quantize it to int8 (weights and activations, QDQ, e.g. onnxruntime.quantization.quantize_static as in "
+            "examples/digits_mcu.py --int8-act: 4x smaller weights and arena, int8 kernels), shrink it with passes "
+            "('prune-structured' for fewer channels and smaller activations, 'block-quant(format=int8)' for "
+            "MatMul/Gemm and conv weights whose Cin*kh*kw is a multiple of 32), or raise --flash/--ram"
         )
         raise BudgetError(f"model does not fit {target}: " + "; ".join(problems), hint)
