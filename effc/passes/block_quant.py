@@ -358,6 +358,8 @@ def _register_macs() -> None:
     from effc.eval.macs import register_mac_counter
 
     register_mac_counter("BlockQuantMatMul", _count_block_quant_macs)
+    for decode_only in ("BlockQDQ", "BlockQuantGather"):  # quantize-dequantize / table lookup: no MACs
+        register_mac_counter(decode_only, lambda node: 0)
 
 
 _register_macs()

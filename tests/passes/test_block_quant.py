@@ -243,3 +243,16 @@ def test_conv_macs_still_counted():
     BlockQuantPass(format="mxfp4", min_params=0)(model)
     after = count_macs(model)["by_node"]
     assert after["conv1/conv"] == before["conv1"] == 64 * 32 * 9 * 8 * 8  # Cout * Cin * kh * kw * H * W
+
+
+def test_weight_act_mode_keeps_every_mac_counted():
+    # BlockQDQ carries X's shape, so the BlockQuantMatMul after it is counted; decode-only ops count zero MACs.
+    from effc.eval.macs import count_macs
+
+    model, _ = _toy()
+    model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(ir.to_proto(model)))
+    before = count_macs(model)
+    BlockQuantPass(format="mxint8", mode="weight_act", min_params=0)(model)
+    after = count_macs(model)
+    assert after["unknown_shape"] == [] and after["uncounted"] == {}
+    assert after["total"] == before["total"] > 0

@@ -103,6 +103,10 @@ def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
             old.name = f"{name}__replaced"
             new.name, new.shape, new.type = name, shape, type_
             graph.outputs[i] = new
+    if new.shape is None:  # a replacement computes the same tensor: keep what shape inference knew
+        new.shape = old.shape
+    if new.type is None:
+        new.type = old.type
     ir.convenience.replace_all_uses_with(old, new)
 
 

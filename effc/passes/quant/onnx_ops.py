@@ -210,8 +210,11 @@ def add_block_qdq(model: ir.Model, x: ir.Value, fmt: BlockFormat, block_size: in
     b = _Body("bqdq", _opset(model))
     y = _qdq_last_axis(b, "X", fmt, block_size)
     add_function(model, _function("BlockQDQ", fmt, block_size, ["X"], b, y))
-    return ir.Node(EFFC_DOMAIN, "BlockQDQ", [x], _node_attrs(fmt, block_size),
+    node = ir.Node(EFFC_DOMAIN, "BlockQDQ", [x], _node_attrs(fmt, block_size),
                    overload=overload_name(fmt, block_size), name=name, num_outputs=1)
+    # Same shape and type as X: the consumers' MAC counters and shape-dependent lowering read it.
+    node.outputs[0].shape, node.outputs[0].type = x.shape, x.type
+    return node
 
 
 def check_function_proto(function: ir.Function) -> None:
