@@ -94,3 +94,11 @@ def test_weight_sparsity_row_only_after_a_modifying_pass():
     assert "Weight sparsity" not in dict(summary_rows(report))
     report["passes"] = [{"name": "prune", "text": "prune", "seconds": 0.1, "modified": True, "stats": {}}]
     assert dict(summary_rows(report))["Weight sparsity"].startswith("0.1% zeros")
+
+
+def test_weight_sparsity_row_hidden_for_packed_nm():
+    # nm-sparsity packs the kept values: 3 stray zeros in 17 M stored weights are not "what the pass bought"
+    total = {"elements": 17_100_000, "zeros": 3, "sparsity": 3 / 17_100_000}
+    report = {"model": {"name": "m"}, "cost": {"sparsity": {"total": total}},
+              "passes": [{"name": "nm-sparsity", "text": "nm-sparsity", "seconds": 0.1, "modified": True, "stats": {}}]}
+    assert "Weight sparsity" not in dict(summary_rows(report))
