@@ -8,6 +8,7 @@ extents, and whether a reduction is a multiply-accumulate (``C += A * B``, the G
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from tvm import s_tir, tirx
@@ -116,6 +117,15 @@ def largest_divisor(n: int, candidates: tuple[int, ...] | list[int]) -> int | No
         if c > 0 and n % c == 0:
             return c
     return None
+
+
+def iterations(extents: list[int]) -> int:
+    """A block's iteration count: the product of ``extents`` (symbolic ``-1`` and 0 count as 1).
+
+    With the reduction extents included it is the block's MACs; the templates compare it with
+    ``TileConfig.min_parallel_*`` before using threads.
+    """
+    return math.prod(max(e, 1) for e in extents)
 
 
 def pow2_divisor(n: int, cap: int) -> int:

@@ -20,8 +20,6 @@ are not multiples of the tile vectorize by their largest power-of-two divisor, w
 
 from __future__ import annotations
 
-import math
-
 from tvm import s_tir
 
 from effc.codegen.schedules import analysis as an
@@ -67,7 +65,7 @@ def _schedule_producer(sch: s_tir.Schedule, blk: s_tir.schedule.SBlockRV, tiles:
     if len(loops) != 4 or facts.kinds != "SSSS":
         schedule_nest(sch, blk, tiles)
         return
-    if math.prod(max(e, 1) for e in facts.extents) >= tiles.min_parallel_elems:
+    if an.iterations(facts.extents) >= tiles.min_parallel_elems:
         sch.parallel(sch.fuse(loops[0], loops[1]))
 
 
@@ -116,7 +114,7 @@ def apply_conv(sch: s_tir.Schedule, tiles: TileConfig) -> str:
     owo, owi = sch.split(ow_l, [None, ow_i])
     sch.reorder(n_l, coo, oh_l, owo, *r_loops, coi, owi)
     outer = sch.fuse(n_l, coo, oh_l)
-    if math.prod(max(e, 1) for e in facts.extents) >= tiles.min_parallel_macs:
+    if an.iterations(facts.extents) >= tiles.min_parallel_macs:
         sch.parallel(outer)
     for blk in consumers:
         sch.reverse_compute_at(blk, owo, preserve_unit_loops=True)

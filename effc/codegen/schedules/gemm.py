@@ -23,8 +23,6 @@ in a parallel copy and the epilogue writes only the valid columns (template ``ge
 
 from __future__ import annotations
 
-import math
-
 from tvm import s_tir
 
 from effc.codegen.prepack import constant_param_names
@@ -146,7 +144,7 @@ def apply_gemm(sch: s_tir.Schedule, tiles: TileConfig) -> str:
     jo, ji = sch.split(j, [None, nr])
     sch.reorder(*batch, jo, io, k, ii, ji)
     outer = sch.fuse(*batch, jo) if batch else jo
-    if math.prod(max(e, 1) for e in facts.extents) >= tiles.min_parallel_macs:
+    if an.iterations(facts.extents) >= tiles.min_parallel_macs:
         sch.parallel(outer)
     if not padded and _constant_2d_operand(sch, stmt, b_buf):
         # Constant weight: stored packed at compile time (effc.codegen.prepack), read as Bp[jo, k, ji].

@@ -25,9 +25,7 @@ def schedule_nest(sch: s_tir.Schedule, blk, tiles: TileConfig, vectorize: bool =
     n_spatial = min(len(facts.kinds) - len(facts.kinds.lstrip("S")), len(loops))
     if n_spatial == 0:
         return
-    total = 1
-    for ext in facts.extents[:n_spatial]:
-        total *= max(ext, 1)
+    total = an.iterations(facts.extents[:n_spatial])
     spatial = list(loops[:n_spatial])
     if vectorize and not facts.is_reduction and facts.n_allocs == 0:
         ext = an.loop_extent(sch, spatial[-1])

@@ -60,10 +60,7 @@ def apply_reduce_spatial(sch: s_tir.Schedule, tiles: TileConfig) -> str:
     w_o, w_i = sch.split(spatial[-1], [None, lanes])
     sch.reorder(*spatial[:-1], w_o, *reduce, w_i)
     outer = sch.fuse(*spatial[:-1], w_o) if len(spatial) > 1 else w_o
-    total = 1
-    for ext in facts.extents[:n_s]:
-        total *= max(ext, 1)
-    if total >= tiles.min_parallel_elems // 4:
+    if an.iterations(facts.extents[:n_s]) >= tiles.min_parallel_elems // 4:
         sch.parallel(outer)
     for blk in sch.get_consumers(main):
         sch.reverse_compute_at(blk, outer, preserve_unit_loops=True)

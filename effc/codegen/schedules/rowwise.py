@@ -12,8 +12,6 @@ The rfactor on the lane loop turns a serial scalar reduction into ``lanes`` inde
 
 from __future__ import annotations
 
-import math
-
 from tvm import s_tir
 
 from effc.codegen.schedules import analysis as an
@@ -101,7 +99,7 @@ def apply_rowwise(sch: s_tir.Schedule, tiles: TileConfig) -> str:
     for blk in reversed(an.child_blocks(sch)):
         if an.block_facts(sch, blk).name != out_name:
             sch.compute_at(blk, row, preserve_unit_loops=True)
-    if math.prod(max(e, 1) for e in out_facts.extents) >= tiles.min_parallel_elems:
+    if an.iterations(out_facts.extents) >= tiles.min_parallel_elems:
         sch.parallel(row)
     under = _blocks_under(sch, row)
     decompose_at = []
