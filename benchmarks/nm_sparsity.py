@@ -1,19 +1,24 @@
 """N:M sparsity on MiniLM-L6: per-layer kernel times, end-to-end latency vs onnxruntime, and an embedding-cosine table.
 
-Run (from the repository root; results go to benchmarks/results/nm_sparsity.json, progressively)::
+Run (from the repository root, at normal priority: the timing workers inherit it; results go to
+benchmarks/results/nm_sparsity.json, progressively)::
 
-    TVM_NUM_THREADS=2 python benchmarks/nm_sparsity.py [--sections kernels,e2e] [--calib 32] [--recon-calib 64]
+    python benchmarks/nm_sparsity.py [--sections kernels,e2e] [--threads 2,1] [--rounds 5] [--runs 20]
 
-The default sections (``kernels,e2e``) take about 2 minutes on a quiet machine; ``--sections cosine`` (fidelity, which
+The default sections (``kernels,e2e``) take about 4 minutes on a quiet machine; ``--sections cosine`` (fidelity, which
 does not depend on machine load; SparseGPT and the permutation search dominate) takes about 40 minutes.
 
 Sections:
 * ``kernels`` — each distinct MiniLM linear shape (seq 128, and a GEMV row): the dense GEMM template vs the packed
-  N:M kernel (2:4, vector 16 and 8 — two AVX2 registers or one per index — and element-wise), min ms.
+  N:M kernel (2:4, vector 16 and 8 — two AVX2 registers or one per index — and element-wise), min ms over
+  interleaved rounds in one process (both sides are TVM kernels sharing one thread pool; ``TVM_NUM_THREADS``).
 * ``cosine`` — mean cosine of ``sentence_embedding`` vs the original on 20 held-out sentences: element-wise vs
   vector-wise 2:4 × magnitude vs Wanda × with/without permutation, plus SparseGPT reconstruction (FFN layers).
-* ``e2e`` — whole model: onnxruntime fp32 vs TVM dense vs TVM with vector-wise 2:4 (packed forced / measured choice),
-  interleaved rounds (min and median). The packed kernels carry their fused epilogue (bias, GELU, residual add).
+* ``e2e`` — whole model: onnxruntime fp32 (original model) vs effc dense vs effc with vector-wise 2:4 on all 36 linear
+  layers (packed kernels with fused epilogue). Every measurement runs in its own fresh process (one thread pool per
+  process: ORT and TVM never contend), alternating ORT, dense, packed over ``--rounds`` rounds at each thread count;
+  min and median over all samples, per-round ratios, load average, a per-kernel profile of the packed artifact,
+  and the packed artifact's max abs difference from onnxruntime on the same rewritten model.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,13 +52,13 @@ def _save(results: dict) -> None:
     OUT.write_text(json.dumps(results, indent=1, default=float))
 
 
-def kernels(results: dict) -> None:
+def kernels(results: dict, repeat: int = 20) -> None:
     from effc.codegen.ops import nm_sparse as ns
 
     rows = []
     for shape in [(128, 384, 384), (128, 384, 1536), (128, 1536, 384), (1, 384, 1536)]:
         for vector in (16, 8, 1):
-            t = ns.time_layer(*shape, 2, 4, vector, repeat=20)
+            t = ns.time_layer(*shape, 2, 4, vector, repeat=repeat)
             rows.append({"shape": list(shape), "pattern": "2:4", "vector": vector, **t})
             log.info("kernel %s v%d: dense %.3f ms packed %.3f ms (%.2fx)", shape, vector, t["dense_ms"],
                      t["packed_ms"], t["speedup"])
@@ -105,60 +112,178 @@ def cosine(results: dict, base, cal, recon_cal, held_out) -> None:
         _save(results)
 
 
-def e2e(results: dict, base, cal, held_out, repeat: int = 40) -> None:
+# ----------------------------------------------------------------------------- e2e: one process per measurement
+VARIANTS = {"ort": "onnxruntime fp32", "dense": "effc dense", "packed": "effc 2:4 v16 packed"}
+
+
+def worker_compile(work: Path) -> dict:
+    """Compile ``base.onnx`` (dense) and ``sparse.onnx`` (packed, forced) to ``dense.so`` / ``packed.so``."""
     import tvm
 
+    from effc.codegen import build
     from effc.codegen.cpu import compile_cpu
     from effc.codegen.frontend import to_relax
     from effc.codegen.ops import nm_sparse as ns
-    from effc.eval.latency import measure_interleaved, ort_session
 
-    threads = int(os.environ.get("TVM_NUM_THREADS", "2"))
     target = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu()),
-                                "num-cores": threads})
-    feed = held_out[0]
-    session = ort_session(base, threads)
-    runs = {"onnxruntime fp32": (lambda f: session.run(None, f), feed)}
-    rows = {"onnxruntime fp32": {}}
-    sparse = ir.from_proto(ir.to_proto(base))
-    p = NMSparsityPass(n=2, m=4, vector=16, method="wanda", reconstruct=False, calibration=cal)
-    p(sparse)
-    reference = _embedder(base, [feed])[0]
-    for label, model, policy in (("TVM dense", base, "dense"), ("TVM 2:4 v16 packed (forced)", sparse, "packed"),
-                                 ("TVM 2:4 v16 measured choice", sparse, "measure")):
-        ns.LOWERING_LOG.clear()
+                                "num-cores": 2})
+    info = {}
+    for name, onnx_file in (("dense", "base.onnx"), ("packed", "sparse.onnx")):
         start = time.perf_counter()
-        with ns.lowering_policy(policy), target:
-            exe, info = compile_cpu(to_relax(model), target, {})
-        vm = tvm.relax.VirtualMachine(exe, tvm.cpu())
-        args = [tvm.runtime.tensor(feed[n]) for n in Reference(model).input_names]
-        emb = vm["main"](*args)[1].numpy()[0]
-        runs[label] = (lambda _f, fn=vm["main"], a=args: fn(*a), feed)
-        forms = [e["form"] for e in ns.LOWERING_LOG]
-        rows[label] = {"compile_s": time.perf_counter() - start,
-                       "cosine_vs_original": float(emb @ reference / np.linalg.norm(emb) / np.linalg.norm(reference)),
-                       "layers_packed": forms.count("packed"), "layers_dense": forms.count("dense"),
-                       "fused_nm_kernels": sorted(k for k, t in info["kernels"].items() if t == "nm_sparse"),
-                       "choices": [{k: e.get(k) for k in ("shape", "form", "reason")} for e in ns.LOWERING_LOG]}
-    timed = measure_interleaved(runs, warmup=3, repeat=repeat)  # alternating rounds: every variant sees the same load
-    out = [{"variant": label, **timed[label], **rows[label]} for label in runs]
-    for row in out:
-        log.info("e2e %s: median %.2f ms min %.2f ms", row["variant"], row["median_ms"], row["min_ms"])
-    ort_min, ort_med = out[0]["min_ms"], out[0]["median_ms"]
-    for row in out:
-        row["speedup_vs_ort_min"], row["speedup_vs_ort_median"] = ort_min / row["min_ms"], ort_med / row["median_ms"]
-    results["e2e"] = {"threads": threads, "repeat": repeat, "load_average": os.getloadavg(), "rows": out}
+        with ns.lowering_policy("packed"), target:
+            exe, kinfo = compile_cpu(to_relax(ir.load(work / onnx_file)), target, {})
+        build.export_library(exe, work / f"{name}.so")
+        info[name] = {"compile_s": time.perf_counter() - start, "kernels": kinfo["kernels"]}
+    return info
+
+
+def _profile(vm, args: list, reps: int = 10) -> list[dict]:
+    """Per-kernel ms per inference through the Relax VM instrument hook, sorted, all kernels."""
+    spans: dict[str, list[float]] = {}  # kernel -> [total seconds, calls, start of the running call]
+
+    def hook(func, name, before_run, *_rest):
+        span = spans.setdefault(name, [0.0, 0, 0.0])
+        if before_run:
+            span[2] = time.perf_counter()
+        else:
+            span[0], span[1] = span[0] + time.perf_counter() - span[2], span[1] + 1
+        return 0
+
+    vm.set_instrument(hook)
+    for _ in range(reps):
+        vm["main"](*args)
+    ranked = sorted(spans.items(), key=lambda kv: -kv[1][0])
+    return [{"name": k, "ms": total / reps * 1e3, "calls": int(n) // reps} for k, (total, n, _) in ranked]
+
+
+def worker_time(variant: str, work: Path, threads: int, warmup: int, runs: int, profile: bool) -> dict:
+    """Warm-up, then ``runs`` timed inferences of one variant in this (fresh) process; raw times in ms."""
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    feeds = dict(np.load(work / "feeds.npz"))
+    if variant == "ort":
+        from effc.eval.latency import ort_session
+
+        sess = ort_session(str(work / "base.onnx"), threads)
+        fn = lambda: sess.run(None, feeds)  # noqa: E731
+        outs = fn()
+    else:
+        import tvm
+
+        from effc.codegen import build
+
+        vm = build.load_vm(work / f"{variant}.so", tvm.cpu())
+        names = json.loads((work / "inputs.json").read_text())
+        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n])) for n in names]
+        fn = lambda: vm["main"](*args)  # noqa: E731
+        outs = build.outputs_to_numpy(fn())
+    np.savez(work / f"out_{variant}.npz", *outs)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    result = {"times_ms": times}
+    if profile and variant != "ort":
+        result["kernels"] = _profile(vm, args)
+    return result
+
+
+def _spawn(*args: str) -> dict:
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _stats(times: list[float]) -> dict:
+    return {"min_ms": min(times), "median_ms": float(np.median(times)), "runs": len(times)}
+
+
+def _max_diff(work: Path, a: str, b: str) -> float:
+    x, y = np.load(work / f"out_{a}.npz"), np.load(work / f"out_{b}.npz")
+    return max(float(np.abs(x[k] - y[k]).max()) for k in x.files)
+
+
+def e2e(results: dict, base, cal, held_out, threads: list[int], rounds: int, warmup: int, runs: int) -> None:
+    """ORT fp32 vs effc dense vs effc 2:4 v16 packed, each timed in its own process, alternating over rounds.
+
+    Round ``r`` runs one process per variant (ORT, dense, packed, in that order); each process warms up then times
+    ``runs`` inferences on the same real input. Reported: min and median over all samples of a variant, and per
+    round the ORT/variant ratio of the per-process medians (the spread shows how much load moved).
+    """
+    import onnxruntime as ort
+
+    sparse = ir.from_proto(ir.to_proto(base))
+    NMSparsityPass(n=2, m=4, vector=16, method="wanda", reconstruct=False, calibration=cal)(sparse)
+    feed = held_out[0]
+    with tempfile.TemporaryDirectory(prefix="effc-nm-e2e-") as tmp:
+        work = Path(tmp)
+        ir.save(base, work / "base.onnx")
+        ir.save(sparse, work / "sparse.onnx")
+        names = [v.name for v in base.graph.inputs]
+        (work / "inputs.json").write_text(json.dumps(names))
+        np.savez(work / "feeds.npz", **{n: feed[n] for n in names})
+        compiled = _spawn("compile", str(work))
+        # Correctness: the packed artifact vs onnxruntime on the same rewritten model, dense vs the original.
+        sparse_ref = ort.InferenceSession(str(work / "sparse.onnx"), providers=["CPUExecutionProvider"])
+        np.savez(work / "out_ort_sparse.npz", *sparse_ref.run(None, {n: feed[n] for n in names}))
+        reference = Reference(base).run(feed)
+        emb_idx = Reference(base).output_names.index("sentence_embedding")
+        out = {"rounds": rounds, "warmup": warmup, "runs_per_process": runs, "by_threads": {},
+               "compile": compiled, "load_average_start": os.getloadavg()}
+        for t in threads:
+            samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            per_round = []
+            for r in range(rounds):
+                medians = {}
+                for v in VARIANTS:
+                    res = _spawn("time", v, str(work), str(t), str(warmup), str(runs),
+                                 "1" if (v == "packed" and r == 0 and t == max(threads)) else "0")
+                    samples[v] += res["times_ms"]
+                    medians[v] = float(np.median(res["times_ms"]))
+                    if "kernels" in res:
+                        out["packed_kernels"] = [{**k, "template": compiled["packed"]["kernels"].get(k["name"], "-")}
+                                                 for k in res["kernels"]]
+                per_round.append({"load1": os.getloadavg()[0], **{f"{v}_median_ms": m for v, m in medians.items()},
+                                  **{f"ort/{v}": medians["ort"] / medians[v] for v in ("dense", "packed")}})
+                log.info("e2e t=%d round %d: %s", t, r, {k: round(x, 2) for k, x in per_round[-1].items()})
+            stats = {v: _stats(s) for v, s in samples.items()}
+            for v in VARIANTS:
+                stats[v]["speedup_vs_ort_min"] = stats["ort"]["min_ms"] / stats[v]["min_ms"]
+                stats[v]["speedup_vs_ort_median"] = stats["ort"]["median_ms"] / stats[v]["median_ms"]
+            out["by_threads"][str(t)] = {"variants": stats, "rounds": per_round, "load_average": os.getloadavg()}
+        emb = np.load(work / "out_packed.npz")[f"arr_{emb_idx}"][0]
+        ref_emb = reference[emb_idx][0]
+        out["packed_vs_ort_same_model_max_abs"] = _max_diff(work, "packed", "ort_sparse")
+        out["dense_vs_ort_max_abs"] = _max_diff(work, "dense", "ort")
+        out["packed_cosine_vs_original"] = float(emb @ ref_emb / np.linalg.norm(emb) / np.linalg.norm(ref_emb))
+    results["e2e"] = out
     _save(results)
 
 
 def main() -> None:
     global OUT
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        kind, *rest = sys.argv[2:]
+        if kind == "compile":
+            res = worker_compile(Path(rest[0]))
+        else:
+            res = worker_time(rest[0], Path(rest[1]), int(rest[2]), int(rest[3]), int(rest[4]), rest[5] == "1")
+        print(json.dumps(res))
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", default="kernels,e2e", help="comma-separated: kernels, e2e, cosine")
     ap.add_argument("--calib", type=int, default=32, help="calibration sentences for masks (Wanda)")
     ap.add_argument("--recon-calib", type=int, default=64, help="calibration sentences for SparseGPT")
     ap.add_argument("--held-out", type=int, default=20)
-    ap.add_argument("--repeat", type=int, default=40, help="interleaved timing rounds (e2e)")
+    ap.add_argument("--threads", default="2,1", help="e2e thread counts, comma-separated")
+    ap.add_argument("--rounds", type=int, default=5, help="e2e rounds (one process per variant per round)")
+    ap.add_argument("--runs", type=int, default=20, help="e2e timed inferences per process (after 5 warm-up)")
+    ap.add_argument("--kernel-repeat", type=int, default=20, help="interleaved dense/packed rounds per kernel")
     ap.add_argument("--out", default=None, help="results JSON (read, updated, written back)")
     args = ap.parse_args()
     OUT = Path(args.out) if args.out else OUT
@@ -166,7 +291,7 @@ def main() -> None:
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     sections = args.sections.split(",")
     if "kernels" in sections:
-        kernels(results)
+        kernels(results, args.kernel_repeat)
         _save(results)
     if {"cosine", "e2e"} & set(sections):
         entry = zoo.get("minilm-l6")
@@ -174,7 +299,7 @@ def main() -> None:
         cal = Calibration(entry.samples("calibration", args.calib), source=entry.samples_description("calibration"))
         held_out = entry.samples("eval", args.held_out)
         if "e2e" in sections:
-            e2e(results, base, cal, held_out, args.repeat)
+            e2e(results, base, cal, held_out, [int(t) for t in args.threads.split(",")], args.rounds, 5, args.runs)
         if "cosine" in sections:
             recon = Calibration(entry.samples("calibration", args.recon_calib), source="recon")
             results.pop("cosine", None)
