@@ -23,8 +23,8 @@ def test_standalone_kernel_matches_unpacked_matmul(rows, k, cout, n, m, vector):
     perm = rng.permutation(k)
     w = sg.prune_weight(rng.standard_normal((cout, k)).astype(np.float32), method="magnitude", n=n, m=m,
                         vector=vector, perm=perm)
-    values, indices = nm.pack_nm(w.T, n, m, vector, perm)
-    func = ns.schedule_nm(ns.nm_kernel(rows, k, cout, values.shape[0], vector), vector)
+    values, indices = ns.to_panels(*nm.pack_nm(w.T, n, m, vector, perm))
+    func = ns.schedule_nm(ns.nm_kernel(rows, k, cout, values.shape[1], vector), vector)
     lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
     x = rng.standard_normal((rows, k)).astype(np.float32)
     args = [tvm.runtime.tensor(a) for a in (x, values, indices, np.zeros((rows, cout), np.float32))]
@@ -64,3 +64,17 @@ def test_compiled_model_matches_onnxruntime(packed_model, policy):
 def test_unknown_policy_raises():
     with pytest.raises(ValueError, match="measure"), ns.lowering_policy("fast"):
         pass
+
+
+@pytest.mark.parametrize(("cout", "vector", "panel"), [(64, 16, 16), (48, 1, 16), (40, 1, 8), (32, 8, 8)])
+def test_panel_layout_is_a_relabeling_of_the_packed_form(cout, vector, panel):
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal((6, cout)).astype(np.float32)
+    indices = rng.integers(0, 24, (6, cout // vector)).astype(np.uint16)
+    pv, pi = ns.to_panels(values, indices)
+    assert ns.panel_width(cout, vector) == panel
+    assert pv.shape == (cout // panel, 6, panel) and pi.shape == (cout // vector, 6)
+    assert pv.flags.c_contiguous and pi.flags.c_contiguous
+    j = np.arange(cout)
+    np.testing.assert_array_equal(pv[j // panel, :, j % panel].T, values)
+    np.testing.assert_array_equal(pi.T, indices)

@@ -1,17 +1,22 @@
 """TVM lowering of ``effc.NMSparseMatMul``: a TIR kernel that reads the packed N:M form directly.
 
 Packed form (see :mod:`effc.passes.nm_sparsity`): ``values`` ``(R, Cout)`` float32 and ``indices`` ``(R, Cout/V)``
-uint16 absolute input rows, ``R = K·n/m``. The kernel computes, for ``X`` ``(M, K)``::
+uint16 absolute input rows, ``R = K·n/m``. The converter re-lays them out at compile time into column panels of
+``P`` columns (:func:`to_panels`; ``P = V`` for vector-wise N:M): ``values`` ``(Cout/P, R, P)`` and ``indices``
+``(Cout/V, R)``, so the ``R × P`` values one output tile walks are contiguous (row-major, a column walk with a row
+stride of Cout floats maps onto 2 L1 sets at Cout = 1536 and thrashes: 128×384→1536 on Zen 3, 1 thread, 1.63 →
+1.00 ms). The kernel computes, for ``X`` ``(M, K)``::
 
-    Y[i, j] = Σ_r X[i, indices[r, j // V]] · values[r, j]
+    Y[i, j] = Σ_r X[i, indices[j // V, r]] · values[j // P, r, j % P]
 
 so it does ``n/m`` of the dense multiply-adds and reads ``n/m`` of the weights. With ``V`` a multiple of the SIMD
 width the index is uniform across a vector of outputs: ``X[i, idx]`` becomes one scalar broadcast and ``values``
 one contiguous vector load (notes/cpu.md: 1.8–1.95× faster than dense on Zen 4 at V=16). Element-wise N:M
 (``V=1``) needs a different input per lane (a gather) and loses to dense on CPUs.
 
-Schedule: output tiles of ``mr`` rows × ``nv·V`` columns in parallel, accumulator in a local buffer, reduction over
-``R`` outside the unrolled ``mr × nv`` block, innermost ``V`` lanes vectorized (Goto-style micro-kernel).
+Schedule: output tiles of ``mr`` rows × ``nv·P`` columns in parallel (column panel outer, so its values stay in L1
+across row tiles), accumulator in registers, reduction over ``R`` outside the unrolled ``mr × nv`` block, innermost
+``P`` lanes vectorized (Goto-style micro-kernel).
 
 Form choice per layer: ``policy="measure"`` (default) compiles and times the dense and packed kernels for each
 distinct ``(M, K, Cout, n, m, V)`` on the target and keeps the faster; ``"packed"`` / ``"dense"`` force one.
@@ -41,22 +46,52 @@ LOWERING_LOG: list[dict] = []
 BLOCK = "nm_sparse_matmul"
 
 
+def panel_width(cout: int, vector: int) -> int:
+    """Columns per packed panel and per vector of the micro-tile.
+
+    Returns:
+        ``V`` for vector-wise N:M; for element-wise (``V = 1``) 16, or the largest divisor of ``Cout`` ≤ 8.
+    """
+    if vector > 1:
+        return vector
+    return 16 if cout % 16 == 0 else _divisor(cout, 8)
+
+
+def to_panels(values: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel layout of a packed weight (contiguous copies; ``P`` from :func:`panel_width`).
+
+    Args:
+        values: ``(R, Cout)`` float32 from :func:`effc.passes.nm_sparsity.pack_nm`.
+        indices: ``(R, Cout/V)`` integer rows from the same.
+
+    Returns:
+        ``(values (Cout/P, R, P), indices (Cout/V, R))``.
+    """
+    r, cout = values.shape
+    panel = panel_width(cout, cout // indices.shape[1])
+    return (np.ascontiguousarray(values.reshape(r, cout // panel, panel).transpose(1, 0, 2)),
+            np.ascontiguousarray(indices.T))
+
+
 def nm_kernel(rows: int, k: int, cout: int, r: int, vector: int, idx_dtype: str = "uint16",
               lead: tuple[int, ...] | None = None) -> tvm.tirx.PrimFunc:
-    """Unscheduled PrimFunc ``main(X (*lead, K), values (R, Cout), indices (R, Cout/V), Y (*lead, Cout))``.
+    """Unscheduled ``main(X (*lead, K), values (Cout/P, R, P), indices (Cout/V, R), Y (*lead, Cout))``.
 
-    ``lead`` (default ``(rows,)``) are the leading axes of ``X`` (their product is ``rows``); keeping them lets
-    Relax fuse the elementwise consumers (bias, activation, residual add) into the kernel without a reshape.
+    Weights in the panel layout of :func:`to_panels`. ``lead`` (default ``(rows,)``) are the leading axes of ``X``
+    (their product is ``rows``); keeping them lets Relax fuse the elementwise consumers (bias, activation, residual
+    add) into the kernel without a reshape.
     """
     i64 = lambda *dims: [tvm.tirx.IntImm("int64", d) for d in dims]  # noqa: E731  (Relax's shape dtype)
     lead = tuple(lead) if lead else (rows,)
+    panel = panel_width(cout, vector)
     x = te.placeholder(i64(*lead, k), "float32", "X")
-    vals = te.placeholder(i64(r, cout), "float32", "values")
-    idx = te.placeholder(i64(r, cout // vector), idx_dtype, "indices")
+    vals = te.placeholder(i64(cout // panel, r, panel), "float32", "values")
+    idx = te.placeholder(i64(cout // vector, r), idx_dtype, "indices")
     red = te.reduce_axis(i64(0, r), "r")
     y = te.compute(
         i64(*lead, cout),
-        lambda *ax: te.sum(x[(*ax[:-1], idx[red, ax[-1] // vector].astype("int32"))] * vals[red, ax[-1]], axis=red),
+        lambda *ax: te.sum(x[(*ax[:-1], idx[ax[-1] // vector, red].astype("int32"))]
+                           * vals[ax[-1] // panel, red, ax[-1] % panel], axis=red),
         name=BLOCK,
     )
     return te.create_prim_func([x, vals, idx, y]).with_attr("global_symbol", "main")
@@ -82,10 +117,9 @@ def _tile(sch: s_tir.Schedule, blk, vector: int, mr: int, nv: int | None, consum
     *lead, j, red = sch.get_loops(blk)
     i = sch.fuse(*lead) if len(lead) > 1 else lead[0]
     rows, cout = (int(sch.get(loop).extent) for loop in (i, j))
-    lanes = vector if vector > 1 else 16
+    lanes = panel_width(cout, vector)
     mr = _divisor(rows, mr)
-    nv = _divisor(cout // lanes, nv) if cout % lanes == 0 else 1
-    lanes = lanes if cout % lanes == 0 else _divisor(cout, 8)
+    nv = _divisor(cout // lanes, nv)
     io, ii = sch.split(i, [None, mr])
     jo, jv, ji = sch.split(j, [None, nv, lanes])
     sch.reorder(jo, io, red, ii, jv, ji)  # column block outer: its values (R × nv·V) stay in L1 across rows
@@ -130,7 +164,7 @@ def apply_nm_template(sch: s_tir.Schedule, tiles) -> str:
             sch.compute_inline(blk)
     stmt = sch.get(main)
     idx = next(b for b in map(an.region_buffer, stmt.reads) if "int" in str(b.dtype))
-    vector = int(an.region_buffer(stmt.writes[0]).shape[-1]) // int(idx.shape[-1])
+    vector = int(an.region_buffer(stmt.writes[0]).shape[-1]) // int(idx.shape[0])
     _tile(sch, main, vector, 4, None, consumers=list(sch.get_consumers(main)))
     return "nm_sparse"
 
@@ -172,8 +206,9 @@ def time_layer(rows: int, k: int, cout: int, n: int, m: int, vector: int, repeat
     x = rng.standard_normal((rows, k)).astype("float32")
     idx = np.sort(rng.random((k // m, m, cout // vector)).argsort(1)[:, :n], axis=1)
     idx = idx + np.arange(0, k, m)[:, None, None]
-    packed_args = [x, rng.standard_normal((r, cout)).astype("float32"),
-                   idx.reshape(r, cout // vector).astype("uint16"), np.zeros((rows, cout), "float32")]
+    values, indices = to_panels(rng.standard_normal((r, cout)).astype("float32"),
+                                idx.reshape(r, cout // vector).astype("uint16"))
+    packed_args = [x, values, indices, np.zeros((rows, cout), "float32")]
     dense_args = [x, rng.standard_normal((k, cout)).astype("float32"), np.zeros((rows, cout), "float32")]
     runs = {}
     for name, func, args in (("dense_ms", _dense_kernel(rows, k, cout), dense_args),
@@ -260,5 +295,6 @@ class NMSparseMatMulConverter:
         func = nm_kernel(rows, k, cout, r, vector, str(indices.dtype), lead=tuple(shape[:-1]))
         func = func.without_attr("global_symbol").with_attr("op_pattern", 4)
         gv = bb.add_func(func, "effc_nm_sparse_matmul")
+        values, indices = to_panels(values, indices)  # the kernel's layout, fixed at compile time
         return relax.call_tir(gv, [x, relax.const(values), relax.const(indices)],
                               out_ty=relax.TensorType([*shape[:-1], cout], "float32"))
