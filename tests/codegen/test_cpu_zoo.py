@@ -48,6 +48,6 @@ def test_matches_onnxruntime_within_1e4(compiled):
 def test_every_kernel_has_a_template(compiled):
     entry, _, _, info = compiled
     assert info["fast_math"] is True
-    missing = [k for k, t in info["kernels"].items() if t == "none"]
-    assert not missing, f"{entry.name}: kernels without a template: {missing}"
+    missing = [k for k, t in info["kernels"].items() if t in ("none", "fallback")]
+    assert not missing, f"{entry.name}: kernels without a real template (none or fallback): {missing}"
     assert info["compile_seconds"] < 120  # goal is 30 s on an idle 2-core machine; shared CI boxes are slower

@@ -191,3 +191,48 @@ def test_global_mean_is_rowwise():
     template, got = _run(func, [data], (1, 8, 1, 1))
     assert template == "rowwise"
     np.testing.assert_allclose(got, data.mean(axis=(2, 3), keepdims=True), rtol=1e-5, atol=1e-5)
+
+
+def test_elementwise_chain_into_row_max_is_one_vectorized_pass():
+    """Magika's GELU chain + max over the sequence: producers inline into the reduction, lanes rfactored."""
+    x = te.placeholder((1, 64, 100), name="x")
+    bias = te.placeholder((1, 64, 1), name="bias")
+    y = te.compute(x.shape, lambda n, c, s: x[n, c, s] + bias[n, c, 0], name="T_add")
+    z = te.compute(x.shape, lambda *i: y(*i) * te.tanh(y(*i)), name="T_act")
+    func = te.create_prim_func([x, bias, topi.max(z, axis=2, keepdims=True)])
+    data = RNG.standard_normal((1, 64, 100)).astype("float32")
+    b = RNG.standard_normal((1, 64, 1)).astype("float32")
+    scheduled, _ = schedule_kernel(func, ALWAYS_PARALLEL)
+    text = scheduled.script()
+    assert 'sblock("T_add")' not in text and 'sblock("T_act")' not in text  # inlined: one pass over x
+    assert "T.parallel" in text
+    assert {int(w) for w in re.findall(r"T\.vectorized\((?:T\.int\d+\()?(\d+)", text)} == {4}  # 100 = 25 x 4
+    template, got = _run(func, [data, b], (1, 64, 1))
+    assert template == "row_reduce"
+    expected = ((data + b) * np.tanh(data + b)).max(axis=2, keepdims=True)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 128, 1), (3, 512)])
+def test_reduction_as_output_is_row_reduce(shape):
+    """MiniLM's ``sum`` of a (1, 128, 1) mask over tokens, Magika's sums over 512 channels: output = reduction."""
+    x = te.placeholder(shape, name="x")
+    data = RNG.standard_normal(shape).astype("float32")
+    template, got = _run(te.create_prim_func([x, topi.sum(x, axis=1)]), [data], data.sum(1).shape)
+    assert template == "row_reduce"
+    np.testing.assert_allclose(got, data.sum(1), rtol=1e-5, atol=1e-4)
+
+
+def test_batch_matmul_with_odd_short_columns_unrolls_them():
+    """PP-OCR rec's (8, 40, 40) @ (8, 40, 15): reduction outside the 15 unrolled columns, not a fallback."""
+    a = te.placeholder((8, 40, 40), name="a")
+    b = te.placeholder((8, 40, 15), name="b")
+    r = te.reduce_axis((0, 40), name="k")
+    mm = te.compute((8, 40, 15), lambda x, i, j: te.sum(a[x, i, r] * b[x, r, j], axis=r), name="matmul")
+    func = te.create_prim_func([a, b, mm])
+    da = RNG.standard_normal((8, 40, 40)).astype("float32")
+    db = RNG.standard_normal((8, 40, 15)).astype("float32")
+    template, got = _run(func, [da, db], (8, 40, 15))
+    assert template == "reduce_spatial"
+    assert "T.unroll" in schedule_kernel(func, TILES)[0].script()
+    np.testing.assert_allclose(got, da @ db, rtol=1e-5, atol=1e-4)

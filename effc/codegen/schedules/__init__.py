@@ -18,7 +18,7 @@ from effc.codegen.schedules.conv import apply_conv
 from effc.codegen.schedules.gemm import NotApplicable, apply_gemm
 from effc.codegen.schedules.injective import apply_fallback, apply_injective
 from effc.codegen.schedules.reduction import apply_reduce_spatial
-from effc.codegen.schedules.rowwise import apply_rowwise
+from effc.codegen.schedules.rowwise import apply_row_reduce, apply_rowwise
 from effc.codegen.schedules.tiles import TILE_TABLE, TileConfig, tile_config, vector_lanes
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ TEMPLATES: list[tuple[str, Template]] = [
     ("conv", apply_conv),
     ("rowwise", apply_rowwise),
     ("reduce_spatial", apply_reduce_spatial),
+    ("row_reduce", apply_row_reduce),
     ("injective", apply_injective),
     ("fallback", apply_fallback),
 ]

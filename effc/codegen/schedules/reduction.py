@@ -31,7 +31,8 @@ def apply_reduce_spatial(sch: s_tir.Schedule, tiles: TileConfig) -> str:
 
     Raises:
         NotApplicable: not exactly one reduction, iterators not ``S..S R..R``, or the innermost spatial extent has
-            no power-of-two divisor of at least 4.
+            no power-of-two divisor of at least 4 (a matmul's short odd extent, at most ``4 * lanes`` such as 15, is
+            unrolled instead: the reduction still runs outside it, over contiguous rows).
     """
     blocks = an.child_blocks(sch)
     reductions = [b for b in blocks if an.block_facts(sch, b).is_reduction]
@@ -42,9 +43,14 @@ def apply_reduce_spatial(sch: s_tir.Schedule, tiles: TileConfig) -> str:
     n_s = len(facts.kinds) - len(facts.kinds.lstrip("S"))
     if n_s == 0 or set(facts.kinds[n_s:]) != {"R"}:
         raise NotApplicable(f"iterators {facts.kinds} are not S..S R..R")
-    lanes = an.pow2_divisor(facts.extents[n_s - 1], tiles.lanes) if facts.extents[n_s - 1] > 0 else 1
-    if lanes < 4:
-        raise NotApplicable(f"innermost spatial extent {facts.extents[n_s - 1]} does not vectorize")
+    inner = facts.extents[n_s - 1]
+    lanes = an.pow2_divisor(inner, tiles.lanes) if inner > 0 else 1
+    # A matmul with short odd columns (PP-OCR rec's (8, 40, 40) @ (8, 40, 15)) unrolls them instead.
+    unrolled = facts.mac is not None and lanes < 4 and 2 <= inner <= 4 * tiles.lanes
+    if unrolled:
+        lanes = inner
+    elif lanes < 4:
+        raise NotApplicable(f"innermost spatial extent {inner} does not vectorize")
     main_name = facts.name
     for blk in blocks:
         name = an.block_facts(sch, blk).name
@@ -66,8 +72,8 @@ def apply_reduce_spatial(sch: s_tir.Schedule, tiles: TileConfig) -> str:
         sch.reverse_compute_at(blk, outer, preserve_unit_loops=True)
         inner = sch.get_loops(blk)[-1]
         if an.loop_extent(sch, inner) == lanes:
-            sch.vectorize(inner)
-    sch.vectorize(w_i)
+            (sch.unroll if unrolled else sch.vectorize)(inner)
+    (sch.unroll if unrolled else sch.vectorize)(w_i)
     init = sch.decompose_reduction(main, reduce[0])
-    sch.vectorize(sch.get_loops(init)[-1])
+    (sch.unroll if unrolled else sch.vectorize)(sch.get_loops(init)[-1])
     return "reduce_spatial"

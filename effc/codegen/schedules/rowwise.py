@@ -137,3 +137,66 @@ def apply_rowwise(sch: s_tir.Schedule, tiles: TileConfig) -> str:
 def _blocks_under(sch: s_tir.Schedule, loop) -> list:
     """The blocks nested under ``loop``, in program order."""
     return list(sch.get_child_blocks(loop))
+
+
+def apply_row_reduce(sch: s_tir.Schedule, tiles: TileConfig) -> str:
+    """Schedule a kernel whose output is a reduction over trailing axes, with its elementwise producers inlined.
+
+    E.g. ``sum(x, axis=-1)``, MiniLM's ``sum`` over 128 tokens, or Magika's GELU chain followed by a max over the
+    sequence (``max(gelu(x + b), axis=2)`` on ``(1, 512, 508)``): the producers are inlined into the reduction, so
+    the chain runs once per element with no intermediate buffers; the reduction axis is split by lanes and the
+    lane loop rfactored into vector partial accumulators (as :func:`apply_rowwise` does for reductions that feed
+    an elementwise output):
+
+        parallel for row in rows:                  # when rows x reduction length >= min_parallel_elems
+            acc[lane] = init                       # vectorized
+            for ko: for lane in vectorize: acc[lane] = acc[lane] (+|max) f(x[row, ko * lanes + lane])
+            out[row] = reduce(acc)
+
+    Args:
+        sch: schedule of one fused PrimFunc (modified in place).
+        tiles: the target's tile table row.
+
+    Returns:
+        ``"row_reduce"``.
+
+    Raises:
+        NotApplicable: not exactly one reduction block, the reduction is consumed inside the kernel (then
+            :func:`apply_rowwise` applies), it does not reduce trailing axes, it multiplies two tensors (a
+            matmul), or a producer does not inline.
+    """
+    blocks = an.child_blocks(sch)
+    reductions = [b for b in blocks if an.block_facts(sch, b).is_reduction]
+    if len(reductions) != 1:
+        raise NotApplicable(f"{len(reductions)} reduction blocks")
+    facts = an.block_facts(sch, reductions[0])
+    if sch.get_consumers(reductions[0]):
+        raise NotApplicable("the reduction feeds other blocks")
+    if facts.mac is not None and not an.load_buffer(facts.mac[0]).same_as(an.load_buffer(facts.mac[1])):
+        raise NotApplicable("a product of two tensors (matmul): the GEMM and spatial-reduction templates take it")
+    n_s = len(facts.kinds.rstrip("R"))
+    if "R" in facts.kinds[:n_s] or "O" in facts.kinds:
+        raise NotApplicable(f"iterators {facts.kinds} are not S..S R..R")
+    for blk in blocks:
+        if an.block_facts(sch, blk).name != facts.name:
+            sch.compute_inline(blk)  # ScheduleError (a producer that does not inline) -> the next template
+    main = sch.get_sblock(facts.name)
+    rf = _rfactor_lanes(sch, main, tiles)
+    rows = sch.get_loops(main)[:n_s]
+    row = sch.fuse(*rows) if len(rows) > 1 else rows[0] if rows else None
+    if rf is not None:
+        if row is not None:
+            sch.compute_at(rf, row, preserve_unit_loops=True)
+        rf_loops = sch.get_loops(rf)
+        if row is not None:  # compute_at made one loop per rf iterator, lane first (factor_axis=0), chunks last
+            lane, k_outer = rf_loops[1], rf_loops[-1]
+        else:  # the original nest: ..., chunks, lane
+            k_outer, lane = rf_loops[-2], rf_loops[-1]
+        sch.reorder(k_outer, lane)
+        sch.vectorize(lane)
+    if row is not None and an.iterations(facts.extents) >= tiles.min_parallel_elems:
+        sch.parallel(row)
+    if rf is not None:
+        init = sch.decompose_reduction(rf, k_outer)
+        sch.vectorize(sch.get_loops(init)[-1])
+    return "row_reduce"
