@@ -123,15 +123,17 @@ def _tile(sch: s_tir.Schedule, blk, vector: int, mr: int, nv: int | None, consum
     io, ii = sch.split(i, [None, mr])
     jo, jv, ji = sch.split(j, [None, nv, lanes])
     sch.reorder(jo, io, red, ii, jv, ji)  # column block outer: its values (R × nv·V) stay in L1 across rows
+    # The accumulator is an mr × nv·P tile under the parallel loop: in "global" scope TVM gives it a stack slot
+    # (registers after LLVM); in "local" scope it became a TVMBackendAllocWorkspace/Free call pair per tile.
     if consumers:
-        sch.set_scope(blk, 0, "local")
+        sch.set_scope(blk, 0, "global")
         for c in consumers:  # bias / activation / residual add applied to the tile in registers
             sch.reverse_compute_at(c, io, preserve_unit_loops=True)
             inner = sch.get_loops(c)[-1]
             if int(sch.get(inner).extent) % 8 == 0:
                 sch.vectorize(inner)
     else:
-        acc = sch.cache_write(blk, 0, "local")
+        acc = sch.cache_write(blk, 0, "global")
         sch.reverse_compute_at(acc, io)
         sch.vectorize(sch.get_loops(acc)[-1])
     sch.parallel(sch.fuse(jo, io))
