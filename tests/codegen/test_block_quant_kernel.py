@@ -84,7 +84,8 @@ def test_qdq_kernel_matches_reference_values():
 
 
 @pytest.mark.skipif(not bq_int8.supports_int8_gemm(TARGET), reason="the integer MXINT8 GEMM needs x86 AVX2")
-@pytest.mark.parametrize(("m", "k", "n"), [(8, 96, 64), (5, 64, 24), (1, 32, 8)])
+# (64, 1024, 16): over the parallel thresholds (min_parallel_elems / min_parallel_macs), the others run serially
+@pytest.mark.parametrize(("m", "k", "n"), [(8, 96, 64), (5, 64, 24), (1, 32, 8), (64, 1024, 16)])
 def test_int8_gemm_equals_mxint8_qdq_matmul(m, k, n):
     """quantize kernel codes are bit-exact with the MXINT8 QDQ; the integer GEMM equals Q(X) @ Q(W) in fp32."""
     rng = np.random.default_rng(m)
@@ -107,6 +108,16 @@ def test_int8_gemm_equals_mxint8_qdq_matmul(m, k, n):
     gemm["main"](*ga)
     ref = xq.astype(np.float64) @ dequantize(q).astype(np.float64)
     np.testing.assert_allclose(ga[4].numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_int8_kernels_use_threads_only_above_the_parallel_thresholds():
+    """MiniLM's 128x384 activation (49,152 elements < min_parallel_elems) is quantized on the calling thread."""
+    with tvm.target.Target({"kind": "llvm", "mcpu": "znver3"}):
+        kernels = {"quant_small": bq_int8.quantize_act_kernel(128, 384), "quant_big": bq_int8.quantize_act_kernel(
+            128, 1536), "gemm_small": bq_int8.int8_gemm_kernel(8, 64, 64), "gemm_big": bq_int8.int8_gemm_kernel(
+            128, 384, 384)}
+    parallel = {name: "T.parallel" in f.script() for name, f in kernels.items()}
+    assert parallel == {"quant_small": False, "quant_big": True, "gemm_small": False, "gemm_big": True}
 
 
 @pytest.mark.skipif(not bq_int8.supports_int8_gemm(TARGET), reason="the integer MXINT8 GEMM needs x86 AVX2")
