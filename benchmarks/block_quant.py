@@ -1,13 +1,19 @@
 """Block quantization on MiniLM-L6: effc MXINT8 / MXFP4 artifacts vs effc fp32, onnxruntime fp32, onnxruntime's
 dynamic int8 quantization and its 4-bit ``MatMulNBits`` — latency, artifact bytes and embedding cosine, same run.
 
-    python benchmarks/block_quant.py                 # all variants, writes the "Block quantization" section
-    python benchmarks/block_quant.py --runs 10 --no-write --variants ort-fp32,effc-mxfp4
+    python benchmarks/block_quant.py                 # all variants at 2 and 1 threads, writes the section (~4 min)
+    python benchmarks/block_quant.py --rounds 5 --no-write --variants ort-fp32,effc-mxint8-w+a --threads 2
+    python benchmarks/block_quant.py --kernels       # per-GEMM-shape kernel table (one process, interleaved)
 
-Every variant is built and timed in its own fresh process on the same real inputs (zoo eval split, seq 128,
-batch 1): warm-up, then median and min of ``--runs`` runs at ``--threads`` threads. Cosine: mean over the eval
-sentences of the cosine between the variant's and onnxruntime fp32's ``sentence_embedding``. Artifact bytes: the
-file a deployment ships (``model.so`` for effc, the ``.onnx`` for onnxruntime variants).
+Run at normal priority on a machine without other timing jobs. Every variant is built once in its own worker
+process (no thread pool of one runtime competes with another's in the same process); the driver then alternates
+over rounds: in each round, for each thread count, every worker in turn runs one untimed warm-up and ``--reps``
+timed runs of the same real input (zoo eval split, seq 128, batch 1), so that all variants see the same load
+drift. Median and min are over all ``rounds × reps`` samples; the load average is sampled every round. Cosine: mean
+over the eval sentences of the cosine between the variant's and onnxruntime fp32's ``sentence_embedding``.
+Artifact bytes: the file a deployment ships (``model.so`` for effc, the ``.onnx`` for onnxruntime variants).
+onnxruntime keeps its default thread spinning (what a user gets); the driver pauses 20 ms between workers so that
+spinning threads have parked before the next variant runs.
 """
 
 from __future__ import annotations
@@ -26,11 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from effc.eval.latency import measure
-
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 START, END = "<!-- block-quant:start -->", "<!-- block-quant:end -->"
+RESULTS = ROOT / "benchmarks" / "results" / "block_quant.json"
 # variant -> (kind, effc pipeline or ORT recipe)
 VARIANTS = {
     "ort-fp32": ("ort", "fp32"),
@@ -60,23 +65,21 @@ def _ort_model(recipe: str, work: Path) -> Path:
     return base if recipe == "fp32" else _ort_quantized(base, recipe)
 
 
-def _build(name: str, work: Path, threads: int, spin: bool = True):
-    """Build variant ``name`` in ``work``; returns ``(run(feed) -> sentence_embedding, artifact path)``.
-
-    ``spin=False`` turns off onnxruntime's spinning worker threads (needed when TVM's pool shares the process).
-    """
+def _build(name: str, work: Path, threads: list[int]):
+    """Build variant ``name`` in ``work``; returns ``({threads: run(feed) -> sentence_embedding}, artifact path)``."""
     kind, recipe = VARIANTS[name]
     if kind == "ort":
         import onnxruntime as ort
 
         path = _ort_model(recipe, work)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        if not spin:
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        index = [o.name for o in sess.get_outputs()].index("sentence_embedding")
-        return (lambda f: sess.run(None, f)[index]), path
+        runs = {}
+        for t in threads:
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = t
+            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            index = [o.name for o in sess.get_outputs()].index("sentence_embedding")
+            runs[t] = (lambda f, sess=sess, index=index: sess.run(None, f)[index])
+        return runs, path
     import tvm
 
     import effc.codegen.ops.block_quant  # noqa: F401  (registers the effc converters)
@@ -95,20 +98,24 @@ def _build(name: str, work: Path, threads: int, spin: bool = True):
         for p in parse_pipeline(recipe, calibration=cal):
             p(model)
     target = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu()),
-                                "num-cores": threads})
+                                "num-cores": max(threads)})
     with target:  # as effc.targets.cpu: lets MXINT8 W+A lower to the AVX2 integer kernels
         mod = to_relax(model)
     ex, _ = compile_cpu(mod, target, {})
     artifact = work / "model.so"
     build.export_library(ex, artifact)
-    set_runtime_threads(threads)
+    set_runtime_threads(max(threads))
     vm = build.load_vm(artifact, tvm.cpu())
     order = [i.name for i in model.graph.inputs]
 
-    def run(f):
-        return build.outputs_to_numpy(vm["main"](*[build.to_tvm_tensor(f[n], tvm.cpu()) for n in order]))[1]
+    def runner(t: int):
+        def run(f):
+            set_runtime_threads(t)  # a no-op unless the pool runs at another count
+            return build.outputs_to_numpy(vm["main"](*[build.to_tvm_tensor(f[n], tvm.cpu()) for n in order]))[1]
 
-    return run, artifact
+        return run
+
+    return {t: runner(t) for t in threads}, artifact
 
 
 def _cosine(run, feeds) -> float:
@@ -129,47 +136,76 @@ def _cosine(run, feeds) -> float:
     return round(float(np.mean(cos)), 5)
 
 
-def worker(name: str, work: Path, runs: int, threads: int, n_eval: int) -> dict:
+def serve(name: str, work: Path, threads: list[int], n_eval: int) -> None:
+    """Worker process: build ``name``, print one JSON line (cosine, bytes, build seconds), then answer each stdin
+    line ``THREADS REPS`` with one untimed warm-up and ``REPS`` timed runs (JSON ``{"ms": [...]}``); ``quit`` ends."""
     feeds = _feeds(n_eval)
     start = time.perf_counter()
-    run, artifact = _build(name, work, threads)
-    build_s = time.perf_counter() - start
-    cosine = _cosine(run, feeds)
-    timing = measure(run, feeds[0], warmup=3, repeat=runs)
-    timing = {"median_ms": round(timing["median_ms"], 3), "min_ms": round(timing["min_ms"], 3)}
-    return {"variant": name, "recipe": VARIANTS[name][1], "cosine": cosine,
-            "artifact_bytes": os.path.getsize(artifact), "build_s": round(build_s, 1), **timing}
+    runs, artifact = _build(name, work, threads)
+    build_s = round(time.perf_counter() - start, 1)
+    print(json.dumps({"variant": name, "recipe": VARIANTS[name][1], "cosine": _cosine(runs[max(threads)], feeds),
+                      "artifact_bytes": os.path.getsize(artifact), "build_s": build_s}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
+        t, reps = (int(v) for v in line.split())
+        runs[t](feeds[0])
+        ms = []
+        for _ in range(reps):
+            tick = time.perf_counter()
+            runs[t](feeds[0])
+            ms.append(1e3 * (time.perf_counter() - tick))
+        print(json.dumps({"ms": ms}), flush=True)
 
 
-def interleaved(names: list[str], rounds: int, threads: int, n_eval: int) -> list[dict]:
-    """All variants built in this process, then timed round-robin (``rounds`` rounds): under a noisy load the
-    variants see the same load, so their min/median ratios stay comparable."""
-    feeds = _feeds(n_eval)
-    built = {}
+def _json_line(proc: subprocess.Popen) -> dict | None:
+    """The next line of ``proc``'s stdout that is a JSON object (libraries may print other lines), or None at EOF."""
+    for line in proc.stdout:
+        if line.startswith("{"):
+            return json.loads(line)
+    return None
+
+
+def alternate(names: list[str], threads: list[int], rounds: int, reps: int, n_eval: int) -> dict[int, list[dict]]:
+    """Per thread count, one row per variant: median/min over ``rounds × reps`` alternating samples (module doc)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs, info = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
+        for name in names:  # built one at a time: concurrent builds would double the peak memory
             work = Path(tmp) / name
             work.mkdir()
-            start = time.perf_counter()
-            run, artifact = _build(name, work, threads, spin=False)
-            built[name] = (run, os.path.getsize(artifact), round(time.perf_counter() - start, 1),
-                           _cosine(run, feeds))
-        times = {name: [] for name in names}
-        for _ in range(3):
-            for run, *_ in built.values():
-                run(feeds[0])
+            cmd = [sys.executable, __file__, "--serve", name, "--work", str(work), "--eval", str(n_eval),
+                   "--threads", ",".join(map(str, threads))]
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+            ready = _json_line(proc)
+            if ready is None:
+                print(f"{name} failed (exit {proc.wait()}); see its stderr above", file=sys.stderr)
+                continue
+            procs[name], info[name] = proc, ready
+            print(json.dumps(ready), flush=True)
+        samples = {(name, t): [] for name in procs for t in threads}
+        loads = []
         for _ in range(rounds):
-            for name, (run, *_) in built.items():
-                start = time.perf_counter()
-                run(feeds[0])
-                times[name].append(time.perf_counter() - start)
-    rows = []
-    for name, (_, nbytes, build_s, cosine) in built.items():
-        rows.append({"variant": name, "recipe": VARIANTS[name][1], "cosine": cosine, "artifact_bytes": nbytes,
-                     "build_s": build_s, "median_ms": round(1e3 * float(np.median(times[name])), 3),
-                     "min_ms": round(1e3 * min(times[name]), 3)})
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
+            loads.append(os.getloadavg()[0])
+            for t in threads:
+                for name, proc in procs.items():
+                    proc.stdin.write(f"{t} {reps}\n")
+                    proc.stdin.flush()
+                    samples[name, t] += _json_line(proc)["ms"]
+                    time.sleep(0.02)
+        for proc in procs.values():
+            proc.stdin.write("quit\n")
+            proc.stdin.flush()
+            proc.wait()
+    results = {}
+    for t in threads:
+        results[t] = [{**info[name], "threads": t, "median_ms": round(float(np.median(samples[name, t])), 3),
+                       "min_ms": round(min(samples[name, t]), 3), "samples": len(samples[name, t]),
+                       "load_mean": round(float(np.mean(loads)), 2), "load_max": round(max(loads), 2)}
+                      for name in procs]
+        for row in results[t]:
+            print(json.dumps(row), flush=True)
+    return results
 
 
 KERNEL_SHAPES = ((128, 384, 384), (128, 384, 1536), (128, 1536, 384), (1, 384, 1536))
@@ -355,71 +391,75 @@ def _write_kernels(rows: list[dict], args) -> None:
     _replace_block(KERNELS_START, KERNELS_END, "\n".join(lines))
 
 
-def _write_doc(results: list[dict], args) -> None:
-    base = next((r for r in results if r["variant"] == "ort-fp32"), None)
-    fp32 = next((r for r in results if r["variant"] == "effc-fp32"), None)
+def _write_doc(results: dict[int, list[dict]], args) -> None:
+    first = next(iter(results.values()))
     lines = [START, "## Block quantization", "",
-             f"MiniLM-L6 (seq 128, batch 1), {args.threads} thread(s), {args.runs} timed runs after warm-up, "
-             + ("all variants in one process, timed round-robin (`--interleave`)" if args.interleave else
-                "each variant in its own process")
-             + f", load average {os.getloadavg()[0]:.1f}; {platform.processor() or platform.machine()}, "
-             f"{dt.date.today().isoformat()}. Cosine: mean over {args.eval} held-out sentences vs onnxruntime fp32. "
-             "Bytes: the shipped file (effc `model.so`, onnxruntime `.onnx`). Produced by `benchmarks/block_quant.py`.",
-             "", "| variant | pipeline / recipe | median ms | min ms | vs ORT fp32 | bytes | vs effc fp32 | cosine |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        speed = f"{r['median_ms'] / base['median_ms']:.2f}x" if base else "-"
-        size = f"{r['artifact_bytes'] / fp32['artifact_bytes']:.1%}" if fp32 else "-"
-        lines.append(f"| {r['variant']} | `{r['recipe'] or 'fp32'}` | {r['median_ms']:.2f} | {r['min_ms']:.2f} | "
-                     f"{speed} | {r['artifact_bytes']:,} | {size} | {r['cosine']:.4f} |")
+             f"MiniLM-L6 (seq 128, batch 1). `python benchmarks/block_quant.py --rounds {args.rounds} --reps "
+             f"{args.reps} --threads {args.threads}`: each variant built once in its own process, then "
+             f"{args.rounds} alternating rounds of {args.reps} timed runs per variant and thread count (median and "
+             f"min over all {args.rounds * args.reps} samples); {_cpu_name()}, "
+             f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, load average mean {first[0]['load_mean']} / max "
+             f"{first[0]['load_max']} over the rounds. Cosine: mean over {args.eval} held-out sentences vs "
+             "onnxruntime fp32. Bytes: the shipped file (effc `model.so`, onnxruntime `.onnx`)."]
+    for t, rows in results.items():
+        base = next((r for r in rows if r["variant"] == "ort-fp32"), None)
+        fp32 = next((r for r in rows if r["variant"] == "effc-fp32"), None)
+        lines += ["", f"{t} thread{'s' if t > 1 else ''}:", "",
+                  "| variant | pipeline / recipe | median ms | min ms | vs ORT fp32 (median / min) | bytes | "
+                  "vs effc fp32 | cosine |", "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            speed = (f"{r['median_ms'] / base['median_ms']:.2f}x / {r['min_ms'] / base['min_ms']:.2f}x" if base
+                     else "-")
+            size = f"{r['artifact_bytes'] / fp32['artifact_bytes']:.1%}" if fp32 else "-"
+            lines.append(f"| {r['variant']} | `{r['recipe'] or 'fp32'}` | {r['median_ms']:.2f} | {r['min_ms']:.2f} | "
+                         f"{speed} | {r['artifact_bytes']:,} | {size} | {r['cosine']:.4f} |")
     lines += ["", END]
     _replace_block(START, END, "\n".join(lines))
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({str(t): rows for t, rows in results.items()}, indent=1) + "\n")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", default="2,1", help="comma-separated thread counts (--kernels: the first)")
+    ap.add_argument("--rounds", type=int, default=15, help="alternating rounds (end to end)")
+    ap.add_argument("--reps", type=int, default=3, help="timed runs per variant per round (end to end)")
+    ap.add_argument("--runs", type=int, default=40, help="interleaved rounds (--kernels)")
     ap.add_argument("--eval", type=int, default=8)
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--fidelity", action="store_true", help="per-format SQNR/cosine table instead of latency")
     ap.add_argument("--kernels", action="store_true", help="per-GEMM-shape kernel timings (interleaved)")
-    ap.add_argument("--interleave", action="store_true",
-                    help="build every variant in one process and time them round-robin (noisy machines)")
-    ap.add_argument("--worker")
-    ap.add_argument("--work")
+    ap.add_argument("--serve", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    threads = [int(t) for t in args.threads.split(",")]
     if args.fidelity:
         rows = fidelity(args.eval, 16)
         if not args.no_write:
             _write_fidelity(rows, args.eval)
         return
     if args.kernels:
+        args.threads = threads[0]
         rows = kernels(args.runs, args.threads)
         if not args.no_write:
             _write_kernels(rows, args)
         return
-    if args.interleave:
-        results = interleaved(args.variants.split(","), args.runs, args.threads, args.eval)
-        if not args.no_write:
-            _write_doc(results, args)
+    if args.serve:
+        serve(args.serve, Path(args.work), threads, args.eval)
         return
-    if args.worker:
-        print(json.dumps(worker(args.worker, Path(args.work), args.runs, args.threads, args.eval)))
-        return
-    results = []
-    for name in args.variants.split(","):
-        with tempfile.TemporaryDirectory() as work:
-            cmd = [sys.executable, __file__, "--worker", name, "--work", work, "--runs", str(args.runs),
-                   "--threads", str(args.threads), "--eval", str(args.eval)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-            if proc.returncode:
-                print(f"{name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-                continue
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(json.dumps(results[-1]), flush=True)
-    if not args.no_write and results:
+    results = alternate(args.variants.split(","), threads, args.rounds, args.reps, args.eval)
+    if not args.no_write and results and results[threads[0]]:
         _write_doc(results, args)
 
 
