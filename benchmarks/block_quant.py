@@ -397,7 +397,7 @@ def _write_doc(results: dict[int, list[dict]], args) -> None:
              f"MiniLM-L6 (seq 128, batch 1). `python benchmarks/block_quant.py --rounds {args.rounds} --reps "
              f"{args.reps} --threads {args.threads}`: each variant built once in its own process, then "
              f"{args.rounds} alternating rounds of {args.reps} timed runs per variant and thread count (median and "
-             f"min over all {args.rounds * args.reps} samples); {_cpu_name()}, "
+             f"min over all {args.rounds * args.reps} samples); {platform.processor() or platform.machine()}, "
              f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, load average mean {first[0]['load_mean']} / max "
              f"{first[0]['load_max']} over the rounds. Cosine: mean over {args.eval} held-out sentences vs "
              "onnxruntime fp32. Bytes: the shipped file (effc `model.so`, onnxruntime `.onnx`)."]
@@ -417,16 +417,6 @@ def _write_doc(results: dict[int, list[dict]], args) -> None:
     _replace_block(START, END, "\n".join(lines))
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({str(t): rows for t, rows in results.items()}, indent=1) + "\n")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
