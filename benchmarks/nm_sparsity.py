@@ -3,7 +3,10 @@
 Run (from the repository root, at normal priority: the timing workers inherit it; results go to
 benchmarks/results/nm_sparsity.json, progressively)::
 
-    python benchmarks/nm_sparsity.py [--sections kernels,e2e] [--threads 2,1] [--rounds 5] [--runs 20]
+    python benchmarks/nm_sparsity.py [--sections kernels,e2e] [--threads 2,1] [--rounds 5] [--runs 20] [--markdown]
+
+``--markdown`` prints the kernel and end-to-end tables for docs/BENCHMARKS.md (``--sections none --markdown`` only
+renders the saved JSON).
 
 The default sections (``kernels,e2e``) take about 4 minutes on a quiet machine; ``--sections cosine`` (fidelity, which
 does not depend on machine load; SparseGPT and the permutation search dominate) takes about 40 minutes.
@@ -11,7 +14,7 @@ does not depend on machine load; SparseGPT and the permutation search dominate) 
 Sections:
 * ``kernels`` — each distinct MiniLM linear shape (seq 128, and a GEMV row): the dense GEMM template vs the packed
   N:M kernel (2:4, vector 16 and 8 — two AVX2 registers or one per index — and element-wise), min ms over
-  interleaved rounds in one process (both sides are TVM kernels sharing one thread pool; ``TVM_NUM_THREADS``).
+  ``--kernel-repeat`` interleaved dense/packed rounds, one process per thread count of ``--threads``.
 * ``cosine`` — mean cosine of ``sentence_embedding`` vs the original on 20 held-out sentences: element-wise vs
   vector-wise 2:4 × magnitude vs Wanda × with/without permutation, plus SparseGPT reconstruction (FFN layers).
 * ``e2e`` — whole model: onnxruntime fp32 (original model) vs effc dense vs effc with vector-wise 2:4 on all 36 linear
@@ -52,7 +55,9 @@ def _save(results: dict) -> None:
     OUT.write_text(json.dumps(results, indent=1, default=float))
 
 
-def kernels(results: dict, repeat: int = 20) -> None:
+def worker_kernels(threads: int, repeat: int) -> list[dict]:
+    """Dense GEMM template vs packed N:M kernel per MiniLM linear shape, in this (fresh) process at ``threads``."""
+    os.environ["TVM_NUM_THREADS"] = str(threads)
     from effc.codegen.ops import nm_sparse as ns
 
     rows = []
@@ -60,10 +65,21 @@ def kernels(results: dict, repeat: int = 20) -> None:
         for vector in (16, 8, 1):
             t = ns.time_layer(*shape, 2, 4, vector, repeat=repeat)
             rows.append({"shape": list(shape), "pattern": "2:4", "vector": vector, **t})
-            log.info("kernel %s v%d: dense %.3f ms packed %.3f ms (%.2fx)", shape, vector, t["dense_ms"],
-                     t["packed_ms"], t["speedup"])
-    results["kernels"] = {"threads": os.environ.get("TVM_NUM_THREADS", "all"), "load_average": os.getloadavg(),
-                          "rows": rows}
+            log.info("kernel t=%d %s v%d: dense %.3f ms packed %.3f ms (%.2fx)", threads, shape, vector,
+                     t["dense_ms"], t["packed_ms"], t["speedup"])
+    return rows
+
+
+def kernels(results: dict, threads: list[int], repeat: int = 20) -> None:
+    """Per-layer kernel table at each thread count (one process per thread count; min ms of interleaved rounds)."""
+    by_threads = {}
+    for t in threads:
+        rows = _spawn("kernels", str(t), str(repeat))
+        for r in rows:
+            log.info("kernel t=%d %s v%d: dense %.3f ms packed %.3f ms (%.2fx)", t, r["shape"], r["vector"],
+                     r["dense_ms"], r["packed_ms"], r["speedup"])
+        by_threads[str(t)] = {"rows": rows, "load_average": os.getloadavg()}
+    results["kernels"] = {"repeat": repeat, "by_threads": by_threads}
 
 
 def _embedder(model, held_out):
@@ -271,12 +287,51 @@ def e2e(results: dict, base, cal, held_out, threads: list[int], rounds: int, war
     _save(results)
 
 
+def markdown(results: dict) -> str:
+    """The kernel and end-to-end tables of docs/BENCHMARKS.md ("Pruning and N:M") from the results JSON."""
+    lines = []
+    for t, entry in results.get("kernels", {}).get("by_threads", {}).items():
+        lines += [f"### Per-layer kernel time, dense GEMM template vs packed 2:4 kernel ({t} thread{'s' * (t != '1')}, "
+                  "min ms)", "", f"Load average {entry['load_average'][0]:.1f}.", "",
+                  "| M×K×N | V | dense | packed | dense/packed |", "|---|---|---|---|---|"]
+        lines += [f"| {'×'.join(map(str, r['shape']))} | {r['vector']} | {r['dense_ms']:.3f} | {r['packed_ms']:.3f} | "
+                  f"{r['speedup']:.2f}× |" for r in entry["rows"]]
+        lines.append("")
+    e2e = results.get("e2e")
+    if e2e and "by_threads" in e2e:
+        lines += ["### MiniLM-L6 end to end, seq 128 (each variant in its own process, ms)", "",
+                  f"{e2e['rounds']} rounds × {e2e['runs_per_process']} runs per process (after {e2e['warmup']} "
+                  f"warm-up); packed vs onnxruntime on the same rewritten model: max abs diff "
+                  f"{e2e['packed_vs_ort_same_model_max_abs']:.1e}; embedding cosine vs the original "
+                  f"{e2e['packed_cosine_vs_original']:.3f} (Wanda masks, no reconstruction).", "",
+                  "| threads | variant | min | median | ORT / variant (min, median) | per-round ORT / variant | "
+                  "CPU ms (min, median) | load |", "|---|---|---|---|---|---|---|---|"]
+        for t, entry in e2e["by_threads"].items():
+            for v, label in VARIANTS.items():
+                st = entry["variants"][v]
+                ratios = [r[f"ort/{v}"] for r in entry["rounds"]] if v != "ort" else []
+                spread = f"{min(ratios):.2f}–{max(ratios):.2f}×" if ratios else "–"
+                cpu = f"{st['cpu_min_ms']:.1f}, {st['cpu_median_ms']:.1f}" if "cpu_min_ms" in st else "–"
+                vs_ort = f"{st['speedup_vs_ort_min']:.2f}×, {st['speedup_vs_ort_median']:.2f}×"
+                lines.append(f"| {t} | {label} | {st['min_ms']:.1f} | {st['median_ms']:.1f} | {vs_ort} | {spread} | "
+                             f"{cpu} | {entry['load_average'][0]:.1f} |")
+        if e2e.get("packed_kernels"):
+            lines += ["", "Top kernels of the packed artifact (2 threads, VM instrument, ms per inference):", "",
+                      "| kernel | template | calls | ms |", "|---|---|---|---|"]
+            lines += [f"| `{k['name']}` | {k['template']} | {k['calls']} | {k['ms']:.3f} |"
+                      for k in e2e["packed_kernels"][:10]]
+    return "\n".join(lines)
+
+
 def main() -> None:
     global OUT
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         kind, *rest = sys.argv[2:]
         if kind == "compile":
             res = worker_compile(Path(rest[0]))
+        elif kind == "kernels":
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+            res = worker_kernels(int(rest[0]), int(rest[1]))
         else:
             res = worker_time(rest[0], Path(rest[1]), int(rest[2]), int(rest[3]), int(rest[4]), rest[5] == "1")
         print(json.dumps(res))
@@ -286,18 +341,19 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=32, help="calibration sentences for masks (Wanda)")
     ap.add_argument("--recon-calib", type=int, default=64, help="calibration sentences for SparseGPT")
     ap.add_argument("--held-out", type=int, default=20)
-    ap.add_argument("--threads", default="2,1", help="e2e thread counts, comma-separated")
+    ap.add_argument("--threads", default="2,1", help="thread counts (kernels and e2e), comma-separated")
     ap.add_argument("--rounds", type=int, default=5, help="e2e rounds (one process per variant per round)")
     ap.add_argument("--runs", type=int, default=20, help="e2e timed inferences per process (after 5 warm-up)")
     ap.add_argument("--kernel-repeat", type=int, default=20, help="interleaved dense/packed rounds per kernel")
     ap.add_argument("--out", default=None, help="results JSON (read, updated, written back)")
+    ap.add_argument("--markdown", action="store_true", help="print the kernel and e2e tables (Markdown) at the end")
     args = ap.parse_args()
     OUT = Path(args.out) if args.out else OUT
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     sections = args.sections.split(",")
     if "kernels" in sections:
-        kernels(results, args.kernel_repeat)
+        kernels(results, [int(t) for t in args.threads.split(",")], args.kernel_repeat)
         _save(results)
     if {"cosine", "e2e"} & set(sections):
         entry = zoo.get("minilm-l6")
@@ -311,6 +367,8 @@ def main() -> None:
             results.pop("cosine", None)
             cosine(results, base, cal, recon, held_out)
     _save(results)
+    if args.markdown:
+        print(markdown(results))
 
 
 if __name__ == "__main__":
