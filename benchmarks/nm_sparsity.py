@@ -305,7 +305,7 @@ def markdown(results: dict) -> str:
                   f"{e2e['packed_vs_ort_same_model_max_abs']:.1e}; embedding cosine vs the original "
                   f"{e2e['packed_cosine_vs_original']:.3f} (Wanda masks, no reconstruction).", "",
                   "| threads | variant | min | median | ORT / variant (min, median) | per-round ORT / variant | "
-                  "CPU ms (min, median) | load |", "|---|---|---|---|---|---|---|---|"]
+                  "CPU ms (min, median) | load (1 min) |", "|---|---|---|---|---|---|---|---|"]
         for t, entry in e2e["by_threads"].items():
             for v, label in VARIANTS.items():
                 st = entry["variants"][v]
@@ -313,8 +313,9 @@ def markdown(results: dict) -> str:
                 spread = f"{min(ratios):.2f}–{max(ratios):.2f}×" if ratios else "–"
                 cpu = f"{st['cpu_min_ms']:.1f}, {st['cpu_median_ms']:.1f}" if "cpu_min_ms" in st else "–"
                 vs_ort = f"{st['speedup_vs_ort_min']:.2f}×, {st['speedup_vs_ort_median']:.2f}×"
+                loads = [r["load1"] for r in entry["rounds"]]
                 lines.append(f"| {t} | {label} | {st['min_ms']:.1f} | {st['median_ms']:.1f} | {vs_ort} | {spread} | "
-                             f"{cpu} | {entry['load_average'][0]:.1f} |")
+                             f"{cpu} | {min(loads):.1f}–{max(loads):.1f} |")
         if e2e.get("packed_kernels"):
             lines += ["", "Top kernels of the packed artifact (2 threads, VM instrument, ms per inference):", "",
                       "| kernel | template | calls | ms |", "|---|---|---|---|"]
