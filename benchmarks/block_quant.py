@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runnable as `python benchmarks/block_quant.py` from anywhere
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 START, END = "<!-- block-quant:start -->", "<!-- block-quant:end -->"
 RESULTS = ROOT / "benchmarks" / "results" / "block_quant.json"

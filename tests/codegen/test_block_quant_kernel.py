@@ -110,6 +110,15 @@ def test_int8_gemm_equals_mxint8_qdq_matmul(m, k, n):
     np.testing.assert_allclose(ga[4].numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize(("mcpu", "tiles", "lanes"), [("znver3", 2, 8), ("znver4", 3, 16)])
+def test_decode_kernel_takes_the_targets_gemm_tile(mcpu, tiles, lanes):
+    """N = 48 columns: AVX2 tiles of 24 in 8 lanes (2 parallel tiles), AVX-512 tiles of 16 in 16 lanes (3)."""
+    with tvm.target.Target({"kind": "llvm", "mcpu": mcpu}):
+        script = bq.schedule_block_quant(bq.block_quant_kernel(8, 64, 48, "mxint8")).script()
+    assert f"T.parallel({tiles})" in script and f"T.vectorized({lanes})" in script
+    assert f"T.vectorized({2 * lanes})" not in script
+
+
 def test_int8_kernels_use_threads_only_above_the_parallel_thresholds():
     """MiniLM's 128x384 activation (49,152 elements < min_parallel_elems) is quantized on the calling thread."""
     with tvm.target.Target({"kind": "llvm", "mcpu": "znver3"}):
