@@ -196,6 +196,9 @@ def _target() -> tvm.target.Target:
 def time_layer(rows: int, k: int, cout: int, n: int, m: int, vector: int, repeat: int = 5) -> dict:
     """Min milliseconds of the dense GEMM template and the packed kernel for one layer shape (random data).
 
+    ``repeat`` interleaved rounds of 10 single timed calls per kernel; the min over single calls catches the quiet
+    moments of a loaded machine that an average over a batch of calls would not.
+
     Returns:
         ``{"dense_ms", "packed_ms", "speedup"}`` (speedup = dense / packed).
     """
@@ -216,7 +219,7 @@ def time_layer(rows: int, k: int, cout: int, n: int, m: int, vector: int, repeat
     for name, func, args in (("dense_ms", _dense_kernel(rows, k, cout), dense_args),
                              ("packed_ms", schedule_nm(nm_kernel(rows, k, cout, r, vector), vector), packed_args)):
         lib = tvm.compile(tvm.IRModule({"main": func}), target=_target())
-        runs[name] = (lib.mod.time_evaluator("main", dev, number=10, repeat=1),
+        runs[name] = (lib.mod.time_evaluator("main", dev, number=1, repeat=10),
                       [tvm.runtime.tensor(a, dev) for a in args])
     out = {name: float("inf") for name in runs}
     for _ in range(repeat):  # interleaved rounds, min of each: fair on a machine whose load changes
