@@ -33,6 +33,7 @@ from effc.errors import PassError
 from effc.ir.effc_ops import EFFC_DOMAIN, add_function
 from effc.passes import sparsegpt as sg
 from effc.passes.base import EffcPass, PassOptions, register_pass
+from effc.passes.block_recon import RECONSTRUCT, RECONSTRUCT_HELP, normalize_reconstruct, reconstruct_sequential
 from effc.passes.structured.permutation import permutation_search
 
 logger = logging.getLogger(__name__)
@@ -184,10 +185,19 @@ class NMSparsityOptions(PassOptions):
     vector: int = dataclasses.field(default=1, metadata={"help": "output channels sharing a pattern (1 = element)"})
     method: str = dataclasses.field(default="wanda", metadata={"help": "mask score: magnitude | wanda"})
     layers: str = dataclasses.field(default="all", metadata={"help": "all | ffn | attention | name patterns (a|b)"})
-    reconstruct: bool = dataclasses.field(default=True, metadata={"help": "SparseGPT updates (with calibration)"})
+    reconstruct: str = dataclasses.field(default="true", metadata={"help": RECONSTRUCT_HELP, "choices": RECONSTRUCT})
     permute: bool = dataclasses.field(default=False, metadata={"help": "input-channel permutation search"})
     min_cosine: float | None = dataclasses.field(default=None, metadata={"help": "output cosine floor; drops layers"})
     pack: bool = dataclasses.field(default=True, metadata={"help": "store as effc.NMSparseMatMul (values+indices)"})
+
+    def __post_init__(self) -> None:
+        normalize_reconstruct(self)  # Python API: reconstruct=True/False mean "true"/"false"
+        super().__post_init__()
+
+    @property
+    def sparsegpt(self) -> bool:
+        """True when the weights are reconstructed (SparseGPT, alone or before the block fit)."""
+        return self.reconstruct != "false"
 
     def validate(self) -> None:
         """Raises: PipelineError: n, m, vector, method or min_cosine out of range."""
@@ -207,13 +217,26 @@ class NMSparsityOptions(PassOptions):
 class NMSparsityPass(EffcPass):
     """Prune MatMul weights to N:M along the reduction axis and store them packed as ``effc.NMSparseMatMul``.
 
+    ``reconstruct=block`` (with calibration) runs SparseGPT and then refits every FFN block whose MatMuls were
+    pruned (:mod:`effc.passes.block_recon`): the kept weights and biases of both MatMuls, through the activation,
+    against the dense model's output after the block's residual add and LayerNorm; masks stay fixed, so the N:M
+    pattern and the packed form are those of SparseGPT.
+
     Stats: ``layers`` (name, shape, kind, kept fraction, bytes dense/packed, permutation gain), ``skipped``
-    (name, reason), ``method`` actually used, ``reconstructed``, ``weight_bytes_before/after``, and with
-    ``min_cosine`` the per-layer ``sensitivity`` and the measured ``cosine``.
+    (name, reason), ``method`` actually used, ``reconstructed`` and ``reconstruct`` (the mode that ran),
+    ``weight_bytes_before/after``, with ``reconstruct=block`` a ``block_reconstruction`` dict (per block losses
+    before/after, tokens, seconds; layers in no FFN block with the reason), and with ``min_cosine`` the per-layer
+    ``sensitivity`` and the measured ``cosine``.
+
+    Attributes:
+        block_config: :class:`effc.passes.block_recon.BlockReconConfig` for ``reconstruct=block`` (Python API
+            only; None = defaults).
 
     Raises:
         PassError: ``layers`` matches nothing.
     """
+
+    block_config = None
 
     name = "nm-sparsity"
     summary = "N:M structured sparsity (2:4, ...) along the reduction axis, packed as effc.NMSparseMatMul"
@@ -237,7 +260,8 @@ class NMSparsityPass(EffcPass):
                 cands.append(lay)
         cal = self.calibration
         method = o.method if cal is not None else "magnitude"
-        if cal is None and (o.method == "wanda" or o.reconstruct):
+        recon = o.sparsegpt and cal is not None
+        if cal is None and (o.method == "wanda" or o.sparsegpt):
             logger.warning("nm-sparsity: no calibration data, falling back to magnitude without reconstruction")
         if o.min_cosine is not None and cal is not None and cands:
             from effc.passes.structured.sensitivity import choose_layers
@@ -245,7 +269,7 @@ class NMSparsityPass(EffcPass):
             # Sensitivity with the pass's own pruning (SparseGPT on one-shot Hessians when reconstructing): the
             # mask-only loss overstates what a reconstructed layer costs and would drop most layers.
             cands, sens, ref = choose_layers(model, cands, cal, o.min_cosine,
-                                             self._prune_fn(method, o.reconstruct))
+                                             self._prune_fn(method, o.sparsegpt))
             self.stats["sensitivity"] = sens
         perms: dict[str, np.ndarray] = {}
         gains: dict[str, float] = {}
@@ -257,9 +281,13 @@ class NMSparsityPass(EffcPass):
                 rounds = self._rounds((w.shape[0] // o.vector, w.shape[1]))
                 perm, before, after = permutation_search(scores, o.n, o.m, o.vector, rounds=rounds)
                 perms[layer[0].name], gains[layer[0].name] = perm, after / max(before, 1e-30)
-            return self._prune_fn(method, o.reconstruct)(layer, w, hessian, perm)
+            return self._prune_fn(method, o.sparsegpt)(layer, w, hessian, perm)
 
-        records = sg.prune_sequential(model, cands, cal, prune_fn, sequential=o.reconstruct)
+        if o.reconstruct == "block" and recon:
+            records, info = reconstruct_sequential(model, cands, cal, prune_fn, self.block_config)
+            self.stats["block_reconstruction"] = info
+        else:
+            records = sg.prune_sequential(model, cands, cal, prune_fn, sequential=o.sparsegpt)
         before = after = 0
         for lay, rec in zip(sorted(cands, key=lambda c: [*model.graph].index(c[0])), records, strict=True):
             rec["kind"] = sg.layer_kind(lay[0], tuple(rec["shape"]))
@@ -269,7 +297,7 @@ class NMSparsityPass(EffcPass):
                 rec.update(dense_bytes=info["dense_bytes"], packed_bytes=info["packed_bytes"])
                 before, after = before + info["dense_bytes"], after + info["packed_bytes"]
         self.stats.update(layers=records, skipped=skipped, method=method, pattern=f"{o.n}:{o.m}", vector=o.vector,
-                          reconstructed=bool(o.reconstruct and cal is not None),
+                          reconstructed=recon, reconstruct=o.reconstruct if recon else "false",
                           weight_bytes_before=before, weight_bytes_after=after)
         if o.min_cosine is not None and cal is not None:
             from effc.passes.structured.sensitivity import output_cosine

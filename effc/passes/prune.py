@@ -41,6 +41,7 @@ import onnx_ir as ir
 from effc.errors import CalibrationError, PipelineError
 from effc.ir.queries import constant_tensor, linear_layers
 from effc.passes.base import EffcPass, PassOptions, register_pass
+from effc.passes.block_recon import RECONSTRUCT, RECONSTRUCT_HELP, normalize_reconstruct
 
 __all__ = ["METHODS", "Method", "PruneOptions", "PrunePass", "WeightLayer", "find_weight_layers"]
 
@@ -113,9 +114,13 @@ class PruneOptions(PassOptions):
     min_params: int = dataclasses.field(
         default=1024, metadata={"help": "skip weights with fewer elements than this"}
     )
-    reconstruct: bool = dataclasses.field(
-        default=False, metadata={"help": "SparseGPT: OBS mask + weight updates from calibration (MatMul/Gemm)"}
-    )
+    reconstruct: str = dataclasses.field(default="false", metadata={
+        "help": RECONSTRUCT_HELP + " (SparseGPT and the block fit handle 2-D MatMul/Gemm weights)",
+        "choices": RECONSTRUCT})
+
+    def __post_init__(self) -> None:
+        normalize_reconstruct(self)  # Python API: reconstruct=True/False mean "true"/"false"
+        super().__post_init__()
 
     def validate(self) -> None:
         """Raises: PipelineError: a value out of range or an unknown method/granularity/scope."""
@@ -301,10 +306,12 @@ class PrunePass(EffcPass):
         layers, skipped = find_weight_layers(model)
         layers = self._selected(layers, skipped)
         rebuilt: dict[str, dict] = {}
-        if opts.reconstruct:  # SparseGPT handles 2-D MatMul/Gemm (effc.passes.sparsegpt); the rest goes on below
+        block_info: dict = {}
+        if opts.reconstruct != "false":  # SparseGPT (+ block fit) on 2-D MatMul/Gemm; the rest goes on below
             from effc.passes.sparsegpt import reconstruct_weight_layers
 
-            rebuilt, layers = reconstruct_weight_layers(model, layers, self.calibration, opts.sparsity)
+            rebuilt, layers = reconstruct_weight_layers(model, layers, self.calibration, opts.sparsity,
+                                                        block=opts.reconstruct == "block", stats=block_info)
         taps: dict[str, list[np.ndarray]] = {}
         if method.needs_activations and layers and self.calibration is None:
             raise CalibrationError(
@@ -353,6 +360,7 @@ class PrunePass(EffcPass):
             "sparsity": zeroed_total / considered if considered else 0.0,
             "skipped": skipped,
             "max_rel_output_error": max((r["rel_output_error"] or 0.0 for r in report.values()), default=0.0),
+            **block_info,
         }
         logger.info("prune: %d/%d weights zero in %d layer(s), %d skipped", zeroed_total, considered, len(layers),
                     len(skipped))

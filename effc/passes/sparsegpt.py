@@ -233,14 +233,17 @@ def prune_weight(
     return out
 
 
-def reconstruct_weight_layers(model, layers: list, calibration, sparsity: float) -> tuple[dict, list]:
-    """SparseGPT for ``prune(reconstruct=true)``: prune the 2-D MatMul/Gemm layers, return the others untouched.
+def reconstruct_weight_layers(model, layers: list, calibration, sparsity: float, block: bool = False,
+                              stats: dict | None = None) -> tuple[dict, list]:
+    """SparseGPT for ``prune(reconstruct=true|block)``: prune the 2-D MatMul/Gemm layers, return the others untouched.
 
     Args:
         model: the model, modified in place.
         layers: :class:`effc.passes.prune.WeightLayer` records chosen by ``prune``.
         calibration: feeds with ``.tap``; required.
         sparsity: fraction removed per layer (the OBS saliency picks the mask inside the sweep).
+        block: after SparseGPT, refit each FFN block's kept weights jointly (:mod:`effc.passes.block_recon`).
+        stats: with ``block``, receives ``"block_reconstruction"`` (per-block losses and times).
 
     Returns:
         ``(report, rest)``: per weight name ``{"node", "shared_by", "params", "zeroed", "sparsity", "reconstructed",
@@ -264,8 +267,15 @@ def reconstruct_weight_layers(model, layers: list, calibration, sparsity: float)
             ok = False
         (mine if ok else rest).append(layer)
     tuples = [(lay.nodes[0], lay.weight, lay.kind == "Gemm" and lay.out_axis == 0) for lay in mine]
-    records = prune_sequential(model, tuples, calibration,
-                               lambda layer, w, h: sparsegpt(w, h, sparsity=sparsity))
+    fn = lambda layer, w, h: sparsegpt(w, h, sparsity=sparsity)  # noqa: E731
+    if block:
+        from effc.passes.block_recon import reconstruct_sequential
+
+        records, info = reconstruct_sequential(model, tuples, calibration, fn)
+        if stats is not None:
+            stats["block_reconstruction"] = info
+    else:
+        records = prune_sequential(model, tuples, calibration, fn)
     by_node = {r["name"]: r for r in records}
     report = {}
     for lay in mine:
