@@ -4,15 +4,17 @@ Applies to a kernel whose one reduction block is ``out[n, co, oh, ow] += in[n, c
 (iterators ``SSSS`` then 2–3 reductions), as TOPI's ``conv2d_nchw``/``group_conv2d_nchw``/``depthwise_conv2d_nchw``
 produce it. Schedule (register blocking over output channels × output columns, as in MLAS/oneDNN direct convs):
 
-    parallel for (n, co_o, oh):
+    parallel for (n, oh, co_o):        # (n, co_o, oh) when streaming the weights per row would cost more
         for ow_o:
             acc[co_i, ow_i] = 0
             for ci, ry, rx:  for co_i in unroll:  for ow_i in vectorize:  acc += in * w   # w broadcast
             out[...] = epilogue(acc)                                                       # bias, act, residual
     padding: a separate copy, parallel over (n, c).
 
-Deep, wide 2-D convs put the kernel taps outside the channel loop (``for ry, rx, ci``). The tile is
-``conv_co`` output channels × ``2 * lanes`` columns; a 1-D conv with several taps takes ``3 * lanes`` columns
+Rows outside the channel tiles (:func:`rows_outer`) keep a row's input window in cache for every channel tile:
+with the channel tiles outside, PP-OCR det's 96->24 3x3 conv at 80x80 streamed its 2.6 MB input six times. The
+tile is ``conv_co`` output channels × ``2 * lanes`` columns (``conv_co_wide`` channels where they divide, twice
+``conv_co`` for a one-vector tile); a 1-D conv with several taps takes ``3 * lanes`` columns
 (unrolled lane-wide vectors). Stride-2 convs vectorize over a strided input walk (gathers); output widths that
 are not multiples of the tile vectorize by their largest power-of-two divisor, which is why
 :mod:`effc.codegen.conv_rewrite` pads or flattens such convs before legalization.
@@ -50,7 +52,30 @@ def conv_tile(co: int, ow: int, tiles: TileConfig, one_d_taps: int = 0) -> tuple
     wide = one_d_tile(one_d_taps, tiles.lanes) if one_d_taps else 0
     if wide and ow % wide == 0:
         return an.pow2_divisor(co, tiles.conv_co), wide
-    return an.pow2_divisor(co, tiles.conv_co), an.pow2_divisor(ow, 2 * tiles.lanes)
+    cols = an.pow2_divisor(ow, 2 * tiles.lanes)
+    if tiles.conv_co_wide and cols == 2 * tiles.lanes and co % tiles.conv_co_wide == 0:
+        return tiles.conv_co_wide, cols
+    if cols == tiles.lanes:  # one vector of columns: twice the channels keeps 2 * conv_co accumulators in flight
+        # (PP-OCR det 96->24 3x3 at 40x40, Zen 3, 1 thread: 1.68 -> 1.12 ms min, ORT 1.13).
+        return an.pow2_divisor(co, 2 * tiles.conv_co), cols
+    return an.pow2_divisor(co, tiles.conv_co), cols
+
+
+def rows_outer(extents: list[int], co_tile: int) -> bool:
+    """Whether output rows should be the outer loop, output-channel tiles inside (input rows reused from cache).
+
+    Channel tiles outside stream the whole input once per tile, ``Cout / co_tile`` times; rows outside stream the
+    whole weight once per output row, ``OH`` times. The smaller traffic wins.
+
+    Args:
+        extents: the conv block's iterator extents ``(N, Cout, OH, OW, Cin/groups, KH, KW)`` (not depthwise).
+        co_tile: output channels per register tile.
+    """
+    _, co, oh, ow, ci, *taps = extents
+    k = an.iterations(taps)
+    input_elems = ci * (oh + k - 1) * ow  # per group member: ~ what one channel tile reads
+    weight_elems = co * ci * k
+    return oh * weight_elems < (co // co_tile) * input_elems
 
 
 def _schedule_producer(sch: s_tir.Schedule, blk: s_tir.schedule.SBlockRV, tiles: TileConfig) -> None:
@@ -105,15 +130,15 @@ def apply_conv(sch: s_tir.Schedule, tiles: TileConfig) -> str:
         oh_l, ow_l, ow = ow_l, oh_l, oh
         one_d_taps = an.loop_extent(sch, r_loops[-2]) if len(r_loops) == 3 else 0
     co_i, ow_i = conv_tile(co, ow, tiles, one_d_taps)
-    if len(r_loops) == 3 and an.loop_extent(sch, r_loops[2]) > 1 and ow >= 64 and an.loop_extent(sch, r_loops[0]) >= 32:
-        # Kernel taps outside the channel loop for wide, deep 2-D convs: PP-OCR det's 96->24 3x3 conv at 80x80
-        # ran 2-2.5x faster (1 thread, interleaved A/B), the same conv at 40x40 and the 1-D/narrow convs did not
-        # gain (those keep rc outermost; a 1-D conv's ry taps share cache lines).
-        r_loops = [r_loops[1], r_loops[2], r_loops[0]]
+    by_rows = not depthwise and facts.extents[3] > 1 and rows_outer(facts.extents, co_i)  # 2-D, dense
     coo, coi = sch.split(co_l, [None, co_i])
     owo, owi = sch.split(ow_l, [None, ow_i])
-    sch.reorder(n_l, coo, oh_l, owo, *r_loops, coi, owi)
-    outer = sch.fuse(n_l, coo, oh_l)
+    if by_rows:  # rows outer, channel tiles inside: a row's input window is reused by every channel tile
+        sch.reorder(n_l, oh_l, coo, owo, *r_loops, coi, owi)
+        outer = sch.fuse(n_l, oh_l, coo)
+    else:
+        sch.reorder(n_l, coo, oh_l, owo, *r_loops, coi, owi)
+        outer = sch.fuse(n_l, coo, oh_l)
     if an.iterations(facts.extents) >= tiles.min_parallel_macs:
         sch.parallel(outer)
     for blk in consumers:
@@ -122,7 +147,7 @@ def apply_conv(sch: s_tir.Schedule, tiles: TileConfig) -> str:
         if an.loop_extent(sch, c_inner) >= 4:
             sch.vectorize(c_inner)
     sch.unroll(coi)
-    if ow_i > tiles.lanes and ow_i & (ow_i - 1):  # a non-power-of-two tile (24) runs as unrolled lane-wide vectors
+    if ow_i > tiles.lanes and (ow_i & (ow_i - 1) or ow_i > 2 * tiles.lanes):  # 24, 32: unrolled lane-wide vectors
         owc, owi = sch.split(owi, [None, tiles.lanes])
         sch.unroll(owc)
     if ow_i >= 2:
