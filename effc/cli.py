@@ -119,6 +119,9 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
 )
 @click.option("--mcpu", default=None, help="CPU model for LLVM (default: detected from this machine).")
 @click.option("--no-fast-math", is_flag=True, help="Keep exact erf/exp/tanh (CPU target).")
+@click.option("--tune", type=click.IntRange(min=0), default=0, metavar="N",
+              help="CPU: tune the heaviest kernels with N MetaSchedule trials in all (default 0: off); cached per "
+              "CPU and reused.")
 @click.option("--flash", default=None, help="Flash budget for microcontroller targets, e.g. 1M.")
 @click.option("--ram", default=None, help="RAM budget for microcontroller targets, e.g. 256K.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
@@ -148,6 +151,7 @@ def compile(
     threads,
     mcpu,
     no_fast_math,
+    tune,
     flash,
     ram,
     force,  # noqa: A001
@@ -186,6 +190,7 @@ def compile(
                 threads=threads,
                 eval_samples=eval_samples,
                 measure_latency=not no_latency,
+                tune=tune,
                 target_options=options,
             )
         table = Table(title=escape(f"effc compile {model} → {result.out_dir}"), show_header=False)

@@ -255,6 +255,7 @@ def compile_model(
     calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES,
     measure_latency: bool = True,
     latency_repeat: int = 20,
+    tune: int = 0,
     target_options: Mapping[str, Any] | None = None,
 ) -> CompileResult:
     """Compile a model into a deployable artifact folder and report what the passes cost and bought.
@@ -276,6 +277,8 @@ def compile_model(
         calibration_samples: samples handed to data-driven passes.
         measure_latency: time onnxruntime vs the artifact (host-runnable targets only).
         latency_repeat: timed runs per side (median and min reported).
+        tune: MetaSchedule trial budget for the ``cpu`` target (0: off, templates only); the tuning database is
+            cached per CPU and reused (:mod:`effc.codegen.tune`).
         target_options: extra target options (``mcpu``, ``fast_math``, ``flash``, ``ram``, ...).
 
     Returns:
@@ -310,6 +313,10 @@ def compile_model(
         if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
             raise EffcError(f"{name}={count!r} is not a positive integer", f"give {name} >= 1")
     options = {"threads": threads, **dict(target_options or {})}
+    if tune:
+        from effc.codegen.tune import check_trials
+
+        options["tune"] = check_trials(tune)  # a bad budget fails before any work
     unknown = sorted(set(options) - set(tgt.option_names()) - {"threads"})
     if unknown:
         raise EffcError(

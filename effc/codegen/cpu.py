@@ -25,11 +25,13 @@ from effc.codegen.conv_rewrite import rewrite_convs
 from effc.codegen.fastmath import apply_fast_math
 from effc.codegen.prepack import pad_constant_weights
 from effc.codegen.schedules import apply_templates, tile_config, vector_lanes
+from effc.codegen.tune import BUILD_TIMEOUT_S, check_build_timeout, check_trials, tune_module
 from effc.errors import TargetError
 
 logger = logging.getLogger(__name__)
 
 SCHEDULE_MODES = ("templates", "none")
+OPTION_NAMES = ("fast_math", "schedule", "tune", "tune_build_timeout")  # the options compile_cpu reads
 
 
 def _kernel_names(mod: tvm.IRModule) -> list[str]:
@@ -49,9 +51,12 @@ def _check_options(options: dict[str, Any]) -> tuple[bool, str, int]:
     schedule = options.get("schedule", "templates") or "templates"
     if schedule not in SCHEDULE_MODES:
         raise TargetError(f"unknown CPU schedule mode {schedule!r}", f"use one of {', '.join(SCHEDULE_MODES)}")
-    tune = int(options.get("tune", 0) or 0)
-    if tune < 0:
-        raise TargetError(f"tune must be >= 0 trials, got {tune}", "pass --tune 0 (off) or a positive trial count")
+    tune = check_trials(options.get("tune"))
+    if tune and schedule != "templates":
+        raise TargetError(f"tune={tune} needs schedule=templates (the fallback for untuned kernels)",
+                          "drop -O schedule=none, or drop --tune")
+    if tune:
+        check_build_timeout(options.get("tune_build_timeout", BUILD_TIMEOUT_S))
     return bool(fast_math), schedule, tune
 
 
@@ -198,23 +203,29 @@ def compile_cpu(mod: tvm.IRModule, tvm_target: tvm.target.Target, options: dict[
         tvm_target: an ``llvm`` target (``mcpu``, ``num-cores`` set by the CPU target); its vector width picks
             the tile table row (:mod:`effc.codegen.schedules.tiles`).
         options: ``fast_math`` (bool, default True), ``schedule`` (``"templates"`` default | ``"none"``),
-            ``tune`` (MetaSchedule trials, 0 = off; not available in this version, templates are used),
-            ``threads`` (read by the runtime, not here).
+            ``tune`` (MetaSchedule trial budget, 0 = off; :mod:`effc.codegen.tune`), ``tune_build_timeout``
+            (seconds per tuning candidate build, default 60), ``threads`` (measuring threads when tuning).
 
     Returns:
         ``(executable, info)``: a ``tvm.relax.Executable`` and ``{"kernels": {name: template},
-        "fast_math": bool, "fast_math_rewrites": {relax op: count}, "schedule": str, "compile_seconds": float}``.
+        "fast_math": bool, "fast_math_rewrites": {relax op: count}, "schedule": str, "compile_seconds": float}``,
+        plus ``"tuning"`` (:func:`~effc.codegen.tune.tune_module`) when ``tune > 0``; kernels whose tuned schedule
+        won are listed with template ``"tuned"``.
 
     Raises:
         TargetError: a bad option, or TVM failed to lower or build the module (message names the step).
     """
     fast_math, schedule, tune = _check_options(options)
-    if tune:
-        logger.warning("--tune %d requested: MetaSchedule tuning is not available yet; using the templates", tune)
+    tuning = None
     start = time.perf_counter()
     step = "legalize/fuse"
     try:
         fused, counts = legalize_and_fuse(mod, tvm_target, fast_math)
+        if tune and schedule == "templates":
+            step = "MetaSchedule tuning"
+            threads = int(options.get("threads") or tvm_target.attrs.get("num-cores", 1))
+            timeout = options.get("tune_build_timeout", BUILD_TIMEOUT_S)
+            fused, tuning = tune_module(fused, tvm_target, tune, threads, timeout)
         step = "schedule templates"
         if schedule == "templates":
             fused, kernels = apply_templates(fused, tvm_target)
@@ -232,6 +243,8 @@ def compile_cpu(mod: tvm.IRModule, tvm_target: tvm.target.Target, options: dict[
             "retry with schedule='none' or fast_math=False to isolate it, and report the model",
         ) from exc
     seconds = time.perf_counter() - start
+    if tuning:
+        kernels.update({k: "tuned" for k, v in tuning["kernels"].items() if v["choice"] == "tuned"})
     missing = sorted(k for k, t in kernels.items() if t == "none")
     if missing and schedule == "templates":
         logger.warning("%d kernel(s) got no schedule template: %s", len(missing), ", ".join(missing))
@@ -243,4 +256,6 @@ def compile_cpu(mod: tvm.IRModule, tvm_target: tvm.target.Target, options: dict[
         "schedule": schedule,
         "compile_seconds": round(seconds, 3),
     }
+    if tuning:
+        info["tuning"] = tuning
     return executable, info

@@ -217,6 +217,9 @@ def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         rows.insert(-2, ("Weight sparsity", f"{100 * total['sparsity']:.1f}% zeros ({human(total['zeros'])} of "
                                             f"{human(total['elements'])} weights as stored; N:M-packed values "
                                             "count without their zeros)"))
+    tuning = ((report.get("target") or {}).get("info") or {}).get("tuning")
+    if isinstance(tuning, Mapping):
+        rows.append(("Tuning", format_tuning(tuning)))
     rows.append(("Compile time", _format_seconds(report)))
     return rows
 
@@ -373,12 +376,30 @@ def _section_target(target: Mapping[str, Any]) -> list[str]:
         columns = list(dict.fromkeys(k for item in kernels if isinstance(item, Mapping) for k in item)) or ["kernel"]
         rows = [[item.get(c) for c in columns] if isinstance(item, Mapping) else [item] for item in kernels]
         lines += ["### Kernels", ""] + _table(columns, rows)
+    if isinstance(info.get("tuning"), Mapping):
+        lines += _section_tuning(info["tuning"])
     effc_ops = info.get("effc_ops")
     if isinstance(effc_ops, (list, tuple)) and effc_ops:
         columns = list(dict.fromkeys(k for item in effc_ops if isinstance(item, Mapping) for k in item))
         lines += ["", "### effc operators: form chosen per node", ""]
         lines += _table(columns, [[item.get(c) for c in columns] for item in effc_ops if isinstance(item, Mapping)])
     return lines
+
+
+def format_tuning(tuning: Mapping[str, Any]) -> str:
+    """One line on a ``--tune`` run: budget, trials run now, kernels kept tuned, database folder."""
+    kernels = tuning.get("kernels") or {}
+    kept = sum(1 for k in kernels.values() if isinstance(k, Mapping) and k.get("choice") == "tuned")
+    return (f"{tuning.get('trials')} trials budget, {tuning.get('trials_run')} run now; {kept} of {len(kernels)} "
+            f"tuned kernel(s) kept (faster than the template); database {tuning.get('cache')}")
+
+
+def _section_tuning(tuning: Mapping[str, Any]) -> list[str]:
+    lines = ["", "### Tuning (MetaSchedule)", "", f"{format_tuning(tuning)}; cost model "
+             f"{tuning.get('cost_model') or 'not used (database hit)'}; {_cell(tuning.get('seconds'))} s.", ""]
+    rows = [[name, k.get("calls"), _cell(k.get("template_ms")), _cell(k.get("tuned_ms")), k.get("choice")]
+            for name, k in (tuning.get("kernels") or {}).items() if isinstance(k, Mapping)]
+    return lines + (_table(["kernel", "calls", "template ms", "tuned ms", "kept"], rows) if rows else [])
 
 
 def render_markdown(report: Mapping[str, Any], plots_written: set[str] | None = None) -> str:

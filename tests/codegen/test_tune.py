@@ -1,0 +1,108 @@
+"""Tuned CPU mode (--tune N): budget validation, kernel picking, database reuse, tuned compile vs onnxruntime."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import tvm
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+from tvm import te
+
+import effc
+import effc.runtime
+from effc.cli import cli
+from effc.codegen import tune
+from effc.errors import EffcError, TargetError
+
+TARGET = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu()), "num-cores": 2})
+
+
+@pytest.fixture
+def matmul_add(tmp_path):
+    """A single MatMul + Add: one fused GEMM kernel, (32, 64) @ (64, 96) + (96,)."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((64, 96)).astype("float32"), "W"),
+               numpy_helper.from_array(rng.standard_normal(96).astype("float32"), "B")]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "B"], ["y"])], "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [32, 96])], weights)
+    path = tmp_path / "mm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize("bad", [-1, "abc", 2.5])
+def test_bad_budget_raises_before_any_work(bad, matmul_add, tmp_path):
+    with pytest.raises(EffcError, match="trial count"):
+        effc.compile(str(matmul_add), out_dir=tmp_path / "out", tune=bad, measure_latency=False)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_bad_budget_and_timeout_in_options():
+    assert tune.check_trials(None) == 0 and tune.check_trials("64") == 64
+    with pytest.raises(TargetError, match="tune_build_timeout"):
+        tune.check_build_timeout("0")
+    assert tune.check_build_timeout("90") == 90.0
+
+
+def test_cli_rejects_negative_tune(matmul_add, tmp_path):
+    result = CliRunner().invoke(cli, ["compile", str(matmul_add), "-o", str(tmp_path / "o"), "--tune", "-3"])
+    assert result.exit_code != 0 and "--tune" in result.output
+
+
+def test_database_dir_is_keyed_by_tvm_cpu_and_cores(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFC_CACHE_DIR", str(tmp_path))
+    folder = tune.database_dir(TARGET)
+    assert folder.parent.parent == tmp_path / "metaschedule"
+    assert folder.parent.name == f"tvm-{tvm.__version__}" and folder.name.endswith("-2c")
+
+
+def _gemm(m, k, n):
+    a, w = te.placeholder((m, k), name="A"), te.placeholder((k, n), name="W")
+    r = te.reduce_axis((0, k), name="r")
+    return te.create_prim_func([a, w, te.compute((m, n), lambda i, j: te.sum(a[i, r] * w[r, j], axis=r))])
+
+
+def test_picks_the_heaviest_float_kernels_within_the_budget():
+    ids = te.placeholder((8,), name="ids", dtype="int64")
+    table = te.placeholder((100, 16), name="table")
+    gather = te.create_prim_func([ids, table, te.compute((8, 16), lambda i, j: table[ids[i], j])])
+    mod = tvm.IRModule({"big": _gemm(128, 256, 256), "small": _gemm(8, 16, 16), "gather": gather})
+    groups = tune._group_kernels(mod)
+    assert [g.names for _, g in groups] == [["big"], ["small"]]  # integer-input kernels are never tuned
+    assert groups[0][1].flops == pytest.approx(2 * 128 * 256 * 256, rel=0.01)
+    assert [g.names for _, g in tune._pick(groups, 16)] == [["big"]]  # 16 trials: one kernel
+    assert [g.names for _, g in tune._pick(groups, 1000)] == [["big"]]  # "big" alone holds > 90 % of the FLOPs
+
+
+@pytest.mark.slow
+def test_tuned_compile_caches_database_and_reuses_it(matmul_add, tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFC_CACHE_DIR", str(tmp_path / "cache"))
+    x = np.random.default_rng(1).standard_normal((32, 64)).astype("float32")
+    (expected,) = ort.InferenceSession(str(matmul_add)).run(None, {"x": x})
+
+    first = effc.compile(str(matmul_add), out_dir=tmp_path / "a", tune=4, threads=2, measure_latency=False)
+    tuning = first.manifest["target"]["info"]["tuning"]
+    folder = tune.database_dir(TARGET)
+    assert tuning["cache"] == str(folder) and tuning["trials_run"] >= 1
+    records = (folder / "database_tuning_record.json").read_text().splitlines()
+    assert records and json.loads((folder / "budgets.json").read_text())
+    (kernel,) = tuning["kernels"].values()
+    assert kernel["choice"] in ("tuned", "template") and kernel["template_ms"] > 0 and kernel["tuned_ms"] > 0
+    assert "Tuning (MetaSchedule)" in (first.out_dir / "report.md").read_text()
+
+    # Second compile: no new trials. Pretend the tuned schedule measured faster so that it is the one compiled.
+    monkeypatch.setattr(tune, "compare_ms", lambda funcs, *a, **k: [1.0, 0.5])
+    second = effc.compile(str(matmul_add), out_dir=tmp_path / "b", tune=4, threads=2, measure_latency=False)
+    info = second.manifest["target"]["info"]
+    assert info["tuning"]["trials_run"] == 0
+    assert (folder / "database_tuning_record.json").read_text().splitlines() == records
+    assert list(info["kernels"].values()) == ["tuned"]
+    (got,) = effc.runtime.load(second.out_dir).run({"x": x})
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)
