@@ -78,7 +78,8 @@ def kernels(results: dict, threads: list[int], repeat: int = 20) -> None:
         for r in rows:
             log.info("kernel t=%d %s v%d: dense %.3f ms packed %.3f ms (%.2fx)", t, r["shape"], r["vector"],
                      r["dense_ms"], r["packed_ms"], r["speedup"])
-        by_threads[str(t)] = {"rows": rows, "load_average": os.getloadavg()}
+        by_threads[str(t)] = {"rows": rows, "load_average": os.getloadavg(),
+                              "utc": time.strftime("%H:%M", time.gmtime())}
     results["kernels"] = {"repeat": repeat, "by_threads": by_threads}
 
 
@@ -277,7 +278,8 @@ def e2e(results: dict, base, cal, held_out, threads: list[int], rounds: int, war
             for v in VARIANTS:
                 stats[v]["speedup_vs_ort_min"] = stats["ort"]["min_ms"] / stats[v]["min_ms"]
                 stats[v]["speedup_vs_ort_median"] = stats["ort"]["median_ms"] / stats[v]["median_ms"]
-            out["by_threads"][str(t)] = {"variants": stats, "rounds": per_round, "load_average": os.getloadavg()}
+            out["by_threads"][str(t)] = {"variants": stats, "rounds": per_round, "load_average": os.getloadavg(),
+                                         "utc": time.strftime("%H:%M", time.gmtime())}
         emb = np.load(work / "out_packed.npz")[f"arr_{emb_idx}"][0]
         ref_emb = reference[emb_idx][0]
         out["packed_vs_ort_same_model_max_abs"] = _max_diff(work, "packed", "ort_sparse")
@@ -291,8 +293,10 @@ def markdown(results: dict) -> str:
     """The kernel and end-to-end tables of docs/BENCHMARKS.md ("Pruning and N:M") from the results JSON."""
     lines = []
     for t, entry in results.get("kernels", {}).get("by_threads", {}).items():
+        reps = results["kernels"].get("repeat", "?")
         lines += [f"### Per-layer kernel time, dense GEMM template vs packed 2:4 kernel ({t} thread{'s' * (t != '1')}, "
-                  "min ms)", "", f"Load average {entry['load_average'][0]:.1f}.", "",
+                  "min ms)", "", f"Min over {reps} interleaved dense/packed rounds of 10 single calls; "
+                  f"{entry.get('utc', '?')} UTC, load average {entry['load_average'][0]:.1f}.", "",
                   "| M×K×N | V | dense | packed | dense/packed |", "|---|---|---|---|---|"]
         lines += [f"| {'×'.join(map(str, r['shape']))} | {r['vector']} | {r['dense_ms']:.3f} | {r['packed_ms']:.3f} | "
                   f"{r['speedup']:.2f}× |" for r in entry["rows"]]
