@@ -78,3 +78,14 @@ def test_panel_layout_is_a_relabeling_of_the_packed_form(cout, vector, panel):
     j = np.arange(cout)
     np.testing.assert_array_equal(pv[j // panel, :, j % panel].T, values)
     np.testing.assert_array_equal(pi.T, indices)
+
+
+def test_accumulator_tile_needs_no_workspace_call():
+    # The mr x P accumulator lives under the parallel loop: in "local" scope TVM allocated it per output tile with a
+    # TVMBackendAllocWorkspace/Free pair; the schedule keeps it a stack slot (registers).
+    func = ns.schedule_nm(ns.nm_kernel(64, 128, 256, 64, 16), 16)
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
+    mods = [lib.mod, *lib.mod.imports]
+    asm = "".join(m.inspect_source("asm") for m in mods if m.kind == "llvm")
+    assert "vfmadd" in asm or "fma" in asm.lower()
+    assert "TVMBackendAllocWorkspace" not in asm
