@@ -74,7 +74,7 @@ class BlockReconConfig:
 
     point: str = "norm"
     target: str = "dense"
-    steps: int = 300
+    steps: int = 100
     lr: float = 2e-3
     decay: float = 0.0
     batch_tokens: int = 4096
