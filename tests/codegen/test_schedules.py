@@ -236,3 +236,17 @@ def test_batch_matmul_with_odd_short_columns_unrolls_them():
     assert template == "reduce_spatial"
     assert "T.unroll" in schedule_kernel(func, TILES)[0].script()
     np.testing.assert_allclose(got, da @ db, rtol=1e-5, atol=1e-4)
+
+
+def test_depth_to_space_keeps_the_vector_row_out_of_the_parallel_fusion():
+    """PP-OCR det's pixel shuffle: the innermost axis is its own loop (no div/mod of one fused counter)."""
+    x = te.placeholder((1, 16, 8, 32), name="x")  # (N, C*2*2, H, W) -> (N, C, 2H, 2W)
+    y = topi.reshape(topi.transpose(topi.reshape(x, (1, 4, 2, 2, 8, 32)), (0, 1, 4, 2, 5, 3)), (1, 4, 16, 64))
+    func = te.create_prim_func([x, y])
+    scheduled, _ = schedule_kernel(func, ALWAYS_PARALLEL)
+    assert re.search(r"T\.parallel\((?:T\.int64\()?64\)", scheduled.script())  # (N, C, 2H) fused, 2W separate
+    data = RNG.standard_normal((1, 16, 8, 32)).astype("float32")
+    template, got = _run(func, [data], (1, 4, 16, 64))
+    assert template == "injective"
+    expected = data.reshape(1, 4, 2, 2, 8, 32).transpose(0, 1, 4, 2, 5, 3).reshape(1, 4, 16, 64)
+    np.testing.assert_array_equal(got, expected)

@@ -39,6 +39,11 @@ def schedule_nest(sch: s_tir.Schedule, blk, tiles: TileConfig, vectorize: bool =
             sch.vectorize(vec)
     if total < tiles.min_parallel_elems or not spatial:
         return
+    if len(spatial) > 2 and an.iterations([an.loop_extent(sch, lp) for lp in spatial[:-1]]) >= 64:
+        # The innermost loop stays out of the parallel fusion: with it fused in, index expressions go through
+        # div/mod of one fused counter, which the simplifier cannot undo for reshape/transpose chains (PP-OCR
+        # det's depth-to-space after the transposed-conv rewrite: gathers with ~20 div/mods per element).
+        spatial = spatial[:-1]
     fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
     sch.parallel(fused)
 
