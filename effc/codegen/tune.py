@@ -257,6 +257,17 @@ def _with_progress(total: int, description: str, work: Any) -> Any:
         bar.stop()
 
 
+def _quiet_metaschedule() -> None:
+    """Keep MetaSchedule's scheduler chatter off stdout (library code logs, never prints).
+
+    MetaSchedule prints every scheduler step to stdout unless its logger has a level: this gives it WARNING (DEBUG
+    when effc logs at DEBUG) unless the user set one.
+    """
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    if ms_logger.level == logging.NOTSET:
+        ms_logger.setLevel(logging.DEBUG if logger.isEnabledFor(logging.DEBUG) else logging.WARNING)
+
+
 def _run_tuning(picked: list, quota: int, tvm_target: tvm.target.Target, database: Any, threads: int,
                 build_timeout: float) -> tuple[int, str]:
     """Tune ``picked`` groups with ``quota`` trials each into ``database``; returns (trials measured, cost model).
@@ -270,6 +281,7 @@ def _run_tuning(picked: list, quota: int, tvm_target: tvm.target.Target, databas
     import_cpu_intrinsics()
     with tempfile.TemporaryDirectory(prefix="effc-tune-") as work_dir:
         names = [group.names[0] for _, group in picked]
+        _quiet_metaschedule()
         loggers = ms.logging.get_loggers_from_work_dir(work_dir, names)
         contexts = [
             ms.TuneContext(

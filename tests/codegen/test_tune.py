@@ -82,13 +82,14 @@ def test_picks_the_heaviest_float_kernels_within_the_budget():
 
 
 @pytest.mark.slow
-def test_tuned_compile_caches_database_and_reuses_it(matmul_add, tmp_path, monkeypatch):
+def test_tuned_compile_caches_database_and_reuses_it(matmul_add, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EFFC_CACHE_DIR", str(tmp_path / "cache"))
     x = np.random.default_rng(1).standard_normal((32, 64)).astype("float32")
     (expected,) = ort.InferenceSession(str(matmul_add)).run(None, {"x": x})
 
     first = effc.compile(str(matmul_add), out_dir=tmp_path / "a", tune=4, threads=2, measure_latency=False)
     tuning = first.manifest["target"]["info"]["tuning"]
+    assert "TaskScheduler" not in capsys.readouterr().out  # MetaSchedule's scheduler log stays off stdout
     folder = tune.database_dir(TARGET)
     assert tuning["cache"] == str(folder) and tuning["trials_run"] >= 1
     records = (folder / "database_tuning_record.json").read_text().splitlines()
