@@ -32,7 +32,7 @@ import tvm
 from tvm import relax, s_tir, te, tirx
 
 from effc.codegen.frontend import register_converter
-from effc.codegen.ops.block_quant_int8 import builder_state, int8_compute_applies, int8_matmul
+from effc.codegen.ops.block_quant_int8 import builder_state, current_tile_config, int8_compute_applies, int8_matmul
 from effc.passes.quant import get_format, pack_codes, unpack_codes
 from effc.passes.quant.formats import BlockFormat
 
@@ -120,15 +120,6 @@ def _divisor(n: int, want: int) -> int:
     return max(d for d in range(1, max(1, min(n, want)) + 1) if n % d == 0)
 
 
-def _tile() -> tuple[int, tuple[int, ...], int]:
-    """``(mr, nr candidates, lanes)`` of the tile table row for the TVM target in scope (AVX2's without one)."""
-    from effc.codegen.schedules.tiles import TILE_TABLE, tile_config
-
-    target = tvm.target.Target.current(allow_none=True)
-    cfg = tile_config(target) if target is not None and target.kind.name == "llvm" else TILE_TABLE[8]
-    return cfg.gemm_mr, cfg.gemm_nr, cfg.lanes
-
-
 def schedule_block_quant(func: tvm.tirx.PrimFunc, mr: int | None = None, nr: int | None = None,
                          lanes: int | None = None) -> tvm.tirx.PrimFunc:
     """Tile-decode + register-blocked GEMM schedule (module docstring); marks ``tir.is_scheduled``.
@@ -138,7 +129,8 @@ def schedule_block_quant(func: tvm.tirx.PrimFunc, mr: int | None = None, nr: int
     MXINT8 128×384×1536 4.59 → 2.08 ms and 128×1536×384 8.57 → 1.95 ms against the former fixed 4 × 32 in 16
     lanes (two ymm per vector op), i.e. about the fp32 template's speed (2.27 ms).
     """
-    default_mr, candidates, default_lanes = _tile()
+    cfg = current_tile_config()
+    default_mr, candidates, default_lanes = cfg.gemm_mr, cfg.gemm_nr, cfg.lanes
     sch = s_tir.Schedule(func)
     yb, wb = sch.get_sblock("Y"), sch.get_sblock("W")
     i, j, r = sch.get_loops(yb)

@@ -34,6 +34,7 @@ from tvm.script import tirx as T
 
 __all__ = [
     "builder_state",
+    "current_tile_config",
     "int8_compute_applies",
     "int8_gemm_kernel",
     "int8_matmul",
@@ -74,12 +75,12 @@ def pack_int8_weights(codes_kn: np.ndarray, scales_kn: np.ndarray) -> tuple[np.n
     return wp, np.ascontiguousarray(scales_kn, dtype=np.uint8)
 
 
-def _threshold(field: str) -> int:
-    """``TileConfig.<field>`` of the TVM target in scope (the table's default without one)."""
+def current_tile_config():
+    """The :mod:`effc.codegen.schedules.tiles` row of the LLVM target in scope (the AVX2 row without one)."""
     from effc.codegen.schedules.tiles import TILE_TABLE, tile_config
 
     target = tvm.target.Target.current(allow_none=True)
-    return getattr(tile_config(target) if target is not None and target.kind.name == "llvm" else TILE_TABLE[8], field)
+    return tile_config(target) if target is not None and target.kind.name == "llvm" else TILE_TABLE[8]
 
 
 def _loop_kind(work: int, field: str):
@@ -87,7 +88,7 @@ def _loop_kind(work: int, field: str):
 
     Waking the thread pool costs more than a small kernel saves (effc/codegen/schedules/tiles.py).
     """
-    return T.parallel if work >= _threshold(field) else T.serial
+    return T.parallel if work >= getattr(current_tile_config(), field) else T.serial
 
 
 def quantize_act_kernel(m: int, k: int) -> tvm.tirx.PrimFunc:
