@@ -98,12 +98,16 @@ def test_tuned_compile_caches_database_and_reuses_it(matmul_add, tmp_path, monke
     assert kernel["choice"] in ("tuned", "template") and kernel["template_ms"] > 0 and kernel["tuned_ms"] > 0
     assert "Tuning (MetaSchedule)" in (first.out_dir / "report.md").read_text()
 
-    # Second compile: no new trials. Pretend the tuned schedule measured faster so that it is the one compiled.
+    # Second compile, from the CLI: no new trials. Pretend the tuned schedule measured faster so it is compiled.
     monkeypatch.setattr(tune, "compare_ms", lambda funcs, *a, **k: [1.0, 0.5])
-    second = effc.compile(str(matmul_add), out_dir=tmp_path / "b", tune=4, threads=2, measure_latency=False)
-    info = second.manifest["target"]["info"]
+    args = ["compile", str(matmul_add), "-o", str(tmp_path / "b"), "--tune", "4", "--threads", "2", "--no-latency"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "Tuning" in result.output  # the summary row (the table wraps its text at the terminal width)
+    assert "4 trials budget, 0 run now; 1 of 1 tuned kernel(s) kept" in (tmp_path / "b" / "report.md").read_text()
+    info = effc.runtime.load(tmp_path / "b").manifest["target"]["info"]
     assert info["tuning"]["trials_run"] == 0
     assert (folder / "database_tuning_record.json").read_text().splitlines() == records
     assert list(info["kernels"].values()) == ["tuned"]
-    (got,) = effc.runtime.load(second.out_dir).run({"x": x})
+    (got,) = effc.runtime.load(tmp_path / "b").run({"x": x})
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)
