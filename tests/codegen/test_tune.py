@@ -111,3 +111,13 @@ def test_tuned_compile_caches_database_and_reuses_it(matmul_add, tmp_path, monke
     assert list(info["kernels"].values()) == ["tuned"]
     (got,) = effc.runtime.load(tmp_path / "b").run({"x": x})
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)
+
+    # A stored record that fails to build or run now: the template is kept and the compile goes on.
+    def broken(*args, **kwargs):
+        raise RuntimeError("does not build")
+
+    monkeypatch.setattr(tune, "compare_ms", broken)
+    third = effc.compile(str(matmul_add), out_dir=tmp_path / "c", tune=4, threads=2, measure_latency=False)
+    info = third.manifest["target"]["info"]
+    assert [k["choice"] for k in info["tuning"]["kernels"].values()] == ["template (tuned failed)"]
+    assert "tuned" not in info["kernels"].values()
