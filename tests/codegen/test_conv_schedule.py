@@ -57,6 +57,22 @@ def test_conv_loop_order_and_numbers(ci, co, h, w, rows_outer):
     np.testing.assert_allclose(args[-1].numpy(), _reference(x, wt, 1), rtol=1e-4, atol=1e-4)
 
 
+def test_one_dimensional_conv_puts_column_tiles_outside_channel_tiles():
+    # (N, C, L, 1): the L tiles (yy_0) outside the channel tiles (ff_0), fused into one parallel loop.
+    x = te.placeholder((1, 8, 52, 1), name="x")
+    wt = te.placeholder((8, 8, 5, 1), name="w")
+    func = te.create_prim_func([x, wt, topi.nn.conv2d_nchw(x, wt, 1, 0, 1)])
+    scheduled, _ = schedule_kernel(func, ALWAYS_PARALLEL)
+    assert re.findall(r"for (nn\w+) in T\.parallel", scheduled.script()) == ["nn_xx_yy_0_ff_0_fused"]
+    xv = RNG.standard_normal((1, 8, 52, 1)).astype("float32")
+    wv = RNG.standard_normal((8, 8, 5, 1)).astype("float32")
+    lib = tvm.compile(tvm.IRModule({"main": scheduled}), target=TARGET)
+    args = [tvm.runtime.tensor(xv), tvm.runtime.tensor(wv), tvm.runtime.tensor(np.zeros((1, 8, 48, 1), "float32"))]
+    lib["main"](*args)
+    expected = sum(np.einsum("oc,cl->ol", wv[:, :, t, 0], xv[0, :, t : t + 48, 0]) for t in range(5))
+    np.testing.assert_allclose(args[-1].numpy()[0, :, :, 0], expected, rtol=1e-4, atol=1e-4)
+
+
 def test_one_dimensional_conv_takes_three_vector_tile():
     # (N, C, L, 1) with 5 taps and L = 48, a multiple of 3 lanes: unrolled lane-wide vectors, not one 24-wide vector.
     x = te.placeholder((1, 8, 52, 1), name="x")

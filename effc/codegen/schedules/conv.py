@@ -4,7 +4,8 @@ Applies to a kernel whose one reduction block is ``out[n, co, oh, ow] += in[n, c
 (iterators ``SSSS`` then 2–3 reductions), as TOPI's ``conv2d_nchw``/``group_conv2d_nchw``/``depthwise_conv2d_nchw``
 produce it. Schedule (register blocking over output channels × output columns, as in MLAS/oneDNN direct convs):
 
-    parallel for (n, oh, co_o):        # (n, co_o, oh) when streaming the weights per row would cost more
+    parallel for (n, oh, co_o):        # (n, co_o, oh) when streaming the weights per row would cost more;
+                                       # a 1-D conv: parallel for (n, ow_o, co_o), epilogue per tile
         for ow_o:
             acc[co_i, ow_i] = 0
             for ci, ry, rx:  for co_i in unroll:  for ow_i in vectorize:  acc += in * w   # w broadcast
@@ -126,14 +127,21 @@ def apply_conv(sch: s_tir.Schedule, tiles: TileConfig) -> str:
     loops = sch.get_loops(main)
     n_l, co_l, oh_l, ow_l, *r_loops = loops
     one_d_taps = 0
-    if ow == 1 and oh > 1:  # a 1-D conv stored as (N, C, L, 1): vectorize along L instead
+    is_1d = ow == 1 and oh > 1
+    if is_1d:  # a 1-D conv stored as (N, C, L, 1): vectorize along L instead
         oh_l, ow_l, ow = ow_l, oh_l, oh
         one_d_taps = an.loop_extent(sch, r_loops[-2]) if len(r_loops) == 3 else 0
     co_i, ow_i = conv_tile(co, ow, tiles, one_d_taps)
     by_rows = not depthwise and facts.extents[3] > 1 and rows_outer(facts.extents, co_i)  # 2-D, dense
     coo, coi = sch.split(co_l, [None, co_i])
     owo, owi = sch.split(ow_l, [None, ow_i])
-    if by_rows:  # rows outer, channel tiles inside: a row's input window is reused by every channel tile
+    tile_loop = owo  # the consumers (epilogue) are computed per tile under this loop
+    if is_1d:  # column tiles outside the channel tiles, all fused: a tile's input window is reused by every
+        # channel tile (Magika's 256->512 5-tap conv 11.1 -> 9.1 ms, ORT 8.9; det's 1x1 over 20x20/10x10
+        # pixels -5 % / -12 %; Zen 3, 1 thread, loaded box)
+        sch.reorder(n_l, oh_l, owo, coo, *r_loops, coi, owi)
+        outer = tile_loop = sch.fuse(n_l, oh_l, owo, coo)
+    elif by_rows:  # rows outer, channel tiles inside: a row's input window is reused by every channel tile
         sch.reorder(n_l, oh_l, coo, owo, *r_loops, coi, owi)
         outer = sch.fuse(n_l, oh_l, coo)
     else:
@@ -142,7 +150,7 @@ def apply_conv(sch: s_tir.Schedule, tiles: TileConfig) -> str:
     if an.iterations(facts.extents) >= tiles.min_parallel_macs:
         sch.parallel(outer)
     for blk in consumers:
-        sch.reverse_compute_at(blk, owo, preserve_unit_loops=True)
+        sch.reverse_compute_at(blk, tile_loop, preserve_unit_loops=True)
         c_inner = sch.get_loops(blk)[-1]
         if an.loop_extent(sch, c_inner) >= 4:
             sch.vectorize(c_inner)
