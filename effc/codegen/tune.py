@@ -276,7 +276,8 @@ def _run_tuning(picked: list, quota: int, tvm_target: tvm.target.Target, databas
         TargetError: every candidate failed (builder timeout: raise ``tune_build_timeout``), or MetaSchedule failed.
     """
     if importlib.util.find_spec("psutil") is None:
-        raise TargetError("MetaSchedule's local builder/runner need psutil, which is not installed", _EXTRA_HINT)
+        raise TargetError("MetaSchedule's local builder/runner need psutil, which is not installed",
+                          "reinstall effc (psutil is one of its dependencies) or pip install psutil")
     cost_model, cost_name = _cost_model(threads)
     import_cpu_intrinsics()
     with tempfile.TemporaryDirectory(prefix="effc-tune-") as work_dir:

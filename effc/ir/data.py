@@ -171,13 +171,16 @@ def input_ranks(model: ir.Model) -> dict[str, int]:
 _PASS_THROUGH = frozenset({"Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand"})
 
 
-def _index_bound(value: ir.Value) -> int:
-    """Exclusive upper bound for synthetic integers in ``value``.
+def gather_table_rows(value: ir.Value) -> int | None:
+    """Row count of the smallest constant table that ``value`` indexes through ``Gather``, or None.
 
-    The smallest row count of a constant table that ``value`` indexes through ``Gather`` (following shape-only
-    ops), else ``SYNTHETIC_INT_HIGH``.
+    Follows shape-only ops (Cast, Reshape, Unsqueeze, ...) from ``value`` to every ``Gather`` that uses it as its
+    indices (input 1) and reads the constant table's size along the gather axis; ``effc.BlockQuantGather`` (indices
+    are input 2, rows of the packed table along axis 0) counts too. Indices of such an input must lie in
+    ``[0, rows)``: onnxruntime rejects others, and compiled code would read out of bounds (TVM's ``take`` in fast
+    mode does not check).
     """
-    bound = SYNTHETIC_INT_HIGH
+    rows_min = None
     todo, seen = [value], set()
     while todo:
         v = todo.pop()
@@ -191,10 +194,21 @@ def _index_bound(value: ir.Value) -> int:
                 if table is not None and table.const_value is not None and table.shape is not None:
                     rows = table.shape[axis]
                     if isinstance(rows, int) and rows > 0:
-                        bound = min(bound, rows)
+                        rows_min = rows if rows_min is None else min(rows_min, rows)
+            elif node.op_type == "BlockQuantGather" and node.domain == "effc" and index == 2:  # (Tq, S, I)
+                table = node.inputs[0]
+                rows = table.shape[0] if table is not None and table.shape is not None else None
+                if isinstance(rows, int) and rows > 0:
+                    rows_min = rows if rows_min is None else min(rows_min, rows)
             elif node.op_type in _PASS_THROUGH and index == 0:
                 todo.extend(node.outputs)
-    return bound
+    return rows_min
+
+
+def _index_bound(value: ir.Value) -> int:
+    """Exclusive upper bound for synthetic integers in ``value``: the Gather table's rows, else SYNTHETIC_INT_HIGH."""
+    rows = gather_table_rows(value)
+    return SYNTHETIC_INT_HIGH if rows is None else min(rows, SYNTHETIC_INT_HIGH)
 
 
 def synthetic_feeds(model: ir.Model, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:

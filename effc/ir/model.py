@@ -160,6 +160,15 @@ def io_signature(model: ir.Model) -> dict[str, list[dict[str, Any]]]:
     Returns:
         ``{"inputs": [{"name", "shape", "dtype"}], "outputs": [...]}``; ``shape`` is a list whose items are ints,
         symbolic dim names (str) or None; ``dtype`` is the numpy name (``"float32"``, ``"int64"``, ``"bool"``).
+        An integer input that indexes a constant table through ``Gather`` (token ids into an embedding) also
+        carries ``"index_range": [0, rows]`` (half-open), which :class:`effc.runtime.CompiledModel` enforces.
     """
-    inputs = [v for v in model.graph.inputs if not v.is_initializer()]
-    return {"inputs": [_describe(v) for v in inputs], "outputs": [_describe(v) for v in model.graph.outputs]}
+    from effc.ir.data import gather_table_rows
+
+    specs = []
+    for v in (v for v in model.graph.inputs if not v.is_initializer()):
+        spec = _describe(v)
+        if spec["dtype"].startswith(("int", "uint")) and (rows := gather_table_rows(v)) is not None:
+            spec["index_range"] = [0, rows]
+        specs.append(spec)
+    return {"inputs": specs, "outputs": [_describe(v) for v in model.graph.outputs]}

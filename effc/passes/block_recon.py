@@ -297,6 +297,9 @@ def reconstruct_sequential(model: ir.Model, layers: list, calibration, prune_fn,
     info = {"blocks": fitted, "skipped": skipped, "seconds": time.perf_counter() - started,
             "config": dataclasses.asdict(cfg)}
     logger.info("block reconstruction: %d block(s) in %.1f s", len(fitted), info["seconds"])
+    if not fitted:  # the layers were still pruned (with SparseGPT); say why no block was refitted
+        reasons = sorted({s["reason"] for s in skipped})
+        logger.warning("reconstruct=block found no FFN block to refit (SparseGPT only): %s", "; ".join(reasons)[:300])
     return records, info
 
 

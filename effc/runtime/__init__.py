@@ -66,6 +66,15 @@ class CompiledModel:
                         f"convert it with .astype('{dtype}')",
                     )
                 array = array.astype(dtype)
+            if "index_range" in spec and array.size:
+                low, high = spec["index_range"]
+                if array.min() < low or array.max() >= high:
+                    raise DataError(
+                        f"input {name!r} holds values in [{array.min()}, {array.max()}], but it indexes a table of "
+                        f"{high} rows through Gather: valid values are {low}..{high - 1} (out-of-range indices "
+                        "would make the compiled code read out of bounds)",
+                        "check the ids (e.g. a tokenizer with the model's own vocabulary)",
+                    )
             checked[name] = array
         return checked
 
@@ -80,7 +89,8 @@ class CompiledModel:
             Output arrays in the manifest's output order.
 
         Raises:
-            DataError: an input is missing, unknown, or has the wrong shape/dtype (names it and the expected one).
+            DataError: an input is missing, unknown, or has the wrong shape/dtype (names it and the expected one), or an
+                index input (``index_range`` in the manifest) holds a value outside its Gather table's rows.
             TargetError: the target failed at run time.
         """
         return self._runner.run(self._check_feeds(feeds))

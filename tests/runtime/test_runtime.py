@@ -123,3 +123,22 @@ def test_bad_feeds_raise_data_error(mlp_artifact):
         compiled.run({"z": np.zeros((2, 16), np.float32)})
     with pytest.raises(DataError, match="dtype int64.*float32"):
         compiled.run({"x": np.zeros((2, 16), np.int64)})
+
+
+def test_token_ids_outside_the_embedding_table_raise_instead_of_reading_out_of_bounds(tmp_path):
+    """Gather indices are checked against the table's rows (TVM's fast-mode take would read out of bounds)."""
+    from onnx import TensorProto, helper
+
+    from tests.runtime.helpers import _model
+
+    table = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    model = _model([helper.make_node("Gather", ["table", "ids"], ["y"], name="embed")],
+                   [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4])], {"table": table})
+    loaded = effc.runtime.load(build_artifact(model, tmp_path / "a"))
+    assert loaded.inputs[0]["index_range"] == [0, 10]
+    ids = np.array([[0, 9, 3]], dtype=np.int64)
+    np.testing.assert_array_equal(loaded.run({"ids": ids})[0], table[ids])
+    for bad in (10, -1, 10**12):
+        with pytest.raises(DataError, match=r"indexes a table of 10 rows through Gather: valid values are 0\.\.9"):
+            loaded.run({"ids": np.array([[0, bad, 3]], dtype=np.int64)})
