@@ -100,26 +100,12 @@ def _effc_runner(work: Path, threads: int):
 
 def _profile(vm, args, templates: dict[str, str], reps: int = 5) -> dict:
     """Per-kernel wall time (VM instrument hook), top 10, ms per inference."""
-    acc: dict[str, float] = {}
-    calls: dict[str, int] = {}
-    started: dict[str, float] = {}
+    from effc.codegen.build import kernel_profile
 
-    def instrument(func, name, before_run, ret_value, *rest):
-        if before_run:
-            started[name] = time.perf_counter()
-        else:
-            acc[name] = acc.get(name, 0.0) + time.perf_counter() - started[name]
-            calls[name] = calls.get(name, 0) + 1
-        return 0
-
-    vm.set_instrument(instrument)
-    for _ in range(reps):
-        vm["main"](*args)
-    top = sorted(acc.items(), key=lambda kv: -kv[1])[:10]
+    kernels = kernel_profile(vm, args, reps)
     return {
-        "kernels": [{"name": k, "ms": v / reps * 1e3, "calls": calls[k] // reps, "template": templates.get(k, "-")}
-                    for k, v in top],
-        "instrumented_total_ms": sum(acc.values()) / reps * 1e3,
+        "kernels": [{**k, "template": templates.get(k["name"], "-")} for k in kernels[:10]],
+        "instrumented_total_ms": sum(k["ms"] for k in kernels),
     }
 
 

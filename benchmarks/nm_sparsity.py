@@ -154,25 +154,6 @@ def worker_compile(work: Path) -> dict:
     return info
 
 
-def _profile(vm, args: list, reps: int = 10) -> list[dict]:
-    """Per-kernel ms per inference through the Relax VM instrument hook, sorted, all kernels."""
-    spans: dict[str, list[float]] = {}  # kernel -> [total seconds, calls, start of the running call]
-
-    def hook(func, name, before_run, *_rest):
-        span = spans.setdefault(name, [0.0, 0, 0.0])
-        if before_run:
-            span[2] = time.perf_counter()
-        else:
-            span[0], span[1] = span[0] + time.perf_counter() - span[2], span[1] + 1
-        return 0
-
-    vm.set_instrument(hook)
-    for _ in range(reps):
-        vm["main"](*args)
-    ranked = sorted(spans.items(), key=lambda kv: -kv[1][0])
-    return [{"name": k, "ms": total / reps * 1e3, "calls": int(n) // reps} for k, (total, n, _) in ranked]
-
-
 def worker_time(variant: str, work: Path, threads: int, warmup: int, runs: int, profile: bool) -> dict:
     """Warm-up, then ``runs`` timed inferences of one variant in this (fresh) process; raw times in ms."""
     os.environ["TVM_NUM_THREADS"] = str(threads)
@@ -204,7 +185,7 @@ def worker_time(variant: str, work: Path, threads: int, warmup: int, runs: int, 
         cpu.append((time.process_time() - start_cpu) * 1e3)
     result = {"times_ms": times, "cpu_ms": cpu}
     if profile and variant != "ort":
-        result["kernels"] = _profile(vm, args)
+        result["kernels"] = build.kernel_profile(vm, args, reps=10)
     return result
 
 

@@ -142,3 +142,16 @@ def test_token_ids_outside_the_embedding_table_raise_instead_of_reading_out_of_b
     for bad in (10, -1, 10**12):
         with pytest.raises(DataError, match=r"indexes a table of 10 rows through Gather: valid values are 0\.\.9"):
             loaded.run({"ids": np.array([[0, bad, 3]], dtype=np.int64)})
+
+
+def test_kernel_profile_counts_every_kernel_call_per_inference(mlp_artifact):
+    import tvm
+
+    from effc.codegen import build
+
+    vm = build.load_vm(mlp_artifact / "model.so", tvm.cpu())
+    x = build.to_tvm_tensor(np.ones((2, 16), np.float32), tvm.cpu())
+    kernels = build.kernel_profile(vm, [x], reps=3)
+    assert kernels and all(k["ms"] >= 0 and k["calls"] >= 1 for k in kernels)
+    assert [k["ms"] for k in kernels] == sorted((k["ms"] for k in kernels), reverse=True)
+    assert any(k["name"].startswith("fused_") or "matmul" in k["name"] for k in kernels)
