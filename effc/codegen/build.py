@@ -132,3 +132,24 @@ def kernel_profile(vm: relax.VirtualMachine, args: list, reps: int = 5) -> list[
         vm["main"](*args)
     ranked = sorted(spans.items(), key=lambda kv: -kv[1][0])
     return [{"name": k, "ms": total / reps * 1e3, "calls": int(n) // reps} for k, (total, n, _) in ranked]
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask on Linux, else all logical CPUs)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def set_runtime_threads(threads: int) -> int:
+    """Make TVM's thread pool (of the calling thread) use ``threads`` workers; returns the count now in use.
+
+    TVM sizes its pool from ``TVM_NUM_THREADS`` when the pool is first created (default: half the logical CPUs),
+    and ``runtime.config_threadpool`` can then only choose up to that many. So the variable is set to all usable
+    cores when the user has not set it, before the first TVM call that creates the pool.
+    """
+    os.environ.setdefault("TVM_NUM_THREADS", str(max(threads, usable_cores())))
+    if tvm.runtime.num_threads() != threads:
+        tvm.get_global_func("runtime.config_threadpool")(1, threads)  # 1 = kBig: all cores on a homogeneous CPU
+    return int(tvm.runtime.num_threads())

@@ -28,7 +28,6 @@ import functools
 import importlib.util
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.analysis import estimate_tir_flops
 
 from effc.codegen import prepack
+from effc.codegen.build import set_runtime_threads
 from effc.codegen.schedules import schedule_kernel, tile_config
 from effc.codegen.tune_worker import build_candidate, import_cpu_intrinsics, set_worker_threads
 from effc.errors import TargetError
@@ -328,12 +328,6 @@ def _run_tuning(picked: list, quota: int, tvm_target: tvm.target.Target, databas
     return progress.measured, cost_name
 
 
-def _set_threads(threads: int) -> None:
-    os.environ.setdefault("TVM_NUM_THREADS", str(max(threads, os.cpu_count() or 1)))
-    if tvm.runtime.num_threads() != threads:
-        tvm.get_global_func("runtime.config_threadpool")(1, threads)
-
-
 def _random_args(func: tvm.tirx.PrimFunc, rng: np.random.Generator) -> list:
     arrays = []
     for param in func.params:
@@ -352,7 +346,7 @@ def compare_ms(funcs: list[tvm.tirx.PrimFunc], tvm_target: tvm.target.Target, th
         threads: TVM worker threads while timing.
         rounds: alternating rounds; each round is one ``time_evaluator`` call of >= 20 ms per kernel.
     """
-    _set_threads(threads)
+    set_runtime_threads(threads)
     rng = np.random.default_rng(0)
     evaluators = []
     for func in funcs:

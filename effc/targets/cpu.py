@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import tvm
 
 from effc.codegen import build as tvm_build
 from effc.codegen import cpu as cpu_codegen
+from effc.codegen.build import set_runtime_threads, usable_cores
 from effc.codegen.frontend import last_lowering_log, to_relax
 from effc.errors import ArtifactError, TargetError
 from effc.targets.base import BuildResult, Runner, Target, register_target
@@ -32,13 +32,6 @@ _OPTIONS = ("threads", "mcpu")
 _CODEGEN_OPTIONS = ("fast_math", "schedule", "tune")
 # Widest SIMD extension first: LLVM feature name → vector register width in bits.
 _VECTOR_FEATURES = (("avx512f", 512), ("avx2", 256), ("avx", 256), ("sse2", 128), ("neon", 128), ("sve", 128))
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _vector_bits(tvm_target: tvm.target.Target) -> int:
@@ -73,7 +66,7 @@ class CpuTarget(Target):
             mcpu=mcpu,
             triple=str(tvm.target.codegen.llvm_get_system_triple()),
             vector_bits=_vector_bits(target),
-            num_cores=_usable_cores(),
+            num_cores=usable_cores(),
         )
 
     def option_names(self) -> tuple[str, ...]:
@@ -156,19 +149,6 @@ class CpuTarget(Target):
         input_names = [spec["name"] for spec in manifest.get("inputs", [])]
         vm = tvm_build.load_vm(Path(artifact_dir) / _LIBRARY, tvm.cpu())
         return CpuRunner(vm, input_names, threads)
-
-
-def set_runtime_threads(threads: int) -> int:
-    """Make TVM's thread pool (of the calling thread) use ``threads`` workers; returns the count now in use.
-
-    TVM sizes its pool from ``TVM_NUM_THREADS`` when the pool is first created (default: half the logical CPUs),
-    and ``runtime.config_threadpool`` can then only choose up to that many. So the variable is set to all usable
-    cores when the user has not set it, before the first TVM call that creates the pool.
-    """
-    os.environ.setdefault("TVM_NUM_THREADS", str(max(threads, _usable_cores())))
-    if tvm.runtime.num_threads() != threads:
-        tvm.get_global_func("runtime.config_threadpool")(1, threads)  # 1 = kBig: all cores on a homogeneous CPU
-    return int(tvm.runtime.num_threads())
 
 
 class CpuRunner(Runner):
