@@ -7,6 +7,9 @@ tensor is counted once. Bytes are as stored: ``ceil(elements * bits / 8)`` per t
 (``INT4``, ``UINT4``, ``FLOAT4E2M1``, ``INT2``) count by bits, not by the numpy container they unpack into;
 ``STRING`` tensors count the UTF-8 bytes of their strings.
 
+Weight sparsity (:func:`sparsity_stats`) counts a packed weight (N:M values, see :mod:`effc.eval.packed`) in the
+dense shape it stands for, so the zeros its format leaves out are counted while its bytes stay as stored.
+
 MAC counting lives in :mod:`effc.eval.macs` and is re-exported here (:func:`count_macs`,
 :func:`register_mac_counter`).
 """
@@ -15,13 +18,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from effc.eval.macs import count_macs, register_mac_counter, static_shape
+from effc.eval.packed import packed_weights
 
 __all__ = [
     "count_macs",
@@ -122,32 +126,56 @@ def param_count(model: ir.Model) -> int:
 
 
 def sparsity_stats(model: ir.Model, min_rank: int = 2) -> dict[str, Any]:
-    """Fraction of exactly-zero values per weight tensor and over all weights.
+    """Fraction of zero values per weight tensor and over all weights, packed N:M zeros included.
 
     A weight tensor is a floating-point parameter (initializer or Constant) of rank >= ``min_rank`` (so biases and
-    scalars are left out). Packed formats (N:M values + indices, quantized blocks) are counted as the tensors they
-    are stored as: a 2:4-compressed ``values`` tensor is dense.
+    scalars are left out; embedding tables count). A tensor that an effc operator stores packed
+    (:mod:`effc.eval.packed`, e.g. the ``values`` of ``effc.NMSparseMatMul``) counts as the dense weight it stands
+    for: a 2:4-packed ``(K/2, Cout)`` values tensor is a ``(K, Cout)`` weight with ``K·Cout/2`` zeros that are not
+    stored, plus any literal zeros among its kept values. Other tensors count their literal (stored) zeros. Bytes
+    are not affected: see :func:`param_bytes`.
 
     Args:
         model: the model; weight data is read (external data loaded).
         min_rank: the smallest rank that counts as a weight.
 
     Returns:
-        ``{"tensors": {name: {"shape": [..], "elements": int, "zeros": int, "sparsity": float}},
-        "total": {"elements": int, "zeros": int, "sparsity": float}}``; sparsity is a fraction in [0, 1]
-        (0.0 when there are no weights).
+        ``{"tensors": {name: row}, "total": {...}}``. ``row``: ``"shape"`` (the dense shape), ``"elements"`` (of the
+        dense shape), ``"zeros"`` (= ``"literal_zeros"`` + ``"packed_zeros"``), ``"sparsity"`` (``zeros /
+        elements``, a fraction in [0, 1]), ``"storage"`` (``"dense"`` or e.g. ``"packed 2:4, vector 16"``), and
+        for packed tensors ``"stored_shape"``. ``"total"``: ``"elements"``, ``"zeros"``, ``"sparsity"`` (0.0
+        when there are no weights), ``"literal_zeros"``, ``"packed_zeros"``, and ``"by_storage"``: storage ->
+        ``{"tensors", "elements", "zeros", "sparsity"}``.
     """
+    packed = packed_weights(model)
     tensors: dict[str, dict[str, Any]] = {}
     for name, tensor, count, _ in parameter_tensors(model):
         if tensor is None or not tensor.dtype.is_floating_point() or len(tensor.shape) < min_rank or count == 0:
             continue
-        zeros = int(count - np.count_nonzero(tensor.numpy()))
-        key = name if name not in tensors else f"{name}#{len(tensors)}"
-        tensors[key] = {"shape": list(tensor.shape.numpy()), "elements": count, "zeros": zeros,
-                        "sparsity": zeros / count}
-    elements = sum(t["elements"] for t in tensors.values())
-    zeros = sum(t["zeros"] for t in tensors.values())
-    return {
-        "tensors": tensors,
-        "total": {"elements": elements, "zeros": zeros, "sparsity": zeros / elements if elements else 0.0},
-    }
+        literal = int(count - np.count_nonzero(tensor.numpy()))
+        info = packed.get(id(tensor))
+        row: dict[str, Any] = {"shape": list(tensor.shape.numpy()), "elements": count, "storage": "dense"}
+        if info is not None:
+            row.update(shape=list(info.dense_shape), stored_shape=row["shape"], elements=info.dense_elements,
+                       storage=info.storage)
+        structural = info.structural_zeros if info is not None else 0
+        row.update(zeros=literal + structural, literal_zeros=literal, packed_zeros=structural,
+                   sparsity=(literal + structural) / row["elements"])
+        tensors[name if name not in tensors else f"{name}#{len(tensors)}"] = row
+    return {"tensors": tensors, "total": {**_sums(tensors.values()), "by_storage": _by_storage(tensors.values())}}
+
+
+def _sums(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    rows = list(rows)
+    total = {key: sum(r[key] for r in rows) for key in ("elements", "zeros", "literal_zeros", "packed_zeros")}
+    total["sparsity"] = total["zeros"] / total["elements"] if total["elements"] else 0.0
+    return total
+
+
+def _by_storage(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["storage"], []).append(row)
+    return {storage: {"tensors": len(group), **{k: v for k, v in _sums(group).items()
+                                                 if k in ("elements", "zeros", "sparsity")}}
+            for storage, group in groups.items()}

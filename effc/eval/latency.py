@@ -20,6 +20,11 @@ from effc.errors import DataError, EffcError
 
 logger = logging.getLogger(__name__)
 
+BASELINE_ORIGINAL = "original model"
+"""``baseline`` label: onnxruntime ran the model as given, before any pass (what ``effc compile`` times)."""
+BASELINE_REWRITTEN = "rewritten model.onnx"
+"""``baseline`` label: onnxruntime ran the artifact's rewritten ``model.onnx`` (what ``effc eval`` times)."""
+
 Feeds = Mapping[str, np.ndarray]
 
 
@@ -198,6 +203,7 @@ def paired_latency(
     threads: int = 1,
     repeat: int = 20,
     warmup: int = 3,
+    baseline: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Time onnxruntime on ``model`` and ``run_fn`` (a compiled artifact) in alternation (:func:`measure_interleaved`).
 
@@ -209,9 +215,12 @@ def paired_latency(
         threads: onnxruntime intra-op threads (the artifact's own count is set when it is built/loaded).
         repeat: timed rounds.
         warmup: untimed rounds.
+        baseline: which model ``model`` is, recorded as ``ort["baseline"]`` so that reports can say what
+            onnxruntime ran: :data:`BASELINE_ORIGINAL` or :data:`BASELINE_REWRITTEN` (None: not recorded).
 
     Returns:
-        ``(ort, other)``: :func:`measure`'s dicts; ``ort`` also has ``"threads"`` and ``"runtime"``.
+        ``(ort, other)``: :func:`measure`'s dicts; ``ort`` also has ``"threads"``, ``"runtime"`` and, when given,
+        ``"baseline"``.
 
     Raises:
         DataError: no feeds, or a feed lacks one of the model's inputs.
@@ -231,4 +240,6 @@ def paired_latency(
         {"ort": (lambda f: session.run(None, f), prepared), "other": (run_fn, feeds)}, warmup=warmup, repeat=repeat
     )
     timed["ort"].update(threads=threads, runtime=f"onnxruntime {ort.__version__}")
+    if baseline is not None:
+        timed["ort"]["baseline"] = baseline
     return timed["ort"], timed["other"]

@@ -31,13 +31,14 @@ def latency_plot(path: Path, latency: dict[str, Any]) -> bool:
     Args:
         path: the PNG file to write.
         latency: the report's ``latency`` section; uses ``ort`` and ``effc`` (each with ``median_ms``, ``min_ms``,
-            optional ``max_ms``) and ``threads``.
+            optional ``max_ms``), ``threads`` and ``baseline`` (which model onnxruntime ran, shown under its bar).
 
     Returns:
         True when the file was written, False when no runtime has a ``median_ms``.
     """
     labels, medians, lows, highs = [], [], [], []
-    for key, label in (("ort", "onnxruntime"), ("effc", "effc")):
+    ort_label = f"onnxruntime\n({latency['baseline']})" if latency.get("baseline") else "onnxruntime"
+    for key, label in (("ort", ort_label), ("effc", "effc")):
         entry = latency.get(key)
         if not isinstance(entry, dict) or entry.get("median_ms") is None:
             continue

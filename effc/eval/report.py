@@ -19,14 +19,20 @@ The report dict (every section optional except where noted; a missing section is
                "macs_by_op_before": dict, "macs_by_op_after": dict,   # op -> MACs (when macs_* are ints)
                "sparsity": sparsity_stats dict of the rewritten model (at least its "total")},
       "latency": {"threads": int, "ort": measure dict, "effc": measure dict,
-                  "ratio": float},                    # ratio = effc median / ort median (< 1: effc is faster);
+                  "ratio": float,                     # ratio = effc median / ort median (< 1: effc is faster);
                                                       # computed when absent
+                  "baseline": str},                   # which model onnxruntime ran: "original model" (effc
+                                                      # compile) or "rewritten model.onnx"; also read from
+                                                      # ort["baseline"] (paired_latency); absent: "original
+                                                      # model", and report.json gets the field written
       "compile_seconds": float,                       # the whole compile, wall clock
       "build_seconds": float,                         # the target build (TVM lowering) part of it
     }
 
 Ratios shown for sizes and MACs are before / after (how many times smaller). The latency ratio is effc / onnxruntime
-(the fraction of onnxruntime's time effc takes), shown with the speed-up it means ("0.50 = 2.00× faster").
+(the fraction of onnxruntime's time effc takes), shown with the speed-up it means ("0.50 = 2.00× faster"); the
+onnxruntime side is labelled with its baseline ("onnxruntime (original model)"), because timing the original model
+credits the passes and the compiler together while timing the rewritten model.onnx credits the compiler alone.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from effc.eval import plots
+from effc.eval.latency import BASELINE_ORIGINAL, BASELINE_REWRITTEN
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +172,28 @@ def latency_ratio(latency: Mapping[str, Any] | None) -> float | None:
     return eff / ort if ort and eff is not None else None
 
 
+def latency_baseline(latency: Mapping[str, Any] | None) -> str:
+    """Which model onnxruntime ran in ``latency``: its ``"baseline"``, else ``ort["baseline"]``, else the original.
+
+    ``effc compile`` times onnxruntime on the original model (DESIGN: "measured against the unmodified model"), and
+    reports written before the field existed come from it, so a missing label means :data:`BASELINE_ORIGINAL`.
+    """
+    if not latency:
+        return BASELINE_ORIGINAL
+    ort = latency.get("ort")
+    label = latency.get("baseline") or (ort.get("baseline") if isinstance(ort, Mapping) else None)
+    return str(label) if label else BASELINE_ORIGINAL
+
+
+def _ort_label(latency: Mapping[str, Any] | None) -> str:
+    return f"onnxruntime ({latency_baseline(latency)})"
+
+
 def format_latency(latency: Mapping[str, Any] | None) -> str:
-    """One line: both medians, the speed-up and the thread count; "not measured" where absent."""
+    """One line: both medians (onnxruntime labelled with its baseline), the speed-up, the thread count.
+
+    Returns "not measured" when neither median is known.
+    """
     if not latency:
         return NOT_MEASURED
     medians = {k: _num((latency.get(k) or {}).get("median_ms")) for k in ("ort", "effc")}
@@ -174,7 +201,7 @@ def format_latency(latency: Mapping[str, Any] | None) -> str:
         return NOT_MEASURED
     text = " / ".join(
         f"{label} {f'{medians[k]:.3f} ms' if medians[k] is not None else NOT_MEASURED}"
-        for k, label in (("ort", "onnxruntime"), ("effc", "effc"))
+        for k, label in (("ort", _ort_label(latency)), ("effc", "effc"))
     )
     ratio = latency_ratio(latency)
     if ratio is not None:
@@ -185,6 +212,26 @@ def format_latency(latency: Mapping[str, Any] | None) -> str:
     if latency.get("threads"):
         text += f", {latency['threads']} thread(s)"
     return text
+
+
+def format_sparsity(total: Mapping[str, Any]) -> str:
+    """One line from :func:`effc.eval.cost.sparsity_stats`' ``"total"``: the zero fraction and where zeros are.
+
+    Weights are counted in their dense shape, so N:M-packed layers contribute the zeros their format does not
+    store; totals written before ``packed_zeros`` existed read as literal zeros only.
+    """
+    zeros, elements = _num(total.get("zeros")) or 0, _num(total.get("elements")) or 0
+    fraction = _num(total.get("sparsity")) or 0.0
+    text = f"{100 * fraction:.1f}% zeros ({human(zeros)} of {human(elements)} weight elements)"
+    packed = _num(total.get("packed_zeros")) or 0
+    if not packed:
+        return text
+    packed_elements = sum(_num(g.get("elements")) or 0 for k, g in (total.get("by_storage") or {}).items()
+                          if k != "dense" and isinstance(g, Mapping))
+    share = f", {100 * packed / packed_elements:.1f}% of their weights" if packed_elements else ""
+    literal = _num(total.get("literal_zeros"))
+    return (text + f": {human(packed)} not stored in N:M-packed layers{share}"
+            + (f"; {human(literal)} stored as literal zeros" if literal else ""))
 
 
 def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -211,12 +258,9 @@ def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
     total = (cost.get("sparsity") or {}).get("total") if isinstance(cost.get("sparsity"), Mapping) else None
     modified = any(isinstance(p, Mapping) and p.get("modified") for p in report.get("passes") or [])
-    # What unstructured pruning bought (zeros stored in dense tensors). N:M-packed values hold no zeros: a packed
-    # model shows its gain in Parameters and MACs instead, so a near-zero fraction is not listed.
+    # What the passes bought in zeros; an unpruned model's natural zeros (a few in 10k) are not listed.
     if modified and isinstance(total, Mapping) and total.get("zeros") and total.get("sparsity", 0) >= 5e-4:
-        rows.insert(-2, ("Weight sparsity", f"{100 * total['sparsity']:.1f}% zeros ({human(total['zeros'])} of "
-                                            f"{human(total['elements'])} weights as stored; N:M-packed values "
-                                            "count without their zeros)"))
+        rows.insert(-2, ("Weight sparsity", format_sparsity(total)))
     tuning = ((report.get("target") or {}).get("info") or {}).get("tuning")
     if isinstance(tuning, Mapping):
         rows.append(("Tuning", format_tuning(tuning)))
@@ -265,9 +309,11 @@ def per_layer_tables(report: Mapping[str, Any]) -> list[Table]:
                 tables.append((f"{record.get('name', '?')} / {key}", *found))
     sparsity = (report.get("cost") or {}).get("sparsity")
     if isinstance(sparsity, Mapping) and sparsity.get("tensors"):
-        rows = [(name, {"sparsity": t["sparsity"], "zeros": t["zeros"], "elements": t["elements"]})
+        rows = [(name, {"sparsity": t["sparsity"], "zeros": t["zeros"], "elements": t["elements"],
+                        "storage": _storage_label(t.get("storage", "dense"))})
                 for name, t in sparsity["tensors"].items()]
-        tables.append(("weight sparsity (rewritten model)", ["sparsity", "zeros", "elements"], rows))
+        tables.append(("weight sparsity (rewritten model; fraction of elements in the dense shape)",
+                       ["sparsity", "zeros", "elements", "storage"], rows))
     return tables
 
 
@@ -333,8 +379,28 @@ def _section_cost(cost: Mapping[str, Any]) -> list[str]:
     if isinstance(sparsity, Mapping) and "total" in sparsity:
         t = sparsity["total"]
         lines += [f"Weight sparsity (rewritten model): {100 * t['sparsity']:.1f}% "
-                  f"({t['zeros']:,} zeros of {t['elements']:,} weights).", ""]
+                  f"({t['zeros']:,} zeros of {t['elements']:,} weight elements; weights are the floating-point "
+                  "parameters of rank ≥ 2, each counted in its dense shape).", ""]
+        groups = t.get("by_storage")
+        if isinstance(groups, Mapping) and groups:
+            rows = [[_storage_label(k), g.get("tensors"), f"{int(g.get('elements', 0)):,}",
+                     f"{int(g.get('zeros', 0)):,}", f"{100 * (_num(g.get('sparsity')) or 0):.1f}%"]
+                    for k, g in groups.items() if isinstance(g, Mapping)]
+            lines += _table(["storage", "tensors", "elements", "zeros", "sparsity"], rows)
     return lines
+
+
+def _storage_label(storage: str) -> str:
+    """``"dense"`` → ``"dense (zeros stored)"``; a packed format → ``"... (zeros not stored)"``."""
+    return f"{storage} (zeros stored)" if storage == "dense" else f"{storage} (zeros not stored)"
+
+
+_BASELINE_NOTES = {
+    BASELINE_ORIGINAL: "onnxruntime ran the original model (before the passes): the ratio is what the passes and "
+                       "the compiler bought together.",
+    BASELINE_REWRITTEN: "onnxruntime ran the rewritten model.onnx (after the passes): the ratio is what the compiler "
+                        "bought alone.",
+}
 
 
 def _section_latency(latency: Mapping[str, Any] | None, has_plot: bool) -> list[str]:
@@ -342,7 +408,7 @@ def _section_latency(latency: Mapping[str, Any] | None, has_plot: bool) -> list[
     if not latency:
         return lines + [f"Latency: {NOT_MEASURED}.", ""]
     rows = []
-    for key, label in (("ort", "onnxruntime"), ("effc", "effc")):
+    for key, label in (("ort", _ort_label(latency)), ("effc", "effc")):
         entry = latency.get(key)
         if isinstance(entry, Mapping):
             times = [_fmt(entry.get(k), ".3f") if entry.get(k) is not None else "–"
@@ -350,7 +416,7 @@ def _section_latency(latency: Mapping[str, Any] | None, has_plot: bool) -> list[
             rows.append([label, *times, entry.get("runs")])
         else:
             rows.append([label, NOT_MEASURED, "–", "–", "–"])
-    lines += [f"{format_latency(latency)}.", ""]
+    lines += [f"{format_latency(latency)}.", "", _BASELINE_NOTES.get(latency_baseline(latency), ""), ""]
     lines += _table(["runtime", "median ms", "min ms", "mean ms", "runs"], rows)
     return lines + (["![latency](latency.png)", ""] if has_plot else [])
 
@@ -456,6 +522,8 @@ def write_report(out_dir: str | Path, report: Mapping[str, Any]) -> list[str]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = to_jsonable(report)
+    if isinstance(data.get("latency"), Mapping):  # say which model onnxruntime ran (absent in older callers)
+        data["latency"].setdefault("baseline", latency_baseline(data["latency"]))
     (out / "report.json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     written = ["report.json", "report.md"]
     pngs: set[str] = set()

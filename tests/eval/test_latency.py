@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from effc.errors import DataError, EffcError
-from effc.eval.latency import measure, measure_interleaved, ort_latency, paired_latency
+from effc.eval.latency import (
+    BASELINE_ORIGINAL,
+    BASELINE_REWRITTEN,
+    measure,
+    measure_interleaved,
+    ort_latency,
+    paired_latency,
+)
 from tests.conftest import make_mlp
 
 
@@ -69,5 +76,14 @@ def test_paired_latency_on_mlp(mlp_path):
     ort_side, other = paired_latency(str(mlp_path), [{"x": x, "extra": 1}], lambda f: None, [{"x": x}], repeat=3)
     assert ort_side["runs"] == other["runs"] == 3 and ort_side["threads"] == 1
     assert ort_side["runtime"].startswith("onnxruntime")
+    assert "baseline" not in ort_side  # not recorded unless the caller says which model onnxruntime ran
     with pytest.raises(DataError, match="lacks model input"):
         paired_latency(str(mlp_path), [{"y": x}], lambda f: None, [{"x": x}], repeat=1)
+
+
+@pytest.mark.parametrize("baseline", [BASELINE_ORIGINAL, BASELINE_REWRITTEN])
+def test_paired_latency_records_its_baseline(mlp_path, baseline):
+    x = np.zeros((1, 16), np.float32)
+    ort_side, other = paired_latency(str(mlp_path), [{"x": x}], lambda f: None, [{"x": x}], repeat=2,
+                                     baseline=baseline)
+    assert ort_side["baseline"] == baseline and "baseline" not in other

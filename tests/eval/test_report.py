@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 
 from effc.eval.fidelity import compare
-from effc.eval.report import NOT_MEASURED, render_markdown, summary_rows, to_jsonable, write_report
+from effc.eval.latency import BASELINE_ORIGINAL, BASELINE_REWRITTEN
+from effc.eval.report import (
+    NOT_MEASURED,
+    latency_baseline,
+    render_markdown,
+    summary_rows,
+    to_jsonable,
+    write_report,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -46,7 +54,9 @@ def test_write_report_full(tmp_path, full_report):
     assert "**synthetic**" in md and "random normal x" in md
     assert "4.19 MB → 1.05 MB (×4.00 smaller)" in md
     assert "2 M → 1 M (×2.00 smaller)" in md and "4,194,304" in md
-    assert "onnxruntime 4.000 ms / effc 2.000 ms (ratio 0.50: 2.00× faster), 1 thread(s)" in md
+    assert "onnxruntime (original model) 4.000 ms / effc 2.000 ms (ratio 0.50: 2.00× faster), 1 thread(s)" in md
+    assert "onnxruntime ran the original model (before the passes)" in md
+    assert data["latency"]["baseline"] == "original model"  # written into report.json when the caller gave none
     assert "top-1 50.0%" in md and "12.50 s (target build 10.25 s)" in md
     assert "### compiled artifact vs original model (onnxruntime)" in md
     assert "| 50.0% | – |" in md  # top-1 as a percentage (was "0.5")
@@ -102,3 +112,23 @@ def test_weight_sparsity_row_hidden_for_packed_nm():
     report = {"model": {"name": "m"}, "cost": {"sparsity": {"total": total}},
               "passes": [{"name": "nm-sparsity", "text": "nm-sparsity", "seconds": 0.1, "modified": True, "stats": {}}]}
     assert "Weight sparsity" not in dict(summary_rows(report))
+
+
+@pytest.mark.parametrize(("where", "baseline"), [("top", BASELINE_REWRITTEN), ("ort", BASELINE_REWRITTEN),
+                                                 ("ort", BASELINE_ORIGINAL), (None, BASELINE_ORIGINAL)])
+def test_latency_label_names_the_baseline(tmp_path, full_report, where, baseline):
+    # effc compile times onnxruntime on the original model, effc eval on the rewritten model.onnx
+    latency = full_report["latency"]
+    if where == "top":
+        latency["baseline"] = baseline
+    elif where == "ort":
+        latency["ort"]["baseline"] = baseline  # as paired_latency(..., baseline=...) records it
+    label = f"onnxruntime ({baseline}) 4.000 ms / effc 2.000 ms"
+    assert latency_baseline(latency) == baseline
+    assert dict(summary_rows(full_report))["Latency (median)"].startswith(label)
+    write_report(tmp_path, full_report)
+    md = (tmp_path / "report.md").read_text()
+    assert label in md and f"| onnxruntime ({baseline}) | 4.000 | 3.500 | 4.200 | 20 |" in md
+    assert ("the ratio is what the compiler bought alone" in md) == (baseline == BASELINE_REWRITTEN)
+    assert json.loads((tmp_path / "report.json").read_text())["latency"]["baseline"] == baseline
+    assert "baseline" not in latency or where == "top"  # the caller's dict is not modified
