@@ -33,11 +33,15 @@ __all__ = [
     "param_count",
     "parameter_tensors",
     "register_mac_counter",
+    "SPARSE_TENSOR_MIN",
     "sparsity_stats",
     "static_shape",
 ]
 
 logger = logging.getLogger(__name__)
+
+SPARSE_TENSOR_MIN = 0.01
+"""A weight tensor with at least this fraction of zeros counts as sparse (trained dense weights hold ~0.1%)."""
 
 # Constant's scalar/list attributes and the bytes of one element (ONNX stores them as float32 / int64).
 _CONSTANT_LIST_ATTRS = {"value_float": 4, "value_floats": 4, "value_int": 8, "value_ints": 8}
@@ -144,8 +148,10 @@ def sparsity_stats(model: ir.Model, min_rank: int = 2) -> dict[str, Any]:
         dense shape), ``"zeros"`` (= ``"literal_zeros"`` + ``"packed_zeros"``), ``"sparsity"`` (``zeros /
         elements``, a fraction in [0, 1]), ``"storage"`` (``"dense"`` or e.g. ``"packed 2:4, vector 16"``), and
         for packed tensors ``"stored_shape"``. ``"total"``: ``"elements"``, ``"zeros"``, ``"sparsity"`` (0.0
-        when there are no weights), ``"literal_zeros"``, ``"packed_zeros"``, and ``"by_storage"``: storage ->
-        ``{"tensors", "elements", "zeros", "sparsity"}``.
+        when there are no weights), ``"literal_zeros"``, ``"packed_zeros"``, ``"tensors"`` (count), and two groups
+        ``{"tensors", "elements", "zeros", "sparsity"}``: ``"by_storage"`` (storage -> group) and
+        ``"sparse_tensors"`` (the tensors with at least :data:`SPARSE_TENSOR_MIN` zeros, i.e. those a pass made
+        sparse, without the dense embedding tables and layers that dilute the model-wide fraction).
     """
     packed = packed_weights(model)
     tensors: dict[str, dict[str, Any]] = {}
@@ -162,7 +168,10 @@ def sparsity_stats(model: ir.Model, min_rank: int = 2) -> dict[str, Any]:
         row.update(zeros=literal + structural, literal_zeros=literal, packed_zeros=structural,
                    sparsity=(literal + structural) / row["elements"])
         tensors[name if name not in tensors else f"{name}#{len(tensors)}"] = row
-    return {"tensors": tensors, "total": {**_sums(tensors.values()), "by_storage": _by_storage(tensors.values())}}
+    sparse = [t for t in tensors.values() if t["sparsity"] >= SPARSE_TENSOR_MIN]
+    return {"tensors": tensors, "total": {**_sums(tensors.values()), "tensors": len(tensors),
+                                          "by_storage": _by_storage(tensors.values()),
+                                          "sparse_tensors": _group(sparse)}}
 
 
 def _sums(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
@@ -172,10 +181,12 @@ def _sums(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     return total
 
 
+def _group(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
+    return {"tensors": len(rows), **{k: v for k, v in _sums(rows).items() if k in ("elements", "zeros", "sparsity")}}
+
+
 def _by_storage(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
         groups.setdefault(row["storage"], []).append(row)
-    return {storage: {"tensors": len(group), **{k: v for k, v in _sums(group).items()
-                                                 if k in ("elements", "zeros", "sparsity")}}
-            for storage, group in groups.items()}
+    return {storage: _group(group) for storage, group in groups.items()}

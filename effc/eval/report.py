@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from effc.eval import plots
+from effc.eval.cost import SPARSE_TENSOR_MIN
 from effc.eval.latency import BASELINE_ORIGINAL, BASELINE_REWRITTEN
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,8 @@ def _cell(value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, (int, np.integer)) and abs(value) >= 10_000:
+        return f"{value:,}"  # 42,467,328 bytes/elements read at a glance, 42467328 do not
     if value is None:
         return "–"
     return str(value).replace("|", "\\|").replace("\n", " ")
@@ -158,7 +161,12 @@ def _before_after(before: float | None, after: float | None, unit: str) -> str:
     if before is None or after is None:
         known = "after" if before is None else "before"
         return f"{human(after if before is None else before, unit)} ({known} only)"
-    ratio = f"×{before / after:.2f} smaller" if after else "all removed"
+    if before == after:
+        return f"{human(before, unit)} (unchanged)"
+    if not after:
+        ratio = "all removed"
+    else:
+        ratio = f"×{before / after:.2f} smaller" if before > after else f"×{after / before:.2f} larger"
     return f"{human(before, unit)} → {human(after, unit)} ({ratio})"
 
 
@@ -215,23 +223,28 @@ def format_latency(latency: Mapping[str, Any] | None) -> str:
 
 
 def format_sparsity(total: Mapping[str, Any]) -> str:
-    """One line from :func:`effc.eval.cost.sparsity_stats`' ``"total"``: the zero fraction and where zeros are.
+    """One line from :func:`effc.eval.cost.sparsity_stats`' ``"total"``: how many weights are zero and where.
 
     Weights are counted in their dense shape, so N:M-packed layers contribute the zeros their format does not
-    store; totals written before ``packed_zeros`` existed read as literal zeros only.
+    store (a saving in bytes and MACs) while literal zeros stay stored (dense kernels multiply them). Keys added
+    later (``packed_zeros``, ``sparse_tensors``) are optional, so older totals still read.
     """
     zeros, elements = _num(total.get("zeros")) or 0, _num(total.get("elements")) or 0
     fraction = _num(total.get("sparsity")) or 0.0
-    text = f"{100 * fraction:.1f}% zeros ({human(zeros)} of {human(elements)} weight elements)"
-    packed = _num(total.get("packed_zeros")) or 0
-    if not packed:
-        return text
-    packed_elements = sum(_num(g.get("elements")) or 0 for k, g in (total.get("by_storage") or {}).items()
-                          if k != "dense" and isinstance(g, Mapping))
-    share = f", {100 * packed / packed_elements:.1f}% of their weights" if packed_elements else ""
-    literal = _num(total.get("literal_zeros"))
-    return (text + f": {human(packed)} not stored in N:M-packed layers{share}"
-            + (f"; {human(literal)} stored as literal zeros" if literal else ""))
+    count = f" in {total['tensors']} tensors" if _num(total.get("tensors")) else ""
+    parts = [f"{100 * fraction:.1f}% zeros ({human(zeros)} of {human(elements)} weight elements{count})"]
+    sparse = total.get("sparse_tensors")
+    if isinstance(sparse, Mapping) and sparse.get("tensors") and sparse.get("tensors") != total.get("tensors"):
+        parts.append(f"{100 * (_num(sparse.get('sparsity')) or 0):.1f}% in the {sparse['tensors']} sparse tensor(s) "
+                     f"(≥ {100 * SPARSE_TENSOR_MIN:.0f}% zeros; the rest stay dense)")
+    packed, literal = _num(total.get("packed_zeros")) or 0, _num(total.get("literal_zeros"))
+    if packed:
+        parts.append(f"{human(packed)} not stored (N:M-packed)")
+    if literal is None and not packed:
+        literal = zeros  # a total written before literal_zeros existed
+    if literal:
+        parts.append(f"{human(literal)} stored as literal zeros (no byte or MAC saving)")
+    return "; ".join(parts)
 
 
 def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -278,21 +291,41 @@ def _format_seconds(report: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------- per-layer tables
 
 
+def _is_shape(item: Any) -> bool:
+    return isinstance(item, (list, tuple)) and bool(item) and all(_num(d) is not None for d in item)
+
+
 def _layer_rows(value: Any) -> tuple[list[str], list[tuple[str, dict[str, Any]]]] | None:
-    """Rows of a per-layer stats value (layer -> number, or layer -> {metric: number}), else None."""
-    if not isinstance(value, Mapping) or not value:
+    """Rows of a per-layer stats value, else None.
+
+    Accepted: layer -> number, layer -> {metric: number or text}, and a list of records ``{"name": layer, metric:
+    number or text, ...}`` (e.g. nm-sparsity's ``layers`` and any pass's ``skipped`` with its reasons). Shapes
+    (lists of ints) are shown as text.
+    """
+    named = isinstance(value, (list, tuple)) and bool(value) and all(
+        isinstance(v, Mapping) and "name" in v for v in value)
+    if named:
+        items = [(str(v["name"]), {k: x for k, x in v.items() if k != "name"}) for v in value]
+    elif isinstance(value, Mapping) and value:
+        if all(_num(v) is not None for v in value.values()):
+            return ["value"], [(str(k), {"value": v}) for k, v in value.items()]
+        items = [(str(k), v) for k, v in value.items()]
+    else:
         return None
-    if all(_num(v) is not None for v in value.values()):
-        return ["value"], [(str(k), {"value": v}) for k, v in value.items()]
-    if all(isinstance(v, Mapping) for v in value.values()):
-        columns: list[str] = []
-        for v in value.values():
-            for key, item in v.items():
-                if key not in columns and (_num(item) is not None or isinstance(item, str)):
-                    columns.append(key)
-        if any(_num(item) is not None for v in value.values() for item in v.values()):
-            return columns, [(str(k), dict(v)) for k, v in value.items()]
+    if not all(isinstance(v, Mapping) for _, v in items):
+        return None
+    columns: list[str] = []
+    for _, v in items:
+        for key, item in v.items():
+            if key not in columns and (_num(item) is not None or isinstance(item, str) or _is_shape(item)):
+                columns.append(key)
+    if columns and (named or any(_num(item) is not None for _, v in items for item in v.values())):
+        return columns, [(name, {k: _shape_text(x) for k, x in v.items()}) for name, v in items]
     return None
+
+
+def _shape_text(item: Any) -> Any:
+    return "×".join(str(int(d)) for d in item) if _is_shape(item) else item
 
 
 def per_layer_tables(report: Mapping[str, Any]) -> list[Table]:
@@ -326,8 +359,19 @@ def _stats_summary(stats: Mapping[str, Any]) -> str:
         if isinstance(value, (Mapping, list, tuple)):
             parts.append(f"{key}: {len(value)} entries")
         else:
-            parts.append(f"{key}={_cell(value)}")
+            parts.append(f"{key}={_cell(_as_percent(key, value))}")
     return ", ".join(parts) or "–"
+
+
+_FRACTION_KEYS = ("sparsity", "kept")
+"""Stats keys that hold a fraction in [0, 1] (CONVENTIONS: "fraction in [0, 1]"); Markdown shows them in percent
+like the summary does, report.json keeps the fraction."""
+
+
+def _as_percent(key: str, value: Any) -> Any:
+    if key in _FRACTION_KEYS and isinstance(value, float) and 0.0 <= value <= 1.0:
+        return f"{100 * value:.1f}%"
+    return value
 
 
 _FIDELITY_TITLES = {
@@ -431,7 +475,8 @@ def _section_target(target: Mapping[str, Any]) -> list[str]:
     info = target.get("info") or {}
     for key, value in info.items():
         if key != "kernels" and not isinstance(value, (Mapping, list, tuple)):
-            lines.append(f"- {key}: {_cell(value)}")
+            unit = " s" if key.endswith("_seconds") and _num(value) is not None else ""
+            lines.append(f"- {key}: {_cell(value)}{unit}")
     lines.append("")
     kernels = info.get("kernels")
     if isinstance(kernels, Mapping) and kernels:
@@ -447,8 +492,14 @@ def _section_target(target: Mapping[str, Any]) -> list[str]:
     effc_ops = info.get("effc_ops")
     if isinstance(effc_ops, (list, tuple)) and effc_ops:
         columns = list(dict.fromkeys(k for item in effc_ops if isinstance(item, Mapping) for k in item))
+        # nodes of one shape get one measurement: one row per distinct entry, with how many nodes it covers
+        groups: dict[str, list] = {}
+        for item in effc_ops:
+            if isinstance(item, Mapping):
+                row = [_shape_text(item.get(c)) for c in columns]
+                groups.setdefault(json.dumps(to_jsonable(row)), [0, row])[0] += 1
         lines += ["", "### effc operators: form chosen per node", ""]
-        lines += _table(columns, [[item.get(c) for c in columns] for item in effc_ops if isinstance(item, Mapping)])
+        lines += _table(["nodes", *columns], [[n, *row] for n, row in groups.values()])
     return lines
 
 
@@ -496,8 +547,8 @@ def render_markdown(report: Mapping[str, Any], plots_written: set[str] | None = 
     if tables:
         lines += ["## Per layer", ""]
         for title, columns, rows in tables:
-            lines += [f"### {title}", ""] + _table(["layer", *columns], [[n, *(v.get(c) for c in columns)]
-                                                                         for n, v in rows])
+            cells = [[n, *(_as_percent(c, v.get(c)) for c in columns)] for n, v in rows]
+            lines += [f"### {title}", ""] + _table(["layer", *columns], cells)
         if "layers.png" in plots_written:
             lines += ["![per-layer](layers.png)", ""]
     lines += _section_fidelity(report.get("fidelity") or {})

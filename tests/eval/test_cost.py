@@ -138,5 +138,6 @@ def test_sparsity_stats():
     assert list(stats["tensors"]) == ["w"]  # the rank-1 bias is not a weight
     assert stats["tensors"]["w"]["sparsity"] == 0.5 and stats["tensors"]["w"]["zeros"] == 8
     assert stats["tensors"]["w"]["storage"] == "dense" and stats["tensors"]["w"]["literal_zeros"] == 8
+    group = {"tensors": 1, "elements": 16, "zeros": 8, "sparsity": 0.5}
     assert stats["total"] == {"elements": 16, "zeros": 8, "sparsity": 0.5, "literal_zeros": 8, "packed_zeros": 0,
-                              "by_storage": {"dense": {"tensors": 1, "elements": 16, "zeros": 8, "sparsity": 0.5}}}
+                              "tensors": 1, "by_storage": {"dense": group}, "sparse_tensors": group}

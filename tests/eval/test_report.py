@@ -132,3 +132,35 @@ def test_latency_label_names_the_baseline(tmp_path, full_report, where, baseline
     assert ("the ratio is what the compiler bought alone" in md) == (baseline == BASELINE_REWRITTEN)
     assert json.loads((tmp_path / "report.json").read_text())["latency"]["baseline"] == baseline
     assert "baseline" not in latency or where == "top"  # the caller's dict is not modified
+
+
+def test_sparsity_row_separates_sparse_tensors_and_sizes_say_unchanged():
+    # prune(sparsity=0.5) on MiniLM: 50% in the 36 linear weights, 23.7% over all weights (embedding tables dense)
+    sparse = {"tensors": 36, "elements": 10_616_832, "zeros": 5_308_416, "sparsity": 0.5}
+    total = {"elements": 22_387_200, "zeros": 5_308_419, "sparsity": 5_308_419 / 22_387_200, "tensors": 39,
+             "literal_zeros": 5_308_419, "packed_zeros": 0, "sparse_tensors": sparse}
+    report = {"model": {"name": "m"}, "passes": [{"name": "prune", "modified": True, "stats": {}}],
+              "cost": {"sparsity": {"total": total}, "params_bytes_before": 1000, "params_bytes_after": 1000,
+                       "macs_before": 10, "macs_after": 20}}
+    rows = dict(summary_rows(report))
+    assert rows["Weight sparsity"] == ("23.7% zeros (5.31 M of 22.4 M weight elements in 39 tensors); 50.0% in the 36 "
+                                       "sparse tensor(s) (≥ 1% zeros; the rest stay dense); 5.31 M stored as literal "
+                                       "zeros (no byte or MAC saving)")
+    assert rows["Parameters"] == "1 kB (unchanged)" and rows["MACs"] == "10 → 20 (×2.00 larger)"
+
+
+def test_named_records_become_tables_and_fractions_read_as_percent():
+    # nm-sparsity's layers/skipped are lists of records; they were shown only as "layers: 2 entries"
+    layers = [{"name": "mm1", "shape": [8, 16], "kept": 0.5, "kind": "ffn", "dense_bytes": 512_000},
+              {"name": "mm2", "shape": [16, 8], "kept": 0.25, "kind": "ffn", "dense_bytes": 512}]
+    op = {"shape": [4, 16, 8], "n": 2, "m": 4, "form": "packed"}
+    report = {"model": {"name": "m"}, "target": {"name": "cpu", "info": {"effc_ops": [op, dict(op), {**op, "n": 1}]}},
+              "passes": [{"name": "nm-sparsity", "modified": True,
+                          "stats": {"layers": layers, "skipped": [{"name": "mm3", "reason": "Gemm is not packed"}],
+                                    "sparsity": 0.5, "weight_bytes_after": 21_897_216}}]}
+    md = render_markdown(report)
+    assert "| mm1 | 8×16 | 50.0% | ffn | 512,000 |" in md and "| mm2 | 16×8 | 25.0% | ffn | 512 |" in md
+    assert "### nm-sparsity / skipped" in md and "| mm3 | Gemm is not packed |" in md
+    assert "sparsity=50.0%, weight_bytes_after=21,897,216" in md
+    # effc operators: identical entries collapse into one row with their node count
+    assert "| 2 | 4×16×8 | 2 | 4 | packed |" in md and "| 1 | 4×16×8 | 1 | 4 | packed |" in md
