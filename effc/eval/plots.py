@@ -62,8 +62,28 @@ def latency_plot(path: Path, latency: dict[str, Any]) -> bool:
     return True
 
 
+_TELLING = ("error", "cosine", "loss", "speedup", "sparsity")
+"""Column name parts that say most about a layer (preferred for the plot over sizes and counts)."""
+
+
+def _plot_column(columns: Sequence[str], rows: Sequence[tuple[str, dict[str, Any]]]):
+    """``(column, [(layer, value)])`` to draw: a column whose values differ between layers, preferring errors."""
+    numeric = []
+    for column in columns:
+        values = [(n, vals.get(column)) for n, vals in rows]
+        values = [(n, float(v)) for n, v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if values:
+            numeric.append((column, values))
+    varying = [c for c in numeric if len({v for _, v in c[1]}) > 1]
+    telling = [c for c in varying if any(part in c[0] for part in _TELLING)]
+    return (telling or varying or numeric or [None])[0]
+
+
 def layers_plot(path: Path, tables: Sequence[tuple[str, list[str], list[tuple[str, dict[str, Any]]]]]) -> bool:
-    """One horizontal bar panel per per-layer table, showing its first numeric column.
+    """One horizontal bar panel per per-layer table, showing one numeric column.
+
+    The column drawn is the first whose values differ between layers, preferring error/cosine/loss/speed-up/
+    sparsity columns (a column equal for every layer says nothing as a bar chart); else the first numeric one.
 
     Args:
         path: the PNG file to write.
@@ -75,12 +95,9 @@ def layers_plot(path: Path, tables: Sequence[tuple[str, list[str], list[tuple[st
     """
     panels = []
     for title, columns, rows in tables:
-        for column in columns:
-            values = [(name, vals.get(column)) for name, vals in rows]
-            values = [(n, float(v)) for n, v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-            if values:
-                panels.append((f"{title}: {column}", values[:MAX_BARS]))
-                break
+        chosen = _plot_column(columns, rows)
+        if chosen is not None:
+            panels.append((f"{title}: {chosen[0]}", chosen[1][:MAX_BARS]))
         if len(panels) == 4:
             break
     if not panels:

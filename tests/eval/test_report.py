@@ -164,3 +164,14 @@ def test_named_records_become_tables_and_fractions_read_as_percent():
     assert "sparsity=50.0%, weight_bytes_after=21,897,216" in md
     # effc operators: identical entries collapse into one row with their node count
     assert "| 2 | 4×16×8 | 2 | 4 | packed |" in md and "| 1 | 4×16×8 | 1 | 4 | packed |" in md
+
+
+def test_layers_plot_draws_a_column_that_differs_between_layers():
+    from effc.eval.plots import _plot_column
+
+    # prune's layers: shared_by is 1 for every layer (a useless bar chart); the output error is what differs
+    rows = [("a", {"shared_by": 1, "params": 100, "sparsity": 0.5, "rel_output_error": 0.08}),
+            ("b", {"shared_by": 1, "params": 400, "sparsity": 0.5, "rel_output_error": 0.19})]
+    assert _plot_column(["shared_by", "params", "sparsity", "rel_output_error"], rows)[0] == "rel_output_error"
+    assert _plot_column(["shared_by", "params"], rows) == ("params", [("a", 100.0), ("b", 400.0)])
+    assert _plot_column(["shared_by"], rows)[0] == "shared_by" and _plot_column(["x"], rows) is None
