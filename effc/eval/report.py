@@ -345,7 +345,7 @@ def per_layer_tables(report: Mapping[str, Any]) -> list[Table]:
         rows = [(name, {"sparsity": t["sparsity"], "zeros": t["zeros"], "elements": t["elements"],
                         "storage": _storage_label(t.get("storage", "dense"))})
                 for name, t in sparsity["tensors"].items()]
-        tables.append(("weight sparsity (rewritten model; fraction of elements in the dense shape)",
+        tables.append(("weight sparsity (rewritten model; zeros / elements of the dense shape)",
                        ["sparsity", "zeros", "elements", "storage"], rows))
     return tables
 
