@@ -187,22 +187,30 @@ def gather_feeds(
     model: ir.Model,
     data: str | os.PathLike | Sequence[Mapping[str, np.ndarray]] | None,
     n_eval: int,
-    n_calib: int,
+    n_calib: int | None = None,
 ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], dict[str, Any]]:
     """Calibration feeds, held-out evaluation feeds, and a description of where they came from.
 
-    ``data`` (a ``.npz`` path, a folder, or a list of feed dicts) wins; then a zoo entry's real samples; else
-    generated inputs, labelled synthetic. With user data of fewer than two samples, the same samples serve both
-    (stated in the description).
+    ``data`` (a ``.npz`` path, a folder, or a list of feed dicts) wins: its first ``n_calib`` samples calibrate
+    (``n_calib`` None: the first half) and up to ``n_eval`` of the samples after them evaluate; a single sample
+    serves both when ``n_calib`` is None or 1 (stated in the description). Then a zoo entry's real samples (disjoint
+    calibration and eval splits); else generated inputs, labelled synthetic. ``n_calib`` None means
+    :data:`DEFAULT_CALIBRATION_SAMPLES` for zoo and generated inputs. Fewer evaluation samples than ``n_eval`` are
+    used (with a logged warning) when the data holds no more.
+
+    Returns:
+        ``(calibration feeds, evaluation feeds, info)``; info holds ``description``, ``synthetic``, ``count``
+        (evaluation samples used), ``calibration_samples`` (calibration samples used) and ``calibration_source``.
 
     Raises:
-        DataError: the data does not match the model's inputs.
+        DataError: the data does not match the model's inputs; it holds too few samples for ``n_calib`` plus at
+            least one held-out sample; a zoo split holds fewer samples than asked. The message names the option.
     """
     from effc.ir.data import conform_feeds, input_ranks, load_data, synthetic_feeds
 
-    names = [v.name for v in model.graph.inputs if not v.is_initializer()]
     if data is not None:
         if isinstance(data, (str, os.PathLike)):
+            names = [v.name for v in model.graph.inputs if not v.is_initializer()]
             feeds = load_data(data, names, input_ranks(model))
             where = f"--data {data}"
         else:
@@ -211,25 +219,66 @@ def gather_feeds(
         if not feeds:
             raise DataError("the data holds no samples", "give at least one array per model input")
         # shapes and dtypes are checked here, before the build, not by onnxruntime after it
-        feeds = conform_feeds(model, feeds, where=where)
-        if len(feeds) == 1:
-            where = data if isinstance(data, (str, os.PathLike)) else "in memory"
-            desc = f"user data ({where}), 1 sample used for calibration and evaluation"
-            return feeds, feeds, {"description": desc, "synthetic": False, "count": 1}
-        split = max(1, len(feeds) // 2)
-        calib, evals = feeds[:split], feeds[split:]
-        desc = f"user data: {len(calib)} calibration sample(s), {len(evals)} held-out evaluation sample(s)"
-        return calib, evals[:n_eval], {"description": desc, "synthetic": False, "count": len(evals[:n_eval])}
+        return _split_user_feeds(conform_feeds(model, feeds, where=where), data, n_eval, n_calib)
+    n_calib = DEFAULT_CALIBRATION_SAMPLES if n_calib is None else n_calib
     if loaded.zoo is not None:
-        calib = loaded.zoo.samples("calibration", n_calib)
-        evals = loaded.zoo.samples("eval", n_eval)
+        calib = _zoo_samples(loaded.zoo, "calibration", n_calib, _CALIB_OPTION)
+        evals = _zoo_samples(loaded.zoo, "eval", n_eval, _EVAL_OPTION)
         desc = loaded.zoo.samples_description("eval")
-        synthetic = "synthetic" in desc.lower()
-        return calib, evals, {"description": desc, "synthetic": synthetic, "count": len(evals)}
+        info = {"description": desc, "synthetic": "synthetic" in desc.lower(), "count": len(evals)}
+        return calib, evals, {**info, **_calib_info(calib, loaded.zoo.samples_description("calibration"))}
     calib = synthetic_feeds(model, n_calib, seed=1)
     evals = synthetic_feeds(model, n_eval, seed=2)
     desc = "generated inputs (synthetic: no --data given); fidelity on real data may differ"
-    return calib, evals, {"description": desc, "synthetic": True, "count": len(evals)}
+    info = {"description": desc, "synthetic": True, "count": len(evals)}
+    return calib, evals, {**info, **_calib_info(calib, "generated inputs (synthetic)")}
+
+
+_CALIB_OPTION = "--calibration-samples (calibration_samples=)"
+_EVAL_OPTION = "--eval-samples (eval_samples=)"
+
+
+def _calib_info(calib: list[dict[str, np.ndarray]], source: str) -> dict[str, Any]:
+    return {"calibration_samples": len(calib), "calibration_source": source}
+
+
+def _zoo_samples(entry: Any, split: str, n: int, option: str) -> list[dict[str, np.ndarray]]:
+    """``n`` samples of a zoo split; a split that is too small raises a DataError naming ``option``."""
+    try:
+        return entry.samples(split, n)
+    except DataError as exc:
+        raise DataError(
+            f"{option} asks for {n} {split} sample(s) of zoo:{entry.name}: {exc.message}",
+            f"give {option.split()[0]} with a smaller count, or your own samples with --data",
+        ) from exc
+
+
+def _split_user_feeds(
+    feeds: list[dict[str, np.ndarray]], data: Any, n_eval: int, n_calib: int | None
+) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], dict[str, Any]]:
+    """Split user samples: the first ``n_calib`` (None: half) calibrate, up to ``n_eval`` of the rest evaluate.
+
+    Raises:
+        DataError: ``n_calib`` leaves no held-out sample (a single sample with ``n_calib`` 1 serves both).
+    """
+    where = str(data) if isinstance(data, (str, os.PathLike)) else "in memory"
+    total = len(feeds)
+    if total == 1 and n_calib in (None, 1):
+        desc = f"user data ({where}), 1 sample used for calibration and evaluation"
+        return feeds, feeds, {"description": desc, "synthetic": False, "count": 1, **_calib_info(feeds, desc)}
+    if n_calib is not None and n_calib >= total:
+        raise DataError(
+            f"{_CALIB_OPTION} asks for {n_calib} calibration sample(s) but the data ({where}) holds {total}; the "
+            "samples after the calibration ones are held out for evaluation, so at least one must remain",
+            f"give --calibration-samples {total - 1} or fewer, or more samples in --data",
+        )
+    split = max(1, total // 2) if n_calib is None else n_calib
+    calib, evals = feeds[:split], feeds[split:split + n_eval]
+    if len(evals) < n_eval:
+        logger.warning("the data (%s) holds %d sample(s): %d calibrate, so only %d of the %d asked evaluate",
+                       where, total, len(calib), len(evals), n_eval)
+    desc = f"user data: {len(calib)} calibration sample(s), {len(evals)} held-out evaluation sample(s)"
+    return calib, evals, {"description": desc, "synthetic": False, "count": len(evals), **_calib_info(calib, desc)}
 
 
 def _reference_feeds(model: ir.Model, feed: Mapping[str, np.ndarray], constants: Mapping[str, np.ndarray]) -> dict:
@@ -252,7 +301,7 @@ def compile_model(
     dump_ir: str | os.PathLike | None = None,
     threads: int | None = None,
     eval_samples: int = DEFAULT_EVAL_SAMPLES,
-    calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES,
+    calibration_samples: int | None = None,
     measure_latency: bool = True,
     latency_repeat: int = 20,
     tune: int = 0,
@@ -268,13 +317,16 @@ def compile_model(
         target: a registered target name (``effc.targets.target_names()``).
         out_dir: artifact folder; must be absent or empty unless ``force``.
         input_shapes: deployment shape per input name, for dynamic dimensions.
-        data: ``.npz`` file / folder / list of feed dicts for calibration (first half) and evaluation (rest).
+        data: ``.npz`` file / folder / list of feed dicts: the first ``calibration_samples`` (default: half)
+            calibrate, up to ``eval_samples`` of the rest evaluate (:func:`gather_feeds`).
         force: replace a non-empty ``out_dir``.
         verify_each: run the ONNX checker and shape inference after every pass.
         dump_ir: folder receiving the numbered ONNX model after each pass.
         threads: threads for the compiled artifact and for onnxruntime in the latency comparison (default 1).
         eval_samples: held-out samples used for fidelity.
-        calibration_samples: samples handed to data-driven passes.
+        calibration_samples: samples handed to data-driven passes (None: half of ``data``, else
+            :data:`DEFAULT_CALIBRATION_SAMPLES` zoo or generated samples). The count used is recorded in the
+            manifest (``calibration``) and the report (``inputs.calibration_samples``).
         measure_latency: time onnxruntime vs the artifact (host-runnable targets only).
         latency_repeat: timed runs per side (median and min reported).
         tune: MetaSchedule trial budget for the ``cpu`` target (0: off, templates only); the tuning database is
@@ -310,6 +362,8 @@ def compile_model(
     threads = _check_threads(threads)
     for name, count in (("eval_samples", eval_samples), ("calibration_samples", calibration_samples),
                         ("latency_repeat", latency_repeat)):
+        if name == "calibration_samples" and count is None:
+            continue
         if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
             raise EffcError(f"{name}={count!r} is not a positive integer", f"give {name} >= 1")
     options = {"threads": threads, **dict(target_options or {})}
@@ -332,9 +386,8 @@ def compile_model(
     check_importable(canonical)  # fail before the passes; target.build checks the rewritten model again
 
     calib_feeds, eval_feeds, inputs_info = gather_feeds(loaded, canonical, data, eval_samples, calibration_samples)
-    from_zoo = loaded.zoo is not None and data is None
-    source = loaded.zoo.samples_description("calibration") if from_zoo else inputs_info["description"]
-    calibration = Calibration(calib_feeds, source=source)
+    calibration = Calibration(calib_feeds, source=inputs_info["calibration_source"])
+    logger.info("calibration: %d sample(s) from %s", len(calibration), calibration.source)
     pipeline = parse_pipeline(passes, calibration=calibration)
     before = _copy(canonical)
     result = PassManager(pipeline, verify_each=verify_each, dump_ir=dump_ir).run(canonical)
@@ -352,6 +405,11 @@ def compile_model(
             "source": loaded.source,
             "pipeline": str(pipeline),
             "passes": [_record_dict(r) for r in result.records],
+            "calibration": {
+                "samples": len(calibration),
+                "source": calibration.source,
+                "used_by": [str(p) for p in pipeline if getattr(p, "uses_calibration", False)],
+            },
             "target": {"name": tgt.name, "options": options, "info": build.info},
             **io_signature(rewritten),
         }

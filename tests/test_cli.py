@@ -304,3 +304,93 @@ def test_cortex_m4_compile_and_verify_in_qemu(tmp_path, mlp_path):
 def test_bad_target_option_syntax(tmp_path, mlp_path):
     out = tmp_path / "out"
     _assert_clean_failure(_run("compile", mlp_path, "-O", "schedule", "-o", out), out, "KEY=VALUE")
+
+
+def test_calibration_samples_reach_the_pass(tmp_path, mlp_path, monkeypatch):
+    from effc.ir.calibration import Calibration
+
+    seen = []
+    tap = Calibration.tap
+
+    def counting_tap(self, *args, **kwargs):
+        seen.append(len(self))
+        return tap(self, *args, **kwargs)
+
+    monkeypatch.setattr(Calibration, "tap", counting_tap)
+    out = tmp_path / "out"
+    result = _run("compile", mlp_path, "--passes", "prune(sparsity=0.5,method=wanda,min_params=0)",
+                  "--calibration-samples", 3, "-o", out, "--no-latency")
+    assert result.exit_code == 0, result.output
+    assert seen and set(seen) == {3}  # wanda's taps ran over exactly the 3 samples asked for
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["calibration"]["samples"] == 3
+    assert [text.split("(")[0] for text in manifest["calibration"]["used_by"]] == ["prune"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["inputs"]["calibration_samples"] == 3
+    assert "calibration: 3 sample(s)" in result.output
+
+
+def test_calibration_samples_split_user_data(tmp_path, mlp_path):
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((6, 1, 16)).astype(np.float32))
+    out = tmp_path / "out"
+    result = _run("compile", mlp_path, "--data", tmp_path / "d.npz", "--calibration-samples", 2, "--eval-samples", 3,
+                  "-o", out, "--no-latency")
+    assert result.exit_code == 0, result.output
+    inputs = json.loads((out / "report.json").read_text())["inputs"]
+    assert (inputs["calibration_samples"], inputs["count"]) == (2, 3)
+    assert json.loads((out / "manifest.json").read_text())["calibration"]["samples"] == 2
+
+
+def test_calibration_samples_beyond_the_data_is_one_clear_error(tmp_path, mlp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 1, 16), np.float32))
+    out = tmp_path / "out"
+    result = _run("compile", mlp_path, "--data", tmp_path / "d.npz", "--calibration-samples", 4, "-o", out)
+    _assert_clean_failure(result, out, "--calibration-samples", "holds 4", "3 or fewer")
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "many"])
+def test_calibration_samples_bad_value(tmp_path, mlp_path, value):
+    result = _run("compile", mlp_path, "--calibration-samples", value, "-o", tmp_path / "out")
+    assert result.exit_code == 2, result.output  # click's usage error: no build, no traceback
+    assert "--calibration-samples" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_compile_help_states_calibration_default():
+    from effc.compiler import DEFAULT_CALIBRATION_SAMPLES
+
+    text = " ".join(_run("compile", "--help").output.split())
+    assert f"Default: {DEFAULT_CALIBRATION_SAMPLES} zoo or synthetic samples" in text
+    assert "reconstruct=block wants 128-512" in text
+
+
+def _activation_quantized_artifact(tmp_path, mode="weight_act"):
+    path = tmp_path / "mlp64.onnx"
+    make_mlp(path, in_dim=64, hidden=64, out_dim=8)
+    out = tmp_path / f"out-{mode}"
+    passes = f"block-quant(format=mxint8,mode={mode},min_params=0)"
+    result = _run("compile", path, "--passes", passes, "-o", out, "--no-latency")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_verify_uses_quantization_aware_check_for_activation_quantization(tmp_path):
+    out = _activation_quantized_artifact(tmp_path)
+    ver = _run("verify", out)
+    assert ver.exit_code == 0, ver.output
+    text = " ".join(ver.output.split())
+    assert "quantization-aware (model.onnx quantizes activations at run time in 2 node(s))" in text
+    assert "rel L2 error <= 1.5 x the rel L2 change the activation quantization itself makes" in text
+    line = next(ln for ln in ver.output.splitlines() if ln.startswith("output y:"))
+    assert "cosine" in line and "rel L2" in line and "activation quantization alone" in line
+    assert line.endswith("[quantized] ok")
+    plain = _run("verify", out, "--atol", 1e-4)  # an explicit --atol is a plain max-abs check
+    assert "criterion: max abs diff <= 0.0001" in plain.output and "[atol]" in plain.output
+    assert "activation quantization alone" not in plain.output
+
+
+def test_verify_keeps_plain_atol_for_weight_only(tmp_path):
+    out = _activation_quantized_artifact(tmp_path, mode="weight")
+    ver = _run("verify", out)
+    assert ver.exit_code == 0, ver.output
+    assert "criterion: max abs diff <= 0.0001" in ver.output and "[atol] ok" in ver.output

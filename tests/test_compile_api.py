@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
@@ -134,3 +135,90 @@ def test_zero_sample_counts_rejected_before_the_build(tmp_path, mlp_path, option
     monkeypatch.setattr(type(get_target("cpu")), "build", lambda *a: pytest.fail("built"))
     with pytest.raises(EffcError, match=option):
         effc.compile(mlp_path, out_dir=tmp_path / "out", **{option: 0})
+
+
+def test_quantized_criterion_scales_with_the_activation_quantization():
+    from effc.api import QUANT_ERROR_FACTOR, compare_outputs
+
+    rng = np.random.default_rng(0)
+    ref = [[rng.standard_normal((1, 128, 384)).astype(np.float32)] for _ in range(3)]
+
+    def noisy(level, seed):
+        g = np.random.default_rng(seed)
+        return [[r[0] + level * g.standard_normal(r[0].shape).astype(np.float32)] for r in ref]
+
+    unquantized = noisy(0.04, 1)  # what the activation quantization changes: rel L2 0.04
+    flips = noisy(0.03, 2)  # a correct artifact whose rounding flips cascaded (MiniLM MXINT8: 0.03)
+    quant = compare_outputs(ref, flips, ["h"], 1e-4, unquantized)["h"]
+    assert quant["ok"] and quant["criterion"] == "quantized"
+    assert quant["rel_l2"] == pytest.approx(0.03, rel=0.02) and quant["quant_rel_l2"] == pytest.approx(0.04, rel=0.02)
+    assert quant["max_abs"] > 0.1 and 0.999 < quant["cosine"] < 0.9999
+    plain = compare_outputs(ref, flips, ["h"], 1e-4)["h"]
+    assert not plain["ok"] and plain["criterion"] == "atol" and plain["quant_rel_l2"] is None
+    # a wrong kernel: errors beyond QUANT_ERROR_FACTOR x the quantization's own change
+    assert not compare_outputs(ref, noisy(0.04 * QUANT_ERROR_FACTOR * 1.1, 3), ["h"], 1e-4, unquantized)["h"]["ok"]
+    zeroed = [[r[0].copy()] for r in ref]
+    for z in zeroed:
+        z[0][..., :32] = 0.0  # one block of 32 lost per row
+    assert not compare_outputs(ref, zeroed, ["h"], 1e-4, unquantized)["h"]["ok"]
+    one_bad = [flips[0], flips[1], [-ref[2][0]]]
+    assert not compare_outputs(ref, one_bad, ["h"], 1e-4, unquantized)["h"]["ok"]
+    nan = [[r[0].copy()] for r in flips]
+    nan[1][0][0, 5, 7] = np.nan
+    assert not compare_outputs(ref, nan, ["h"], 1e-4, unquantized)["h"]["ok"]
+    # an exact match passes even where the activation quantization changes nothing
+    assert compare_outputs(ref, ref, ["h"], 1e-4, ref)["h"]["ok"]
+
+
+def test_compare_outputs_integer_outputs_are_exact_under_both_criteria():
+    from effc.api import compare_outputs
+
+    ids = [[np.arange(6, dtype=np.int64)]]
+    assert compare_outputs(ids, ids, ["i"], 1.0, ids)["i"] == {
+        "max_abs": 0.0, "cosine": None, "rel_l2": None, "quant_rel_l2": None, "criterion": "exact", "ok": True}
+    off = [[np.arange(6, dtype=np.int64) + np.eye(6, dtype=np.int64)[2]]]
+    assert not compare_outputs(ids, off, ["i"], 5.0)["i"]["ok"]
+    zeros = [[np.zeros(4, np.float32)]]
+    assert compare_outputs(zeros, zeros, ["z"], 0.0)["z"]["cosine"] == 1.0  # two zero vectors
+    assert not compare_outputs(zeros, [[np.ones(4, np.float32)]], ["z"], 0.0, zeros)["z"]["ok"]
+
+
+@pytest.mark.parametrize("mode,expected", [("weight_act", 2), ("weight", 0)])
+def test_dynamic_quant_nodes_found_only_for_activation_quantization(mode, expected):
+    from effc.api import dynamic_quant_nodes, without_dynamic_quant
+    from effc.passes.manager import PassManager
+    from effc.passes.pipeline import parse_pipeline
+    from tests.conftest import make_mlp
+
+    model = ir.from_proto(make_mlp(in_dim=64, hidden=64, out_dim=8))
+    pipeline = parse_pipeline(f"block-quant(format=mxint8,mode={mode},min_params=0)")
+    model = PassManager(pipeline).run(model).model
+    assert len(dynamic_quant_nodes(model)) == expected
+    bypassed = without_dynamic_quant(model)
+    assert not dynamic_quant_nodes(bypassed) and len(dynamic_quant_nodes(model)) == expected  # a copy
+    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+    (y,) = ort.InferenceSession(ir.to_proto(bypassed).SerializeToString()).run(None, {"x": x})
+    (y_ref,) = ort.InferenceSession(ir.to_proto(model).SerializeToString()).run(None, {"x": x})
+    assert (np.abs(y - y_ref).max() > 0) == bool(expected)  # bypassing changes only activation-quantized models
+
+
+def test_verify_artifact_rejects_a_negative_atol(tmp_path, mlp_path):
+    from effc.api import verify_artifact
+
+    with pytest.raises(EffcError, match="atol"):
+        verify_artifact(tmp_path, atol=-1.0)
+
+
+def test_zoo_split_too_small_names_the_option():
+    from effc.compiler import _zoo_samples
+    from effc.errors import DataError
+
+    class Entry:
+        name = "tiny"
+
+        def samples(self, split, n):
+            raise DataError(f"only 5 files available for the tiny {split} split, asked for {n}", "ask for fewer")
+
+    with pytest.raises(DataError, match=r"--calibration-samples .* asks for 9 calibration .* only 5") as exc:
+        _zoo_samples(Entry(), "calibration", 9, "--calibration-samples (calibration_samples=)")
+    assert "--data" in exc.value.hint
