@@ -211,7 +211,7 @@ def compile(
             table.add_row(escape(key), escape(value))
         console.print(table)
         calib = result.manifest.get("calibration") or {}
-        if calib:
+        if calib.get("used_by"):  # only when a data-driven pass received them
             line = f"calibration: {calib['samples']} sample(s) from {calib['source']}"
             console.print(escape(line), highlight=False, soft_wrap=True)
         console.print(escape(f"report: {result.out_dir / 'report.md'}"), highlight=False)

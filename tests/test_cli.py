@@ -339,6 +339,7 @@ def test_calibration_samples_split_user_data(tmp_path, mlp_path):
     inputs = json.loads((out / "report.json").read_text())["inputs"]
     assert (inputs["calibration_samples"], inputs["count"]) == (2, 3)
     assert json.loads((out / "manifest.json").read_text())["calibration"]["samples"] == 2
+    assert "calibration:" not in result.output  # no pass used them: no line about them
 
 
 def test_calibration_samples_beyond_the_data_is_one_clear_error(tmp_path, mlp_path):
