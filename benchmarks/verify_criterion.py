@@ -1,6 +1,6 @@
 """Where `effc verify`'s quantization-aware bound comes from: compiled MiniLM-L6 vs onnxruntime on its model.onnx.
 
-    python benchmarks/verify_criterion.py              # 5 variants, 4 synthetic + 32 real samples (~6 min, 2 cores)
+    python benchmarks/verify_criterion.py              # 5 variants, 4 synthetic + 32 real samples (~4 min, 2 cores)
     python benchmarks/verify_criterion.py --variants mxint8-w+a,mxint8-w --n-real 16
 
 For every variant the script compiles ``zoo:minilm-l6`` (CPU target, no latency) and measures, per output, over the
