@@ -37,6 +37,7 @@ from effc import zoo  # noqa: E402
 from effc.ir.calibration import Calibration  # noqa: E402
 from effc.ir.reference import Reference  # noqa: E402
 from effc.passes.block_recon import BlockReconConfig  # noqa: E402
+from effc.passes.model_recon import ModelReconConfig  # noqa: E402
 from effc.passes.nm_sparsity import NMSparsityPass  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "nm_fidelity.json"
@@ -49,6 +50,7 @@ VARIANTS = {  # name -> (reconstruct option, BlockReconConfig overrides)
     "block-ffn": ("block", {"point": "ffn"}),
     "block-local": ("block", {"target": "local"}),
     "block-decay": ("block", {"decay": 1.0}),
+    "model": ("model", None),
 }
 
 
@@ -65,13 +67,15 @@ def mean_cosine(model: ir.Model, feeds: list[dict], reference: list[np.ndarray])
                           for a, b in zip(embeddings(model, feeds), reference, strict=True)]))
 
 
-def run_variant(base: ir.Model, cal: Calibration, variant: str, steps: int) -> tuple[ir.Model, dict]:
+def run_variant(base: ir.Model, cal: Calibration, variant: str, steps: int, epochs: int) -> tuple[ir.Model, dict]:
     """Prune a copy of ``base`` with one variant; returns the model and the row (without the cosine)."""
     recon, overrides = VARIANTS[variant]
     model = ir.from_proto(ir.to_proto(base))
     p = NMSparsityPass(n=2, m=4, vector=1, layers="ffn", reconstruct=recon, calibration=cal)
     if overrides is not None:
         p.block_config = BlockReconConfig(steps=steps, **overrides)
+    if recon == "model":
+        p.model_config = ModelReconConfig(epochs=epochs)
     start = time.perf_counter()
     p(model)
     row = {"variant": variant, "pipeline": str(p), "calibration_sentences": len(cal),
@@ -84,6 +88,8 @@ def run_variant(base: ir.Model, cal: Calibration, variant: str, steps: int) -> t
         row["blocks"] = [{k: b[k] for k in ("name", "loss_before", "loss_after", "val_loss_before", "val_loss_after",
                                             "best_step", "kept", "train_tokens", "val_tokens", "seconds")}
                          for b in info["blocks"]]
+    if "model_reconstruction" in p.stats:
+        row["model_fit"] = p.stats["model_reconstruction"]
     return model, row
 
 
@@ -93,6 +99,7 @@ def main() -> None:
     ap.add_argument("--calib", default="64", help="comma-separated calibration sample counts (e.g. 64,128)")
     ap.add_argument("--variants", default="sparsegpt,block", help=f"comma-separated: {', '.join(VARIANTS)}")
     ap.add_argument("--steps", type=int, default=BlockReconConfig.steps, help="Adam steps per block (at most)")
+    ap.add_argument("--epochs", type=int, default=ModelReconConfig.epochs, help="epochs of the model-level fit")
     ap.add_argument("--held-out", type=int, default=20)
     ap.add_argument("--out", default=None, help="results JSON (rows are appended)")
     args = ap.parse_args()
@@ -111,7 +118,7 @@ def main() -> None:
     for n in (int(c) for c in args.calib.split(",")):
         cal = Calibration(entry.samples("calibration", n), source=entry.samples_description("calibration"))
         for variant in args.variants.split(","):
-            model, row = run_variant(base, cal, variant, args.steps)
+            model, row = run_variant(base, cal, variant, args.steps, args.epochs)
             row.update(cosine=mean_cosine(model, held_out, reference), held_out=len(held_out),
                        load_average=os.getloadavg(), utc=time.strftime("%H:%M", time.gmtime()))
             log.info("%s, %d sentences: cosine %.4f (%.0f s)", variant, n, row["cosine"], row["seconds"])

@@ -43,9 +43,11 @@ from effc.passes.structured.layers import _token_rows
 
 logger = logging.getLogger(__name__)
 
-RECONSTRUCT = ("true", "false", "block")  # values of the reconstruct option of prune and nm-sparsity
+RECONSTRUCT = ("true", "false", "block", "model")  # values of the reconstruct option of prune and nm-sparsity
 RECONSTRUCT_HELP = ("with calibration: true = SparseGPT updates; block = SparseGPT, then each FFN block's kept "
-                    "weights and biases fitted jointly to the dense model's output (masks fixed); false = none")
+                    "weights and biases fitted jointly to the dense model's output (masks fixed); model = SparseGPT, "
+                    "then all pruned layers' kept weights and biases fitted to the dense model's outputs (masks "
+                    "fixed; slowest, most accurate); false = none")
 POINTS = ("ffn", "residual", "norm")
 SMALL_STEP_MACS = 1 << 26  # forward MACs per step below which the fit runs on one thread
 TARGETS = ("dense", "local")
@@ -103,7 +105,9 @@ def normalize_reconstruct(options) -> None:
     if isinstance(options.reconstruct, bool):
         object.__setattr__(options, "reconstruct", "true" if options.reconstruct else "false")
     if options.reconstruct not in RECONSTRUCT:
-        options.fail("reconstruct", options.reconstruct, "true (SparseGPT), block (SparseGPT + FFN block fit) or false")
+        options.fail("reconstruct", options.reconstruct,
+                     "true (SparseGPT), block (SparseGPT + FFN block fit), model (SparseGPT + whole-model fit) "
+                     "or false")
 
 
 @contextlib.contextmanager

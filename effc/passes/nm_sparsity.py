@@ -34,6 +34,7 @@ from effc.ir.effc_ops import EFFC_DOMAIN, add_function
 from effc.passes import sparsegpt as sg
 from effc.passes.base import EffcPass, PassOptions, register_pass
 from effc.passes.block_recon import RECONSTRUCT, RECONSTRUCT_HELP, normalize_reconstruct, reconstruct_sequential
+from effc.passes.model_recon import check_model_fit, dense_outputs, fit_model
 from effc.passes.structured.permutation import permutation_search
 
 logger = logging.getLogger(__name__)
@@ -220,23 +221,31 @@ class NMSparsityPass(EffcPass):
     ``reconstruct=block`` (with calibration) runs SparseGPT and then refits every FFN block whose MatMuls were
     pruned (:mod:`effc.passes.block_recon`): the kept weights and biases of both MatMuls, through the activation,
     against the dense model's output after the block's residual add and LayerNorm; masks stay fixed, so the N:M
-    pattern and the packed form are those of SparseGPT.
+    pattern and the packed form are those of SparseGPT. ``reconstruct=model`` runs SparseGPT and then fits the kept
+    weights and biases of all pruned layers jointly to the dense model's outputs on the calibration feeds
+    (:mod:`effc.passes.model_recon`; the graph is evaluated in torch, so only ops that evaluator knows are allowed).
 
     Stats: ``layers`` (name, shape, kind, kept fraction, bytes dense/packed, permutation gain), ``skipped``
     (name, reason), ``method`` actually used, ``reconstructed`` and ``reconstruct`` (the mode that ran),
     ``weight_bytes_before/after``, with ``reconstruct=block`` a ``block_reconstruction`` dict (per block losses
-    before/after, tokens, seconds; layers in no FFN block with the reason), and with ``min_cosine`` the per-layer
-    ``sensitivity`` and the measured ``cosine``.
+    before/after, tokens, seconds; layers in no FFN block with the reason), with ``reconstruct=model`` a
+    ``model_reconstruction`` dict (losses before/after on training and held-out feeds, epoch kept, seconds), and
+    with ``min_cosine`` the per-layer ``sensitivity`` and the measured ``cosine``.
 
     Attributes:
         block_config: :class:`effc.passes.block_recon.BlockReconConfig` for ``reconstruct=block`` (Python API
             only; None = defaults).
+        model_config: :class:`effc.passes.model_recon.ModelReconConfig` for ``reconstruct=model`` (Python API
+            only; None = defaults).
 
     Raises:
-        PassError: ``layers`` matches nothing.
+        PassError: ``layers`` matches nothing; ``reconstruct=model`` on a graph with an op the torch evaluator
+            lacks (named).
+        CalibrationError: ``reconstruct=model`` without calibration data.
     """
 
     block_config = None
+    model_config = None
 
     name = "nm-sparsity"
     summary = "N:M structured sparsity (2:4, ...) along the reduction axis, packed as effc.NMSparseMatMul"
@@ -283,11 +292,18 @@ class NMSparsityPass(EffcPass):
                 perms[layer[0].name], gains[layer[0].name] = perm, after / max(before, 1e-30)
             return self._prune_fn(method, o.sparsegpt)(layer, w, hessian, perm)
 
+        targets = None
+        if o.reconstruct == "model" and recon and cands:  # the dense model's outputs, before any weight changes
+            check_model_fit(model, cal)
+            targets = dense_outputs(model, cal)
         if o.reconstruct == "block" and recon:
             records, info = reconstruct_sequential(model, cands, cal, prune_fn, self.block_config)
             self.stats["block_reconstruction"] = info
         else:
             records = sg.prune_sequential(model, cands, cal, prune_fn, sequential=o.sparsegpt)
+        if targets is not None:
+            self.stats["model_reconstruction"] = fit_model(model, [lay[1] for lay in cands], cal, targets,
+                                                           self.model_config)
         before = after = 0
         for lay, rec in zip(sorted(cands, key=lambda c: [*model.graph].index(c[0])), records, strict=True):
             rec["kind"] = sg.layer_kind(lay[0], tuple(rec["shape"]))

@@ -272,9 +272,12 @@ class PrunePass(EffcPass):
     ``params_zeroed``, ``params_considered``, ``sparsity`` (over considered weights, fraction), ``skipped``
     (node, weight, reason), ``max_rel_output_error``. The output error ``||X(W - W')||_F / ||XW||_F`` of each
     MatMul/Gemm is measured on the calibration activations when calibration is given (None otherwise).
+    ``reconstruct=block`` adds ``block_reconstruction``, ``reconstruct=model`` adds ``model_reconstruction`` (the
+    whole-model fit of the kept weights, :mod:`effc.passes.model_recon`; the rel. output errors are those before it).
 
     Raises:
-        CalibrationError: ``method=wanda`` without calibration data.
+        CalibrationError: ``method=wanda`` or ``reconstruct=true|block|model`` without calibration data.
+        PassError: ``reconstruct=model`` on a graph with an op the torch evaluator lacks (e.g. Conv; named).
     """
 
     name = "prune"
@@ -307,6 +310,13 @@ class PrunePass(EffcPass):
         layers = self._selected(layers, skipped)
         rebuilt: dict[str, dict] = {}
         block_info: dict = {}
+        targets = None
+        if opts.reconstruct == "model" and layers:  # the dense model's outputs, before any weight changes
+            from effc.passes.model_recon import check_model_fit, dense_outputs
+
+            check_model_fit(model, self.calibration)
+            targets = dense_outputs(model, self.calibration)
+        pruned = [layer.weight for layer in layers]
         if opts.reconstruct != "false":  # SparseGPT (+ block fit) on 2-D MatMul/Gemm; the rest goes on below
             from effc.passes.sparsegpt import reconstruct_weight_layers
 
@@ -352,6 +362,10 @@ class PrunePass(EffcPass):
             }
             zeroed_total += zeroed
         considered = sum(int(w.size) for w in weights) + sum(r["params"] for r in rebuilt.values())
+        if targets is not None:  # masks fixed: the zeros counted above stay zeros
+            from effc.passes.model_recon import fit_model
+
+            block_info["model_reconstruction"] = fit_model(model, pruned, self.calibration, targets)
         self.stats = {
             "method": opts.method,
             "layers": report,
