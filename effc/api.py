@@ -50,7 +50,7 @@ def evaluate_artifact(
 
     from effc import runtime
     from effc.eval.fidelity import compare
-    from effc.eval.latency import paired_latency
+    from effc.eval.latency import BASELINE_REWRITTEN, paired_latency
     from effc.ir.reference import Reference
 
     art = Path(artifact)
@@ -67,8 +67,10 @@ def evaluate_artifact(
         "min_cosine": fid["summary"]["cosine"],
     }
     if getattr(_target_of(compiled), "host_latency", True):
-        ort, mine = paired_latency(ir.to_proto(model).SerializeToString(), feeds, compiled.run, feeds, threads, repeat)
+        ort, mine = paired_latency(ir.to_proto(model).SerializeToString(), feeds, compiled.run, feeds, threads, repeat,
+                                   baseline=BASELINE_REWRITTEN)
         summary.update(
+            baseline=BASELINE_REWRITTEN,
             threads=threads,
             ort_median_ms=ort["median_ms"],
             effc_median_ms=mine["median_ms"],

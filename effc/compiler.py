@@ -505,7 +505,7 @@ def _evaluate(
     repeat: int,
 ) -> dict[str, Any]:
     from effc.eval.fidelity import compare
-    from effc.eval.latency import paired_latency
+    from effc.eval.latency import BASELINE_ORIGINAL, paired_latency
     from effc.ir.reference import Reference
 
     kind = getattr(loaded.zoo, "output_kind", None)
@@ -530,8 +530,10 @@ def _evaluate(
             feeds,
             threads=threads,
             repeat=repeat,
+            baseline=BASELINE_ORIGINAL,
         )
         report["latency"] = {
+            "baseline": BASELINE_ORIGINAL,
             "threads": threads,
             "ort": ort,
             "effc": mine,

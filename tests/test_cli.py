@@ -145,6 +145,8 @@ def test_data_float64_is_accepted(tmp_path, mlp_path):
     result = _run("eval", out, "--data", tmp_path / "d.npz")
     assert result.exit_code == 0, result.output
     assert "2 user sample(s)" in result.output or "4 user sample(s)" in result.output
+    # eval times onnxruntime on the artifact's own (rewritten) model.onnx, not the original: the table says so
+    assert "onnxruntime ran" in result.output and "rewritten model.onnx" in result.output
 
 
 def test_threads_zero_is_rejected(tmp_path, mlp_path):
@@ -395,3 +397,12 @@ def test_verify_keeps_plain_atol_for_weight_only(tmp_path):
     ver = _run("verify", out)
     assert ver.exit_code == 0, ver.output
     assert "criterion: max abs diff <= 0.0001" in ver.output and "[atol] ok" in ver.output
+
+
+def test_long_steps_log_at_default_verbosity():
+    """Tuning and the whole-model fit take minutes: their INFO lines (plan, time estimate, progress) show without -v."""
+    import logging
+
+    assert _run("targets").exit_code == 0
+    for name in ("effc.codegen.tune", "effc.passes.model_recon"):
+        assert logging.getLogger(name).getEffectiveLevel() == logging.INFO
