@@ -39,6 +39,7 @@ from effc.errors import PassError
 from effc.ir.calibration import _progress
 from effc.passes import sparsegpt as sg
 from effc.passes.ffn_blocks import FFNBlock, TorchBlock, find_ffn_blocks
+from effc.passes.model_recon import warn_small_calibration
 from effc.passes.structured.layers import _token_rows
 
 logger = logging.getLogger(__name__)
@@ -259,6 +260,7 @@ def reconstruct_sequential(model: ir.Model, layers: list, calibration, prune_fn,
                                "give --data FILE.npz (or a zoo: model with samples), or use reconstruct=true")
     cfg = cfg or BlockReconConfig()
     started = time.perf_counter()
+    warn_small_calibration(len(calibration), "block")
     order = {id(nd): i for i, nd in enumerate(model.graph)}
     layers = sorted(layers, key=lambda lay: order[id(lay[0])])
     chosen = {id(lay[0]) for lay in layers}

@@ -11,7 +11,15 @@ from onnx import TensorProto, helper, numpy_helper
 from effc.errors import CalibrationError, PassError, PipelineError
 from effc.ir.reference import Reference
 from effc.passes import nm_sparsity as nm
-from effc.passes.model_recon import ModelReconConfig, check_model_fit, dense_outputs, fit_model, layer_bias
+from effc.passes.model_recon import (
+    FEW_SAMPLES,
+    ModelReconConfig,
+    check_model_fit,
+    dense_outputs,
+    fit_model,
+    layer_bias,
+    warn_small_calibration,
+)
 from effc.passes.pipeline import parse_pipeline
 from effc.passes.prune import PrunePass
 from tests.passes.nm_helpers import calibration
@@ -107,3 +115,11 @@ def test_reconstruct_model_refuses_missing_data_and_unknown_ops():
         check_model_fit(conv, calibration([{"x": np.ones((1, 1, 4, 4), np.float32)}]))
     with pytest.raises(PassError):
         ModelReconConfig(epochs=-1)
+
+
+def test_few_calibration_samples_are_warned_about(caplog):
+    with caplog.at_level("WARNING", logger="effc.passes.model_recon"):
+        warn_small_calibration(FEW_SAMPLES, "block")
+        assert not caplog.records
+        warn_small_calibration(32, "block")
+    assert len(caplog.records) == 1 and "--calibration-samples" in caplog.text and "32" in caplog.text
