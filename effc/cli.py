@@ -394,6 +394,8 @@ def verify(ctx, artifact, data, atol):
         from effc.api import verify_artifact
 
         result = verify_artifact(artifact, data, atol=atol)
+        console.print("reference: onnxruntime running the artifact's own model.onnx (the rewritten model; "
+                      "fidelity against the original model is in report.md)", highlight=False, soft_wrap=True)
         rows = result.pop("outputs", {})
         for key, value in result.items():
             console.print(escape(f"{key}: {value}"), highlight=False, soft_wrap=True)

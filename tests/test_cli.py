@@ -301,6 +301,7 @@ def test_cortex_m4_compile_and_verify_in_qemu(tmp_path, mlp_path):
     ver = _run("verify", out)
     assert ver.exit_code == 0, ver.output
     assert "instructions_per_mac" in ver.output
+    assert "reference: onnxruntime running the artifact's own model.onnx" in ver.output
 
 
 def test_bad_target_option_syntax(tmp_path, mlp_path):

@@ -99,6 +99,10 @@ def test_sentences_are_many_and_distinct():
     assert len(sentences) >= 160 and len(set(sentences)) == len(sentences)
     calib, evals = S.split_sentences("calibration", 200), S.split_sentences("eval", 200)
     assert len(calib) == 200 and not set(calib) & set(evals)
+    distinct = len(sentences[0::2])
+    assert distinct >= 700 and len(set(S.split_sentences("calibration", distinct))) == distinct
+    with pytest.raises(DataError, match="distinct calibration sentences"):
+        S.split_sentences("calibration", (1 + S.PAIR_ROUNDS) * distinct + 1)
 
 
 def test_magika_splits_share_no_file_content():

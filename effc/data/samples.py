@@ -40,9 +40,22 @@ def sentences() -> tuple[str, ...]:
     return tuple(json.loads(text)["sentences"])
 
 
+#: Samples a sentence split can give: its distinct sentences, then this many rounds of joined pairs.
+PAIR_ROUNDS = 3
+
+
 def split_sentences(split: str, n: int) -> list[str]:
-    """``n`` sentences of one split; beyond the single sentences, pairs of the same split are joined."""
+    """``n`` sentences of one split; beyond the single sentences, pairs of the same split are joined.
+
+    Raises:
+        DataError: ``n`` above ``(1 + PAIR_ROUNDS)`` × the split's distinct sentences (joined pairs add little
+            beyond that; give your own data).
+    """
     own = list(sentences()[check_split(split)::2])
+    limit = (1 + PAIR_ROUNDS) * len(own)
+    if n > limit:
+        raise DataError(f"only {len(own)} distinct {split} sentences ({limit} samples with joined pairs), {n} asked",
+                        f"ask for at most {limit}, or give your own text samples with --data")
     out = list(own)
     step = 1
     while len(out) < n:

@@ -56,7 +56,7 @@ def _gather(torch, x, idx, axis: int):
 def _gather_nd(torch, x, idx, batch_dims: int):
     if batch_dims:
         raise PassError("GatherND with batch_dims > 0 is not supported by the torch graph evaluator",
-                        "use reconstruct=block or reconstruct=true for this model")
+                        "use reconstruct=true (SparseGPT) or reconstruct=false for this model")
     k = idx.shape[-1]
     flat = idx.reshape(-1, k)
     picked = x[tuple(flat[:, i] for i in range(k))]
@@ -170,7 +170,7 @@ class TorchGraph:
         missing = check_supported(model)
         if missing:
             raise PassError(f"the torch graph evaluator does not support op(s) {', '.join(missing)}",
-                            "use reconstruct=block or reconstruct=true for this model")
+                            "use reconstruct=true (SparseGPT) or reconstruct=false for this model")
         self.torch, self.model, self.ops = torch, model, _ops(torch)
         self.nodes = list(model.graph)
         self.consts: dict[int, object] = {}

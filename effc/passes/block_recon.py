@@ -47,8 +47,9 @@ logger = logging.getLogger(__name__)
 RECONSTRUCT = ("true", "false", "block", "model")  # values of the reconstruct option of prune and nm-sparsity
 RECONSTRUCT_HELP = ("with calibration: true = SparseGPT updates; block = SparseGPT, then each FFN block's kept "
                     "weights and biases fitted jointly to the dense model's output (masks fixed); model = SparseGPT, "
-                    "then all pruned layers' kept weights and biases fitted to the dense model's outputs (masks "
-                    "fixed; slowest, most accurate); false = none")
+                    "then all pruned layers' kept weights and biases fitted jointly to the dense model's outputs "
+                    "(masks fixed; any graph of ops effc can run in torch, no Conv; on MiniLM it gains less than "
+                    "block); block and model want 256+ calibration samples; false = none")
 POINTS = ("ffn", "residual", "norm")
 SMALL_STEP_MACS = 1 << 26  # forward MACs per step below which the fit runs on one thread
 TARGETS = ("dense", "local")
@@ -303,7 +304,10 @@ def reconstruct_sequential(model: ir.Model, layers: list, calibration, prune_fn,
     info = {"blocks": fitted, "skipped": skipped, "seconds": time.perf_counter() - started,
             "config": dataclasses.asdict(cfg)}
     logger.info("block reconstruction: %d block(s) in %.1f s", len(fitted), info["seconds"])
-    if not fitted:  # the layers were still pruned (with SparseGPT); say why no block was refitted
+    if not layers:
+        logger.warning("reconstruct=block: no 2-D MatMul/Gemm weight among the pruned layers, so neither SparseGPT "
+                       "nor a block fit ran (other layers are pruned by the criterion alone)")
+    elif not fitted:  # the layers were still pruned (with SparseGPT); say why no block was refitted
         reasons = sorted({s["reason"] for s in skipped})
         logger.warning("reconstruct=block found no FFN block to refit (SparseGPT only): %s", "; ".join(reasons)[:300])
     return records, info

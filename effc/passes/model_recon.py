@@ -181,6 +181,9 @@ def fit_model(model: ir.Model, weights: list[ir.Value], calibration, targets: li
                 return float(np.mean([float(_loss(torch, graph.run(feeds[i], w), targets[i], names, feeds[i]))
                                       for i in ids]))
 
+        logger.info("model reconstruction: %d tensor(s), %d training / %d held-out feed(s), %d epoch(s) of %d "
+                    "step(s); each feed runs forward and backward once per epoch", len(var), len(train_ids),
+                    len(val_ids), cfg.epochs, steps_per_epoch)
         start_train, start_val = mean_loss(train_ids), mean_loss(val_ids)
         best = (start_val if val_ids else np.inf, 0, {k: v.detach().clone() for k, v in var.items()})
         gen = np.random.default_rng(cfg.seed)
@@ -195,7 +198,9 @@ def fit_model(model: ir.Model, weights: list[ir.Value], calibration, targets: li
             sched.step()
             if k + 1 == len(plan) or plan[k + 1][0] != epoch:
                 score = mean_loss(val_ids) if val_ids else -epoch
-                logger.info("model reconstruction epoch %d: held-out loss %s", epoch, score)
+                logger.info("model reconstruction epoch %d/%d: held-out rel. loss %.4g (start %.4g), %.0f s",
+                            epoch, cfg.epochs, score, start_val if val_ids else float("nan"),
+                            time.perf_counter() - started)
                 if score < best[0]:
                     best = (score, epoch, {k2: v.detach().clone() for k2, v in var.items()})
         _, best_epoch, state = best
@@ -210,10 +215,14 @@ def fit_model(model: ir.Model, weights: list[ir.Value], calibration, targets: li
                 "config": dataclasses.asdict(cfg), "seconds": time.perf_counter() - started}
     finally:
         torch.set_num_threads(before_threads)
-    logger.info("model reconstruction: rel. loss %.4g → %.4g, held-out %s → %s, epoch %d, %.1f s",
-                info["loss_before"], info["loss_after"], info["val_loss_before"], info["val_loss_after"],
+    logger.info("model reconstruction: rel. loss %.4g → %.4g, held-out %.4g → %.4g, epoch %d kept, %.1f s",
+                info["loss_before"], info["loss_after"], _nan(info["val_loss_before"]), _nan(info["val_loss_after"]),
                 info["best_epoch"], info["seconds"])
     return info
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def _producers(model: ir.Model, weights: list[ir.Value]) -> list[ir.Node]:
@@ -236,5 +245,6 @@ def check_model_fit(model: ir.Model, calibration) -> None:
                                "give --data FILE.npz (or a zoo: model with samples), or use reconstruct=true")
     missing = check_supported(model)
     if missing:
-        raise PassError(f"reconstruct=model cannot evaluate op(s) {', '.join(missing)} in torch",
-                        "use reconstruct=block or reconstruct=true for this model")
+        raise PassError(f"reconstruct=model evaluates the graph in torch, which lacks op(s) {', '.join(missing)}",
+                        "use reconstruct=true (SparseGPT on 2-D MatMul/Gemm weights; other layers are pruned by the "
+                        "criterion alone) or reconstruct=false")
