@@ -63,7 +63,7 @@ class BlockReconConfig:
         point: where the loss compares: ``"norm"`` (after residual + LayerNorm; falls back to the last point the
             block has), ``"residual"`` or ``"ffn"`` (the down projection's biased output).
         target: ``"dense"`` (the unpruned model's tapped value) or ``"local"`` (the dense block on pruned inputs).
-        steps: Adam iterations at most.
+        steps: Adam iterations at most (300: the setting that reached cosine 0.967 on MiniLM 2:4 FFN, 488 samples).
         lr: Adam learning rate, relative to each matrix's RMS weight (so units do not matter).
         decay: λ of the pull toward the SparseGPT weights (relative squared distance).
         batch_tokens: tokens per step (all training tokens when fewer).
@@ -78,7 +78,7 @@ class BlockReconConfig:
 
     point: str = "norm"
     target: str = "dense"
-    steps: int = 100
+    steps: int = 300
     lr: float = 2e-3
     decay: float = 0.0
     batch_tokens: int = 4096
