@@ -89,7 +89,7 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if verbose == 0:  # minutes-long steps announce themselves (tuning plan with a time estimate, per-kernel result)
-        for name in ("effc.codegen.tune", "effc.passes.model_recon"):
+        for name in ("effc.codegen.tune", "effc.passes.block_recon", "effc.passes.model_recon"):
             logging.getLogger(name).setLevel(logging.INFO)
 
 

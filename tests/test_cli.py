@@ -401,9 +401,9 @@ def test_verify_keeps_plain_atol_for_weight_only(tmp_path):
 
 
 def test_long_steps_log_at_default_verbosity():
-    """Tuning and the whole-model fit take minutes: their INFO lines (plan, time estimate, progress) show without -v."""
+    """Tuning and the block / whole-model fits take minutes: their INFO lines (plan, progress) show without -v."""
     import logging
 
     assert _run("targets").exit_code == 0
-    for name in ("effc.codegen.tune", "effc.passes.model_recon"):
+    for name in ("effc.codegen.tune", "effc.passes.block_recon", "effc.passes.model_recon"):
         assert logging.getLogger(name).getEffectiveLevel() == logging.INFO
