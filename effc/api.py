@@ -129,29 +129,6 @@ def without_dynamic_quant(model: Any) -> Any:
     return copy
 
 
-def _sample_metrics(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, float, bool]:
-    """Facts of one float output, reference ``a`` vs candidate ``b``, on the elements finite on both sides.
-
-    Returns:
-        ``(max |a - b|, cosine, ||a - b||², ||a||², non-finite values at different places)``; NaN matches NaN and
-        inf the same inf. The cosine of two zero vectors is 1, of a zero and a non-zero vector 0.
-    """
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    finite = np.isfinite(a) & np.isfinite(b)
-    misplaced = bool(np.any(~finite & ~((a == b) | (np.isnan(a) & np.isnan(b)))))
-    a, b = a[finite], b[finite]
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    cosine = 1.0 if na == nb == 0.0 else 0.0 if 0.0 in (na, nb) else float(a @ b / (na * nb))
-    return float(np.max(np.abs(a - b), initial=0.0)), cosine, float(np.sum((a - b) ** 2)), na * na, misplaced
-
-
-def _rel_l2(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
-    """``||a - b|| / ||a||`` over all samples together (0 when both are zero, inf for a zero reference only)."""
-    metrics = [_sample_metrics(a, b.reshape(a.shape)) for a, b in pairs]
-    diff, ref = sum(m[2] for m in metrics), sum(m[3] for m in metrics)
-    return float(np.sqrt(diff / ref)) if ref else (0.0 if diff == 0.0 else float("inf"))
-
-
 def compare_outputs(
     expected: list[list[np.ndarray]],
     got: list[list[np.ndarray]],
@@ -159,11 +136,11 @@ def compare_outputs(
     atol: float,
     unquantized: list[list[np.ndarray]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per-output agreement of a compiled artifact with onnxruntime.
+    """Per-output agreement of a compiled artifact with onnxruntime (metrics from :func:`effc.eval.fidelity.compare`).
 
     Args:
         expected: per sample, the reference outputs (onnxruntime on ``model.onnx``) in graph output order.
-        got: the artifact's outputs, same structure and shapes.
+        got: the artifact's outputs, same structure (reshaped to the reference's shapes).
         names: one name per output.
         atol: largest accepted max ``|expected - got|`` (criterion ``"atol"``).
         unquantized: onnxruntime's outputs of the model without its activation quantizers
@@ -171,30 +148,31 @@ def compare_outputs(
             they pass within ``atol`` or when ``rel_l2 <= QUANT_ERROR_FACTOR * quant_rel_l2``.
 
     Returns:
-        ``{name: {"max_abs", "cosine" (worst sample), "rel_l2" (||expected - got|| / ||expected|| over all
+        ``{name: {"max_abs", "cosine" (mean over samples), "rel_l2" (||expected - got|| / ||expected|| over all
         samples), "quant_rel_l2" (the same for ``unquantized``, None without it), "criterion", "ok"}}``. Integer
         and bool outputs must be equal (criterion ``"exact"``, cosine and rel_l2 None); non-finite float values
-        must sit at the same places.
+        must sit at the same places (NaN matches NaN).
     """
+    from effc.eval.fidelity import compare
+
+    got = [[np.asarray(g).reshape(np.shape(e)) for e, g in zip(es, gs, strict=True)]
+           for es, gs in zip(expected, got, strict=True)]
+    fid = compare(expected, got, names, output_kind="float")["outputs"]
+    quant = compare(expected, unquantized, names, output_kind="float")["outputs"] if unquantized is not None else None
     rows: dict[str, dict[str, Any]] = {}
-    for k, name in enumerate(names):
-        pairs = [(np.asarray(e[k]), np.asarray(g[k])) for e, g in zip(expected, got, strict=True)]
-        if pairs[0][0].dtype.kind not in "fc":
-            equal = all(a.shape == b.shape and np.array_equal(a, b) for a, b in pairs)
-            worst = max((float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0))
-                         for a, b in pairs if a.shape == b.shape), default=float("inf"))
-            rows[name] = {"max_abs": worst, "cosine": None, "rel_l2": None, "quant_rel_l2": None,
-                          "criterion": "exact", "ok": equal}
+    for name in names:
+        r = fid[name]
+        if r["kind"] in ("integer", "bool"):
+            rows[name] = {"max_abs": r["max_abs"], "cosine": None, "rel_l2": None, "quant_rel_l2": None,
+                          "criterion": "exact", "ok": r["exact_match"] == 1.0}
             continue
-        metrics = [_sample_metrics(a, b.reshape(a.shape)) for a, b in pairs]
-        row = {"max_abs": max(m[0] for m in metrics), "cosine": min(m[1] for m in metrics), "rel_l2": _rel_l2(pairs),
-               "quant_rel_l2": None, "criterion": "atol"}
-        ok = row["max_abs"] <= atol
-        if unquantized is not None:
-            row["criterion"] = "quantized"
-            row["quant_rel_l2"] = _rel_l2([(a, np.asarray(u[k])) for (a, _), u in zip(pairs, unquantized, strict=True)])
-            ok = ok or row["rel_l2"] <= QUANT_ERROR_FACTOR * row["quant_rel_l2"]
-        row["ok"] = ok and not any(m[4] for m in metrics)
+        row = {"max_abs": r["max_abs"], "cosine": r["cosine"], "rel_l2": r["rel_l2"], "quant_rel_l2": None,
+               "criterion": "atol"}
+        ok = r["max_abs"] <= atol
+        if quant is not None:
+            row["criterion"], row["quant_rel_l2"] = "quantized", quant[name]["rel_l2"]
+            ok = ok or r["rel_l2"] <= QUANT_ERROR_FACTOR * row["quant_rel_l2"]
+        row["ok"] = ok and not r["nonfinite"]
         rows[name] = row
     return rows
 
@@ -256,7 +234,8 @@ def verify_artifact(
     else:
         quantizers = len(dynamic_quant_nodes(model)) if atol is None else 0
         compiled = runtime.load(art)
-        expected = [Reference(model).run(f) for f in feeds]
+        reference = Reference(model)
+        expected = [reference.run(f) for f in feeds]
         unquantized = None
         if quantizers:
             bypassed = Reference(without_dynamic_quant(model))

@@ -14,7 +14,7 @@ onnxruntime) or the compiled artifact. :func:`compare` returns a JSON-serializab
           "cosine": float | None,           # mean over samples of cos(flatten(a), flatten(b)) (float outputs)
           "top1_agreement": float | None,   # fraction in [0, 1] of rows (last axis) with equal argmax
           "exact_match": float | None,      # fraction in [0, 1] of equal elements (integer / bool outputs)
-          "nonfinite": int,                 # elements where the candidate is NaN/inf but the reference is not
+          "nonfinite": int,                 # NaN/inf on one side not matched on the other (NaN = NaN, inf = inf)
       }},
       "summary": {                          # the worst value over outputs (None when no output has it)
           "max_abs": float, "mean_abs": float, "rel_l2": float | None, "cosine": float | None,
@@ -23,7 +23,8 @@ onnxruntime) or the compiled artifact. :func:`compare` returns a JSON-serializab
       },
     }
 
-Conventions: the cosine of two all-zero vectors is 1.0, of a zero and a non-zero vector 0.0. ``rel_l2`` with an
+Conventions: the metrics are taken over the elements finite on both sides (``nonfinite`` counts the others that do
+not match); the cosine of two all-zero vectors is 1.0, of a zero and a non-zero vector 0.0. ``rel_l2`` with an
 all-zero reference is 0.0 when the candidate is zero too and ``inf`` otherwise. Top-1 agreement is computed for
 ``output_kind == "class_scores"``; when ``output_kind`` is None, for outputs that look like class scores (2-D
 ``(batch, classes)`` floating point with at least 2 classes). An explicit other kind (``"embedding"``,
@@ -112,14 +113,25 @@ def _top1(refs: list[np.ndarray], cands: list[np.ndarray]) -> float | None:
     return agree / total if total else None
 
 
+def _finite_both(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """``a`` and ``b`` (flat float64) at the elements finite on both sides, plus the misplaced non-finite count.
+
+    NaN matches NaN and inf the same inf; any other non-finite value, on either side, is misplaced.
+    """
+    finite = np.isfinite(a) & np.isfinite(b)
+    if finite.all():
+        return a, b, 0
+    same = (a == b) | (np.isnan(a) & np.isnan(b))
+    return a[finite], b[finite], int(np.count_nonzero(~finite & ~same))
+
+
 def _compare_output(name: str, refs: list[np.ndarray], cands: list[np.ndarray], kind: str) -> dict[str, Any]:
     first = refs[0]
-    a_all = np.concatenate([r.astype(np.float64).ravel() for r in refs])
-    b_all = np.concatenate([c.astype(np.float64).ravel() for c in cands])
+    a_all, b_all, nonfinite = _finite_both(np.concatenate([r.astype(np.float64).ravel() for r in refs]),
+                                           np.concatenate([c.astype(np.float64).ravel() for c in cands]))
     diff = np.abs(a_all - b_all)
-    nonfinite = int(np.count_nonzero(~np.isfinite(b_all) & np.isfinite(a_all)))
     if nonfinite:
-        logger.warning("output %r: candidate has %d non-finite value(s) where the reference is finite", name, nonfinite)
+        logger.warning("output %r: %d non-finite value(s) where the other side differs", name, nonfinite)
     result: dict[str, Any] = {
         "shape": list(first.shape),
         "dtype": str(first.dtype),
@@ -139,9 +151,8 @@ def _compare_output(name: str, refs: list[np.ndarray], cands: list[np.ndarray], 
     norm_ref = float(np.linalg.norm(a_all))
     norm_diff = float(np.linalg.norm(a_all - b_all))
     result["rel_l2"] = norm_diff / norm_ref if norm_ref else (0.0 if norm_diff == 0.0 else float("inf"))
-    cosines = [
-        _cosine(r.astype(np.float64).ravel(), c.astype(np.float64).ravel()) for r, c in zip(refs, cands, strict=True)
-    ]
+    cosines = [_cosine(*_finite_both(r.astype(np.float64).ravel(), c.astype(np.float64).ravel())[:2])
+               for r, c in zip(refs, cands, strict=True)]
     result["cosine"] = float(np.mean(cosines))
     if kind == CLASS_SCORES:
         result["top1_agreement"] = _top1(refs, cands)

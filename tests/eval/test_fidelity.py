@@ -76,6 +76,14 @@ def test_nonfinite_counted():
     assert r["outputs"]["y"]["nonfinite"] == 2 and r["summary"]["nonfinite"] == 2
 
 
+def test_nonfinite_at_the_same_places_match_and_metrics_use_the_finite_rest():
+    ref = np.array([1.0, np.nan, 2.0, np.inf, -np.inf])
+    same = compare([[ref]], [[np.array([1.5, np.nan, 2.0, np.inf, -np.inf])]], ["y"])["outputs"]["y"]
+    assert same["nonfinite"] == 0 and same["max_abs"] == pytest.approx(0.5)
+    flipped = compare([[ref]], [[np.array([1.0, 0.0, 2.0, -np.inf, -np.inf])]], ["y"])["outputs"]["y"]
+    assert flipped["nonfinite"] == 2 and flipped["max_abs"] == 0.0  # NaN lost, inf sign flipped
+
+
 def test_mismatches_raise_data_error_naming_output():
     a = np.zeros((2, 3))
     with pytest.raises(DataError, match="'logits'"):
