@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from effc.errors import PassError
+from effc.passes.ffn_blocks import ELEMENTWISE
 
 # ONNX TensorProto data type -> torch dtype name (Cast targets)
 _CAST = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
@@ -138,11 +139,11 @@ def _clip(torch, env, nd):
     return torch.clamp(x, min=lo, max=hi)
 
 
-SUPPORTED = frozenset(
-    ("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Neg", "Exp", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu", "Identity",
-     "Softplus", "HardSigmoid", "HardSwish", "LeakyRelu", "MatMul", "Reshape", "Transpose", "LayerNormalization",
-     "Softmax", "Gather", "GatherND", "Cast", "ReduceSum", "ReduceMean", "Unsqueeze", "Squeeze", "And", "Or", "Not",
-     "Equal", "Where", "Clip", "Concat"))
+#: Op types :class:`TorchGraph` evaluates: the element-wise ops of :data:`effc.passes.ffn_blocks.ELEMENTWISE` plus
+#: the structural ones below (the keys of ``_ops``; a test keeps the two in step).
+SUPPORTED = frozenset(ELEMENTWISE) | frozenset(
+    ("MatMul", "Reshape", "Transpose", "LayerNormalization", "Softmax", "Gather", "GatherND", "Cast", "ReduceSum",
+     "ReduceMean", "Unsqueeze", "Squeeze", "And", "Or", "Not", "Equal", "Where", "Clip", "Concat"))
 
 
 def check_supported(model: ir.Model) -> list[str]:

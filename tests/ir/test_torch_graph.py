@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from effc import zoo
 from effc.errors import PassError
 from effc.ir.reference import Reference
-from effc.ir.torch_graph import TorchGraph, check_supported
+from effc.ir.torch_graph import SUPPORTED, TorchGraph, _ops, check_supported
 
 
 def _ops_model() -> ir.Model:
@@ -101,3 +101,7 @@ def test_unsupported_ops_are_named():
     assert check_supported(model) == ["Conv"]
     with pytest.raises(PassError, match="Conv"):
         TorchGraph(model)
+
+
+def test_supported_names_exactly_the_evaluated_ops():
+    assert set(_ops(torch)) == SUPPORTED
