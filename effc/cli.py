@@ -6,6 +6,7 @@ exit code; ``effc --debug ...`` shows the traceback instead.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -145,6 +146,10 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
 @click.option("--eval-samples", type=click.IntRange(min=1), default=8, show_default=True, metavar="N",
               help="Held-out samples for the fidelity report (fewer, with a warning, when --data holds no more).")
 @click.option("--no-latency", is_flag=True, help="Skip the latency comparison with onnxruntime.")
+@click.option("--max-cache", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Decoders: KV-cache length in tokens (prompt + generated; default 2048).")
+@click.option("--chunk", type=click.IntRange(min=1), default=None, metavar="P",
+              help="Decoders: tokens per prefill call (default 128).")
 @click.option(
     "-O",
     "--target-option",
@@ -174,6 +179,8 @@ def compile(
     calibration_samples,
     eval_samples,
     no_latency,
+    max_cache,
+    chunk,
     target_opts,
 ):
     """Compile MODEL with the given passes into an artifact folder, and report cost and gain."""
@@ -208,6 +215,8 @@ def compile(
                 measure_latency=not no_latency,
                 tune=tune,
                 target_options=options,
+                max_cache=max_cache,
+                chunk=chunk,
             )
         table = Table(title=escape(f"effc compile {model} → {result.out_dir}"), show_header=False)
         for key, value in summary_rows(result.report):
@@ -348,12 +357,29 @@ _EVAL_LABELS = {
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", type=click.Path(exists=True), help=".npz keyed by input name; default: synthetic inputs.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False),
+              help="Decoders: a UTF-8 text file; reports perplexity (512-token windows) of the artifact and of the "
+              "original model under onnxruntime.")
+@click.option("--json", "as_json", is_flag=True, help="Decoders with --text: print one JSON object.")
 @click.pass_context
-def eval_cmd(ctx, artifact, data, threads):
+def eval_cmd(ctx, artifact, data, threads, text_file, as_json):
     """Compare a compiled artifact with its model.onnx under onnxruntime (fidelity and latency)."""
 
     def run():
         from effc.api import evaluate_artifact
+
+        if text_file is not None:
+            from effc.eval.perplexity import evaluate_text
+
+            result = evaluate_text(artifact, Path(text_file).read_text(encoding="utf-8"), threads=threads)
+            if as_json:
+                click.echo(json.dumps(result))
+                return
+            table = Table(title=escape(f"effc eval {artifact} --text {text_file}"), show_header=False)
+            for key, value in result.items():
+                table.add_row(escape(key), escape(str(value)))
+            console.print(table)
+            return
 
         summary = evaluate_artifact(artifact, data, threads=threads)
         table = Table(title=escape(f"effc eval {artifact}"), show_header=False)
@@ -417,6 +443,41 @@ def _verify_line(name: str, row: dict) -> str:
     if row.get("quant_rel_l2") is not None:
         text += f" (activation quantization alone: rel L2 {row['quant_rel_l2']:.3g})"
     return f"{text} [{row['criterion']}] {'ok' if row['ok'] else 'FAILED'}"
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt", required=True, help="The prompt text.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True, metavar="N")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0 = greedy; > 0 samples.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
+              help="Nucleus sampling mass (with --temperature > 0).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template (one user turn).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text and timings) instead of streaming.")
+@click.pass_context
+def generate(ctx, artifact, prompt, max_new_tokens, temperature, top_p, seed, chat, as_json):
+    """Generate text with a decoder artifact: streams the text, then prefill ms, decode ms/token, tokens/s."""
+
+    def run():
+        import effc.runtime
+
+        model = effc.runtime.load(artifact)
+        stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
+        result = model.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                seed=seed, chat=chat, on_text=stream)
+        if as_json:
+            click.echo(json.dumps(result.to_dict()))
+            return
+        click.echo()
+        decode = f"{result.decode_ms_per_token:.2f} ms/token" if result.decode_ms_per_token else "not measured"
+        speed = f"{result.tokens_per_s:.1f} tokens/s" if result.tokens_per_s else "not measured"
+        err_console.print(escape(f"prompt {result.prompt_tokens} tokens, prefill {result.prefill_ms:.1f} ms; "
+                                 f"{len(result.tokens)} tokens generated, decode {decode}, {speed} "
+                                 f"(stopped: {result.stopped})"), highlight=False, soft_wrap=True)
+
+    _guard(ctx, run)
 
 
 #: Exit code for a failure effc did not anticipate (a bug): distinct from an EffcError's.

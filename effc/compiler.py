@@ -306,6 +306,8 @@ def compile_model(
     latency_repeat: int = 20,
     tune: int = 0,
     target_options: Mapping[str, Any] | None = None,
+    max_cache: int | None = None,
+    chunk: int | None = None,
 ) -> CompileResult:
     """Compile a model into a deployable artifact folder and report what the passes cost and bought.
 
@@ -332,6 +334,8 @@ def compile_model(
         tune: MetaSchedule trial budget for the ``cpu`` target (0: off, templates only); the tuning database is
             cached per CPU and reused (:mod:`effc.codegen.tune`).
         target_options: extra target options (``mcpu``, ``fast_math``, ``flash``, ``ram``, ...).
+        max_cache: decoders only: KV-cache length in tokens (default: the model's, 2048 for zoo:smollm2-135m).
+        chunk: decoders only: tokens per prefill call (default 128).
 
     Returns:
         The artifact folder, its manifest and report.
@@ -380,6 +384,15 @@ def compile_model(
     parse_pipeline(passes)  # syntax/option errors before loading anything heavy
 
     loaded = load_any(model, example_inputs)
+    from effc.ir.decoder import is_decoder
+
+    if is_decoder(loaded.model) or max_cache is not None or chunk is not None:
+        from effc.decoder.compile import compile_decoder
+
+        return compile_decoder(loaded, out=out, tgt=tgt, passes=passes, options=options, threads=threads,
+                               calibration_samples=calibration_samples, measure_latency=measure_latency,
+                               latency_repeat=latency_repeat, verify_each=verify_each, dump_ir=dump_ir,
+                               started=started, chunk=chunk, max_cache=max_cache)
     shapes = {**loaded.input_shapes, **{k: tuple(v) for k, v in dict(input_shapes or {}).items()}}
     original = _copy(loaded.model)
     canonical = canonicalize(loaded.model, input_shapes=shapes or None, constant_inputs=loaded.constant_inputs or None)
