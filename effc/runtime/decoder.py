@@ -109,7 +109,7 @@ class DecoderSession:
         self.chunk = int(info["chunk"])
         self._masked = np.float32(info.get("masked", -1.0e9))
         shape = (info["layers"], 2, info["kv_heads"], self.max_cache, info["head_dim"])
-        self.cache = np.zeros(shape, dtype=np.float32)
+        self.cache = aligned_zeros(shape)
         backend.bind_cache(self.cache)
         self.length = 0  # tokens held in the cache
 
@@ -229,6 +229,14 @@ class DecoderSession:
         decode_ms = float(np.median(steps)) if steps else None
         return Generation(text, tokens, len(ids), round(prefill_ms, 3), _round(decode_ms),
                           _round(1e3 / decode_ms if decode_ms else None), stopped)
+
+
+def aligned_zeros(shape: tuple[int, ...], align: int = 64) -> np.ndarray:
+    """A zero float32 array whose data starts on an ``align``-byte boundary (TVM shares only such buffers)."""
+    size = int(np.prod(shape)) * 4
+    raw = np.zeros(size + align, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset:offset + size].view(np.float32).reshape(shape)
 
 
 def _round(value: float | None) -> float | None:

@@ -63,8 +63,10 @@ def test_greedy_tokens_equal_torch(tiny, compiled):
 def test_decode_logits_within_1e3_of_torch(tiny, compiled):
     import torch
 
+    from effc.decoder.text import eval_text
+
     hf, _, tokenizer, _ = tiny
-    ids = tokenizer(" ".join(PROMPTS))["input_ids"][:24]
+    ids = tokenizer(eval_text())["input_ids"][:24]
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].numpy()
     session = compiled[1].decoder()
