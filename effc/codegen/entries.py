@@ -33,17 +33,19 @@ def merge_entry_modules(modules: dict[str, tvm.IRModule]) -> tvm.IRModule:
         modules: entry-point name → module from ``to_relax`` (each with a ``main``).
 
     Returns:
-        The merged module (its functions carry their new names as ``global_symbol``).
+        The merged module (functions carry their new names as ``global_symbol``; ``GlobalVar``s are typed by a
+        ``BlockBuilder``, as Relax requires).
     """
-    functions = {}
+    builder = relax.BlockBuilder()
     for entry, mod in modules.items():
-        renamed = {gv.name_hint: tvm.ir.GlobalVar(entry if gv.name_hint == "main" else f"{entry}_{gv.name_hint}")
-                   for gv in mod.get_global_vars()}
+        renamed: dict[str, tvm.ir.GlobalVar] = {}
         for gv, func in mod.functions_items():
-            new_gv = renamed[gv.name_hint]
+            if not isinstance(func, relax.Function):
+                name = f"{entry}_{gv.name_hint}"
+                renamed[gv.name_hint] = builder.add_func(func.with_attr("global_symbol", name), name)
+        for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
-                func = _Retarget(renamed).visit_expr(func)
-            else:
-                renamed[gv.name_hint] = new_gv
-            functions[new_gv] = func.with_attr("global_symbol", new_gv.name_hint)
-    return tvm.IRModule(functions)
+                name = entry if gv.name_hint == "main" else f"{entry}_{gv.name_hint}"
+                func = _Retarget(renamed).visit_expr(func).with_attr("global_symbol", name)
+                renamed[gv.name_hint] = builder.add_func(func, name)
+    return builder.get()
