@@ -190,7 +190,7 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
         report = evaluate_decoder(loaded.model, graphs, runner, info, tokenizer, eval_ids, threads,
                                   measure_latency, latency_repeat)
         report["decoder"]["prefill_decode_consistency_max_abs"] = consistency
-        weight_bytes = cost.param_bytes(graphs["decode"])
+        weight_bytes = bytes_read_per_token(graphs["decode"])
         report["decoder"].update(weight_bytes_per_decoded_token=weight_bytes,
                                  kv_cache_bytes_per_token=info["layers"] * 2 * info["kv_heads"] * info["head_dim"] * 4,
                                  kv_cache_bytes=info["layers"] * 2 * info["kv_heads"] * info["head_dim"] * 4
@@ -216,6 +216,26 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return CompileResult(out, read_manifest(out), report)
+
+
+def bytes_read_per_token(model: ir.Model) -> int:
+    """Weight bytes one call of ``model`` reads (the decode graph: one token).
+
+    Every initializer counts in full, except lookup tables read only through Gather-like nodes (``Gather``,
+    ``effc.BlockQuantGather``, as data input 0), which count one row along the gathered axis.
+    """
+    total = 0
+    for value in model.graph.initializers.values():
+        nbytes = value.const_value.nbytes if value.const_value is not None else 0
+        uses = list(value.uses())
+        if uses and all(u.node.op_type.endswith("Gather") and u.idx == 0 for u in uses):
+            rows = value.const_value.shape[0] if value.const_value.shape else 1
+            axis = uses[0].node.attributes.get_int("axis", 0)
+            rows = value.const_value.shape[axis] if len(value.const_value.shape) > axis else rows
+            total += -(-nbytes // max(rows, 1))
+        else:
+            total += nbytes
+    return int(total)
 
 
 def _tokenizer(folder: Path | None) -> Any:
