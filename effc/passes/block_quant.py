@@ -1,7 +1,7 @@
 """Block quantization (OCP MX / int blocks): ``block-quant(format=mxfp4,mode=weight,gptq=true,lorc_rank=8)``.
 
 What is quantized (blocks of ``block_size`` along the reduction axis, formats in
-:mod:`effc.passes.quant.formats`):
+:mod:`effc.ops.block_formats`):
 
 * ``mode=weight`` (default): constant weights of MatMul ``(K, N)`` and Gemm (``transA=0``, ``alpha=beta=1``),
   blocked along K, and embedding tables of Gather (axis 0) ``(V, D)``, blocked along D.
@@ -13,7 +13,7 @@ What is quantized (blocks of ``block_size`` along the reduction axis, formats in
 
 Representation in ``model.onnx`` (onnxruntime runs it unchanged): a MatMul becomes ``effc.BlockQuantMatMul``
 (packed codes + scales initializers) and a Gather ``effc.BlockQuantGather``; both carry an ONNX function body
-that decodes bit-exactly (:mod:`effc.passes.quant.onnx_ops`). int8/int4 weights use a standard
+that decodes bit-exactly (:mod:`effc.ops.block_quant`). int8/int4 weights use a standard
 ``DequantizeLinear(block_size=...)`` when the model imports opset >= 21 (the first opset with blocked
 quantization), else the same effc operators with float scales.
 
@@ -34,8 +34,10 @@ import numpy as np
 import onnx_ir as ir
 
 from effc.errors import CalibrationError, PipelineError
+from effc.ops import block_quant as bq_ops
+from effc.ops.bitpack import pack_blocks
+from effc.ops.block_formats import FORMATS, dequantize, get_format, quantize, sqnr_db
 from effc.passes.base import EffcPass, PassOptions, register_pass
-from effc.passes.quant import FORMATS, dequantize, get_format, onnx_ops, pack_blocks, quantize, sqnr_db
 from effc.passes.quant.compensation import gptq_quantize, hessian, lorc
 from effc.passes.quant.graph import QuantTarget, find_kv_values, find_targets, replace_value
 
@@ -225,17 +227,17 @@ class BlockQuantPass(EffcPass):
                 out = _dequantize_linear(new_nodes, wq, sv, 1, bs, name)
                 new_nodes.append(ir.node("Gather", [out, t.node.inputs[1]], {"axis": 0}, name=f"{name}/gather"))
             else:
-                new_nodes.append(onnx_ops.add_block_quant_gather(model, wq, sv, t.node.inputs[1], fmt, bs, name))
+                new_nodes.append(bq_ops.add_block_quant_gather(model, wq, sv, t.node.inputs[1], fmt, bs, name))
         else:
             x = t.node.inputs[0]
             if opts.mode == "weight_act":
-                new_nodes.append(onnx_ops.add_block_qdq(model, x, act_fmt, bs, f"{name}/act_qdq"))
+                new_nodes.append(bq_ops.add_block_qdq(model, x, act_fmt, bs, f"{name}/act_qdq"))
                 x = new_nodes[-1].outputs[0]
             if use_dq:
                 w = _dequantize_linear(new_nodes, wq, sv, 0, bs, name)
                 new_nodes.append(ir.node("MatMul", [x, w], name=f"{name}/matmul"))
             else:
-                new_nodes.append(onnx_ops.add_block_quant_matmul(model, x, wq, sv, fmt, bs, name))
+                new_nodes.append(bq_ops.add_block_quant_matmul(model, x, wq, sv, fmt, bs, name))
             y = new_nodes[-1].outputs[0]
             if opts.lorc_rank > 0:
                 u, v = lorc(t.array - deq, opts.lorc_rank)
@@ -269,7 +271,7 @@ class BlockQuantPass(EffcPass):
             if any(u.node.domain == "effc" and u.node.op_type == "BlockQDQ" for u in value.uses()):
                 continue  # already quantized (second run)
             users = list(value.uses())
-            node = onnx_ops.add_block_qdq(model, value, act_fmt, self.options.block_size, f"{value.name}/kv_qdq")
+            node = bq_ops.add_block_qdq(model, value, act_fmt, self.options.block_size, f"{value.name}/kv_qdq")
             node.metadata_props["effc.pass"] = self.name
             node.outputs[0].shape, node.outputs[0].type = value.shape, value.type
             model.graph.insert_after(value.producer(), [node])
@@ -334,7 +336,7 @@ def _decoded_conv(model: ir.Model, t: QuantTarget, wq: ir.Value, sv: ir.Value, f
         flat = _dequantize_linear(nodes, wq, sv, 1, block_size, name)
     else:
         rows = _initializer(model.graph, f"{wq.name}_rows", np.arange(cout, dtype=np.int64))
-        nodes.append(onnx_ops.add_block_quant_gather(model, wq, sv, rows, fmt, block_size, f"{name}/decode"))
+        nodes.append(bq_ops.add_block_quant_gather(model, wq, sv, rows, fmt, block_size, f"{name}/decode"))
         flat = nodes[-1].outputs[0]
     shape = _initializer(model.graph, f"{wq.name}_shape", np.array(t.weight.const_value.shape, np.int64))
     nodes.append(ir.node("Reshape", [flat, shape], name=f"{name}/kernel"))
@@ -344,22 +346,3 @@ def _decoded_conv(model: ir.Model, t: QuantTarget, wq: ir.Value, sv: ir.Value, f
     nodes.append(ir.node("Conv", inputs, {a.name: a for a in t.node.attributes.values()}, name=f"{name}/conv"))
     return nodes
 
-
-def _count_block_quant_macs(node: ir.Node) -> int | None:
-    """MACs of ``effc.BlockQuantMatMul``: rows × K × N, from the activation ``(..., K)`` and packed ``(N, ...)``."""
-    from effc.eval.macs import static_shape
-
-    x, weight = static_shape(node.inputs[0]), node.inputs[1]
-    packed = static_shape(weight) or (tuple(weight.const_value.shape) if weight.const_value is not None else None)
-    return None if x is None or packed is None else int(np.prod(x[:-1])) * int(x[-1]) * int(packed[0])
-
-
-def _register_macs() -> None:
-    from effc.eval.macs import register_mac_counter
-
-    register_mac_counter("BlockQuantMatMul", _count_block_quant_macs)
-    for decode_only in ("BlockQDQ", "BlockQuantGather"):  # quantize-dequantize / table lookup: no MACs
-        register_mac_counter(decode_only, lambda node: 0)
-
-
-_register_macs()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from effc.passes.quant.formats import (
+from effc.ops.block_formats import (
     BlockFormat,
     QuantizedBlocks,
     block_scales,
@@ -58,7 +58,7 @@ def gptq_quantize(
         scale_dtype: scale type of int formats.
 
     Returns:
-        Codes and scales in the layout of :func:`effc.passes.quant.formats.quantize` applied to the ``(K, N)``
+        Codes and scales in the layout of :func:`effc.ops.block_formats.quantize` applied to the ``(K, N)``
         weight with ``axis=0`` (codes ``(N, K / block_size, block_size)``).
 
     Raises:
