@@ -33,10 +33,11 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from effc.errors import CalibrationError, PipelineError
+from effc.errors import CalibrationError, PassError, PipelineError
 from effc.ops import block_quant as bq_ops
 from effc.ops.bitpack import pack_blocks
 from effc.ops.block_formats import FORMATS, dequantize, get_format, quantize, sqnr_db
+from effc.ops.nm_sparse import packed_layers
 from effc.passes.base import EffcPass, PassOptions, register_pass
 from effc.passes.quant.compensation import gptq_quantize, hessian, lorc
 from effc.passes.quant.graph import QuantTarget, find_kv_values, find_targets, replace_value
@@ -116,10 +117,16 @@ class BlockQuantPass(EffcPass):
 
     Stats: ``layers`` (weight name -> node, kind, shape, sqnr_db, bits_per_weight, bytes), ``params``,
     ``weight_bytes`` (packed codes + scales + LoRC factors), ``bits_per_weight`` (over quantized params),
-    ``fp32_bytes``, ``kv_values`` (kv mode), ``skipped`` (node, weight, reason).
+    ``fp32_bytes``, ``kv_values`` (kv mode), ``skipped`` (node, weight, reason), ``lorc_skipped`` (weight, reason).
+
+    After a sparsifying pass the zeros of a weight stay zeros: rounding maps 0 to the zero code, GPTQ keeps them
+    fixed (:func:`effc.passes.quant.compensation.gptq_quantize`), and LoRC, whose dense low-rank branch would refill
+    them, is not applied to a weight with zeros (listed in ``lorc_skipped``, logged).
 
     Raises:
         CalibrationError: ``gptq=true`` without calibration data.
+        PassError: a selected MatMul is N:M-packed (``effc.NMSparseMatMul``); the message names it and the fixes
+            (``nm-sparsity(pack=false)`` first, or ``exclude`` it).
     """
 
     name = "block-quant"
@@ -133,10 +140,12 @@ class BlockQuantPass(EffcPass):
         opts = self.options
         fmt = get_format(opts.format)
         act_fmt = get_format(opts.act_format or (opts.format if fmt.is_mx else "mxint8"))
-        self.stats = {"format": fmt.name, "mode": opts.mode, "layers": {}, "skipped": [], "kv_values": []}
+        self.stats = {"format": fmt.name, "mode": opts.mode, "layers": {}, "skipped": [], "kv_values": [],
+                      "lorc_skipped": []}
         if opts.mode == "kv":
             count = self._quantize_kv(model, act_fmt)
             return ir.passes.PassResult(model, modified=count > 0)
+        self._refuse_packed(model)
         if find_targets(model, opts.ops, []):
             _upgrade_opset(model)  # before selecting: the converter replaces the nodes
         targets = self._select(find_targets(model, opts.ops, self.stats["skipped"]))
@@ -159,16 +168,53 @@ class BlockQuantPass(EffcPass):
                     self.stats["bits_per_weight"], len(self.stats["skipped"]))
         return ir.passes.PassResult(model, modified=bool(targets))
 
+    def _unselected(self, names: list[str]) -> str | None:
+        """Why ``include`` / ``exclude`` leave a node (named by its node and weight names) out; None if selected."""
+        opts = self.options
+        if opts.include and not any(fnmatch.fnmatchcase(n, p) for p in opts.include for n in names):
+            return "not matched by include"
+        if any(fnmatch.fnmatchcase(n, p) for p in opts.exclude for n in names):
+            return "excluded by pattern"
+        return None
+
+    def _refuse_packed(self, model: ir.Model) -> None:
+        """Raise for N:M-packed MatMuls the options select: their packed values are not quantized (yet).
+
+        Raises:
+            PassError: a selected ``effc.NMSparseMatMul`` (named, with both ways out).
+        """
+        if "MatMul" not in self.options.ops:
+            return
+        for node in packed_layers(model):
+            if self._unselected([node.name or "", node.inputs[1].name or ""]) is None:
+                raise PassError(
+                    f"block-quant: {node.name} is N:M-packed (effc.NMSparseMatMul); block quantization of packed "
+                    "values is not supported",
+                    f"run nm-sparsity(pack=false) before block-quant to quantize the pruned weights (their zeros "
+                    f"stay zeros), or leave the packed layer fp32 with block-quant(exclude=[{node.name}])",
+                )
+
+    def _lorc_rank(self, t: QuantTarget) -> int:
+        """The LoRC rank ``t`` gets: 0 for a weight with zeros (recorded in ``lorc_skipped``, logged once)."""
+        zeros = int(np.count_nonzero(t.array == 0))
+        if not self.options.lorc_rank or not zeros:
+            return self.options.lorc_rank
+        entry = {"weight": t.weight.name or t.node.name or "", "reason": f"weight has {zeros} zeros "
+                 f"({100.0 * zeros / t.array.size:.1f}%) that a low-rank correction would refill"}
+        if entry not in self.stats["lorc_skipped"]:
+            self.stats["lorc_skipped"].append(entry)
+            logger.warning("block-quant: no LoRC on %s: %s", entry["weight"], entry["reason"])
+        return 0
+
     def _select(self, targets: list[QuantTarget]) -> list[QuantTarget]:
         opts, chosen = self.options, []
         for t in targets:
             names = [t.node.name or "", t.weight.name or ""]
             entry = {"node": names[0], "weight": names[1]}
             k = t.array.shape[1] if t.kind in ROW_BLOCKED else t.array.shape[0]
-            if opts.include and not any(fnmatch.fnmatchcase(n, p) for p in opts.include for n in names):
-                self.stats["skipped"].append({**entry, "reason": "not matched by include"})
-            elif any(fnmatch.fnmatchcase(n, p) for p in opts.exclude for n in names):
-                self.stats["skipped"].append({**entry, "reason": "excluded by pattern"})
+            reason = self._unselected(names)
+            if reason is not None:
+                self.stats["skipped"].append({**entry, "reason": reason})
             elif t.array.size < opts.min_params:
                 self.stats["skipped"].append({**entry, "reason": f"{t.array.size} elements < min_params"})
             elif k % opts.block_size:
@@ -239,7 +285,7 @@ class BlockQuantPass(EffcPass):
             else:
                 new_nodes.append(bq_ops.add_block_quant_matmul(model, x, wq, sv, fmt, bs, name))
             y = new_nodes[-1].outputs[0]
-            if opts.lorc_rank > 0:
+            if self._lorc_rank(t) > 0:
                 u, v = lorc(t.array - deq, opts.lorc_rank)
                 deq = deq + u @ v
                 uv = _initializer(graph, f"{base}_lorc_u", u), _initializer(graph, f"{base}_lorc_v", v)
@@ -258,7 +304,8 @@ class BlockQuantPass(EffcPass):
         self.stats["layers"][t.weight.name or name] = {
             "node": name, "kind": t.kind, "shape": list(t.array.shape), "params": int(t.array.size),
             "sqnr_db": round(sqnr_db(t.array, deq), 3), "bytes": int(nbytes),
-            "bits_per_weight": 8.0 * nbytes / t.array.size, "gptq": h is not None, "lorc_rank": opts.lorc_rank,
+            "bits_per_weight": 8.0 * nbytes / t.array.size, "gptq": h is not None,
+            "lorc_rank": self._lorc_rank(t) if t.kind not in ROW_BLOCKED else opts.lorc_rank,
         }
 
     def _quantize_kv(self, model: ir.Model, act_fmt) -> int:
