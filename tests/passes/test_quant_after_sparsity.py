@@ -24,14 +24,14 @@ from effc.passes.nm_sparsity import NMSparsityPass
 K = N = 64
 
 
-def _matmul_model(seed: int = 0) -> ir.Model:
+def _matmul_model(seed: int = 0, opset: int = 17) -> ir.Model:
     """``Y = Identity(X @ W)``, ``X`` and ``W`` ``(64, 64)`` (so an identity input reads ``W`` back)."""
     w = np.random.default_rng(seed).standard_normal((K, N)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"), helper.make_node("Identity", ["h"], ["y"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [K, K])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [K, N])], [numpy_helper.from_array(w, "w")])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     return ir.from_proto(onnx.shape_inference.infer_shapes(proto))
 
 
@@ -64,6 +64,18 @@ def test_two_four_pattern_survives_block_quant(fmt, compensation):
         assert quant.stats["layers"]["w"]["lorc_rank"] == 0
         assert quant.stats["lorc_skipped"] == [{"weight": "w", "reason": "weight has 2048 zeros (50.0%) that a "
                                                 "low-rank correction would refill"}]
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_two_four_pattern_survives_dequantize_linear(fmt):
+    # opset 21: int blocks are stored for a standard blocked DequantizeLinear instead of an effc operator
+    model = _matmul_model(opset=21)
+    NMSparsityPass(n=2, m=4, method="magnitude", reconstruct="false", pack=False)(model)
+    pruned = model.graph.initializers["w"].const_value.numpy() == 0
+    BlockQuantPass(format=fmt, min_params=0, gptq=True, calibration=_calibration())(model)
+    assert "DequantizeLinear" in [n.op_type for n in model.graph]
+    w = _weight(model)
+    assert (w[pruned] == 0).all() and np.count_nonzero(w) > 0.45 * K * N
 
 
 def test_packed_nm_layers_are_refused_with_the_fix():
