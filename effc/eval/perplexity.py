@@ -15,7 +15,8 @@ WINDOW = 512
 def evaluate_text(artifact: str | Path, text: str, threads: int = 1, window: int = WINDOW) -> dict[str, Any]:
     """Perplexity of ``text`` under the compiled artifact and under the original model (onnxruntime).
 
-    The original model is the manifest's source graph (for zoo decoders the cached fp32 export), specialized to
+    Windows are ``window`` tokens, or the KV-cache length when that is shorter. The original model is the
+    manifest's source graph (for zoo decoders the cached fp32 export), specialized to
     the artifact's prefill chunk; when that file is gone, its perplexity reads "not available".
 
     Returns:
@@ -32,6 +33,7 @@ def evaluate_text(artifact: str | Path, text: str, threads: int = 1, window: int
     model = effc.runtime.load(artifact)
     session = model.decoder()
     ids = list(session.tokenizer(text)["input_ids"])
+    window = min(window, session.max_cache)  # a shorter cache scores shorter windows (reported)
     mine = perplexity(session, ids, window)
     result: dict[str, Any] = {"window": window, "tokens_scored": mine["tokens_scored"], "windows": mine["windows"],
                               "perplexity_compiled": mine["perplexity"]}

@@ -142,3 +142,19 @@ def test_block_quant_on_the_decoder_keeps_it_generating(tiny):
     import effc.runtime
 
     assert len(effc.runtime.load(result.out_dir).generate("Soup", max_new_tokens=3).tokens) <= 3
+
+
+def test_eval_text_cli_reports_perplexity(compiled, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from effc.cli import cli
+
+    text = tmp_path / "t.txt"
+    text.write_text("A bicycle is a simple machine, yet keeping one in good condition takes attention. " * 3)
+    out = CliRunner().invoke(cli, ["eval", str(compiled[0].out_dir), "--text", str(text), "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output.strip().splitlines()[-1])
+    assert data["window"] == 96 and data["tokens_scored"] > 10 and data["perplexity_compiled"] > 1
+    assert "not available" in data["perplexity_original_onnxruntime"]  # compiled from an in-memory graph
