@@ -128,7 +128,7 @@ def test_fp16_precision_puts_gemm_on_tensor_cores_fp32_stays_exact(precision, te
     assert ("float16" in text) == tensor_cores
     assert "Matmul" in log.counts()
     if tensor_cores:  # fp16 inputs, fp32 accumulation and output
-        assert re.search(r'T\.alloc_buffer\(\(\d+, \d+\), scope="wmma\.accumulator"\)|"float32", scope="wmma', text)
+        assert any("float32" in line for line in text.splitlines() if "wmma.accumulator" in line)
         assert lowered["main"].ret_struct_info.dtype == "float32"
 
 
