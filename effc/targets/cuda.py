@@ -100,9 +100,14 @@ def effc_nodes(model: ir.Model) -> dict[str, list[str]]:
 
 
 def _dense_bodies(model: ir.Model) -> ir.Model:
-    """A copy of ``model`` with every model-local function (the effc operators' reference bodies) inlined."""
-    proto = onnx.inliner.inline_local_functions(ir.to_proto(model))
-    return ir.from_proto(proto)
+    """A copy of ``model`` with the effc operators' reference bodies (model-local functions) inlined.
+
+    Constants are folded after inlining: the unpacking of stored weights (e.g. N:M's ScatterElements) becomes a dense
+    initializer, which is what ``--fallback dense`` promises.
+    """
+    from effc.ir.canonicalize import canonicalize
+
+    return canonicalize(ir.from_proto(onnx.inliner.inline_local_functions(ir.to_proto(model))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +130,7 @@ class CudaTarget(Target):
 
         ready = [name for name, passes in PRECISIONS.items() if passes is not None]
         return {
-            "arch": f"{' | '.join(self.archs)} (default {self.default_arch})",
+            "arch": f"{', '.join(f'{a.name} {a.family}' for a in self.archs.values())}; default {self.default_arch}",
             "gpu_precision": f"{' | '.join(ready)} (default fp32, exact; fp16: tensor cores, fp32 accumulation)",
             "fallback": "dense: effc operators run their reference ONNX bodies (default: error naming them)",
         }

@@ -162,6 +162,15 @@ def test_compile_without_a_gpu_reports_compiled_fidelity_not_measured(tmp_path):
 
 
 @pytest.mark.slow
+def test_fallback_dense_builds_the_reference_bodies_and_says_so(tmp_path):
+    model = ffn_model(k=64, hidden=128, seq=16)
+    nm.NMSparsityPass(n=2, m=4, vector=16)(model)
+    result = get_target("cuda").build(model, tmp_path, {"fallback": "dense"})
+    assert result.info["fallback_dense"] == {"NMSparseMatMul": 2}
+    assert b"__global__" not in (tmp_path / "model.so").read_bytes() and result.info["device_kernels"]
+
+
+@pytest.mark.slow
 def test_minilm_builds_for_sm90(tmp_path):
     result = effc.compile("zoo:minilm-l6", target="cuda", out_dir=tmp_path / "out", eval_samples=1,
                           target_options={"arch": "sm_90"})
