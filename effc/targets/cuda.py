@@ -90,7 +90,7 @@ def check_arch(value: Any) -> GpuArch:
 
 def effc_nodes(model: ir.Model) -> dict[str, list[str]]:
     """effc-domain operators in the main graph and its subgraphs: ``{op_type: [node names]}``."""
-    from effc.ir.effc_ops import EFFC_DOMAIN
+    from effc.ops.base import EFFC_DOMAIN
 
     found: dict[str, list[str]] = {}
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
