@@ -116,6 +116,7 @@ def pack(args: argparse.Namespace) -> None:
     """Build the bundle (see the module docstring)."""
     import effc
     from effc import zoo
+    from effc.errors import EffcError
 
     out = Path(args.out)
     if out.exists():
@@ -132,8 +133,14 @@ def pack(args: argparse.Namespace) -> None:
                 continue
             tag = f"{name}-{precision}"
             start = time.perf_counter()
-            result = effc.compile(f"zoo:{name}", target="cuda", out_dir=work / tag, eval_samples=1,
-                                  measure_latency=False, target_options={"arch": args.arch, "gpu_precision": precision})
+            try:
+                result = effc.compile(f"zoo:{name}", target="cuda", out_dir=work / tag, eval_samples=1,
+                                      measure_latency=False,
+                                      target_options={"arch": args.arch, "gpu_precision": precision})
+            except EffcError as exc:  # one model failing to build must not stop the others
+                summary["left_out"].append({"tag": tag, "why": f"build failed: {exc}"[:400]})
+                print(f"left out {tag}: {exc}", flush=True)
+                continue
             seconds = time.perf_counter() - start
             refs = _references(result.out_dir, zoo.get(name), args.samples)
             size = (result.out_dir / "model.so").stat().st_size + sum(a.nbytes for a in refs.values())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import tvm
 from click.testing import CliRunner
@@ -178,3 +179,23 @@ def test_minilm_builds_for_sm90(tmp_path):
     assert sum(info["rule_counts"].values()) == len(info["kernels"]) >= 15
     assert all(any(k.startswith(f"{f}_kernel") for k in info["device_kernels"]) for f in info["kernels"])
     assert b"__global__" not in (tmp_path / "out" / "model.so").read_bytes()
+
+
+def test_fp16_stores_constant_lookup_tables_in_half():
+    from effc.codegen.cuda import half_tables
+
+    table = np.arange(12, dtype=np.float32).reshape(6, 2)
+
+    @tvm.script.ir_module
+    class Module:
+        @R.function
+        def main(ids: R.Tensor((1, 4), "int64")):
+            with R.dataflow():
+                y = R.take(R.const(table), ids, axis=0)
+                R.output(y)
+            return y
+
+    text = half_tables(Module).script()
+    assert "R.take(" in text
+    assert 'dtype="float16"' in text and 'R.astype(' in text and '"float32")' in text
+    assert half_tables(_softmax_module()).script() == _softmax_module().script()  # no take: unchanged

@@ -4,7 +4,8 @@ Pipeline: TVM 0.27's CUDA pipeline (``relax/backend/cuda/pipeline.py``) with eff
 
 1. precision (option ``gpu_precision``, :data:`PRECISIONS`): ``fp32`` (default) leaves the model exact;
    ``fp16`` runs TVM's ``ToMixedPrecision`` (matmul/conv inputs in fp16, fp32 accumulation), so DLight's ``Matmul``
-   rule tensorizes GEMMs with M, N, K > 64 on the tensor cores (wmma);
+   rule tensorizes GEMMs with M, N, K > 64 on the tensor cores (wmma), and stores constant lookup tables (``take``,
+   e.g. word embeddings) in fp16;
 2. TVM's library dispatch + ``LegalizeOps``, ``AnnotateTIROpPattern``, ``FoldConstant``, ``FuseOps``, ``FuseTIR``;
 3. DLight's rules, each guarded by :func:`effc.codegen.cuda.rules.schedule_pass` (a crashing rule declines);
 4. TVM's dataflow-lowering and finalize passes; ``tvm.compile`` with the device code compiled by nvcc at build
@@ -17,8 +18,10 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 import tvm
 from tvm import relax
+from tvm.relax import PyExprMutator, expr_functor
 from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 
 from effc.codegen import build as tvm_build
@@ -27,10 +30,43 @@ from effc.errors import TargetError
 
 logger = logging.getLogger(__name__)
 
+def _constant(expr: Any) -> np.ndarray | None:
+    """The numpy value of a Relax constant (``GenericConst.value`` in TVM 0.27), else None."""
+    if type(expr).__name__ not in ("GenericConst", "Constant"):
+        return None
+    value = getattr(expr, "value", None) if hasattr(expr, "value") else getattr(expr, "data", None)
+    return value.numpy() if hasattr(value, "numpy") else None
+
+
+@expr_functor.mutator
+class _HalfTables(PyExprMutator):
+    """``take(fp32 constant table, ids)`` → ``astype(take(fp16 table, ids), fp32)``: embedding tables in fp16."""
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.take":
+            return call
+        table = _constant(call.args[0])
+        if table is None or table.dtype != np.float32:
+            return call
+        half = relax.const(table.astype(np.float16), "float16")
+        return relax.op.astype(relax.op.take(half, call.args[1], axis=call.attrs.axis), "float32")
+
+
+@tvm.transform.module_pass(opt_level=0, name="effc.HalfTables")
+def half_tables(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
+    """Store constant lookup tables (``take``) in fp16 and widen the rows taken; halves MiniLM's word embedding."""
+    mutator = _HalfTables(mod)
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
 #: ``gpu_precision`` → the Relax passes that realize it (None: not implemented yet; asking for it is an error).
 PRECISIONS: dict[str, list[Any] | None] = {
     "fp32": [],
-    "fp16": [relax.transform.ToMixedPrecision(out_dtype="float32")],
+    "fp16": [relax.transform.ToMixedPrecision(out_dtype="float32"), half_tables],
     "tf32": None,
     "bf16": None,
 }
