@@ -118,7 +118,7 @@ def _matmul_module(m=128, k=256, n=256):
 
 @pytest.mark.parametrize(("precision", "tensor_cores"), [
     ("fp32", False),
-    # TVM builds its tensor-core intrinsics on first use: 65 s alone, minutes in a full pytest process
+    # TVM builds its tensor-core intrinsics on first use: 65 s in a fresh process, 12 min in pytest at load 14
     pytest.param("fp16", True, marks=pytest.mark.slow),
 ])
 def test_fp16_precision_puts_gemm_on_tensor_cores_fp32_stays_exact(precision, tensor_cores):
@@ -128,8 +128,8 @@ def test_fp16_precision_puts_gemm_on_tensor_cores_fp32_stays_exact(precision, te
     assert ("wmma.accumulator" in text) == tensor_cores
     assert ("float16" in text) == tensor_cores
     assert "Matmul" in log.counts()
-    if tensor_cores:  # fp16 inputs, fp32 accumulation and output
-        assert any("float32" in line for line in text.splitlines() if "wmma.accumulator" in line)
+    if tensor_cores:  # fp16 inputs, fp32 accumulation (TVMScript omits the default float32) and output
+        assert not any("float16" in line for line in text.splitlines() if "wmma.accumulator" in line)
         assert lowered["main"].ret_struct_info.dtype == "float32"
 
 
