@@ -37,7 +37,8 @@ from effc.errors import CalibrationError, PipelineError
 from effc.passes.base import EffcPass, PassOptions, register_pass
 from effc.passes.quant import FORMATS, dequantize, get_format, onnx_ops, pack_blocks, quantize, sqnr_db
 from effc.passes.quant.compensation import gptq_quantize, hessian, lorc
-from effc.passes.quant.graph import QuantTarget, find_kv_values, find_targets, replace_value
+from effc.passes.quant.graph import QuantTarget, find_kv_values, find_targets
+from effc.passes.rewrite import replace_value
 
 __all__ = ["BlockQuantOptions", "BlockQuantPass"]
 
