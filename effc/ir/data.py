@@ -16,6 +16,8 @@ import numpy as np
 import onnx_ir as ir
 
 from effc.errors import DataError
+from effc.ir.index_inputs import index_checks
+from effc.runtime.index_check import check_index_input
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +114,7 @@ def _same_family(have: np.dtype, want: np.dtype) -> bool:
 
 
 def conform_feeds(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]],
-                  where: str = "the data") -> list[dict[str, np.ndarray]]:
+                  where: str = "the data", check_indices: bool = True) -> list[dict[str, np.ndarray]]:
     """Check feeds against ``model``'s data inputs and convert dtypes of the same kind.
 
     Every feed must hold every data input with the input's static shape. An array whose dtype is of the same
@@ -123,16 +125,19 @@ def conform_feeds(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]],
         model: the model the feeds are for (canonical: static input shapes).
         feeds: one dict input name → array per sample.
         where: how the error messages name the data, e.g. ``"--data samples.npz"``.
+        check_indices: check index inputs against the range of the axis they index (False: trust them).
 
     Returns:
         New feed dicts holding exactly the model's data inputs, with the model's dtypes.
 
     Raises:
-        DataError: a feed lacks an input, or an array's shape or dtype kind does not match the input's (the
-            message names the input, the sample, what was given and what the model expects).
+        DataError: a feed lacks an input, an array's shape or dtype kind does not match the input's (the message
+            names the input, the sample, what was given and what the model expects), or an index input holds a value
+            outside the range of the axis it indexes (:mod:`effc.runtime.index_check`).
     """
     inputs = [v for v in model.graph.inputs if not v.is_initializer()]
     names = [v.name for v in inputs]
+    checks = {v.name: index_checks(v) if check_indices else [] for v in inputs}
     conformed = []
     for index, feed in enumerate(feeds):
         missing = [n for n in names if n not in feed]
@@ -158,6 +163,11 @@ def conform_feeds(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]],
                         f"{where}: input {value.name!r} of sample {index} has dtype {array.dtype}, the model expects "
                         f"{want}", f"save it as {want}, e.g. numpy.savez(path, {value.name}=array.astype('{want}'))")
                 array = array.astype(want)
+            if array.dtype.kind in "iu" and checks[value.name]:
+                try:
+                    check_index_input(value.name, array, checks[value.name])
+                except DataError as exc:
+                    raise DataError(f"{where}: sample {index}: {exc.message}", exc.hint) from None
             out[value.name] = array
         conformed.append(out)
     return conformed
@@ -168,55 +178,18 @@ def input_ranks(model: ir.Model) -> dict[str, int]:
     return {v.name: len(v.shape) for v in model.graph.inputs if not v.is_initializer() and v.shape is not None}
 
 
-_PASS_THROUGH = frozenset({"Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand"})
-
-
-def gather_table_rows(value: ir.Value) -> int | None:
-    """Row count of the smallest constant table that ``value`` indexes through ``Gather``, or None.
-
-    Follows shape-only ops (Cast, Reshape, Unsqueeze, ...) from ``value`` to every ``Gather`` that uses it as its
-    indices (input 1) and reads the constant table's size along the gather axis; ``effc.BlockQuantGather`` (indices
-    are input 2, rows of the packed table along axis 0) counts too. Indices of such an input must lie in
-    ``[0, rows)``: onnxruntime rejects others, and compiled code would read out of bounds (TVM's ``take`` in fast
-    mode does not check).
-    """
-    rows_min = None
-    todo, seen = [value], set()
-    while todo:
-        v = todo.pop()
-        if id(v) in seen:
-            continue
-        seen.add(id(v))
-        for node, index in v.uses():
-            if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and index == 1:
-                table = node.inputs[0]
-                axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
-                if table is not None and table.const_value is not None and table.shape is not None:
-                    rows = table.shape[axis]
-                    if isinstance(rows, int) and rows > 0:
-                        rows_min = rows if rows_min is None else min(rows_min, rows)
-            elif node.op_type == "BlockQuantGather" and node.domain == "effc" and index == 2:  # (Tq, S, I)
-                table = node.inputs[0]
-                rows = table.shape[0] if table is not None and table.shape is not None else None
-                if isinstance(rows, int) and rows > 0:
-                    rows_min = rows if rows_min is None else min(rows_min, rows)
-            elif node.op_type in _PASS_THROUGH and index == 0:
-                todo.extend(node.outputs)
-    return rows_min
-
-
 def _index_bound(value: ir.Value) -> int:
-    """Exclusive upper bound for synthetic integers in ``value``: the Gather table's rows, else SYNTHETIC_INT_HIGH."""
-    rows = gather_table_rows(value)
-    return SYNTHETIC_INT_HIGH if rows is None else min(rows, SYNTHETIC_INT_HIGH)
+    """Exclusive bound of synthetic integers in ``value``: the smallest axis it indexes, or SYNTHETIC_INT_HIGH."""
+    sizes = [min(check["high"]) for check in index_checks(value)]
+    return min([SYNTHETIC_INT_HIGH, *sizes])
 
 
 def synthetic_feeds(model: ir.Model, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """``n`` SYNTHETIC feeds for ``model``'s inputs (for smoke tests and timing, never fidelity claims).
 
-    Floats are standard normal, integers uniform in ``[0, 100)`` — or in ``[0, rows)`` when the input indexes a
-    constant table through ``Gather`` (e.g. BERT's ``token_type_ids`` into a 2-row embedding; an index out of range
-    makes onnxruntime fail and compiled code read out of bounds), booleans True.
+    Floats are standard normal, integers uniform in ``[0, 100)`` — or in ``[0, size)`` when the input indexes an axis
+    of that size (Gather, GatherElements, GatherND, Scatter*: e.g. BERT's ``token_type_ids`` into a 2-row embedding;
+    an index out of range makes onnxruntime fail and compiled code access memory out of bounds), booleans True.
 
     Raises:
         DataError: an input has no static shape (canonicalize first) or an unsupported dtype.
