@@ -130,7 +130,8 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
               "CPU and reused.")
 @click.option("--flash", default=None, help="Flash budget for microcontroller targets, e.g. 1M.")
 @click.option("--ram", default=None, help="RAM budget for microcontroller targets, e.g. 256K.")
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing artifact folder (only one effc wrote; any other folder is refused).")
 @click.option("--verify-each", is_flag=True, help="Run the ONNX checker and shape inference after every pass.")
 @click.option("--dump-ir", type=click.Path(file_okay=False), help="Write the model after each pass (numbered .onnx).")
 @click.option(

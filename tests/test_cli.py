@@ -120,9 +120,13 @@ def test_existing_output_needs_force(tmp_path, mlp_path):
     assert result.exit_code != 0
     assert "--force" in result.output
     assert (out / "keep.txt").read_text() == "user file"
-    result = _run("compile", mlp_path, "-o", out, "--force", "--no-latency")
+    result = _run("compile", mlp_path, "-o", out, "--force", "--no-latency")  # not an artifact: refused
+    assert result.exit_code == 1 and "is not an effc artifact" in result.output
+    assert (out / "keep.txt").read_text() == "user file"
+    (out / "keep.txt").unlink()
+    assert _run("compile", mlp_path, "-o", out, "--no-latency").exit_code == 0  # empty: no --force needed
+    result = _run("compile", mlp_path, "-o", out, "--force", "--no-latency")  # an artifact: replaced
     assert result.exit_code == 0, result.output
-    assert not (out / "keep.txt").exists()
     assert (out / "manifest.json").exists()
 
 

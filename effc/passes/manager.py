@@ -107,8 +107,10 @@ class PassManager:
         pipeline: a :class:`Pipeline`, pipeline text, or a sequence of :class:`EffcPass`.
         verify_each: run the ONNX checker (full check, strict shape inference) on the input and after each pass.
         dump_ir: a folder for ``00_input.onnx``, ``01_<name>.onnx``, ... (created if missing), or None.
-        save_replay: on a crash, save the input model and pipeline text for replay (in ``dump_ir`` when given,
-            else in a new temporary folder named in the error).
+        save_replay: on a crash (an unexpected exception inside a pass, a broken invariant, an invalid model
+            after a pass), save the input model and pipeline text for replay (in ``dump_ir`` when given, else in a
+            new temporary folder ``effc-replay-*`` named in the error). An :class:`EffcError` raised by a pass is
+            a user error with its own fix: no files.
 
     Raises:
         PipelineError: pipeline text that does not parse.
@@ -165,11 +167,11 @@ class PassManager:
             start = time.perf_counter()
             try:
                 result = p(model)
-            except EffcError as e:
-                raise _with_prefix(e, prefix, self._replay_note(snapshot)) from e
+            except EffcError as e:  # anticipated (a user error with its fix): no replay files
+                raise _with_prefix(e, prefix) from e
             except ir.passes.InvariantError as e:
                 if isinstance(e.__cause__, EffcError):  # an effc error raised in requires/ensures
-                    raise _with_prefix(e.__cause__, prefix, self._replay_note(snapshot)) from e
+                    raise _with_prefix(e.__cause__, prefix) from e
                 cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ else ""
                 raise PassError(f"{prefix}: {type(e).__name__}: {e}{cause}", self._replay_note(snapshot)) from e
             except Exception as e:  # noqa: BLE001 - every crash inside a pass becomes a PassError
@@ -216,11 +218,10 @@ def _safe(name: str) -> str:
     return re.sub(r"[^\w.-]", "_", name)
 
 
-def _with_prefix(error: EffcError, prefix: str, replay: str) -> EffcError:
-    """A copy of ``error`` (same class) whose message starts with ``prefix`` and whose hint names the replay files."""
+def _with_prefix(error: EffcError, prefix: str) -> EffcError:
+    """A copy of ``error`` (same class, same hint) whose message starts with ``prefix``."""
     new = type(error).__new__(type(error))  # not copy.copy: subclasses may take other constructor arguments
     new.__dict__.update(error.__dict__)
     new.message = f"{prefix}: {error.message}"
-    new.hint = f"{error.hint}; {replay}" if error.hint else replay
-    new.args = (f"{new.message}; fix: {new.hint}",)
+    new.args = (f"{new.message}; fix: {new.hint}" if new.hint else new.message,)
     return new
