@@ -7,6 +7,7 @@ exit code; ``effc --debug ...`` shows the traceback instead.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from effc.errors import EffcError
+from effc.errors import ArtifactError, EffcError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -319,6 +320,8 @@ def run_cmd(ctx, artifact, data, out_file, no_check_indices):
 
         from effc.api import run_artifact
 
+        if out_file:
+            _check_output_file(Path(out_file))  # before the runs, not after them
         results = run_artifact(artifact, data, check_indices=not no_check_indices)
         source = f"--data {data}" if data else "SYNTHETIC (no --data given; the outputs mean nothing)"
         console.print(escape(f"inputs: {source}; {len(results)} run(s)"), highlight=False)
@@ -332,10 +335,24 @@ def run_cmd(ctx, artifact, data, out_file, no_check_indices):
                 for i, o in enumerate(results)
                 for name, a in o.items()
             }
-            np.savez(out_file, **flat)
+            try:
+                np.savez(out_file, **flat)
+            except OSError as exc:
+                raise ArtifactError(f"cannot write the outputs to {out_file}: {exc.strerror or exc}",
+                                    "give -o a .npz path in a folder you can write to") from exc
             console.print(f"outputs written to {out_file}")
 
     _guard(ctx, run)
+
+
+def _check_output_file(path: Path) -> None:
+    """Raise ArtifactError when ``effc run -o PATH`` could not write ``path`` (named with the reason)."""
+    parent = path.resolve().parent
+    reason = (f"{parent} is not a folder" if not parent.is_dir()
+              else f"folder {parent} is not writable" if not os.access(parent, os.W_OK | os.X_OK) else None)
+    if reason:
+        raise ArtifactError(f"cannot write the outputs to {path}: {reason}",
+                            "give -o a .npz path in a folder you can write to")
 
 
 _EVAL_LABELS = {
@@ -428,7 +445,7 @@ INTERNAL_ERROR_EXIT = 3
 
 
 def _guard(ctx: click.Context, fn) -> None:
-    """Run ``fn``; an EffcError prints as one line, any other exception as one "internal error" line.
+    """Run ``fn``; an EffcError or MemoryError prints as one line, any other exception as one "internal error" line.
 
     ``--debug`` re-raises instead (full traceback). Ctrl-C is left to click ("Aborted!").
     """
@@ -439,6 +456,14 @@ def _guard(ctx: click.Context, fn) -> None:
             raise
         err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
+    except MemoryError as exc:  # sizes the user chose (shapes, sample counts), not a bug
+        if ctx.obj.get("debug"):
+            raise
+        err_console.print(
+            f"[red]error:[/red] out of memory: {escape(str(exc)[:300])}; fix: use smaller --input-shape values or "
+            "fewer samples (--eval-samples, --calibration-samples), or a machine with more memory",
+            highlight=False, soft_wrap=True)
+        sys.exit(1)
     except Exception as exc:  # noqa: BLE001  (no traceback for users; --debug shows it)
         if ctx.obj.get("debug"):
             raise

@@ -209,9 +209,11 @@ def gather_feeds(
     Raises:
         DataError: the data does not match the model's inputs; it holds too few samples for ``n_calib`` plus at
             least one held-out sample; a zoo split holds fewer samples than asked. The message names the option.
+        ShapeError: one sample of an input would not fit this machine's memory.
     """
-    from effc.ir.data import conform_feeds, input_ranks, load_data, synthetic_feeds
+    from effc.ir.data import check_input_sizes, conform_feeds, input_ranks, load_data, synthetic_feeds
 
+    check_input_sizes(model)  # before any sample is allocated
     if data is not None:
         if isinstance(data, (str, os.PathLike)):
             names = [v.name for v in model.graph.inputs if not v.is_initializer()]

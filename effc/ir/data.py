@@ -7,6 +7,7 @@ its first axis; an array of the input's rank is one sample. A folder is read as 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from effc.errors import DataError
+from effc.errors import DataError, ShapeError
 from effc.ir.index_inputs import index_checks
 from effc.runtime.index_check import check_index_input
 
@@ -39,10 +40,15 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"cannot read data file {str(path)!r}: not an .npz archive (no zip header)", fix)
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
+            arrays = {key: npz[key] for key in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise DataError(f"cannot read data file {str(path)!r}: {err}",
                         "save inputs with numpy.savez(path, **{input_name: array})") from err
+    for key, value in arrays.items():
+        if not isinstance(value, np.ndarray):  # numpy hands back the raw bytes of a member that is not .npy
+            raise DataError(f"member {key!r} of data file {str(path)!r} is not a .npy array "
+                            f"({len(value)} bytes without the .npy header)", fix)
+    return arrays
 
 
 def _samples_of(arrays: Mapping[str, np.ndarray], path: Path, input_names: Sequence[str],
@@ -182,6 +188,38 @@ def _index_bound(value: ir.Value) -> int:
     """Exclusive bound of synthetic integers in ``value``: the smallest axis it indexes, or SYNTHETIC_INT_HIGH."""
     sizes = [min(check["high"]) for check in index_checks(value)]
     return min([SYNTHETIC_INT_HIGH, *sizes])
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
+        return None
+
+
+def check_input_sizes(model: ir.Model, memory_bytes: int | None = None) -> None:
+    """Refuse inputs whose one sample would not fit this machine's memory (e.g. ``--input-shape x=1x3x100000x100000``).
+
+    Args:
+        model: the canonical model (static input shapes).
+        memory_bytes: the memory to compare with; None: this machine's physical memory.
+
+    Raises:
+        ShapeError: an input's elements times its dtype size exceed the memory (names the input, shape and bytes).
+    """
+    memory = _memory_bytes() if memory_bytes is None else memory_bytes
+    for v in model.graph.inputs:
+        if v.is_initializer() or v.shape is None or v.dtype is None or v.dtype.numpy() is None:
+            continue
+        if not all(isinstance(d, int) and d >= 0 for d in v.shape):
+            continue
+        nbytes = math.prod(v.shape) * np.dtype(v.dtype.numpy()).itemsize
+        if memory is not None and nbytes > memory:
+            dims = "x".join(map(str, v.shape))
+            raise ShapeError(
+                f"input {v.name!r} of shape {dims} takes {nbytes / 1e9:.3g} GB per sample "
+                f"({np.dtype(v.dtype.numpy())}), more than this machine's {memory / 1e9:.3g} GB of memory",
+                f"compile for a smaller shape with --input-shape {v.name}=...")
 
 
 def synthetic_feeds(model: ir.Model, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:

@@ -23,7 +23,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from effc.errors import EffcError, PassError
+from effc.errors import ArtifactError, EffcError, PassError
 from effc.passes.base import EffcPass
 from effc.passes.pipeline import Pipeline, parse_pipeline
 
@@ -79,9 +79,18 @@ def _save_proto(proto: onnx.ModelProto, path: Path) -> None:
 
 
 def _dump(model: ir.Model, path: Path) -> None:
-    """Save ``model`` to ``path``; weights go to ``<name>.data`` beside it when they pass 2 GB."""
+    """Save ``model`` to ``path`` (its folder created); weights go to ``<name>.data`` beside it past 2 GB.
+
+    Raises:
+        ArtifactError: the folder or file cannot be written (read-only location, a file in the path, disk full).
+    """
     weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    ir.save(model, path, external_data=path.name + ".data" if weight_bytes > _PROTO_LIMIT else None)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ir.save(model, path, external_data=path.name + ".data" if weight_bytes > _PROTO_LIMIT else None)
+    except OSError as e:
+        raise ArtifactError(f"cannot write the --dump-ir model {path}: {e.strerror or e}",
+                            "give --dump-ir a folder you can write to") from e
 
 
 def verify_model(model: ir.Model) -> None:
@@ -146,10 +155,10 @@ class PassManager:
             PassError: a pass raised an unexpected exception, broke its pre/postconditions, or (with
                 ``verify_each``) produced an invalid model; the message names the pass and the passes before it.
             EffcError: an effc error raised inside a pass, re-raised with the same context prefix.
+            ArtifactError: ``dump_ir`` cannot be written.
         """
         snapshot = ir.to_proto(model) if self.save_replay and len(self.pipeline) else None
         if self.dump_ir is not None:
-            self.dump_ir.mkdir(parents=True, exist_ok=True)
             _dump(model, self.dump_ir / "00_input.onnx")
         if self.verify_each:
             try:
