@@ -417,17 +417,52 @@ def verify(ctx, artifact, data, atol):
         result = verify_artifact(artifact, data, atol=atol)
         console.print("reference: onnxruntime running the artifact's own model.onnx (the rewritten model; "
                       "fidelity against the original model is in report.md)", highlight=False, soft_wrap=True)
-        rows = result.pop("outputs", {})
-        for key, value in result.items():
-            console.print(escape(f"{key}: {value}"), highlight=False, soft_wrap=True)
-        for name, row in rows.items():
-            console.print(escape(_verify_line(name, row)), highlight=False, soft_wrap=True)
+        rows = result.pop("outputs", None)
+        if rows is None:  # a target's own verify (Cortex-M under QEMU): its facts as a table
+            table = Table(title=escape(f"effc verify {artifact}"), show_header=False)
+            for label, text in _target_verify_rows(result):
+                table.add_row(escape(label), escape(text))
+            console.print(table)
+        else:
+            for key, value in result.items():
+                console.print(escape(f"{key}: {value}"), highlight=False, soft_wrap=True)
+            for name, row in rows.items():
+                console.print(escape(_verify_line(name, row)), highlight=False, soft_wrap=True)
         if not result["ok"]:
             err_console.print("[red]verification failed[/red]: outputs differ from onnxruntime")
             sys.exit(1)
         console.print("[green]verified[/green]")
 
     _guard(ctx, run)
+
+
+def _target_verify_rows(result: dict) -> list[tuple[str, str]]:
+    """Label and text per fact of a target's verify result (``VerifyResult.to_dict()`` of the Cortex-M targets)."""
+    facts = dict(result)
+    rows = [("result", "ok" if facts.pop("ok") else "FAILED"), ("criterion", str(facts.pop("criterion", "")))]
+    if "target" in facts:
+        rows.append(("ran on", f"{facts.pop('target')} under QEMU {facts.pop('machine', '?')}"))
+    rows.append(("samples", f"{facts.pop('samples', '?')} ({facts.pop('inputs', '?')} inputs)"))
+    steps, one_step = facts.pop("steps", {}) or {}, facts.pop("one_step", {}) or {}
+    for name, diff in (facts.pop("max_abs", {}) or {}).items():
+        text = f"{diff:.3g}"
+        if name in steps:
+            text += f"; {one_step.get(name, 0)} element(s) one quantization step ({steps[name]:.3g}) off"
+        rows.append((f"output {name}: max abs diff", text))
+    if "bit_exact" in facts:
+        rows.append(("bit-exact output elements", f"{100 * facts.pop('bit_exact'):.1f}%"))
+    per_inference, per_mac = facts.pop("instructions_per_inference", None), facts.pop("instructions_per_mac", None)
+    facts.pop("instructions", None)
+    macs = facts.pop("macs", None)
+    if per_inference:
+        extra = f" ({per_mac:.2f} per MAC, {macs:,} MACs)" if per_mac and macs else ""
+        rows.append(("instructions per inference", f"{per_inference:,.0f}{extra}"))
+    if "flash_bytes" in facts:
+        rows.append(("verification firmware flash / RAM",
+                     f"{facts.pop('flash_bytes'):,} / {facts.pop('ram_bytes', 0):,} bytes (model, harness and libc)"))
+    facts.pop("atol", None)  # stated in the criterion
+    rows.extend((key, str(value)) for key, value in facts.items())  # facts a target adds later
+    return rows
 
 
 def _verify_line(name: str, row: dict) -> str:
