@@ -19,6 +19,9 @@ from effc.errors import DataError
 
 __all__ = ["check_index_input", "checks_of"]
 
+#: Ops whose index inputs are usually token ids into an embedding table.
+_TOKEN_HINT = {op: " (token ids: a tokenizer with the model's own vocabulary)" for op in ("Gather", "BlockQuantGather")}
+
 
 def checks_of(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The index checks of one manifest input spec (``index_checks``, or a legacy ``index_range: [low, high]``)."""
@@ -69,5 +72,5 @@ def check_index_input(name: str, array: np.ndarray, checks: Sequence[Mapping[str
             f"input {name!r} holds {value} at {list(position)}, outside the valid range {low[j]}..{high[j] - 1}: it "
             f"is {where}an index of {check['op']}{node} into axis {axis} of size {high[j]} (negative values count "
             "from the end; a value out of range would make the compiled code access memory out of bounds)",
-            f"give {name!r} values in {low[j]}..{high[j] - 1} (token ids: a tokenizer with the model's own vocabulary)",
+            f"give {name!r} values in {low[j]}..{high[j] - 1}" + _TOKEN_HINT.get(check["op"], ""),
         )
