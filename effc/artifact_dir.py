@@ -30,7 +30,7 @@ __all__ = ["OutputLock", "check_replaceable", "make_staging_dir", "old_artifact_
 logger = logging.getLogger(__name__)
 
 _HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "localhost"
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp-[a-z0-9_]+|old)-(?P<pid>\d+)@(?P<host>[A-Za-z0-9._]+)$")
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp-[a-z0-9_]+|old)-(?P<pid>\d+)@(?P<host>[A-Za-z0-9._]+)$")
 _SHOWN = 5
 
 
@@ -174,7 +174,7 @@ def remove_stale(out: Path) -> list[str]:
         match = _LEFTOVER.match(path.name)
         if not match or match["name"] != out.name or match["host"] != _HOST or _alive(int(match["pid"])):
             continue
-        if ".old-" in path.name and not out.exists():
+        if match["kind"] == "old" and not out.exists():
             path.rename(out)
             done.append(f"restored the previous artifact {out} from {path.name} (left by process {match['pid']})")
         else:
