@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -348,8 +349,9 @@ def run_cmd(ctx, artifact, data, out_file, no_check_indices):
 def _check_output_file(path: Path) -> None:
     """Raise ArtifactError when ``effc run -o PATH`` could not write ``path`` (named with the reason)."""
     parent = path.resolve().parent
-    reason = (f"{parent} is not a folder" if not parent.is_dir()
-              else f"folder {parent} is not writable" if not os.access(parent, os.W_OK | os.X_OK) else None)
+    reason = (f"folder {parent} does not exist" if not parent.exists() else f"{parent} is a file"
+              if not parent.is_dir() else f"folder {parent} is not writable"
+              if not os.access(parent, os.W_OK | os.X_OK) else None)
     if reason:
         raise ArtifactError(f"cannot write the outputs to {path}: {reason}",
                             "give -o a .npz path in a folder you can write to")
@@ -512,8 +514,13 @@ def _guard(ctx: click.Context, fn) -> None:
         sys.exit(INTERNAL_ERROR_EXIT)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point. SIGTERM exits through Python's cleanup: a compile removes its staging folder."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     cli.main(args=argv, prog_name="effc")
 
 

@@ -48,7 +48,9 @@ def test_run_output_where_nothing_can_be_written(tmp_path, artifact):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     result = _run("run", artifact, "-o", blocker / "out.npz")
-    _one_line_error(result, f"cannot write the outputs to {blocker / 'out.npz'}: {tmp_path / 'a_file'} is not a folder")
+    _one_line_error(result, f"cannot write the outputs to {blocker / 'out.npz'}: {tmp_path / 'a_file'} is a file")
+    missing = tmp_path / "nowhere" / "out.npz"
+    _one_line_error(_run("run", artifact, "-o", missing), f"folder {missing.parent} does not exist")
 
 
 def test_npz_member_that_is_not_npy(tmp_path, artifact):
