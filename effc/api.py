@@ -13,13 +13,16 @@ def _feeds(
     artifact: Path, data: str | os.PathLike | None, n_synthetic: int = 4, check_indices: bool = True
 ) -> tuple[Any, list[dict], bool]:
     from effc.ir.data import conform_feeds, input_ranks, load_data, synthetic_feeds
-    from effc.ir.model import load
+    from effc.ir.model import io_signature, load
+    from effc.runtime.index_check import check_feeds
 
     model = load(artifact / "model.onnx")
     names = [v.name for v in model.graph.inputs if not v.is_initializer()]
     if data is not None:
-        feeds = load_data(data, names, input_ranks(model))
-        return model, conform_feeds(model, feeds, where=f"--data {data}", check_indices=check_indices), False
+        feeds = conform_feeds(model, load_data(data, names, input_ranks(model)), where=f"--data {data}")
+        if check_indices:
+            check_feeds(feeds, io_signature(model)["inputs"], where=f"--data {data}")
+        return model, feeds, False
     return model, synthetic_feeds(model, n_synthetic, seed=3), True
 
 

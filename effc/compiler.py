@@ -212,6 +212,8 @@ def gather_feeds(
         ShapeError: one sample of an input would not fit this machine's memory.
     """
     from effc.ir.data import check_input_sizes, conform_feeds, input_ranks, load_data, synthetic_feeds
+    from effc.ir.model import io_signature
+    from effc.runtime.index_check import check_feeds
 
     check_input_sizes(model)  # before any sample is allocated
     if data is not None:
@@ -224,8 +226,10 @@ def gather_feeds(
             where = "data"
         if not feeds:
             raise DataError("the data holds no samples", "give at least one array per model input")
-        # shapes and dtypes are checked here, before the build, not by onnxruntime after it
-        return _split_user_feeds(conform_feeds(model, feeds, where=where), data, n_eval, n_calib)
+        # shapes, dtypes and index ranges are checked here, before the build, not by onnxruntime after it
+        feeds = conform_feeds(model, feeds, where=where)
+        check_feeds(feeds, io_signature(model)["inputs"], where=where)
+        return _split_user_feeds(feeds, data, n_eval, n_calib)
     n_calib = DEFAULT_CALIBRATION_SAMPLES if n_calib is None else n_calib
     if loaded.zoo is not None:
         calib = _zoo_samples(loaded.zoo, "calibration", n_calib, _CALIB_OPTION)

@@ -18,7 +18,6 @@ import onnx_ir as ir
 
 from effc.errors import DataError, ShapeError
 from effc.ir.index_inputs import index_checks
-from effc.runtime.index_check import check_index_input
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +119,7 @@ def _same_family(have: np.dtype, want: np.dtype) -> bool:
 
 
 def conform_feeds(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]],
-                  where: str = "the data", check_indices: bool = True) -> list[dict[str, np.ndarray]]:
+                  where: str = "the data") -> list[dict[str, np.ndarray]]:
     """Check feeds against ``model``'s data inputs and convert dtypes of the same kind.
 
     Every feed must hold every data input with the input's static shape. An array whose dtype is of the same
@@ -131,19 +130,16 @@ def conform_feeds(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]],
         model: the model the feeds are for (canonical: static input shapes).
         feeds: one dict input name → array per sample.
         where: how the error messages name the data, e.g. ``"--data samples.npz"``.
-        check_indices: check index inputs against the range of the axis they index (False: trust them).
 
     Returns:
         New feed dicts holding exactly the model's data inputs, with the model's dtypes.
 
     Raises:
-        DataError: a feed lacks an input, an array's shape or dtype kind does not match the input's (the message
-            names the input, the sample, what was given and what the model expects), or an index input holds a value
-            outside the range of the axis it indexes (:mod:`effc.runtime.index_check`).
+        DataError: a feed lacks an input, or an array's shape or dtype kind does not match the input's (the
+            message names the input, the sample, what was given and what the model expects).
     """
     inputs = [v for v in model.graph.inputs if not v.is_initializer()]
     names = [v.name for v in inputs]
-    checks = {v.name: index_checks(v) if check_indices else [] for v in inputs}
     conformed = []
     for index, feed in enumerate(feeds):
         missing = [n for n in names if n not in feed]
@@ -169,11 +165,6 @@ def conform_feeds(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]],
                         f"{where}: input {value.name!r} of sample {index} has dtype {array.dtype}, the model expects "
                         f"{want}", f"save it as {want}, e.g. numpy.savez(path, {value.name}=array.astype('{want}'))")
                 array = array.astype(want)
-            if array.dtype.kind in "iu" and checks[value.name]:
-                try:
-                    check_index_input(value.name, array, checks[value.name])
-                except DataError as exc:
-                    raise DataError(f"{where}: sample {index}: {exc.message}", exc.hint) from None
             out[value.name] = array
         conformed.append(out)
     return conformed

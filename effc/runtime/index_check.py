@@ -17,7 +17,7 @@ import numpy as np
 
 from effc.errors import DataError
 
-__all__ = ["check_index_input", "checks_of"]
+__all__ = ["check_feeds", "check_index_input", "checks_of"]
 
 #: Ops whose index inputs are usually token ids into an embedding table.
 _TOKEN_HINT = {op: " (token ids: a tokenizer with the model's own vocabulary)" for op in ("Gather", "BlockQuantGather")}
@@ -74,3 +74,23 @@ def check_index_input(name: str, array: np.ndarray, checks: Sequence[Mapping[str
             "from the end; a value out of range would make the compiled code access memory out of bounds)",
             f"give {name!r} values in {low[j]}..{high[j] - 1}" + _TOKEN_HINT.get(check["op"], ""),
         )
+
+
+def check_feeds(feeds: Sequence[Mapping[str, np.ndarray]], specs: Sequence[Mapping[str, Any]], where: str) -> None:
+    """Check the index inputs of every sample of user data (``--data``) before anything runs on it.
+
+    Args:
+        feeds: one dict input name -> array per sample (already conformed to the model's shapes and dtypes).
+        specs: the model's input specs with their ``index_checks`` (``effc.ir.model.io_signature(model)["inputs"]``).
+        where: how the message names the data, e.g. ``"--data samples.npz"``.
+
+    Raises:
+        DataError: the first out-of-range value, prefixed with ``where`` and the sample number.
+    """
+    indexed = [(spec["name"], checks_of(spec)) for spec in specs if checks_of(spec)]
+    for index, feed in enumerate(feeds):
+        for name, checks in indexed:
+            try:
+                check_index_input(name, np.asarray(feed[name]), checks)
+            except DataError as exc:
+                raise DataError(f"{where}: sample {index}: {exc.message}", exc.hint) from None

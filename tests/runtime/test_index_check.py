@@ -15,9 +15,9 @@ import effc.runtime
 from effc.errors import DataError
 from effc.ir.data import conform_feeds, synthetic_feeds
 from effc.ir.index_inputs import index_checks
-from effc.ir.model import save
+from effc.ir.model import io_signature, save
 from effc.runtime import CompiledModel
-from effc.runtime.index_check import check_index_input
+from effc.runtime.index_check import check_feeds, check_index_input
 from tests.runtime.helpers import _model, build_artifact, ort_run
 
 _F, _I = TensorProto.FLOAT, TensorProto.INT64
@@ -107,9 +107,9 @@ def test_indices_traced_through_cast_and_reshape_to_several_operands():
                                                                       ("GatherND", [-3, -4], [3, 4])]
     feeds = synthetic_feeds(model, 20, seed=0)  # synthetic indices stay inside the smallest axis
     assert all(0 <= f["i"].min() and f["i"].max() < 3 for f in feeds)
+    feeds = conform_feeds(model, [{"d": DATA, "i": np.array([[0, 1]])}, {"d": DATA, "i": np.array([[0, -4]])}])
     with pytest.raises(DataError, match=r"--data x\.npz: sample 1: input 'i' holds -4 at \[0, 1\].*Gather 'rows'"):
-        conform_feeds(model, [{"d": DATA, "i": np.array([[0, 1]])}, {"d": DATA, "i": np.array([[0, -4]])}],
-                      where="--data x.npz")
+        check_feeds(feeds, io_signature(model)["inputs"], where="--data x.npz")
 
 
 class _Recorder:
