@@ -9,10 +9,11 @@ never leaves a half-written artifact.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from effc import artifact_dir
 from effc.errors import ArtifactError, DataError, EffcError
 
 logger = logging.getLogger(__name__)
@@ -147,14 +149,15 @@ def prepare_output_dir(
 
     Args:
         out_dir: the artifact folder to (re)place.
-        force: allow replacing a non-empty folder.
+        force: allow replacing a non-empty folder that is an effc artifact
+            (:func:`effc.artifact_dir.check_replaceable`).
         keep: paths that must survive (the model file, the data, a dump folder); a folder holding one of them,
             the current folder or the home folder is never replaced, even with ``force``.
 
     Raises:
         ArtifactError: the folder exists, is not empty, and ``force`` is False; it is a file; its nearest existing
-            parent is a file or not writable; or replacing it would delete one of ``keep``, the current folder or
-            the home folder.
+            parent is a file or not writable; replacing it would delete one of ``keep``, the current folder or
+            the home folder; or it is not an effc artifact, or holds files its manifest does not list (named).
     """
     out = Path(out_dir).resolve()
     if out.exists() and not out.is_dir():
@@ -179,6 +182,7 @@ def prepare_output_dir(
                     f"refusing to replace output folder {out}: it holds {path}, which --force would delete",
                     "write the artifact to a new or empty folder, e.g. -o out",
                 )
+        artifact_dir.check_replaceable(out)
     return out
 
 
@@ -205,9 +209,13 @@ def gather_feeds(
     Raises:
         DataError: the data does not match the model's inputs; it holds too few samples for ``n_calib`` plus at
             least one held-out sample; a zoo split holds fewer samples than asked. The message names the option.
+        ShapeError: one sample of an input would not fit this machine's memory.
     """
-    from effc.ir.data import conform_feeds, input_ranks, load_data, synthetic_feeds
+    from effc.ir.data import check_input_sizes, conform_feeds, input_ranks, load_data, synthetic_feeds
+    from effc.ir.model import io_signature
+    from effc.runtime.index_check import check_feeds
 
+    check_input_sizes(model)  # before any sample is allocated
     if data is not None:
         if isinstance(data, (str, os.PathLike)):
             names = [v.name for v in model.graph.inputs if not v.is_initializer()]
@@ -218,8 +226,10 @@ def gather_feeds(
             where = "data"
         if not feeds:
             raise DataError("the data holds no samples", "give at least one array per model input")
-        # shapes and dtypes are checked here, before the build, not by onnxruntime after it
-        return _split_user_feeds(conform_feeds(model, feeds, where=where), data, n_eval, n_calib)
+        # shapes, dtypes and index ranges are checked here, before the build, not by onnxruntime after it
+        feeds = conform_feeds(model, feeds, where=where)
+        check_feeds(feeds, io_signature(model)["inputs"], where=where)
+        return _split_user_feeds(feeds, data, n_eval, n_calib)
     n_calib = DEFAULT_CALIBRATION_SAMPLES if n_calib is None else n_calib
     if loaded.zoo is not None:
         calib = _zoo_samples(loaded.zoo, "calibration", n_calib, _CALIB_OPTION)
@@ -287,6 +297,25 @@ def _reference_feeds(model: ir.Model, feed: Mapping[str, np.ndarray], constants:
     return {n: merged[n] for n in names if n in merged}
 
 
+def _one_compile_per_output(compile_fn: Any) -> Any:
+    """Decorator: run ``compile_fn`` holding the :class:`~effc.artifact_dir.OutputLock` of its ``out_dir``.
+
+    A second compile into the same folder, while the first runs, fails at once with an ArtifactError naming the
+    process that holds it (before, both finished and the first artifact was silently replaced).
+    """
+    signature = inspect.signature(compile_fn)
+
+    @functools.wraps(compile_fn)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with artifact_dir.OutputLock(Path(bound.arguments["out_dir"]).resolve()):
+            return compile_fn(*args, **kwargs)
+
+    return locked
+
+
+@_one_compile_per_output
 def compile_model(
     model: Any,
     example_inputs: Any = None,
@@ -315,11 +344,12 @@ def compile_model(
         example_inputs: example tensors for a torch module (tuple, or dict of keyword inputs).
         passes: pipeline text, e.g. ``"prune(sparsity=0.3),cleanup"``; empty for none.
         target: a registered target name (``effc.targets.target_names()``).
-        out_dir: artifact folder; must be absent or empty unless ``force``.
+        out_dir: artifact folder; must be absent or empty unless ``force``. One compile into it at a time (a second
+            one is refused); leftovers of a killed compile into it are removed first.
         input_shapes: deployment shape per input name, for dynamic dimensions.
         data: ``.npz`` file / folder / list of feed dicts: the first ``calibration_samples`` (default: half)
             calibrate, up to ``eval_samples`` of the rest evaluate (:func:`gather_feeds`).
-        force: replace a non-empty ``out_dir``.
+        force: replace an existing ``out_dir`` that is an effc artifact (anything else is refused).
         verify_each: run the ONNX checker and shape inference after every pass.
         dump_ir: folder receiving the numbered ONNX model after each pass.
         threads: threads for the compiled artifact and for onnxruntime in the latency comparison (default 1).
@@ -352,6 +382,7 @@ def compile_model(
     started = time.perf_counter()
     keep = [model if isinstance(model, (str, os.PathLike)) and not str(model).startswith("zoo:") else None, dump_ir]
     keep.append(data if isinstance(data, (str, os.PathLike)) else None)
+    artifact_dir.remove_stale(Path(out_dir).resolve())  # what a killed compile into this folder left (we hold its lock)
     out = prepare_output_dir(out_dir, force, keep=keep)
     if dump_ir is not None and (Path(dump_ir).resolve() == out or out in Path(dump_ir).resolve().parents):
         raise ArtifactError(
@@ -394,7 +425,7 @@ def compile_model(
     rewritten = result.model
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = artifact_dir.make_staging_dir(out)
     try:
         save(rewritten, tmp / "model.onnx")
         build_started = time.perf_counter()
@@ -459,6 +490,7 @@ def compile_model(
             "latency": report.get("latency"),
         }
         write_manifest(tmp, manifest, files=["model.onnx", *build.files, *report_files])
+        artifact_dir.user_mode(tmp)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -547,7 +579,7 @@ def _evaluate(
 def _move_into_place(tmp: Path, out: Path) -> None:
     """Rename ``tmp`` to ``out``; an existing ``out`` is replaced, or restored if the rename is interrupted."""
     if out.exists():
-        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+        trash = artifact_dir.old_artifact_path(out)
         out.rename(trash)
         try:
             tmp.rename(out)

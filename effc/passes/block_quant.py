@@ -40,7 +40,8 @@ from effc.ops.block_formats import FORMATS, dequantize, get_format, quantize, sq
 from effc.ops.nm_sparse import packed_layers
 from effc.passes.base import EffcPass, PassOptions, register_pass
 from effc.passes.quant.compensation import gptq_quantize, hessian, lorc
-from effc.passes.quant.graph import QuantTarget, find_kv_values, find_targets, replace_value
+from effc.passes.quant.graph import QuantTarget, find_kv_values, find_targets
+from effc.passes.rewrite import replace_value
 
 __all__ = ["BlockQuantOptions", "BlockQuantPass"]
 
