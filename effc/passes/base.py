@@ -118,11 +118,11 @@ class EffcPass(ir.passes.InPlacePass):
             return None
         skipped = [s for s in self.stats.get("skipped") or [] if isinstance(s, Mapping) and s.get("reason")]
         if not skipped:
-            return "it matched no layer"
+            return "no weight changed (no layer was skipped either: check the options that set how much changes)"
         counts = collections.Counter(re.sub(r"\d+", "N", str(s["reason"])) for s in skipped)
         shown = "; ".join(f"{n}x {reason}" for reason, n in counts.most_common(3))
         more = f"; {len(counts) - 3} other reason(s)" if len(counts) > 3 else ""
-        return f"it rewrote no layer ({len(skipped)} skipped: {shown}{more})"
+        return f"no weight changed ({len(skipped)} layer(s) skipped: {shown}{more})"
 
 
 _REGISTRY: dict[str, type[EffcPass]] = {}

@@ -20,13 +20,13 @@ def test_prune_matching_no_layer_warns_with_the_reasons(caplog):
         result = PassManager(parse_pipeline("prune(include=zzz*)")).run(mlp())
     (record,) = result.records
     assert not record.modified
-    assert record.warnings == ["pass 'prune(include=[zzz*])' changed nothing: it rewrote no layer "
-                               "(3 skipped: 3x not matched by include)"]
+    assert record.warnings == ["pass 'prune(include=[zzz*])' changed nothing: no weight changed "
+                               "(3 layer(s) skipped: 3x not matched by include)"]
     assert "changed nothing" in caplog.text and "--strict makes this an error" in caplog.text
 
 
 def test_strict_makes_a_no_op_pass_an_error():
-    with pytest.raises(PassError, match=r"changed nothing: it rewrote no layer.*\(--strict\); fix: check"):
+    with pytest.raises(PassError, match=r"changed nothing: no weight changed.*\(--strict\); fix: check"):
         PassManager(parse_pipeline("prune(include=zzz*)"), strict=True).run(mlp())
 
 
@@ -39,7 +39,7 @@ def test_block_quant_skipping_every_layer_names_the_block_size_and_the_fix():
     # mlp's reduction axes are 64, 48 and 16: with block_size=128 none is a multiple
     result = PassManager(parse_pipeline("block-quant(block_size=128,min_params=0)")).run(mlp())
     (warning,) = result.records[0].warnings
-    assert "3 skipped: 3x blocked axis N not a multiple of block_size" in warning
+    assert "3 layer(s) skipped: 3x blocked axis N not a multiple of block_size" in warning
     with pytest.raises(PassError, match=r"round_to=32"):
         PassManager(parse_pipeline("block-quant(block_size=128,min_params=0)"), strict=True).run(mlp())
 
@@ -71,3 +71,9 @@ def test_nm_sparsity_records_the_error_it_measured():
     result = PassManager(parse_pipeline("nm-sparsity(n=2,m=4,layers=all)", calibration=cal)).run(mlp())
     errors = [r["rel_output_error"] for r in result.records[0].stats["layers"]]
     assert errors and all(0.05 < e < 1.0 for e in errors), errors
+
+
+def test_a_pass_asked_to_change_nothing_says_so():
+    (record,) = PassManager(parse_pipeline("prune(sparsity=0,min_params=0)")).run(mlp()).records
+    assert record.warnings == ["pass 'prune(sparsity=0.0,min_params=0)' changed nothing: no weight changed (no layer "
+                               "was skipped either: check the options that set how much changes)"]
