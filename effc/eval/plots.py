@@ -58,7 +58,8 @@ def latency_plot(path: Path, latency: dict[str, Any]) -> bool:
     fig = _figure(4.5, 3.2)
     ax = fig.add_subplot()
     bars = ax.bar(labels, medians, color=["#7f7f7f", "#1f77b4"][: len(labels)], yerr=[lows, highs], capsize=6)
-    ax.bar_label(bars, labels=[f"{m:.3g} ms" for m in medians], padding=3)
+    # the value inside the bar, clear of the whiskers
+    ax.bar_label(bars, labels=[f"{m:.3g} ms" for m in medians], label_type="center", color="white")
     ax.set_ylabel("latency per inference (ms)")
     threads = latency.get("threads")
     ax.set_title(f"median latency{f', {threads} thread(s)' if threads else ''} (whiskers: 25th..75th percentile)",
@@ -98,7 +99,8 @@ def _plot_column(columns: Sequence[str], rows: Sequence[tuple[str, dict[str, Any
 def _short_names(names: Sequence[str], width: int = 44) -> list[str]:
     """Names without the leading path they all share, at most ``width`` characters.
 
-    ``encoder.encoder.layer.0.attention.self.query`` among its siblings becomes ``0.attention.self.query``; what
+    ``encoder.encoder.layer.0.attention.self.query`` among its siblings becomes ``layer.0.attention.self.query``
+    (the container of numbered layers stays); what
     stays too long is cut from the left (the end of a module path is what differs).
     """
     split = [re.split(r"(?<=[./])", n) for n in names]
@@ -106,6 +108,8 @@ def _short_names(names: Sequence[str], width: int = 44) -> list[str]:
     if len(split) > 1:
         while all(len(p) > common + 1 and p[common] == split[0][common] for p in split):
             common += 1
+    if common and any(p[common][:1].isdigit() for p in split):
+        common -= 1  # keep the container of numbered layers: "layer.0.attention", not "0.attention"
     out = ["".join(p[common:]) for p in split]
     return [n if len(n) <= width else "…" + n[-(width - 1):] for n in out]
 

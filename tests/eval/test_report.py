@@ -204,9 +204,17 @@ def test_layers_plot_shows_error_measures_against_readable_names(tmp_path, monke
                                                      plots.ERROR_MEASURES["sqnr_db"]]
     labels = [t.get_text() for t in fig.axes[1].get_yticklabels()]
     assert labels == ["attention.self.query", "output.dense"]  # the shared "encoder.layer.0." is dropped
+    assert _short_names_of(["encoder.layer.0.output", "encoder.layer.1.output"]) == ["layer.0.output",
+                                                                                     "layer.1.output"]
 
 
 _LAST: list = []
+
+
+def _short_names_of(names):
+    from effc.eval.plots import _short_names
+
+    return _short_names(names)
 
 
 def _real_figure(width, height):

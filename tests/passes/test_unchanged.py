@@ -77,3 +77,22 @@ def test_a_pass_asked_to_change_nothing_says_so():
     (record,) = PassManager(parse_pipeline("prune(sparsity=0,min_params=0)")).run(mlp()).records
     assert record.warnings == ["pass 'prune(sparsity=0.0,min_params=0)' changed nothing: no weight changed (no layer "
                                "was skipped either: check the options that set how much changes)"]
+
+
+def test_block_quant_after_prune_structured_on_ppocr_cls_explains_the_zero_layers():
+    """The issue's case: channel counts left by prune-structured (e.g. 140, 73) are no multiple of the block size,
+    so block-quant has nothing to quantize; the warning says so and names round_to; with round_to=32 it works."""
+    from effc import zoo
+
+    entry = zoo.get("zoo:ppocr-cls")
+    cal = Calibration(entry.samples("calibration", 2), source="zoo")
+    text = "prune-structured(ratio=0.3),block-quant"
+    records = PassManager(parse_pipeline(text, calibration=cal)).run(entry.load()).records
+    assert records[0].modified and not records[1].modified
+    (warning,) = records[1].warnings
+    assert "blocked axis N not a multiple of block_size" in warning
+    with pytest.raises(PassError, match=r"prune-structured\(round_to=32\)"):
+        PassManager(parse_pipeline(text, calibration=cal), strict=True).run(entry.load())
+    rounded = PassManager(parse_pipeline("prune-structured(ratio=0.3,round_to=32),block-quant", calibration=cal),
+                          strict=True).run(entry.load()).records
+    assert rounded[1].modified and len(rounded[1].stats["layers"]) >= 3
