@@ -491,12 +491,12 @@ def _section_latency(latency: Mapping[str, Any] | None, has_plot: bool) -> list[
         entry = latency.get(key)
         if isinstance(entry, Mapping):
             times = [_fmt(entry.get(k), ".3f") if entry.get(k) is not None else "–"
-                     for k in ("median_ms", "min_ms", "mean_ms")]
+                     for k in ("median_ms", "p25_ms", "p75_ms", "min_ms", "mean_ms")]
             rows.append([label, *times, entry.get("runs")])
         else:
-            rows.append([label, NOT_MEASURED, "–", "–", "–"])
+            rows.append([label, NOT_MEASURED, "–", "–", "–", "–", "–"])
     lines += [f"{format_latency(latency)}.", "", _BASELINE_NOTES.get(latency_baseline(latency), ""), ""]
-    lines += _table(["runtime", "median ms", "min ms", "mean ms", "runs"], rows)
+    lines += _table(["runtime", "median ms", "25th pct ms", "75th pct ms", "min ms", "mean ms", "runs"], rows)
     return lines + (["![latency](latency.png)", ""] if has_plot else [])
 
 
