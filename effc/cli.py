@@ -34,6 +34,11 @@ Examples:
 MODEL is a path to an .onnx file or a built-in real model: zoo:minilm-l6, zoo:ppocr-det, zoo:ppocr-rec,
 zoo:ppocr-cls, zoo:magika, zoo:silero-vad (weights ship inside pip packages; nothing is downloaded).
 See `effc passes` for the passes and their options, `effc targets` for targets.
+
+\b
+Exit codes: 0 written; 1 bad input or a failed step (one error line); 3 internal error (a bug: rerun with
+--debug); 4 a quality gate (--min-cosine, --max-top1-drop, --max-ppl-increase) missed: nothing written
+(with --keep-failed: written, marked failed).
 """
 
 
