@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
@@ -113,7 +114,7 @@ def parse_limits(**limits: float | None) -> dict[str, float]:
         if value is None:
             continue
         low, high = gate.valid
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
             span = f">= {low:g}" if math.isinf(high) else f"in [{low:g}, {high:g}]"
             raise EffcError(f"{gate.flag} {value!r} is not a number {span}", f"give {gate.flag} a value {span}")
         out[name] = float(value)

@@ -24,7 +24,9 @@ def _report(cosine=0.9, top1=0.75, names=("a", "b")):
 
 def test_parse_limits_validates_ranges():
     assert gates.parse_limits(min_cosine=0.95, max_top1_drop=None) == {"min_cosine": 0.95}
-    for bad in ({"min_cosine": 1.5}, {"max_top1_drop": -1}, {"max_ppl_increase": -0.1}, {"min_cosine": "x"}):
+    assert gates.parse_limits(min_cosine=np.float32(0.5), max_top1_drop=1) == {"min_cosine": 0.5, "max_top1_drop": 1.0}
+    for bad in ({"min_cosine": 1.5}, {"max_top1_drop": -1}, {"max_ppl_increase": -0.1}, {"min_cosine": "x"},
+                {"min_cosine": float("nan")}, {"max_top1_drop": True}):
         with pytest.raises(EffcError, match="is not a number"):
             gates.parse_limits(**bad)
     with pytest.raises(EffcError, match="unknown quality gate"):
