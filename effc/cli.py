@@ -30,11 +30,17 @@ Examples:
   effc compile model.onnx --passes "prune(sparsity=0.5,method=wanda),cleanup" --verify-each --dump-ir ir/ -o out
   effc compile zoo:minilm-l6 --passes "nm-sparsity(n=2,m=4,vector=1,layers=ffn,reconstruct=block)" \\
       --calibration-samples 256 -o out-24
+  effc compile zoo:minilm-l6 --passes "nm-sparsity(n=2,m=4,vector=16)" --min-cosine 0.95 -o out  # exit 4 if lossier
 
 \b
 MODEL is a path to an .onnx file or a built-in real model: zoo:minilm-l6, zoo:ppocr-det, zoo:ppocr-rec,
 zoo:ppocr-cls, zoo:magika, zoo:silero-vad (weights ship inside pip packages; nothing is downloaded).
 See `effc passes` for the passes and their options, `effc targets` for targets.
+
+\b
+Exit codes: 0 written; 1 bad input or a failed step (one error line); 3 internal error (a bug: rerun with
+--debug); 4 a quality gate (--min-cosine, --max-top1-drop, --max-ppl-increase) missed: nothing written
+(with --keep-failed: written, marked failed).
 """
 
 
@@ -148,6 +154,23 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
 @click.option("--eval-samples", type=click.IntRange(min=1), default=8, show_default=True, metavar="N",
               help="Held-out samples for the fidelity report (fewer, with a warning, when --data holds no more).")
 @click.option("--no-latency", is_flag=True, help="Skip the latency comparison with onnxruntime.")
+@click.option("--primary-output", default=None, metavar="NAME",
+              help="Output the headline and the quality gates use. Default: the zoo model's (MiniLM: "
+              "sentence_embedding), else the first output.")
+@click.option("--min-cosine", type=float, default=None, metavar="X",
+              help="Quality gate: fail (exit code 4, nothing written) when the primary output's cosine against the "
+              "original, mean over the evaluation samples, is below X.")
+@click.option("--max-top1-drop", type=float, default=None, metavar="P",
+              help="Quality gate for class scores: fail when more than P percent of the evaluation rows change their "
+              "top-1 class against the original.")
+@click.option("--max-ppl-increase", type=float, default=None, metavar="P",
+              help="Quality gate for decoders: fail when perplexity rises by more than P percent.")
+@click.option("--keep-failed", is_flag=True,
+              help="Write the artifact even when it misses a quality gate, marked failed in manifest and report "
+              "(the exit code stays 4).")
+@click.option("--strict", is_flag=True,
+              help="A lossy pass that changes nothing (matched no layer, quantized no tensor) is an error, not a "
+              "warning.")
 @click.option(
     "-O",
     "--target-option",
@@ -177,6 +200,12 @@ def compile(
     calibration_samples,
     eval_samples,
     no_latency,
+    primary_output,
+    min_cosine,
+    max_top1_drop,
+    max_ppl_increase,
+    keep_failed,
+    strict,
     target_opts,
 ):
     """Compile MODEL with the given passes into an artifact folder, and report cost and gain."""
@@ -211,6 +240,12 @@ def compile(
                 measure_latency=not no_latency,
                 tune=tune,
                 target_options=options,
+                primary_output=primary_output,
+                min_cosine=min_cosine,
+                max_top1_drop=max_top1_drop,
+                max_ppl_increase=max_ppl_increase,
+                keep_failed=keep_failed,
+                strict=strict,
             )
         table = Table(title=escape(f"effc compile {model} → {result.out_dir}"), show_header=False)
         for key, value in summary_rows(result.report):
@@ -286,14 +321,25 @@ def passes(ctx, name):
                 continue
             found = True
             kind = "exact" if p.get("exact") else "lossy"
-            console.print(f"[bold]{p['name']}[/bold] ({kind}) — {p['summary']}")
+            head = _wrapped(f"{p['name']} ({kind}) — {p['summary']}", "", "    ")
+            console.print(f"[bold]{escape(p['name'])}[/bold]{escape(head[len(p['name']):])}", highlight=False,
+                          soft_wrap=True)
             for opt in p.get("options", []):
-                line = f"    {opt['name']}: {opt['type']} = {opt['default']!r}  {opt.get('help', '')}"
-                console.print(escape(line), highlight=False)
+                line = f"{opt['name']}: {opt['type']} = {opt['default']!r} — {opt.get('help', '')}".rstrip(" —")
+                console.print(escape(_wrapped(line, "    ", "          ")), highlight=False, soft_wrap=True)
         if name and not found:
             raise EffcError(f"unknown pass {name!r}", "run `effc passes` to list them")
 
     _guard(ctx, run)
+
+
+def _wrapped(text: str, first: str, rest: str) -> str:
+    """``text`` wrapped at word boundaries to the terminal width, continuation lines indented by ``rest``."""
+    import textwrap
+
+    width = max(60, min(console.width, 110))
+    return textwrap.fill(text, width=width, initial_indent=first, subsequent_indent=rest, break_long_words=False,
+                         break_on_hyphens=False)
 
 
 @cli.command()
@@ -370,7 +416,8 @@ _EVAL_LABELS = {
 @cli.command(name="eval")
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", type=click.Path(exists=True), help=".npz keyed by input name; default: synthetic inputs.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Threads for the artifact and for onnxruntime (both sides get the same count).")
 @click.pass_context
 def eval_cmd(ctx, artifact, data, threads):
     """Compare a compiled artifact with its model.onnx under onnxruntime (fidelity and latency)."""

@@ -335,6 +335,12 @@ def compile_model(
     latency_repeat: int = 20,
     tune: int = 0,
     target_options: Mapping[str, Any] | None = None,
+    primary_output: str | None = None,
+    min_cosine: float | None = None,
+    max_top1_drop: float | None = None,
+    max_ppl_increase: float | None = None,
+    keep_failed: bool = False,
+    strict: bool = False,
 ) -> CompileResult:
     """Compile a model into a deployable artifact folder and report what the passes cost and bought.
 
@@ -362,6 +368,16 @@ def compile_model(
         tune: MetaSchedule trial budget for the ``cpu`` target (0: off, templates only); the tuning database is
             cached per CPU and reused (:mod:`effc.codegen.tune`).
         target_options: extra target options (``mcpu``, ``fast_math``, ``flash``, ``ram``, ...).
+        primary_output: the output the headline and the quality gates use (default: the zoo entry's, else the
+            first output); the report's per-output table keeps every output.
+        min_cosine: quality gate: the primary output's cosine against the original (mean over the evaluation
+            samples) must be at least this, in [-1, 1] (:mod:`effc.eval.gates`).
+        max_top1_drop: quality gate: at most this many percentage points of evaluation rows may change their
+            argmax (class-score outputs).
+        max_ppl_increase: quality gate for decoders: perplexity may rise by at most this many percent.
+        keep_failed: write the artifact even when it misses a gate, marked ``"status": "failed"`` in the manifest
+            and the report (the error is raised all the same, with ``.result`` set).
+        strict: a pass that changes nothing it was asked to change is an error instead of a warning.
 
     Returns:
         The artifact folder, its manifest and report.
@@ -369,12 +385,16 @@ def compile_model(
     Raises:
         LoadError, ShapeError, UnsupportedOpError, PipelineError, PassError, CalibrationError, DataError,
         TargetError, BudgetError, ArtifactError: see :mod:`effc.errors`; nothing is left in ``out_dir``.
+        QualityGateError: a gate failed (exit code 4); nothing is written unless ``keep_failed``.
+        EffcError: a gate limit out of range, a gate that does not apply to the primary output, or an unknown
+            ``primary_output`` (the outputs are listed).
     """
     from effc.codegen.frontend import check_importable
-    from effc.eval import cost
+    from effc.eval import cost, gates
     from effc.ir.calibration import Calibration
     from effc.ir.canonicalize import canonicalize
     from effc.ir.model import io_signature, save
+    from effc.ir.names import layer_names
     from effc.passes.manager import PassManager
     from effc.passes.pipeline import parse_pipeline
     from effc.targets import get_target
@@ -409,19 +429,21 @@ def compile_model(
             f"options of {target!r}: {', '.join(sorted(set(tgt.option_names()) | {'threads'}))}",
         )
     parse_pipeline(passes)  # syntax/option errors before loading anything heavy
+    limits = gates.parse_limits(min_cosine=min_cosine, max_top1_drop=max_top1_drop, max_ppl_increase=max_ppl_increase)
 
     loaded = load_any(model, example_inputs)
     shapes = {**loaded.input_shapes, **{k: tuple(v) for k, v in dict(input_shapes or {}).items()}}
     original = _copy(loaded.model)
     canonical = canonicalize(loaded.model, input_shapes=shapes or None, constant_inputs=loaded.constant_inputs or None)
     check_importable(canonical)  # fail before the passes; target.build checks the rewritten model again
+    primary = _primary_output(loaded, canonical, primary_output, limits)
 
     calib_feeds, eval_feeds, inputs_info = gather_feeds(loaded, canonical, data, eval_samples, calibration_samples)
     calibration = Calibration(calib_feeds, source=inputs_info["calibration_source"])
     logger.info("calibration: %d sample(s) from %s", len(calibration), calibration.source)
     pipeline = parse_pipeline(passes, calibration=calibration)
     before = _copy(canonical)
-    result = PassManager(pipeline, verify_each=verify_each, dump_ir=dump_ir).run(canonical)
+    result = PassManager(pipeline, verify_each=verify_each, dump_ir=dump_ir, strict=strict).run(canonical)
     rewritten = result.model
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -443,6 +465,7 @@ def compile_model(
             },
             "target": {"name": tgt.name, "options": options, "info": build.info},
             **io_signature(rewritten),
+            "primary_output": primary,
         }
         from effc.runtime.manifest import sha256_of
 
@@ -467,6 +490,8 @@ def compile_model(
             pipeline=str(pipeline),
             passes=manifest["passes"],
             inputs=inputs_info,
+            primary_output=primary,
+            layer_names=layer_names(before),
             compile_seconds=round(time.perf_counter() - started, 3),
             build_seconds=round(build_seconds, 3),
         )
@@ -480,12 +505,14 @@ def compile_model(
             "macs_by_op_after": macs_after["by_op"],
             "sparsity": {"total": cost.sparsity_stats(rewritten)["total"]},  # the key effc.eval.report reads
         }
+        failed = _check_gates(report, manifest, limits, primary, keep_failed)
         from effc.eval.report import write_report
         from effc.runtime.manifest import write_manifest
 
         report_files = write_report(tmp, report)
         manifest["metrics"] = {
             "fidelity_vs_original": report["fidelity"]["vs_original"].get("summary"),
+            "fidelity_primary_output": report["fidelity"]["vs_original"]["outputs"].get(primary),
             "cost": report["cost"],
             "latency": report.get("latency"),
         }
@@ -497,7 +524,52 @@ def compile_model(
         raise
     from effc.runtime.manifest import read_manifest
 
-    return CompileResult(out, read_manifest(out), report)
+    compiled = CompileResult(out, read_manifest(out), report)
+    if failed:  # --keep-failed: the artifact is written (marked failed), the compile still fails
+        error = gates.failure(report["quality_gates"], loaded.source["name"], kept=str(out))
+        error.result = compiled
+        raise error
+    return compiled
+
+
+def _primary_output(loaded: LoadedModel, model: ir.Model, requested: str | None, limits: Mapping[str, float]) -> str:
+    """The primary output (:func:`effc.eval.gates.primary_output`), checked against the gates before any work.
+
+    Raises:
+        EffcError: ``requested`` is not an output; a gate measures something this output does not have.
+    """
+    from effc.eval import gates
+    from effc.eval.fidelity import kind_of
+
+    names = [v.name for v in model.graph.outputs]
+    primary = gates.primary_output(names, requested, getattr(loaded.zoo, "primary_output", None))
+    value = model.graph.outputs[names.index(primary)]
+    shape = tuple(d if isinstance(d, int) else 0 for d in value.shape or ())
+    kind = kind_of(value.dtype.numpy() if value.dtype is not None else np.float32, shape,
+                   getattr(loaded.zoo, "output_kind", None))
+    gates.check_applicable(limits, gates.metrics_for_kind(kind), primary, loaded.source["name"])
+    return primary
+
+
+def _check_gates(report: dict[str, Any], manifest: dict[str, Any], limits: Mapping[str, float], primary: str,
+                 keep_failed: bool) -> bool:
+    """Check the quality gates into ``report`` and ``manifest``; True when one failed and ``keep_failed``.
+
+    Raises:
+        QualityGateError: a gate failed and ``keep_failed`` is False (the caller removes the temporary folder).
+    """
+    from effc.eval import gates
+
+    if not limits:
+        return False
+    result = gates.check(report, limits, primary)
+    report["quality_gates"] = manifest["quality_gates"] = result
+    if result["passed"]:
+        return False
+    if not keep_failed:
+        raise gates.failure(result, report["model"]["name"])
+    report["status"] = manifest["status"] = "failed"
+    return True
 
 
 def _check_threads(threads: Any) -> int:

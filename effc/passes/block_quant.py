@@ -135,6 +135,8 @@ class BlockQuantPass(EffcPass):
     Options = BlockQuantOptions
     exact = False
     uses_calibration = True
+    unchanged_hint = ("a blocked axis must be a multiple of block_size: after prune-structured, keep channel counts "
+                      "blockable with prune-structured(round_to=32); lower min_params for small weights")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Rewrite the selected layers; see the class docstring for the stats."""

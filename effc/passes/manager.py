@@ -44,6 +44,7 @@ class PassRecord:
         seconds: wall time of the pass (verification and dumps excluded), in seconds.
         modified: what the pass reported.
         stats: a copy of ``pass.stats`` after the run (JSON-serializable).
+        warnings: what the pass manager noticed, e.g. a lossy pass that changed nothing.
     """
 
     name: str
@@ -51,6 +52,7 @@ class PassRecord:
     seconds: float
     modified: bool
     stats: dict[str, Any]
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The record as a plain dict (for manifests and reports)."""
@@ -120,6 +122,7 @@ class PassManager:
             after a pass), save the input model and pipeline text for replay (in ``dump_ir`` when given, else in a
             new temporary folder ``effc-replay-*`` named in the error). An :class:`EffcError` raised by a pass is
             a user error with its own fix: no files.
+        strict: a lossy pass that changes nothing (:meth:`EffcPass.unchanged_reason`) is an error, not a warning.
 
     Raises:
         PipelineError: pipeline text that does not parse.
@@ -132,6 +135,7 @@ class PassManager:
         dump_ir: str | os.PathLike | None = None,
         *,
         save_replay: bool = True,
+        strict: bool = False,
     ) -> None:
         if isinstance(pipeline, str):
             pipeline = parse_pipeline(pipeline)
@@ -141,6 +145,7 @@ class PassManager:
         self.verify_each = verify_each
         self.dump_ir = Path(dump_ir) if dump_ir is not None else None
         self.save_replay = save_replay
+        self.strict = strict
 
     def run(self, model: ir.Model) -> PipelineResult:
         """Run every pass in order (in place: ``model`` itself is rewritten and returned).
@@ -156,6 +161,7 @@ class PassManager:
                 ``verify_each``) produced an invalid model; the message names the pass and the passes before it.
             EffcError: an effc error raised inside a pass, re-raised with the same context prefix.
             ArtifactError: ``dump_ir`` cannot be written.
+            PassError: with ``strict``, a lossy pass that changed nothing.
         """
         snapshot = ir.to_proto(model) if self.save_replay and len(self.pipeline) else None
         if self.dump_ir is not None:
@@ -188,7 +194,8 @@ class PassManager:
             seconds = time.perf_counter() - start
             model = result.model
             logger.info("pass %s: %.3f s, modified=%s", p, seconds, result.modified)
-            records.append(PassRecord(p.name, str(p), seconds, bool(result.modified), copy.deepcopy(p.stats)))
+            records.append(PassRecord(p.name, str(p), seconds, bool(result.modified), copy.deepcopy(p.stats),
+                                      self._unchanged(p, result.modified)))
             if self.dump_ir is not None:
                 _dump(model, self.dump_ir / f"{index:02d}_{_safe(p.name)}.onnx")
             if self.verify_each:
@@ -201,6 +208,21 @@ class PassManager:
                     ) from e
             done.append(p.name)
         return PipelineResult(model, records)
+
+    def _unchanged(self, p: EffcPass, modified: bool) -> list[str]:
+        """The warning for a lossy pass that changed nothing (logged), or an error under ``strict``.
+
+        Raises:
+            PassError: ``strict`` and the pass changed nothing it was asked to change.
+        """
+        reason = None if modified else p.unchanged_reason()
+        if reason is None:
+            return []
+        message = f"pass '{p}' changed nothing: {reason}"
+        if self.strict:
+            raise PassError(f"{message} (--strict)", p.unchanged_hint)
+        logger.warning("%s; fix: %s (--strict makes this an error)", message, p.unchanged_hint)
+        return [message]
 
     def _replay_note(self, snapshot: onnx.ModelProto | None) -> str:
         """Save the pipeline input and text for replay; return a hint naming them."""
