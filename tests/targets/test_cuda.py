@@ -130,7 +130,6 @@ def test_fp16_precision_puts_gemm_on_tensor_cores_fp32_stays_exact(precision, te
     assert "Matmul" in log.counts()
     if tensor_cores:  # fp16 inputs, fp32 accumulation (TVMScript omits the default float32) and output
         assert not any("float16" in line for line in text.splitlines() if "wmma.accumulator" in line)
-        assert lowered["main"].ret_struct_info.dtype == "float32"
 
 
 def test_artifact_embeds_a_fatbin_with_a_kernel_per_fused_function(cuda_mlp):
