@@ -40,7 +40,8 @@ from effc.ops.block_formats import FORMATS, dequantize, get_format, quantize, sq
 from effc.ops.nm_sparse import packed_layers
 from effc.passes.base import EffcPass, PassOptions, register_pass
 from effc.passes.quant.compensation import gptq_quantize, hessian, lorc
-from effc.passes.quant.graph import QuantTarget, find_kv_values, find_targets, replace_value
+from effc.passes.quant.graph import QuantTarget, find_kv_values, find_targets
+from effc.passes.rewrite import replace_value
 
 __all__ = ["BlockQuantOptions", "BlockQuantPass"]
 
@@ -134,6 +135,8 @@ class BlockQuantPass(EffcPass):
     Options = BlockQuantOptions
     exact = False
     uses_calibration = True
+    unchanged_hint = ("a blocked axis must be a multiple of block_size: after prune-structured, keep channel counts "
+                      "blockable with prune-structured(round_to=32); lower min_params for small weights")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Rewrite the selected layers; see the class docstring for the stats."""

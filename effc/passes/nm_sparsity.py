@@ -27,6 +27,7 @@ from effc.passes import sparsegpt as sg
 from effc.passes.base import EffcPass, PassOptions, register_pass
 from effc.passes.block_recon import RECONSTRUCT, RECONSTRUCT_HELP, normalize_reconstruct, reconstruct_sequential
 from effc.passes.model_recon import check_model_fit, dense_outputs, fit_model
+from effc.passes.rewrite import replace_value
 from effc.passes.structured.permutation import permutation_search
 
 logger = logging.getLogger(__name__)
@@ -55,12 +56,10 @@ def replace_with_packed(model: ir.Model, node: ir.Node, n: int, m: int, vector: 
     out = node.outputs[0]
     new.outputs[0].name, new.outputs[0].shape, new.outputs[0].type = out.name + "_nm", out.shape, out.type
     model.graph.insert_after(node, new)
-    ir.convenience.replace_all_uses_with(out, new.outputs[0])
-    if out.is_graph_output():
-        outs = model.graph.outputs
-        outs[outs.index(out)] = new.outputs[0]
+    name = out.name
+    replace_value(model.graph, out, new.outputs[0])
     model.graph.remove(node, safe=True)
-    new.outputs[0].name = out.name
+    new.outputs[0].name = name
     if wv.name in model.graph.initializers and not wv.uses():
         del model.graph.initializers[wv.name]
     return {"name": base, "dense_bytes": int(dense.nbytes), "packed_bytes": int(values.nbytes + indices.nbytes)}

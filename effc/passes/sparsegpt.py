@@ -270,5 +270,5 @@ def reconstruct_weight_layers(model, layers: list, calibration, sparsity: float,
         zeroed = params - int(round(rec["kept"] * params))
         report[lay.weight.name] = {"node": lay.nodes[0].name, "shared_by": 1, "params": params, "zeroed": zeroed,
                                    "sparsity": zeroed / params, "reconstructed": True,
-                                   "rel_output_error": None}
+                                   "rel_output_error": rec.get("rel_output_error")}
     return report, rest
