@@ -157,7 +157,9 @@ def load(out_dir: Path | str, *, check_indices: bool = True) -> CompiledModel:
         raise ArtifactError(f"manifest in {out_dir} names no target", "recompile the model")
     from effc.runtime import vm
 
-    if target_name in vm.DEVICES:  # TVM artifacts: runtime libraries only, never TVM's compiler
+    # TVM artifacts: runtime libraries only, never TVM's compiler. Decoders (two entry points, a cache shared
+    # without copies) still load through their target's runner.
+    if target_name in vm.DEVICES and not manifest.get("decoder"):
         runner: Any = vm.load_vm_runner(out_dir, manifest)
     else:
         from effc.targets import get_target  # import here: targets pull in TVM
