@@ -19,6 +19,12 @@ the packed panels ``Bp[N/nr, K, nr]`` instead (``transform_layout``; the constan
 and the per-call packing copy disappears (MiniLM-L6, 1 thread: -9 % latency).
 When N is not a multiple of the lanes (N ≥ 4 lanes), ``pad_einsum`` pads N to the tile width: B is zero-padded
 in a parallel copy and the epilogue writes only the valid columns (template ``gemm_padded``).
+
+One-row products (``M = 1``, template ``gemv``: batch-1 decoding) stream their weight once and are bound by
+memory bandwidth (``docs/BENCHMARKS.md``, "Batch-1 matmuls"). With a packed constant B the loop nest is the one
+above with ``mr = 1``; when the panels do not split evenly over the threads, each panel is cut into strips of
+whole vectors (same packed layout, so a prefill GEMM and a decode GEMV over one weight share one packed copy).
+A runtime B is read in whole rows, K split across the threads (:func:`_runtime_gemv`).
 """
 
 from __future__ import annotations
@@ -146,8 +152,10 @@ def apply_gemm(sch: s_tir.Schedule, tiles: TileConfig) -> str:
         _runtime_gemv(sch, main, consumers, facts, tiles)
         return "gemv"
     io, ii = sch.split(i, [None, mr])
-    if gemv:  # packed B: each nr-wide panel may be split in `parts` strips so that the threads get equal shares
-        parts = _gemv_parts(n // nr, nr, tiles)
+    threaded = an.iterations(facts.extents) >= (tiles.min_parallel_gemv if gemv else tiles.min_parallel_macs)
+    # A GEMV's packed panels may be split in `parts` strips so that the threads get equal shares.
+    parts = _gemv_parts(n // nr, nr, tiles) if gemv and threaded else 1
+    if parts > 1:
         jo, jh, ji = sch.split(j, [None, parts, nr // parts])
         sch.reorder(*batch, jo, jh, io, k, ii, ji)
         jo = sch.fuse(jo, jh)
@@ -155,7 +163,7 @@ def apply_gemm(sch: s_tir.Schedule, tiles: TileConfig) -> str:
         jo, ji = sch.split(j, [None, nr])
         sch.reorder(*batch, jo, io, k, ii, ji)
     outer = sch.fuse(*batch, jo) if batch else jo
-    if an.iterations(facts.extents) >= (tiles.min_parallel_gemv if gemv else tiles.min_parallel_macs):
+    if threaded:
         sch.parallel(outer)
     if constant_b:
         # Constant weight: stored packed at compile time (effc.codegen.prepack), read as Bp[jo, k, ji].
