@@ -1,11 +1,10 @@
 """Batch-1 matmuls (GEMV) through the CPU codegen: SmolLM2-135M's decode shapes against onnxruntime, the template
-they take (``gemv``, never ``fallback``), and the two GEMV schedules (packed constant weight split for equal thread
-shares; runtime weight streamed in whole rows, K split across threads)."""
+they take (``gemv``, never ``fallback``), and the two GEMV schedules (packed constant weight in the GEMM's panel
+layout; runtime weight streamed in whole rows, K split across threads)."""
 
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import numpy as np
 import onnx_ir as ir
@@ -96,12 +95,13 @@ def test_lm_head_matches_onnxruntime():
     assert list(kernels.values()) == ["gemv"], kernels
 
 
-def _gemv_func(k: int, n: int, constant: bool, batch: int = 1) -> tvm.tirx.PrimFunc:
-    a = te.placeholder((batch, 1, k), name="A")
+def _gemv_func(k: int, n: int, constant: bool, batch: int = 1, m: int = 1) -> tvm.tirx.PrimFunc:
+    """``A (batch, m, K) · W (K, N)`` (or ``W (batch, K, N)``); ``constant`` marks W as a pre-packable constant."""
+    a = te.placeholder((batch, m, k), name="A")
     w = te.placeholder((batch, k, n) if batch > 1 else (k, n), name="W")
     r = te.reduce_axis((0, k), name="k")
     load = (lambda b, j: w[b, r, j]) if batch > 1 else (lambda b, j: w[r, j])
-    mm = te.compute((batch, 1, n), lambda b, i, j: te.sum(a[b, i, r] * load(b, j), axis=r), name="matmul")
+    mm = te.compute((batch, m, n), lambda b, i, j: te.sum(a[b, i, r] * load(b, j), axis=r), name="matmul")
     func = te.create_prim_func([a, w, mm])
     return func.with_attr("effc.const_params", [1]) if constant else func
 
@@ -117,16 +117,16 @@ def _run(func, k, n, batch=1):
     return template, scheduled.script()
 
 
-def test_packed_panels_split_for_equal_thread_shares():
-    """576 outputs = 9 panels of 64 (AVX-512): two threads would get 5 and 4; strips of 32 give 9 and 9."""
-    scheduled, template = schedule_kernel(_gemv_func(576, 576, constant=True), TILES)
-    assert template == "gemv"
+def test_packed_gemv_keeps_the_gemm_panel_layout():
+    """Prefill (GEMM) and decode (GEMV) over one constant weight must pack it alike to share one copy."""
     nr = max(c for c in TILES.gemm_nr if 576 % c == 0)
-    panels = 576 // nr
-    # the packed layout stays the GEMM's (N/nr, K, nr), so prefill and decode can share one packed copy
-    assert [int(d) for d in scheduled.params[1].ty.shape] == [panels, 576, nr]
-    strips = panels * 2 if panels % 2 else panels  # AVX2: 24 panels of 24 are already even
-    assert re.findall(r"T\.parallel\((\d+)\)", scheduled.script()) == [str(strips)]
+    layouts = []
+    for m in (1, 16):
+        scheduled, template = schedule_kernel(_gemv_func(576, 576, constant=True, m=m), TILES)
+        assert template == ("gemv" if m == 1 else "gemm")
+        assert "T.parallel" in scheduled.script()
+        layouts.append([int(d) for d in scheduled.params[1].ty.shape])
+    assert layouts == [[576 // nr, 576, nr]] * 2
 
 
 def test_runtime_weight_splits_k_across_threads():

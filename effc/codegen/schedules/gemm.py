@@ -22,9 +22,9 @@ in a parallel copy and the epilogue writes only the valid columns (template ``ge
 
 One-row products (``M = 1``, template ``gemv``: batch-1 decoding) stream their weight once and are bound by
 memory bandwidth (``docs/BENCHMARKS.md``, "Batch-1 matmuls"). With a packed constant B the loop nest is the one
-above with ``mr = 1``; when the panels do not split evenly over the threads, each panel is cut into strips of
-whole vectors (same packed layout, so a prefill GEMM and a decode GEMV over one weight share one packed copy).
-A runtime B is read in whole rows, K split across the threads (:func:`_runtime_gemv`).
+above with ``mr = 1`` (the same packed layout as a prefill GEMM over the same weight, so both can share one
+packed copy) and its own parallel threshold; a runtime B is read in whole rows, K split across the threads
+(:func:`_runtime_gemv`).
 """
 
 from __future__ import annotations
@@ -153,15 +153,8 @@ def apply_gemm(sch: s_tir.Schedule, tiles: TileConfig) -> str:
         return "gemv"
     io, ii = sch.split(i, [None, mr])
     threaded = an.iterations(facts.extents) >= (tiles.min_parallel_gemv if gemv else tiles.min_parallel_macs)
-    # A GEMV's packed panels may be split in `parts` strips so that the threads get equal shares.
-    parts = _gemv_parts(n // nr, nr, tiles) if gemv and threaded else 1
-    if parts > 1:
-        jo, jh, ji = sch.split(j, [None, parts, nr // parts])
-        sch.reorder(*batch, jo, jh, io, k, ii, ji)
-        jo = sch.fuse(jo, jh)
-    else:
-        jo, ji = sch.split(j, [None, nr])
-        sch.reorder(*batch, jo, io, k, ii, ji)
+    jo, ji = sch.split(j, [None, nr])
+    sch.reorder(*batch, jo, io, k, ii, ji)
     outer = sch.fuse(*batch, jo) if batch else jo
     if threaded:
         sch.parallel(outer)
@@ -186,21 +179,6 @@ def apply_gemm(sch: s_tir.Schedule, tiles: TileConfig) -> str:
             schedule_nest(sch, blk, tiles)
     _register_block(sch, main, k, ii, ji, tiles)
     return ("gemv" if m == 1 else "gemm") + ("_padded" if padded else "")
-
-
-def _gemv_parts(panels: int, nr: int, tiles: TileConfig) -> int:
-    """Strips per packed ``nr``-wide panel of a GEMV so that ``tiles.threads`` threads get equal shares.
-
-    The parallel loop hands each thread a contiguous range of strips; with few panels (SmolLM2's 576 outputs are
-    9 panels of 64) one thread would stream a whole panel more than the other. A strip stays a whole number of
-    vectors wide, and reads whole cache lines of each panel row (≥ 64 bytes).
-    """
-    if tiles.threads <= 1 or panels % tiles.threads == 0 or panels >= 8 * tiles.threads:
-        return 1
-    for parts in (2, 4):
-        if nr % parts == 0 and (nr // parts) % tiles.lanes == 0 and (panels * parts) % tiles.threads == 0:
-            return parts
-    return 1
 
 
 def _gemv_chunk(n: int, tiles: TileConfig) -> tuple[int, int]:

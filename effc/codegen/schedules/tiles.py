@@ -39,8 +39,8 @@ class TileConfig:
         gemv_chunk: widest column chunk, in elements, that a GEMV with a runtime (not pre-packed) weight reads
             per row: each thread walks ``(K, chunk)`` blocks of the row-major weight, runs of ``chunk`` floats
             instead of ``nr`` (the accumulator row lives in L1).
-        threads: worker threads the kernels are split for (the target's ``num-cores``); a GEMV splits its panels
-            so that every thread gets the same share.
+        threads: worker threads the kernels are split for (the target's ``num-cores``): a runtime-weight GEMV
+            splits its K rows into this many blocks.
     """
 
     lanes: int
