@@ -26,7 +26,7 @@ RNG = np.random.default_rng(0)
 
 def _model(k: int, n: int, op: str, rank: int = 2) -> ir.Model:
     """``x (1, K)`` (or ``(1, 1, K)``) times a constant weight: ``MatMul`` (W ``(K, N)``), ``Gemm`` (transB=1,
-    W ``(N, K)`` plus bias), ``swiglu`` (``silu(x·Wg) ⊙ (x·Wu)``), or ``runtime`` (W a graph input)."""
+    W ``(N, K)`` plus bias), ``swiglu`` (``silu(x·Wg) ⊙ (x·Wu)``), or ``runtime`` (W a graph input, plus bias)."""
     x_shape = [1] * (rank - 1) + [k]
     y_shape = [1] * (rank - 1) + [n]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)]
@@ -41,10 +41,10 @@ def _model(k: int, n: int, op: str, rank: int = 2) -> ir.Model:
         nodes = [helper.make_node("MatMul", ["x", "w"], ["g"]), helper.make_node("Sigmoid", ["g"], ["s"]),
                  helper.make_node("Mul", ["g", "s"], ["a"]), helper.make_node("MatMul", ["x", "wu"], ["u"]),
                  helper.make_node("Mul", ["a", "u"], ["y"])]
-    elif op == "runtime":
+    elif op == "runtime":  # with a bias: the epilogue runs after the K-split partial rows are summed
         inputs.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [k, n]))
-        inits = []
-        nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+        inits = [numpy_helper.from_array(RNG.standard_normal(n, dtype=np.float32), "b")]
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["t"]), helper.make_node("Add", ["t", "b"], ["y"])]
     else:
         nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
     graph = helper.make_graph(nodes, "gemv", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
