@@ -1,6 +1,6 @@
 """Batch-1 fp32 matmuls (GEMV, ``x[1, K] · W[K, N]``, W constant): effc vs onnxruntime vs numpy, in GB/s of weights.
 
-    python benchmarks/gemv.py                                  # threads 1 and 2, 5 rounds (~3 min quiet)
+    python benchmarks/gemv.py                                  # threads 1 and 2, 5 rounds (20 min at load 12)
     python benchmarks/gemv.py --threads 2 --rounds 9 --cases lm-head --json out.json
 
 Decoding one token at batch 1 reads every weight once, so a GEMV's speed is the rate at which it streams its
@@ -15,6 +15,8 @@ hit all alike): ``read`` (a STREAM-like read kernel: ``torch.sum`` over a 256 MB
 GEMVs chase), ``effc`` (the ONNX graph through effc's frontend and CPU codegen: fast-math, schedule templates),
 ``ort`` (onnxruntime CPU, ``intra_op_num_threads``), ``numpy`` (OpenBLAS ``x @ W`` per weight). A round is
 ``--calls`` timed calls after one warm-up call. The table shows min and median ms per GEMV and GB/s at each.
+With transparent huge pages in ``madvise`` mode (as here) only numpy and torch ask for them; ``--hugepages`` gives
+every runtime huge pages through glibc's malloc tunable.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIMES = ("read", "effc", "ort", "numpy")
 READ_BYTES = 256 * 2**20
+HUGEPAGES = [False]  # set by --hugepages
 
 # name -> (K, N, kind): SmolLM2-135M's q/o projections, k/v projections, FFN up/gate and down, LM head
 CASES: dict[str, tuple[int, int, str]] = {
@@ -112,14 +115,13 @@ def _numpy_runner(model, threads: int):
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(threads)
-    kind_gemm = model.graph.node[0].op_type == "Gemm"
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    if kind_gemm:  # keep the (N, K) layout ORT and effc get: x @ W.T reads it row by row
+    if model.graph.node[0].op_type == "Gemm":  # keep the (N, K) layout ORT and effc get: x @ W.T reads it row by row
         pairs = [(weights[f"w{i}"], weights[f"b{i}"]) for i in range(len(model.graph.output))]
 
         def call(x):
             return [x @ w.T + b for w, b in pairs]
-    elif f"wg{0}" in weights:
+    elif "wg0" in weights:
         pairs = [(weights[f"wg{i}"], weights[f"wu{i}"]) for i in range(len(model.graph.output))]
 
         def call(x):
@@ -182,6 +184,8 @@ def worker(runtime: str, case: str, threads: int, mb: float) -> None:
 def _start(runtime: str, case: str, threads: int, mb: float) -> tuple[subprocess.Popen, dict]:
     env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
                OPENBLAS_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if HUGEPAGES[0]:  # glibc ≥ 2.35: malloc madvises its mmap'd chunks for transparent huge pages
+        env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
     proc = subprocess.Popen([sys.executable, __file__, "--worker", runtime, case, str(threads), str(mb)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
@@ -254,12 +258,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=5, help="timed calls per round")
     parser.add_argument("--mb", type=float, default=128.0, help="weight MB per case (0: one copy, cache-hot)")
+    parser.add_argument("--hugepages", action="store_true",
+                        help="start every worker with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (THP for malloc'd memory)")
     parser.add_argument("--json", type=Path, help="also save the raw rows here")
     args = parser.parse_args(argv)
+    HUGEPAGES[0] = args.hugepages
     cases = args.cases
     runtimes = tuple(args.runtimes)
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {_cpu()}; load {os.getloadavg()[0]:.1f}",
-          flush=True)
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    thp_mode = thp.read_text().strip() if thp.exists() else "unknown"
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {_cpu()}; load {os.getloadavg()[0]:.1f}; "
+          f"THP {thp_mode}{', glibc.malloc.hugetlb=1' if args.hugepages else ''}", flush=True)
     rows = []
     for threads in args.threads:
         for case in cases:
