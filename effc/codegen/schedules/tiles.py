@@ -34,8 +34,9 @@ class TileConfig:
             elements, under ``min_parallel_elems``) single-threaded took MiniLM from 31.7 to 23.6 ms; a MAC
             threshold of 2^21 instead of 2^18 cost PP-OCR det ~10 %.
         min_parallel_gemv: below this many multiply-accumulates (= weight elements) a one-row GEMM (GEMV) runs
-            single-threaded. A GEMV streams its weights from memory (a decoder's do not fit in cache), so a second
-            core pays off sooner than for compute-bound kernels.
+            single-threaded. Kept at ``min_parallel_macs`` until measured on a quiet machine: one core already
+            reads ~90 % of the memory bandwidth here (docs/notes/cpu_decode.md), so SmolLM2's 576×192 K/V
+            projections (110,592) stay on one thread.
         gemv_chunk: widest column chunk, in elements, that a GEMV with a runtime (not pre-packed) weight reads
             per row: each thread walks ``(K, chunk)`` blocks of the row-major weight, runs of ``chunk`` floats
             instead of ``nr`` (the accumulator row lives in L1).
