@@ -428,6 +428,7 @@ def compile_model(
             f"target {target!r} has no option(s) {unknown}",
             f"options of {target!r}: {', '.join(sorted(set(tgt.option_names()) | {'threads'}))}",
         )
+    tgt.check_options(options)  # bad values (e.g. an unknown --arch) before any work
     parse_pipeline(passes)  # syntax/option errors before loading anything heavy
     limits = gates.parse_limits(min_cosine=min_cosine, max_top1_drop=max_top1_drop, max_ppl_increase=max_ppl_increase)
 
@@ -470,7 +471,7 @@ def compile_model(
         from effc.runtime.manifest import sha256_of
 
         built = {rel: sha256_of(tmp / rel) for rel in build.files}  # the target checks its files are listed
-        runner = tgt.load(tmp, {**manifest, "files": built})
+        runner = tgt.load(tmp, {**manifest, "files": built}) if tgt.can_run_here() else None
         report = _evaluate(
             loaded,
             original,
@@ -511,8 +512,8 @@ def compile_model(
 
         report_files = write_report(tmp, report)
         manifest["metrics"] = {
-            "fidelity_vs_original": report["fidelity"]["vs_original"].get("summary"),
-            "fidelity_primary_output": report["fidelity"]["vs_original"]["outputs"].get(primary),
+            "fidelity_vs_original": (report["fidelity"]["vs_original"] or {}).get("summary"),
+            "fidelity_primary_output": ((report["fidelity"]["vs_original"] or {}).get("outputs") or {}).get(primary),
             "cost": report["cost"],
             "latency": report.get("latency"),
         }
@@ -618,15 +619,15 @@ def _evaluate(
     ref_rewritten = Reference(rewritten, threads=threads)
     orig_out = [ref_original.run(_reference_feeds(original, f, loaded.constant_inputs)) for f in feeds]
     rew_out = [ref_rewritten.run(f) for f in feeds]
-    compiled_out = [runner.run(f) for f in feeds]
+    compiled_out = [runner.run(f) for f in feeds] if runner is not None else None  # None: cannot run here
     report: dict[str, Any] = {
         "fidelity": {
-            "vs_original": compare(orig_out, compiled_out, names, output_kind=kind),
+            "vs_original": compare(orig_out, compiled_out, names, output_kind=kind) if compiled_out else None,
             "rewritten_vs_original": compare(orig_out, rew_out, names, output_kind=kind),
-            "compiled_vs_rewritten": compare(rew_out, compiled_out, names, output_kind=kind),
+            "compiled_vs_rewritten": compare(rew_out, compiled_out, names, output_kind=kind) if compiled_out else None,
         }
     }
-    if measure_latency and getattr(tgt, "host_latency", True):
+    if measure_latency and runner is not None and getattr(tgt, "host_latency", True):
         ort, mine = paired_latency(
             ir.to_proto(original).SerializeToString(),
             [_reference_feeds(original, f, loaded.constant_inputs) for f in feeds],
