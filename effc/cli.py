@@ -145,6 +145,8 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
 @click.option("--eval-samples", type=click.IntRange(min=1), default=8, show_default=True, metavar="N",
               help="Held-out samples for the fidelity report (fewer, with a warning, when --data holds no more).")
 @click.option("--no-latency", is_flag=True, help="Skip the latency comparison with onnxruntime.")
+@click.option("--allow-mismatch", is_flag=True,
+              help="Write the artifact even when its outputs disagree with onnxruntime (recorded in the report).")
 @click.option(
     "-O",
     "--target-option",
@@ -174,6 +176,7 @@ def compile(
     calibration_samples,
     eval_samples,
     no_latency,
+    allow_mismatch,
     target_opts,
 ):
     """Compile MODEL with the given passes into an artifact folder, and report cost and gain."""
@@ -208,6 +211,7 @@ def compile(
                 measure_latency=not no_latency,
                 tune=tune,
                 target_options=options,
+                allow_mismatch=allow_mismatch,
             )
         table = Table(title=escape(f"effc compile {model} → {result.out_dir}"), show_header=False)
         for key, value in summary_rows(result.report):
@@ -218,6 +222,9 @@ def compile(
             line = f"calibration: {calib['samples']} sample(s) from {calib['source']}"
             console.print(escape(line), highlight=False, soft_wrap=True)
         console.print(escape(f"report: {result.out_dir / 'report.md'}"), highlight=False)
+        agreement = result.manifest.get("agreement") or {}
+        if agreement.get("ok") is False:
+            console.print(escape(f"MISMATCH (--allow-mismatch): {agreement.get('message')}"), style="bold red")
 
     _guard(ctx, run)
 

@@ -9,6 +9,7 @@ never leaves a half-written artifact.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -306,6 +307,7 @@ def compile_model(
     latency_repeat: int = 20,
     tune: int = 0,
     target_options: Mapping[str, Any] | None = None,
+    allow_mismatch: bool = False,
 ) -> CompileResult:
     """Compile a model into a deployable artifact folder and report what the passes cost and bought.
 
@@ -332,6 +334,9 @@ def compile_model(
         tune: MetaSchedule trial budget for the ``cpu`` target (0: off, templates only); the tuning database is
             cached per CPU and reused (:mod:`effc.codegen.tune`).
         target_options: extra target options (``mcpu``, ``fast_math``, ``flash``, ``ram``, ...).
+        allow_mismatch: write the artifact even when its outputs disagree with onnxruntime on ``model.onnx``
+            (the agreement gate, :mod:`effc.eval.agreement`); the mismatch is recorded in the manifest
+            (``agreement``) and the report's first line.
 
     Returns:
         The artifact folder, its manifest and report.
@@ -339,9 +344,11 @@ def compile_model(
     Raises:
         LoadError, ShapeError, UnsupportedOpError, PipelineError, PassError, CalibrationError, DataError,
         TargetError, BudgetError, ArtifactError: see :mod:`effc.errors`; nothing is left in ``out_dir``.
+        MismatchError: the compiled outputs disagree with onnxruntime on the evaluation samples (the outputs and
+            the first disagreeing node are named); ``allow_mismatch`` writes the artifact anyway.
     """
     from effc.codegen.frontend import check_importable
-    from effc.eval import cost
+    from effc.eval import agreement, cost
     from effc.ir.calibration import Calibration
     from effc.ir.canonicalize import canonicalize
     from effc.ir.model import io_signature, save
@@ -429,7 +436,9 @@ def compile_model(
             threads,
             measure_latency,
             latency_repeat,
+            gate=functools.partial(agreement.gate, rewritten, tgt, options, allow_mismatch=allow_mismatch),
         )
+        manifest["agreement"] = agreement.record(report["agreement"])
         report.update(
             model={"name": loaded.source["name"], "source": loaded.source.get("path")},
             target={"name": tgt.name, "options": options, "info": build.info},
@@ -503,7 +512,9 @@ def _evaluate(
     threads: int,
     measure_latency: bool,
     repeat: int,
+    gate: Any = None,
 ) -> dict[str, Any]:
+    """Fidelity (three comparisons), the agreement gate (``gate(feeds, expected, got, names)``), then latency."""
     from effc.eval.fidelity import compare
     from effc.eval.latency import BASELINE_ORIGINAL, paired_latency
     from effc.ir.reference import Reference
@@ -515,11 +526,14 @@ def _evaluate(
     orig_out = [ref_original.run(_reference_feeds(original, f, loaded.constant_inputs)) for f in feeds]
     rew_out = [ref_rewritten.run(f) for f in feeds]
     compiled_out = [runner.run(f) for f in feeds]
+    agreed = gate(feeds, rew_out, compiled_out, names) if gate is not None else None  # before any other work
+    shaped = agreed is None or not any("shape" in r["why"] for r in agreed["outputs"].values())
     report: dict[str, Any] = {
+        "agreement": agreed,
         "fidelity": {
-            "vs_original": compare(orig_out, compiled_out, names, output_kind=kind),
+            "vs_original": compare(orig_out, compiled_out, names, output_kind=kind) if shaped else None,
             "rewritten_vs_original": compare(orig_out, rew_out, names, output_kind=kind),
-            "compiled_vs_rewritten": compare(rew_out, compiled_out, names, output_kind=kind),
+            "compiled_vs_rewritten": compare(rew_out, compiled_out, names, output_kind=kind) if shaped else None,
         }
     }
     if measure_latency and getattr(tgt, "host_latency", True):

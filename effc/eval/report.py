@@ -524,6 +524,9 @@ def render_markdown(report: Mapping[str, Any], plots_written: set[str] | None = 
     plots_written = plots_written or set()
     model, target = report.get("model") or {}, report.get("target") or {}
     lines = [f"# effc report: {model.get('name', 'model')} → {target.get('name', '?')}", ""]
+    agreement = report.get("agreement")
+    if isinstance(agreement, Mapping) and agreement.get("ok") is False:  # --allow-mismatch wrote it anyway
+        lines.insert(0, f"**MISMATCH (written with --allow-mismatch): {agreement.get('message', '')}**\n")
     if model.get("source"):
         lines += [f"Source: `{model['source']}`", ""]
     lines += [f"Pipeline: `{report.get('pipeline') or '(no passes)'}`", "", "## Summary", ""]
