@@ -431,7 +431,7 @@ def _meta(args: argparse.Namespace, cases: int, wall: float, load: str) -> dict[
     except (OSError, StopIteration):
         pass
     return {"command": "python benchmarks/onnx_conformance.py " + " ".join(sys.argv[1:]),
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cases": cases,
+            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "cases": cases,
             "freeze_config_inputs": args.freeze_config_inputs, "gate": args.gate, "effc": effc.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "tvm": tvm.__version__,
             "cpu": f"{cpu}, {os.cpu_count()} logical cores", "jobs": args.jobs, "load": load,
@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = collect_cases(ops, args.limit, set(args.cases.split(",")) if args.cases else None)
     start = time.monotonic()
     rows = run_cases(cases, args.freeze_config_inputs, args.gate, args.jobs, args.timeout, progress=args.progress)
-    load = "%.1f %.1f %.1f" % os.getloadavg()
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     result = {"meta": _meta(args, len(cases), time.monotonic() - start, load), "summary": summarize(rows),
               "cases": rows}
     text = markdown(result)

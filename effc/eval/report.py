@@ -140,7 +140,7 @@ def format_fidelity(comparison: Mapping[str, Any] | None) -> str:
     if not comparison or "summary" not in comparison:
         return NOT_MEASURED
     s = comparison["summary"]
-    parts = []
+    parts = [f"MISMATCH: {s['nonfinite']} NaN/inf where the other side differs"] if s.get("nonfinite") else []
     if s.get("cosine") is not None:
         parts.append(f"cosine {_fmt(s['cosine'], '.6f')}")
     if s.get("max_abs") is not None:
@@ -149,8 +149,6 @@ def format_fidelity(comparison: Mapping[str, Any] | None) -> str:
         parts.append(f"top-1 {_fmt(s['top1_agreement'], '.1f', 100)}%")
     if s.get("exact_match") is not None:
         parts.append(f"exact {_fmt(s['exact_match'], '.1f', 100)}%")
-    if s.get("nonfinite"):
-        parts.append(f"{s['nonfinite']} non-finite")
     samples = comparison.get("samples")
     return ", ".join(parts) + (f" ({samples} sample(s))" if samples else "")
 
