@@ -89,6 +89,23 @@ def _op_of(model: Any) -> str:
     return ops[-1] if len(set(ops)) != 1 else ops[0]
 
 
+def _to_numpy(value: Any) -> Any:
+    """Test data as onnxruntime takes it: TensorProto → array (ml_dtypes for bfloat16/float8/int4), sequences →
+    lists, optionals → their element or None."""
+    import onnx
+    from onnx import numpy_helper
+
+    if isinstance(value, onnx.TensorProto):
+        return numpy_helper.to_array(value)
+    if isinstance(value, onnx.SequenceProto):
+        return [_to_numpy(v) for v in numpy_helper.to_list(value)]
+    if isinstance(value, onnx.OptionalProto):
+        return _to_numpy(numpy_helper.to_optional(value))
+    if isinstance(value, list):
+        return [_to_numpy(v) for v in value]
+    return value
+
+
 def collect_cases(ops: set[str] | None = None, limit: int | None = None, names: set[str] | None = None) -> list[Case]:
     """The backend node cases that onnx's test code generates, optionally filtered by op and capped.
 
@@ -112,7 +129,7 @@ def collect_cases(ops: set[str] | None = None, limit: int | None = None, names: 
         op = base_ops.get(base) or _op_of(c.model)
         if (ops and op not in ops) or (names and c.name not in names):
             continue
-        cases.append(Case(c.name, op, c.model.SerializeToString(), [(list(i), list(o)) for i, o in c.data_sets]))
+        cases.append(Case(c.name, op, c.model.SerializeToString(), [([_to_numpy(v) for v in i], [_to_numpy(v) for v in o]) for i, o in c.data_sets]))
         if limit is not None and len(cases) >= limit:
             break
     return cases

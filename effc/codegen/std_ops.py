@@ -38,7 +38,8 @@ def _const(value: float, like: relax.Expr) -> relax.Constant:
 
 
 def _is_float(expr: relax.Expr) -> bool:
-    return _dtype(expr).startswith(("float", "bfloat"))
+    dtype = getattr(getattr(expr, "ty", None), "dtype", None)  # ShapeExpr / tuples carry none
+    return dtype is not None and str(dtype).startswith(("float", "bfloat"))
 
 
 
@@ -147,3 +148,75 @@ class BatchNormalization(_tvm.BatchNormalization):
             raise NotImplementedError("BatchNormalization training_mode=1 is not supported: export the model in "
                                       "inference mode (torch: model.eval()), where running statistics are used")
         return super()._impl_v15(bb, inputs, attr, params)
+
+
+#: ONNX float8 type id → (largest finite value, smallest magnitude that overflows under round-to-nearest-even,
+#: the overflow value without saturation: inf where the format has one, else NaN).
+_FLOAT8 = {17: (448.0, 464.0, np.nan), 18: (240.0, 248.0, np.nan), 19: (57344.0, 61440.0, np.inf),
+           20: (57344.0, 61440.0, np.nan)}
+
+
+@_override("Cast")
+class Cast(_tvm.Cast):
+    """Cast to a float8 type, with ONNX's saturation (TVM's conversion wraps: 1e6 became -15 in E4M3FN).
+
+    ``saturate=1`` (the default) clamps to the largest finite value, ``saturate=0`` gives inf (E5M2) or NaN (the
+    other formats) past it; NaN stays NaN. TVM converts only the clamped values; the special values are selected
+    in float8 afterwards (TVM's conversion of NaN and inf is wrong too).
+    """
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        spec = _FLOAT8.get(attr.get("to"))
+        if spec is None or isinstance(x, tvm.ir.GenericConst) or not _is_float(x):
+            return super()._impl_v13(bb, inputs, attr, params)
+        top, overflow, special = spec
+        out = bb.normalize(super()._impl_v13(bb, [bb.normalize(relax.op.clip(x, -top, top)), *inputs[1:]], attr,
+                                             params))
+        dtype = _dtype(out)
+
+        def f8(value: float) -> relax.Constant:
+            return relax.const(np.array(value).astype(dtype), dtype)
+
+        if not attr.get("saturate", 1):
+            low = -special if np.isinf(special) else special
+            out = relax.op.where(relax.op.greater_equal(x, _const(overflow, x)), f8(special), out)
+            out = relax.op.where(relax.op.less_equal(x, _const(-overflow, x)), f8(low), out)
+        return relax.op.where(relax.op.isnan(x), f8(np.nan), out)
+
+
+@_override("Resize")
+class Resize(_tvm.Resize):
+    """Resize cases TVM computes differently from ONNX are refused (never a wrong artifact).
+
+    * ``antialias=1`` when linear/cubic downsampling: TVM ignores the attribute;
+    * ``scales`` whose output size ``floor(in * scale)`` is not ``in * scale`` exactly, for linear/cubic: TVM
+      derives the coordinate transform from the sizes (``out / in``), ONNX from the given scale.
+    """
+
+    @classmethod
+    def _impl_v18(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        mode = attr.get("mode", b"nearest").decode()
+        spatial = [int(d) for d in x.ty.shape][2:] if all(isinstance(d, tvm.tirx.IntImm | int)
+                                                             for d in x.ty.shape) else None
+        scales = inputs[2] if len(inputs) > 2 else None
+        sizes = inputs[3] if len(inputs) > 3 else None
+        if mode != "nearest" and spatial is not None:
+            if isinstance(scales, tvm.ir.GenericConst) and scales.value.numpy().size:
+                factors = scales.value.numpy().astype(np.float64)[2:]
+                outs = [int(np.floor(f * n)) for f, n in zip(factors, spatial, strict=True)]
+                if any(o != f * n for o, f, n in zip(outs, factors, spatial, strict=True)):
+                    raise NotImplementedError(
+                        f"Resize mode={mode!r} with scales {factors.tolist()} on spatial dims {spatial}: the output "
+                        "size is not in*scale exactly and TVM would interpolate at other positions; give 'sizes' "
+                        "instead of 'scales' (or scales with integral in*scale)")
+            elif isinstance(sizes, tvm.ir.GenericConst):
+                outs = sizes.value.numpy().astype(np.int64).tolist()[2:]
+            else:
+                outs = spatial
+            if attr.get("antialias", 0) and any(o < n for o, n in zip(outs, spatial, strict=False)):
+                raise NotImplementedError(f"Resize antialias=1 when downsampling ({spatial} -> {outs}, mode "
+                                          f"{mode!r}): TVM has no antialiasing filter; use antialias=0")
+        return super()._impl_v18(bb, inputs, attr, params)
