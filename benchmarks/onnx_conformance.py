@@ -106,13 +106,15 @@ def _to_numpy(value: Any) -> Any:
     return value
 
 
-def collect_cases(ops: set[str] | None = None, limit: int | None = None, names: set[str] | None = None) -> list[Case]:
+def collect_cases(ops: set[str] | None = None, limit: int | None = None, names: set[str] | None = None,
+                  per_op: int | None = None) -> list[Case]:
     """The backend node cases that onnx's test code generates, optionally filtered by op and capped.
 
     Args:
         ops: keep cases whose op (the op under test; the base case's op for ``*_expanded`` variants) is listed.
         limit: keep at most this many cases (after filtering, in onnx's order).
         names: keep only cases with these test names.
+        per_op: keep at most this many cases per op (the first ones, ``*_expanded`` variants skipped).
 
     Returns:
         The cases, each with its op and serialized model.
@@ -124,11 +126,15 @@ def collect_cases(ops: set[str] | None = None, limit: int | None = None, names: 
         raw = node_cases.collect_testcases(None)
     base_ops = {c.name: _op_of(c.model) for c in raw if "_expanded" not in c.name}
     cases = []
+    taken: collections.Counter = collections.Counter()
     for c in raw:
         base = re.sub(r"_expanded.*$", "", c.name)
         op = base_ops.get(base) or _op_of(c.model)
         if (ops and op not in ops) or (names and c.name not in names):
             continue
+        if per_op is not None and (base != c.name or taken[op] >= per_op):
+            continue
+        taken[op] += 1
         cases.append(Case(c.name, op, c.model.SerializeToString(), [([_to_numpy(v) for v in i], [_to_numpy(v) for v in o]) for i, o in c.data_sets]))
         if limit is not None and len(cases) >= limit:
             break
@@ -472,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", help="comma-separated test names")
     parser.add_argument("--subset", choices=["fast"], help="fast: the ops of the zoo models and LLM exports")
     parser.add_argument("--limit", type=int, help="at most this many cases")
+    parser.add_argument("--per-op", type=int, help="at most this many cases per op (no *_expanded variants)")
     parser.add_argument("--freeze-config-inputs", action="store_true", help="small config inputs as constants")
     parser.add_argument("--gate", action="store_true", help="keep effc's agreement gate on (mismatch = refusal)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1: the machine is shared)")
@@ -482,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress", action="store_true", help="one line per case")
     args = parser.parse_args(argv)
     ops = set(args.ops.split(",")) if args.ops else (set(FAST_OPS) if args.subset == "fast" else None)
-    cases = collect_cases(ops, args.limit, set(args.cases.split(",")) if args.cases else None)
+    cases = collect_cases(ops, args.limit, set(args.cases.split(",")) if args.cases else None, args.per_op)
     start = time.monotonic()
     rows = run_cases(cases, args.freeze_config_inputs, args.gate, args.jobs, args.timeout, progress=args.progress)
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())

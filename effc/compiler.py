@@ -463,7 +463,7 @@ def compile_model(
 
         report_files = write_report(tmp, report)
         manifest["metrics"] = {
-            "fidelity_vs_original": report["fidelity"]["vs_original"].get("summary"),
+            "fidelity_vs_original": (report["fidelity"]["vs_original"] or {}).get("summary"),
             "cost": report["cost"],
             "latency": report.get("latency"),
         }

@@ -220,3 +220,140 @@ class Resize(_tvm.Resize):
                 raise NotImplementedError(f"Resize antialias=1 when downsampling ({spatial} -> {outs}, mode "
                                           f"{mode!r}): TVM has no antialiasing filter; use antialias=0")
         return super()._impl_v18(bb, inputs, attr, params)
+
+
+def _float16_in_float32(base: type) -> type:
+    """``base``'s converter computing float16 inputs in float32 and rounding the result back to float16 once.
+
+    ONNX's reference (and onnxruntime's CPU kernels) accumulate float16 products and sums in float32; TVM's float16
+    kernels accumulate in float16, 1-3 ulps off after a few dozen terms (onnx cases ``*_fp16`` of Attention).
+    """
+
+    def make(version: str) -> classmethod:
+        def impl(cls, bb, inputs, attr, params):
+            convert = getattr(base, version).__func__
+            if not any(x is not None and _dtype_of(x) == "float16" for x in inputs):
+                return convert(cls, bb, inputs, attr, params)
+            widened = [relax.op.astype(x, "float32") if x is not None and _dtype_of(x) == "float16" else x
+                       for x in inputs]
+            out = bb.normalize(convert(cls, bb, [bb.normalize(x) if x is not None else x for x in widened], attr,
+                                       params))
+            return relax.op.astype(out, "float16") if _dtype_of(out) == "float32" else out
+
+        return classmethod(impl)
+
+    versions = [name for name in dir(base) if name.startswith("_impl_v")]
+    return type(base.__name__, (base,), {v: make(v) for v in versions})
+
+
+def _dtype_of(expr: object) -> str | None:
+    dtype = getattr(getattr(expr, "ty", None), "dtype", None)
+    return None if dtype is None else str(dtype)
+
+
+class ConvTranspose(_tvm.ConvTranspose):
+    """``output_shape`` given: the pads that produce it (ONNX ConvTranspose spec); TVM ignores the attribute.
+
+    ``total = stride * (in - 1) + output_padding + (kernel - 1) * dilation + 1 - output_shape`` per spatial axis,
+    split like the spec (the extra element at the end for ``SAME_UPPER``, else at the start); a negative total
+    (a larger output) becomes ``output_padding``.
+    """
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        wanted = attr.get("output_shape")
+        if not wanted:
+            return super()._impl_v1(bb, inputs, attr, params)
+        spatial = [int(d) for d in inputs[0].ty.shape][2:]
+        kernel = [int(d) for d in inputs[1].ty.shape][2:]
+        wanted = list(wanted)[-len(spatial):]
+        n = len(spatial)
+        strides = list(attr.get("strides", [1] * n))
+        dilations = list(attr.get("dilations", [1] * n))
+        extra = list(attr.get("output_padding", [0] * n))
+        upper = attr.get("auto_pad", b"NOTSET") == b"SAME_UPPER"
+        begin, end = [0] * n, [0] * n
+        for i in range(n):
+            total = strides[i] * (spatial[i] - 1) + extra[i] + (kernel[i] - 1) * dilations[i] + 1 - int(wanted[i])
+            if total < 0:
+                extra[i] -= total
+            else:
+                begin[i], end[i] = (total // 2, total - total // 2) if upper else (total - total // 2, total // 2)
+        fixed = {k: v for k, v in attr.items() if k not in ("output_shape", "auto_pad")}
+        fixed.update(pads=begin + end, output_padding=extra)
+        return super()._impl_v1(bb, inputs, fixed, params)
+
+
+for _op, _base in (("MatMul", _tvm.MatMul), ("Softmax", _tvm.Softmax), ("Gemm", _tvm.Gemm), ("Conv", _tvm.Conv),
+                   ("ConvTranspose", ConvTranspose)):
+    STANDARD_OVERRIDES[_op] = _float16_in_float32(_base)
+
+
+def _ieee_extreme(base: type, largest: bool) -> type:
+    """``base`` (ReduceMax / ReduceMin) with IEEE semantics for float inputs.
+
+    TVM starts the reduction from the dtype's finite extreme (``-FLT_MAX`` for max) and LLVM's ``maxnum`` skips NaN:
+    a row of ``-inf`` (a fully masked attention row) reduced to ``-3.4e38`` and NaN vanished. The same reduction
+    over 0/1 indicators finds rows with a NaN (result NaN, as numpy and the ONNX reference give) and rows of only
+    the start value's side of infinity (result ``∓inf``).
+    """
+
+    def make(version: str) -> classmethod:
+        def impl(cls, bb, inputs, attr, params):
+            convert = getattr(base, version).__func__
+            out = convert(cls, bb, inputs, attr, params)
+            x = inputs[0]
+            if not _is_float(x) or isinstance(x, tvm.ir.GenericConst):
+                return out
+            dtype = _dtype(x)
+
+            def reduce(flags: relax.Expr) -> relax.Expr:  # the node's own axes/keepdims over a 0/1 indicator
+                return bb.normalize(convert(cls, bb, [bb.normalize(relax.op.astype(flags, dtype)), *inputs[1:]],
+                                            attr, params))
+
+            inf = np.inf if largest else -np.inf
+            if largest:  # any NaN: max(isnan) == 1; all -inf: max(x > -inf) == 0
+                nan_any = relax.op.greater(reduce(relax.op.isnan(x)), _const(0, x))
+                all_edge = relax.op.equal(reduce(relax.op.greater(x, _const(-inf, x))), _const(0, x))
+            else:  # any NaN: min(not isnan) == 0; all +inf: min(x == +inf) == 1
+                nan_any = relax.op.equal(reduce(relax.op.logical_not(relax.op.isnan(x))), _const(0, x))
+                all_edge = relax.op.equal(reduce(relax.op.equal(x, _const(-inf, x))), _const(1, x))
+            out = relax.op.where(all_edge, _const(-inf, x), out)
+            return relax.op.where(nan_any, _const(np.nan, x), out)
+
+        return classmethod(impl)
+
+    versions = [name for name in dir(base) if name.startswith("_impl_v")]
+    return type(base.__name__, (base,), {v: make(v) for v in versions})
+
+
+STANDARD_OVERRIDES["ReduceMax"] = _ieee_extreme(_tvm.ReduceMax, largest=True)
+STANDARD_OVERRIDES["ReduceMin"] = _ieee_extreme(_tvm.ReduceMin, largest=False)
+
+
+@_override("Dropout")
+class Dropout(_tvm.Dropout):
+    """Dropout as ONNX defines it at inference: the identity and an all-true boolean mask (TVM's mask was float).
+
+    ``training_mode`` true with a ratio above 0 draws random masks: refused (no compiled model can match a random
+    reference); deployed models run with training_mode false.
+    """
+
+    @classmethod
+    def _impl_v12(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        training = inputs[2] if len(inputs) > 2 else None
+        ratio = inputs[1] if len(inputs) > 1 else None
+        if training is not None:
+            if not isinstance(training, tvm.ir.GenericConst):
+                raise NotImplementedError("Dropout with a run-time training_mode input: pass it as a constant false")
+            drops = not isinstance(ratio, tvm.ir.GenericConst) or float(ratio.value.numpy()) > 0
+            if bool(training.value.numpy()) and drops:
+                raise NotImplementedError("Dropout with training_mode=true draws random masks: export the model in "
+                                          "inference mode (torch: model.eval())")
+        mask = relax.op.full(x.ty.shape, relax.const(True, "bool"), "bool")
+        return relax.Tuple([x, mask])
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        return cls._impl_v12(bb, inputs[:1], attr, params)

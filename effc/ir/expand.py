@@ -18,9 +18,13 @@ import onnx_ir as ir
 
 logger = logging.getLogger(__name__)
 
-#: Standard op → first opset whose schema defines it as a function that effc expands (TVM lacks a converter or
-#: converts another operator of the same name).
-EXPAND_OPS = {"Attention": 23}
+#: Standard op → first opset from which effc expands it: TVM 0.27 lacks a converter for these (or, for ``Attention``,
+#: converts Microsoft's contrib operator of the same name) and the ONNX schema defines a function body.
+EXPAND_OPS = {
+    "Attention": 23, "RotaryEmbedding": 23, "CausalConvWithState": 1, "FlexAttention": 1, "LinearAttention": 1,
+    "NegativeLogLikelihoodLoss": 1, "SoftmaxCrossEntropyLoss": 1, "CenterCropPad": 1, "Swish": 1, "Celu": 1,
+    "SwiGLU": 1, "BlackmanWindow": 1, "HammingWindow": 1, "HannWindow": 1,
+}
 _DOMAIN = "effc.expand"
 
 
@@ -69,7 +73,10 @@ def expand_function_ops(model: ir.Model) -> tuple[ir.Model, int]:
         since = EXPAND_OPS.get(node.op_type)
         if since is None or node.domain not in ("", "ai.onnx") or opset < since:
             continue
-        schema = onnx.defs.get_schema(node.op_type, opset, "")
+        try:
+            schema = onnx.defs.get_schema(node.op_type, opset, "")
+        except onnx.defs.SchemaError:
+            continue
         present = {a.name for a in node.attribute}
         node.attribute.extend(a.default_value for name, a in schema.attributes.items()
                               if name not in present and a.default_value.name)
