@@ -135,7 +135,8 @@ def collect_cases(ops: set[str] | None = None, limit: int | None = None, names: 
         if per_op is not None and (base != c.name or taken[op] >= per_op):
             continue
         taken[op] += 1
-        cases.append(Case(c.name, op, c.model.SerializeToString(), [([_to_numpy(v) for v in i], [_to_numpy(v) for v in o]) for i, o in c.data_sets]))
+        data = [([_to_numpy(v) for v in i], [_to_numpy(v) for v in o]) for i, o in c.data_sets]
+        cases.append(Case(c.name, op, c.model.SerializeToString(), data))
         if limit is not None and len(cases) >= limit:
             break
     return cases

@@ -357,3 +357,28 @@ class Dropout(_tvm.Dropout):
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
         return cls._impl_v12(bb, inputs[:1], attr, params)
+
+
+def _nan_propagating(base: type) -> type:
+    """``base`` (variadic Max / Min) returning NaN where any float input is NaN, as ONNX (``std::max`` over NaN
+    in onnxruntime, numpy's ``maximum``) does; LLVM's ``maxnum``/``minnum`` return the other operand."""
+
+    def make(version: str) -> classmethod:
+        def impl(cls, bb, inputs, attr, params):
+            out = getattr(base, version).__func__(cls, bb, inputs, attr, params)
+            floats = [x for x in inputs if x is not None and _is_float(x) and not isinstance(x, tvm.ir.GenericConst)]
+            if not floats:
+                return out
+            nan = relax.op.isnan(floats[0])
+            for x in floats[1:]:
+                nan = relax.op.logical_or(nan, relax.op.isnan(x))
+            return relax.op.where(nan, _const(np.nan, floats[0]), out)
+
+        return classmethod(impl)
+
+    versions = [name for name in dir(base) if name.startswith("_impl_v")]
+    return type(base.__name__, (base,), {v: make(v) for v in versions})
+
+
+STANDARD_OVERRIDES["Max"] = _nan_propagating(_tvm.Max)
+STANDARD_OVERRIDES["Min"] = _nan_propagating(_tvm.Min)
