@@ -360,8 +360,10 @@ class Dropout(_tvm.Dropout):
 
 
 def _nan_propagating(base: type) -> type:
-    """``base`` (variadic Max / Min) returning NaN where any float input is NaN, as ONNX (``std::max`` over NaN
-    in onnxruntime, numpy's ``maximum``) does; LLVM's ``maxnum``/``minnum`` return the other operand."""
+    """``base`` (variadic Max / Min) returning NaN where any float input is NaN.
+
+    ONNX does (onnxruntime, numpy's ``maximum``); LLVM's ``maxnum``/``minnum`` return the other operand.
+    """
 
     def make(version: str) -> classmethod:
         def impl(cls, bb, inputs, attr, params):
