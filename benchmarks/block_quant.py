@@ -316,9 +316,9 @@ def fidelity(n_eval: int, n_cal: int) -> list[dict]:
 
     from effc import zoo
     from effc.ir.calibration import Calibration
+    from effc.ops.block_formats import FORMATS
     from effc.passes.block_quant import BlockQuantPass
     from effc.passes.channel_reorder import ChannelReorderPass
-    from effc.passes.quant import FORMATS
 
     entry = zoo.get("minilm-l6")
     feeds = entry.samples("eval", n_eval)

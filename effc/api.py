@@ -9,31 +9,44 @@ from typing import Any
 import numpy as np
 
 
-def _feeds(artifact: Path, data: str | os.PathLike | None, n_synthetic: int = 4) -> tuple[Any, list[dict], bool]:
+def _feeds(
+    artifact: Path, data: str | os.PathLike | None, n_synthetic: int = 4, check_indices: bool = True
+) -> tuple[Any, list[dict], bool]:
     from effc.ir.data import conform_feeds, input_ranks, load_data, synthetic_feeds
-    from effc.ir.model import load
+    from effc.ir.model import io_signature, load
+    from effc.runtime.index_check import check_feeds
 
     model = load(artifact / "model.onnx")
     names = [v.name for v in model.graph.inputs if not v.is_initializer()]
     if data is not None:
-        feeds = load_data(data, names, input_ranks(model))
-        return model, conform_feeds(model, feeds, where=f"--data {data}"), False
+        feeds = conform_feeds(model, load_data(data, names, input_ranks(model)), where=f"--data {data}")
+        if check_indices:
+            check_feeds(feeds, io_signature(model)["inputs"], where=f"--data {data}")
+        return model, feeds, False
     return model, synthetic_feeds(model, n_synthetic, seed=3), True
 
 
-def run_artifact(artifact: str | os.PathLike, data: str | os.PathLike | None = None) -> list[dict[str, np.ndarray]]:
+def run_artifact(
+    artifact: str | os.PathLike, data: str | os.PathLike | None = None, check_indices: bool = True
+) -> list[dict[str, np.ndarray]]:
     """Run a compiled artifact on every sample of ``data`` (synthetic inputs when None).
+
+    Args:
+        artifact: the artifact folder.
+        data: ``.npz`` file or folder keyed by input name; None: synthetic inputs.
+        check_indices: check index inputs against the ranges in the manifest before each run; False trusts them.
 
     Returns:
         One dict per sample: output name → array.
 
     Raises:
-        ArtifactError: missing/tampered files. DataError: data does not match the inputs.
+        ArtifactError: missing/tampered files. DataError: data does not match the inputs, or (with
+            ``check_indices``) an index input holds a value out of range.
     """
     from effc import runtime
 
-    compiled = runtime.load(artifact)
-    _, feeds, _ = _feeds(Path(artifact), data)
+    compiled = runtime.load(artifact, check_indices=check_indices)
+    _, feeds, _ = _feeds(Path(artifact), data, check_indices=check_indices)
     names = [o["name"] for o in compiled.outputs]
     return [dict(zip(names, compiled.run(f), strict=True)) for f in feeds]
 

@@ -7,6 +7,8 @@ exit code; ``effc --debug ...`` shows the traceback instead.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from effc.errors import EffcError
+from effc.errors import ArtifactError, EffcError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -28,11 +30,17 @@ Examples:
   effc compile model.onnx --passes "prune(sparsity=0.5,method=wanda),cleanup" --verify-each --dump-ir ir/ -o out
   effc compile zoo:minilm-l6 --passes "nm-sparsity(n=2,m=4,vector=1,layers=ffn,reconstruct=block)" \\
       --calibration-samples 256 -o out-24
+  effc compile zoo:minilm-l6 --passes "nm-sparsity(n=2,m=4,vector=16)" --min-cosine 0.95 -o out  # exit 4 if lossier
 
 \b
 MODEL is a path to an .onnx file or a built-in real model: zoo:minilm-l6, zoo:ppocr-det, zoo:ppocr-rec,
 zoo:ppocr-cls, zoo:magika, zoo:silero-vad (weights ship inside pip packages; nothing is downloaded).
 See `effc passes` for the passes and their options, `effc targets` for targets.
+
+\b
+Exit codes: 0 written; 1 bad input or a failed step (one error line); 3 internal error (a bug: rerun with
+--debug); 4 a quality gate (--min-cosine, --max-top1-drop, --max-ppl-increase) missed: nothing written
+(with --keep-failed: written, marked failed).
 """
 
 
@@ -130,7 +138,8 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
               "CPU and reused.")
 @click.option("--flash", default=None, help="Flash budget for microcontroller targets, e.g. 1M.")
 @click.option("--ram", default=None, help="RAM budget for microcontroller targets, e.g. 256K.")
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing artifact folder (only one effc wrote; any other folder is refused).")
 @click.option("--verify-each", is_flag=True, help="Run the ONNX checker and shape inference after every pass.")
 @click.option("--dump-ir", type=click.Path(file_okay=False), help="Write the model after each pass (numbered .onnx).")
 @click.option(
@@ -147,6 +156,23 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
 @click.option("--no-latency", is_flag=True, help="Skip the latency comparison with onnxruntime.")
 @click.option("--allow-mismatch", is_flag=True,
               help="Write the artifact even when its outputs disagree with onnxruntime (recorded in the report).")
+@click.option("--primary-output", default=None, metavar="NAME",
+              help="Output the headline and the quality gates use. Default: the zoo model's (MiniLM: "
+              "sentence_embedding), else the first output.")
+@click.option("--min-cosine", type=float, default=None, metavar="X",
+              help="Quality gate: fail (exit code 4, nothing written) when the primary output's cosine against the "
+              "original, mean over the evaluation samples, is below X.")
+@click.option("--max-top1-drop", type=float, default=None, metavar="P",
+              help="Quality gate for class scores: fail when more than P percent of the evaluation rows change their "
+              "top-1 class against the original.")
+@click.option("--max-ppl-increase", type=float, default=None, metavar="P",
+              help="Quality gate for decoders: fail when perplexity rises by more than P percent.")
+@click.option("--keep-failed", is_flag=True,
+              help="Write the artifact even when it misses a quality gate, marked failed in manifest and report "
+              "(the exit code stays 4).")
+@click.option("--strict", is_flag=True,
+              help="A lossy pass that changes nothing (matched no layer, quantized no tensor) is an error, not a "
+              "warning.")
 @click.option(
     "-O",
     "--target-option",
@@ -177,6 +203,12 @@ def compile(
     eval_samples,
     no_latency,
     allow_mismatch,
+    primary_output,
+    min_cosine,
+    max_top1_drop,
+    max_ppl_increase,
+    keep_failed,
+    strict,
     target_opts,
 ):
     """Compile MODEL with the given passes into an artifact folder, and report cost and gain."""
@@ -212,6 +244,12 @@ def compile(
                 tune=tune,
                 target_options=options,
                 allow_mismatch=allow_mismatch,
+                primary_output=primary_output,
+                min_cosine=min_cosine,
+                max_top1_drop=max_top1_drop,
+                max_ppl_increase=max_ppl_increase,
+                keep_failed=keep_failed,
+                strict=strict,
             )
         table = Table(title=escape(f"effc compile {model} → {result.out_dir}"), show_header=False)
         for key, value in summary_rows(result.report):
@@ -290,14 +328,25 @@ def passes(ctx, name):
                 continue
             found = True
             kind = "exact" if p.get("exact") else "lossy"
-            console.print(f"[bold]{p['name']}[/bold] ({kind}) — {p['summary']}")
+            head = _wrapped(f"{p['name']} ({kind}) — {p['summary']}", "", "    ")
+            console.print(f"[bold]{escape(p['name'])}[/bold]{escape(head[len(p['name']):])}", highlight=False,
+                          soft_wrap=True)
             for opt in p.get("options", []):
-                line = f"    {opt['name']}: {opt['type']} = {opt['default']!r}  {opt.get('help', '')}"
-                console.print(escape(line), highlight=False)
+                line = f"{opt['name']}: {opt['type']} = {opt['default']!r} — {opt.get('help', '')}".rstrip(" —")
+                console.print(escape(_wrapped(line, "    ", "          ")), highlight=False, soft_wrap=True)
         if name and not found:
             raise EffcError(f"unknown pass {name!r}", "run `effc passes` to list them")
 
     _guard(ctx, run)
+
+
+def _wrapped(text: str, first: str, rest: str) -> str:
+    """``text`` wrapped at word boundaries to the terminal width, continuation lines indented by ``rest``."""
+    import textwrap
+
+    width = max(60, min(console.width, 110))
+    return textwrap.fill(text, width=width, initial_indent=first, subsequent_indent=rest, break_long_words=False,
+                         break_on_hyphens=False)
 
 
 @cli.command()
@@ -313,8 +362,11 @@ def targets():
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", type=click.Path(exists=True), help=".npz keyed by input name; default: synthetic inputs.")
 @click.option("-o", "--output", "out_file", type=click.Path(dir_okay=False), help="Write outputs to this .npz.")
+@click.option("--no-check-indices", is_flag=True,
+              help="Skip the range check of index inputs (Gather/Scatter indices, token ids; microseconds per run). "
+              "Only for data known to be in range: an out-of-range index then accesses memory out of bounds.")
 @click.pass_context
-def run_cmd(ctx, artifact, data, out_file):
+def run_cmd(ctx, artifact, data, out_file, no_check_indices):
     """Run a compiled artifact once per sample and print (or save) the outputs."""
 
     def run():
@@ -322,7 +374,9 @@ def run_cmd(ctx, artifact, data, out_file):
 
         from effc.api import run_artifact
 
-        results = run_artifact(artifact, data)
+        if out_file:
+            _check_output_file(Path(out_file))  # before the runs, not after them
+        results = run_artifact(artifact, data, check_indices=not no_check_indices)
         source = f"--data {data}" if data else "SYNTHETIC (no --data given; the outputs mean nothing)"
         console.print(escape(f"inputs: {source}; {len(results)} run(s)"), highlight=False)
         for i, outputs in enumerate(results):
@@ -335,10 +389,25 @@ def run_cmd(ctx, artifact, data, out_file):
                 for i, o in enumerate(results)
                 for name, a in o.items()
             }
-            np.savez(out_file, **flat)
+            try:
+                np.savez(out_file, **flat)
+            except OSError as exc:
+                raise ArtifactError(f"cannot write the outputs to {out_file}: {exc.strerror or exc}",
+                                    "give -o a .npz path in a folder you can write to") from exc
             console.print(f"outputs written to {out_file}")
 
     _guard(ctx, run)
+
+
+def _check_output_file(path: Path) -> None:
+    """Raise ArtifactError when ``effc run -o PATH`` could not write ``path`` (named with the reason)."""
+    parent = path.resolve().parent
+    reason = (f"folder {parent} does not exist" if not parent.exists() else f"{parent} is a file"
+              if not parent.is_dir() else f"folder {parent} is not writable"
+              if not os.access(parent, os.W_OK | os.X_OK) else None)
+    if reason:
+        raise ArtifactError(f"cannot write the outputs to {path}: {reason}",
+                            "give -o a .npz path in a folder you can write to")
 
 
 _EVAL_LABELS = {
@@ -354,7 +423,8 @@ _EVAL_LABELS = {
 @cli.command(name="eval")
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", type=click.Path(exists=True), help=".npz keyed by input name; default: synthetic inputs.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Threads for the artifact and for onnxruntime (both sides get the same count).")
 @click.pass_context
 def eval_cmd(ctx, artifact, data, threads):
     """Compare a compiled artifact with its model.onnx under onnxruntime (fidelity and latency)."""
@@ -403,17 +473,52 @@ def verify(ctx, artifact, data, atol):
         result = verify_artifact(artifact, data, atol=atol)
         console.print("reference: onnxruntime running the artifact's own model.onnx (the rewritten model; "
                       "fidelity against the original model is in report.md)", highlight=False, soft_wrap=True)
-        rows = result.pop("outputs", {})
-        for key, value in result.items():
-            console.print(escape(f"{key}: {value}"), highlight=False, soft_wrap=True)
-        for name, row in rows.items():
-            console.print(escape(_verify_line(name, row)), highlight=False, soft_wrap=True)
+        rows = result.pop("outputs", None)
+        if rows is None:  # a target's own verify (Cortex-M under QEMU): its facts as a table
+            table = Table(title=escape(f"effc verify {artifact}"), show_header=False)
+            for label, text in _target_verify_rows(result):
+                table.add_row(escape(label), escape(text))
+            console.print(table)
+        else:
+            for key, value in result.items():
+                console.print(escape(f"{key}: {value}"), highlight=False, soft_wrap=True)
+            for name, row in rows.items():
+                console.print(escape(_verify_line(name, row)), highlight=False, soft_wrap=True)
         if not result["ok"]:
             err_console.print("[red]verification failed[/red]: outputs differ from onnxruntime")
             sys.exit(1)
         console.print("[green]verified[/green]")
 
     _guard(ctx, run)
+
+
+def _target_verify_rows(result: dict) -> list[tuple[str, str]]:
+    """Label and text per fact of a target's verify result (``VerifyResult.to_dict()`` of the Cortex-M targets)."""
+    facts = dict(result)
+    rows = [("result", "ok" if facts.pop("ok") else "FAILED"), ("criterion", str(facts.pop("criterion", "")))]
+    if "target" in facts:
+        rows.append(("ran on", f"{facts.pop('target')} under QEMU {facts.pop('machine', '?')}"))
+    rows.append(("samples", f"{facts.pop('samples', '?')} ({facts.pop('inputs', '?')} inputs)"))
+    steps, one_step = facts.pop("steps", {}) or {}, facts.pop("one_step", {}) or {}
+    for name, diff in (facts.pop("max_abs", {}) or {}).items():
+        text = f"{diff:.3g}"
+        if name in steps:
+            text += f"; {one_step.get(name, 0)} element(s) one quantization step ({steps[name]:.3g}) off"
+        rows.append((f"output {name}: max abs diff", text))
+    if "bit_exact" in facts:
+        rows.append(("bit-exact output elements", f"{100 * facts.pop('bit_exact'):.1f}%"))
+    per_inference, per_mac = facts.pop("instructions_per_inference", None), facts.pop("instructions_per_mac", None)
+    facts.pop("instructions", None)
+    macs = facts.pop("macs", None)
+    if per_inference:
+        extra = f" ({per_mac:.2f} per MAC, {macs:,} MACs)" if per_mac and macs else ""
+        rows.append(("instructions per inference", f"{per_inference:,.0f}{extra}"))
+    if "flash_bytes" in facts:
+        rows.append(("verification firmware flash / RAM",
+                     f"{facts.pop('flash_bytes'):,} / {facts.pop('ram_bytes', 0):,} bytes (model, harness and libc)"))
+    facts.pop("atol", None)  # stated in the criterion
+    rows.extend((key, str(value)) for key, value in facts.items())  # facts a target adds later
+    return rows
 
 
 def _verify_line(name: str, row: dict) -> str:
@@ -431,7 +536,7 @@ INTERNAL_ERROR_EXIT = 3
 
 
 def _guard(ctx: click.Context, fn) -> None:
-    """Run ``fn``; an EffcError prints as one line, any other exception as one "internal error" line.
+    """Run ``fn``; an EffcError or MemoryError prints as one line, any other exception as one "internal error" line.
 
     ``--debug`` re-raises instead (full traceback). Ctrl-C is left to click ("Aborted!").
     """
@@ -442,6 +547,14 @@ def _guard(ctx: click.Context, fn) -> None:
             raise
         err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
+    except MemoryError as exc:  # sizes the user chose (shapes, sample counts), not a bug
+        if ctx.obj.get("debug"):
+            raise
+        err_console.print(
+            f"[red]error:[/red] out of memory: {escape(str(exc)[:300])}; fix: use smaller --input-shape values or "
+            "fewer samples (--eval-samples, --calibration-samples), or a machine with more memory",
+            highlight=False, soft_wrap=True)
+        sys.exit(1)
     except Exception as exc:  # noqa: BLE001  (no traceback for users; --debug shows it)
         if ctx.obj.get("debug"):
             raise
@@ -455,8 +568,13 @@ def _guard(ctx: click.Context, fn) -> None:
         sys.exit(INTERNAL_ERROR_EXIT)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point. SIGTERM exits through Python's cleanup: a compile removes its staging folder."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     cli.main(args=argv, prog_name="effc")
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from effc import artifact_dir
 from effc.errors import ArtifactError, DataError, EffcError
 
 logger = logging.getLogger(__name__)
@@ -148,14 +149,15 @@ def prepare_output_dir(
 
     Args:
         out_dir: the artifact folder to (re)place.
-        force: allow replacing a non-empty folder.
+        force: allow replacing a non-empty folder that is an effc artifact
+            (:func:`effc.artifact_dir.check_replaceable`).
         keep: paths that must survive (the model file, the data, a dump folder); a folder holding one of them,
             the current folder or the home folder is never replaced, even with ``force``.
 
     Raises:
         ArtifactError: the folder exists, is not empty, and ``force`` is False; it is a file; its nearest existing
-            parent is a file or not writable; or replacing it would delete one of ``keep``, the current folder or
-            the home folder.
+            parent is a file or not writable; replacing it would delete one of ``keep``, the current folder or
+            the home folder; or it is not an effc artifact, or holds files its manifest does not list (named).
     """
     out = Path(out_dir).resolve()
     if out.exists() and not out.is_dir():
@@ -180,6 +182,7 @@ def prepare_output_dir(
                     f"refusing to replace output folder {out}: it holds {path}, which --force would delete",
                     "write the artifact to a new or empty folder, e.g. -o out",
                 )
+        artifact_dir.check_replaceable(out)
     return out
 
 
@@ -206,9 +209,13 @@ def gather_feeds(
     Raises:
         DataError: the data does not match the model's inputs; it holds too few samples for ``n_calib`` plus at
             least one held-out sample; a zoo split holds fewer samples than asked. The message names the option.
+        ShapeError: one sample of an input would not fit this machine's memory.
     """
-    from effc.ir.data import conform_feeds, input_ranks, load_data, synthetic_feeds
+    from effc.ir.data import check_input_sizes, conform_feeds, input_ranks, load_data, synthetic_feeds
+    from effc.ir.model import io_signature
+    from effc.runtime.index_check import check_feeds
 
+    check_input_sizes(model)  # before any sample is allocated
     if data is not None:
         if isinstance(data, (str, os.PathLike)):
             names = [v.name for v in model.graph.inputs if not v.is_initializer()]
@@ -219,8 +226,10 @@ def gather_feeds(
             where = "data"
         if not feeds:
             raise DataError("the data holds no samples", "give at least one array per model input")
-        # shapes and dtypes are checked here, before the build, not by onnxruntime after it
-        return _split_user_feeds(conform_feeds(model, feeds, where=where), data, n_eval, n_calib)
+        # shapes, dtypes and index ranges are checked here, before the build, not by onnxruntime after it
+        feeds = conform_feeds(model, feeds, where=where)
+        check_feeds(feeds, io_signature(model)["inputs"], where=where)
+        return _split_user_feeds(feeds, data, n_eval, n_calib)
     n_calib = DEFAULT_CALIBRATION_SAMPLES if n_calib is None else n_calib
     if loaded.zoo is not None:
         calib = _zoo_samples(loaded.zoo, "calibration", n_calib, _CALIB_OPTION)
@@ -288,6 +297,25 @@ def _reference_feeds(model: ir.Model, feed: Mapping[str, np.ndarray], constants:
     return {n: merged[n] for n in names if n in merged}
 
 
+def _one_compile_per_output(compile_fn: Any) -> Any:
+    """Decorator: run ``compile_fn`` holding the :class:`~effc.artifact_dir.OutputLock` of its ``out_dir``.
+
+    A second compile into the same folder, while the first runs, fails at once with an ArtifactError naming the
+    process that holds it (before, both finished and the first artifact was silently replaced).
+    """
+    signature = inspect.signature(compile_fn)
+
+    @functools.wraps(compile_fn)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with artifact_dir.OutputLock(Path(bound.arguments["out_dir"]).resolve()):
+            return compile_fn(*args, **kwargs)
+
+    return locked
+
+
+@_one_compile_per_output
 def compile_model(
     model: Any,
     example_inputs: Any = None,
@@ -308,6 +336,12 @@ def compile_model(
     tune: int = 0,
     target_options: Mapping[str, Any] | None = None,
     allow_mismatch: bool = False,
+    primary_output: str | None = None,
+    min_cosine: float | None = None,
+    max_top1_drop: float | None = None,
+    max_ppl_increase: float | None = None,
+    keep_failed: bool = False,
+    strict: bool = False,
 ) -> CompileResult:
     """Compile a model into a deployable artifact folder and report what the passes cost and bought.
 
@@ -317,11 +351,12 @@ def compile_model(
         example_inputs: example tensors for a torch module (tuple, or dict of keyword inputs).
         passes: pipeline text, e.g. ``"prune(sparsity=0.3),cleanup"``; empty for none.
         target: a registered target name (``effc.targets.target_names()``).
-        out_dir: artifact folder; must be absent or empty unless ``force``.
+        out_dir: artifact folder; must be absent or empty unless ``force``. One compile into it at a time (a second
+            one is refused); leftovers of a killed compile into it are removed first.
         input_shapes: deployment shape per input name, for dynamic dimensions.
         data: ``.npz`` file / folder / list of feed dicts: the first ``calibration_samples`` (default: half)
             calibrate, up to ``eval_samples`` of the rest evaluate (:func:`gather_feeds`).
-        force: replace a non-empty ``out_dir``.
+        force: replace an existing ``out_dir`` that is an effc artifact (anything else is refused).
         verify_each: run the ONNX checker and shape inference after every pass.
         dump_ir: folder receiving the numbered ONNX model after each pass.
         threads: threads for the compiled artifact and for onnxruntime in the latency comparison (default 1).
@@ -337,6 +372,16 @@ def compile_model(
         allow_mismatch: write the artifact even when its outputs disagree with onnxruntime on ``model.onnx``
             (the agreement gate, :mod:`effc.eval.agreement`); the mismatch is recorded in the manifest
             (``agreement``) and the report's first line.
+        primary_output: the output the headline and the quality gates use (default: the zoo entry's, else the
+            first output); the report's per-output table keeps every output.
+        min_cosine: quality gate: the primary output's cosine against the original (mean over the evaluation
+            samples) must be at least this, in [-1, 1] (:mod:`effc.eval.gates`).
+        max_top1_drop: quality gate: at most this many percentage points of evaluation rows may change their
+            argmax (class-score outputs).
+        max_ppl_increase: quality gate for decoders: perplexity may rise by at most this many percent.
+        keep_failed: write the artifact even when it misses a gate, marked ``"status": "failed"`` in the manifest
+            and the report (the error is raised all the same, with ``.result`` set).
+        strict: a pass that changes nothing it was asked to change is an error instead of a warning.
 
     Returns:
         The artifact folder, its manifest and report.
@@ -344,14 +389,18 @@ def compile_model(
     Raises:
         LoadError, ShapeError, UnsupportedOpError, PipelineError, PassError, CalibrationError, DataError,
         TargetError, BudgetError, ArtifactError: see :mod:`effc.errors`; nothing is left in ``out_dir``.
+        QualityGateError: a gate failed (exit code 4); nothing is written unless ``keep_failed``.
+        EffcError: a gate limit out of range, a gate that does not apply to the primary output, or an unknown
+            ``primary_output`` (the outputs are listed).
         MismatchError: the compiled outputs disagree with onnxruntime on the evaluation samples (the outputs and
             the first disagreeing node are named); ``allow_mismatch`` writes the artifact anyway.
     """
     from effc.codegen.frontend import check_importable
-    from effc.eval import agreement, cost
+    from effc.eval import agreement, cost, gates
     from effc.ir.calibration import Calibration
     from effc.ir.canonicalize import canonicalize
     from effc.ir.model import io_signature, save
+    from effc.ir.names import layer_names
     from effc.passes.manager import PassManager
     from effc.passes.pipeline import parse_pipeline
     from effc.targets import get_target
@@ -359,6 +408,7 @@ def compile_model(
     started = time.perf_counter()
     keep = [model if isinstance(model, (str, os.PathLike)) and not str(model).startswith("zoo:") else None, dump_ir]
     keep.append(data if isinstance(data, (str, os.PathLike)) else None)
+    artifact_dir.remove_stale(Path(out_dir).resolve())  # what a killed compile into this folder left (we hold its lock)
     out = prepare_output_dir(out_dir, force, keep=keep)
     if dump_ir is not None and (Path(dump_ir).resolve() == out or out in Path(dump_ir).resolve().parents):
         raise ArtifactError(
@@ -385,23 +435,25 @@ def compile_model(
             f"options of {target!r}: {', '.join(sorted(set(tgt.option_names()) | {'threads'}))}",
         )
     parse_pipeline(passes)  # syntax/option errors before loading anything heavy
+    limits = gates.parse_limits(min_cosine=min_cosine, max_top1_drop=max_top1_drop, max_ppl_increase=max_ppl_increase)
 
     loaded = load_any(model, example_inputs)
     shapes = {**loaded.input_shapes, **{k: tuple(v) for k, v in dict(input_shapes or {}).items()}}
     original = _copy(loaded.model)
     canonical = canonicalize(loaded.model, input_shapes=shapes or None, constant_inputs=loaded.constant_inputs or None)
     check_importable(canonical)  # fail before the passes; target.build checks the rewritten model again
+    primary = _primary_output(loaded, canonical, primary_output, limits)
 
     calib_feeds, eval_feeds, inputs_info = gather_feeds(loaded, canonical, data, eval_samples, calibration_samples)
     calibration = Calibration(calib_feeds, source=inputs_info["calibration_source"])
     logger.info("calibration: %d sample(s) from %s", len(calibration), calibration.source)
     pipeline = parse_pipeline(passes, calibration=calibration)
     before = _copy(canonical)
-    result = PassManager(pipeline, verify_each=verify_each, dump_ir=dump_ir).run(canonical)
+    result = PassManager(pipeline, verify_each=verify_each, dump_ir=dump_ir, strict=strict).run(canonical)
     rewritten = result.model
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = artifact_dir.make_staging_dir(out)
     try:
         save(rewritten, tmp / "model.onnx")
         build_started = time.perf_counter()
@@ -419,6 +471,7 @@ def compile_model(
             },
             "target": {"name": tgt.name, "options": options, "info": build.info},
             **io_signature(rewritten),
+            "primary_output": primary,
         }
         from effc.runtime.manifest import sha256_of
 
@@ -445,6 +498,8 @@ def compile_model(
             pipeline=str(pipeline),
             passes=manifest["passes"],
             inputs=inputs_info,
+            primary_output=primary,
+            layer_names=layer_names(before),
             compile_seconds=round(time.perf_counter() - started, 3),
             build_seconds=round(build_seconds, 3),
         )
@@ -458,23 +513,71 @@ def compile_model(
             "macs_by_op_after": macs_after["by_op"],
             "sparsity": {"total": cost.sparsity_stats(rewritten)["total"]},  # the key effc.eval.report reads
         }
+        failed = _check_gates(report, manifest, limits, primary, keep_failed)
         from effc.eval.report import write_report
         from effc.runtime.manifest import write_manifest
 
         report_files = write_report(tmp, report)
         manifest["metrics"] = {
             "fidelity_vs_original": (report["fidelity"]["vs_original"] or {}).get("summary"),
+            "fidelity_primary_output": ((report["fidelity"]["vs_original"] or {}).get("outputs") or {}).get(primary),
             "cost": report["cost"],
             "latency": report.get("latency"),
         }
         write_manifest(tmp, manifest, files=["model.onnx", *build.files, *report_files])
+        artifact_dir.user_mode(tmp)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     from effc.runtime.manifest import read_manifest
 
-    return CompileResult(out, read_manifest(out), report)
+    compiled = CompileResult(out, read_manifest(out), report)
+    if failed:  # --keep-failed: the artifact is written (marked failed), the compile still fails
+        error = gates.failure(report["quality_gates"], loaded.source["name"], kept=str(out))
+        error.result = compiled
+        raise error
+    return compiled
+
+
+def _primary_output(loaded: LoadedModel, model: ir.Model, requested: str | None, limits: Mapping[str, float]) -> str:
+    """The primary output (:func:`effc.eval.gates.primary_output`), checked against the gates before any work.
+
+    Raises:
+        EffcError: ``requested`` is not an output; a gate measures something this output does not have.
+    """
+    from effc.eval import gates
+    from effc.eval.fidelity import kind_of
+
+    names = [v.name for v in model.graph.outputs]
+    primary = gates.primary_output(names, requested, getattr(loaded.zoo, "primary_output", None))
+    value = model.graph.outputs[names.index(primary)]
+    shape = tuple(d if isinstance(d, int) else 0 for d in value.shape or ())
+    kind = kind_of(value.dtype.numpy() if value.dtype is not None else np.float32, shape,
+                   getattr(loaded.zoo, "output_kind", None))
+    gates.check_applicable(limits, gates.metrics_for_kind(kind), primary, loaded.source["name"])
+    return primary
+
+
+def _check_gates(report: dict[str, Any], manifest: dict[str, Any], limits: Mapping[str, float], primary: str,
+                 keep_failed: bool) -> bool:
+    """Check the quality gates into ``report`` and ``manifest``; True when one failed and ``keep_failed``.
+
+    Raises:
+        QualityGateError: a gate failed and ``keep_failed`` is False (the caller removes the temporary folder).
+    """
+    from effc.eval import gates
+
+    if not limits:
+        return False
+    result = gates.check(report, limits, primary)
+    report["quality_gates"] = manifest["quality_gates"] = result
+    if result["passed"]:
+        return False
+    if not keep_failed:
+        raise gates.failure(result, report["model"]["name"])
+    report["status"] = manifest["status"] = "failed"
+    return True
 
 
 def _check_threads(threads: Any) -> int:
@@ -561,7 +664,7 @@ def _evaluate(
 def _move_into_place(tmp: Path, out: Path) -> None:
     """Rename ``tmp`` to ``out``; an existing ``out`` is replaced, or restored if the rename is interrupted."""
     if out.exists():
-        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+        trash = artifact_dir.old_artifact_path(out)
         out.rename(trash)
         try:
             tmp.rename(out)

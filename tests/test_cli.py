@@ -120,9 +120,13 @@ def test_existing_output_needs_force(tmp_path, mlp_path):
     assert result.exit_code != 0
     assert "--force" in result.output
     assert (out / "keep.txt").read_text() == "user file"
-    result = _run("compile", mlp_path, "-o", out, "--force", "--no-latency")
+    result = _run("compile", mlp_path, "-o", out, "--force", "--no-latency")  # not an artifact: refused
+    assert result.exit_code == 1 and "is not an effc artifact" in result.output
+    assert (out / "keep.txt").read_text() == "user file"
+    (out / "keep.txt").unlink()
+    assert _run("compile", mlp_path, "-o", out, "--no-latency").exit_code == 0  # empty: no --force needed
+    result = _run("compile", mlp_path, "-o", out, "--force", "--no-latency")  # an artifact: replaced
     assert result.exit_code == 0, result.output
-    assert not (out / "keep.txt").exists()
     assert (out / "manifest.json").exists()
 
 
@@ -300,7 +304,9 @@ def test_cortex_m4_compile_and_verify_in_qemu(tmp_path, mlp_path):
     assert report["fidelity"]["compiled_vs_rewritten"]["summary"]["max_abs"] < 1e-5
     ver = _run("verify", out)
     assert ver.exit_code == 0, ver.output
-    assert "instructions_per_mac" in ver.output
+    text = " ".join(ver.output.split())
+    assert "instructions per inference" in text and "per MAC, 640 MACs" in text and "bit-exact output elements" in text
+    assert "steps:" not in text and "{" not in text  # a table, not raw dicts
     assert "reference: onnxruntime running the artifact's own model.onnx" in ver.output
 
 

@@ -71,7 +71,7 @@ def test_failed_build_leaves_nothing(tmp_path, mlp_path, monkeypatch):
     with pytest.raises(TargetError, match="simulated"):
         effc.compile(str(mlp_path), out_dir=out)
     assert not out.exists()
-    assert list((tmp_path / "art").iterdir()) == []
+    assert not (tmp_path / "art").exists()  # the parent folder the compile created goes too
 
 
 def test_runtime_rejects_missing_manifest(tmp_path):

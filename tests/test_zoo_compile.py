@@ -56,3 +56,21 @@ def test_minilm_pruned_report_states_cost_and_fidelity(compiled_zoo):
     stats = report["passes"][0]["stats"]
     assert stats
     assert report["inputs"]["synthetic"] is False
+
+
+@pytest.mark.slow
+def test_minilm_headline_is_the_sentence_embedding_and_layers_have_module_names(compiled_zoo):
+    from effc.eval.report import summary_rows
+
+    result = compiled_zoo("minilm-l6", "prune(sparsity=0.3)")
+    report = result.report
+    assert report["primary_output"] == result.manifest["primary_output"] == "sentence_embedding"
+    embedding = report["fidelity"]["vs_original"]["outputs"]["sentence_embedding"]["cosine"]
+    headline = dict(summary_rows(report))["Fidelity vs original (onnxruntime)"]
+    assert headline.startswith(f"sentence_embedding: cosine {embedding:.6f}")
+    layers = report["passes"][0]["stats"]["layers"]
+    errors = [r["rel_output_error"] for r in layers.values()]
+    assert len(errors) == 36 and all(0.0 < e < 1.0 for e in errors)  # measured on calibration data, never 0
+    md = (result.out_dir / "report.md").read_text()
+    assert "| encoder.encoder.layer.0.attention.self.query (" in md  # module path beside the graph's name
+    assert "layers.png" in result.manifest["files"]

@@ -25,7 +25,7 @@ import tvm
 from tvm.relax.frontend.onnx import onnx_frontend as _tvm_onnx
 
 from effc.errors import TargetError, UnsupportedOpError
-from effc.ir.effc_ops import EFFC_DOMAIN
+from effc.ops.base import EFFC_DOMAIN
 
 logger = logging.getLogger(__name__)
 

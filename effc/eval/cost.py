@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from effc.eval.macs import count_macs, register_mac_counter, static_shape
+from effc.eval.macs import count_macs, register_mac_counter
 from effc.eval.packed import packed_weights
+from effc.ir.queries import static_shape
 
 __all__ = [
     "count_macs",

@@ -94,6 +94,20 @@ def _kind(name: str, array: np.ndarray, output_kind: str | Mapping[str, str] | N
     return "float"
 
 
+def kind_of(dtype: Any, shape: Sequence[int], output_kind: str | None = None) -> str:
+    """The kind :func:`compare` gives an output of this dtype and shape (before any sample was run).
+
+    Args:
+        dtype: the output's numpy dtype.
+        shape: its static shape.
+        output_kind: as in :func:`compare` (a single kind or None for the heuristic).
+
+    Returns:
+        ``"float"``, ``"class_scores"``, ``"integer"`` or ``"bool"``.
+    """
+    return _kind("", np.empty((0,) * max(len(shape) - 1, 0) + tuple(shape[-1:]), dtype=dtype), output_kind)
+
+
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
     if na == 0.0 and nb == 0.0:

@@ -47,7 +47,8 @@ def measure(
         repeat: timed calls, >= 1.
 
     Returns:
-        ``{"median_ms", "min_ms", "mean_ms", "max_ms": float, "runs": int}`` (milliseconds; ``runs`` = repeat).
+        ``{"median_ms", "p25_ms", "p75_ms", "min_ms", "mean_ms", "max_ms": float, "runs": int}`` (milliseconds;
+        ``p25_ms``/``p75_ms`` are the quartiles; ``runs`` = repeat).
 
     Raises:
         DataError: ``feeds`` is empty.
@@ -64,20 +65,18 @@ def measure(
         start = time.perf_counter()
         run_fn(feed)
         times_ms.append((time.perf_counter() - start) * 1e3)
-    result = {
-        "median_ms": statistics.median(times_ms),
-        "min_ms": min(times_ms),
-        "mean_ms": statistics.fmean(times_ms),
-        "max_ms": max(times_ms),
-        "runs": repeat,
-    }
+    result = _stats(times_ms)
     logger.debug("latency: median %.3f ms over %d runs", result["median_ms"], repeat)
     return result
 
 
 def _stats(times_ms: list[float]) -> dict[str, Any]:
+    """Median, min, mean, max and the interquartile range (``p25_ms``, ``p75_ms``) of run times in ms."""
+    quartiles = statistics.quantiles(times_ms, n=4, method="inclusive") if len(times_ms) > 1 else times_ms * 3
     return {
         "median_ms": statistics.median(times_ms),
+        "p25_ms": quartiles[0],
+        "p75_ms": quartiles[2],
         "min_ms": min(times_ms),
         "mean_ms": statistics.fmean(times_ms),
         "max_ms": max(times_ms),

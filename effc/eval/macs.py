@@ -4,11 +4,13 @@ A MAC is one multiply plus one add into an accumulator; bias additions, ``alpha`
 and normalizations are not counted. Built-in counters cover ``MatMul`` (batched and broadcast, 1-D operands per
 numpy rules), ``Gemm`` (``transA``/``transB``), ``Conv`` (groups and dilations through the output shape, which is
 computed from the attributes when the output has no static shape), ``ConvTranspose``, and their integer /
-QLinear variants. Operators of other domains register a counter with :func:`register_mac_counter`, e.g.::
+QLinear variants. effc operators are counted by the counter of their :class:`effc.ops.base.OpSpec` (the effc
+operator registry, keyed by op type); operators of other domains register a counter with
+:func:`register_mac_counter`, e.g.::
 
-    @register_mac_counter("NMSparseMatMul")
+    @register_mac_counter("FancyMatMul", domain="vendor")
     def _count(node: ir.Node) -> int | None:
-        x, w = static_shape(node.inputs[0]), ...
+        x = static_shape(node.inputs[0])
         return None if x is None else ...  # None: shapes unknown
 
 Which nodes are counted: the main graph and control-flow bodies (``If`` branches, ``Loop``/``Scan`` bodies). Each
@@ -25,18 +27,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from effc.errors import ShapeError
+from effc.ir.queries import static_shape
+from effc.ops import EFFC_DOMAIN, get_op
+from effc.ops.base import MacCounter
 
 logger = logging.getLogger(__name__)
-
-MacCounter = Callable[[ir.Node], "int | None"]
-"""A counter: takes a node, returns its MACs, or None when the shapes it needs are not static."""
 
 _STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
 _COUNTERS: dict[tuple[str, str], MacCounter] = {}
@@ -50,7 +51,7 @@ def register_mac_counter(op_type: str, fn: MacCounter | None = None, domain: str
     """Register ``fn`` as the MAC counter of ``domain::op_type``; usable as a decorator.
 
     Args:
-        op_type: the operator name, e.g. ``"NMSparseMatMul"``.
+        op_type: the operator name, e.g. ``"FancyMatMul"``.
         fn: ``fn(node) -> int | None`` (None when a needed shape is not static); when omitted, a decorator is
             returned.
         domain: the operator's domain (``"effc"`` by default, ``""`` for standard ONNX).
@@ -74,16 +75,6 @@ def register_mac_counter(op_type: str, fn: MacCounter | None = None, domain: str
         return func
 
     return decorate if fn is None else decorate(fn)
-
-
-def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
-    """The shape of ``value`` as a tuple of ints, or None when the value is absent or any dim is not static."""
-    if value is None or value.shape is None:
-        return None
-    dims = tuple(value.shape.dims)
-    if not all(isinstance(d, int) for d in dims):
-        return None
-    return tuple(int(d) for d in dims)
 
 
 def _input(node: ir.Node, i: int) -> ir.Value | None:
@@ -181,6 +172,12 @@ for _op, _fn in {
     register_mac_counter(_op, _fn, domain="")
 
 
+def _effc_counter(node: ir.Node) -> MacCounter | None:
+    """The registered effc operator's counter (:mod:`effc.ops`), or None for other domains and unknown ops."""
+    spec = get_op(node.op_type) if node.domain == EFFC_DOMAIN else None
+    return spec.count_macs if spec is not None else None
+
+
 def _unique(name: str, taken: dict[str, int]) -> str:
     if name not in taken:
         return name
@@ -216,7 +213,7 @@ def count_macs(model: ir.Model, strict: bool = False) -> dict[str, Any]:
         for node in graph:
             index += 1
             name = node.name or f"{node.op_type}_{index}"
-            counter = _COUNTERS.get((_norm_domain(node.domain), node.op_type))
+            counter = _COUNTERS.get((_norm_domain(node.domain), node.op_type)) or _effc_counter(node)
             if counter is None:
                 if node.domain not in _STANDARD_DOMAINS:
                     uncounted.setdefault(node.op_type, []).append(name)

@@ -25,6 +25,12 @@ The report dict (every section optional except where noted; a missing section is
                                                       # compile) or "rewritten model.onnx"; also read from
                                                       # ort["baseline"] (paired_latency); absent: "original
                                                       # model", and report.json gets the field written
+      "primary_output": str,                          # the output the headline and the quality gates use
+                                                      # (absent: the worst over outputs is shown)
+      "quality_gates": effc.eval.gates.check dict,    # when gates were asked for
+      "status": "failed",                             # only when the artifact missed a gate (--keep-failed)
+      "layer_names": {raw name: readable name},       # torch module path / ONNX scope of nodes and weights
+                                                      # (effc.ir.names), used in per-layer tables and plots
       "compile_seconds": float,                       # the whole compile, wall clock
       "build_seconds": float,                         # the target build (TVM lowering) part of it
     }
@@ -135,11 +141,20 @@ def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
     return format(number * scale, spec) if number is not None else str(value)
 
 
-def format_fidelity(comparison: Mapping[str, Any] | None) -> str:
-    """One line from a :func:`~effc.eval.fidelity.compare` dict's summary (worst over outputs)."""
+def format_fidelity(comparison: Mapping[str, Any] | None, primary: str | None = None) -> str:
+    """One line from a :func:`~effc.eval.fidelity.compare` dict: the primary output's metrics, else the summary.
+
+    Args:
+        comparison: the compare dict, or None.
+        primary: the output to show (named in the line when the model has several); None or an output the dict
+            lacks: the summary (worst over outputs).
+    """
     if not comparison or "summary" not in comparison:
         return NOT_MEASURED
-    s = comparison["summary"]
+    outputs = comparison.get("outputs") or {}
+    s = outputs.get(primary) if primary is not None else None
+    label = f"{primary}: " if s is not None and len(outputs) > 1 else ""
+    s = s if s is not None else comparison["summary"]
     parts = [f"MISMATCH: {s['nonfinite']} NaN/inf where the other side differs"] if s.get("nonfinite") else []
     if s.get("cosine") is not None:
         parts.append(f"cosine {_fmt(s['cosine'], '.6f')}")
@@ -150,7 +165,7 @@ def format_fidelity(comparison: Mapping[str, Any] | None) -> str:
     if s.get("exact_match") is not None:
         parts.append(f"exact {_fmt(s['exact_match'], '.1f', 100)}%")
     samples = comparison.get("samples")
-    return ", ".join(parts) + (f" ({samples} sample(s))" if samples else "")
+    return label + ", ".join(parts) + (f" ({samples} sample(s))" if samples else "")
 
 
 def _before_after(before: float | None, after: float | None, unit: str) -> str:
@@ -246,7 +261,11 @@ def format_sparsity(total: Mapping[str, Any]) -> str:
 
 
 def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """The short table the CLI prints: fidelity, parameter bytes, MACs, latency, compile time.
+    """The short table the CLI prints: fidelity, quality gates, parameter bytes, MACs, latency, compile time.
+
+    The fidelity of the passes and of the whole compile is shown for the primary output (``report["primary_output"]``,
+    named in the line when the model has several outputs); compiled vs rewritten, the compiler's own error, is the
+    worst over all outputs.
 
     Args:
         report: a report dict (schema in the module docstring); missing sections read "not measured".
@@ -256,12 +275,18 @@ def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     """
     fidelity = report.get("fidelity") or {}
     cost = report.get("cost") or {}
+    primary = report.get("primary_output")
     rows = [
-        ("Fidelity vs original (onnxruntime)", format_fidelity(fidelity.get("vs_original"))),
+        ("Fidelity vs original (onnxruntime)", format_fidelity(fidelity.get("vs_original"), primary)),
+        # the compiler's own error: the worst over all outputs (a wrong kernel may touch a secondary output only)
         ("Fidelity compiled vs rewritten", format_fidelity(fidelity.get("compiled_vs_rewritten"))),
     ]
     if fidelity.get("rewritten_vs_original"):  # the passes' share of the loss, when measured
-        rows.insert(1, ("Fidelity rewritten vs original (passes)", format_fidelity(fidelity["rewritten_vs_original"])))
+        rows.insert(1, ("Fidelity rewritten vs original (passes)",
+                        format_fidelity(fidelity["rewritten_vs_original"], primary)))
+    gates = report.get("quality_gates")
+    if isinstance(gates, Mapping) and gates.get("checks"):
+        rows.insert(1, ("Quality gates", format_gates(gates)))
     rows += [
         ("Parameters", _before_after(_num(cost.get("params_bytes_before")), _num(cost.get("params_bytes_after")), "B")),
         ("MACs", _before_after(_macs(cost.get("macs_before")), _macs(cost.get("macs_after")), "")),
@@ -277,6 +302,14 @@ def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         rows.append(("Tuning", format_tuning(tuning)))
     rows.append(("Compile time", _format_seconds(report)))
     return rows
+
+
+def format_gates(result: Mapping[str, Any]) -> str:
+    """One line on the quality gates (:func:`effc.eval.gates.check`): each gate, its measured value, ok / FAILED."""
+    from effc.eval.gates import format_check
+
+    text = "; ".join(format_check(c) for c in result.get("checks") or [])
+    return f"{'passed' if result.get('passed') else 'FAILED'} ({text})"
 
 
 def _format_seconds(report: Mapping[str, Any]) -> str:
@@ -356,6 +389,8 @@ def _stats_summary(stats: Mapping[str, Any]) -> str:
     for key, value in stats.items():
         if isinstance(value, (Mapping, list, tuple)):
             parts.append(f"{key}: {len(value)} entries")
+        elif value is None:
+            parts.append(f"{key}: {NOT_MEASURED}")
         else:
             parts.append(f"{key}={_cell(_as_percent(key, value))}")
     return ", ".join(parts) or "–"
@@ -454,12 +489,12 @@ def _section_latency(latency: Mapping[str, Any] | None, has_plot: bool) -> list[
         entry = latency.get(key)
         if isinstance(entry, Mapping):
             times = [_fmt(entry.get(k), ".3f") if entry.get(k) is not None else "–"
-                     for k in ("median_ms", "min_ms", "mean_ms")]
+                     for k in ("median_ms", "p25_ms", "p75_ms", "min_ms", "mean_ms")]
             rows.append([label, *times, entry.get("runs")])
         else:
-            rows.append([label, NOT_MEASURED, "–", "–", "–"])
+            rows.append([label, NOT_MEASURED, "–", "–", "–", "–", "–"])
     lines += [f"{format_latency(latency)}.", "", _BASELINE_NOTES.get(latency_baseline(latency), ""), ""]
-    lines += _table(["runtime", "median ms", "min ms", "mean ms", "runs"], rows)
+    lines += _table(["runtime", "median ms", "25th pct ms", "75th pct ms", "min ms", "mean ms", "runs"], rows)
     return lines + (["![latency](latency.png)", ""] if has_plot else [])
 
 
@@ -517,6 +552,19 @@ def _section_tuning(tuning: Mapping[str, Any]) -> list[str]:
     return lines + (_table(["kernel", "calls", "template ms", "tuned ms", "kept"], rows) if rows else [])
 
 
+def _layer_label(names: Mapping[str, str], raw: str) -> str:
+    """``"encoder.layer.0.attention.self.query (val_49)"``: the readable name with the graph's name beside it."""
+    readable = names.get(raw)
+    return f"{readable} ({raw})" if readable and readable != raw else raw
+
+
+def readable_tables(report: Mapping[str, Any]) -> list[Table]:
+    """:func:`per_layer_tables` with each layer named by ``report["layer_names"]`` (module path / scope) alone."""
+    names = report.get("layer_names") or {}
+    return [(title, columns, [(names.get(n, n), v) for n, v in rows])
+            for title, columns, rows in per_layer_tables(report)]
+
+
 def render_markdown(report: Mapping[str, Any], plots_written: set[str] | None = None) -> str:
     """The ``report.md`` text (schema in the module docstring); ``plots_written`` names PNGs to embed."""
     plots_written = plots_written or set()
@@ -525,6 +573,9 @@ def render_markdown(report: Mapping[str, Any], plots_written: set[str] | None = 
     agreement = report.get("agreement")
     if isinstance(agreement, Mapping) and agreement.get("ok") is False:  # --allow-mismatch wrote it anyway
         lines.insert(0, f"**MISMATCH (written with --allow-mismatch): {agreement.get('message', '')}**\n")
+    gates = report.get("quality_gates")
+    if report.get("status") == "failed" and isinstance(gates, Mapping):
+        lines += [f"**FAILED its quality gates** (written with --keep-failed): {format_gates(gates)}.", ""]
     if model.get("source"):
         lines += [f"Source: `{model['source']}`", ""]
     lines += [f"Pipeline: `{report.get('pipeline') or '(no passes)'}`", "", "## Summary", ""]
@@ -542,13 +593,22 @@ def render_markdown(report: Mapping[str, Any], plots_written: set[str] | None = 
         rows = [[i + 1, r.get("name"), f"`{r.get('text', r.get('name'))}`", r.get("seconds"), r.get("modified"),
                  _stats_summary(r.get("stats") or {})] for i, r in enumerate(records)]
         lines += _table(["#", "pass", "text", "seconds", "modified", "stats"], rows)
+        warnings = [w for r in records for w in r.get("warnings") or []]
+        lines += [*(f"- **warning**: {w}" for w in warnings), ""] if warnings else []
     else:
         lines += ["No passes ran.", ""]
+    if isinstance(gates, Mapping) and gates.get("checks"):
+        lines += ["## Quality gates", "", f"On output `{gates.get('primary_output')}`, compiled artifact vs original "
+                  "model over the evaluation samples.", ""]
+        lines += _table(["gate", "measured", "limit", "result"],
+                        [[c["gate"], c.get("measured"), c.get("limit"), "ok" if c.get("passed") else "FAILED"]
+                         for c in gates["checks"]])
     tables = per_layer_tables(report)
+    names = report.get("layer_names") or {}
     if tables:
         lines += ["## Per layer", ""]
         for title, columns, rows in tables:
-            cells = [[n, *(_as_percent(c, v.get(c)) for c in columns)] for n, v in rows]
+            cells = [[_layer_label(names, n), *(_as_percent(c, v.get(c)) for c in columns)] for n, v in rows]
             lines += [f"### {title}", ""] + _table(["layer", *columns], cells)
         if "layers.png" in plots_written:
             lines += ["![per-layer](layers.png)", ""]
@@ -581,7 +641,7 @@ def write_report(out_dir: str | Path, report: Mapping[str, Any]) -> list[str]:
     pngs: set[str] = set()
     if isinstance(data.get("latency"), Mapping) and plots.latency_plot(out / "latency.png", data["latency"]):
         pngs.add("latency.png")
-    if plots.layers_plot(out / "layers.png", per_layer_tables(data)):
+    if plots.layers_plot(out / "layers.png", readable_tables(data)):
         pngs.add("layers.png")
     missing = [k for k in ("fidelity", "cost", "latency", "inputs") if not data.get(k)]
     if missing:

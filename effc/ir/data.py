@@ -7,6 +7,7 @@ its first axis; an array of the input's rank is one sample. A folder is read as 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -15,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from effc.errors import DataError
+from effc.errors import DataError, ShapeError
+from effc.ir.index_inputs import index_checks
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +39,15 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"cannot read data file {str(path)!r}: not an .npz archive (no zip header)", fix)
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
+            arrays = {key: npz[key] for key in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise DataError(f"cannot read data file {str(path)!r}: {err}",
                         "save inputs with numpy.savez(path, **{input_name: array})") from err
+    for key, value in arrays.items():
+        if not isinstance(value, np.ndarray):  # numpy hands back the raw bytes of a member that is not .npy
+            raise DataError(f"member {key!r} of data file {str(path)!r} is not a .npy array "
+                            f"({len(value)} bytes without the .npy header)", fix)
+    return arrays
 
 
 def _samples_of(arrays: Mapping[str, np.ndarray], path: Path, input_names: Sequence[str],
@@ -168,55 +175,50 @@ def input_ranks(model: ir.Model) -> dict[str, int]:
     return {v.name: len(v.shape) for v in model.graph.inputs if not v.is_initializer() and v.shape is not None}
 
 
-_PASS_THROUGH = frozenset({"Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand"})
-
-
-def gather_table_rows(value: ir.Value) -> int | None:
-    """Row count of the smallest constant table that ``value`` indexes through ``Gather``, or None.
-
-    Follows shape-only ops (Cast, Reshape, Unsqueeze, ...) from ``value`` to every ``Gather`` that uses it as its
-    indices (input 1) and reads the constant table's size along the gather axis; ``effc.BlockQuantGather`` (indices
-    are input 2, rows of the packed table along axis 0) counts too. Indices of such an input must lie in
-    ``[0, rows)``: onnxruntime rejects others, and compiled code would read out of bounds (TVM's ``take`` in fast
-    mode does not check).
-    """
-    rows_min = None
-    todo, seen = [value], set()
-    while todo:
-        v = todo.pop()
-        if id(v) in seen:
-            continue
-        seen.add(id(v))
-        for node, index in v.uses():
-            if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and index == 1:
-                table = node.inputs[0]
-                axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
-                if table is not None and table.const_value is not None and table.shape is not None:
-                    rows = table.shape[axis]
-                    if isinstance(rows, int) and rows > 0:
-                        rows_min = rows if rows_min is None else min(rows_min, rows)
-            elif node.op_type == "BlockQuantGather" and node.domain == "effc" and index == 2:  # (Tq, S, I)
-                table = node.inputs[0]
-                rows = table.shape[0] if table is not None and table.shape is not None else None
-                if isinstance(rows, int) and rows > 0:
-                    rows_min = rows if rows_min is None else min(rows_min, rows)
-            elif node.op_type in _PASS_THROUGH and index == 0:
-                todo.extend(node.outputs)
-    return rows_min
-
-
 def _index_bound(value: ir.Value) -> int:
-    """Exclusive upper bound for synthetic integers in ``value``: the Gather table's rows, else SYNTHETIC_INT_HIGH."""
-    rows = gather_table_rows(value)
-    return SYNTHETIC_INT_HIGH if rows is None else min(rows, SYNTHETIC_INT_HIGH)
+    """Exclusive bound of synthetic integers in ``value``: the smallest axis it indexes, or SYNTHETIC_INT_HIGH."""
+    sizes = [min(check["high"]) for check in index_checks(value)]
+    return min([SYNTHETIC_INT_HIGH, *sizes])
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
+        return None
+
+
+def check_input_sizes(model: ir.Model, memory_bytes: int | None = None) -> None:
+    """Refuse inputs whose one sample would not fit this machine's memory (e.g. ``--input-shape x=1x3x100000x100000``).
+
+    Args:
+        model: the canonical model (static input shapes).
+        memory_bytes: the memory to compare with; None: this machine's physical memory.
+
+    Raises:
+        ShapeError: an input's elements times its dtype size exceed the memory (names the input, shape and bytes).
+    """
+    memory = _memory_bytes() if memory_bytes is None else memory_bytes
+    for v in model.graph.inputs:
+        if v.is_initializer() or v.shape is None or v.dtype is None or v.dtype.numpy() is None:
+            continue
+        if not all(isinstance(d, int) and d >= 0 for d in v.shape):
+            continue
+        nbytes = math.prod(v.shape) * np.dtype(v.dtype.numpy()).itemsize
+        if memory is not None and nbytes > memory:
+            dims = "x".join(map(str, v.shape))
+            raise ShapeError(
+                f"input {v.name!r} of shape {dims} takes {nbytes / 1e9:.3g} GB per sample "
+                f"({np.dtype(v.dtype.numpy())}), more than this machine's {memory / 1e9:.3g} GB of memory",
+                f"compile for a smaller shape with --input-shape {v.name}=...")
 
 
 def synthetic_feeds(model: ir.Model, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """``n`` SYNTHETIC feeds for ``model``'s inputs (for smoke tests and timing, never fidelity claims).
 
-    Floats are standard normal, integers uniform in ``[0, 100)`` — or in ``[0, rows)`` when the input indexes a
-    constant table through ``Gather`` (e.g. BERT's ``token_type_ids`` into a 2-row embedding; an index out of range
-    makes onnxruntime fail and compiled code read out of bounds), booleans True.
+    Floats are standard normal, integers uniform in ``[0, 100)`` — or in ``[0, size)`` when the input indexes an axis
+    of that size (Gather, GatherElements, GatherND, Scatter*: e.g. BERT's ``token_type_ids`` into a 2-row embedding;
+    an index out of range makes onnxruntime fail and compiled code access memory out of bounds), booleans True.
 
     Raises:
         DataError: an input has no static shape (canonicalize first) or an unsupported dtype.

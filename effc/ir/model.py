@@ -160,15 +160,16 @@ def io_signature(model: ir.Model) -> dict[str, list[dict[str, Any]]]:
     Returns:
         ``{"inputs": [{"name", "shape", "dtype"}], "outputs": [...]}``; ``shape`` is a list whose items are ints,
         symbolic dim names (str) or None; ``dtype`` is the numpy name (``"float32"``, ``"int64"``, ``"bool"``).
-        An integer input that indexes a constant table through ``Gather`` (token ids into an embedding) also
-        carries ``"index_range": [0, rows]`` (half-open), which :class:`effc.runtime.CompiledModel` enforces.
+        An integer input that reaches index operands (Gather, GatherElements, GatherND, Scatter* indices) also
+        carries ``"index_checks"``: each operand and the range ``[low, high)`` its values must lie in
+        (:func:`effc.ir.index_inputs.index_checks`), which :class:`effc.runtime.CompiledModel` enforces.
     """
-    from effc.ir.data import gather_table_rows
+    from effc.ir.index_inputs import index_checks
 
     specs = []
     for v in (v for v in model.graph.inputs if not v.is_initializer()):
         spec = _describe(v)
-        if spec["dtype"].startswith(("int", "uint")) and (rows := gather_table_rows(v)) is not None:
-            spec["index_range"] = [0, rows]
+        if spec["dtype"].startswith(("int", "uint")) and (checks := index_checks(v)):
+            spec["index_checks"] = checks
         specs.append(spec)
     return {"inputs": specs, "outputs": [_describe(v) for v in model.graph.outputs]}

@@ -70,6 +70,16 @@ def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
     return None
 
 
+def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """The shape of ``value`` as a tuple of ints, or None when the value is absent or any dim is not static."""
+    if value is None or value.shape is None:
+        return None
+    dims = tuple(value.shape.dims)
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    return tuple(int(d) for d in dims)
+
+
 def _reduction_axis(node: ir.Node, rank: int) -> tuple[str, int] | None:
     if node.domain not in ("", "ai.onnx"):
         return None

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from effc.errors import PassError
-from effc.passes.ffn_blocks import ELEMENTWISE
+from effc.ir.elementwise import ELEMENTWISE, torch_elementwise
 
 # ONNX TensorProto data type -> torch dtype name (Cast targets)
 _CAST = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
@@ -78,9 +78,7 @@ def _layer_norm(torch, x, scale, bias, nd):
 
 def _ops(torch) -> dict:
     """Op type -> ``fn(node, env) -> output tensor`` (``env(value)`` gives an input's tensor)."""
-    from effc.passes.ffn_blocks import _act_ops
-
-    act = _act_ops(torch)
+    act = torch_elementwise(torch)
 
     def elementwise(op):
         return lambda nd, env: act[op](*(env(i) for i in nd.inputs if i is not None), nd)
@@ -139,7 +137,7 @@ def _clip(torch, env, nd):
     return torch.clamp(x, min=lo, max=hi)
 
 
-#: Op types :class:`TorchGraph` evaluates: the element-wise ops of :data:`effc.passes.ffn_blocks.ELEMENTWISE` plus
+#: Op types :class:`TorchGraph` evaluates: the element-wise ops of :data:`effc.ir.elementwise.ELEMENTWISE` plus
 #: the structural ones below (the keys of ``_ops``; a test keeps the two in step).
 SUPPORTED = frozenset(ELEMENTWISE) | frozenset(
     ("MatMul", "Reshape", "Transpose", "LayerNormalization", "Softmax", "Gather", "GatherND", "Cast", "ReduceSum",

@@ -11,7 +11,10 @@ Passes are registered by name with :func:`register_pass`; ``effc.passes.registry
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import onnx_ir as ir
@@ -56,6 +59,7 @@ class EffcPass(ir.passes.InPlacePass):
         Options: the options dataclass (a :class:`PassOptions` subclass).
         exact: True when outputs stay equal within 1e-5 (a test shows it); False for lossy passes.
         uses_calibration: True when the pass can use a :class:`~effc.ir.calibration.Calibration`.
+        unchanged_hint: the fix named when a lossy pass changed nothing (:meth:`unchanged_reason`).
 
     Args:
         options: an ``Options`` instance; when None, it is built from ``**kwargs``.
@@ -71,6 +75,9 @@ class EffcPass(ir.passes.InPlacePass):
     Options: ClassVar[type[PassOptions]] = PassOptions
     exact: ClassVar[bool] = True
     uses_calibration: ClassVar[bool] = False
+    unchanged_hint: ClassVar[str] = (
+        "check the pass's options (`effc passes NAME`; include/exclude patterns match node and weight names) "
+        "against the model")
 
     def __init__(
         self, options: PassOptions | None = None, *, calibration: Calibration | None = None, **kwargs: Any
@@ -98,6 +105,24 @@ class EffcPass(ir.passes.InPlacePass):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self}>"
+
+    def unchanged_reason(self) -> str | None:
+        """Why this pass, run and reporting ``modified=False``, changed nothing it was asked to change.
+
+        Exact passes (cleanup, reordering) may legitimately find nothing to do: None. A lossy pass was asked to
+        prune or quantize something, so changing nothing is worth a warning (an error under ``--strict``): the
+        text counts the layers it skipped by reason (``stats["skipped"]`` records with a ``"reason"``; numbers
+        in reasons are folded, so "138 elements < min_params" and "12 elements < min_params" count together).
+        """
+        if self.exact:
+            return None
+        skipped = [s for s in self.stats.get("skipped") or [] if isinstance(s, Mapping) and s.get("reason")]
+        if not skipped:
+            return "no weight changed (no layer was skipped either: check the options that set how much changes)"
+        counts = collections.Counter(re.sub(r"\d+", "N", str(s["reason"])) for s in skipped)
+        shown = "; ".join(f"{n}x {reason}" for reason, n in counts.most_common(3))
+        more = f"; {len(counts) - 3} other reason(s)" if len(counts) > 3 else ""
+        return f"no weight changed ({len(skipped)} layer(s) skipped: {shown}{more})"
 
 
 _REGISTRY: dict[str, type[EffcPass]] = {}

@@ -1,7 +1,7 @@
 """Block quantization (OCP MX / int blocks): ``block-quant(format=mxfp4,mode=weight,gptq=true,lorc_rank=8)``.
 
 What is quantized (blocks of ``block_size`` along the reduction axis, formats in
-:mod:`effc.passes.quant.formats`):
+:mod:`effc.ops.block_formats`):
 
 * ``mode=weight`` (default): constant weights of MatMul ``(K, N)`` and Gemm (``transA=0``, ``alpha=beta=1``),
   blocked along K, and embedding tables of Gather (axis 0) ``(V, D)``, blocked along D.
@@ -13,7 +13,7 @@ What is quantized (blocks of ``block_size`` along the reduction axis, formats in
 
 Representation in ``model.onnx`` (onnxruntime runs it unchanged): a MatMul becomes ``effc.BlockQuantMatMul``
 (packed codes + scales initializers) and a Gather ``effc.BlockQuantGather``; both carry an ONNX function body
-that decodes bit-exactly (:mod:`effc.passes.quant.onnx_ops`). int8/int4 weights use a standard
+that decodes bit-exactly (:mod:`effc.ops.block_quant`). int8/int4 weights use a standard
 ``DequantizeLinear(block_size=...)`` when the model imports opset >= 21 (the first opset with blocked
 quantization), else the same effc operators with float scales.
 
@@ -33,11 +33,15 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from effc.errors import CalibrationError, PipelineError
+from effc.errors import CalibrationError, PassError, PipelineError
+from effc.ops import block_quant as bq_ops
+from effc.ops.bitpack import pack_blocks
+from effc.ops.block_formats import FORMATS, dequantize, get_format, quantize, sqnr_db
+from effc.ops.nm_sparse import packed_layers
 from effc.passes.base import EffcPass, PassOptions, register_pass
-from effc.passes.quant import FORMATS, dequantize, get_format, onnx_ops, pack_blocks, quantize, sqnr_db
 from effc.passes.quant.compensation import gptq_quantize, hessian, lorc
-from effc.passes.quant.graph import QuantTarget, find_kv_values, find_targets, replace_value
+from effc.passes.quant.graph import QuantTarget, find_kv_values, find_targets
+from effc.passes.rewrite import replace_value
 
 __all__ = ["BlockQuantOptions", "BlockQuantPass"]
 
@@ -114,10 +118,16 @@ class BlockQuantPass(EffcPass):
 
     Stats: ``layers`` (weight name -> node, kind, shape, sqnr_db, bits_per_weight, bytes), ``params``,
     ``weight_bytes`` (packed codes + scales + LoRC factors), ``bits_per_weight`` (over quantized params),
-    ``fp32_bytes``, ``kv_values`` (kv mode), ``skipped`` (node, weight, reason).
+    ``fp32_bytes``, ``kv_values`` (kv mode), ``skipped`` (node, weight, reason), ``lorc_skipped`` (weight, reason).
+
+    After a sparsifying pass the zeros of a weight stay zeros: rounding maps 0 to the zero code, GPTQ keeps them
+    fixed (:func:`effc.passes.quant.compensation.gptq_quantize`), and LoRC, whose dense low-rank branch would refill
+    them, is not applied to a weight with zeros (listed in ``lorc_skipped``, logged).
 
     Raises:
         CalibrationError: ``gptq=true`` without calibration data.
+        PassError: a selected MatMul is N:M-packed (``effc.NMSparseMatMul``); the message names it and the fixes
+            (``nm-sparsity(pack=false)`` first, or ``exclude`` it).
     """
 
     name = "block-quant"
@@ -125,16 +135,20 @@ class BlockQuantPass(EffcPass):
     Options = BlockQuantOptions
     exact = False
     uses_calibration = True
+    unchanged_hint = ("a blocked axis must be a multiple of block_size: after prune-structured, keep channel counts "
+                      "blockable with prune-structured(round_to=32); lower min_params for small weights")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Rewrite the selected layers; see the class docstring for the stats."""
         opts = self.options
         fmt = get_format(opts.format)
         act_fmt = get_format(opts.act_format or (opts.format if fmt.is_mx else "mxint8"))
-        self.stats = {"format": fmt.name, "mode": opts.mode, "layers": {}, "skipped": [], "kv_values": []}
+        self.stats = {"format": fmt.name, "mode": opts.mode, "layers": {}, "skipped": [], "kv_values": [],
+                      "lorc_skipped": []}
         if opts.mode == "kv":
             count = self._quantize_kv(model, act_fmt)
             return ir.passes.PassResult(model, modified=count > 0)
+        self._refuse_packed(model)
         if find_targets(model, opts.ops, []):
             _upgrade_opset(model)  # before selecting: the converter replaces the nodes
         targets = self._select(find_targets(model, opts.ops, self.stats["skipped"]))
@@ -157,16 +171,53 @@ class BlockQuantPass(EffcPass):
                     self.stats["bits_per_weight"], len(self.stats["skipped"]))
         return ir.passes.PassResult(model, modified=bool(targets))
 
+    def _unselected(self, names: list[str]) -> str | None:
+        """Why ``include`` / ``exclude`` leave a node (named by its node and weight names) out; None if selected."""
+        opts = self.options
+        if opts.include and not any(fnmatch.fnmatchcase(n, p) for p in opts.include for n in names):
+            return "not matched by include"
+        if any(fnmatch.fnmatchcase(n, p) for p in opts.exclude for n in names):
+            return "excluded by pattern"
+        return None
+
+    def _refuse_packed(self, model: ir.Model) -> None:
+        """Raise for N:M-packed MatMuls the options select: their packed values are not quantized (yet).
+
+        Raises:
+            PassError: a selected ``effc.NMSparseMatMul`` (named, with both ways out).
+        """
+        if "MatMul" not in self.options.ops:
+            return
+        for node in packed_layers(model):
+            if self._unselected([node.name or "", node.inputs[1].name or ""]) is None:
+                raise PassError(
+                    f"block-quant: {node.name} is N:M-packed (effc.NMSparseMatMul); block quantization of packed "
+                    "values is not supported",
+                    f"run nm-sparsity(pack=false) before block-quant to quantize the pruned weights (their zeros "
+                    f"stay zeros), or leave the packed layer fp32 with block-quant(exclude=[{node.name}])",
+                )
+
+    def _lorc_rank(self, t: QuantTarget) -> int:
+        """The LoRC rank ``t`` gets: 0 for a weight with zeros (recorded in ``lorc_skipped``, logged once)."""
+        zeros = int(np.count_nonzero(t.array == 0))
+        if not self.options.lorc_rank or not zeros:
+            return self.options.lorc_rank
+        entry = {"weight": t.weight.name or t.node.name or "", "reason": f"weight has {zeros} zeros "
+                 f"({100.0 * zeros / t.array.size:.1f}%) that a low-rank correction would refill"}
+        if entry not in self.stats["lorc_skipped"]:
+            self.stats["lorc_skipped"].append(entry)
+            logger.warning("block-quant: no LoRC on %s: %s", entry["weight"], entry["reason"])
+        return 0
+
     def _select(self, targets: list[QuantTarget]) -> list[QuantTarget]:
         opts, chosen = self.options, []
         for t in targets:
             names = [t.node.name or "", t.weight.name or ""]
             entry = {"node": names[0], "weight": names[1]}
             k = t.array.shape[1] if t.kind in ROW_BLOCKED else t.array.shape[0]
-            if opts.include and not any(fnmatch.fnmatchcase(n, p) for p in opts.include for n in names):
-                self.stats["skipped"].append({**entry, "reason": "not matched by include"})
-            elif any(fnmatch.fnmatchcase(n, p) for p in opts.exclude for n in names):
-                self.stats["skipped"].append({**entry, "reason": "excluded by pattern"})
+            reason = self._unselected(names)
+            if reason is not None:
+                self.stats["skipped"].append({**entry, "reason": reason})
             elif t.array.size < opts.min_params:
                 self.stats["skipped"].append({**entry, "reason": f"{t.array.size} elements < min_params"})
             elif k % opts.block_size:
@@ -225,19 +276,19 @@ class BlockQuantPass(EffcPass):
                 out = _dequantize_linear(new_nodes, wq, sv, 1, bs, name)
                 new_nodes.append(ir.node("Gather", [out, t.node.inputs[1]], {"axis": 0}, name=f"{name}/gather"))
             else:
-                new_nodes.append(onnx_ops.add_block_quant_gather(model, wq, sv, t.node.inputs[1], fmt, bs, name))
+                new_nodes.append(bq_ops.add_block_quant_gather(model, wq, sv, t.node.inputs[1], fmt, bs, name))
         else:
             x = t.node.inputs[0]
             if opts.mode == "weight_act":
-                new_nodes.append(onnx_ops.add_block_qdq(model, x, act_fmt, bs, f"{name}/act_qdq"))
+                new_nodes.append(bq_ops.add_block_qdq(model, x, act_fmt, bs, f"{name}/act_qdq"))
                 x = new_nodes[-1].outputs[0]
             if use_dq:
                 w = _dequantize_linear(new_nodes, wq, sv, 0, bs, name)
                 new_nodes.append(ir.node("MatMul", [x, w], name=f"{name}/matmul"))
             else:
-                new_nodes.append(onnx_ops.add_block_quant_matmul(model, x, wq, sv, fmt, bs, name))
+                new_nodes.append(bq_ops.add_block_quant_matmul(model, x, wq, sv, fmt, bs, name))
             y = new_nodes[-1].outputs[0]
-            if opts.lorc_rank > 0:
+            if self._lorc_rank(t) > 0:
                 u, v = lorc(t.array - deq, opts.lorc_rank)
                 deq = deq + u @ v
                 uv = _initializer(graph, f"{base}_lorc_u", u), _initializer(graph, f"{base}_lorc_v", v)
@@ -256,7 +307,8 @@ class BlockQuantPass(EffcPass):
         self.stats["layers"][t.weight.name or name] = {
             "node": name, "kind": t.kind, "shape": list(t.array.shape), "params": int(t.array.size),
             "sqnr_db": round(sqnr_db(t.array, deq), 3), "bytes": int(nbytes),
-            "bits_per_weight": 8.0 * nbytes / t.array.size, "gptq": h is not None, "lorc_rank": opts.lorc_rank,
+            "bits_per_weight": 8.0 * nbytes / t.array.size, "gptq": h is not None,
+            "lorc_rank": self._lorc_rank(t) if t.kind not in ROW_BLOCKED else opts.lorc_rank,
         }
 
     def _quantize_kv(self, model: ir.Model, act_fmt) -> int:
@@ -269,7 +321,7 @@ class BlockQuantPass(EffcPass):
             if any(u.node.domain == "effc" and u.node.op_type == "BlockQDQ" for u in value.uses()):
                 continue  # already quantized (second run)
             users = list(value.uses())
-            node = onnx_ops.add_block_qdq(model, value, act_fmt, self.options.block_size, f"{value.name}/kv_qdq")
+            node = bq_ops.add_block_qdq(model, value, act_fmt, self.options.block_size, f"{value.name}/kv_qdq")
             node.metadata_props["effc.pass"] = self.name
             node.outputs[0].shape, node.outputs[0].type = value.shape, value.type
             model.graph.insert_after(value.producer(), [node])
@@ -334,7 +386,7 @@ def _decoded_conv(model: ir.Model, t: QuantTarget, wq: ir.Value, sv: ir.Value, f
         flat = _dequantize_linear(nodes, wq, sv, 1, block_size, name)
     else:
         rows = _initializer(model.graph, f"{wq.name}_rows", np.arange(cout, dtype=np.int64))
-        nodes.append(onnx_ops.add_block_quant_gather(model, wq, sv, rows, fmt, block_size, f"{name}/decode"))
+        nodes.append(bq_ops.add_block_quant_gather(model, wq, sv, rows, fmt, block_size, f"{name}/decode"))
         flat = nodes[-1].outputs[0]
     shape = _initializer(model.graph, f"{wq.name}_shape", np.array(t.weight.const_value.shape, np.int64))
     nodes.append(ir.node("Reshape", [flat, shape], name=f"{name}/kernel"))
@@ -344,22 +396,3 @@ def _decoded_conv(model: ir.Model, t: QuantTarget, wq: ir.Value, sv: ir.Value, f
     nodes.append(ir.node("Conv", inputs, {a.name: a for a in t.node.attributes.values()}, name=f"{name}/conv"))
     return nodes
 
-
-def _count_block_quant_macs(node: ir.Node) -> int | None:
-    """MACs of ``effc.BlockQuantMatMul``: rows × K × N, from the activation ``(..., K)`` and packed ``(N, ...)``."""
-    from effc.eval.macs import static_shape
-
-    x, weight = static_shape(node.inputs[0]), node.inputs[1]
-    packed = static_shape(weight) or (tuple(weight.const_value.shape) if weight.const_value is not None else None)
-    return None if x is None or packed is None else int(np.prod(x[:-1])) * int(x[-1]) * int(packed[0])
-
-
-def _register_macs() -> None:
-    from effc.eval.macs import register_mac_counter
-
-    register_mac_counter("BlockQuantMatMul", _count_block_quant_macs)
-    for decode_only in ("BlockQDQ", "BlockQuantGather"):  # quantize-dequantize / table lookup: no MACs
-        register_mac_counter(decode_only, lambda node: 0)
-
-
-_register_macs()

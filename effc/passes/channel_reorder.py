@@ -31,6 +31,7 @@ import onnx_ir as ir
 
 from effc.errors import CalibrationError
 from effc.passes.base import EffcPass, PassOptions, register_pass
+from effc.passes.rewrite import take_output_slots
 
 __all__ = ["ChannelReorderOptions", "ChannelReorderPass", "find_domains"]
 
@@ -258,9 +259,4 @@ class ChannelReorderPass(EffcPass):
         for out in dom.outputs:
             g = ir.node("Gather", [out, idx], {"axis": -1}, name=f"{out.name}/{tag}_unpermute")
             model.graph.insert_after(out.producer(), [g])
-            pos = [j for j, o in enumerate(model.graph.outputs) if o is out]
-            name = out.name
-            out.name = f"{name}_{tag}"
-            g.outputs[0].name, g.outputs[0].shape, g.outputs[0].type = name, out.shape, out.type
-            for j in pos:
-                model.graph.outputs[j] = g.outputs[0]
+            take_output_slots(model.graph, out, g.outputs[0])  # the Gather still reads ``out``

@@ -24,11 +24,9 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-logger = logging.getLogger(__name__)
+from effc.ir.elementwise import ELEMENTWISE, torch_elementwise
 
-# element-wise ops the activation sub-graph may contain (evaluated by ``_ACT_OPS`` in torch)
-ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Neg", "Exp", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu",
-               "Identity", "Softplus", "HardSigmoid", "HardSwish", "LeakyRelu")
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -201,26 +199,6 @@ def find_ffn_blocks(model: ir.Model) -> tuple[list[FFNBlock], list[dict]]:
     return blocks, skipped
 
 
-def _gelu(torch, x, node):
-    approx = node.attributes.get_string("approximate", "none")
-    return torch.nn.functional.gelu(x, approximate="tanh" if approx == "tanh" else "none")
-
-
-def _act_ops(torch):
-    f = torch.nn.functional
-    return {
-        "Add": lambda a, b, nd: a + b, "Sub": lambda a, b, nd: a - b, "Mul": lambda a, b, nd: a * b,
-        "Div": lambda a, b, nd: a / b, "Pow": lambda a, b, nd: torch.pow(a, b), "Sqrt": lambda a, nd: torch.sqrt(a),
-        "Neg": lambda a, nd: -a, "Exp": lambda a, nd: torch.exp(a), "Erf": lambda a, nd: torch.erf(a),
-        "Tanh": lambda a, nd: torch.tanh(a), "Sigmoid": lambda a, nd: torch.sigmoid(a), "Relu": lambda a, nd: f.relu(a),
-        "Gelu": lambda a, nd: _gelu(torch, a, nd), "Identity": lambda a, nd: a, "Softplus": lambda a, nd: f.softplus(a),
-        "HardSigmoid": lambda a, nd: torch.clamp(nd.attributes.get_float("alpha", 0.2) * a
-                                                 + nd.attributes.get_float("beta", 0.5), 0, 1),
-        "HardSwish": lambda a, nd: f.hardswish(a),
-        "LeakyRelu": lambda a, nd: f.leaky_relu(a, nd.attributes.get_float("alpha", 0.01)),
-    }
-
-
 class TorchBlock:
     """The FFN block evaluated in torch from its graph nodes (float32), for one token matrix at a time.
 
@@ -236,7 +214,7 @@ class TorchBlock:
     def __init__(self, block: FFNBlock) -> None:
         import torch
 
-        self.torch, self.block, self.ops = torch, block, _act_ops(torch)
+        self.torch, self.block, self.ops = torch, block, torch_elementwise(torch)
         self.consts = {}
         for nd in block.act:
             for inp in nd.inputs:

@@ -23,7 +23,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from effc.errors import EffcError, PassError
+from effc.errors import ArtifactError, EffcError, PassError
 from effc.passes.base import EffcPass
 from effc.passes.pipeline import Pipeline, parse_pipeline
 
@@ -44,6 +44,7 @@ class PassRecord:
         seconds: wall time of the pass (verification and dumps excluded), in seconds.
         modified: what the pass reported.
         stats: a copy of ``pass.stats`` after the run (JSON-serializable).
+        warnings: what the pass manager noticed, e.g. a lossy pass that changed nothing.
     """
 
     name: str
@@ -51,6 +52,7 @@ class PassRecord:
     seconds: float
     modified: bool
     stats: dict[str, Any]
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The record as a plain dict (for manifests and reports)."""
@@ -79,9 +81,18 @@ def _save_proto(proto: onnx.ModelProto, path: Path) -> None:
 
 
 def _dump(model: ir.Model, path: Path) -> None:
-    """Save ``model`` to ``path``; weights go to ``<name>.data`` beside it when they pass 2 GB."""
+    """Save ``model`` to ``path`` (its folder created); weights go to ``<name>.data`` beside it past 2 GB.
+
+    Raises:
+        ArtifactError: the folder or file cannot be written (read-only location, a file in the path, disk full).
+    """
     weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    ir.save(model, path, external_data=path.name + ".data" if weight_bytes > _PROTO_LIMIT else None)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ir.save(model, path, external_data=path.name + ".data" if weight_bytes > _PROTO_LIMIT else None)
+    except OSError as e:
+        raise ArtifactError(f"cannot write the --dump-ir model {path}: {e.strerror or e}",
+                            "give --dump-ir a folder you can write to") from e
 
 
 def verify_model(model: ir.Model) -> None:
@@ -107,8 +118,11 @@ class PassManager:
         pipeline: a :class:`Pipeline`, pipeline text, or a sequence of :class:`EffcPass`.
         verify_each: run the ONNX checker (full check, strict shape inference) on the input and after each pass.
         dump_ir: a folder for ``00_input.onnx``, ``01_<name>.onnx``, ... (created if missing), or None.
-        save_replay: on a crash, save the input model and pipeline text for replay (in ``dump_ir`` when given,
-            else in a new temporary folder named in the error).
+        save_replay: on a crash (an unexpected exception inside a pass, a broken invariant, an invalid model
+            after a pass), save the input model and pipeline text for replay (in ``dump_ir`` when given, else in a
+            new temporary folder ``effc-replay-*`` named in the error). An :class:`EffcError` raised by a pass is
+            a user error with its own fix: no files.
+        strict: a lossy pass that changes nothing (:meth:`EffcPass.unchanged_reason`) is an error, not a warning.
 
     Raises:
         PipelineError: pipeline text that does not parse.
@@ -121,6 +135,7 @@ class PassManager:
         dump_ir: str | os.PathLike | None = None,
         *,
         save_replay: bool = True,
+        strict: bool = False,
     ) -> None:
         if isinstance(pipeline, str):
             pipeline = parse_pipeline(pipeline)
@@ -130,6 +145,7 @@ class PassManager:
         self.verify_each = verify_each
         self.dump_ir = Path(dump_ir) if dump_ir is not None else None
         self.save_replay = save_replay
+        self.strict = strict
 
     def run(self, model: ir.Model) -> PipelineResult:
         """Run every pass in order (in place: ``model`` itself is rewritten and returned).
@@ -144,10 +160,11 @@ class PassManager:
             PassError: a pass raised an unexpected exception, broke its pre/postconditions, or (with
                 ``verify_each``) produced an invalid model; the message names the pass and the passes before it.
             EffcError: an effc error raised inside a pass, re-raised with the same context prefix.
+            ArtifactError: ``dump_ir`` cannot be written.
+            PassError: with ``strict``, a lossy pass that changed nothing.
         """
         snapshot = ir.to_proto(model) if self.save_replay and len(self.pipeline) else None
         if self.dump_ir is not None:
-            self.dump_ir.mkdir(parents=True, exist_ok=True)
             _dump(model, self.dump_ir / "00_input.onnx")
         if self.verify_each:
             try:
@@ -165,11 +182,11 @@ class PassManager:
             start = time.perf_counter()
             try:
                 result = p(model)
-            except EffcError as e:
-                raise _with_prefix(e, prefix, self._replay_note(snapshot)) from e
+            except EffcError as e:  # anticipated (a user error with its fix): no replay files
+                raise _with_prefix(e, prefix) from e
             except ir.passes.InvariantError as e:
                 if isinstance(e.__cause__, EffcError):  # an effc error raised in requires/ensures
-                    raise _with_prefix(e.__cause__, prefix, self._replay_note(snapshot)) from e
+                    raise _with_prefix(e.__cause__, prefix) from e
                 cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ else ""
                 raise PassError(f"{prefix}: {type(e).__name__}: {e}{cause}", self._replay_note(snapshot)) from e
             except Exception as e:  # noqa: BLE001 - every crash inside a pass becomes a PassError
@@ -177,7 +194,8 @@ class PassManager:
             seconds = time.perf_counter() - start
             model = result.model
             logger.info("pass %s: %.3f s, modified=%s", p, seconds, result.modified)
-            records.append(PassRecord(p.name, str(p), seconds, bool(result.modified), copy.deepcopy(p.stats)))
+            records.append(PassRecord(p.name, str(p), seconds, bool(result.modified), copy.deepcopy(p.stats),
+                                      self._unchanged(p, result.modified)))
             if self.dump_ir is not None:
                 _dump(model, self.dump_ir / f"{index:02d}_{_safe(p.name)}.onnx")
             if self.verify_each:
@@ -190,6 +208,21 @@ class PassManager:
                     ) from e
             done.append(p.name)
         return PipelineResult(model, records)
+
+    def _unchanged(self, p: EffcPass, modified: bool) -> list[str]:
+        """The warning for a lossy pass that changed nothing (logged), or an error under ``strict``.
+
+        Raises:
+            PassError: ``strict`` and the pass changed nothing it was asked to change.
+        """
+        reason = None if modified else p.unchanged_reason()
+        if reason is None:
+            return []
+        message = f"pass '{p}' changed nothing: {reason}"
+        if self.strict:
+            raise PassError(f"{message} (--strict)", p.unchanged_hint)
+        logger.warning("%s; fix: %s (--strict makes this an error)", message, p.unchanged_hint)
+        return [message]
 
     def _replay_note(self, snapshot: onnx.ModelProto | None) -> str:
         """Save the pipeline input and text for replay; return a hint naming them."""
@@ -216,11 +249,10 @@ def _safe(name: str) -> str:
     return re.sub(r"[^\w.-]", "_", name)
 
 
-def _with_prefix(error: EffcError, prefix: str, replay: str) -> EffcError:
-    """A copy of ``error`` (same class) whose message starts with ``prefix`` and whose hint names the replay files."""
+def _with_prefix(error: EffcError, prefix: str) -> EffcError:
+    """A copy of ``error`` (same class, same hint) whose message starts with ``prefix``."""
     new = type(error).__new__(type(error))  # not copy.copy: subclasses may take other constructor arguments
     new.__dict__.update(error.__dict__)
     new.message = f"{prefix}: {error.message}"
-    new.hint = f"{error.hint}; {replay}" if error.hint else replay
-    new.args = (f"{new.message}; fix: {new.hint}",)
+    new.args = (f"{new.message}; fix: {new.hint}" if new.hint else new.message,)
     return new

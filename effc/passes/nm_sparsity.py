@@ -5,15 +5,10 @@ magnitude, Wanda score, or inside a SparseGPT reconstruction sweep. With ``vecto
 shared by V adjacent output channels (V = SIMD width: the input element becomes a scalar broadcast in the kernel);
 ``vector=1`` is element-wise N:M (the sparse-tensor-core format).
 
-Packed form of a ``MatMul(X, W)`` with ``W`` of shape ``(K, Cout)`` (``K`` = reduction axis, ``G = K / m`` groups):
-
-* ``values``  ``(G·n, Cout)`` float32: the kept weights, group by group, ascending input index within a group;
-* ``indices`` ``(G·n, Cout / V)`` uint16: the absolute input row (0..K-1) each kept value multiplies.
-
+The packed form (``values`` ``(K/m·n, Cout)`` float32 + absolute ``indices`` ``(K/m·n, Cout/V)`` uint16) and its
+reference body are defined in :mod:`effc.ops.nm_sparse`; this pass decides which MatMuls are pruned and packed.
 Indices are absolute, so an input-channel permutation found by ``permute=true`` (groups formed over permuted
-inputs, as NVIDIA ASP's channel permutation does) costs nothing at run time and changes no other node: the
-consumer's reads are permuted exactly through the indices. The reference body (an ONNX model-local function)
-scatters the values into a dense ``(K, Cout)`` matrix and multiplies, so onnxruntime runs the rewritten model.
+inputs, as NVIDIA ASP's channel permutation does) costs nothing at run time and changes no other node.
 
 Sources: Mishra et al., "Accelerating Sparse Deep Neural Networks" (2021); Pool & Yu, "Channel Permutations for N:M
 Sparsity" (NeurIPS 2021); SparseGPT and Wanda (see :mod:`effc.passes.sparsegpt`).
@@ -25,105 +20,17 @@ import dataclasses
 import logging
 
 import numpy as np
-import onnx
 import onnx_ir as ir
-from onnx import TensorProto, helper
 
-from effc.errors import PassError
-from effc.ir.effc_ops import EFFC_DOMAIN, add_function
+from effc.ops.nm_sparse import nm_sparse_matmul, pack_nm
 from effc.passes import sparsegpt as sg
 from effc.passes.base import EffcPass, PassOptions, register_pass
 from effc.passes.block_recon import RECONSTRUCT, RECONSTRUCT_HELP, normalize_reconstruct, reconstruct_sequential
 from effc.passes.model_recon import check_model_fit, dense_outputs, fit_model
+from effc.passes.rewrite import replace_value
 from effc.passes.structured.permutation import permutation_search
 
 logger = logging.getLogger(__name__)
-
-OP_TYPE = "NMSparseMatMul"
-
-
-def pack_nm(
-    weight: np.ndarray, n: int, m: int, vector: int = 1, perm: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pack a ``(K, Cout)`` MatMul weight that already satisfies N:M into ``(values, indices)``.
-
-    Args:
-        weight: ``(K, Cout)``; along axis 0 (after ``perm``) every group of ``m`` rows has at most ``n`` non-zero
-            rows per block of ``vector`` adjacent columns.
-        n: kept per group.
-        m: group length along the reduction axis.
-        vector: columns sharing one index set.
-        perm: ``(K,)`` input order the groups are formed over (default: identity).
-
-    Returns:
-        ``values`` ``(K/m·n, Cout)`` float32 and ``indices`` ``(K/m·n, Cout/vector)`` uint16 (absolute rows).
-
-    Raises:
-        PassError: shapes that do not divide, K ≥ 65536, or a group holding more than ``n`` non-zeros.
-    """
-    k, cout = weight.shape
-    sg.check_nm(n, m, vector, (cout, k))
-    if k >= 1 << 16:
-        raise PassError(f"reduction axis {k} too long for uint16 indices", "split the layer first")
-    perm = np.arange(k) if perm is None else np.asarray(perm)
-    wp = weight[perm]
-    g, cb = k // m, cout // vector
-    nz = (wp.reshape(g, m, cb, vector) != 0).any(axis=-1)  # (G, M, CB)
-    counts = nz.sum(axis=1)
-    if (counts > n).any():
-        gi, bi = np.argwhere(counts > n)[0]
-        raise PassError(
-            f"weight is not {n}:{m} (vector={vector}): group {gi} of output block {bi} has {counts[gi, bi]} non-zeros",
-            f"prune it first (e.g. nm-sparsity(n={n},m={m},vector={vector})) or pack with larger n",
-        )
-    off = np.sort(np.argsort(~nz, axis=1, kind="stable")[:, :n, :], axis=1)  # (G, n, CB) offsets in group
-    rows = off + (np.arange(g) * m)[:, None, None]  # permuted row index
-    rows_full = np.repeat(rows, vector, axis=2).reshape(g * n, cout)
-    values = np.take_along_axis(wp, rows_full, axis=0).astype(np.float32)
-    indices = perm[rows.reshape(g * n, cb)].astype(np.uint16)
-    return values, indices
-
-
-def unpack_nm(values: np.ndarray, indices: np.ndarray, k: int) -> np.ndarray:
-    """Dense ``(K, Cout)`` weight from the packed form (inverse of :func:`pack_nm`, exact)."""
-    rows, cout = values.shape
-    vector = cout // indices.shape[1]
-    full = np.repeat(indices.astype(np.int64), vector, axis=1)
-    dense = np.zeros((k, cout), dtype=values.dtype)
-    np.put_along_axis(dense, full, values, axis=0)
-    return dense
-
-
-def nm_function(opset: int) -> ir.Function:
-    """Reference body of ``effc.NMSparseMatMul(X, values, indices) -> Y`` in standard ONNX ops (opset ≥ 13)."""
-    i64 = lambda name, v: helper.make_node(  # noqa: E731
-        "Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(v)], v)
-    )
-    nodes = [
-        i64("c0", [0]), i64("c1", [1]), i64("c2", [2]), i64("cm1", [-1]), i64("cbig", [1 << 62]),
-        helper.make_node("Cast", ["indices"], ["idx"], to=TensorProto.INT64),
-        helper.make_node("Shape", ["values"], ["sv"]),
-        helper.make_node("Shape", ["indices"], ["si"]),
-        helper.make_node("Shape", ["X"], ["sx"]),
-        helper.make_node("Slice", ["sv", "c0", "c1"], ["r"]),
-        helper.make_node("Slice", ["sv", "c1", "c2"], ["cout"]),
-        helper.make_node("Slice", ["si", "c1", "c2"], ["cb"]),
-        helper.make_node("Div", ["cout", "cb"], ["vec"]),
-        helper.make_node("Slice", ["sx", "cm1", "cbig"], ["k"]),
-        helper.make_node("Unsqueeze", ["idx", "c2"], ["idx3"]),
-        helper.make_node("Concat", ["r", "cb", "vec"], ["eshape"], axis=0),
-        helper.make_node("Expand", ["idx3", "eshape"], ["idxe"]),
-        helper.make_node("Reshape", ["idxe", "sv"], ["rows"]),
-        helper.make_node("Concat", ["k", "cout"], ["dshape"], axis=0),
-        helper.make_node("ConstantOfShape", ["dshape"], ["zeros"]),
-        helper.make_node("ScatterElements", ["zeros", "rows", "values"], ["w"], axis=0),
-        helper.make_node("MatMul", ["X", "w"], ["Y"]),
-    ]
-    proto = helper.make_function(
-        EFFC_DOMAIN, OP_TYPE, ["X", "values", "indices"], ["Y"], nodes,
-        [helper.make_opsetid("", opset)], attributes=["n", "m", "vector"],
-    )
-    return ir.serde.deserialize_function(proto)
 
 
 def replace_with_packed(model: ir.Model, node: ir.Node, n: int, m: int, vector: int, perm=None) -> dict:
@@ -135,10 +42,6 @@ def replace_with_packed(model: ir.Model, node: ir.Node, n: int, m: int, vector: 
     Raises:
         PassError: the weight is not N:M, or the model's default opset is below 13.
     """
-    opset = model.opset_imports.get("", 0)
-    if opset < 13:
-        raise PassError(f"model opset {opset} < 13", "canonicalize or convert the model to opset >= 13")
-    add_function(model, nm_function(opset))
     wv = node.inputs[1]
     dense = wv.const_value.numpy()
     values, indices = pack_nm(dense, n, m, vector, perm)
@@ -148,33 +51,18 @@ def replace_with_packed(model: ir.Model, node: ir.Node, n: int, m: int, vector: 
     for v in (vals, idx):
         v.shape, v.type = v.const_value.shape, ir.TensorType(v.const_value.dtype)
         model.graph.register_initializer(v)
-    new = ir.Node(
-        EFFC_DOMAIN, OP_TYPE, [node.inputs[0], vals, idx],
-        attributes=[ir.AttrInt64("n", n), ir.AttrInt64("m", m), ir.AttrInt64("vector", vector)],
-        name=f"{base}/nm", metadata_props={"effc.pass": "nm-sparsity"},
-    )
+    new = nm_sparse_matmul(model, node.inputs[0], vals, idx, n, m, vector, f"{base}/nm")
+    new.metadata_props["effc.pass"] = "nm-sparsity"
     out = node.outputs[0]
     new.outputs[0].name, new.outputs[0].shape, new.outputs[0].type = out.name + "_nm", out.shape, out.type
     model.graph.insert_after(node, new)
-    ir.convenience.replace_all_uses_with(out, new.outputs[0])
-    if out.is_graph_output():
-        outs = model.graph.outputs
-        outs[outs.index(out)] = new.outputs[0]
+    name = out.name
+    replace_value(model.graph, out, new.outputs[0])
     model.graph.remove(node, safe=True)
-    new.outputs[0].name = out.name
+    new.outputs[0].name = name
     if wv.name in model.graph.initializers and not wv.uses():
         del model.graph.initializers[wv.name]
     return {"name": base, "dense_bytes": int(dense.nbytes), "packed_bytes": int(values.nbytes + indices.nbytes)}
-
-
-def packed_layers(model: ir.Model) -> list[ir.Node]:
-    """All ``effc.NMSparseMatMul`` nodes of the main graph."""
-    return [nd for nd in model.graph if nd.domain == EFFC_DOMAIN and nd.op_type == OP_TYPE]
-
-
-def onnx_proto(model: ir.Model) -> onnx.ModelProto:
-    """``ir.to_proto`` (kept here so tests and the benchmark share one call)."""
-    return ir.to_proto(model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,19 +227,3 @@ class NMSparsityPass(EffcPass):
         cout, cin = shape
         return int(min(64, max(4, budget // (cout * cin * 64))))
 
-
-def _count_macs(node: ir.Node) -> int | None:
-    """Effective MACs of ``effc.NMSparseMatMul``: rows × (K·n/m) × Cout — only the kept weights multiply."""
-    from effc.eval.macs import static_shape
-
-    x, vals = static_shape(node.inputs[0]), static_shape(node.inputs[1])
-    return None if x is None or vals is None else int(np.prod(x[:-1])) * vals[0] * vals[1]
-
-
-def _register_macs() -> None:
-    from effc.eval.macs import register_mac_counter
-
-    register_mac_counter(OP_TYPE, _count_macs)
-
-
-_register_macs()

@@ -100,7 +100,8 @@ class PruneOptions(PassOptions):
     sparsity: float = dataclasses.field(default=0.5, metadata={"help": "fraction of weights zeroed, in [0, 1]"})
     method: str = dataclasses.field(default="magnitude", metadata={"help": "scoring: magnitude | wanda"})
     granularity: str = dataclasses.field(
-        default="layer", metadata={"help": "comparison group: tensor | output row", "choices": ("layer", "row")}
+        default="layer", metadata={"help": "comparison group: layer (the whole tensor) | row (each output channel)",
+                                 "choices": ("layer", "row")}
     )
     scope: str = dataclasses.field(
         default="layer", metadata={"help": "one threshold per layer | for all layers", "choices": ("layer", "global")}
@@ -255,6 +256,12 @@ class _ErrorMeter:
         return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
+def _max_measured(errors: Any) -> float | None:
+    """The largest measured error; None when none was measured (Conv weights, no calibration), never 0."""
+    measured = [e for e in errors if e is not None]
+    return max(measured) if measured else None
+
+
 def _lowest(scores: np.ndarray, k: int) -> np.ndarray:
     """Boolean mask of the ``k`` lowest entries along the last axis of a 2-D array (exactly ``k`` per row)."""
     mask = np.zeros(scores.shape, dtype=bool)
@@ -270,8 +277,9 @@ class PrunePass(EffcPass):
 
     Stats: ``layers`` (weight name -> node, shared_by, params, zeroed, sparsity reached, rel_output_error),
     ``params_zeroed``, ``params_considered``, ``sparsity`` (over considered weights, fraction), ``skipped``
-    (node, weight, reason), ``max_rel_output_error``. The output error ``||X(W - W')||_F / ||XW||_F`` of each
-    MatMul/Gemm is measured on the calibration activations when calibration is given (None otherwise).
+    (node, weight, reason), ``max_rel_output_error`` (None: not measured). The output error
+    ``||X(W - W')||_F / ||XW||_F`` of each MatMul/Gemm is measured on the calibration activations when calibration
+    is given (None otherwise: not measured, as for Conv weights).
     ``reconstruct=block`` adds ``block_reconstruction``, ``reconstruct=model`` adds ``model_reconstruction`` (the
     whole-model fit of the kept weights, :mod:`effc.passes.model_recon`; the rel. output errors are those before it).
 
@@ -373,7 +381,7 @@ class PrunePass(EffcPass):
             "params_considered": considered,
             "sparsity": zeroed_total / considered if considered else 0.0,
             "skipped": skipped,
-            "max_rel_output_error": max((r["rel_output_error"] or 0.0 for r in report.values()), default=0.0),
+            "max_rel_output_error": _max_measured(r["rel_output_error"] for r in report.values()),
             **block_info,
         }
         logger.info("prune: %d/%d weights zero in %d layer(s), %d skipped", zeroed_total, considered, len(layers),

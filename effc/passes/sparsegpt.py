@@ -22,6 +22,7 @@ import numpy as np
 import scipy.linalg
 
 from effc.errors import PassError
+from effc.ops.nm_sparse import check_nm
 from effc.passes.structured.layers import (  # noqa: F401  (re-exported: the layer helpers predate that module)
     get_weight,
     input_statistics,
@@ -33,21 +34,6 @@ from effc.passes.structured.layers import (  # noqa: F401  (re-exported: the lay
 )
 
 logger = logging.getLogger(__name__)
-
-
-def check_nm(n: int, m: int, vector: int, shape: tuple[int, int]) -> None:
-    """Check that a ``(Cout, Cin)`` weight can carry an N:M pattern with the given vector width.
-
-    Raises:
-        PassError: ``Cin`` is not a multiple of ``m`` or ``Cout`` not a multiple of ``vector``.
-    """
-    cout, cin = shape
-    if cin % m:
-        raise PassError(f"reduction axis of length {cin} is not a multiple of m={m}", "choose m dividing Cin")
-    if cout % vector:
-        raise PassError(
-            f"{cout} output channels are not a multiple of vector={vector}", "use vector=1 or a divisor of Cout"
-        )
 
 
 def nm_mask(scores: np.ndarray, n: int, m: int, vector: int = 1) -> np.ndarray:
@@ -284,5 +270,5 @@ def reconstruct_weight_layers(model, layers: list, calibration, sparsity: float,
         zeroed = params - int(round(rec["kept"] * params))
         report[lay.weight.name] = {"node": lay.nodes[0].name, "shared_by": 1, "params": params, "zeroed": zeroed,
                                    "sparsity": zeroed / params, "reconstructed": True,
-                                   "rel_output_error": None}
+                                   "rel_output_error": rec.get("rel_output_error")}
     return report, rest

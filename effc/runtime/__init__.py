@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from effc.errors import ArtifactError, DataError
+from effc.runtime.index_check import check_index_input, checks_of
 from effc.runtime.manifest import read_manifest, verify_files, write_manifest
 
 __all__ = ["CompiledModel", "load", "read_manifest", "verify_files", "write_manifest"]
@@ -32,10 +33,12 @@ class CompiledModel:
         manifest: the parsed ``manifest.json``.
         inputs: ``[{"name", "shape", "dtype"}]`` in the order ``run`` expects them.
         outputs: ``[{"name", "shape", "dtype"}]`` in the order ``run`` returns them.
+        check_indices: whether ``run`` checks index inputs against their ranges (``index_checks`` in the manifest).
     """
 
-    def __init__(self, out_dir: Path, manifest: dict[str, Any], runner: Any):
+    def __init__(self, out_dir: Path, manifest: dict[str, Any], runner: Any, check_indices: bool = True):
         self.out_dir = Path(out_dir)
+        self.check_indices = bool(check_indices)
         self.manifest = manifest
         self.inputs: list[dict[str, Any]] = list(manifest.get("inputs", []))
         self.outputs: list[dict[str, Any]] = list(manifest.get("outputs", []))
@@ -66,15 +69,8 @@ class CompiledModel:
                         f"convert it with .astype('{dtype}')",
                     )
                 array = array.astype(dtype)
-            if "index_range" in spec and array.size:
-                low, high = spec["index_range"]
-                if array.min() < low or array.max() >= high:
-                    raise DataError(
-                        f"input {name!r} holds values in [{array.min()}, {array.max()}], but it indexes a table of "
-                        f"{high} rows through Gather: valid values are {low}..{high - 1} (out-of-range indices "
-                        "would make the compiled code read out of bounds)",
-                        "check the ids (e.g. a tokenizer with the model's own vocabulary)",
-                    )
+            if self.check_indices:
+                check_index_input(name, array, checks_of(spec))
             checked[name] = array
         return checked
 
@@ -90,14 +86,21 @@ class CompiledModel:
 
         Raises:
             DataError: an input is missing, unknown, or has the wrong shape/dtype (names it and the expected one), or an
-                index input (``index_range`` in the manifest) holds a value outside its Gather table's rows.
+                index input (``index_checks`` in the manifest: Gather/GatherElements/GatherND/Scatter* indices) holds a
+                value outside ``[-size, size)`` of the axis it indexes (unless loaded with ``check_indices=False``).
             TargetError: the target failed at run time.
         """
         return self._runner.run(self._check_feeds(feeds))
 
 
-def load(out_dir: Path | str) -> CompiledModel:
+def load(out_dir: Path | str, *, check_indices: bool = True) -> CompiledModel:
     """Load the artifact in ``out_dir`` (hashes verified before any shared object is loaded).
+
+    Args:
+        out_dir: the artifact folder written by ``effc compile``.
+        check_indices: check index inputs before every run (:mod:`effc.runtime.index_check`; a few microseconds).
+            False skips it, for inputs known to be in range only: an out-of-range index then makes the compiled
+            code access memory out of bounds.
 
     Raises:
         ArtifactError: manifest missing/invalid, a file missing or modified, or no target recorded.
@@ -113,4 +116,4 @@ def load(out_dir: Path | str) -> CompiledModel:
 
     runner = get_target(target_name).load(out_dir, manifest)
     logger.info("loaded %s artifact from %s", target_name, out_dir)
-    return CompiledModel(out_dir, manifest, runner)
+    return CompiledModel(out_dir, manifest, runner, check_indices=check_indices)

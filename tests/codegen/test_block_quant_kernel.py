@@ -11,8 +11,9 @@ import effc.codegen.ops.block_quant as bq
 import effc.codegen.ops.block_quant_int8 as bq_int8
 from effc.codegen.cpu import compile_cpu
 from effc.codegen.frontend import to_relax
+from effc.ops.bitpack import pack_blocks
+from effc.ops.block_formats import FORMATS, dequantize, quantize, quantize_dequantize
 from effc.passes.block_quant import BlockQuantPass
-from effc.passes.quant import FORMATS, dequantize, pack_blocks, quantize, quantize_dequantize
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu())})
 

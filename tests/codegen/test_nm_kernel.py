@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 import pytest
 import tvm
+from onnx import TensorProto, helper, numpy_helper
 
 from effc.codegen.cpu import compile_cpu
 from effc.codegen.frontend import to_relax
 from effc.codegen.ops import nm_sparse as ns
+from effc.ops.nm_sparse import pack_nm
 from effc.passes import nm_sparsity as nm
 from effc.passes import sparsegpt as sg
 from tests.passes.nm_helpers import feeds, ffn_model, run
@@ -23,7 +27,7 @@ def test_standalone_kernel_matches_unpacked_matmul(rows, k, cout, n, m, vector):
     perm = rng.permutation(k)
     w = sg.prune_weight(rng.standard_normal((cout, k)).astype(np.float32), method="magnitude", n=n, m=m,
                         vector=vector, perm=perm)
-    values, indices = ns.to_panels(*nm.pack_nm(w.T, n, m, vector, perm))
+    values, indices = ns.to_panels(*pack_nm(w.T, n, m, vector, perm))
     func = ns.schedule_nm(ns.nm_kernel(rows, k, cout, values.shape[1], vector), vector)
     lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
     x = rng.standard_normal((rows, k)).astype(np.float32)
@@ -89,3 +93,24 @@ def test_accumulator_tile_needs_no_workspace_call():
     asm = "".join(m.inspect_source("asm") for m in mods if m.kind == "llvm")
     assert "vfmadd" in asm or "fma" in asm.lower()
     assert "TVMBackendAllocWorkspace" not in asm
+
+
+def test_row_tiles_do_not_straddle_a_batch_boundary():
+    # X (2, 5, 64): 10 rows in tiles of 2 put rows 4 and 5 (two batch items) in one tile; the fused bias epilogue's
+    # write-back then filled y[1, 0] with wrong sums (max error 22 against onnxruntime before the fix).
+    rng = np.random.default_rng(5)
+    w, b = rng.standard_normal((64, 32)).astype(np.float32), rng.standard_normal(32).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Add", ["h", "b"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 32])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(proto))
+    nm.NMSparsityPass(n=2, m=4, vector=8, method="magnitude", reconstruct="false")(model)
+    x = rng.standard_normal((2, 5, 64)).astype(np.float32)
+    with ns.lowering_policy("packed"):
+        ex, info = compile_cpu(to_relax(model), TARGET, {})
+    out = tvm.relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    assert list(info["kernels"].values()) == ["nm_sparse"]
+    np.testing.assert_allclose(out, run(model, {"x": x}), rtol=1e-5, atol=1e-5)

@@ -10,7 +10,8 @@ import pytest
 from effc.eval.cost import param_bytes, sparsity_stats
 from effc.eval.packed import packed_weights
 from effc.eval.report import per_layer_tables, render_markdown, summary_rows
-from effc.passes.nm_sparsity import NMSparsityPass, packed_layers
+from effc.ops.nm_sparse import packed_layers
+from effc.passes.nm_sparsity import NMSparsityPass
 from tests.passes.nm_helpers import ffn_model
 
 

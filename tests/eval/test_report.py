@@ -128,7 +128,7 @@ def test_latency_label_names_the_baseline(tmp_path, full_report, where, baseline
     assert dict(summary_rows(full_report))["Latency (median)"].startswith(label)
     write_report(tmp_path, full_report)
     md = (tmp_path / "report.md").read_text()
-    assert label in md and f"| onnxruntime ({baseline}) | 4.000 | 3.500 | 4.200 | 20 |" in md
+    assert label in md and f"| onnxruntime ({baseline}) | 4.000 | – | – | 3.500 | 4.200 | 20 |" in md
     assert ("the ratio is what the compiler bought alone" in md) == (baseline == BASELINE_REWRITTEN)
     assert json.loads((tmp_path / "report.json").read_text())["latency"]["baseline"] == baseline
     assert "baseline" not in latency or where == "top"  # the caller's dict is not modified
@@ -175,3 +175,69 @@ def test_layers_plot_draws_a_column_that_differs_between_layers():
     assert _plot_column(["shared_by", "params", "sparsity", "rel_output_error"], rows)[0] == "rel_output_error"
     assert _plot_column(["shared_by", "params"], rows) == ("params", [("a", 100.0), ("b", 400.0)])
     assert _plot_column(["shared_by"], rows)[0] == "shared_by" and _plot_column(["x"], rows) is None
+
+
+def test_layers_plot_shows_error_measures_against_readable_names(tmp_path, monkeypatch):
+    from effc.eval import plots
+    from effc.eval.report import readable_tables
+
+    report = {
+        "layer_names": {"val_1": "encoder.layer.0.attention.self.query", "val_2": "encoder.layer.0.output.dense"},
+        "passes": [
+            {"name": "prune", "stats": {"layers": {
+                "val_1": {"params": 10_000_000, "sparsity": 0.3, "rel_output_error": 0.05},
+                "val_2": {"params": 20_000_000, "sparsity": 0.3, "rel_output_error": None}}}},
+            {"name": "block-quant", "stats": {"layers": {
+                "val_1": {"params": 10_000_000, "sqnr_db": 31.5}, "val_2": {"params": 20_000_000, "sqnr_db": 28.0}}}},
+        ],
+        "cost": {"sparsity": {"tensors": {"val_1": {"sparsity": 0.3, "zeros": 3, "elements": 10}}}},
+    }
+    monkeypatch.setattr(plots, "_figure", _real_figure)  # keeps the figure for the checks below
+    tables = readable_tables(report)
+    assert tables[0][2][0][0] == "encoder.layer.0.attention.self.query"
+    assert plots.layers_plot(tmp_path / "layers.png", tables)
+    fig = _LAST[0]
+    titles = [ax.get_title() for ax in fig.axes]
+    # only the error measures: the constant sparsity and the weight-sparsity table are not drawn
+    assert titles == ["prune / layers; 1 layer(s) not measured", "block-quant / layers"]
+    assert [ax.get_xlabel() for ax in fig.axes] == [plots.ERROR_MEASURES["rel_output_error"],
+                                                     plots.ERROR_MEASURES["sqnr_db"]]
+    labels = [t.get_text() for t in fig.axes[1].get_yticklabels()]
+    assert labels == ["attention.self.query", "output.dense"]  # the shared "encoder.layer.0." is dropped
+    assert _short_names_of(["encoder.layer.0.output", "encoder.layer.1.output"]) == ["layer.0.output",
+                                                                                     "layer.1.output"]
+
+
+_LAST: list = []
+
+
+def _short_names_of(names):
+    from effc.eval.plots import _short_names
+
+    return _short_names(names)
+
+
+def _real_figure(width, height):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    _LAST[:] = [fig]
+    return fig
+
+
+def test_plot_ticks_are_readable_numbers():
+    from effc.eval.plots import _short_names, _tick
+
+    assert [_tick(v) for v in (1e7, 2.5e9, 1500, 0.0312, 0)] == ["10 M", "2.5 G", "1.5 k", "0.0312", "0"]
+    assert _short_names(["a.b.c", "a.b.d"]) == ["c", "d"] and _short_names(["only.one"]) == ["only.one"]
+    assert _short_names(["x" * 60])[0].startswith("…") and len(_short_names(["x" * 60])[0]) == 44
+
+
+def test_latency_quartiles_are_recorded():
+    from effc.eval.latency import _stats
+
+    stats = _stats([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert (stats["p25_ms"], stats["median_ms"], stats["p75_ms"], stats["max_ms"]) == (2.0, 3.0, 4.0, 100.0)
+    assert _stats([5.0])["p25_ms"] == _stats([5.0])["p75_ms"] == 5.0

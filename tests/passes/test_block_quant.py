@@ -8,8 +8,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from effc.errors import CalibrationError, PipelineError
+from effc.ops.block_formats import quantize_dequantize
 from effc.passes.block_quant import BlockQuantPass
-from effc.passes.quant import quantize_dequantize
 from effc.passes.quant.compensation import lorc
 
 
@@ -178,7 +178,7 @@ def test_minilm_kv_mode_quantizes_keys_and_values(minilm):
 
 def test_gptq_lowers_output_error_on_held_out_inputs():
     from effc.ir.calibration import Calibration
-    from effc.passes.quant import sqnr_db
+    from effc.ops.block_formats import sqnr_db
 
     rng = np.random.default_rng(5)
     cal = Calibration([{"ids": rng.integers(0, 50, (1, 8))} for _ in range(16)], "toy ids")

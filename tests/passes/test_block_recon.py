@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from effc.errors import PassError, PipelineError
 from effc.ir.reference import Reference, run_with_taps
+from effc.ops.nm_sparse import pack_nm, packed_layers, unpack_nm
 from effc.passes import nm_sparsity as nm
 from effc.passes.block_recon import BlockReconConfig, fit_block
 from effc.passes.ffn_blocks import TorchBlock, find_ffn_blocks
@@ -111,15 +112,15 @@ def test_block_reconstruction_beats_sparsegpt_and_keeps_2_4(kind):
     assert len(info["blocks"]) == 1 and info["blocks"][0]["kept"] and not info["skipped"]
     assert info["blocks"][0]["val_loss_after"] < info["blocks"][0]["val_loss_before"]
     assert errs["block"] < 0.8 * errs["true"], errs  # held-out error of the block output (post-LayerNorm)
-    packed = nm.packed_layers(models["block"])
+    packed = packed_layers(models["block"])
     assert len(packed) == 2
     for node in packed:
         vals, idx = (v.const_value.numpy() for v in node.inputs[1:])
         k = vals.shape[0] * 2
-        dense_w = nm.unpack_nm(vals, idx, k)
+        dense_w = unpack_nm(vals, idx, k)
         assert ((dense_w.reshape(k // 4, 4, -1) != 0).sum(axis=1) <= 2).all()
-        v2, i2 = nm.pack_nm(dense_w, 2, 4)
-        np.testing.assert_array_equal(nm.unpack_nm(v2, i2, k), dense_w)
+        v2, i2 = pack_nm(dense_w, 2, 4)
+        np.testing.assert_array_equal(unpack_nm(v2, i2, k), dense_w)
     onnx.checker.check_model(ir.to_proto(models["block"]))
     assert np.isfinite(Reference(models["block"]).run(held_out[0])[0]).all()
 

@@ -9,9 +9,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from effc.errors import CalibrationError
 from effc.ir.calibration import Calibration
+from effc.ops.block_formats import quantize_dequantize, sqnr_db
 from effc.passes.block_quant import BlockQuantPass
 from effc.passes.channel_reorder import ChannelReorderPass, find_domains
-from effc.passes.quant import quantize_dequantize, sqnr_db
 
 
 def _session(model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +117,8 @@ def test_verify_each_passes_on_valid_passes_and_rejects_invalid_input():
         PassManager("dce", verify_each=True).run(model)
 
 
-def test_crash_becomes_pass_error_with_replay_files_in_a_temp_dir():
+def test_crash_becomes_pass_error_with_replay_files_in_a_temp_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the system temp folder, as far as effc knows
     pipeline = [*parse_pipeline("identity-elim,dce"), BoomPass()]
     with pytest.raises(PassError) as info:
         PassManager(pipeline).run(chain_model())
@@ -124,6 +126,7 @@ def test_crash_becomes_pass_error_with_replay_files_in_a_temp_dir():
     assert err.message == "pass 'boom' failed after [identity-elim, dce]: RuntimeError: kaboom"
     assert isinstance(err.__cause__, RuntimeError)
     folder = Path(re.search(r"saved for replay in (\S+):", err.hint).group(1))
+    assert folder.parent == tmp_path and folder.name.startswith("effc-replay-")
     assert (folder / "replay_pipeline.txt").read_text().strip() == "identity-elim,dce,boom"
     replay = onnx.load(str(folder / "replay_input.onnx"))
     assert len(replay.graph.node) == 5  # the pipeline's input, before identity-elim and dce ran
@@ -164,7 +167,7 @@ def test_effc_error_in_precondition_is_unwrapped():
     with pytest.raises(CalibrationError) as info:
         PassManager([*parse_pipeline("dce"), NeedsCalibrationPass()], save_replay=False).run(chain_model())
     assert info.value.message == "pass 'needs-cal' failed after [dce]: needs-cal needs calibration data"
-    assert info.value.hint.startswith("give --data; ")
+    assert info.value.hint == "give --data"
 
 
 class UnsupportedPass(EffcPass):
@@ -181,7 +184,17 @@ def test_effc_error_with_custom_constructor_keeps_its_fields():
     err = info.value
     assert err.ops == {"Foo": ["n1", "n2"]}
     assert err.message.startswith("pass 'unsupported' failed after []: 1 operator type(s) not supported by pass")
-    assert str(err).endswith("rerun with the same pipeline to reproduce")
+    assert str(err).endswith("fix: rewrite or remove these nodes before compiling, or open an issue with the model "
+                             "attached")
+
+
+def test_user_error_inside_a_pass_saves_no_replay_files(tmp_path, monkeypatch):
+    """An EffcError is anticipated and carries its own fix: no effc-replay-* folder (those are for crashes)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(CalibrationError) as info:
+        PassManager("dce,prune(method=wanda,min_params=0)").run(_matmul_model())
+    assert "replay" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def _matmul_model() -> ir.Model:

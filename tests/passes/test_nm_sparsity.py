@@ -8,6 +8,7 @@ import onnx_ir as ir
 import pytest
 
 from effc.errors import PassError, PipelineError
+from effc.ops.nm_sparse import pack_nm, packed_layers, unpack_nm
 from effc.passes import nm_sparsity as nm
 from effc.passes import sparsegpt as sg
 from effc.passes.pipeline import parse_pipeline
@@ -25,18 +26,18 @@ def test_pack_unpack_round_trip_is_exact(n, m, vector):
     perm = rng.permutation(64)
     pruned = sg.prune_weight(w, method="magnitude", n=n, m=m, vector=vector, perm=perm)
     assert np.mean(pruned != 0) == pytest.approx(n / m)
-    values, indices = nm.pack_nm(pruned.T, n, m, vector, perm)
+    values, indices = pack_nm(pruned.T, n, m, vector, perm)
     assert values.shape == (64 // m * n, 32) and indices.shape == (64 // m * n, 32 // vector)
     assert indices.dtype == np.uint16
-    np.testing.assert_array_equal(nm.unpack_nm(values, indices, 64), pruned.T)
+    np.testing.assert_array_equal(unpack_nm(values, indices, 64), pruned.T)
 
 
 def test_packing_a_dense_tensor_raises():
     w = np.ones((16, 8), dtype=np.float32)
     with pytest.raises(PassError, match="not 2:4"):
-        nm.pack_nm(w, 2, 4)
+        pack_nm(w, 2, 4)
     with pytest.raises(PassError, match="multiple of m"):
-        nm.pack_nm(np.ones((18, 8), np.float32), 2, 4)
+        pack_nm(np.ones((18, 8), np.float32), 2, 4)
 
 
 def test_nm_mask_vector_pattern_is_shared():
@@ -58,11 +59,11 @@ def test_pass_rewrites_to_packed_op_and_ort_matches_dense_masked(vector):
     assert kinds.count(("effc", "NMSparseMatMul")) == 2 and ("", "MatMul") not in kinds
     onnx.checker.check_model(ir.to_proto(result.model))
     # the dense equivalent: unpack every packed weight back into the MatMul model
-    for node in nm.packed_layers(result.model):
+    for node in packed_layers(result.model):
         vals, idx = (v.const_value.numpy() for v in node.inputs[1:])
         name = node.name.removesuffix("/nm")
         lay = next(lay for lay in sg.linear_matmuls(masked) if lay[0].name == name)
-        sg.set_weight(lay, nm.unpack_nm(vals, idx, vals.shape[0] * 2).T)
+        sg.set_weight(lay, unpack_nm(vals, idx, vals.shape[0] * 2).T)
     for f in fs[:2]:
         np.testing.assert_allclose(run(result.model, f), run(masked, f), rtol=1e-5, atol=1e-5)
     st = p.stats
@@ -99,11 +100,11 @@ def test_options_validated_and_pipeline_text_round_trips():
 def _unpacked_twin(packed, original):
     """``original`` with each packed layer's dense equivalent written back into its MatMul."""
     twin = _copy(original)
-    for node in nm.packed_layers(packed):
+    for node in packed_layers(packed):
         vals, idx = (v.const_value.numpy() for v in node.inputs[1:])
         lay = next(lay for lay in sg.linear_matmuls(twin) if lay[0].name == node.name.removesuffix("/nm"))
         k = lay[1].const_value.shape[0]
-        sg.set_weight(lay, nm.unpack_nm(vals, idx, k).T)
+        sg.set_weight(lay, unpack_nm(vals, idx, k).T)
     return twin
 
 

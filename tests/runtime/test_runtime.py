@@ -136,11 +136,13 @@ def test_token_ids_outside_the_embedding_table_raise_instead_of_reading_out_of_b
                    [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4])], {"table": table})
     loaded = effc.runtime.load(build_artifact(model, tmp_path / "a"))
-    assert loaded.inputs[0]["index_range"] == [0, 10]
-    ids = np.array([[0, 9, 3]], dtype=np.int64)
+    assert [(c["op"], c["node"], c["low"], c["high"]) for c in loaded.inputs[0]["index_checks"]] == [
+        ("Gather", "embed", [-10], [10])]
+    ids = np.array([[0, 9, -3]], dtype=np.int64)  # negative ids count from the end (ONNX Gather)
     np.testing.assert_array_equal(loaded.run({"ids": ids})[0], table[ids])
-    for bad in (10, -1, 10**12):
-        with pytest.raises(DataError, match=r"indexes a table of 10 rows through Gather: valid values are 0\.\.9"):
+    for bad in (10, -11, 10**12):
+        with pytest.raises(DataError, match=rf"input 'ids' holds {bad} at \[0, 1\], outside the valid range -10\.\.9: "
+                           r"it is an index of Gather 'embed' into axis 0 of size 10"):
             loaded.run({"ids": np.array([[0, bad, 3]], dtype=np.int64)})
 
 

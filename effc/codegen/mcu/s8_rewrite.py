@@ -35,7 +35,7 @@ import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
-from effc.ir.effc_ops import EFFC_DOMAIN, EFFC_OPSET_VERSION
+from effc.ops.base import EFFC_DOMAIN, EFFC_OPSET_VERSION
 
 logger = logging.getLogger(__name__)
 

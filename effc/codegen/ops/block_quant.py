@@ -2,7 +2,7 @@
 
 Compile-time layout (the converter re-packs the ONNX initializers, same bytes): codes ``Wt`` uint8
 ``(K, N * bits / 8)`` packed along N (little-endian bit stream per row of K, as in
-:mod:`effc.passes.quant.packing`) and scales ``St`` ``(K / block_size, N)`` (E8M0 uint8 for MX, float16/float32
+:mod:`effc.ops.bitpack`) and scales ``St`` ``(K / block_size, N)`` (E8M0 uint8 for MX, float16/float32
 for int blocks). The kernel computes ``Y (M, N) = X (M, K) @ W`` where::
 
     W[k, j] = element(code(Wt, k, j)) * scale(St[k // block_size, j])
@@ -33,8 +33,8 @@ from tvm import relax, s_tir, te, tirx
 
 from effc.codegen.frontend import register_converter
 from effc.codegen.ops.block_quant_int8 import builder_state, current_tile_config, int8_compute_applies, int8_matmul
-from effc.passes.quant import get_format, pack_codes, unpack_codes
-from effc.passes.quant.formats import BlockFormat
+from effc.ops.bitpack import pack_codes, unpack_codes
+from effc.ops.block_formats import BlockFormat, get_format
 
 __all__ = [
     "BlockQDQConverter",

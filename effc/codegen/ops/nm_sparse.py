@@ -1,6 +1,6 @@
 """TVM lowering of ``effc.NMSparseMatMul``: a TIR kernel that reads the packed N:M form directly.
 
-Packed form (see :mod:`effc.passes.nm_sparsity`): ``values`` ``(R, Cout)`` float32 and ``indices`` ``(R, Cout/V)``
+Packed form (see :mod:`effc.ops.nm_sparse`): ``values`` ``(R, Cout)`` float32 and ``indices`` ``(R, Cout/V)``
 uint16 absolute input rows, ``R = K·n/m``. The converter re-lays them out at compile time into column panels of
 ``P`` columns (:func:`to_panels`; ``P = V`` for vector-wise N:M): ``values`` ``(Cout/P, R, P)`` and ``indices``
 ``(Cout/V, R)``, so the ``R × P`` values one output tile walks are contiguous (row-major, a column walk with a row
@@ -61,7 +61,7 @@ def to_panels(values: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.n
     """Kernel layout of a packed weight (contiguous copies; ``P`` from :func:`panel_width`).
 
     Args:
-        values: ``(R, Cout)`` float32 from :func:`effc.passes.nm_sparsity.pack_nm`.
+        values: ``(R, Cout)`` float32 from :func:`effc.ops.nm_sparse.pack_nm`.
         indices: ``(R, Cout/V)`` integer rows from the same.
 
     Returns:
@@ -115,10 +115,12 @@ def _tile(sch: s_tir.Schedule, blk, vector: int, mr: int, nv: int | None, consum
 
         nv = max(1, 8 * vector_lanes(_target()) // (mr * max(vector, 16)))
     *lead, j, red = sch.get_loops(blk)
+    # A row tile must not straddle two slices of the leading axes: the tile's write-back region over the fused
+    # (batch, seq) loop was computed wrongly and filled the next slice's first row with another row's sums.
+    mr = _divisor(int(sch.get(lead[-1]).extent), mr)
     i = sch.fuse(*lead) if len(lead) > 1 else lead[0]
     rows, cout = (int(sch.get(loop).extent) for loop in (i, j))
     lanes = panel_width(cout, vector)
-    mr = _divisor(rows, mr)
     nv = _divisor(cout // lanes, nv)
     io, ii = sch.split(i, [None, mr])
     jo, jv, ji = sch.split(j, [None, nv, lanes])
@@ -292,7 +294,7 @@ class NMSparseMatMulConverter:
         LOWERING_LOG.append(entry)
         logger.info("NMSparseMatMul %s: %s (%s)", entry["shape"], form, entry["reason"])
         if form == "dense":
-            from effc.passes.nm_sparsity import unpack_nm
+            from effc.ops.nm_sparse import unpack_nm
 
             return relax.op.matmul(x, relax.const(unpack_nm(values, indices, k)))
         # Unscheduled, with the GEMM fusion pattern: FuseOps merges the elementwise epilogue into it and

@@ -7,7 +7,10 @@ reduction axis K, which is the axis GPTQ walks).
   2023, algorithm 1 with lazy batch updates): with the calibration Hessian ``H = 2 XᵀX`` (``X`` of shape
   ``(tokens, K)``), quantize column ``k``, then push its error ``(w_k - q_k) / [H⁻¹]_kk`` onto the columns not yet
   quantized through the upper Cholesky factor of ``H⁻¹``. A block's shared scale is fixed when GPTQ reaches the
-  block's first column, from the already-updated weights (the "groupwise" variant).
+  block's first column, from the already-updated weights (the "groupwise" variant). Weights that are exactly zero
+  on entry (pruned by an earlier pass) stay zero: they are "quantized" to 0 and their accumulated update is pushed
+  onto the kept weights like any rounding error (the OBS treatment of a pruned weight, as in SparseGPT), so the
+  sparsity pattern survives exactly and the error feedback only changes kept weights.
 * LoRC ("ZeroQuant-FP: A Leap Forward in LLMs Post-Training W4A8 Quantization Using Floating-Point Formats",
   Wu et al. 2023, section 4): a rank-``r`` SVD of the quantization error ``E = W - Q(W)`` gives
   ``U (K, r)`` and ``V (r, N)`` with ``X @ W ≈ X @ Q(W) + (X @ U) @ V``.
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from effc.passes.quant.formats import (
+from effc.ops.block_formats import (
     BlockFormat,
     QuantizedBlocks,
     block_scales,
@@ -57,8 +60,11 @@ def gptq_quantize(
         damp: dampening, as a fraction of the mean Hessian diagonal added to the diagonal.
         scale_dtype: scale type of int formats.
 
+    Weights that are exactly zero in ``w_nk`` (a pruned pattern) get the zero code; the kept weights absorb their
+    share of the error, so the result has at least the zeros of ``w_nk``.
+
     Returns:
-        Codes and scales in the layout of :func:`effc.passes.quant.formats.quantize` applied to the ``(K, N)``
+        Codes and scales in the layout of :func:`effc.ops.block_formats.quantize` applied to the ``(K, N)``
         weight with ``axis=0`` (codes ``(N, K / block_size, block_size)``).
 
     Raises:
@@ -68,6 +74,7 @@ def gptq_quantize(
     n, k = w.shape
     if k % block_size or h.shape != (k, k):
         raise ValueError(f"GPTQ needs K ({k}) divisible by block_size ({block_size}) and a ({k}, {k}) Hessian")
+    pruned = w == 0  # zeros of an earlier sparsifying pass: fixed at 0, never written into
     h = h.copy()
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
@@ -79,7 +86,8 @@ def gptq_quantize(
     scales = None
     for b in range(nb):
         lo, hi = b * block_size, (b + 1) * block_size
-        stored, values = block_scales(w[:, lo:hi].astype(np.float32)[:, None, :], fmt, scale_dtype)
+        kept = np.where(pruned[:, lo:hi], 0.0, w[:, lo:hi]).astype(np.float32)
+        stored, values = block_scales(kept[:, None, :], fmt, scale_dtype)
         stored, values = stored[:, 0], values[:, 0].astype(np.float64)
         if scales is None:
             scales = np.zeros((n, nb), stored.dtype)
@@ -87,7 +95,7 @@ def gptq_quantize(
         err_block = np.zeros((n, block_size))
         for j in range(block_size):
             col = lo + j
-            scaled = w[:, col] / values
+            scaled = np.where(pruned[:, col], 0.0, w[:, col] / values)
             codes[:, b, j] = element_codes(scaled, fmt)
             q = round_to_elements(scaled, fmt).astype(np.float64) * values
             err = (w[:, col] - q) / hinv[col, col]

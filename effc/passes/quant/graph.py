@@ -1,4 +1,4 @@
-"""Graph queries of the block-quantization passes: quantizable weights, attention K/V values, value replacement.
+"""Graph queries of the block-quantization passes: quantizable weights, attention K/V values.
 
 Private stand-ins for ``effc.ir.queries`` (which names linear layers but not embedding tables or K/V).
 """
@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["QuantTarget", "find_kv_values", "find_targets", "projection_of", "replace_value"]
+__all__ = ["QuantTarget", "find_kv_values", "find_targets", "projection_of"]
 
 _PASS_THROUGH = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity")
 
@@ -93,21 +93,6 @@ def _conv_target(node: ir.Node) -> QuantTarget | None:
     w = value.const_value.numpy().astype(np.float32)
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     return QuantTarget(node, "Conv", value, w.reshape(w.shape[0], -1), bias)
-
-
-def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    """Make every reader of ``old`` read ``new``; a graph output keeps its name (``new`` takes it over)."""
-    for i, out in enumerate(graph.outputs):
-        if out is old:
-            name, shape, type_ = old.name, old.shape, old.type
-            old.name = f"{name}__replaced"
-            new.name, new.shape, new.type = name, shape, type_
-            graph.outputs[i] = new
-    if new.shape is None:  # a replacement computes the same tensor: keep what shape inference knew
-        new.shape = old.shape
-    if new.type is None:
-        new.type = old.type
-    ir.convenience.replace_all_uses_with(old, new)
 
 
 def projection_of(value: ir.Value) -> tuple[ir.Value, ir.Node] | None:

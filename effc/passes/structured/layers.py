@@ -104,6 +104,26 @@ def _token_rows(arr: np.ndarray, feed: dict) -> np.ndarray:
     return x.reshape(-1, x.shape[-1])
 
 
+def relative_output_error(old: np.ndarray, new: np.ndarray, xtx: np.ndarray) -> float:
+    """``||X (old - new)ᵀ||_F / ||X oldᵀ||_F`` from ``XᵀX`` alone: ``sqrt(tr(D XᵀX Dᵀ) / tr(W XᵀX Wᵀ))``.
+
+    Args:
+        old: the layer's weight before, ``(Cout, Cin)``.
+        new: after, same shape.
+        xtx: ``XᵀX`` ``(Cin, Cin)`` of the layer's input over the calibration tokens (:func:`input_statistics`).
+
+    Returns:
+        The relative error of the layer's output (0 when both outputs are 0, inf when only the new one is not).
+    """
+    w = old.astype(np.float64)
+    d = w - new.astype(np.float64)
+    num = max(float(np.sum((d @ xtx) * d)), 0.0)
+    den = max(float(np.sum((w @ xtx) * w)), 0.0)
+    if den > 0:
+        return float(np.sqrt(num / den))
+    return 0.0 if num == 0 else float("inf")
+
+
 def input_statistics(model, layer_group: list, calibration) -> dict[str, np.ndarray]:
     """``XᵀX`` ``(Cin, Cin)`` per input value name of the given layers, from onnxruntime taps of ``model``.
 
@@ -132,7 +152,9 @@ def prune_sequential(model, layers: list, calibration, prune_fn, sequential: boo
     one-shot setting).
 
     Returns:
-        One record per layer: ``{"name", "shape", "kept"}`` (``kept`` = fraction of non-zero weights).
+        One record per layer: ``{"name", "shape", "kept", "rel_output_error"}`` (``kept`` = fraction of non-zero
+        weights; ``rel_output_error`` = ``||X (W - W')ᵀ||_F / ||X Wᵀ||_F`` over the calibration tokens the layer's
+        input statistics hold, :func:`relative_output_error`; None without calibration: not measured).
     """
     order = {id(node): i for i, node in enumerate(model.graph)}
     layers = sorted(layers, key=lambda lay: order[id(lay[0])])
@@ -150,8 +172,10 @@ def prune_sequential(model, layers: list, calibration, prune_fn, sequential: boo
             stats = input_statistics(model, group, calibration) if sequential else once
         for layer in group:
             w = get_weight(layer)
-            new = prune_fn(layer, w, stats.get(layer[0].inputs[0].name))
+            hessian = stats.get(layer[0].inputs[0].name)
+            new = prune_fn(layer, w, hessian)
             set_weight(layer, new)
-            records.append({"name": layer[0].name, "shape": list(w.shape), "kept": float(np.mean(new != 0))})
+            records.append({"name": layer[0].name, "shape": list(w.shape), "kept": float(np.mean(new != 0)),
+                            "rel_output_error": None if hessian is None else relative_output_error(w, new, hessian)})
             logger.debug("pruned %s %s: kept %.3f", layer[0].name, w.shape, records[-1]["kept"])
     return records

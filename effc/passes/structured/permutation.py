@@ -1,14 +1,14 @@
 """Input-channel permutation search for N:M sparsity (groups formed over permuted inputs keep more score).
 
 Used by ``nm-sparsity(permute=true)``; the permutation costs nothing at run time because the packed indices of
-``effc.NMSparseMatMul`` are absolute input rows (see :mod:`effc.passes.nm_sparsity`).
+``effc.NMSparseMatMul`` are absolute input rows (see :mod:`effc.ops.nm_sparse`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from effc.passes.sparsegpt import check_nm
+from effc.ops.nm_sparse import check_nm
 
 
 def _kept(t: np.ndarray, n: int) -> np.ndarray:

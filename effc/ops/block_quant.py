@@ -1,20 +1,25 @@
-"""Reference bodies (ONNX functions of standard ops) of the effc block-quantization operators.
+"""The effc block-quantization operators: schemas, reference bodies (ONNX functions of standard ops), MACs, numpy.
 
-* ``effc.BlockQuantMatMul(X, Wq, S) -> Y``: ``Y = X @ W`` with ``W`` of shape ``(K, N)`` stored transposed and
-  packed: ``Wq`` uint8 ``(N, K * bits / 8)`` (each row = one output channel, codes along the reduction axis K,
-  see :mod:`effc.passes.quant.packing`), ``S`` uint8 E8M0 ``(N, K / block_size)`` (MX formats) or float16 /
-  float32 scale values (int8 / int4).
-* ``effc.BlockQuantGather(Tq, S, I) -> Y``: ``Y = Gather(T, I)`` for an embedding table ``T`` ``(V, D)`` stored
-  as ``Tq`` uint8 ``(V, D * bits / 8)`` and ``S`` uint8 ``(V, D / block_size)`` (blocks along D).
-* ``effc.BlockQDQ(X) -> Y``: dynamic MX quantize-dequantize of an activation along its last axis in blocks of
-  ``block_size`` (weights + activations mode, KV mode).
+Schemas (domain ``effc``, opset 1; attributes ``format`` (string, a name of
+:data:`effc.ops.block_formats.FORMATS`) and ``block_size`` (int) on all three; one function overload per format and
+block size, e.g. ``"mxfp4_b32"``):
 
-Decoding is bit-exact with :func:`effc.passes.quant.formats.dequantize`: codes are unpacked with integer
+* ``Y = effc.BlockQuantMatMul(X, Wq, S)``: ``Y = X @ W`` with ``X`` ``(..., K)`` float32 and ``W`` of shape
+  ``(K, N)`` stored transposed and packed: ``Wq`` uint8 ``(N, K * bits / 8)`` (each row = one output channel, codes
+  along the reduction axis K, see :mod:`effc.ops.bitpack`), ``S`` uint8 E8M0 ``(N, K / block_size)`` (MX formats)
+  or float16 / float32 scale values (int8 / int4). ``Y`` ``(..., N)`` float32. MACs: rows × K × N.
+* ``Y = effc.BlockQuantGather(Tq, S, I)``: ``Y = Gather(T, I)`` for an embedding table ``T`` ``(V, D)`` stored
+  as ``Tq`` uint8 ``(V, D * bits / 8)`` and ``S`` ``(V, D / block_size)`` (blocks along D); ``I`` int64 of any
+  shape, negative ids count from the end; ``Y`` ``(*I.shape, D)`` float32. MACs: 0 (a table lookup).
+* ``Y = effc.BlockQDQ(X)``: dynamic MX quantize-dequantize of an activation ``X`` ``(..., K)`` float32 along its
+  last axis in blocks of ``block_size`` (weights + activations mode, KV mode); ``Y`` has ``X``'s shape. MACs: 0.
+
+Decoding is bit-exact with :func:`effc.ops.block_formats.dequantize`: codes are unpacked with integer
 ``Div``/``Mod`` (opset 13+), element values come from a lookup table (``Gather``), scales from a 256-entry table of
 ``2^(s - 127)`` and one exact product (a power of two times an element value). ``BlockQDQ`` computes
 ``floor(log2 |x|)`` with ``Log`` plus an exact correction step against ``Pow(2, e)``, so scales are exact too.
-Each format/block size is one function overload (``"mxfp4_b32"``); nodes carry ``format`` and ``block_size``
-attributes for the TVM converters. Source: OCP MX v1.0 section 6.3.
+Nodes carry ``format`` and ``block_size`` attributes for the TVM converters (:mod:`effc.codegen.ops.block_quant`).
+Source: OCP MX v1.0 sections 5.3 and 6.3.
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-from effc.ir.effc_ops import EFFC_DOMAIN, add_function
-from effc.passes.quant.formats import E8M0_BIAS, BlockFormat
+from effc.ir.queries import static_shape
+from effc.ops.base import EFFC_DOMAIN, OpSpec, add_function, register_op
+from effc.ops.bitpack import unpack_codes
+from effc.ops.block_formats import E8M0_BIAS, BlockFormat, get_format, quantize_dequantize
 
-__all__ = ["add_block_qdq", "add_block_quant_gather", "add_block_quant_matmul", "overload_name"]
+__all__ = ["add_block_qdq", "add_block_quant_gather", "add_block_quant_matmul", "decode_rows", "overload_name"]
 
 _MIN_OPSET = 13
 
@@ -220,3 +227,57 @@ def add_block_qdq(model: ir.Model, x: ir.Value, fmt: BlockFormat, block_size: in
 def check_function_proto(function: ir.Function) -> None:
     """Run the ONNX checker on one function body (debug helper)."""
     onnx.checker.check_function(ir.serde.serialize_function(function))
+
+
+def decode_rows(packed: np.ndarray, scales: np.ndarray, fmt: BlockFormat | str, block_size: int) -> np.ndarray:
+    """Numpy decode of packed rows: ``(R, C * bits / 8)`` uint8 codes and ``(R, C / block_size)`` scales → ``(R, C)``.
+
+    Scales are E8M0 codes (MX formats) or float16 / float32 values (int formats); float32 result, bit-exact with
+    the function bodies and :func:`effc.ops.block_formats.dequantize`.
+    """
+    fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+    cols = scales.shape[1] * block_size
+    values = fmt.code_table()[unpack_codes(packed, fmt.bits, cols)]
+    if fmt.is_mx:
+        scale = np.ldexp(np.float32(1.0), scales.astype(np.int32) - E8M0_BIAS).astype(np.float32)
+    else:
+        scale = scales.astype(np.float32)
+    return (values.reshape(len(values), -1, block_size) * scale[..., None]).reshape(len(values), cols)
+
+
+def matmul_reference(x: np.ndarray, wq: np.ndarray, s: np.ndarray, *, format: str, block_size: int) -> np.ndarray:  # noqa: A002
+    """Numpy ``effc.BlockQuantMatMul``: ``X (..., K) @ decode_rows(Wq, S).T`` → ``(..., N)`` float32."""
+    return np.matmul(x, decode_rows(wq, s, format, block_size).T)
+
+
+def gather_reference(tq: np.ndarray, s: np.ndarray, ids: np.ndarray, *, format: str, block_size: int) -> np.ndarray:  # noqa: A002
+    """Numpy ``effc.BlockQuantGather``: rows ``ids`` of the decoded ``(V, D)`` table → ``(*ids.shape, D)``."""
+    return decode_rows(tq, s, format, block_size)[ids]
+
+
+def qdq_reference(x: np.ndarray, *, format: str, block_size: int) -> np.ndarray:  # noqa: A002
+    """Numpy ``effc.BlockQDQ``: MX quantize-dequantize of ``x`` along its last axis.
+
+    Equal to the function body except for blocks whose largest magnitude is below 2^-126 (subnormal): the body and
+    the kernel take it as 2^-126 there, :func:`effc.ops.block_formats.quantize` uses its exact exponent.
+    """
+    return quantize_dequantize(x, format, axis=-1, block_size=block_size)
+
+
+def matmul_macs(node: ir.Node) -> int | None:
+    """MACs of ``effc.BlockQuantMatMul``: rows × K × N, from the activation ``(..., K)`` and packed ``(N, ...)``."""
+    x, weight = static_shape(node.inputs[0]), node.inputs[1]
+    packed = static_shape(weight) or (tuple(weight.const_value.shape) if weight.const_value is not None else None)
+    return None if x is None or packed is None else int(np.prod(x[:-1])) * int(x[-1]) * int(packed[0])
+
+
+def _no_macs(node: ir.Node) -> int:
+    """Decode-only operators (table lookup, quantize-dequantize): no multiply-accumulates."""
+    del node
+    return 0
+
+
+_ATTRS = ("format", "block_size")
+register_op(OpSpec("BlockQuantMatMul", ("X", "Wq", "S"), _ATTRS, matmul_macs, matmul_reference))
+register_op(OpSpec("BlockQuantGather", ("Tq", "S", "I"), _ATTRS, _no_macs, gather_reference))
+register_op(OpSpec("BlockQDQ", ("X",), _ATTRS, _no_macs, qdq_reference))

@@ -4,16 +4,15 @@ import numpy as np
 import pytest
 
 from effc.errors import PipelineError
-from effc.passes.quant import (
+from effc.ops.bitpack import pack_codes, unpack_codes
+from effc.ops.block_formats import (
     FORMATS,
     bits_per_weight,
     dequantize,
     get_format,
-    pack_codes,
     quantize,
     quantize_dequantize,
     sqnr_db,
-    unpack_codes,
 )
 
 

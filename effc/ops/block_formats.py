@@ -17,7 +17,7 @@ MXINT8 elements are 8-bit two's complement with an implicit scale of 2^-6 (value
 float32 scale ``amax / qmax`` per block (the layout of ONNX ``DequantizeLinear`` with ``block_size``).
 
 Codes are unsigned bytes holding the element's bit pattern (``ml_dtypes`` layout for the FP formats, two's
-complement for ints); :mod:`effc.passes.quant.packing` packs them densely.
+complement for ints); :mod:`effc.ops.bitpack` packs them densely.
 """
 
 from __future__ import annotations
