@@ -384,3 +384,26 @@ def _nan_propagating(base: type) -> type:
 
 STANDARD_OVERRIDES["Max"] = _nan_propagating(_tvm.Max)
 STANDARD_OVERRIDES["Min"] = _nan_propagating(_tvm.Min)
+
+
+@_override("LayerNormalization")
+class LayerNormalization(_tvm.LayerNormalization):
+    """LayerNormalization's optional outputs ``Mean`` and ``InvStdDev`` (TVM returned scalar 0 placeholders).
+
+    Both are reduced over axes ``axis..rank-1`` with kept dims, in float32 (``stash_type=1``, the default);
+    ``InvStdDev = 1 / sqrt(var + epsilon)`` with the biased variance (ONNX LayerNormalization-17).
+    """
+
+    @classmethod
+    def _impl_v17(cls, bb, inputs, attr, params):
+        out = super()._impl_v17(bb, inputs, attr, params)
+        x = inputs[0]
+        rank = len(x.ty.shape)
+        axis = attr.get("axis", -1)
+        axes = list(range(axis % rank, rank))
+        xf = relax.op.astype(x, "float32") if _dtype(x) != "float32" else x
+        mean = bb.normalize(relax.op.mean(xf, axes, keepdims=True))
+        var = relax.op.mean(relax.op.square(relax.op.subtract(xf, mean)), axes, keepdims=True)
+        eps = relax.const(float(attr.get("epsilon", 1e-5)), "float32")
+        inv_std = relax.op.rsqrt(relax.op.add(var, eps))
+        return relax.Tuple([out[0], mean, inv_std])
