@@ -124,10 +124,18 @@ def check_importable(model: ir.Model) -> None:
 
     Raises:
         UnsupportedOpError: lists every unsupported operator type with example node names.
+        TargetError: a graph input or output is not a tensor (a sequence or optional): artifacts take and return
+            tensors.
     """
     missing = unsupported_ops(model)
     if missing:
         raise UnsupportedOpError(missing)
+    odd = [v.name for v in [*model.graph.inputs, *model.graph.outputs]
+           if v.type is not None and not isinstance(v.type, ir.TensorType)]
+    if odd:
+        raise TargetError(f"graph input(s)/output(s) {odd} are sequences or optionals, not tensors",
+                          "effc artifacts take and return tensors: make the model output a tensor "
+                          "(e.g. ConcatFromSequence) or run it with onnxruntime")
 
 
 def _rename_effc_nodes(graph: onnx.GraphProto) -> None:
