@@ -12,7 +12,7 @@ from benchmarks import fuzz_graphs
 
 
 @pytest.mark.slow
-@settings(max_examples=6, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=6, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(fuzz_graphs.graphs())
 def test_random_graphs_agree_or_are_refused(example):
     # a MismatchError (wrong answer) or a non-EffcError (raw crash) fails the test with the graph printed
