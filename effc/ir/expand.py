@@ -91,6 +91,10 @@ def expand_function_ops(model: ir.Model) -> tuple[ir.Model, int]:
         return model, 0
     proto.functions.extend(functions)
     proto.opset_import.append(onnx.helper.make_opsetid(_DOMAIN, 1))
-    proto = onnx.inliner.inline_selected_functions(proto, [(f.domain, f.name) for f in functions], exclude=False)
+    try:
+        proto = onnx.inliner.inline_selected_functions(proto, [(f.domain, f.name) for f in functions], exclude=False)
+    except RuntimeError as err:  # e.g. a body that needs another opset than the model imports (SwiGLU)
+        logger.info("cannot inline the ONNX function bodies (%s); nodes left for the frontend", err)
+        return model, 0
     del proto.opset_import[[o.domain for o in proto.opset_import].index(_DOMAIN)]
     return ir.from_proto(proto), len(functions)
