@@ -136,6 +136,11 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
 @click.option("--tune", type=click.IntRange(min=0), default=0, metavar="N",
               help="CPU: tune the heaviest kernels with N MetaSchedule trials in all (default 0: off); cached per "
               "CPU and reused.")
+@click.option("--arch", default=None, help="GPU architecture for --target cuda: sm_80, sm_86, sm_89, sm_90 (default).")
+@click.option("--gpu-precision", default=None, metavar="P",
+              help="cuda: fp32 (default, exact) or fp16 (tensor cores, fp32 accumulation); see `effc targets`.")
+@click.option("--fallback", default=None, metavar="dense",
+              help="cuda: run effc operators as their reference ONNX bodies (default: an error naming them).")
 @click.option("--flash", default=None, help="Flash budget for microcontroller targets, e.g. 1M.")
 @click.option("--ram", default=None, help="RAM budget for microcontroller targets, e.g. 256K.")
 @click.option("--force", is_flag=True,
@@ -194,6 +199,9 @@ def compile(
     mcpu,
     no_fast_math,
     tune,
+    arch,
+    gpu_precision,
+    fallback,
     flash,
     ram,
     force,  # noqa: A001
@@ -222,6 +230,9 @@ def compile(
             options["mcpu"] = mcpu
         if no_fast_math:
             options["fast_math"] = False
+        for key, value in (("arch", arch), ("gpu_precision", gpu_precision), ("fallback", fallback)):
+            if value:
+                options[key] = value
         if flash:
             options["flash"] = flash
         if ram:
@@ -355,7 +366,10 @@ def targets():
     from effc.targets import get_target, target_names
 
     for n in target_names():
-        console.print(f"[bold]{n}[/bold] — {get_target(n).summary}")
+        target = get_target(n)
+        console.print(f"[bold]{n}[/bold] — {escape(target.summary)}")
+        for option, text in getattr(target, "option_help", dict)().items():  # targets that describe their options
+            console.print(f"    {option.replace('_', '-')}: {escape(text)}", highlight=False)
 
 
 @cli.command(name="run")

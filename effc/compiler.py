@@ -434,6 +434,7 @@ def compile_model(
             f"target {target!r} has no option(s) {unknown}",
             f"options of {target!r}: {', '.join(sorted(set(tgt.option_names()) | {'threads'}))}",
         )
+    tgt.check_options(options)  # bad values (e.g. an unknown --arch) before any work
     parse_pipeline(passes)  # syntax/option errors before loading anything heavy
     limits = gates.parse_limits(min_cosine=min_cosine, max_top1_drop=max_top1_drop, max_ppl_increase=max_ppl_increase)
 
@@ -476,7 +477,7 @@ def compile_model(
         from effc.runtime.manifest import sha256_of
 
         built = {rel: sha256_of(tmp / rel) for rel in build.files}  # the target checks its files are listed
-        runner = tgt.load(tmp, {**manifest, "files": built})
+        runner = tgt.load(tmp, {**manifest, "files": built}) if tgt.can_run_here() else None
         report = _evaluate(
             loaded,
             original,
@@ -628,9 +629,11 @@ def _evaluate(
     ref_rewritten = Reference(rewritten, threads=threads)
     orig_out = [ref_original.run(_reference_feeds(original, f, loaded.constant_inputs)) for f in feeds]
     rew_out = [ref_rewritten.run(f) for f in feeds]
-    compiled_out = [runner.run(f) for f in feeds]
-    agreed = gate(feeds, rew_out, compiled_out, names) if gate is not None else None  # before any other work
-    shaped = agreed is None or not any("shape" in r["why"] for r in agreed["outputs"].values())
+    compiled_out = [runner.run(f) for f in feeds] if runner is not None else None  # None: cannot run here
+    # the agreement gate, before any other work (targets that cannot run here are not checked)
+    agreed = gate(feeds, rew_out, compiled_out, names) if gate is not None and compiled_out is not None else None
+    shaped = compiled_out is not None and (agreed is None or not any("shape" in r["why"]
+                                                                      for r in agreed["outputs"].values()))
     report: dict[str, Any] = {
         "agreement": agreed,
         "fidelity": {
@@ -639,7 +642,7 @@ def _evaluate(
             "compiled_vs_rewritten": compare(rew_out, compiled_out, names, output_kind=kind) if shaped else None,
         }
     }
-    if measure_latency and getattr(tgt, "host_latency", True):
+    if measure_latency and runner is not None and getattr(tgt, "host_latency", True):
         ort, mine = paired_latency(
             ir.to_proto(original).SerializeToString(),
             [_reference_feeds(original, f, loaded.constant_inputs) for f in feeds],

@@ -6,7 +6,9 @@ loaded, then hands the folder to the target named in the manifest::
     model = effc.runtime.load("out")
     outputs = model.run({"x": x})      # list of numpy arrays, graph output order
 
-This package does not import :mod:`effc.passes`.
+This package does not import :mod:`effc.passes`. Artifacts of the ``cpu`` and ``cuda`` targets load through
+:mod:`effc.runtime.vm` with TVM's runtime libraries only (no ``import tvm``, no ``libtvm_compiler.so``); a ``cuda``
+artifact runs on CUDA device 0 and raises ``TargetError("built for sm_90; no CUDA device found")`` without one.
 """
 
 from __future__ import annotations
@@ -112,8 +114,13 @@ def load(out_dir: Path | str, *, check_indices: bool = True) -> CompiledModel:
     target_name = (manifest.get("target") or {}).get("name")
     if not target_name:
         raise ArtifactError(f"manifest in {out_dir} names no target", "recompile the model")
-    from effc.targets import get_target  # import here: targets pull in TVM
+    from effc.runtime import vm
 
-    runner = get_target(target_name).load(out_dir, manifest)
+    if target_name in vm.DEVICES:  # TVM artifacts: runtime libraries only, never TVM's compiler
+        runner: Any = vm.load_vm_runner(out_dir, manifest)
+    else:
+        from effc.targets import get_target  # import here: targets pull in TVM
+
+        runner = get_target(target_name).load(out_dir, manifest)
     logger.info("loaded %s artifact from %s", target_name, out_dir)
     return CompiledModel(out_dir, manifest, runner, check_indices=check_indices)

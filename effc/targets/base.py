@@ -87,6 +87,22 @@ class Target(abc.ABC):
             TargetError: the artifact cannot run on this machine (e.g. no GPU for a CUDA artifact).
         """
 
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Validate option values before any work (the compiler calls it first); default: no check.
+
+        Raises:
+            TargetError: an option value is outside its domain (names it and the valid values).
+        """
+        return None
+
+    def can_run_here(self) -> bool:
+        """Whether this machine can run the target's artifacts.
+
+        When it cannot (a cuda build without a GPU), a compile reports compiled fidelity as not measured instead of
+        loading the artifact.
+        """
+        return True
+
     def option_names(self) -> Sequence[str]:
         """Names of the options :meth:`build` understands (unknown ones are rejected by the compiler)."""
         return ()

@@ -91,15 +91,15 @@ def ort_run(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return session.run(None, feeds)
 
 
-def build_artifact(model: ir.Model, out_dir: Path, options: dict | None = None) -> Path:
-    """Build with the cpu target into ``out_dir`` and write the manifest (what the compiler will do)."""
+def build_artifact(model: ir.Model, out_dir: Path, options: dict | None = None, target: str = "cpu") -> Path:
+    """Build with ``target`` into ``out_dir`` and write the manifest (what the compiler will do)."""
     options = dict(options or {})
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = get_target("cpu").build(model, out_dir, options)
+    result = get_target(target).build(model, out_dir, options)
     signature = io_signature(model)
     data = {
         "effc_version": "test",
-        "target": {"name": "cpu", "options": options, "info": result.info},
+        "target": {"name": target, "options": options, "info": result.info},
         "inputs": signature["inputs"],
         "outputs": signature["outputs"],
     }

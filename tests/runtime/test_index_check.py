@@ -155,7 +155,7 @@ def test_effc_run_refuses_bad_indices_unless_told_to_trust_them(artifacts, tmp_p
     from click.testing import CliRunner
 
     from effc.cli import cli
-    from effc.targets.cpu import CpuRunner
+    from effc.runtime.vm import VmRunner
 
     art = artifacts["GatherElements"].out_dir
     data = tmp_path / "bad.npz"
@@ -164,7 +164,7 @@ def test_effc_run_refuses_bad_indices_unless_told_to_trust_them(artifacts, tmp_p
     assert refused.exit_code == 1
     assert "input 'i' holds -5 at [1, 0], outside the valid range -4..3" in " ".join(refused.output.split())
     seen = []
-    monkeypatch.setattr(CpuRunner, "run", lambda self, feeds: seen.append(feeds["i"]) or [np.zeros((3, 2), "f4")])
+    monkeypatch.setattr(VmRunner, "run", lambda self, feeds: seen.append(feeds["i"]) or [np.zeros((3, 2), "f4")])
     trusted = CliRunner().invoke(cli, ["run", str(art), "--data", str(data), "--no-check-indices"])
     assert trusted.exit_code == 0, trusted.output
     assert seen[0][1, 0] == -5  # reached the kernel (stubbed here: the real one would read out of bounds)
