@@ -164,6 +164,8 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
               help="Decoders: KV-cache length in tokens (prompt + generated; default 2048).")
 @click.option("--chunk", type=click.IntRange(min=1), default=None, metavar="P",
               help="Decoders: tokens per prefill call (default 128).")
+@click.option("--allow-mismatch", is_flag=True,
+              help="Write the artifact even when its outputs disagree with onnxruntime (recorded in the report).")
 @click.option("--primary-output", default=None, metavar="NAME",
               help="Output the headline and the quality gates use. Default: the zoo model's (MiniLM: "
               "sentence_embedding), else the first output.")
@@ -215,6 +217,7 @@ def compile(
     no_latency,
     max_cache,
     chunk,
+    allow_mismatch,
     primary_output,
     min_cosine,
     max_top1_drop,
@@ -260,6 +263,7 @@ def compile(
                 target_options=options,
                 max_cache=max_cache,
                 chunk=chunk,
+                allow_mismatch=allow_mismatch,
                 primary_output=primary_output,
                 min_cosine=min_cosine,
                 max_top1_drop=max_top1_drop,
@@ -276,6 +280,9 @@ def compile(
             line = f"calibration: {calib['samples']} sample(s) from {calib['source']}"
             console.print(escape(line), highlight=False, soft_wrap=True)
         console.print(escape(f"report: {result.out_dir / 'report.md'}"), highlight=False)
+        agreement = result.manifest.get("agreement") or {}
+        if agreement.get("ok") is False:
+            console.print(escape(f"MISMATCH (--allow-mismatch): {agreement.get('message')}"), style="bold red")
 
     _guard(ctx, run)
 
