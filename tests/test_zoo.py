@@ -13,14 +13,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def test_names_and_prefix():
-    assert zoo.names() == ["minilm-l6", "ppocr-det", "ppocr-rec", "ppocr-cls", "magika", "silero-vad"]
+    assert zoo.names() == ["minilm-l6", "ppocr-det", "ppocr-rec", "ppocr-cls", "magika", "silero-vad",
+                           "smollm2-135m"]
     assert zoo.get("zoo:ppocr-cls") is zoo.get("ppocr-cls")
     with pytest.raises(EffcError, match="zoo:magika") as info:
         zoo.get("zoo:resnet50")
     assert "zoo:minilm-l6" in str(info.value)
 
 
-@pytest.mark.parametrize("name", [n for n in zoo.names() if n != "minilm-l6"])
+@pytest.mark.parametrize("name", [n for n in zoo.names() if n != "minilm-l6" and not zoo.get(n).is_decoder])
 def test_shipped_files_exist_and_match_input_shapes(name):
     entry = zoo.get(name)
     assert entry.path().is_file() and entry.output_kind in ("class_scores", "embedding", "probability",
@@ -29,7 +30,7 @@ def test_shipped_files_exist_and_match_input_shapes(name):
     assert model_inputs == set(entry.input_shapes) | set(entry.constant_inputs)
 
 
-@pytest.mark.parametrize("name", zoo.names())
+@pytest.mark.parametrize("name", [n for n in zoo.names() if not zoo.get(n).is_decoder])
 def test_samples_deterministic_disjoint_and_shaped(name):
     entry = zoo.get(name)
     calib, calib_again = entry.samples("calibration", 4), entry.samples("calibration", 4)
@@ -116,3 +117,12 @@ def test_magika_splits_share_no_file_content():
     calibration = {digest(p) for p in magika_files("calibration", 300)}
     held_out = {digest(p) for p in magika_files("eval", 300)}
     assert not calibration & held_out
+
+
+def test_decoder_entry_refuses_feed_samples_and_names_its_tokenizer():
+    entry = zoo.get("zoo:smollm2-135m")
+    assert entry.is_decoder and entry.output_kind == "logits"
+    with pytest.raises(EffcError, match="token windows"):
+        entry.samples("calibration", 2)
+    with pytest.raises(EffcError, match="not a decoder"):
+        zoo.get("magika").decoder_graph(64)

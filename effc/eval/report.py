@@ -273,6 +273,12 @@ def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     Returns:
         ``(label, value)`` pairs, e.g. ``("Parameters", "4.19 MB → 1.05 MB (×4.00 smaller)")``.
     """
+    from effc.eval.decoder_report import decoder_rows
+
+    if report.get("decoder"):  # a decoder: perplexity and per-token figures instead of per-sample fidelity
+        cost = report.get("cost") or {}
+        params = _before_after(_num(cost.get("params_bytes_before")), _num(cost.get("params_bytes_after")), "B")
+        return [*decoder_rows(report["decoder"]), ("Parameters", params), ("Compile time", _format_seconds(report))]
     fidelity = report.get("fidelity") or {}
     cost = report.get("cost") or {}
     primary = report.get("primary_output")

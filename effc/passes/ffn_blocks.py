@@ -7,6 +7,9 @@ A block is the chain ``MatMul(x, W1) [+ b1] → act → MatMul(·, W2) [+ b2] [+
 * ``act`` is a sub-graph of element-wise ops (``Gelu``, the exported Erf form ``x·0.5·(1+erf(x/√2))``, ``Tanh``,
   ``Relu``, ``Sigmoid`` ...) with one entry value and one exit value, whose other inputs are constants and whose
   inner values are used nowhere else;
+* a gated unit (SwiGLU / GeGLU, Shazeer 2020, "GLU Variants Improve Transformer": ``down(act(x·Wg) ⊙ x·Wu)``)
+  is learned from the graph: one activation node may read the output of a second MatMul ``x·W3`` (constant
+  ``(K, H)``) of the same block input, recorded as ``gate_linear``;
 * the optional residual ``Add`` adds the block input ``x`` back, and the optional ``LayerNormalization`` (constant
   scale/bias, last axis) follows the residual.
 
@@ -43,6 +46,8 @@ class FFNBlock:
         out: the block's FFN output (down output, after its bias).
         residual: the output of ``Add(out, x)`` when the block input is added back, else None.
         norm: the ``LayerNormalization`` node fed by the residual (or by ``out``), else None.
+        gate_linear: in a gated unit, the second projection ``MatMul(x, W3)`` whose output the activation
+            multiplies in (SwiGLU's ``up_proj`` when ``up`` is its ``gate_proj``), else None.
     """
 
     up: ir.Node
@@ -54,6 +59,7 @@ class FFNBlock:
     out: ir.Value
     residual: ir.Value | None
     norm: ir.Node | None
+    gate_linear: ir.Node | None = None
 
     @property
     def x(self) -> ir.Value:
@@ -112,8 +118,20 @@ def _weight(node: ir.Node) -> np.ndarray | None:
     return w if w is not None and w.ndim == 2 and len(node.inputs[1].uses()) == 1 else None
 
 
-def _activation(start: ir.Value, order: dict[int, int]) -> tuple[list[ir.Node], ir.Node] | str:
-    """Element-wise nodes from ``start`` to the down MatMul (which is returned too), or the reason they don't fit."""
+def _gate_linear(value: ir.Value, x: ir.Value | None) -> ir.Node | None:
+    """The ``MatMul(x, W3)`` (constant 2-D ``W3``) producing ``value``, when ``x`` is the block input."""
+    node = value.producer()
+    if node is None or x is None or _weight(node) is None or node.inputs[0] is not x:
+        return None
+    return node
+
+
+def _activation(start: ir.Value, order: dict[int, int],
+                x: ir.Value | None = None) -> tuple[list[ir.Node], ir.Node, ir.Node | None] | str:
+    """Element-wise nodes from ``start`` to the down MatMul, or the reason they don't fit.
+
+    Returns ``(act nodes, down MatMul, gated unit's second projection reading block input x or None)``.
+    """
     inside: dict[int, ir.Node] = {}
     frontier, down = [start], None
     while frontier:
@@ -136,13 +154,18 @@ def _activation(start: ir.Value, order: dict[int, int]) -> tuple[list[ir.Node], 
     if down is None:
         return "no MatMul with a constant weight after the activation"
     known = {id(start)} | {id(o) for nd in inside.values() for o in nd.outputs}
+    gate = None
     for nd in inside.values():
         for inp in nd.inputs:
             if inp is not None and id(inp) not in known and _const(inp) is None:
-                return f"{nd.op_type} node {nd.name!r} reads a non-constant value {inp.name!r} from outside the block"
+                linear = _gate_linear(inp, x) if gate is None else None
+                if linear is None or len(inp.uses()) != 1:
+                    return (f"{nd.op_type} node {nd.name!r} reads a non-constant value {inp.name!r} from outside the "
+                            "block")
+                gate, known = linear, known | {id(inp)}
     if id(down.inputs[0]) not in known or (down.inputs[0] is start and inside):
         return "the down MatMul does not read the activation's output"
-    return sorted(inside.values(), key=lambda nd: order[id(nd)]), down
+    return sorted(inside.values(), key=lambda nd: order[id(nd)]), down, gate
 
 
 def _match(up: ir.Node, order: dict[int, int]) -> FFNBlock | str:
@@ -151,10 +174,12 @@ def _match(up: ir.Node, order: dict[int, int]) -> FFNBlock | str:
     if w1 is None:
         return "not a MatMul with a constant 2-D weight"
     up_bias, act_in = _bias_after(up.outputs[0], w1.shape[1])
-    found = _activation(act_in, order)
+    found = _activation(act_in, order, up.inputs[0])
     if isinstance(found, str):
         return found
-    act, down = found
+    act, down, gate = found
+    if gate is not None and _weight(gate).shape != w1.shape:
+        return f"the gated unit's two projections differ in shape ({w1.shape} vs {_weight(gate).shape})"
     if not act:
         return "no activation between the two MatMuls"
     w2 = _weight(down)
@@ -174,7 +199,7 @@ def _match(up: ir.Node, order: dict[int, int]) -> FFNBlock | str:
         if scale is not None and scale.shape == (w2.shape[1],) and axis in (-1, len(tail.shape or [0, 0, 0]) - 1):
             if len(nxt.inputs) <= 2 or nxt.inputs[2] is None or bias is not None:
                 norm = nxt
-    return FFNBlock(up, up_bias, act, act_in, down, down_bias, out, residual, norm)
+    return FFNBlock(up, up_bias, act, act_in, down, down_bias, out, residual, norm, gate)
 
 
 def find_ffn_blocks(model: ir.Model) -> tuple[list[FFNBlock], list[dict]]:
@@ -195,7 +220,8 @@ def find_ffn_blocks(model: ir.Model) -> tuple[list[FFNBlock], list[dict]]:
             continue
         blocks.append(found)
         downs.add(id(found.down))
-    skipped = [s for s in skipped if s["name"] not in {b.down.name for b in blocks}]
+    inner = {b.down.name for b in blocks} | {b.gate_linear.name for b in blocks if b.gate_linear is not None}
+    skipped = [s for s in skipped if s["name"] not in inner]
     return blocks, skipped
 
 
@@ -220,6 +246,8 @@ class TorchBlock:
             for inp in nd.inputs:
                 if inp is not None and _const(inp) is not None:
                     self.consts[id(inp)] = torch.tensor(np.asarray(_const(inp), dtype=np.float32))
+        if block.gate_linear is not None:  # a gated unit's second projection stays as it is in the graph
+            self.gate_weight = torch.tensor(np.asarray(_const(block.gate_linear.inputs[1]), dtype=np.float32))
         self.norm = None
         if block.norm is not None:
             scale, bias = _const(block.norm.inputs[1]), _const(block.norm.inputs[2] if len(block.norm.inputs) > 2
@@ -228,9 +256,11 @@ class TorchBlock:
             self.norm = (torch.tensor(scale, dtype=torch.float32),
                          None if bias is None else torch.tensor(bias, dtype=torch.float32), eps)
 
-    def activation(self, h):
-        """The activation sub-graph applied to ``h`` ``(N, H)``."""
+    def activation(self, h, x=None):
+        """The activation sub-graph applied to ``h`` ``(N, H)`` (a gated unit also reads block input ``x``)."""
         env = {id(self.block.act_in): h}
+        if self.block.gate_linear is not None:
+            env[id(self.block.gate_linear.outputs[0])] = x @ self.gate_weight
         for nd in self.block.act:
             args = [env[id(i)] if id(i) in env else self.consts[id(i)] for i in nd.inputs if i is not None]
             env[id(nd.outputs[0])] = self.ops[nd.op_type](*args, nd)
@@ -239,7 +269,7 @@ class TorchBlock:
     def forward(self, x, w1, b1, w2, b2, point: str = "ffn"):
         """Block output at ``point`` for token rows ``x`` ``(N, K)``; see the class docstring."""
         h = x @ w1 if b1 is None else x @ w1 + b1
-        o = self.activation(h) @ w2
+        o = self.activation(h, x) @ w2
         o = o if b2 is None else o + b2
         if point == "ffn":
             return o

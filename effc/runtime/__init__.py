@@ -94,6 +94,47 @@ class CompiledModel:
         """
         return self._runner.run(self._check_feeds(feeds))
 
+    @property
+    def is_decoder(self) -> bool:
+        """True for a decoder artifact (``prefill`` and ``decode`` entry points over a KV cache)."""
+        return bool(self.manifest.get("decoder"))
+
+    def decoder(self) -> Any:
+        """The :class:`effc.runtime.decoder.DecoderSession` of this artifact (created once: cache, tokenizer).
+
+        Raises:
+            ArtifactError: the artifact is not a decoder.
+        """
+        if not self.is_decoder:
+            raise ArtifactError(
+                f"the artifact in {self.out_dir} ({(self.manifest.get('source') or {}).get('name')}) is not a decoder "
+                "language model, so it cannot generate text",
+                "compile a decoder, e.g. effc compile zoo:smollm2-135m -o out; run this one with effc run",
+            )
+        if getattr(self, "_session", None) is None:
+            from effc.runtime.decoder import CompiledBackend, DecoderSession
+
+            info = self.manifest["decoder"]
+            import transformers
+
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.out_dir / info["tokenizer"]))
+            self._session = DecoderSession(CompiledBackend(self._runner), info, tokenizer, info["stop_token_ids"])
+        return self._session
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, chat: bool = False, on_text: Any = None) -> Any:
+        """Generate text after ``prompt`` (see :meth:`effc.runtime.decoder.DecoderSession.generate`).
+
+        Returns:
+            A :class:`effc.runtime.decoder.Generation` (text, tokens, prefill ms, decode ms/token, tokens/s).
+
+        Raises:
+            ArtifactError: the artifact is not a decoder.
+            DataError: bad sampling arguments, or the prompt plus ``max_new_tokens`` does not fit the KV cache.
+        """
+        return self.decoder().generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                       top_p=top_p, seed=seed, chat=chat, on_text=on_text)
+
 
 def load(out_dir: Path | str, *, check_indices: bool = True) -> CompiledModel:
     """Load the artifact in ``out_dir`` (hashes verified before any shared object is loaded).
@@ -116,7 +157,9 @@ def load(out_dir: Path | str, *, check_indices: bool = True) -> CompiledModel:
         raise ArtifactError(f"manifest in {out_dir} names no target", "recompile the model")
     from effc.runtime import vm
 
-    if target_name in vm.DEVICES:  # TVM artifacts: runtime libraries only, never TVM's compiler
+    # TVM artifacts: runtime libraries only, never TVM's compiler. Decoders (two entry points, a cache shared
+    # without copies) still load through their target's runner.
+    if target_name in vm.DEVICES and not manifest.get("decoder"):
         runner: Any = vm.load_vm_runner(out_dir, manifest)
     else:
         from effc.targets import get_target  # import here: targets pull in TVM

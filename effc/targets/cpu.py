@@ -132,6 +132,30 @@ class CpuTarget(Target):
             facts["effc_ops"] = effc_ops
         return BuildResult(files=[_LIBRARY], info=facts)
 
+    def build_entries(self, models: dict[str, ir.Model], workdir: Path, options: dict[str, Any]) -> BuildResult:
+        """Compile several graphs over the same weights into one ``model.so`` with one function per entry point.
+
+        Each graph is imported on its own and the modules are merged (:mod:`effc.codegen.entries`); the Relax VM
+        stores a constant used by several functions once. A decoder's ``prefill`` and ``decode`` are built so.
+
+        Raises:
+            UnsupportedOpError, TargetError: as :meth:`build`.
+        """
+        from effc.codegen.entries import merge_entry_modules
+
+        tvm_target = self.tvm_target(options)
+        start = time.perf_counter()
+        with tvm_target:
+            mod = merge_entry_modules({name: to_relax(model) for name, model in models.items()})
+        import_seconds = time.perf_counter() - start
+        executable, info = cpu_codegen.compile_cpu(mod, tvm_target, options)
+        start = time.perf_counter()
+        tvm_build.export_library(executable, Path(workdir) / _LIBRARY)
+        facts = {"import_seconds": round(import_seconds, 3), "export_seconds": round(time.perf_counter() - start, 3),
+                 "tvm_target": str(tvm_target), "mcpu": str(tvm_target.attrs["mcpu"]), "entries": list(models),
+                 "vector_bits": _vector_bits(tvm_target), "threads": self.threads(options), **info}
+        return BuildResult(files=[_LIBRARY], info=facts)
+
     def load(self, artifact_dir: Path, manifest: dict[str, Any]) -> Runner:
         """Load ``model.so`` into a Relax VM on the host CPU; threads from the manifest's target options.
 
@@ -148,7 +172,8 @@ class CpuTarget(Target):
         threads = self.threads(target.get("options") or {})
         input_names = [spec["name"] for spec in manifest.get("inputs", [])]
         vm = tvm_build.load_vm(Path(artifact_dir) / _LIBRARY, tvm.cpu())
-        return CpuRunner(vm, input_names, threads)
+        entry = "prefill" if manifest.get("decoder") else "main"  # a decoder's run() is one prefill call
+        return CpuRunner(vm, input_names, threads, entry)
 
 
 class CpuRunner(Runner):
@@ -158,11 +183,31 @@ class CpuRunner(Runner):
         threads: the requested worker thread count (TVM clamps it to its pool size; see :func:`set_runtime_threads`).
     """
 
-    def __init__(self, vm: Any, input_names: list[str], threads: int):
+    def __init__(self, vm: Any, input_names: list[str], threads: int, entry: str = "main"):
         self._vm = vm
+        self._entry = entry
         self._input_names = list(input_names)
         self.threads = threads
         self._device = tvm.cpu()
+
+    def call(self, function: str, args: list[Any]) -> list[np.ndarray]:
+        """Call entry point ``function`` with positional ``args`` (numpy arrays, or TVM tensors that stay put).
+
+        Raises:
+            TargetError: the library has no such function, or TVM failed at run time.
+        """
+        set_runtime_threads(self.threads)
+        try:
+            tensors = [a if isinstance(a, tvm.runtime.Tensor) else
+                       tvm_build.to_tvm_tensor(np.ascontiguousarray(a), self._device) for a in args]
+            return tvm_build.outputs_to_numpy(self._vm[function](*tensors))
+        except Exception as exc:  # noqa: BLE001  (never let a TVM traceback escape)
+            raise TargetError(f"calling {function!r} of model.so failed: {type(exc).__name__}: {str(exc)[:400]}",
+                              "recompile the model; check the arguments match the manifest's entry points") from exc
+
+    def shared_tensor(self, array: np.ndarray) -> Any:
+        """A TVM tensor that shares memory with the C-contiguous ``array`` (writes to one show in the other)."""
+        return tvm.runtime.from_dlpack(array)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run one inference (feeds already validated by :class:`effc.runtime.CompiledModel`).
@@ -176,7 +221,7 @@ class CpuRunner(Runner):
             raise TargetError(f"inputs {missing} missing from the feeds", f"pass all of {self._input_names}")
         try:  # np.asarray keeps 0-d inputs 0-d (np.ascontiguousarray makes them 1-d)
             args = [tvm_build.to_tvm_tensor(np.asarray(feeds[n], order="C"), self._device) for n in self._input_names]
-            result = self._vm["main"](*args)
+            result = self._vm[self._entry](*args)
             return tvm_build.outputs_to_numpy(result)
         except Exception as exc:  # noqa: BLE001  (never let a TVM traceback escape)
             raise TargetError(

@@ -1,0 +1,298 @@
+"""Token-by-token generation over a decoder artifact: KV cache, positions, masks, sampling, tokenizer.
+
+A decoder artifact (``manifest["decoder"]``) has two entry points over the same weights, ``prefill`` (a chunk of
+``P`` tokens) and ``decode`` (one token), with the signature of :mod:`effc.decoder.llama`: ``(input_ids,
+positions, attn_mask, kv_cache) -> (logits, kv_new)``. The session owns one preallocated cache ``(L, 2, Hkv, S,
+D)`` float32, shared with the compiled code without copies, and writes each call's ``kv_new`` into it at the
+chunk's positions. A prompt is prefilled in chunks of ``P`` (the last one padded; padding sits after the real
+tokens, so the causal mask hides it, and its keys are never written into the cache).
+
+Backends run the entry points: :class:`CompiledBackend` (the artifact's ``model.so``) and :class:`OrtBackend`
+(onnxruntime on the same graphs; the baseline of reports and benchmarks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from effc.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+class CompiledBackend:
+    """The artifact's ``prefill``/``decode`` functions (a loaded CPU runner with ``call`` and ``shared_tensor``)."""
+
+    name = "effc"
+
+    def __init__(self, runner: Any):
+        self._runner = runner
+        self._cache = None
+
+    def bind_cache(self, cache: np.ndarray) -> None:
+        """Share ``cache`` with the compiled code (no copy per call)."""
+        self._cache = self._runner.shared_tensor(cache)
+
+    def run(self, entry: str, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+        """``[logits, kv_new]`` of one call of ``entry`` over the bound cache."""
+        return self._runner.call(entry, [ids, positions, mask, self._cache])
+
+
+class OrtBackend:
+    """onnxruntime sessions over the same graphs (``{"prefill": model, "decode": model}`` of ``ir.Model``)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, graphs: dict[str, Any], threads: int = 1):
+        from effc.ir.reference import Reference
+
+        self._sessions = {entry: Reference(model, threads=threads) for entry, model in graphs.items()}
+        self._cache = None
+
+    def bind_cache(self, cache: np.ndarray) -> None:
+        self._cache = cache
+
+    def run(self, entry: str, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+        return self._sessions[entry].run({"input_ids": ids, "positions": positions, "attn_mask": mask,
+                                          "kv_cache": self._cache})
+
+
+@dataclasses.dataclass
+class Generation:
+    """What :meth:`DecoderSession.generate` produced.
+
+    Attributes:
+        text: the generated text (prompt excluded, stop token excluded).
+        tokens: generated token ids.
+        prompt_tokens: prompt length in tokens.
+        prefill_ms: wall time of the prompt's prefill (all chunks).
+        decode_ms_per_token: median wall time of one decode step (model call plus sampling).
+        tokens_per_s: generated tokens per second of decoding.
+        stopped: ``"stop_token"`` or ``"max_new_tokens"``.
+    """
+
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    prefill_ms: float
+    decode_ms_per_token: float | None
+    tokens_per_s: float | None
+    stopped: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class DecoderSession:
+    """Cache, positions and masks around a backend; generation and scoring of token sequences.
+
+    Args:
+        backend: :class:`CompiledBackend` or :class:`OrtBackend`.
+        info: the decoder facts (``manifest["decoder"]``): ``layers, kv_heads, head_dim, max_cache, chunk,
+            masked`` at least.
+        tokenizer: a ``transformers`` tokenizer (needed for text in/out only).
+        stop_ids: token ids that end a generation.
+    """
+
+    def __init__(self, backend: Any, info: dict[str, Any], tokenizer: Any = None, stop_ids: Sequence[int] = ()):
+        self.backend = backend
+        self.info = info
+        self.tokenizer = tokenizer
+        self.stop_ids = {int(t) for t in stop_ids}
+        self.max_cache = int(info["max_cache"])
+        self.chunk = int(info["chunk"])
+        self._masked = np.float32(info.get("masked", -1.0e9))
+        shape = (info["layers"], 2, info["kv_heads"], self.max_cache, info["head_dim"])
+        self.cache = aligned_zeros(shape)
+        backend.bind_cache(self.cache)
+        self.length = 0  # tokens held in the cache
+
+    def reset(self) -> None:
+        """Forget the context (the cache contents are masked, not cleared)."""
+        self.length = 0
+
+    def _mask(self, tokens: int) -> np.ndarray:
+        mask = np.full((tokens, self.max_cache + tokens), self._masked, dtype=np.float32)
+        mask[:, :self.length] = 0.0
+        mask[:, self.max_cache:] = np.triu(np.full((tokens, tokens), self._masked, dtype=np.float32), 1)
+        return mask
+
+    def _call(self, entry: str, ids: Sequence[int], tokens: int) -> np.ndarray:
+        real = len(ids)
+        padded = np.zeros((1, tokens), dtype=np.int64)
+        padded[0, :real] = ids
+        positions = (self.length + np.arange(tokens, dtype=np.int64))[None]
+        logits, kv_new = self.backend.run(entry, padded, positions, self._mask(tokens))
+        self.cache[:, :, :, self.length:self.length + real] = kv_new[:, :, :, :real]
+        self.length += real
+        return logits[0, :real]
+
+    def _check_room(self, tokens: int) -> None:
+        if self.length + tokens > self.max_cache:
+            raise DataError(
+                f"{self.length + tokens} tokens do not fit the decoder's KV cache of {self.max_cache} tokens "
+                f"({self.length} already held, {tokens} more asked)",
+                "shorten the prompt or --max-new-tokens, or recompile with a larger cache (--max-cache)")
+
+    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+        """Append ``ids`` to the context in chunks of ``P``; returns their logits ``(len(ids), V)``.
+
+        Raises:
+            DataError: the tokens do not fit the cache.
+        """
+        ids = [int(t) for t in ids]
+        self._check_room(len(ids))
+        out = [self._call("prefill", ids[start:start + self.chunk], self.chunk)
+               for start in range(0, len(ids), self.chunk)]
+        return np.concatenate(out, axis=0)
+
+    def decode(self, token: int) -> np.ndarray:
+        """Append one token; returns its logits ``(V,)``.
+
+        Raises:
+            DataError: the cache is full.
+        """
+        self._check_room(1)
+        return self._call("decode", [int(token)], 1)[0]
+
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        """Token ids of ``prompt`` (``chat``: wrapped in the tokenizer's chat template as one user turn).
+
+        Raises:
+            DataError: the artifact has no tokenizer, or ``chat`` and the tokenizer has no chat template.
+        """
+        if self.tokenizer is None:
+            raise DataError("this decoder artifact has no tokenizer", "recompile it from zoo:smollm2-135m")
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise DataError("the tokenizer has no chat template", "generate without --chat")
+            return list(self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                                           add_generation_prompt=True, return_dict=False))
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, chat: bool = False,
+                 on_text: Callable[[str], None] | None = None) -> Generation:
+        """Generate up to ``max_new_tokens`` tokens after ``prompt`` (text, or token ids) from an empty context.
+
+        Args:
+            prompt: the prompt text (tokenized here) or its token ids.
+            max_new_tokens: tokens to generate at most (a stop token ends earlier).
+            temperature: 0 = greedy (argmax); > 0 samples from ``softmax(logits / temperature)``.
+            top_p: nucleus sampling: sample among the most likely tokens whose probabilities sum to ``top_p``.
+            seed: seed of the sampler (numpy ``default_rng``).
+            chat: apply the tokenizer's chat template to a text prompt.
+            on_text: called with each new piece of text as it is generated (streaming).
+
+        Raises:
+            DataError: bad arguments, an empty prompt, or prompt plus ``max_new_tokens`` longer than the cache.
+        """
+        _check_sampling(max_new_tokens, temperature, top_p)
+        ids = self.encode(prompt, chat) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise DataError("the prompt is empty (no tokens)", "give a prompt with some text")
+        self.reset()
+        self._check_room(len(ids) + max_new_tokens)
+        rng = np.random.default_rng(seed)
+        start = time.perf_counter()
+        logits = self.prefill(ids)[-1]
+        prefill_ms = (time.perf_counter() - start) * 1e3
+        tokens: list[int] = []
+        steps: list[float] = []
+        shown = ""
+        stopped = "max_new_tokens"
+        for index in range(max_new_tokens):
+            token = sample(logits, temperature, top_p, rng)
+            if token in self.stop_ids:
+                stopped = "stop_token"
+                break
+            tokens.append(token)
+            if on_text is not None and self.tokenizer is not None:
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                if len(text) > len(shown) and not text.endswith("\ufffd"):
+                    on_text(text[len(shown):])
+                    shown = text
+            if index + 1 == max_new_tokens:
+                break
+            step = time.perf_counter()
+            logits = self.decode(token)
+            steps.append((time.perf_counter() - step) * 1e3)
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
+        if on_text is not None and len(text) > len(shown):
+            on_text(text[len(shown):])
+        decode_ms = float(np.median(steps)) if steps else None
+        return Generation(text, tokens, len(ids), round(prefill_ms, 3), _round(decode_ms),
+                          _round(1e3 / decode_ms if decode_ms else None), stopped)
+
+
+def aligned_zeros(shape: tuple[int, ...], align: int = 64) -> np.ndarray:
+    """A zero float32 array whose data starts on an ``align``-byte boundary (TVM shares only such buffers)."""
+    size = int(np.prod(shape)) * 4
+    raw = np.zeros(size + align, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset:offset + size].view(np.float32).reshape(shape)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _check_sampling(max_new_tokens: Any, temperature: Any, top_p: Any) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise DataError(f"max_new_tokens={max_new_tokens!r} is not a positive integer", "give 1 or more")
+    if not np.isfinite(temperature) or temperature < 0:
+        raise DataError(f"temperature={temperature!r} is not >= 0", "give 0 (greedy) or a positive temperature")
+    if not (0 < top_p <= 1):
+        raise DataError(f"top_p={top_p!r} is not in (0, 1]", "give e.g. --top-p 0.9 (1 = no nucleus cut)")
+
+
+def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Next token from ``logits (V,)``: argmax at temperature 0, else nucleus sampling (Holtzman et al. 2020).
+
+    Ties at temperature 0 go to the lowest token id (``np.argmax``).
+    """
+    if temperature == 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    keep = int(np.searchsorted(np.cumsum(probs[order]), top_p) + 1)
+    chosen = order[:keep]
+    return int(rng.choice(chosen, p=probs[chosen] / probs[chosen].sum()))
+
+
+def token_nll(session: DecoderSession, ids: Sequence[int]) -> np.ndarray:
+    """Negative log-likelihood (nats) of ``ids[1:]`` given the tokens before each, from an empty context."""
+    session.reset()
+    logits = session.prefill(ids)[:-1].astype(np.float64)
+    logits -= logits.max(axis=-1, keepdims=True)
+    logz = np.log(np.exp(logits).sum(axis=-1))
+    return logz - logits[np.arange(len(ids) - 1), np.asarray(ids[1:])]
+
+
+def perplexity(session: DecoderSession, ids: Sequence[int], window: int = 512) -> dict[str, Any]:
+    """Perplexity of ``ids`` in non-overlapping windows of ``window`` tokens (each window from an empty context).
+
+    Returns:
+        ``{"perplexity", "tokens_scored", "windows", "window"}``; a last window shorter than 2 tokens is dropped.
+
+    Raises:
+        DataError: fewer than 2 tokens, or a window longer than the cache.
+    """
+    if window > session.max_cache:
+        raise DataError(f"perplexity window {window} is longer than the KV cache ({session.max_cache})",
+                        "use a smaller window, or recompile with a larger --max-cache")
+    pieces = [ids[s:s + window] for s in range(0, len(ids), window)]
+    pieces = [p for p in pieces if len(p) >= 2]
+    if not pieces:
+        raise DataError("the text has fewer than 2 tokens, so it has no perplexity", "give a longer text")
+    nll = np.concatenate([token_nll(session, p) for p in pieces])
+    return {"perplexity": round(float(np.exp(nll.mean())), 4), "tokens_scored": int(nll.size),
+            "windows": len(pieces), "window": int(window)}

@@ -1,0 +1,160 @@
+"""A tiny random Llama (SmolLM2's tokenizer and vocabulary, 2 layers) exported, compiled and run token by token.
+
+Compiled prefill/decode against torch fp32 (the transformers model itself): greedy tokens equal, decode-step logits
+within 1e-3, perplexity within 0.5%; passes on the decoder keep it generating.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ("The harbour town wakes up slowly", "A bicycle is a simple machine", "Good soup does not need")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import torch
+    import transformers
+
+    from effc.decoder import smollm2
+    from effc.decoder.export import export_decoder
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   rms_norm_eps=1e-5, tie_word_embeddings=True)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    folder = smollm2.fp32_folder()
+    graph = export_decoder(hf, max_cache=96, chunk=16, extra={"tokenizer_dir": str(folder)})
+    return hf, graph, smollm2.load_tokenizer(), tmp_path_factory.mktemp("tiny-decoder")
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny):
+    import effc
+    import effc.runtime
+
+    hf, graph, tokenizer, folder = tiny
+    result = effc.compile(graph, out_dir=folder / "fp32", latency_repeat=2)
+    return result, effc.runtime.load(result.out_dir)
+
+
+def _torch_greedy(hf, ids, n):
+    import torch
+
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def test_greedy_tokens_equal_torch(tiny, compiled):
+    hf, _, tokenizer, _ = tiny
+    session = compiled[1].decoder()
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        mine = session.generate(ids, max_new_tokens=12)
+        assert mine.tokens == _torch_greedy(hf, ids, 12)[:len(mine.tokens)]
+        assert mine.prompt_tokens == len(ids) and mine.decode_ms_per_token > 0
+
+
+def test_decode_logits_within_1e3_of_torch(tiny, compiled):
+    import torch
+
+    from effc.decoder.text import eval_text
+
+    hf, _, tokenizer, _ = tiny
+    ids = tokenizer(eval_text())["input_ids"][:24]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    session = compiled[1].decoder()
+    session.reset()
+    first = session.prefill(ids[:20])  # two chunks: one full, one padded
+    steps = np.stack([session.decode(t) for t in ids[20:]])
+    np.testing.assert_allclose(first, ref[:20], atol=1e-3)
+    np.testing.assert_allclose(steps, ref[20:], atol=1e-3)
+
+
+def test_perplexity_within_half_a_percent_of_torch(tiny, compiled):
+    import torch
+
+    from effc.decoder.text import eval_text
+    from effc.runtime.decoder import perplexity
+
+    hf, _, tokenizer, _ = tiny
+    ids = tokenizer(eval_text())["input_ids"][:160]
+    mine = perplexity(compiled[1].decoder(), ids, window=80)
+    nll = []
+    for start in range(0, len(ids), 80):
+        window = torch.tensor([ids[start:start + 80]])
+        with torch.no_grad():
+            nll.append(torch.nn.functional.cross_entropy(hf(window).logits[0, :-1], window[0, 1:], reduction="none"))
+    ref = float(torch.exp(torch.cat(nll).mean()))
+    assert mine["perplexity"] == pytest.approx(ref, rel=5e-3)
+
+
+def test_report_and_manifest_describe_the_decoder(compiled):
+    result, model = compiled
+    section = result.report["decoder"]
+    ppl = section["perplexity"]
+    assert ppl["compiled"]["perplexity"] == pytest.approx(ppl["original_onnxruntime"]["perplexity"], rel=1e-3)
+    assert section["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    assert section["weight_bytes_per_decoded_token"] > 49152 * 64 * 4
+    assert section["prefill_decode_consistency_max_abs"] < 1e-3
+    assert section["latency"]["effc"]["decode_ms_per_token"]["median"] > 0
+    assert set(result.manifest["decoder"]["entries"]) == {"prefill", "decode"}
+    assert result.manifest["decoder"]["entries"]["decode"]["inputs"][0]["shape"] == [1, 1]
+    assert "Perplexity" in (result.out_dir / "report.md").read_text()
+
+
+def test_generate_text_and_errors(compiled, tmp_path):
+    from effc.errors import ArtifactError, DataError
+
+    model = compiled[1]
+    out = model.generate("Hello", max_new_tokens=4)
+    assert isinstance(out.text, str) and len(out.tokens) <= 4
+    with pytest.raises(DataError, match="KV cache of 96"):
+        model.generate("word " * 120, max_new_tokens=4)
+
+    import effc
+    import effc.runtime
+
+    from tests.runtime.helpers import mlp
+
+    plain = effc.compile(mlp(), out_dir=tmp_path / "mlp", measure_latency=False)
+    with pytest.raises(ArtifactError, match="not a decoder"):
+        effc.runtime.load(plain.out_dir).generate("Hello")
+
+
+def test_block_quant_on_the_decoder_keeps_it_generating(tiny):
+    import effc
+
+    _, graph, _, folder = tiny
+    result = effc.compile(graph, out_dir=folder / "mxint8", passes="block-quant(format=mxint8)",
+                          measure_latency=False)
+    section = result.report["decoder"]
+    assert section["perplexity"]["compiled"]["perplexity"] == pytest.approx(
+        section["perplexity"]["rewritten_onnxruntime"]["perplexity"], rel=1e-3)
+    assert abs(section["perplexity_change_pct"]) < 5
+    assert section["weight_bytes_per_decoded_token"] < result.report["cost"]["params_bytes_before"]
+    import effc.runtime
+
+    assert len(effc.runtime.load(result.out_dir).generate("Soup", max_new_tokens=3).tokens) <= 3
+
+
+def test_eval_text_cli_reports_perplexity(compiled, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from effc.cli import cli
+
+    text = tmp_path / "t.txt"
+    text.write_text("A bicycle is a simple machine, yet keeping one in good condition takes attention. " * 3)
+    out = CliRunner().invoke(cli, ["eval", str(compiled[0].out_dir), "--text", str(text), "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output.strip().splitlines()[-1])
+    assert data["window"] == 96 and data["tokens_scored"] > 10 and data["perplexity_compiled"] > 1
+    assert "not available" in data["perplexity_original_onnxruntime"]  # compiled from an in-memory graph
