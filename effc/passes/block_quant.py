@@ -196,14 +196,18 @@ class BlockQuantPass(EffcPass):
         """
         if "MatMul" not in self.options.ops:
             return
-        for node in packed_layers(model):
-            if self._unselected([node.name or "", node.inputs[1].name or ""]) is None:
-                raise PassError(
-                    f"block-quant: {node.name} is N:M-packed (effc.NMSparseMatMul); block quantization of packed "
-                    "values is not supported",
-                    f"run nm-sparsity(pack=false) before block-quant to quantize the pruned weights (their zeros "
-                    f"stay zeros), or leave the packed layer fp32 with block-quant(exclude=[{node.name}])",
-                )
+        names = [n.name or "" for n in packed_layers(model)
+                 if self._unselected([n.name or "", n.inputs[1].name or ""]) is None]
+        if not names:
+            return
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        pattern = "*/nm" if all(n.endswith("/nm") for n in names) else ",".join(names)
+        raise PassError(
+            f"block-quant: {len(names)} selected layer(s) are N:M-packed (effc.NMSparseMatMul): {shown}; block "
+            "quantization of packed values is not supported",
+            "run nm-sparsity(pack=false) before block-quant to quantize the pruned weights (their zeros stay "
+            f"zeros), or leave the packed layers fp32 with block-quant(exclude=[{pattern}])",
+        )
 
     def _lorc_rank(self, t: QuantTarget) -> int:
         """The LoRC rank ``t`` gets: 0 for a weight with zeros (recorded in ``lorc_skipped``, logged once)."""

@@ -8,6 +8,8 @@ are refused with an error naming the layer and the fix, never skipped silently.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -78,18 +80,25 @@ def test_two_four_pattern_survives_dequantize_linear(fmt):
     assert (w[pruned] == 0).all() and np.count_nonzero(w) > 0.45 * K * N
 
 
-def test_packed_nm_layers_are_refused_with_the_fix():
+def test_packed_nm_layers_are_refused_with_a_hint_that_works():
     model = _matmul_model()
     NMSparsityPass(n=2, m=4, method="magnitude", reconstruct="false")(model)
-    with pytest.raises(PassError, match=r"fc/nm is N:M-packed.*exclude=\[fc/nm\]|pack=false"):
+    with pytest.raises(PassError) as err:
         BlockQuantPass(format="mxfp4", min_params=0)(model)
+    message = str(err.value)
+    assert "1 selected layer(s) are N:M-packed" in message and "fc/nm" in message and "pack=false" in message
+    hint = re.search(r"exclude=\[([^\]]+)\]", message).group(1)
+    assert hint == "*/nm"  # one glob for every packed layer, not one retry per layer
+    result = BlockQuantPass(format="mxfp4", min_params=0, exclude=tuple(hint.split(",")))(model)  # the hint works
+    assert not result.modified
 
 
-def test_excluded_packed_layers_stay_packed():
+@pytest.mark.parametrize("exclude", ["fc/nm", "*/nm"])
+def test_excluded_packed_layers_stay_packed(exclude):
     model = _matmul_model()
     NMSparsityPass(n=2, m=4, method="magnitude", reconstruct="false")(model)
     before = _weight(model)
-    result = BlockQuantPass(format="mxfp4", min_params=0, exclude=("fc/nm",))(model)
+    result = BlockQuantPass(format="mxfp4", min_params=0, exclude=(exclude,))(model)
     assert not result.modified
     assert [n.op_type for n in model.graph] == ["NMSparseMatMul", "Identity"]
     np.testing.assert_array_equal(_weight(model), before)
