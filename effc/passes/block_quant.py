@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 MODES = ("weight", "weight_act", "kv")
 HELD_OUT = 0.25  # fraction of the calibration feeds that check GPTQ against rounding (never fitted)
+SPARSE_ZEROS = 0.01  # fraction of exact zeros from which a weight counts as pruned (no LoRC, see _lorc_rank)
 ROW_BLOCKED = ("Gather", "Conv")  # weights in the (rows, blocked axis) layout, blocks along axis 1
 
 
@@ -130,7 +131,7 @@ class BlockQuantPass(EffcPass):
 
     After a sparsifying pass the zeros of a weight stay zeros: rounding maps 0 to the zero code, GPTQ keeps them
     fixed (:func:`effc.passes.quant.compensation.gptq_quantize`), and LoRC, whose dense low-rank branch would refill
-    them, is not applied to a weight with zeros (listed in ``lorc_skipped``, logged).
+    them, is not applied to a pruned weight (>= 1% exact zeros; listed in ``lorc_skipped``, logged).
 
     Raises:
         CalibrationError: ``gptq=true`` without calibration data.
@@ -210,9 +211,15 @@ class BlockQuantPass(EffcPass):
         )
 
     def _lorc_rank(self, t: QuantTarget) -> int:
-        """The LoRC rank ``t`` gets: 0 for a weight with zeros (recorded in ``lorc_skipped``, logged once)."""
+        """The LoRC rank ``t`` gets: 0 for a pruned weight (recorded in ``lorc_skipped``, logged once).
+
+        A weight counts as pruned when at least ``SPARSE_ZEROS`` (1%) of it is exactly zero: a sparsifying pass
+        leaves a pattern (N:M: 50%, unstructured: its sparsity), a dense trained weight only a few stray zeros,
+        which LoRC may change like any other weight. Re-zeroing pruned positions is not possible: the branch
+        ``(X @ U) @ V`` is dense, so LoRC and a pruned pattern exclude each other.
+        """
         zeros = int(np.count_nonzero(t.array == 0))
-        if not self.options.lorc_rank or not zeros:
+        if not self.options.lorc_rank or zeros < SPARSE_ZEROS * t.array.size:
             return self.options.lorc_rank
         entry = {"weight": t.weight.name or t.node.name or "", "reason": f"weight has {zeros} zeros "
                  f"({100.0 * zeros / t.array.size:.1f}%) that a low-rank correction would refill"}

@@ -102,3 +102,14 @@ def test_excluded_packed_layers_stay_packed(exclude):
     assert not result.modified
     assert [n.op_type for n in model.graph] == ["NMSparseMatMul", "Identity"]
     np.testing.assert_array_equal(_weight(model), before)
+
+
+def test_lorc_applies_to_a_dense_weight_with_a_stray_zero():
+    model = _matmul_model()
+    w = model.graph.initializers["w"].const_value.numpy().copy()
+    w[3, 5] = 0.0  # one exact zero is no sparsity pattern
+    model.graph.initializers["w"].const_value = ir.tensor(w, name="w")
+    quant = BlockQuantPass(format="mxfp4", min_params=0, lorc_rank=8)
+    quant(model)
+    assert quant.stats["layers"]["w"]["lorc_rank"] == 8 and quant.stats["lorc_skipped"] == []
+    assert "MatMul" in [n.op_type for n in model.graph]  # the low-rank branch X @ U @ V
