@@ -22,6 +22,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from effc.ops.base import EFFC_DOMAIN
 from effc.ops.nm_sparse import nm_sparse_matmul, pack_nm
 from effc.passes import sparsegpt as sg
 from effc.passes.base import EffcPass, PassOptions, register_pass
@@ -102,6 +103,17 @@ class NMSparsityOptions(PassOptions):
             self.fail("min_cosine", self.min_cosine, "a cosine in (0, 1]")
 
 
+def _quantized_layers(model: ir.Model) -> list[dict]:
+    """``skipped`` records for weights block-quant already replaced (their codes cannot be pruned here), logged."""
+    found = [{"name": n.name, "reason": f"already block-quantized ({EFFC_DOMAIN}.{n.op_type}): run nm-sparsity "
+              "before block-quant"} for n in model.graph
+             if n.domain == EFFC_DOMAIN and n.op_type in ("BlockQuantMatMul", "BlockQuantGather")]
+    if found:
+        logger.warning("nm-sparsity: %d layer(s) are already block-quantized and stay dense (first: %s); put "
+                       "nm-sparsity before block-quant in the pipeline", len(found), found[0]["name"])
+    return found
+
+
 @register_pass
 class NMSparsityPass(EffcPass):
     """Prune MatMul weights to N:M along the reduction axis and store them packed as ``effc.NMSparseMatMul``.
@@ -144,7 +156,7 @@ class NMSparsityPass(EffcPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Select, prune (sequentially, with calibration taps), optionally pack; see the class docstring."""
         o = self.options
-        cands, skipped = [], []
+        cands, skipped = [], _quantized_layers(model)
         for lay in sg.select_layers(model, o.layers):
             shape = tuple(lay[1].const_value.shape)
             cout, cin = (shape if lay[2] else shape[::-1])

@@ -113,3 +113,18 @@ def test_lorc_applies_to_a_dense_weight_with_a_stray_zero():
     quant(model)
     assert quant.stats["layers"]["w"]["lorc_rank"] == 8 and quant.stats["lorc_skipped"] == []
     assert "MatMul" in [n.op_type for n in model.graph]  # the low-rank branch X @ U @ V
+
+
+def test_nm_sparsity_after_block_quant_names_the_order_fix():
+    from effc.passes.manager import PassManager
+
+    model = _matmul_model()
+    BlockQuantPass(format="mxfp4", min_params=0)(model)
+    nm = NMSparsityPass(n=2, m=4)
+    assert not nm(model).modified
+    assert [s["reason"] for s in nm.stats["skipped"]] == [
+        "already block-quantized (effc.BlockQuantMatMul): run nm-sparsity before block-quant"]
+    assert "run nm-sparsity before block-quant" in nm.unchanged_reason()
+    with pytest.raises(PassError, match="before block-quant"):
+        PassManager("block-quant(format=mxfp4,min_params=0),nm-sparsity(n=2,m=4)", strict=True, save_replay=False).run(
+            _matmul_model())
