@@ -127,7 +127,8 @@ class BlockQuantPass(EffcPass):
     Stats: ``layers`` (weight name -> node, kind, shape, sqnr_db, bits_per_weight, bytes), ``params``,
     ``weight_bytes`` (packed codes + scales + LoRC factors), ``bits_per_weight`` (over quantized params),
     ``fp32_bytes``, ``kv_values`` (kv mode), ``skipped`` (node, weight, reason), ``lorc_skipped`` (weight, reason),
-    ``gptq_rejected`` (nodes where GPTQ lost to rounding on the held-out calibration feeds, see ``_gptq``).
+    ``gptq_rejected`` (node, reason: fewer fit tokens than input channels, or GPTQ lost to rounding on the
+    held-out calibration feeds; those layers are rounded, see ``_gptq``).
 
     After a sparsifying pass the zeros of a weight stay zeros: rounding maps 0 to the zero code, GPTQ keeps them
     fixed (:func:`effc.passes.quant.compensation.gptq_quantize`), and LoRC, whose dense low-rank branch would refill
@@ -267,26 +268,36 @@ class BlockQuantPass(EffcPass):
             k = t.array.shape[0]
             acts = [_real_tokens(a, m, k) for a, m in zip(taps[t.node.inputs[0].name], masks, strict=True)]
             fit = len(acts) - int(len(acts) * HELD_OUT) if len(acts) > 1 else len(acts)
-            out[t.node.name] = hessian(acts[:fit], k), hessian(acts[fit:], k) if acts[fit:] else None
+            tokens = sum(a.shape[0] for a in acts[:fit])
+            out[t.node.name] = hessian(acts[:fit], k), hessian(acts[fit:], k) if acts[fit:] else None, tokens
         return out
 
-    def _gptq(self, t: QuantTarget, fmt, h_fit: np.ndarray, h_val: np.ndarray | None):
+    def _gptq(self, t: QuantTarget, fmt, h_fit: np.ndarray, h_val: np.ndarray | None, tokens: int):
         """GPTQ codes of ``t`` fitted on ``h_fit``, or round-to-nearest when that does better on held-out tokens.
 
         GPTQ fits the layer's calibration inputs exactly; with fewer tokens than input channels (MiniLM's default
         32 sentences give ~300 tokens for K = 384 / 1536) its Hessian is rank-deficient and the corrections grow
         in directions the calibration never saw (measured: FFN down-projection error on calibration 280 -> 1.2,
         embedding cosine 0.41 vs 0.96 for rounding). The held-out output error ``tr(Dᵀ H_val D)`` (``D = W - Ŵ``)
-        decides; a rejected layer is listed in ``stats["gptq_rejected"]``.
+        decides. Fewer fit tokens than input channels K (a Hessian of rank < K) is rejected before fitting. A
+        rejected layer is rounded and listed in ``stats["gptq_rejected"]`` (logged).
         """
-        opts, bs = self.options, self.options.block_size
+        opts, bs, k = self.options, self.options.block_size, t.array.shape[0]
+        rtn = quantize(t.array, fmt, axis=0, block_size=bs, scale_dtype=opts.scale_dtype)
+        if tokens < k:
+            return self._reject_gptq(t, rtn, f"{tokens} calibration tokens for K={k} input channels (rank-deficient "
+                                     "Hessian); give more calibration samples (--calibration-samples)")
         q = gptq_quantize(t.array.T, h_fit, fmt, bs, damp=opts.gptq_damp, scale_dtype=opts.scale_dtype)
         if h_val is None:
             return q
-        rtn = quantize(t.array, fmt, axis=0, block_size=bs, scale_dtype=opts.scale_dtype)
         if _output_error(t.array, dequantize(q), h_val) <= _output_error(t.array, dequantize(rtn), h_val):
             return q
-        self.stats["gptq_rejected"].append(t.node.name)
+        return self._reject_gptq(t, rtn, "GPTQ's output error on the held-out calibration feeds is above rounding's")
+
+    def _reject_gptq(self, t: QuantTarget, rtn, reason: str):
+        """Record that ``t`` is rounded instead of GPTQ-quantized (``stats["gptq_rejected"]``, logged) -> ``rtn``."""
+        self.stats["gptq_rejected"].append({"node": t.node.name, "reason": reason})
+        logger.warning("block-quant: %s rounded instead of GPTQ: %s", t.node.name, reason)
         return rtn
 
     def _rewrite(self, model, t: QuantTarget, fmt, act_fmt, h, cache) -> None:
@@ -355,7 +366,7 @@ class BlockQuantPass(EffcPass):
             "node": name, "kind": t.kind, "shape": list(t.array.shape), "params": int(t.array.size),
             "sqnr_db": round(sqnr_db(t.array, deq), 3), "bytes": int(nbytes),
             "bits_per_weight": 8.0 * nbytes / t.array.size,
-            "gptq": h is not None and t.node.name not in self.stats["gptq_rejected"],
+            "gptq": h is not None and t.node.name not in {r["node"] for r in self.stats["gptq_rejected"]},
             "lorc_rank": self._lorc_rank(t) if t.kind not in ROW_BLOCKED else opts.lorc_rank,
         }
 
