@@ -127,10 +127,11 @@ class NMSparsityPass(EffcPass):
 
     Stats: ``layers`` (name, shape, kind, kept fraction, bytes dense/packed, permutation gain), ``skipped``
     (name, reason), ``method`` actually used, ``reconstructed`` and ``reconstruct`` (the mode that ran),
-    ``weight_bytes_before/after``, with ``reconstruct=block`` a ``block_reconstruction`` dict (per block losses
-    before/after, tokens, seconds; layers in no FFN block with the reason), with ``reconstruct=model`` a
-    ``model_reconstruction`` dict (losses before/after on training and held-out feeds, epoch kept, seconds), and
-    with ``min_cosine`` the per-layer ``sensitivity`` and the measured ``cosine``.
+    ``weight_bytes_before/after`` (equal with ``pack=false``), with ``reconstruct=block`` a
+    ``block_reconstruction`` dict (per block losses before/after, tokens, seconds; layers in no FFN block with the
+    reason), with ``reconstruct=model`` a ``model_reconstruction`` dict (losses before/after on training and
+    held-out feeds, epoch kept, seconds), and with ``min_cosine`` the per-layer ``sensitivity``
+    and the measured ``cosine``.
 
     Attributes:
         block_config: :class:`effc.passes.block_recon.BlockReconConfig` for ``reconstruct=block`` (Python API
@@ -212,6 +213,10 @@ class NMSparsityPass(EffcPass):
                 info = replace_with_packed(model, lay[0], o.n, o.m, o.vector, perms.get(lay[0].name))
                 rec.update(dense_bytes=info["dense_bytes"], packed_bytes=info["packed_bytes"])
                 before, after = before + info["dense_bytes"], after + info["packed_bytes"]
+            else:  # pack=false: the pruned weight stays dense, its bytes unchanged
+                nbytes = int(lay[1].const_value.numpy().nbytes)
+                rec.update(dense_bytes=nbytes, packed_bytes=None)
+                before, after = before + nbytes, after + nbytes
         self.stats.update(layers=records, skipped=skipped, method=method, pattern=f"{o.n}:{o.m}", vector=o.vector,
                           reconstructed=recon, reconstruct=o.reconstruct if recon else "false",
                           weight_bytes_before=before, weight_bytes_after=after)

@@ -128,3 +128,10 @@ def test_nm_sparsity_after_block_quant_names_the_order_fix():
     with pytest.raises(PassError, match="before block-quant"):
         PassManager("block-quant(format=mxfp4,min_params=0),nm-sparsity(n=2,m=4)", strict=True, save_replay=False).run(
             _matmul_model())
+
+
+def test_unpacked_nm_sparsity_reports_the_dense_bytes_it_keeps():
+    nm = NMSparsityPass(n=2, m=4, method="magnitude", reconstruct="false", pack=False)
+    nm(_matmul_model())
+    assert nm.stats["weight_bytes_before"] == nm.stats["weight_bytes_after"] == K * N * 4
+    assert nm.stats["layers"][0]["dense_bytes"] == K * N * 4 and nm.stats["layers"][0]["packed_bytes"] is None
