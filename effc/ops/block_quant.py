@@ -324,6 +324,23 @@ def _no_macs(node: ir.Node) -> int:
 
 
 _ATTRS = ("format", "block_size")
-register_op(OpSpec("BlockQuantMatMul", ("X", "Wq", "S"), _ATTRS, matmul_macs, matmul_reference))
-register_op(OpSpec("BlockQuantGather", ("Tq", "S", "I"), _ATTRS, _no_macs, gather_reference))
+def _coded_reader(codes_index: int):
+    """Reader of the codes at input ``codes_index`` (scales follow them): ``(value, (R, C) float32, label)``."""
+
+    def read(node: ir.Node) -> tuple[ir.Value, np.ndarray, str] | None:
+        fmt_name, block_size = node.attributes.get_string("format"), node.attributes.get_int("block_size")
+        codes = node.inputs[codes_index] if len(node.inputs) > codes_index + 1 else None
+        scales = node.inputs[codes_index + 1] if codes is not None else None
+        if codes is None or codes.const_value is None or scales.const_value is None or not fmt_name:
+            return None
+        dense = decode_rows(codes.const_value.numpy(), scales.const_value.numpy(), fmt_name, block_size)
+        return codes, dense, f"block-quantized {fmt_name}"
+
+    return read
+
+
+register_op(OpSpec("BlockQuantMatMul", ("X", "Wq", "S"), _ATTRS, matmul_macs, matmul_reference,
+                   coded_weight=_coded_reader(1)))
+register_op(OpSpec("BlockQuantGather", ("Tq", "S", "I"), _ATTRS, _no_macs, gather_reference,
+                   coded_weight=_coded_reader(0)))
 register_op(OpSpec("BlockQDQ", ("X",), _ATTRS, _no_macs, qdq_reference))

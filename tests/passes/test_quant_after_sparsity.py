@@ -135,3 +135,16 @@ def test_unpacked_nm_sparsity_reports_the_dense_bytes_it_keeps():
     nm(_matmul_model())
     assert nm.stats["weight_bytes_before"] == nm.stats["weight_bytes_after"] == K * N * 4
     assert nm.stats["layers"][0]["dense_bytes"] == K * N * 4 and nm.stats["layers"][0]["packed_bytes"] is None
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "int8"])
+def test_sparsity_stats_count_the_zeros_of_quantized_pruned_weights(fmt):
+    from effc.eval.cost import sparsity_stats
+
+    model = _matmul_model()
+    NMSparsityPass(n=2, m=4, method="magnitude", reconstruct="false", pack=False)(model)
+    BlockQuantPass(format=fmt, min_params=0)(model)
+    rows = [r for r in sparsity_stats(model)["tensors"].values() if r["storage"] == f"block-quantized {fmt}"]
+    assert len(rows) == 1 and rows[0]["shape"] == [N, K] and rows[0]["elements"] == K * N
+    assert rows[0]["zeros"] == int(K * N - np.count_nonzero(_weight(model)))  # what the model computes with
+    assert rows[0]["sparsity"] >= 0.5
