@@ -110,6 +110,9 @@ DEFAULT_ATOL = 1e-4
 #: "effc verify"): correct artifacts reach 0.07-0.55 of it (MXINT8, MXFP8, MXFP4 activations, KV mode) at max |diff|
 #: up to 1.0 and rel. L2 up to 0.17, so no fixed bound fits every format.
 QUANT_ERROR_FACTOR = 1.5
+#: With a relative-L2 bound (the compile-time agreement gate), a float output's max ``|diff|`` may reach this
+#: fraction of ``max |reference|``: a local error that a small relative L2 would average away still fails.
+LOCAL_ERROR_FRACTION = 1e-3
 #: Ops whose output is an activation quantized at run time (a rounding boundary reached from computed values).
 DYNAMIC_QUANT_OPS = frozenset({("effc", "BlockQDQ")})
 
@@ -148,6 +151,7 @@ def compare_outputs(
     names: list[str],
     atol: float,
     unquantized: list[list[np.ndarray]] | None = None,
+    rel_l2: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per-output agreement of a compiled artifact with onnxruntime (metrics from :func:`effc.eval.fidelity.compare`).
 
@@ -159,10 +163,15 @@ def compare_outputs(
         unquantized: onnxruntime's outputs of the model without its activation quantizers
             (:func:`without_dynamic_quant`), same structure; given, float outputs use criterion ``"quantized"``:
             they pass within ``atol`` or when ``rel_l2 <= QUANT_ERROR_FACTOR * quant_rel_l2``.
+        rel_l2: given, a float output also passes when its relative L2 error is at most
+            ``max(rel_l2, 8 * eps(dtype))`` and its max ``|expected - got|`` at most
+            ``max(LOCAL_ERROR_FRACTION, 8 * eps(dtype)) * max |expected|`` (outputs far from 1 in scale; one
+            grossly wrong element still fails). Criterion ``"atol+rel_l2"``.
 
     Returns:
         ``{name: {"max_abs", "cosine" (mean over samples), "rel_l2" (||expected - got|| / ||expected|| over all
-        samples), "quant_rel_l2" (the same for ``unquantized``, None without it), "criterion", "ok"}}``. Integer
+        samples), "quant_rel_l2" (the same for ``unquantized``, None without it), "nonfinite" (misplaced NaN/inf),
+        "criterion", "ok"}}``. Integer
         and bool outputs must be equal (criterion ``"exact"``, cosine and rel_l2 None); non-finite float values
         must sit at the same places (NaN matches NaN).
     """
@@ -177,17 +186,36 @@ def compare_outputs(
         r = fid[name]
         if r["kind"] in ("integer", "bool"):
             rows[name] = {"max_abs": r["max_abs"], "cosine": None, "rel_l2": None, "quant_rel_l2": None,
-                          "criterion": "exact", "ok": r["exact_match"] == 1.0}
+                          "nonfinite": r["nonfinite"], "criterion": "exact", "ok": r["exact_match"] == 1.0}
             continue
         row = {"max_abs": r["max_abs"], "cosine": r["cosine"], "rel_l2": r["rel_l2"], "quant_rel_l2": None,
-               "criterion": "atol"}
+               "nonfinite": r["nonfinite"], "criterion": "atol"}
         ok = r["max_abs"] <= atol
+        if rel_l2 is not None:
+            k = names.index(name)
+            row["criterion"] = "atol+rel_l2"
+            ulps = 8 * _eps(expected[0][k].dtype)
+            ok = ok or (r["rel_l2"] <= max(rel_l2, ulps)
+                        and r["max_abs"] <= max(LOCAL_ERROR_FRACTION, ulps) * _max_finite(e[k] for e in expected))
         if quant is not None:
             row["criterion"], row["quant_rel_l2"] = "quantized", quant[name]["rel_l2"]
             ok = ok or r["rel_l2"] <= QUANT_ERROR_FACTOR * row["quant_rel_l2"]
         row["ok"] = ok and not r["nonfinite"]
         rows[name] = row
     return rows
+
+
+def _eps(dtype: np.dtype) -> float:
+    try:
+        return float(np.finfo(dtype).eps)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _max_finite(arrays: Any) -> float:
+    """Largest finite ``|value|`` over ``arrays`` (0.0 when none is finite)."""
+    peaks = [float(np.abs(a[np.isfinite(a)]).max(initial=0.0)) for a in (np.asarray(x, np.float64) for x in arrays)]
+    return max(peaks, default=0.0)
 
 
 def verify_artifact(

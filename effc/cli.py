@@ -159,6 +159,8 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
 @click.option("--eval-samples", type=click.IntRange(min=1), default=8, show_default=True, metavar="N",
               help="Held-out samples for the fidelity report (fewer, with a warning, when --data holds no more).")
 @click.option("--no-latency", is_flag=True, help="Skip the latency comparison with onnxruntime.")
+@click.option("--allow-mismatch", is_flag=True,
+              help="Write the artifact even when its outputs disagree with onnxruntime (recorded in the report).")
 @click.option("--primary-output", default=None, metavar="NAME",
               help="Output the headline and the quality gates use. Default: the zoo model's (MiniLM: "
               "sentence_embedding), else the first output.")
@@ -208,6 +210,7 @@ def compile(
     calibration_samples,
     eval_samples,
     no_latency,
+    allow_mismatch,
     primary_output,
     min_cosine,
     max_top1_drop,
@@ -251,6 +254,7 @@ def compile(
                 measure_latency=not no_latency,
                 tune=tune,
                 target_options=options,
+                allow_mismatch=allow_mismatch,
                 primary_output=primary_output,
                 min_cosine=min_cosine,
                 max_top1_drop=max_top1_drop,
@@ -267,6 +271,9 @@ def compile(
             line = f"calibration: {calib['samples']} sample(s) from {calib['source']}"
             console.print(escape(line), highlight=False, soft_wrap=True)
         console.print(escape(f"report: {result.out_dir / 'report.md'}"), highlight=False)
+        agreement = result.manifest.get("agreement") or {}
+        if agreement.get("ok") is False:
+            console.print(escape(f"MISMATCH (--allow-mismatch): {agreement.get('message')}"), style="bold red")
 
     _guard(ctx, run)
 

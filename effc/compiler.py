@@ -335,6 +335,7 @@ def compile_model(
     latency_repeat: int = 20,
     tune: int = 0,
     target_options: Mapping[str, Any] | None = None,
+    allow_mismatch: bool = False,
     primary_output: str | None = None,
     min_cosine: float | None = None,
     max_top1_drop: float | None = None,
@@ -368,6 +369,9 @@ def compile_model(
         tune: MetaSchedule trial budget for the ``cpu`` target (0: off, templates only); the tuning database is
             cached per CPU and reused (:mod:`effc.codegen.tune`).
         target_options: extra target options (``mcpu``, ``fast_math``, ``flash``, ``ram``, ...).
+        allow_mismatch: write the artifact even when its outputs disagree with onnxruntime on ``model.onnx``
+            (the agreement gate, :mod:`effc.eval.agreement`); the mismatch is recorded in the manifest
+            (``agreement``) and the report's first line.
         primary_output: the output the headline and the quality gates use (default: the zoo entry's, else the
             first output); the report's per-output table keeps every output.
         min_cosine: quality gate: the primary output's cosine against the original (mean over the evaluation
@@ -388,9 +392,11 @@ def compile_model(
         QualityGateError: a gate failed (exit code 4); nothing is written unless ``keep_failed``.
         EffcError: a gate limit out of range, a gate that does not apply to the primary output, or an unknown
             ``primary_output`` (the outputs are listed).
+        MismatchError: the compiled outputs disagree with onnxruntime on the evaluation samples (the outputs and
+            the first disagreeing node are named); ``allow_mismatch`` writes the artifact anyway.
     """
     from effc.codegen.frontend import check_importable
-    from effc.eval import cost, gates
+    from effc.eval import agreement, cost, gates
     from effc.ir.calibration import Calibration
     from effc.ir.canonicalize import canonicalize
     from effc.ir.model import io_signature, save
@@ -484,7 +490,9 @@ def compile_model(
             threads,
             measure_latency,
             latency_repeat,
+            gate=functools.partial(agreement.gate, rewritten, tgt, options, allow_mismatch=allow_mismatch),
         )
+        manifest["agreement"] = agreement.record(report["agreement"])
         report.update(
             model={"name": loaded.source["name"], "source": loaded.source.get("path")},
             target={"name": tgt.name, "options": options, "info": build.info},
@@ -608,7 +616,9 @@ def _evaluate(
     threads: int,
     measure_latency: bool,
     repeat: int,
+    gate: Any = None,
 ) -> dict[str, Any]:
+    """Fidelity (three comparisons), the agreement gate (``gate(feeds, expected, got, names)``), then latency."""
     from effc.eval.fidelity import compare
     from effc.eval.latency import BASELINE_ORIGINAL, paired_latency
     from effc.ir.reference import Reference
@@ -620,11 +630,16 @@ def _evaluate(
     orig_out = [ref_original.run(_reference_feeds(original, f, loaded.constant_inputs)) for f in feeds]
     rew_out = [ref_rewritten.run(f) for f in feeds]
     compiled_out = [runner.run(f) for f in feeds] if runner is not None else None  # None: cannot run here
+    # the agreement gate, before any other work (targets that cannot run here are not checked)
+    agreed = gate(feeds, rew_out, compiled_out, names) if gate is not None and compiled_out is not None else None
+    shaped = compiled_out is not None and (agreed is None or not any("shape" in r["why"]
+                                                                      for r in agreed["outputs"].values()))
     report: dict[str, Any] = {
+        "agreement": agreed,
         "fidelity": {
-            "vs_original": compare(orig_out, compiled_out, names, output_kind=kind) if compiled_out else None,
+            "vs_original": compare(orig_out, compiled_out, names, output_kind=kind) if shaped else None,
             "rewritten_vs_original": compare(orig_out, rew_out, names, output_kind=kind),
-            "compiled_vs_rewritten": compare(rew_out, compiled_out, names, output_kind=kind) if compiled_out else None,
+            "compiled_vs_rewritten": compare(rew_out, compiled_out, names, output_kind=kind) if shaped else None,
         }
     }
     if measure_latency and runner is not None and getattr(tgt, "host_latency", True):

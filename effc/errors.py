@@ -67,6 +67,10 @@ class ArtifactError(EffcError):
     """An artifact folder is incomplete, tampered with (hash mismatch), or the output folder is not empty."""
 
 
+class MismatchError(EffcError):
+    """The compiled artifact's outputs disagree with onnxruntime on its ``model.onnx`` (the agreement gate)."""
+
+
 class DataError(EffcError):
     """Evaluation or calibration data (``--data``) cannot be read or does not match the model's inputs."""
 

@@ -175,7 +175,8 @@ def test_compare_outputs_integer_outputs_are_exact_under_both_criteria():
 
     ids = [[np.arange(6, dtype=np.int64)]]
     assert compare_outputs(ids, ids, ["i"], 1.0, ids)["i"] == {
-        "max_abs": 0.0, "cosine": None, "rel_l2": None, "quant_rel_l2": None, "criterion": "exact", "ok": True}
+        "max_abs": 0.0, "cosine": None, "rel_l2": None, "quant_rel_l2": None, "nonfinite": 0, "criterion": "exact",
+        "ok": True}
     off = [[np.arange(6, dtype=np.int64) + np.eye(6, dtype=np.int64)[2]]]
     assert not compare_outputs(ids, off, ["i"], 5.0)["i"]["ok"]
     zeros = [[np.zeros(4, np.float32)]]

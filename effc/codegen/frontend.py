@@ -124,10 +124,18 @@ def check_importable(model: ir.Model) -> None:
 
     Raises:
         UnsupportedOpError: lists every unsupported operator type with example node names.
+        TargetError: a graph input or output is not a tensor (a sequence or optional): artifacts take and return
+            tensors.
     """
     missing = unsupported_ops(model)
     if missing:
         raise UnsupportedOpError(missing)
+    odd = [v.name for v in [*model.graph.inputs, *model.graph.outputs]
+           if v.type is not None and not isinstance(v.type, ir.TensorType)]
+    if odd:
+        raise TargetError(f"graph input(s)/output(s) {odd} are sequences or optionals, not tensors",
+                          "effc artifacts take and return tensors: make the model output a tensor "
+                          "(e.g. ConcatFromSequence) or run it with onnxruntime")
 
 
 def _rename_effc_nodes(graph: onnx.GraphProto) -> None:
@@ -159,12 +167,18 @@ def _as_tvm_converter(cls: type) -> type:
 
 @contextlib.contextmanager
 def _effc_converters_active() -> Iterator[None]:
-    """Extend TVM's convert map with the effc converters and name failing nodes; restore both afterwards."""
+    """Extend TVM's convert map (effc converters, effc's fixes of standard ops), name failing nodes; then restore.
+
+    The standard-op fixes are :data:`effc.codegen.std_ops.STANDARD_OVERRIDES`.
+    """
     _load_builtin_converters()
     original_map = _tvm_onnx._get_convert_map
     importer = _tvm_onnx.ONNXGraphImporter
     original_convert = importer._convert_operator
+    from effc.codegen.std_ops import STANDARD_OVERRIDES
+
     extra = {_EFFC_PREFIX + op: _as_tvm_converter(cls) for op, cls in _EFFC_CONVERTERS.items()}
+    extra.update(STANDARD_OVERRIDES)  # standard ops TVM lowers wrongly: effc's own converters
 
     def extended_map() -> dict[str, Any]:
         table = original_map()

@@ -24,8 +24,10 @@ onnxruntime) or the compiled artifact. :func:`compare` returns a JSON-serializab
     }
 
 Conventions: the metrics are taken over the elements finite on both sides (``nonfinite`` counts the others that do
-not match); the cosine of two all-zero vectors is 1.0, of a zero and a non-zero vector 0.0. ``rel_l2`` with an
-all-zero reference is 0.0 when the candidate is zero too and ``inf`` otherwise. Top-1 agreement is computed for
+not match); an output with misplaced non-finite values fails every metric: ``max_abs``, ``mean_abs`` and ``rel_l2``
+are ``inf`` and ``cosine`` is NaN (the worst in the summary), never 1.0 from the finite rest. The cosine of two
+all-zero vectors is 1.0, of a zero and a non-zero vector 0.0. ``rel_l2`` with an all-zero reference is 0.0 when the
+candidate is zero too and ``inf`` otherwise. Top-1 agreement is computed for
 ``output_kind == "class_scores"``; when ``output_kind`` is None, for outputs that look like class scores (2-D
 ``(batch, classes)`` floating point with at least 2 classes). An explicit other kind (``"embedding"``,
 ``"probability"``, ``"feature_map"``) switches the heuristic off.
@@ -170,11 +172,15 @@ def _compare_output(name: str, refs: list[np.ndarray], cands: list[np.ndarray], 
     result["cosine"] = float(np.mean(cosines))
     if kind == CLASS_SCORES:
         result["top1_agreement"] = _top1(refs, cands)
+    if nonfinite:  # NaN/inf where the other side differs: a failure, whatever the finite rest says
+        result.update(max_abs=float("inf"), mean_abs=float("inf"), rel_l2=float("inf"), cosine=float("nan"))
     return result
 
 
 def _worst(values: list[float | None], pick) -> float | None:
     present = [v for v in values if v is not None]
+    if any(np.isnan(v) for v in present):  # a failed output (misplaced NaN/inf) is the worst
+        return float("nan")
     return pick(present) if present else None
 
 
@@ -191,7 +197,8 @@ def _summary(outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
     with_cosine = {n: r["cosine"] for n, r in outputs.items() if r["cosine"] is not None}
     if with_cosine:
-        summary["worst_output"] = min(with_cosine, key=with_cosine.__getitem__)
+        summary["worst_output"] = min(with_cosine, key=lambda n: -np.inf if np.isnan(with_cosine[n])
+                                      else with_cosine[n])
     else:
         summary["worst_output"] = max(outputs, key=lambda n: outputs[n]["max_abs"])
     return summary

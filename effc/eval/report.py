@@ -155,7 +155,7 @@ def format_fidelity(comparison: Mapping[str, Any] | None, primary: str | None = 
     s = outputs.get(primary) if primary is not None else None
     label = f"{primary}: " if s is not None and len(outputs) > 1 else ""
     s = s if s is not None else comparison["summary"]
-    parts = []
+    parts = [f"MISMATCH: {s['nonfinite']} NaN/inf where the other side differs"] if s.get("nonfinite") else []
     if s.get("cosine") is not None:
         parts.append(f"cosine {_fmt(s['cosine'], '.6f')}")
     if s.get("max_abs") is not None:
@@ -164,8 +164,6 @@ def format_fidelity(comparison: Mapping[str, Any] | None, primary: str | None = 
         parts.append(f"top-1 {_fmt(s['top1_agreement'], '.1f', 100)}%")
     if s.get("exact_match") is not None:
         parts.append(f"exact {_fmt(s['exact_match'], '.1f', 100)}%")
-    if s.get("nonfinite"):
-        parts.append(f"{s['nonfinite']} non-finite")
     samples = comparison.get("samples")
     return label + ", ".join(parts) + (f" ({samples} sample(s))" if samples else "")
 
@@ -572,6 +570,9 @@ def render_markdown(report: Mapping[str, Any], plots_written: set[str] | None = 
     plots_written = plots_written or set()
     model, target = report.get("model") or {}, report.get("target") or {}
     lines = [f"# effc report: {model.get('name', 'model')} → {target.get('name', '?')}", ""]
+    agreement = report.get("agreement")
+    if isinstance(agreement, Mapping) and agreement.get("ok") is False:  # --allow-mismatch wrote it anyway
+        lines.insert(0, f"**MISMATCH (written with --allow-mismatch): {agreement.get('message', '')}**\n")
     gates = report.get("quality_gates")
     if report.get("status") == "failed" and isinstance(gates, Mapping):
         lines += [f"**FAILED its quality gates** (written with --keep-failed): {format_gates(gates)}.", ""]

@@ -6,7 +6,9 @@ The recipe is the one measured in ``shared/notes/import.md`` (it made 15 of 15 r
    initializers, fix every input dimension (from the model or ``input_shapes``);
 2. ``onnx.shape_inference.infer_shapes(data_prop=True)``;
 3. onnxscript's constant folder with ``ConstantOfShape`` allowed to fold and large size limits;
-4. unroll LSTM (``effc.ir.lstm``), recursing into ``If``/``Loop`` bodies; repeat 2-3 until nothing changes.
+4. unroll LSTM (``effc.ir.lstm``), recursing into ``If``/``Loop`` bodies; replace reductions of empty tensors by
+   their identity element (``effc.ir.empty_reduce``); expand ops TVM cannot import (ONNX ``Attention``) into
+   their ONNX function bodies (``effc.ir.expand``); repeat 2-3 until nothing changes.
 
 What was done is recorded in ``model.metadata_props["effc.canonicalize"]`` (JSON).
 """
@@ -24,6 +26,8 @@ import onnx_ir as ir
 from onnxscript.optimizer import _constant_folding
 
 from effc.errors import ShapeError
+from effc.ir.empty_reduce import fold_empty_reductions
+from effc.ir.expand import expand_function_ops
 from effc.ir.lstm import unroll_lstms
 
 logger = logging.getLogger(__name__)
@@ -199,11 +203,13 @@ def canonicalize(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | No
         work = _infer_shapes(work)
         _fold(work)
         work = _infer_shapes(work)
+        work, expanded = expand_function_ops(work)
         unrolled = unroll_lstms(work)
+        emptied = fold_empty_reductions(work)
         lstms += unrolled
         logger.debug("canonicalize round %d: %d -> %d nodes, %d LSTM unrolled", round_index, before,
                      _count_nodes(work), unrolled)
-        if not unrolled:  # optimize_ir already iterated folding to a fixed point
+        if not unrolled and not emptied and not expanded:  # optimize_ir already iterated folding to a fixed point
             break
     dynamic = [v.name for node in work.graph for v in node.outputs if not _is_static(v)]
     if dynamic:

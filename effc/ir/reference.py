@@ -53,12 +53,21 @@ class Reference:
 
         Raises:
             DataError: a model input is missing from ``feeds``.
+            EffcError: onnxruntime fails while running (an op or dtype its CPU kernels lack, e.g. bfloat16 or
+                float8 tensors; a run-time shape error): its reason is quoted.
         """
         missing = [name for name in self.input_names if name not in feeds]
         if missing:
             raise DataError(f"feeds lack model input(s) {missing}; got {sorted(feeds)}",
                             f"provide arrays for every input: {self.input_names}")
-        return self.session.run(None, {name: feeds[name] for name in self.input_names})
+        try:
+            return self.session.run(None, {name: feeds[name] for name in self.input_names})
+        except Exception as err:  # onnxruntime raises RuntimeError, its own Fail/InvalidArgument types, TypeError
+            reason = str(err).strip().splitlines()[0][:400] if str(err).strip() else type(err).__name__
+            raise EffcError(f"onnxruntime, the reference every result is checked against, cannot run the model: "
+                            f"{reason}",
+                            "effc cannot verify what it cannot run in onnxruntime: keep the model to ops and "
+                            "dtypes onnxruntime's CPU kernels support (e.g. float32, not bfloat16/float8)") from err
 
 
 def _all_values(model: ir.Model) -> dict[str, ir.Value]:

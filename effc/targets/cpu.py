@@ -174,8 +174,8 @@ class CpuRunner(Runner):
         missing = [name for name in self._input_names if name not in feeds]
         if missing:
             raise TargetError(f"inputs {missing} missing from the feeds", f"pass all of {self._input_names}")
-        try:
-            args = [tvm_build.to_tvm_tensor(np.ascontiguousarray(feeds[n]), self._device) for n in self._input_names]
+        try:  # np.asarray keeps 0-d inputs 0-d (np.ascontiguousarray makes them 1-d)
+            args = [tvm_build.to_tvm_tensor(np.asarray(feeds[n], order="C"), self._device) for n in self._input_names]
             result = self._vm["main"](*args)
             return tvm_build.outputs_to_numpy(result)
         except Exception as exc:  # noqa: BLE001  (never let a TVM traceback escape)

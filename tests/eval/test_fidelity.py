@@ -81,7 +81,16 @@ def test_nonfinite_at_the_same_places_match_and_metrics_use_the_finite_rest():
     same = compare([[ref]], [[np.array([1.5, np.nan, 2.0, np.inf, -np.inf])]], ["y"])["outputs"]["y"]
     assert same["nonfinite"] == 0 and same["max_abs"] == pytest.approx(0.5)
     flipped = compare([[ref]], [[np.array([1.0, 0.0, 2.0, -np.inf, -np.inf])]], ["y"])["outputs"]["y"]
-    assert flipped["nonfinite"] == 2 and flipped["max_abs"] == 0.0  # NaN lost, inf sign flipped
+    assert flipped["nonfinite"] == 2  # NaN lost, inf sign flipped
+    # a misplaced NaN/inf fails every metric: never cosine 1.0 / max abs 0 from the finite rest
+    assert flipped["max_abs"] == np.inf and flipped["rel_l2"] == np.inf and np.isnan(flipped["cosine"])
+
+
+def test_relu_nan_to_zero_is_reported_as_failure_in_summary():
+    ref = [[np.array([[np.nan, 1.0]]), np.array([[0.5, 0.5]])]]
+    cand = [[np.array([[0.0, 1.0]]), np.array([[0.5, 0.5]])]]
+    s = compare(ref, cand, ["a", "b"], output_kind="float")["summary"]
+    assert np.isnan(s["cosine"]) and s["max_abs"] == np.inf and s["worst_output"] == "a"
 
 
 def test_mismatches_raise_data_error_naming_output():

@@ -19,6 +19,12 @@ the packed panels ``Bp[N/nr, K, nr]`` instead (``transform_layout``; the constan
 and the per-call packing copy disappears (MiniLM-L6, 1 thread: -9 % latency).
 When N is not a multiple of the lanes (N ≥ 4 lanes), ``pad_einsum`` pads N to the tile width: B is zero-padded
 in a parallel copy and the epilogue writes only the valid columns (template ``gemm_padded``).
+
+One-row products (``M = 1``, template ``gemv``: batch-1 decoding) stream their weight once and are bound by
+memory bandwidth (``docs/BENCHMARKS.md``, "Batch-1 matmuls"). With a packed constant B the loop nest is the one
+above with ``mr = 1`` (the same packed layout as a prefill GEMM over the same weight, so both can share one
+packed copy) and its own parallel threshold; a runtime B is read in whole rows, K split across the threads
+(:func:`_runtime_gemv`).
 """
 
 from __future__ import annotations
@@ -140,13 +146,19 @@ def apply_gemm(sch: s_tir.Schedule, tiles: TileConfig) -> str:
     b_index = next(i for i, r in enumerate(stmt.reads) if an.region_buffer(r).same_as(b_buf))
     loops = sch.get_loops(main)
     *batch, i, j, k = loops
+    constant_b = not padded and _constant_2d_operand(sch, stmt, b_buf)
+    gemv = m == 1 and not padded
+    if gemv and not constant_b:
+        _runtime_gemv(sch, main, consumers, facts, tiles)
+        return "gemv"
     io, ii = sch.split(i, [None, mr])
+    threaded = an.iterations(facts.extents) >= (tiles.min_parallel_gemv if gemv else tiles.min_parallel_macs)
     jo, ji = sch.split(j, [None, nr])
     sch.reorder(*batch, jo, io, k, ii, ji)
     outer = sch.fuse(*batch, jo) if batch else jo
-    if an.iterations(facts.extents) >= tiles.min_parallel_macs:
+    if threaded:
         sch.parallel(outer)
-    if not padded and _constant_2d_operand(sch, stmt, b_buf):
+    if constant_b:
         # Constant weight: stored packed at compile time (effc.codegen.prepack), read as Bp[jo, k, ji].
         sch.transform_layout(main, ("read", b_index), lambda kk, nn: (nn // nr, kk, nn % nr))
     elif an.loop_extent(sch, io) > 1:
@@ -167,6 +179,64 @@ def apply_gemm(sch: s_tir.Schedule, tiles: TileConfig) -> str:
             schedule_nest(sch, blk, tiles)
     _register_block(sch, main, k, ii, ji, tiles)
     return ("gemv" if m == 1 else "gemm") + ("_padded" if padded else "")
+
+
+def _gemv_chunk(n: int, tiles: TileConfig) -> tuple[int, int]:
+    """``(width, nr)`` of a runtime-weight GEMV: columns per chunk, and the vector tile inside it.
+
+    ``width`` is the widest whole number of vectors dividing ``n`` and at most ``tiles.gemv_chunk``; ``nr`` the
+    widest GEMM tile dividing ``width``.
+    """
+    width = max(w for w in range(tiles.lanes, min(n, tiles.gemv_chunk) + 1, tiles.lanes) if n % w == 0)
+    return width, an.largest_divisor(width, [c for c in tiles.gemm_nr if c % tiles.lanes == 0]) or tiles.lanes
+
+
+def _runtime_gemv(sch: s_tir.Schedule, main, consumers: list, facts: an.BlockFacts, tiles: TileConfig) -> None:
+    """GEMV whose row-major ``B (K, N)`` is a runtime tensor (not pre-packed): every thread streams whole rows.
+
+    Read in ``nr``-wide column panels, each weight row is a short run with a stride of N floats, and the hardware
+    prefetchers restart at every 4 KB page: 576×1536, 1 thread, 3.5 GB/s against 13 GB/s for the packed weight
+    (measured here, loaded box). Here each thread reads runs of ``width`` floats (the whole row up to
+    ``tiles.gemv_chunk``) into a partial output row kept in L1; with one batch (too few to share), the threads
+    split K instead (``rfactor``: each sums its block of rows, the write-back adds the partial rows).
+    """
+    n, k_extent = facts.extents[-2], facts.extents[-1]
+    width, nr = _gemv_chunk(n, tiles)
+    n_batch = an.iterations(facts.extents[:-3])
+    threaded = an.iterations(facts.extents) >= tiles.min_parallel_gemv and tiles.threads > 1
+    split_k = threaded and n_batch < tiles.threads and k_extent % tiles.threads == 0
+    block = main
+    if split_k:
+        ko, _ = sch.split(sch.get_loops(main)[-1], [tiles.threads, None])
+        block = sch.rfactor(ko, 0)  # block[ko, b.., i, j] = Σ over K/threads rows; main sums over ko
+        *batch, i, j, ko, k = sch.get_loops(block)
+        batch = [ko, *batch]
+    else:
+        *batch, i, j, k = sch.get_loops(block)
+    jo, jw, ji = sch.split(j, [None, width // nr, nr])
+    sch.reorder(*batch, i, jo, k, jw, ji)
+    at = jo  # where the write-back goes
+    if split_k:
+        sch.parallel(batch[0])  # rfactor's ko
+    elif threaded:
+        at = sch.fuse(*batch, i, jo)
+        sch.parallel(at)
+    _vectorize(sch, ji, tiles)
+    _vectorize(sch, sch.get_loops(sch.decompose_reduction(block, k))[-1], tiles)
+    if split_k:  # the write-back: Σ over ko of the partial rows, vectors of nr columns, epilogue at each
+        *batch, i, j, ko = sch.get_loops(main)
+        jo, ji = sch.split(j, [None, nr])
+        sch.reorder(*batch, i, jo, ko, ji)
+        _vectorize(sch, ji, tiles)
+        _vectorize(sch, sch.get_loops(sch.decompose_reduction(main, ko))[-1], tiles)
+        at = jo
+    for blk in consumers:
+        sch.reverse_compute_at(blk, at, preserve_unit_loops=True)
+        inner = sch.get_loops(blk)[-1]
+        if an.loop_extent(sch, inner) > nr:
+            inner = sch.split(inner, [None, nr])[1]
+        if an.loop_extent(sch, inner) % tiles.lanes == 0:
+            _vectorize(sch, inner, tiles)
 
 
 def _constant_2d_operand(sch: s_tir.Schedule, stmt, b_buf) -> bool:

@@ -33,6 +33,15 @@ class TileConfig:
             parallel, 1.03 ms with these thresholds; MiniLM's 128x384 row-wise/injective kernels (49,152
             elements, under ``min_parallel_elems``) single-threaded took MiniLM from 31.7 to 23.6 ms; a MAC
             threshold of 2^21 instead of 2^18 cost PP-OCR det ~10 %.
+        min_parallel_gemv: below this many multiply-accumulates (= weight elements) a one-row GEMM (GEMV) runs
+            single-threaded. Kept at ``min_parallel_macs`` until measured on a quiet machine: one core already
+            reads ~90 % of the memory bandwidth here (docs/notes/cpu_decode.md), so SmolLM2's 576×192 K/V
+            projections (110,592) stay on one thread.
+        gemv_chunk: widest column chunk, in elements, that a GEMV with a runtime (not pre-packed) weight reads
+            per row: each thread walks ``(K, chunk)`` blocks of the row-major weight, runs of ``chunk`` floats
+            instead of ``nr`` (the accumulator row lives in L1).
+        threads: worker threads the kernels are split for (the target's ``num-cores``): a runtime-weight GEMV
+            splits its K rows into this many blocks.
     """
 
     lanes: int
@@ -43,6 +52,9 @@ class TileConfig:
     unroll_k: int = 1
     min_parallel_elems: int = 65536
     min_parallel_macs: int = 262144
+    min_parallel_gemv: int = 262144
+    gemv_chunk: int = 4096
+    threads: int = 1
 
 
 # Keyed by fp32 lanes. 32 vector registers on AVX-512 → 16 accumulators + loads. 16 on AVX2 → 4×24 = 12 accumulators
@@ -93,5 +105,6 @@ def vector_lanes(target: Any) -> int:
 
 
 def tile_config(target: Any) -> TileConfig:
-    """The :data:`TILE_TABLE` row for ``target``'s vector width."""
-    return TILE_TABLE[vector_lanes(target)]
+    """The :data:`TILE_TABLE` row for ``target``'s vector width, with ``threads`` from its ``num-cores``."""
+    cores = int(target.attrs.get("num-cores", 1) or 1)
+    return dataclasses.replace(TILE_TABLE[vector_lanes(target)], threads=max(cores, 1))
