@@ -15,14 +15,19 @@ import effc
 
 ROOT = Path(effc.__file__).parent
 
+# the top: the compile driver and the user interfaces; no layer below imports them
+TOP = ("effc.compiler", "effc.cli", "effc.api")
 # layer -> imports it must not make (a module or any module below it)
 FORBIDDEN = {
-    "effc.ir": ("effc.ops", "effc.passes", "effc.codegen", "effc.eval", "effc.targets", "effc.runtime", "tvm"),
-    "effc.ops": ("effc.passes", "effc.codegen", "effc.eval", "effc.targets", "effc.runtime", "tvm"),
-    "effc.codegen": ("effc.passes",),
-    "effc.eval": ("effc.passes",),
-    "effc.runtime": ("effc.passes",),
+    "effc.ir": ("effc.ops", "effc.passes", "effc.codegen", "effc.eval", "effc.targets", "effc.runtime", "tvm", *TOP),
+    "effc.ops": ("effc.passes", "effc.codegen", "effc.eval", "effc.targets", "effc.runtime", "tvm", *TOP),
+    "effc.codegen": ("effc.passes", *TOP),
+    "effc.eval": ("effc.passes", *TOP),
+    "effc.runtime": ("effc.passes", *TOP),
+    "effc.passes": TOP,
+    "effc.targets": TOP,
 }
+_DYNAMIC = ("import_module", "__import__")  # importlib.import_module("effc.x") / __import__("effc.x")
 
 
 def _module_name(path: Path) -> str:
@@ -31,7 +36,8 @@ def _module_name(path: Path) -> str:
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
-    """``(line, imported module)`` of every import statement of one file, relative imports resolved."""
+    """``(line, imported module)`` of every import of one file: statements (relative ones resolved) and calls
+    ``importlib.import_module("...")`` / ``__import__("...")`` with a string literal."""
     package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -45,7 +51,15 @@ def _imports(path: Path) -> list[tuple[int, str]]:
             # ``from effc import passes`` imports effc.passes: check the names as submodules too
             found.extend((node.lineno, f"{base}.{alias.name}") for alias in node.names)
             found.append((node.lineno, base))
+        elif isinstance(node, ast.Call) and _called_name(node.func) in _DYNAMIC and node.args:
+            arg = node.args[0]
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                found.append((node.lineno, arg.value))
     return found
+
+
+def _called_name(func: ast.expr) -> str:
+    return func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
 
 
 def _violations(layer: str, banned: tuple[str, ...]) -> list[str]:
@@ -69,9 +83,16 @@ def test_the_checker_sees_an_upward_arrow(tmp_path, monkeypatch):
     (pkg / "ops").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "ops" / "__init__.py").write_text("")
-    (pkg / "ops" / "bad.py").write_text("def f():\n    from ..passes import base\n    import tvm.relax\n")
+    (pkg / "ops" / "bad.py").write_text(
+        "import importlib\n"
+        "def f():\n    from ..passes import base\n    import tvm.relax\n"
+        "    importlib.import_module('effc.passes.nm_sparsity')\n    from effc.compiler import compile_model\n"
+        "    __import__('effc.cli')\n    importlib.import_module(name_from_elsewhere)\n"
+    )
     monkeypatch.setattr(f"{__name__}.ROOT", pkg)
     assert _violations("effc.ops", FORBIDDEN["effc.ops"]) == [
-        "effc/ops/bad.py:2 imports effc.passes", "effc/ops/bad.py:2 imports effc.passes.base",
-        "effc/ops/bad.py:3 imports tvm.relax",
+        "effc/ops/bad.py:3 imports effc.passes", "effc/ops/bad.py:3 imports effc.passes.base",
+        "effc/ops/bad.py:4 imports tvm.relax", "effc/ops/bad.py:5 imports effc.passes.nm_sparsity",
+        "effc/ops/bad.py:6 imports effc.compiler", "effc/ops/bad.py:6 imports effc.compiler.compile_model",
+        "effc/ops/bad.py:7 imports effc.cli",
     ]

@@ -10,7 +10,7 @@
   output dtype; for outputs far from 1 in scale, where fp32 summation order and fast-math ``exp``/``erf`` move
   the last bits);
 * where ``model.onnx`` quantizes activations at run time (``effc.BlockQDQ``), additionally the quantization-aware
-  criterion of ``effc verify`` (:func:`effc.api.compare_outputs`): rel. L2 within 1.5x the change that the
+  criterion of ``effc verify`` (:func:`effc.eval.output_check.compare_outputs`): rel. L2 within 1.5x the change that the
   activation quantization itself makes.
 
 On a mismatch :func:`locate` looks for the first disagreeing node by building the model again with every main-graph
@@ -68,13 +68,13 @@ def check(expected: Sequence[Sequence[np.ndarray]], got: Sequence[Sequence[np.nd
         got: the compiled artifact's outputs, same structure.
         names: one name per output.
         unquantized: onnxruntime's outputs with the activation quantizers bypassed
-            (:func:`effc.api.without_dynamic_quant`), for models that quantize activations at run time.
+            (:func:`effc.eval.output_check.without_dynamic_quant`), for models that quantize activations at run time.
 
     Returns:
         ``{"ok": bool, "criterion": str, "samples": int, "failed": [names], "outputs": {name: {"ok", "why",
         "max_abs", "rel_l2", "nonfinite"}}}``.
     """
-    from effc.api import compare_outputs
+    from effc.eval.output_check import compare_outputs
 
     names = list(names)
     bad = _structure(expected, got, names)
@@ -197,7 +197,7 @@ def gate(model: ir.Model, target: Any, options: Mapping[str, Any], feeds: Sequen
         MismatchError: the outputs disagree and ``allow_mismatch`` is False (names the outputs and the first
             disagreeing node when found).
     """
-    from effc.api import dynamic_quant_nodes, without_dynamic_quant
+    from effc.eval.output_check import dynamic_quant_nodes, without_dynamic_quant
     from effc.ir.reference import Reference
 
     unquantized = None

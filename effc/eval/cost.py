@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from effc.eval.macs import count_macs, register_mac_counter
-from effc.eval.packed import packed_weights
+from effc.eval.packed import coded_weights, packed_weights
 from effc.ir.queries import static_shape
 
 __all__ = [
@@ -137,7 +137,8 @@ def sparsity_stats(model: ir.Model, min_rank: int = 2) -> dict[str, Any]:
     scalars are left out; embedding tables count). A tensor that an effc operator stores packed
     (:mod:`effc.eval.packed`, e.g. the ``values`` of ``effc.NMSparseMatMul``) counts as the dense weight it stands
     for: a 2:4-packed ``(K/2, Cout)`` values tensor is a ``(K, Cout)`` weight with ``K·Cout/2`` zeros that are not
-    stored, plus any literal zeros among its kept values. Other tensors count their literal (stored) zeros. Bytes
+    stored, plus any literal zeros among its kept values. Block-quantized codes (:func:`effc.eval.packed.coded_weights`)
+    count the zeros they decode to. Other tensors count their literal (stored) zeros. Bytes
     are not affected: see :func:`param_bytes`.
 
     Args:
@@ -154,9 +155,17 @@ def sparsity_stats(model: ir.Model, min_rank: int = 2) -> dict[str, Any]:
         ``"sparse_tensors"`` (the tensors with at least :data:`SPARSE_TENSOR_MIN` zeros, i.e. those a pass made
         sparse, without the dense embedding tables and layers that dilute the model-wide fraction).
     """
-    packed = packed_weights(model)
+    packed, coded = packed_weights(model), coded_weights(model)
     tensors: dict[str, dict[str, Any]] = {}
     for name, tensor, count, _ in parameter_tensors(model):
+        if tensor is not None and id(tensor) in coded:  # block-quantized codes: the zeros they decode to
+            dense, storage = coded[id(tensor)]
+            zeros = int(dense.size - np.count_nonzero(dense))
+            tensors[name if name not in tensors else f"{name}#{len(tensors)}"] = {
+                "shape": list(dense.shape), "stored_shape": list(tensor.shape.numpy()), "elements": int(dense.size),
+                "storage": storage, "zeros": zeros, "literal_zeros": zeros, "packed_zeros": 0,
+                "sparsity": zeros / dense.size}
+            continue
         if tensor is None or not tensor.dtype.is_floating_point() or len(tensor.shape) < min_rank or count == 0:
             continue
         literal = int(count - np.count_nonzero(tensor.numpy()))

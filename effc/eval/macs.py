@@ -47,23 +47,28 @@ def _norm_domain(domain: str) -> str:
     return "" if domain == "ai.onnx" else domain
 
 
-def register_mac_counter(op_type: str, fn: MacCounter | None = None, domain: str = "effc"):
+def register_mac_counter(op_type: str, fn: MacCounter | None = None, *, domain: str):
     """Register ``fn`` as the MAC counter of ``domain::op_type``; usable as a decorator.
 
     Args:
         op_type: the operator name, e.g. ``"FancyMatMul"``.
         fn: ``fn(node) -> int | None`` (None when a needed shape is not static); when omitted, a decorator is
             returned.
-        domain: the operator's domain (``"effc"`` by default, ``""`` for standard ONNX).
+        domain: the operator's domain (``""`` for standard ONNX, a vendor's domain); never ``"effc"``: effc
+            operators count their MACs through their ``OpSpec`` (:func:`effc.ops.base.register_op`), the one
+            registry of effc operators.
 
     Returns:
         ``fn`` (or the decorator).
 
     Raises:
-        ValueError: ``op_type`` is empty or ``fn`` is not callable.
+        ValueError: ``op_type`` is empty, ``fn`` is not callable, or ``domain`` is ``"effc"``.
     """
     if not op_type:
         raise ValueError("register_mac_counter needs an op_type")
+    if _norm_domain(domain) == EFFC_DOMAIN:
+        raise ValueError(f"effc operators count MACs through their OpSpec: register_op(OpSpec({op_type!r}, "
+                         "count_macs=...)) in effc/ops, not register_mac_counter")
 
     def decorate(func: MacCounter) -> MacCounter:
         if not callable(func):

@@ -11,11 +11,12 @@ by op type (``effc.NMSparseMatMul``: ``values`` ``(K·n/m, Cout)`` stands for a 
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from effc.ops import EFFC_DOMAIN, PackedWeight, get_op
 
-__all__ = ["PackedWeight", "packed_weights"]
+__all__ = ["PackedWeight", "coded_weights", "packed_weights"]
 
 
 def packed_weights(model: ir.Model) -> dict[int, PackedWeight]:
@@ -35,4 +36,22 @@ def packed_weights(model: ir.Model) -> dict[int, PackedWeight]:
         result = spec.packed_weight(node) if spec is not None and spec.packed_weight is not None else None
         if result is not None:
             found[id(result[0].const_value)] = result[1]
+    return found
+
+
+def coded_weights(model: ir.Model) -> dict[int, tuple[np.ndarray, str]]:
+    """Weights stored as codes (block quantization, :attr:`effc.ops.base.OpSpec.coded_weight`), decoded.
+
+    Args:
+        model: the model (weight data is read and decoded).
+
+    Returns:
+        ``id(stored tensor) -> (decoded float32 weight, storage label)``; malformed nodes are left out.
+    """
+    found: dict[int, tuple[np.ndarray, str]] = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        spec = get_op(node.op_type) if node.domain == EFFC_DOMAIN else None
+        result = spec.coded_weight(node) if spec is not None and spec.coded_weight is not None else None
+        if result is not None:
+            found[id(result[0].const_value)] = result[1:]
     return found

@@ -98,6 +98,7 @@ class PackedWeight:
 MacCounter = Callable[[ir.Node], "int | None"]
 """A counter: takes a node, returns its MACs, or None when the shapes it needs are not static."""
 PackedReader = Callable[[ir.Node], "tuple[ir.Value, PackedWeight] | None"]
+CodedReader = Callable[[ir.Node], "tuple[ir.Value, np.ndarray, str] | None"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +115,9 @@ class OpSpec:
             and its attributes as keyword arguments (the string ``format`` as ``str``).
         packed_weight: for an operator whose stored weight has fewer elements than the dense weight it stands for:
             ``fn(node) -> (stored value, PackedWeight)``, None when the node is malformed; None for the others.
+        coded_weight: for an operator whose stored weight is codes, not floats (block quantization):
+            ``fn(node) -> (stored value, decoded float32 weight, storage label)``, None when the node is malformed;
+            sparsity statistics count the decoded weight's zeros.
     """
 
     op_type: str
@@ -122,6 +126,7 @@ class OpSpec:
     count_macs: MacCounter
     reference: Callable[..., np.ndarray]
     packed_weight: PackedReader | None = None
+    coded_weight: CodedReader | None = None
 
 
 _OPS: dict[str, OpSpec] = {}

@@ -30,14 +30,18 @@ import numpy as np
 from effc.errors import PipelineError
 
 __all__ = [
+    "E8M0_BIAS",
     "FORMATS",
     "BlockFormat",
     "QuantizedBlocks",
     "bits_per_weight",
+    "block_scales",
     "dequantize",
+    "element_codes",
     "get_format",
     "quantize",
     "quantize_dequantize",
+    "round_to_elements",
     "sqnr_db",
 ]
 

@@ -189,7 +189,23 @@ def _node_attrs(fmt: BlockFormat, block_size: int) -> list[ir.Attr]:
 def add_block_quant_matmul(
     model: ir.Model, x: ir.Value, wq: ir.Value, scales: ir.Value, fmt: BlockFormat, block_size: int, name: str
 ) -> ir.Node:
-    """A new (not yet inserted) ``effc.BlockQuantMatMul`` node; attaches the function body to ``model``."""
+    """A new (not yet inserted) ``effc.BlockQuantMatMul`` node; attaches the function body to ``model``.
+
+    Args:
+        model: the model that receives the function body (its default-domain opset is the body's).
+        x: activation ``(..., K)``.
+        wq: packed weight codes ``(N, K * bits / 8)`` uint8, one row per output channel, blocks along K.
+        scales: block scales ``(N, K / block_size)`` (E8M0 uint8 for MX formats, float16/float32 for int).
+        fmt: element format of the codes.
+        block_size: elements per block along K.
+        name: node name.
+
+    Returns:
+        The node, ``Y (..., N) = X @ decode(wq, scales)ᵀ``.
+
+    Raises:
+        ValueError: the model's opset is older than 13.
+    """
     b = _Body("bqmm", _opset(model))
     w_nk = _dequant_rows(b, "Wq", "S", fmt, block_size)
     y = b.op("MatMul", "X", b.op("Transpose", w_nk, perm=[1, 0]))
@@ -201,7 +217,23 @@ def add_block_quant_matmul(
 def add_block_quant_gather(
     model: ir.Model, tq: ir.Value, scales: ir.Value, ids: ir.Value, fmt: BlockFormat, block_size: int, name: str
 ) -> ir.Node:
-    """A new ``effc.BlockQuantGather`` node (embedding lookup of a block-quantized ``(V, D)`` table)."""
+    """A new ``effc.BlockQuantGather`` node (embedding lookup of a block-quantized ``(V, D)`` table).
+
+    Args:
+        model: the model that receives the function body.
+        tq: packed table codes ``(V, D * bits / 8)`` uint8, blocks along D.
+        scales: block scales ``(V, D / block_size)``.
+        ids: int64 indices into the V rows (any shape).
+        fmt: element format of the codes.
+        block_size: elements per block along D.
+        name: node name.
+
+    Returns:
+        The node, ``Y (*ids.shape, D)``.
+
+    Raises:
+        ValueError: the model's opset is older than 13.
+    """
     b = _Body("bqg", _opset(model))
     table = _dequant_rows(b, "Tq", "S", fmt, block_size)
     y = b.op("Gather", table, "I", axis=0)
@@ -211,7 +243,21 @@ def add_block_quant_gather(
 
 
 def add_block_qdq(model: ir.Model, x: ir.Value, fmt: BlockFormat, block_size: int, name: str) -> ir.Node:
-    """A new ``effc.BlockQDQ`` node: dynamic MX quantize-dequantize of ``x`` along its last axis."""
+    """A new ``effc.BlockQDQ`` node: dynamic MX quantize-dequantize of ``x`` along its last axis.
+
+    Args:
+        model: the model that receives the function body.
+        x: float activation; its last axis is split into blocks of ``block_size``.
+        fmt: an MX element format (OCP MX v1.0: shared E8M0 scale per block).
+        block_size: elements per block.
+        name: node name.
+
+    Returns:
+        The node; its output has ``x``'s shape and type.
+
+    Raises:
+        ValueError: ``fmt`` is not an MX format, or the model's opset is older than 13.
+    """
     if not fmt.is_mx:
         raise ValueError(f"dynamic activation quantization needs an MX format, got {fmt.name}")
     b = _Body("bqdq", _opset(model))
@@ -278,6 +324,23 @@ def _no_macs(node: ir.Node) -> int:
 
 
 _ATTRS = ("format", "block_size")
-register_op(OpSpec("BlockQuantMatMul", ("X", "Wq", "S"), _ATTRS, matmul_macs, matmul_reference))
-register_op(OpSpec("BlockQuantGather", ("Tq", "S", "I"), _ATTRS, _no_macs, gather_reference))
+def _coded_reader(codes_index: int):
+    """Reader of the codes at input ``codes_index`` (scales follow them): ``(value, (R, C) float32, label)``."""
+
+    def read(node: ir.Node) -> tuple[ir.Value, np.ndarray, str] | None:
+        fmt_name, block_size = node.attributes.get_string("format"), node.attributes.get_int("block_size")
+        codes = node.inputs[codes_index] if len(node.inputs) > codes_index + 1 else None
+        scales = node.inputs[codes_index + 1] if codes is not None else None
+        if codes is None or codes.const_value is None or scales.const_value is None or not fmt_name:
+            return None
+        dense = decode_rows(codes.const_value.numpy(), scales.const_value.numpy(), fmt_name, block_size)
+        return codes, dense, f"block-quantized {fmt_name}"
+
+    return read
+
+
+register_op(OpSpec("BlockQuantMatMul", ("X", "Wq", "S"), _ATTRS, matmul_macs, matmul_reference,
+                   coded_weight=_coded_reader(1)))
+register_op(OpSpec("BlockQuantGather", ("Tq", "S", "I"), _ATTRS, _no_macs, gather_reference,
+                   coded_weight=_coded_reader(0)))
 register_op(OpSpec("BlockQDQ", ("X",), _ATTRS, _no_macs, qdq_reference))

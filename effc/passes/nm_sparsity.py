@@ -22,6 +22,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from effc.ops.base import EFFC_DOMAIN
 from effc.ops.nm_sparse import nm_sparse_matmul, pack_nm
 from effc.passes import sparsegpt as sg
 from effc.passes.base import EffcPass, PassOptions, register_pass
@@ -102,6 +103,17 @@ class NMSparsityOptions(PassOptions):
             self.fail("min_cosine", self.min_cosine, "a cosine in (0, 1]")
 
 
+def _quantized_layers(model: ir.Model) -> list[dict]:
+    """``skipped`` records for weights block-quant already replaced (their codes cannot be pruned here), logged."""
+    found = [{"name": n.name, "reason": f"already block-quantized ({EFFC_DOMAIN}.{n.op_type}): run nm-sparsity "
+              "before block-quant"} for n in model.graph
+             if n.domain == EFFC_DOMAIN and n.op_type in ("BlockQuantMatMul", "BlockQuantGather")]
+    if found:
+        logger.warning("nm-sparsity: %d layer(s) are already block-quantized and stay dense (first: %s); put "
+                       "nm-sparsity before block-quant in the pipeline", len(found), found[0]["name"])
+    return found
+
+
 @register_pass
 class NMSparsityPass(EffcPass):
     """Prune MatMul weights to N:M along the reduction axis and store them packed as ``effc.NMSparseMatMul``.
@@ -115,10 +127,11 @@ class NMSparsityPass(EffcPass):
 
     Stats: ``layers`` (name, shape, kind, kept fraction, bytes dense/packed, permutation gain), ``skipped``
     (name, reason), ``method`` actually used, ``reconstructed`` and ``reconstruct`` (the mode that ran),
-    ``weight_bytes_before/after``, with ``reconstruct=block`` a ``block_reconstruction`` dict (per block losses
-    before/after, tokens, seconds; layers in no FFN block with the reason), with ``reconstruct=model`` a
-    ``model_reconstruction`` dict (losses before/after on training and held-out feeds, epoch kept, seconds), and
-    with ``min_cosine`` the per-layer ``sensitivity`` and the measured ``cosine``.
+    ``weight_bytes_before/after`` (equal with ``pack=false``), with ``reconstruct=block`` a
+    ``block_reconstruction`` dict (per block losses before/after, tokens, seconds; layers in no FFN block with the
+    reason), with ``reconstruct=model`` a ``model_reconstruction`` dict (losses before/after on training and
+    held-out feeds, epoch kept, seconds), and with ``min_cosine`` the per-layer ``sensitivity``
+    and the measured ``cosine``.
 
     Attributes:
         block_config: :class:`effc.passes.block_recon.BlockReconConfig` for ``reconstruct=block`` (Python API
@@ -144,7 +157,7 @@ class NMSparsityPass(EffcPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Select, prune (sequentially, with calibration taps), optionally pack; see the class docstring."""
         o = self.options
-        cands, skipped = [], []
+        cands, skipped = [], _quantized_layers(model)
         for lay in sg.select_layers(model, o.layers):
             shape = tuple(lay[1].const_value.shape)
             cout, cin = (shape if lay[2] else shape[::-1])
@@ -200,6 +213,10 @@ class NMSparsityPass(EffcPass):
                 info = replace_with_packed(model, lay[0], o.n, o.m, o.vector, perms.get(lay[0].name))
                 rec.update(dense_bytes=info["dense_bytes"], packed_bytes=info["packed_bytes"])
                 before, after = before + info["dense_bytes"], after + info["packed_bytes"]
+            else:  # pack=false: the pruned weight stays dense, its bytes unchanged
+                nbytes = int(lay[1].const_value.numpy().nbytes)
+                rec.update(dense_bytes=nbytes, packed_bytes=None)
+                before, after = before + nbytes, after + nbytes
         self.stats.update(layers=records, skipped=skipped, method=method, pattern=f"{o.n}:{o.m}", vector=o.vector,
                           reconstructed=recon, reconstruct=o.reconstruct if recon else "false",
                           weight_bytes_before=before, weight_bytes_after=after)

@@ -74,18 +74,21 @@ def test_unknown_shapes_skipped_or_strict():
         count_macs(model, strict=True)
 
 
-def test_effc_counter_registry_and_uncounted(monkeypatch):
+def test_vendor_counter_registry_and_uncounted(monkeypatch):
     from effc.eval import macs as macs_module
 
     monkeypatch.setattr(macs_module, "_COUNTERS", dict(macs_module._COUNTERS))  # keep the registration local
     g = helper.make_graph(
-        [helper.make_node("FancyMatMul", ["x"], ["y"], name="f", domain="effc"),
+        [helper.make_node("FancyMatMul", ["x"], ["y"], name="f", domain="vendor"),
          helper.make_node("OtherOp", ["y"], ["z"], name="o", domain="effc")],
         "g", [_vi("x", [2, 6])], [_vi("z", None)])
     model = ir.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21),
-                                                              helper.make_opsetid("effc", 1)]))
+                                                              helper.make_opsetid("effc", 1),
+                                                              helper.make_opsetid("vendor", 1)]))
+    with pytest.raises(ValueError, match="OpSpec"):  # effc operators have one registry: effc.ops
+        register_mac_counter("FancyMatMul", lambda node: 0, domain="effc")
 
-    @register_mac_counter("FancyMatMul")
+    @register_mac_counter("FancyMatMul", domain="vendor")
     def _count(node):
         x = static_shape(node.inputs[0])
         return None if x is None else x[0] * x[1] * 5

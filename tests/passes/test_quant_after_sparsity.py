@@ -8,6 +8,8 @@ are refused with an error naming the layer and the fix, never skipped silently.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -78,18 +80,71 @@ def test_two_four_pattern_survives_dequantize_linear(fmt):
     assert (w[pruned] == 0).all() and np.count_nonzero(w) > 0.45 * K * N
 
 
-def test_packed_nm_layers_are_refused_with_the_fix():
+def test_packed_nm_layers_are_refused_with_a_hint_that_works():
     model = _matmul_model()
     NMSparsityPass(n=2, m=4, method="magnitude", reconstruct="false")(model)
-    with pytest.raises(PassError, match=r"fc/nm is N:M-packed.*exclude=\[fc/nm\]|pack=false"):
+    with pytest.raises(PassError) as err:
         BlockQuantPass(format="mxfp4", min_params=0)(model)
+    message = str(err.value)
+    assert "1 selected layer(s) are N:M-packed" in message and "fc/nm" in message and "pack=false" in message
+    hint = re.search(r"exclude=\[([^\]]+)\]", message).group(1)
+    assert hint == "*/nm"  # one glob for every packed layer, not one retry per layer
+    result = BlockQuantPass(format="mxfp4", min_params=0, exclude=tuple(hint.split(",")))(model)  # the hint works
+    assert not result.modified
 
 
-def test_excluded_packed_layers_stay_packed():
+@pytest.mark.parametrize("exclude", ["fc/nm", "*/nm"])
+def test_excluded_packed_layers_stay_packed(exclude):
     model = _matmul_model()
     NMSparsityPass(n=2, m=4, method="magnitude", reconstruct="false")(model)
     before = _weight(model)
-    result = BlockQuantPass(format="mxfp4", min_params=0, exclude=("fc/nm",))(model)
+    result = BlockQuantPass(format="mxfp4", min_params=0, exclude=(exclude,))(model)
     assert not result.modified
     assert [n.op_type for n in model.graph] == ["NMSparseMatMul", "Identity"]
     np.testing.assert_array_equal(_weight(model), before)
+
+
+def test_lorc_applies_to_a_dense_weight_with_a_stray_zero():
+    model = _matmul_model()
+    w = model.graph.initializers["w"].const_value.numpy().copy()
+    w[3, 5] = 0.0  # one exact zero is no sparsity pattern
+    model.graph.initializers["w"].const_value = ir.tensor(w, name="w")
+    quant = BlockQuantPass(format="mxfp4", min_params=0, lorc_rank=8)
+    quant(model)
+    assert quant.stats["layers"]["w"]["lorc_rank"] == 8 and quant.stats["lorc_skipped"] == []
+    assert "MatMul" in [n.op_type for n in model.graph]  # the low-rank branch X @ U @ V
+
+
+def test_nm_sparsity_after_block_quant_names_the_order_fix():
+    from effc.passes.manager import PassManager
+
+    model = _matmul_model()
+    BlockQuantPass(format="mxfp4", min_params=0)(model)
+    nm = NMSparsityPass(n=2, m=4)
+    assert not nm(model).modified
+    assert [s["reason"] for s in nm.stats["skipped"]] == [
+        "already block-quantized (effc.BlockQuantMatMul): run nm-sparsity before block-quant"]
+    assert "run nm-sparsity before block-quant" in nm.unchanged_reason()
+    with pytest.raises(PassError, match="before block-quant"):
+        PassManager("block-quant(format=mxfp4,min_params=0),nm-sparsity(n=2,m=4)", strict=True, save_replay=False).run(
+            _matmul_model())
+
+
+def test_unpacked_nm_sparsity_reports_the_dense_bytes_it_keeps():
+    nm = NMSparsityPass(n=2, m=4, method="magnitude", reconstruct="false", pack=False)
+    nm(_matmul_model())
+    assert nm.stats["weight_bytes_before"] == nm.stats["weight_bytes_after"] == K * N * 4
+    assert nm.stats["layers"][0]["dense_bytes"] == K * N * 4 and nm.stats["layers"][0]["packed_bytes"] is None
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "int8"])
+def test_sparsity_stats_count_the_zeros_of_quantized_pruned_weights(fmt):
+    from effc.eval.cost import sparsity_stats
+
+    model = _matmul_model()
+    NMSparsityPass(n=2, m=4, method="magnitude", reconstruct="false", pack=False)(model)
+    BlockQuantPass(format=fmt, min_params=0)(model)
+    rows = [r for r in sparsity_stats(model)["tensors"].values() if r["storage"] == f"block-quantized {fmt}"]
+    assert len(rows) == 1 and rows[0]["shape"] == [N, K] and rows[0]["elements"] == K * N
+    assert rows[0]["zeros"] == int(K * N - np.count_nonzero(_weight(model)))  # what the model computes with
+    assert rows[0]["sparsity"] >= 0.5
