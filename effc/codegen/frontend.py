@@ -166,11 +166,11 @@ def _as_tvm_converter(cls: type) -> type:
 
 
 @contextlib.contextmanager
-def _effc_converters_active() -> Iterator[None]:
+def _effc_converters_active(keep_tvm: frozenset[str] = frozenset()) -> Iterator[None]:
     """Extend TVM's convert map (effc converters, effc's fixes of standard ops), name failing nodes; then restore.
 
-    The standard-op fixes are :data:`effc.codegen.std_ops.STANDARD_OVERRIDES`; the index range checks
-    :data:`effc.codegen.index_guard.INDEX_GUARDS`.
+    The standard-op fixes are :data:`effc.codegen.std_ops.STANDARD_OVERRIDES`, less the op types in ``keep_tvm``;
+    the index range checks :data:`effc.codegen.index_guard.INDEX_GUARDS`.
     """
     _load_builtin_converters()
     original_map = _tvm_onnx._get_convert_map
@@ -180,7 +180,8 @@ def _effc_converters_active() -> Iterator[None]:
     from effc.codegen.std_ops import STANDARD_OVERRIDES
 
     extra = {_EFFC_PREFIX + op: _as_tvm_converter(cls) for op, cls in _EFFC_CONVERTERS.items()}
-    extra.update(STANDARD_OVERRIDES)  # standard ops TVM lowers wrongly: effc's own converters
+    # standard ops TVM lowers wrongly: effc's own converters
+    extra.update({op: cls for op, cls in STANDARD_OVERRIDES.items() if op not in keep_tvm})
     extra.update(INDEX_GUARDS)  # gathers/scatters refuse out-of-range computed indices at run time
 
     def extended_map() -> dict[str, Any]:
@@ -206,13 +207,15 @@ def _effc_converters_active() -> Iterator[None]:
         importer._convert_operator = original_convert
 
 
-def to_relax(model: ir.Model) -> tvm.IRModule:
+def to_relax(model: ir.Model, *, keep_tvm: frozenset[str] = frozenset()) -> tvm.IRModule:
     """Import a canonical (static-shape, constant-folded) model into a Relax module with function ``main``.
 
     ``main``'s parameters follow the graph inputs' order; weights become constants.
 
     Args:
         model: the model (not modified), canonicalized by :func:`effc.ir.canonicalize.canonicalize`.
+        keep_tvm: standard op types for which TVM's own converter is used instead of effc's fix in
+            :data:`effc.codegen.std_ops.STANDARD_OVERRIDES` (a target that accepts the documented difference).
 
     Returns:
         The Relax ``IRModule``.
@@ -229,7 +232,7 @@ def to_relax(model: ir.Model) -> tvm.IRModule:
     _rename_effc_nodes(proto.graph)
     captured = io.StringIO()
     try:
-        with _effc_converters_active(), warnings.catch_warnings(), contextlib.redirect_stdout(captured):
+        with _effc_converters_active(keep_tvm), warnings.catch_warnings(), contextlib.redirect_stdout(captured):
             warnings.simplefilter("ignore")
             mod = _tvm_onnx.from_onnx(proto)
     except _NodeConversionError as exc:

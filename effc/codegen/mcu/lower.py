@@ -67,10 +67,15 @@ def c_identifier(name: str, taken: set[str]) -> str:
 
 
 def model_to_relax(model: ir.Model) -> tvm.IRModule:
-    """Import through effc's frontend (effc operators included)."""
+    """Import through effc's frontend (effc operators included).
+
+    ReLU keeps TVM's ``max(x, 0)`` here (NaN becomes 0 on Cortex-M): effc's NaN-keeping form
+    ``where(x < 0, 0, x)`` would stop the fused conv/matmul epilogue from taking the ``effc-acc`` schedule and
+    store its zeros as constants in flash.
+    """
     from effc.codegen.frontend import to_relax
 
-    return to_relax(model)
+    return to_relax(model, keep_tvm=frozenset({"Relu"}))
 
 
 def lower_to_c(
