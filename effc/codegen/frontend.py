@@ -169,17 +169,20 @@ def _as_tvm_converter(cls: type) -> type:
 def _effc_converters_active(keep_tvm: frozenset[str] = frozenset()) -> Iterator[None]:
     """Extend TVM's convert map (effc converters, effc's fixes of standard ops), name failing nodes; then restore.
 
-    The standard-op fixes are :data:`effc.codegen.std_ops.STANDARD_OVERRIDES`, less the op types in ``keep_tvm``.
+    The standard-op fixes are :data:`effc.codegen.std_ops.STANDARD_OVERRIDES`, less the op types in ``keep_tvm``;
+    the index range checks :data:`effc.codegen.index_guard.INDEX_GUARDS`.
     """
     _load_builtin_converters()
     original_map = _tvm_onnx._get_convert_map
     importer = _tvm_onnx.ONNXGraphImporter
     original_convert = importer._convert_operator
+    from effc.codegen.index_guard import INDEX_GUARDS
     from effc.codegen.std_ops import STANDARD_OVERRIDES
 
     extra = {_EFFC_PREFIX + op: _as_tvm_converter(cls) for op, cls in _EFFC_CONVERTERS.items()}
     # standard ops TVM lowers wrongly: effc's own converters
     extra.update({op: cls for op, cls in STANDARD_OVERRIDES.items() if op not in keep_tvm})
+    extra.update(INDEX_GUARDS)  # gathers/scatters refuse out-of-range computed indices at run time
 
     def extended_map() -> dict[str, Any]:
         table = original_map()

@@ -19,6 +19,9 @@ from effc.errors import DataError, EffcError
 
 logger = logging.getLogger(__name__)
 
+#: onnxruntime's messages for index values outside a tensor (Gather*, Scatter*): the data's fault, not the model's.
+_INDEX_OUT_OF_RANGE = ("out of range value in index", "out of data bounds", "out of bounds", "out of range")
+
 
 class Reference:
     """An onnxruntime ``InferenceSession`` (CPU) built from an in-memory ``ir.Model``.
@@ -52,7 +55,8 @@ class Reference:
         """Run once; returns the outputs in graph output order.
 
         Raises:
-            DataError: a model input is missing from ``feeds``.
+            DataError: a model input is missing from ``feeds``, or the feeds make the model compute indices out of
+                range (onnxruntime refuses them).
             EffcError: onnxruntime fails while running (an op or dtype its CPU kernels lack, e.g. bfloat16 or
                 float8 tensors; a run-time shape error): its reason is quoted.
         """
@@ -64,6 +68,11 @@ class Reference:
             return self.session.run(None, {name: feeds[name] for name in self.input_names})
         except Exception as err:  # onnxruntime raises RuntimeError, its own Fail/InvalidArgument types, TypeError
             reason = str(err).strip().splitlines()[0][:400] if str(err).strip() else type(err).__name__
+            if any(pattern in reason.lower() for pattern in _INDEX_OUT_OF_RANGE):
+                raise DataError(f"onnxruntime refuses the input samples: an index the model computes from them lies "
+                                f"outside a tensor: {reason}",
+                                "pass real samples with --data (synthetic samples, used without it, can make the "
+                                "model compute indices out of range)") from err
             raise EffcError(f"onnxruntime, the reference every result is checked against, cannot run the model: "
                             f"{reason}",
                             "effc cannot verify what it cannot run in onnxruntime: keep the model to ops and "

@@ -10,6 +10,7 @@ below any model's run time (see docs/BENCHMARKS.md). ``effc.runtime.load(..., ch
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,7 +18,13 @@ import numpy as np
 
 from effc.errors import DataError
 
-__all__ = ["check_feeds", "check_index_input", "checks_of"]
+__all__ = ["GUARD_FUNCTION", "MARKER", "check_feeds", "check_index_input", "checks_of", "guard_error",
+           "register_guard_function"]
+
+#: Prefix of the message of the in-graph index checks (:mod:`effc.codegen.index_guard`) in a TVM error.
+MARKER = "effc-index-check:"
+#: The packed function a compiled model calls before each computed index operand is used: ``(ok, message)``.
+GUARD_FUNCTION = "effc.index_guard"
 
 #: Ops whose index inputs are usually token ids into an embedding table.
 _TOKEN_HINT = {op: " (token ids: a tokenizer with the model's own vocabulary)" for op in ("Gather", "BlockQuantGather")}
@@ -94,3 +101,36 @@ def check_feeds(feeds: Sequence[Mapping[str, np.ndarray]], specs: Sequence[Mappi
                 check_index_input(name, np.asarray(feed[name]), checks)
             except DataError as exc:
                 raise DataError(f"{where}: sample {index}: {exc.message}", exc.hint) from None
+
+
+def guard_error(exc: BaseException) -> DataError | None:
+    """The :class:`DataError` for a run-time failure of an in-graph index check, None for any other failure.
+
+    Indices computed in the model (``Add(idx, 1)``, ``Cast(float -> int64)``) are checked by the compiled code
+    itself (:mod:`effc.codegen.index_guard`): its assertion names the op, the node and the valid range.
+    """
+    text = str(exc)
+    start = text.find(MARKER)
+    if start < 0:
+        return None
+    message = text[start + len(MARKER):].strip().splitlines()[0]
+    return DataError(message, "give the model inputs from which it computes in-range indices (the data the model "
+                              "expects); onnxruntime rejects these inputs too")
+
+
+def _index_guard(ok: Any, message: str) -> None:
+    """Nothing when ``ok`` (a bool scalar tensor, on any device) holds, else raise ``message``."""
+    import tvm_ffi
+
+    flag = np.zeros((), dtype=np.bool_)
+    tvm_ffi.get_global_func("runtime.TVMTensorCopyToBytes")(ok, ctypes.c_void_p(flag.ctypes.data), flag.nbytes)
+    if not bool(flag):
+        raise IndexError(message)
+
+
+def register_guard_function() -> None:
+    """Register :data:`GUARD_FUNCTION` with the TVM FFI (idempotent; needs ``tvm_ffi``, not the TVM compiler)."""
+    import tvm_ffi
+
+    if tvm_ffi.get_global_func(GUARD_FUNCTION, allow_missing=True) is None:
+        tvm_ffi.register_global_func(GUARD_FUNCTION, _index_guard)

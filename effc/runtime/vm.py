@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from effc.errors import ArtifactError, TargetError
+from effc.runtime.index_check import guard_error, register_guard_function
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class VmRunner:
         if threads is not None:
             os.environ.setdefault("TVM_NUM_THREADS", str(threads))
             tvm_ffi.get_global_func("runtime.config_threadpool")(1, threads)  # 1 = kBig: all cores
+        register_guard_function()  # the in-graph index checks of effc.codegen.index_guard call it
         self._device = tvm_ffi.device(target, 0)
         self._input_names = list(input_names)
         self._alloc, self._copy_in, self._copy_out = _tensor_functions()
@@ -173,12 +175,17 @@ class VmRunner:
         """Run one inference; outputs as numpy arrays in graph output order.
 
         Raises:
+            DataError: an index the model computes from its inputs is out of range (the in-graph check of
+                :mod:`effc.codegen.index_guard`).
             TargetError: an input is missing, or TVM failed at run time.
         """
         args = self.to_device(feeds)
         try:
             return self._to_numpy(self.call(args))
         except Exception as exc:  # noqa: BLE001
+            error = guard_error(exc)
+            if error is not None:
+                raise error from None
             raise TargetError(f"running {LIBRARY} failed: {type(exc).__name__}: {str(exc)[:400]}",
                               "check the feeds match the manifest's inputs (dtype, shape), or recompile") from exc
 

@@ -22,6 +22,7 @@ from effc.codegen import cpu as cpu_codegen
 from effc.codegen.build import set_runtime_threads, usable_cores
 from effc.codegen.frontend import last_lowering_log, to_relax
 from effc.errors import ArtifactError, TargetError
+from effc.runtime.index_check import guard_error, register_guard_function
 from effc.targets.base import BuildResult, Runner, Target, register_target
 
 logger = logging.getLogger(__name__)
@@ -189,11 +190,13 @@ class CpuRunner(Runner):
         self._input_names = list(input_names)
         self.threads = threads
         self._device = tvm.cpu()
+        register_guard_function()  # the in-graph index checks of effc.codegen.index_guard call it
 
     def call(self, function: str, args: list[Any]) -> list[np.ndarray]:
         """Call entry point ``function`` with positional ``args`` (numpy arrays, or TVM tensors that stay put).
 
         Raises:
+            DataError: an index the model computes is out of range (:mod:`effc.codegen.index_guard`).
             TargetError: the library has no such function, or TVM failed at run time.
         """
         set_runtime_threads(self.threads)
@@ -202,6 +205,8 @@ class CpuRunner(Runner):
                        tvm_build.to_tvm_tensor(np.ascontiguousarray(a), self._device) for a in args]
             return tvm_build.outputs_to_numpy(self._vm[function](*tensors))
         except Exception as exc:  # noqa: BLE001  (never let a TVM traceback escape)
+            if guard_error(exc) is not None:
+                raise guard_error(exc) from None
             raise TargetError(f"calling {function!r} of model.so failed: {type(exc).__name__}: {str(exc)[:400]}",
                               "recompile the model; check the arguments match the manifest's entry points") from exc
 
@@ -213,6 +218,7 @@ class CpuRunner(Runner):
         """Run one inference (feeds already validated by :class:`effc.runtime.CompiledModel`).
 
         Raises:
+            DataError: an index the model computes is out of range (:mod:`effc.codegen.index_guard`).
             TargetError: an input is missing or TVM failed at run time.
         """
         set_runtime_threads(self.threads)
@@ -224,6 +230,8 @@ class CpuRunner(Runner):
             result = self._vm[self._entry](*args)
             return tvm_build.outputs_to_numpy(result)
         except Exception as exc:  # noqa: BLE001  (never let a TVM traceback escape)
+            if guard_error(exc) is not None:
+                raise guard_error(exc) from None
             raise TargetError(
                 f"running model.so failed: {type(exc).__name__}: {str(exc)[:400]}",
                 "check the feeds match the manifest's inputs (dtype, shape), or recompile",
