@@ -166,7 +166,7 @@ def _as_tvm_converter(cls: type) -> type:
 
 
 @contextlib.contextmanager
-def _effc_converters_active(keep_tvm: frozenset[str] = frozenset()) -> Iterator[None]:
+def _effc_converters_active(keep_tvm: frozenset[str] = frozenset(), index_guards: bool = True) -> Iterator[None]:
     """Extend TVM's convert map (effc converters, effc's fixes of standard ops), name failing nodes; then restore.
 
     The standard-op fixes are :data:`effc.codegen.std_ops.STANDARD_OVERRIDES`, less the op types in ``keep_tvm``;
@@ -182,7 +182,8 @@ def _effc_converters_active(keep_tvm: frozenset[str] = frozenset()) -> Iterator[
     extra = {_EFFC_PREFIX + op: _as_tvm_converter(cls) for op, cls in _EFFC_CONVERTERS.items()}
     # standard ops TVM lowers wrongly: effc's own converters
     extra.update({op: cls for op, cls in STANDARD_OVERRIDES.items() if op not in keep_tvm})
-    extra.update(INDEX_GUARDS)  # gathers/scatters refuse out-of-range computed indices at run time
+    if index_guards:
+        extra.update(INDEX_GUARDS)  # gathers/scatters refuse out-of-range computed indices at run time
 
     def extended_map() -> dict[str, Any]:
         table = original_map()
@@ -207,7 +208,7 @@ def _effc_converters_active(keep_tvm: frozenset[str] = frozenset()) -> Iterator[
         importer._convert_operator = original_convert
 
 
-def to_relax(model: ir.Model, *, keep_tvm: frozenset[str] = frozenset()) -> tvm.IRModule:
+def to_relax(model: ir.Model, *, keep_tvm: frozenset[str] = frozenset(), index_guards: bool = True) -> tvm.IRModule:
     """Import a canonical (static-shape, constant-folded) model into a Relax module with function ``main``.
 
     ``main``'s parameters follow the graph inputs' order; weights become constants.
@@ -216,6 +217,9 @@ def to_relax(model: ir.Model, *, keep_tvm: frozenset[str] = frozenset()) -> tvm.
         model: the model (not modified), canonicalized by :func:`effc.ir.canonicalize.canonicalize`.
         keep_tvm: standard op types for which TVM's own converter is used instead of effc's fix in
             :data:`effc.codegen.std_ops.STANDARD_OVERRIDES` (a target that accepts the documented difference).
+        index_guards: insert the in-graph range checks of computed indices
+            (:data:`effc.codegen.index_guard.INDEX_GUARDS`); they call a function of effc's runtime, so targets
+            without it (plain C for microcontrollers) turn them off.
 
     Returns:
         The Relax ``IRModule``.
@@ -232,7 +236,8 @@ def to_relax(model: ir.Model, *, keep_tvm: frozenset[str] = frozenset()) -> tvm.
     _rename_effc_nodes(proto.graph)
     captured = io.StringIO()
     try:
-        with _effc_converters_active(keep_tvm), warnings.catch_warnings(), contextlib.redirect_stdout(captured):
+        converters = _effc_converters_active(keep_tvm, index_guards)
+        with converters, warnings.catch_warnings(), contextlib.redirect_stdout(captured):
             warnings.simplefilter("ignore")
             mod = _tvm_onnx.from_onnx(proto)
     except _NodeConversionError as exc:

@@ -101,3 +101,24 @@ def test_compile_without_data_whose_synthetic_samples_make_indices_out_of_range_
     assert done.exit_code == 1, output
     assert "onnxruntime refuses the input samples" in output and "pass real samples with --data" in output
     assert not (tmp_path / "out" / "model.so").exists()
+
+
+def test_microcontroller_lowering_leaves_the_guard_out():
+    """The guard calls effc's Python runtime; plain-C firmware has none, so the Cortex-M import omits it."""
+    import onnx_ir as ir
+    from onnx import TensorProto
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    from effc.codegen.frontend import to_relax
+    from effc.codegen.mcu.lower import model_to_relax
+
+    table = nh.from_array(np.arange(32, dtype=np.float32).reshape(8, 4), "table")
+    one = nh.from_array(np.array(1, dtype=np.int64), "one")
+    graph = h.make_graph(
+        [h.make_node("Add", ["idx", "one"], ["i2"]), h.make_node("Gather", ["table", "i2"], ["y"], axis=0)],
+        "g", [h.make_tensor_value_info("idx", TensorProto.INT64, [1, 3])],
+        [h.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4])], [table, one])
+    model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
+    assert "effc.index_guard" in to_relax(model).script()
+    assert "effc.index_guard" not in model_to_relax(model).script()

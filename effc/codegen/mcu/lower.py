@@ -71,11 +71,12 @@ def model_to_relax(model: ir.Model) -> tvm.IRModule:
 
     ReLU keeps TVM's ``max(x, 0)`` here (NaN becomes 0 on Cortex-M): effc's NaN-keeping form
     ``where(x < 0, 0, x)`` would stop the fused conv/matmul epilogue from taking the ``effc-acc`` schedule and
-    store its zeros as constants in flash.
+    store its zeros as constants in flash. The in-graph index range checks are left out: they call a function of
+    effc's Python runtime, which the plain-C firmware does not have (its C API trusts its index inputs).
     """
     from effc.codegen.frontend import to_relax
 
-    return to_relax(model, keep_tvm=frozenset({"Relu"}))
+    return to_relax(model, keep_tvm=frozenset({"Relu"}), index_guards=False)
 
 
 def lower_to_c(
