@@ -89,7 +89,7 @@ def test_computed_in_range_indices_match_onnxruntime(artifacts, name):
 
 
 def test_compile_without_data_whose_synthetic_samples_make_indices_out_of_range_asks_for_data(tmp_path):
-    """Synthetic samples (no --data) push ``Add(idx, 1)`` out of range in onnxruntime: a DataError, not an internal one."""
+    """Synthetic samples push ``Add(idx, 1)`` out of range in onnxruntime: a DataError, not an internal one."""
     from click.testing import CliRunner
 
     from effc.cli import cli
