@@ -29,7 +29,7 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend as _tvm
 
-from effc.runtime.index_check import GUARD_FUNCTION, MARKER, register_guard_function
+from effc.runtime.index_check import GUARD_FUNCTION, MARKER
 
 __all__ = ["INDEX_GUARDS"]
 
@@ -103,8 +103,6 @@ def _guarded(tvm_class: type, rule: _Rule, index_position: int = 1) -> type:
 
     return type(tvm_class.__name__, (tvm_class,), {"get_converter": get_converter})
 
-
-register_guard_function()  # in-process runs of a module built here (compile-time checks) need it too
 
 #: Op type -> guarded converter class; :func:`effc.codegen.frontend.to_relax` activates it with the std-op fixes.
 INDEX_GUARDS: dict[str, type] = {
