@@ -81,6 +81,9 @@ def load_vm(path: Path, device: Any) -> relax.VirtualMachine:
     Raises:
         TargetError: the file cannot be loaded (wrong architecture, missing runtime symbols, ...).
     """
+    from effc.runtime.index_check import register_guard_function
+
+    register_guard_function()  # the in-graph index checks of effc.codegen.index_guard call it
     try:
         module = tvm.runtime.load_module(os.fspath(path))
         return relax.VirtualMachine(module, device)

@@ -257,6 +257,12 @@ def to_relax(model: ir.Model, *, keep_tvm: frozenset[str] = frozenset(), index_g
     if captured.getvalue():
         logger.debug("TVM ONNX frontend output: %s", captured.getvalue()[:2000])
     _LAST_LOWERING[:] = [entry for log, mark in zip(logs, marks, strict=True) for entry in log[mark:]]
+    if index_guards:
+        # a module with guards calls effc.index_guard when it runs: make it callable in the process that built it
+        # too (a plain relax.VirtualMachine, not only effc's runners, which register it when they load an artifact)
+        from effc.runtime.index_check import register_guard_function
+
+        register_guard_function()
     return mod
 
 
