@@ -226,7 +226,8 @@ def bytes_read_per_token(model: ir.Model) -> int:
     ``effc.MoEFFN``, which count its router, shared expert and ``top_k`` routed experts only
     (:func:`effc.ops.moe.weight_bytes_per_token`).
     """
-    from effc.ops.moe import OP_TYPE as MOE, layout_of, weight_bytes_per_token
+    from effc.ops.moe import OP_TYPE as MOE
+    from effc.ops.moe import layout_of, weight_bytes_per_token
 
     total, moe_read = 0, set()
     for node in model.graph:

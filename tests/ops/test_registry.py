@@ -100,7 +100,7 @@ def _qdq(fmt: str):
     return {"X": x}, {}, build, {"format": fmt, "block_size": 32}
 
 
-def _moe(activation: str, gated: bool, shared: int, top_k: int):
+def _moe(activation: str, gated: bool, shared: int, top_k: int, lead: tuple[int, ...] = (2, 3)):
     k, c, experts, size = 32, 24, 4, 16
     hidden = shared + experts * size
     consts = {"router_w": RNG.standard_normal((k, experts)), "router_b": RNG.standard_normal(experts),
@@ -110,12 +110,12 @@ def _moe(activation: str, gated: bool, shared: int, top_k: int):
     if gated:
         consts["W3"] = RNG.standard_normal((k, hidden)) / 4
     consts = {name: a.astype(np.float32) for name, a in consts.items()}
-    x = RNG.standard_normal((2, 3, k)).astype(np.float32)  # 6 tokens: each routes on its own
+    x = RNG.standard_normal((*lead, k)).astype(np.float32)  # 6 tokens (grouped kernel) or 1 (decode kernel)
     layout = moe.MoELayout(k, c, shared, experts, size, top_k, gated, activation)
 
     def build(model, v):
         node = moe.add_moe_ffn(model, v["X"], {name: v.get(name) for name in moe.INPUTS[1:]}, layout, "moe")
-        node.outputs[0].shape, node.outputs[0].type = ir.Shape((2, 3, c)), ir.TensorType(ir.DataType.FLOAT)
+        node.outputs[0].shape, node.outputs[0].type = ir.Shape((*lead, c)), ir.TensorType(ir.DataType.FLOAT)
         return node
 
     attrs = {"activation": activation, "gated": int(gated), "experts": experts, "top_k": top_k, "shared": shared}
@@ -128,7 +128,8 @@ CASES = {
     "BlockQuantGather": [lambda f=f: _gather(f) for f in ("mxfp4", "int8")],
     "BlockQDQ": [lambda f=f: _qdq(f) for f in ("mxfp4", "mxfp8_e4m3")],
     "MoEFFN": [lambda: _moe("gelu", False, 8, 2), lambda: _moe("silu", True, 0, 1), lambda: _moe("relu", False, 4, 4),
-               lambda: _moe("gelu_tanh", True, 16, 3)],
+               lambda: _moe("gelu_tanh", True, 16, 3), lambda: _moe("silu", True, 8, 2, (1, 1)),
+               lambda: _moe("gelu", False, 0, 3, (1, 1))],
 }
 
 

@@ -31,6 +31,7 @@ import logging
 import numpy as np
 import tvm
 from tvm import relax, s_tir, te, tirx
+from tvm.script import tirx as T
 
 from effc.codegen.frontend import register_converter
 from effc.ops.moe import MoELayout
@@ -91,8 +92,11 @@ def _i64(*dims: int) -> list:
     return [tirx.IntImm("int64", d) for d in dims]
 
 
-def select_kernel(rows: int, experts: int, top_k: int) -> tirx.PrimFunc:
-    """``main(logits (M, E) float32, idx (M, k) int32)``: the ``k`` experts of largest logit per row, by rank."""
+def select_kernel(rows: int, experts: int, top_k: int, mask: bool = False) -> tirx.PrimFunc:
+    """``main(logits (M, E) float32, idx (M, k) int32)``: the ``k`` experts of largest logit per row, by rank.
+
+    With ``mask=True`` the output is ``chosen (M, E)`` int32 (1 for the ``k`` chosen experts) instead.
+    """
     logits = te.placeholder(_i64(rows, experts), "float32", "logits")
     f = te.reduce_axis(_i64(0, experts), "f")
 
@@ -101,6 +105,10 @@ def select_kernel(rows: int, experts: int, top_k: int) -> tirx.PrimFunc:
         return tirx.Select(tirx.Or(lg > le, tirx.And(lg == le, g < e)), 1, 0)
 
     rank = te.compute(_i64(rows, experts), lambda m, e: te.sum(beats(m, e, f), axis=f), name="moe_rank")
+    if mask:
+        chosen = te.compute(_i64(rows, experts), lambda m, e: tirx.Select(rank[m, e] < top_k, 1, 0),
+                            name="moe_chosen")
+        return te.create_prim_func([logits, chosen]).with_attr("global_symbol", "main")
     q = te.reduce_axis(_i64(0, experts), "q")
     idx = te.compute(_i64(rows, top_k),
                      lambda m, s: te.sum(tirx.Select(rank[m, q] == s.astype("int32"), q.astype("int32"), 0), axis=q),
@@ -144,6 +152,66 @@ def routed_kernel(rows: int, layout: MoELayout) -> tirx.PrimFunc:
 
     y = te.compute(_i64(rows, c), out, name="moe_out")
     return te.create_prim_func([x, idx, w13, b1, w2, fill, base, y]).with_attr("global_symbol", "main")
+
+
+def grouped_kernel(rows: int, layout: MoELayout) -> tirx.PrimFunc:
+    """Pre-scheduled ``main(X (M, K), chosen (M, E) int32, W13, b1, W2, fill, base, Y (M, C))`` for ``M > 1``.
+
+    Tokens grouped by expert: the up stage runs in parallel over ``(expert, panel)``; each task keeps its
+    ``(K, P)`` weight panel hot (L2) while it walks the tokens that chose the expert, skipping the others. The down
+    stage runs in parallel over ``C``-panels; per token it adds the chosen experts' ``(He, P2)`` slabs (all hot
+    across tokens). Work: ``(M·k) · He · (G·K + C)`` MACs, as in :func:`routed_kernel`, with weight reuse across
+    tokens. Layouts as :func:`relayout` returns them.
+    """
+    e_n, he, k, c = layout.experts, layout.expert_size, layout.k, layout.c
+    g = 2 if layout.gated else 1
+    p, p2 = panel(g * he), panel(c)
+    npan, cpan = g * he // p, c // p2
+
+    def act_value(u, b1, e, m, j):
+        a = _act(layout.activation, u[e, m, j] + b1[e, j])
+        return a * u[e, m, j + he] if layout.gated else a
+
+    @T.prim_func(s_tir=False)
+    def main(x_h: T.handle, ch_h: T.handle, w13_h: T.handle, b1_h: T.handle, w2_h: T.handle, fill_h: T.handle,
+             base_h: T.handle, y_h: T.handle):
+        T.func_attr({"global_symbol": "main", "tir.noalias": True, "tir.is_scheduled": True})
+        X = T.match_buffer(x_h, (rows, k), "float32")
+        CH = T.match_buffer(ch_h, (rows, e_n), "int32")
+        W13 = T.match_buffer(w13_h, (e_n, npan, k, p), "float32")
+        B1 = T.match_buffer(b1_h, (e_n, he), "float32")
+        W2 = T.match_buffer(w2_h, (e_n, cpan, he, p2), "float32")
+        FILL = T.match_buffer(fill_h, (e_n, c), "float32")
+        BASE = T.match_buffer(base_h, (c,), "float32")
+        Y = T.match_buffer(y_h, (rows, c), "float32")
+        U = T.alloc_buffer((e_n, rows, g * he), "float32")
+        A = T.alloc_buffer((e_n, rows, he), "float32")
+        for t in T.parallel(e_n * npan):
+            for m in range(rows):
+                if CH[m, t // npan] != 0:
+                    acc = T.alloc_buffer((p,), "float32", scope="global")
+                    acc[T.ramp(0, 1, p)] = T.broadcast(T.float32(0), p)
+                    for r in range(k):
+                        acc[T.ramp(0, 1, p)] = acc[T.ramp(0, 1, p)] + T.broadcast(X[m, r], p) * W13[
+                            t // npan, t % npan, r, T.ramp(0, 1, p)]
+                    U[t // npan, m, T.ramp(t % npan * p, 1, p)] = acc[T.ramp(0, 1, p)]
+        for t in T.parallel(e_n * rows):
+            if CH[t % rows, t // rows] != 0:
+                for j in range(he):
+                    A[t // rows, t % rows, j] = act_value(U, B1, t // rows, t % rows, j)
+        for co in T.parallel(cpan):
+            for m in range(rows):
+                acc2 = T.alloc_buffer((p2,), "float32", scope="global")
+                acc2[T.ramp(0, 1, p2)] = BASE[T.ramp(co * p2, 1, p2)]
+                for e in range(e_n):
+                    if CH[m, e] != 0:
+                        acc2[T.ramp(0, 1, p2)] = acc2[T.ramp(0, 1, p2)] - FILL[e, T.ramp(co * p2, 1, p2)]
+                        for j in range(he):
+                            acc2[T.ramp(0, 1, p2)] = acc2[T.ramp(0, 1, p2)] + T.broadcast(A[e, m, j], p2) * W2[
+                                e, co, j, T.ramp(0, 1, p2)]
+                Y[m, T.ramp(co * p2, 1, p2)] = acc2[T.ramp(0, 1, p2)]
+
+    return main
 
 
 def schedule_routed(func: tirx.PrimFunc, layout: MoELayout) -> tirx.PrimFunc:
@@ -219,12 +287,17 @@ class MoEFFNConverter:
         rows = int(np.prod(shape[:-1]))
         x2 = bb.normalize(relax.op.reshape(x, [rows, layout.k]))
         logits = relax.op.add(relax.op.matmul(x2, relax.const(wr)), relax.const(br))
-        sel = bb.add_func(select_kernel(rows, experts, layout.top_k).without_attr("global_symbol")
+        grouped = rows > 1
+        sel = bb.add_func(select_kernel(rows, experts, layout.top_k, mask=grouped).without_attr("global_symbol")
                           .with_attr("tir.is_scheduled", True).with_attr("op_pattern", _OPAQUE), "effc_moe_select")
-        idx = relax.call_tir(sel, [logits], out_ty=relax.TensorType([rows, layout.top_k], "int32"))
+        idx = relax.call_tir(sel, [logits], out_ty=relax.TensorType(
+            [rows, experts if grouped else layout.top_k], "int32"))
         packed = relayout(w1, w3, w2, fill, b2, layout)
-        kernel = schedule_routed(routed_kernel(rows, layout), layout).without_attr("global_symbol")
-        gv = bb.add_func(kernel.with_attr("op_pattern", _OPAQUE), "effc_moe_routed")
+        if grouped:  # tokens grouped by expert: weight panels reused across the tokens that chose them
+            kernel, name = grouped_kernel(rows, layout), "effc_moe_grouped"
+        else:  # decode: a GEMV over the chosen experts' slices
+            kernel, name = schedule_routed(routed_kernel(rows, layout), layout), "effc_moe_routed"
+        gv = bb.add_func(kernel.without_attr("global_symbol").with_attr("op_pattern", _OPAQUE), name)
         b1e = np.ascontiguousarray(b1[shared:].reshape(experts, layout.expert_size))
         y = relax.call_tir(gv, [x2, idx, relax.const(packed["W13"]), relax.const(b1e), relax.const(packed["W2"]),
                                 relax.const(fill), relax.const(packed["base"])],
@@ -232,5 +305,5 @@ class MoEFFNConverter:
         shared_out = _shared_expert(x2, w1, b1, w3, w2, layout)
         if shared_out is not None:
             y = relax.op.add(y, shared_out)
-        LOWERING_LOG.append({"rows": rows, "layout": layout.overload(), "kernel": "routed (chosen experts only)"})
+        LOWERING_LOG.append({"rows": rows, "layout": layout.overload(), "kernel": name})
         return relax.op.reshape(y, [*shape[:-1], layout.c])
