@@ -3,9 +3,10 @@
 The experts' weights, biases and fill rows of one rewritten FFN are fitted with Adam so that, on calibration
 tokens, the MoE output matches the dense FFN's output on the same inputs::
 
-    min  ‖moe(X; W1, b1, W3, W2, b2, fill | R) − Y_dense‖² / ‖Y_dense − b2‖²
+    min  mean_t ‖moe(x_t; W1, b1, W3, W2, b2, fill | R) − y_t‖² / ‖y_t − b2‖²
 
-* ``X`` ``(N, K)``: block inputs tapped from the dense model; ``Y_dense`` ``(N, C)``: the dense FFN on them.
+* ``X`` ``(N, K)``: block inputs tapped from the dense model; ``Y`` ``(N, C)``: the dense FFN on them. The error is
+  relative per token, so the few tokens with massive activations do not decide the fit alone.
 * ``R`` ``(N, E)``: the router's choice per token, computed once and kept fixed (top-k is not differentiable; the
   expert shapes and the neuron layout do not change), so the fit teaches the chosen experts (and the fill of the
   unchosen ones) to cover what the skipped neurons did.
@@ -54,7 +55,7 @@ def recover(params: dict[str, np.ndarray | None], activation: str, neuron_mask, 
 
     Returns:
         ``(params, info)``: fitted arrays (same keys) and ``{"loss_before", "loss_after", "val_loss_before",
-        "val_loss_after", "best_step", "seconds", "train_tokens"}`` (relative squared errors).
+        "val_loss_after", "best_step", "seconds", "train_tokens"}`` (mean per-token relative squared errors).
     """
     work = min(len(train[0]), batch_tokens) * sum(v.size for k, v in params.items()
                                                   if k.startswith("w") and v is not None)
@@ -85,7 +86,8 @@ def _fit(params, activation, neuron_mask, train, val, steps, lr, batch_tokens, s
         if var["w3"] is not None:
             a = a * (x @ var["w3"])
         out = (a * mask) @ var["w2"] + var["b2"] + (1.0 - chosen) @ var["fill"]
-        return (out - y).pow(2).sum() / (y - var["b2"].detach()).pow(2).sum().clamp_min(1e-30)
+        # per token, as effc.passes.moe_experts.relative_error: massive tokens ([CLS]) must not swamp the others
+        return ((out - y).pow(2).sum(1) / (y - var["b2"].detach()).pow(2).sum(1).clamp_min(1e-30)).mean()
 
     def evaluate(split):
         with torch.no_grad():
