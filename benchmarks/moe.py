@@ -80,7 +80,7 @@ def minilm(args) -> None:
                    "seconds": round(time.perf_counter() - start, 1),
                    "ffn_mac_fraction": p.stats["ffn_mac_fraction"],
                    "cosine": mean_cosine(model, held_out, reference), "held_out": len(held_out),
-                   "layers": [{"held_out_error": r["held_out_error"], "recovery": r["recovery"]}
+                   "layers": [{k: r[k] for k in ("error_trained", "error_analytic", "recovery")}
                               for r in p.stats["layers"]], **_machine()}
             log.info("%s: cosine %.4f at %.0f%% of FFN MACs (%.0f s)", row["pipeline"], row["cosine"],
                      100 * row["ffn_mac_fraction"], row["seconds"])

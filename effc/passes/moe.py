@@ -15,8 +15,10 @@ SiLU, or a gated unit ``act(x·Wg) ⊙ x·Wu``) is replaced by one ``effc.MoEFFN
 5. ``recover=N`` runs N Adam steps of local distillation per FFN against the dense FFN (routing fixed,
    :mod:`effc.passes.moe_recover`).
 
-Stats per layer: activation, carving method, shared / expert sizes, active fraction, held-out relative FFN error of
-both routers, FFN MACs and float32 weight bytes per token (dense vs MoE), recovery losses and seconds.
+Stats per layer (``layers``): activation, carving method, shared / expert sizes, active fraction, held-out relative
+FFN error of both routers (``error_trained``, ``error_analytic``: mean per-token ``‖Δ‖² / ‖FFN output − b2‖²``),
+FFN MACs and float32 weight bytes per token (``macs_dense``/``macs_moe``, ``bytes_dense``/``bytes_moe``), recovery
+losses and seconds; overall ``ffn_mac_fraction``, ``ffn_weight_bytes_fraction``, ``recovery_seconds``.
 
 Sources: Zhang et al., "MoEfication" (2022); Pei et al., "CMoE" (2025); Zhao et al., "FactorLLM" (2024); Jin et al.,
 "MoE++" (2024).
@@ -199,9 +201,12 @@ class MoEFFNPass(EffcPass):
                 skipped.append({"name": block.name, "reason": found})
             else:
                 records.append({"index": index, **found})
-        dense = sum(r["macs_per_token"]["dense"] for r in records)
+        dense, dense_bytes = (sum(r[key] for r in records) for key in ("macs_dense", "bytes_dense"))
         self.stats.update(layers=records, skipped=skipped, experts=o.experts, top_k=o.top_k,
-                          ffn_mac_fraction=sum(r["macs_per_token"]["moe"] for r in records) / dense if dense else None,
+                          ffn_mac_fraction=sum(r["macs_moe"] for r in records) / dense if dense else None,
+                          ffn_weight_bytes_fraction=(sum(r["bytes_moe"] for r in records) / dense_bytes
+                                                     if dense_bytes else None),
+                          recovery_seconds=sum((r["recovery"] or {}).get("seconds", 0.0) for r in records),
                           calibration_tokens=0 if xs[0] is None else int(len(xs[0])))
         logger.info("moe: %d FFN(s) rewritten, %d skipped", len(records), len(skipped))
         return ir.passes.PassResult(model, modified=bool(records))
@@ -255,11 +260,11 @@ class MoEFFNPass(EffcPass):
         g = 2 if w3 is not None else 1
         return {"name": block.name, "activation": kind, "gated": w3 is not None, "hidden": h,
                 "shared": carving.shared, "expert_size": carving.expert_size, "carving": carving.method,
-                "router": router, "active_fraction": layout.active / h, "held_out_error": held_out,
-                "recovery": recovery,
-                "macs_per_token": {"dense": h * (k * g + c), "moe": k * o.experts + layout.active * (k * g + c)},
-                "weight_bytes_per_token": {"dense": 4 * (h * (k * g + 1 + c) + c),
-                                           "moe": weight_bytes_per_token(layout)}}
+                "router": router, "active_fraction": layout.active / h,
+                "error_trained": held_out.get("trained"), "error_analytic": held_out.get("analytic"),
+                "macs_dense": h * (k * g + c), "macs_moe": k * o.experts + layout.active * (k * g + c),
+                "bytes_dense": 4 * (h * (k * g + 1 + c) + c), "bytes_moe": weight_bytes_per_token(layout),
+                "recovery": recovery}
 
     @staticmethod
     def _recover(arrays: dict, kind: str, carving: mx.Carving, x: np.ndarray, xv: np.ndarray | None, o: MoEOptions):

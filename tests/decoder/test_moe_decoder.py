@@ -24,7 +24,5 @@ def test_moe_on_the_decoder_keeps_it_generating(tiny):  # noqa: F811
     ppl = section["perplexity"]
     assert ppl["compiled"]["perplexity"] == pytest.approx(ppl["rewritten_onnxruntime"]["perplexity"], rel=1e-4)
     assert section["prefill_decode_consistency_max_abs"] < 1e-3
-    dense_ffn = sum(layer["weight_bytes_per_token"]["dense"] for layer in stats["layers"])
-    moe_ffn = sum(layer["weight_bytes_per_token"]["moe"] for layer in stats["layers"])
-    assert moe_ffn < 0.6 * dense_ffn
+    assert stats["ffn_weight_bytes_fraction"] < 0.6
     assert len(effc.runtime.load(result.out_dir).generate("Soup", max_new_tokens=3).tokens) <= 3
