@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 LOWERING_LOG: list[dict] = []
 _OPAQUE = 8  # TIR op pattern kOpaque: FuseOps leaves pre-scheduled kernels alone
+MR = 4  # tokens per weight load in the grouped kernel's up stage
 
 
 def panel(width: int, want: int = 64) -> int:
@@ -157,10 +158,11 @@ def routed_kernel(rows: int, layout: MoELayout) -> tirx.PrimFunc:
 def grouped_kernel(rows: int, layout: MoELayout) -> tirx.PrimFunc:
     """Pre-scheduled ``main(X (M, K), chosen (M, E) int32, W13, b1, W2, fill, base, Y (M, C))`` for ``M > 1``.
 
-    Tokens grouped by expert: the up stage runs in parallel over ``(expert, panel)``; each task keeps its
-    ``(K, P)`` weight panel hot (L2) while it walks the tokens that chose the expert, skipping the others. The down
-    stage runs in parallel over ``C``-panels; per token it adds the chosen experts' ``(He, P2)`` slabs (all hot
-    across tokens). Work: ``(M·k) · He · (G·K + C)`` MACs, as in :func:`routed_kernel`, with weight reuse across
+    Tokens grouped by expert: the up stage runs in parallel over ``(expert, panel)``; each task lists the tokens
+    that chose the expert and walks them ``MR`` at a time, each weight vector of its ``(K, P)`` panel loaded once
+    for ``MR`` tokens (register block of ``MR × P`` accumulators). The down stage runs in parallel over
+    ``C``-panels and, per expert, adds its ``(He, P2)`` slab times the activations of its tokens, ``MR`` tokens per
+    weight load. Work: ``(M·k) · He · (G·K + C)`` MACs, as in :func:`routed_kernel`, with weight reuse across
     tokens. Layouts as :func:`relayout` returns them.
     """
     e_n, he, k, c = layout.experts, layout.expert_size, layout.k, layout.c
@@ -187,29 +189,64 @@ def grouped_kernel(rows: int, layout: MoELayout) -> tirx.PrimFunc:
         U = T.alloc_buffer((e_n, rows, g * he), "float32")
         A = T.alloc_buffer((e_n, rows, he), "float32")
         for t in T.parallel(e_n * npan):
+            # the tokens that chose this expert, then MR of them per weight load (register block)
+            lst = T.alloc_buffer((rows,), "int32", scope="global")
+            cnt = T.alloc_buffer((1,), "int32", scope="global")
+            cnt[0] = 0
             for m in range(rows):
                 if CH[m, t // npan] != 0:
-                    acc = T.alloc_buffer((p,), "float32", scope="global")
-                    acc[T.ramp(0, 1, p)] = T.broadcast(T.float32(0), p)
-                    for r in range(k):
-                        acc[T.ramp(0, 1, p)] = acc[T.ramp(0, 1, p)] + T.broadcast(X[m, r], p) * W13[
-                            t // npan, t % npan, r, T.ramp(0, 1, p)]
-                    U[t // npan, m, T.ramp(t % npan * p, 1, p)] = acc[T.ramp(0, 1, p)]
+                    lst[cnt[0]] = m
+                    cnt[0] = cnt[0] + 1
+            for q in range(cnt[0] // MR):
+                acc = T.alloc_buffer((MR * p,), "float32", scope="global")
+                for u in T.unroll(MR):
+                    acc[T.ramp(u * p, 1, p)] = T.broadcast(T.float32(0), p)
+                for r in range(k):
+                    for u in T.unroll(MR):
+                        acc[T.ramp(u * p, 1, p)] = acc[T.ramp(u * p, 1, p)] + T.broadcast(
+                            X[lst[q * MR + u], r], p) * W13[t // npan, t % npan, r, T.ramp(0, 1, p)]
+                for u in T.unroll(MR):
+                    U[t // npan, lst[q * MR + u], T.ramp(t % npan * p, 1, p)] = acc[T.ramp(u * p, 1, p)]
+            for q in range(cnt[0] // MR * MR, cnt[0]):
+                acc1 = T.alloc_buffer((p,), "float32", scope="global")
+                acc1[T.ramp(0, 1, p)] = T.broadcast(T.float32(0), p)
+                for r in range(k):
+                    acc1[T.ramp(0, 1, p)] = acc1[T.ramp(0, 1, p)] + T.broadcast(X[lst[q], r], p) * W13[
+                        t // npan, t % npan, r, T.ramp(0, 1, p)]
+                U[t // npan, lst[q], T.ramp(t % npan * p, 1, p)] = acc1[T.ramp(0, 1, p)]
         for t in T.parallel(e_n * rows):
             if CH[t % rows, t // rows] != 0:
                 for j in range(he):
                     A[t // rows, t % rows, j] = act_value(U, B1, t // rows, t % rows, j)
         for co in T.parallel(cpan):
             for m in range(rows):
-                acc2 = T.alloc_buffer((p2,), "float32", scope="global")
-                acc2[T.ramp(0, 1, p2)] = BASE[T.ramp(co * p2, 1, p2)]
-                for e in range(e_n):
+                Y[m, T.ramp(co * p2, 1, p2)] = BASE[T.ramp(co * p2, 1, p2)]
+            lst2 = T.alloc_buffer((rows,), "int32", scope="global")
+            cnt2 = T.alloc_buffer((1,), "int32", scope="global")
+            for e in range(e_n):  # per expert, its tokens MR at a time: each (He, P2) weight vector loaded once
+                cnt2[0] = 0
+                for m in range(rows):
                     if CH[m, e] != 0:
-                        acc2[T.ramp(0, 1, p2)] = acc2[T.ramp(0, 1, p2)] - FILL[e, T.ramp(co * p2, 1, p2)]
-                        for j in range(he):
-                            acc2[T.ramp(0, 1, p2)] = acc2[T.ramp(0, 1, p2)] + T.broadcast(A[e, m, j], p2) * W2[
-                                e, co, j, T.ramp(0, 1, p2)]
-                Y[m, T.ramp(co * p2, 1, p2)] = acc2[T.ramp(0, 1, p2)]
+                        lst2[cnt2[0]] = m
+                        cnt2[0] = cnt2[0] + 1
+                for q in range(cnt2[0] // MR):
+                    acc2 = T.alloc_buffer((MR * p2,), "float32", scope="global")
+                    for u in T.unroll(MR):
+                        acc2[T.ramp(u * p2, 1, p2)] = T.broadcast(T.float32(0), p2) - FILL[e, T.ramp(co * p2, 1, p2)]
+                    for j in range(he):
+                        for u in T.unroll(MR):
+                            acc2[T.ramp(u * p2, 1, p2)] = acc2[T.ramp(u * p2, 1, p2)] + T.broadcast(
+                                A[e, lst2[q * MR + u], j], p2) * W2[e, co, j, T.ramp(0, 1, p2)]
+                    for u in T.unroll(MR):
+                        Y[lst2[q * MR + u], T.ramp(co * p2, 1, p2)] = Y[lst2[q * MR + u], T.ramp(
+                            co * p2, 1, p2)] + acc2[T.ramp(u * p2, 1, p2)]
+                for q in range(cnt2[0] // MR * MR, cnt2[0]):
+                    acc3 = T.alloc_buffer((p2,), "float32", scope="global")
+                    acc3[T.ramp(0, 1, p2)] = T.broadcast(T.float32(0), p2) - FILL[e, T.ramp(co * p2, 1, p2)]
+                    for j in range(he):
+                        acc3[T.ramp(0, 1, p2)] = acc3[T.ramp(0, 1, p2)] + T.broadcast(A[e, lst2[q], j], p2) * W2[
+                            e, co, j, T.ramp(0, 1, p2)]
+                    Y[lst2[q], T.ramp(co * p2, 1, p2)] = Y[lst2[q], T.ramp(co * p2, 1, p2)] + acc3[T.ramp(0, 1, p2)]
 
     return main
 
