@@ -10,11 +10,12 @@ which :func:`effc.codegen.frontend.to_relax` turns into an :class:`~effc.errors.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, te, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as _tvm
 
 #: Standard op type → effc converter class (TVM's ``OnnxOpConverter`` protocol), used instead of TVM's own.
@@ -150,40 +151,128 @@ class BatchNormalization(_tvm.BatchNormalization):
         return super()._impl_v15(bb, inputs, attr, params)
 
 
-#: ONNX float8 type id → (largest finite value, smallest magnitude that overflows under round-to-nearest-even,
-#: the overflow value without saturation: inf where the format has one, else NaN).
-_FLOAT8 = {17: (448.0, 464.0, np.nan), 18: (240.0, 248.0, np.nan), 19: (57344.0, 61440.0, np.inf),
-           20: (57344.0, 61440.0, np.nan)}
+@dataclasses.dataclass(frozen=True)
+class _Float8:
+    """An OCP / FNUZ float8 format (ONNX Cast-19 / ml_dtypes).
+
+    Mantissa bits, exponent bias, largest finite value, the smallest magnitude that overflows under
+    round-to-nearest-even, the overflow value without saturation (inf where the format has one, else NaN), and
+    whether it has a negative zero (the FNUZ formats spend that code on NaN).
+    """
+
+    mantissa: int
+    bias: int
+    top: float
+    overflow: float
+    special: float
+    negative_zero: bool
+
+
+_FLOAT8 = {
+    "float8_e4m3fn": _Float8(3, 7, 448.0, 464.0, np.nan, True),
+    "float8_e4m3fnuz": _Float8(3, 8, 240.0, 248.0, np.nan, False),
+    "float8_e5m2": _Float8(2, 15, 57344.0, 61440.0, np.inf, True),
+    "float8_e5m2fnuz": _Float8(2, 16, 57344.0, 61440.0, np.nan, False),
+}
+#: ONNX element type id → TVM dtype name of the 8-bit float types (Cast's ``to`` is an ONNX id).
+_FLOAT8_IDS = {17: "float8_e4m3fn", 18: "float8_e4m3fnuz", 19: "float8_e5m2", 20: "float8_e5m2fnuz",
+               24: "float8_e8m0fnu"}
+
+
+def _code(value: float, dtype: str) -> int:
+    return int(np.array(value, np.float32).astype(np.dtype(dtype)).view(np.uint8))
+
+
+def _float8_encoder(fmt: _Float8, dtype: str, saturate: bool) -> Callable[[te.Tensor], te.Tensor]:
+    """A TE compute: float32 ``x`` → ``dtype`` as ONNX Cast-19 converts (round to nearest even).
+
+    With ``e = max(exponent(|x|), 1 - bias)`` and ``n = nearbyint(|x| / 2^(e - M))`` the code is
+    ``((e + bias - 1) << M) + n``: for normals ``n`` carries the implicit leading one, for subnormals
+    (``e = 1 - bias``) the exponent field is 0, and a rounding carry (``n = 2^(M+1)``) lands on the next binade.
+    NaN gives the format's NaN; past ``±top`` the value saturates to ``±top`` (``saturate``) or becomes
+    ``fmt.special``. Everything is integer work on the codes: TVM's own float8 conversions are not used.
+    """
+    m, emin = fmt.mantissa, 1 - fmt.bias
+    nan, special = _code(np.nan, dtype), _code(fmt.special, dtype)
+    negative_special = _code(-fmt.special, dtype)
+
+    def encode_float8(x: te.Tensor) -> te.Tensor:
+        return te.compute(x.shape, lambda *i: tirx.reinterpret(dtype, encode(x(*i)).astype("uint8")),
+                          name="encode_float8")
+
+    def encode(v):
+        def i32(value: int) -> tirx.PrimExpr:  # int32 constants (the bit patterns are int32)
+            return tirx.const(value, "int32")
+
+        negative = tirx.reinterpret("int32", v) < i32(0)
+        mag = tirx.min(tirx.abs(v), tirx.const(fmt.top, "float32"))
+        e = tirx.max((tirx.reinterpret("int32", mag) >> i32(23)) - i32(127), i32(emin))
+        quantum = tirx.reinterpret("float32", (e + i32(127 - m)) << i32(23))
+        code = ((e + i32(fmt.bias - 1)) << i32(m)) + tirx.nearbyint(mag / quantum).astype("int32")
+        if not fmt.negative_zero:  # -0 is 0 (0x80 is NaN); |x| up to half the smallest subnormal rounds to 0
+            negative = tirx.all(negative, mag > tirx.const(2.0 ** (emin - m - 1), "float32"))
+        code = tirx.Select(negative, code + i32(128), code)
+        if not saturate:
+            over = tirx.abs(v) >= tirx.const(fmt.overflow, "float32")
+            code = tirx.Select(over, tirx.Select(v < tirx.const(0.0, "float32"), i32(negative_special),
+                                                 i32(special)), code)
+        return tirx.Select(tirx.isnan(v), i32(nan), code)
+
+    return encode_float8
+
+
+def _decode_table(dtype: str) -> relax.Constant:
+    """float32 value of each of the 256 codes of an 8-bit float ``dtype`` (ml_dtypes decodes them exactly)."""
+    return relax.const(np.arange(256, dtype=np.uint8).view(np.dtype(dtype)).astype(np.float32), "float32")
+
+
+def _decode_float8(x: te.Tensor, table: te.Tensor) -> te.Tensor:
+    return te.compute(x.shape, lambda *i: table[tirx.reinterpret("uint8", x(*i))], name="decode_float8")
 
 
 @_override("Cast")
 class Cast(_tvm.Cast):
-    """Cast to a float8 type, with ONNX's saturation (TVM's conversion wraps: 1e6 became -15 in E4M3FN).
+    """Casts from and to the 8-bit float types, with ONNX's rounding and saturation (TVM's conversions are wrong).
 
-    ``saturate=1`` (the default) clamps to the largest finite value, ``saturate=0`` gives inf (E5M2) or NaN (the
-    other formats) past it; NaN stays NaN. TVM converts only the clamped values; the special values are selected
-    in float8 afterwards (TVM's conversion of NaN and inf is wrong too).
+    TVM wrapped on overflow (1e6 became -15 in E4M3FN), read FNUZ codes with the OCP bias (every value 2x off),
+    kept E5M2's NaN codes as numbers and rounded subnormals differently. effc decodes with a 256-entry table of the
+    exact values and encodes with round-to-nearest-even (:func:`_encode_float8`). ``saturate=1`` (the default)
+    clamps to the largest finite value, ``saturate=0`` gives inf (E5M2) or NaN (the other formats) past it; NaN
+    stays NaN. Casts to ``float8_e8m0`` (ONNX's ``round_mode``) are refused.
     """
 
     @classmethod
     def _impl_v13(cls, bb, inputs, attr, params):
         x = inputs[0]
-        spec = _FLOAT8.get(attr.get("to"))
-        if spec is None or isinstance(x, tvm.ir.GenericConst) or not _is_float(x):
+        to = attr.get("to")
+        to = _FLOAT8_IDS.get(to, to) if isinstance(to, int) else str(to)
+        if isinstance(x, tvm.ir.GenericConst) or not isinstance(getattr(x, "ty", None), relax.TensorType):
             return super()._impl_v13(bb, inputs, attr, params)
-        top, overflow, special = spec
-        out = bb.normalize(super()._impl_v13(bb, [bb.normalize(relax.op.clip(x, -top, top)), *inputs[1:]], attr,
-                                             params))
-        dtype = _dtype(out)
+        source = _dtype(x)
+        if source.startswith("float8") or source.startswith("float4"):
+            wide = bb.emit_te(_decode_float8, x, _decode_table(source))
+            return wide if to == "float32" else cls._impl_v13(bb, [wide], {**attr, "to": to}, params)
+        if to == "float8_e8m0fnu":
+            raise NotImplementedError("Cast to float8_e8m0 (ONNX round_mode) is not supported: cast to float32, "
+                                      "or give the scale as float8_e8m0 data")
+        fmt = _FLOAT8.get(to)
+        if fmt is None or not _is_float(x):
+            return super()._impl_v13(bb, inputs, attr, params)
+        xf = x if source == "float32" else bb.normalize(relax.op.astype(x, "float32"))
+        return bb.emit_te(_float8_encoder(fmt, to, bool(attr.get("saturate", 1))), xf)
 
-        def f8(value: float) -> relax.Constant:
-            return relax.const(np.array(value).astype(dtype), dtype)
 
-        if not attr.get("saturate", 1):
-            low = -special if np.isinf(special) else special
-            out = relax.op.where(relax.op.greater_equal(x, _const(overflow, x)), f8(special), out)
-            out = relax.op.where(relax.op.less_equal(x, _const(-overflow, x)), f8(low), out)
-        return relax.op.where(relax.op.isnan(x), f8(np.nan), out)
+@_override("CastLike")
+class CastLike(_tvm.CastLike):
+    """CastLike through effc's :class:`Cast` (TVM's calls its own Cast)."""
+
+    @classmethod
+    def _impl_v15(cls, bb, inputs, attr, params):
+        target = inputs[1]
+        dtype = "int64" if isinstance(target, relax.ShapeExpr) else _dtype_of(target)
+        if dtype is None:
+            return super()._impl_v15(bb, inputs, attr, params)
+        return Cast._impl_v13(bb, [inputs[0]], {**attr, "to": dtype}, params)
 
 
 @_override("Resize")
@@ -407,3 +496,26 @@ class LayerNormalization(_tvm.LayerNormalization):
         eps = relax.const(float(attr.get("epsilon", 1e-5)), "float32")
         inv_std = relax.op.rsqrt(relax.op.add(var, eps))
         return relax.Tuple([out[0], mean, inv_std])
+
+
+@_override("RMSNormalization")
+class RMSNormalization(_tvm.RMSNormalization):
+    """RMSNormalization over every axis (``axis=0``) as plain ops: TVM's ``rms_norm`` fails to legalize then.
+
+    ``y = x / sqrt(mean(x^2 over axes) + epsilon) * scale`` (ONNX RMSNormalization-23), in float32 for
+    ``stash_type=1``; other axes go to TVM's fused ``rms_norm``.
+    """
+
+    @classmethod
+    def _impl_v23(cls, bb, inputs, attr, params):
+        x, scale = inputs[0], inputs[1]
+        rank = len(x.ty.shape)
+        if attr.get("axis", -1) % rank != 0:
+            return super()._impl_v23(bb, inputs, attr, params)
+        dtype = _dtype(x)
+        wide = "float32" if attr.get("stash_type", 1) == 1 else dtype
+        xs, ws = relax.op.astype(x, wide), relax.op.astype(scale, wide)
+        mean = relax.op.mean(relax.op.multiply(xs, xs), list(range(rank)), keepdims=True)
+        eps = relax.const(float(attr.get("epsilon", 1e-5)), wide)
+        out = relax.op.multiply(relax.op.multiply(xs, relax.op.rsqrt(relax.op.add(mean, eps))), ws)
+        return relax.op.astype(out, dtype)

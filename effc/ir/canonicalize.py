@@ -5,7 +5,8 @@ The recipe is the one measured in ``shared/notes/import.md`` (it made 15 of 15 r
 1. drop initializers listed as graph inputs (old exporters), turn configuration inputs (Silero's ``sr``) into
    initializers, fix every input dimension (from the model or ``input_shapes``);
 2. ``onnx.shape_inference.infer_shapes(data_prop=True)``;
-3. onnxscript's constant folder with ``ConstantOfShape`` allowed to fold and large size limits;
+3. onnxscript's constant folder with ``ConstantOfShape`` allowed to fold and large size limits (``CastLike``
+   nodes become ``Cast`` first, keeping their attributes: ``effc.ir.cast_like``);
 4. unroll LSTM (``effc.ir.lstm``), recursing into ``If``/``Loop`` bodies; replace reductions of empty tensors by
    their identity element (``effc.ir.empty_reduce``); expand ops TVM cannot import (ONNX ``Attention``) into
    their ONNX function bodies (``effc.ir.expand``); repeat 2-3 until nothing changes.
@@ -26,6 +27,7 @@ import onnx_ir as ir
 from onnxscript.optimizer import _constant_folding
 
 from effc.errors import ShapeError
+from effc.ir.cast_like import cast_likes_to_casts
 from effc.ir.empty_reduce import fold_empty_reductions
 from effc.ir.expand import expand_function_ops
 from effc.ir.lstm import unroll_lstms
@@ -168,6 +170,28 @@ def _fold(model: ir.Model) -> None:
         common.NameFixPass(),
     ]
     ir.passes.Sequential(*steps)(model)
+    _constants_as_tensors(model)
+
+
+#: Constant's attribute forms other than ``value`` → numpy dtype (TVM's importer reads only ``value``).
+_CONSTANT_FORMS = {"value_int": np.int64, "value_ints": np.int64, "value_float": np.float32,
+                   "value_floats": np.float32}
+
+
+def _constants_as_tensors(model: ir.Model) -> None:
+    """Rewrite ``Constant`` nodes given as ``value_int(s)`` / ``value_float(s)`` to the ``value`` tensor form.
+
+    The folder leaves such a node where a graph output is a constant (``Shape`` of a static input), and TVM's
+    importer fails on it with "no value in Constant".
+    """
+    for graph in model.graphs():
+        for node in graph:
+            form = next((k for k in _CONSTANT_FORMS if k in node.attributes), None)
+            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or form is None:
+                continue
+            array = np.array(node.attributes[form].value, dtype=_CONSTANT_FORMS[form])
+            del node.attributes[form]
+            node.attributes["value"] = ir.AttrTensor("value", ir.tensor(array))
 
 
 def _count_nodes(model: ir.Model) -> int:
@@ -201,6 +225,7 @@ def canonicalize(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | No
     for round_index in range(MAX_ROUNDS):
         before = _count_nodes(work)
         work = _infer_shapes(work)
+        cast_likes_to_casts(work)  # before the folder, which drops CastLike's saturate / round_mode
         _fold(work)
         work = _infer_shapes(work)
         work, expanded = expand_function_ops(work)
