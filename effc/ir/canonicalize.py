@@ -9,7 +9,8 @@ The recipe is the one measured in ``shared/notes/import.md`` (it made 15 of 15 r
    nodes become ``Cast`` first, keeping their attributes: ``effc.ir.cast_like``);
 4. unroll LSTM (``effc.ir.lstm``), recursing into ``If``/``Loop`` bodies; replace reductions of empty tensors by
    their identity element (``effc.ir.empty_reduce``); expand ops TVM cannot import (ONNX ``Attention``) into
-   their ONNX function bodies (``effc.ir.expand``); repeat 2-3 until nothing changes.
+   their ONNX function bodies (``effc.ir.expand``); unroll ``Scan`` with a static length (``effc.ir.scan``);
+   repeat 2-3 until nothing changes.
 
 What was done is recorded in ``model.metadata_props["effc.canonicalize"]`` (JSON).
 """
@@ -31,6 +32,7 @@ from effc.ir.cast_like import cast_likes_to_casts
 from effc.ir.empty_reduce import fold_empty_reductions
 from effc.ir.expand import expand_function_ops
 from effc.ir.lstm import unroll_lstms
+from effc.ir.scan import unroll_scans
 
 logger = logging.getLogger(__name__)
 
@@ -229,12 +231,13 @@ def canonicalize(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | No
         _fold(work)
         work = _infer_shapes(work)
         work, expanded = expand_function_ops(work)
+        work, scans = unroll_scans(work)
         unrolled = unroll_lstms(work)
         emptied = fold_empty_reductions(work)
         lstms += unrolled
         logger.debug("canonicalize round %d: %d -> %d nodes, %d LSTM unrolled", round_index, before,
                      _count_nodes(work), unrolled)
-        if not unrolled and not emptied and not expanded:  # optimize_ir already iterated folding to a fixed point
+        if not (unrolled or emptied or expanded or scans):  # optimize_ir already iterated folding to a fixed point
             break
     dynamic = [v.name for node in work.graph for v in node.outputs if not _is_static(v)]
     if dynamic:
