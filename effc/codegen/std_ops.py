@@ -275,6 +275,41 @@ class CastLike(_tvm.CastLike):
         return Cast._impl_v13(bb, [inputs[0]], {**attr, "to": dtype}, params)
 
 
+def _resize_on_all_axes(inputs: list, attr: dict) -> tuple[list, dict]:
+    """Resize's ``axes`` attribute (opset 18) resolved: ``roi``, ``scales`` and ``sizes`` spelled out for every axis.
+
+    Axes left out keep their size (scale 1, roi ``[0, 1]``); TVM's converter reads these inputs as full-rank.
+
+    Raises:
+        NotImplementedError: ``roi`` / ``scales`` / ``sizes`` is not a constant.
+    """
+    dims = [int(d) for d in inputs[0].ty.shape]
+    rank = len(dims)
+    axes = [int(a) % rank for a in attr["axes"]]
+    inputs = list(inputs) + [None] * (4 - len(inputs))
+    fulls = {1: np.array([0.0] * rank + [1.0] * rank, np.float32), 2: np.ones(rank, np.float32),
+             3: np.array(dims, np.int64)}
+    for k in (1, 2, 3):
+        given = inputs[k]
+        if given is None:
+            continue
+        if not isinstance(given, tvm.ir.GenericConst):
+            raise NotImplementedError("Resize with 'axes' and a run-time roi/scales/sizes input: pass it as a "
+                                      "constant")
+        values = given.value.numpy()
+        if values.size == 0:
+            continue
+        full = fulls[k].astype(values.dtype)
+        for i, axis in enumerate(axes):
+            full[axis] = values[i]
+            if k == 1:  # roi: starts, then ends
+                full[rank + axis] = values[len(axes) + i]
+        inputs[k] = relax.const(full, str(values.dtype))
+    while inputs[-1] is None:  # TVM reads len(inputs) > 3 as "sizes given"
+        inputs.pop()
+    return inputs, {key: value for key, value in attr.items() if key != "axes"}
+
+
 @_override("Resize")
 class Resize(_tvm.Resize):
     """Resize cases TVM computes differently from ONNX are refused (never a wrong artifact).
@@ -286,6 +321,8 @@ class Resize(_tvm.Resize):
 
     @classmethod
     def _impl_v18(cls, bb, inputs, attr, params):
+        if attr.get("axes"):
+            inputs, attr = _resize_on_all_axes(inputs, attr)
         x = inputs[0]
         mode = attr.get("mode", b"nearest").decode()
         spatial = [int(d) for d in x.ty.shape][2:] if all(isinstance(d, tvm.tirx.IntImm | int)
@@ -519,3 +556,51 @@ class RMSNormalization(_tvm.RMSNormalization):
         eps = relax.const(float(attr.get("epsilon", 1e-5)), wide)
         out = relax.op.multiply(relax.op.multiply(xs, relax.op.rsqrt(relax.op.add(mean, eps))), ws)
         return relax.op.astype(out, dtype)
+
+
+@_override("OneHot")
+class OneHot(_tvm.OneHot):
+    """OneHot as ``where(expand_dims(indices, axis) == arange(depth), on, off)`` (ONNX OneHot-11).
+
+    TVM's converter needs constant ``values`` and an integer ``depth``; here ``values`` may be computed at run
+    time and ``depth`` (the output size, so a constant) may be float. Negative indices count from ``depth``;
+    indices out of ``[-depth, depth)`` give an all-``off`` row, as in the spec.
+    """
+
+    @classmethod
+    def _impl_v11(cls, bb, inputs, attr, params):
+        indices, depth, values = inputs
+        if not isinstance(depth, tvm.ir.GenericConst):
+            raise NotImplementedError("OneHot with a run-time depth (it sets the output shape): make it a constant")
+        size = int(depth.value.numpy().reshape(-1)[0])
+        rank = len(indices.ty.shape) + 1
+        axis = int(attr.get("axis", -1)) % rank
+        idx = bb.normalize(relax.op.astype(indices, "int64"))
+        idx = relax.op.where(relax.op.less(idx, relax.const(0, "int64")), relax.op.add(idx, relax.const(size, "int64")),
+                             idx)
+        positions = np.arange(size, dtype=np.int64).reshape([size if k == axis else 1 for k in range(rank)])
+        hit = relax.op.equal(relax.op.expand_dims(idx, axis), relax.const(positions, "int64"))
+        off = relax.op.take(values, relax.const(0, "int64"), axis=0)
+        on = relax.op.take(values, relax.const(1, "int64"), axis=0)
+        return relax.op.where(hit, on, off)
+
+
+@_override("Pow")
+class Pow(_tvm.Pow):
+    """Pow with operands of different types, or of integer type (ONNX Pow-15: the result has the base's type).
+
+    TVM's power needs one float type on both sides. A float base raises to the exponent cast to its type; an
+    integer base is computed in float64 and cast back (exact while ``|result| < 2**53``).
+    """
+
+    @classmethod
+    def _impl_v7(cls, bb, inputs, attr, params):
+        x, y = inputs
+        both_constant = isinstance(x, tvm.ir.GenericConst) and isinstance(y, tvm.ir.GenericConst)
+        if both_constant or _dtype_of(x) is None or _dtype_of(y) is None:
+            return super()._impl_v7(bb, inputs, attr, params)
+        base = _dtype(x)
+        if _is_float(x):
+            return relax.op.power(x, y if _dtype(y) == base else relax.op.astype(y, base))
+        wide = relax.op.power(relax.op.astype(x, "float64"), relax.op.astype(y, "float64"))
+        return relax.op.astype(wide, base)  # truncates toward zero, as numpy's astype in the ONNX reference
