@@ -604,3 +604,27 @@ class Pow(_tvm.Pow):
             return relax.op.power(x, y if _dtype(y) == base else relax.op.astype(y, base))
         wide = relax.op.power(relax.op.astype(x, "float64"), relax.op.astype(y, "float64"))
         return relax.op.astype(wide, base)  # truncates toward zero, as numpy's astype in the ONNX reference
+
+
+@_override("NonMaxSuppression")
+class NonMaxSuppression(_tvm.NonMaxSuppression):
+    """NonMaxSuppression with run-time thresholds is refused.
+
+    TVM's converter silently used its defaults (0, 0.5, 0.0) for a ``max_output_boxes_per_class`` /
+    ``iou_threshold`` / ``score_threshold`` that is not a constant (onnx case
+    ``test_nonmaxsuppression_suppress_by_IOU_and_scores``: 3 boxes selected instead of 2). TVM suppresses at
+    ``IoU >= threshold``, ONNX at ``IoU > threshold``: the threshold is passed as the next float32 above it.
+    """
+
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        names = ("max_output_boxes_per_class", "iou_threshold", "score_threshold")
+        dynamic = [name for name, value in zip(names, inputs[2:5], strict=False)
+                   if value is not None and not isinstance(value, tvm.ir.GenericConst)]
+        if dynamic:
+            raise NotImplementedError(f"NonMaxSuppression with run-time {', '.join(dynamic)}: give them as "
+                                      "constants (initializers), as exporters write them")
+        if len(inputs) > 3 and inputs[3] is not None:  # ONNX suppresses IoU > threshold, TVM IoU >= threshold
+            threshold = inputs[3].value.numpy().astype(np.float32)
+            inputs = [*inputs[:3], relax.const(np.nextafter(threshold, np.float32(np.inf)), "float32"), *inputs[4:]]
+        return super()._impl_v10(bb, inputs, attr, params)

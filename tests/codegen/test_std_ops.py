@@ -30,6 +30,8 @@ FIXED = [
     "test_resize_upsample_scales_nearest_axes_3_2", "test_resize_tf_crop_and_resize_axes_2_3",
     "test_onehot_negative_indices", "test_onehot_with_axis", "test_pow_types_int64_float32",
     "test_pow_types_int32_int32",
+    # NonMaxSuppression: thresholds used (TVM substituted defaults for inputs), IoU == threshold kept
+    "test_nonmaxsuppression_suppress_by_IOU_and_scores", "test_nonmaxsuppression_iou_threshold_boundary",
 ]
 #: Cases effc refuses with a message naming the attribute and a fix (TVM has no correct lowering).
 REFUSED = {
@@ -58,6 +60,12 @@ def test_previously_wrong_case_passes(name, cases, tmp_path):
 def test_narrow_float_case_passes_with_the_gate_on(name, cases, tmp_path):
     result = conformance.run_effc(cases[name], freeze=True, gate=True, workdir=tmp_path)
     assert result["class"] == "PASS", result["detail"]
+
+
+def test_nonmaxsuppression_with_run_time_thresholds_is_refused(tmp_path):
+    (case,) = conformance.collect_cases(names={"test_nonmaxsuppression_suppress_by_IOU_and_scores"})
+    result = conformance.run_effc(case, freeze=False, gate=True, workdir=tmp_path)
+    assert result["class"] == "CLEAN_ERROR" and "run-time" in result["detail"], result["detail"]
 
 
 def test_tile_is_never_silently_wrong(cases, tmp_path):
