@@ -310,6 +310,34 @@ def _resize_on_all_axes(inputs: list, attr: dict) -> tuple[list, dict]:
     return inputs, {key: value for key, value in attr.items() if key != "axes"}
 
 
+def _resize_keeping_aspect(inputs: list, attr: dict) -> tuple[list, dict]:
+    """Resize's ``keep_aspect_ratio_policy`` resolved into plain ``sizes`` (TVM ignores the attribute).
+
+    ONNX Resize-18: one scale for the resized axes, the smallest (``not_larger``) or largest (``not_smaller``) of
+    ``sizes / input dims``, and ``sizes = int(scale * dim + 0.5)``; the coordinates use that scale. TVM derives them
+    from ``size / dim``, so a case where the two differ is refused.
+
+    Raises:
+        NotImplementedError: ``sizes`` is not a constant, or ``size / dim`` differs from the policy's scale.
+    """
+    policy = attr["keep_aspect_ratio_policy"].decode()
+    sizes = inputs[3] if len(inputs) > 3 else None
+    if not isinstance(sizes, tvm.ir.GenericConst):
+        raise NotImplementedError(f"Resize keep_aspect_ratio_policy={policy!r} needs constant 'sizes'")
+    dims = np.array([int(d) for d in inputs[0].ty.shape])
+    axes = [int(a) % len(dims) for a in attr.get("axes") or range(len(dims))]
+    wanted = sizes.value.numpy().astype(np.float64)
+    ratios = wanted / dims[axes]
+    scale = ratios.min() if policy == "not_larger" else ratios.max()
+    outs = [int(scale * dims[a] + 0.5) for a in axes]
+    if any(out != scale * dims[a] for out, a in zip(outs, axes, strict=True)):
+        raise NotImplementedError(f"Resize keep_aspect_ratio_policy={policy!r} with sizes {wanted.astype(int).tolist()}"
+                                  f" on dims {dims.tolist()}: the output size is not scale*dim exactly and TVM would "
+                                  "interpolate at other positions; give the exact 'sizes' with policy 'stretch'")
+    inputs = [*inputs[:3], relax.const(np.array(outs, np.int64), "int64"), *inputs[4:]]
+    return inputs, {key: value for key, value in attr.items() if key != "keep_aspect_ratio_policy"}
+
+
 @_override("Resize")
 class Resize(_tvm.Resize):
     """Resize cases TVM computes differently from ONNX are refused (never a wrong artifact).
@@ -321,6 +349,8 @@ class Resize(_tvm.Resize):
 
     @classmethod
     def _impl_v18(cls, bb, inputs, attr, params):
+        if attr.get("keep_aspect_ratio_policy", b"stretch") != b"stretch":
+            inputs, attr = _resize_keeping_aspect(inputs, attr)
         if attr.get("axes"):
             inputs, attr = _resize_on_all_axes(inputs, attr)
         x = inputs[0]
