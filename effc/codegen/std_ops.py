@@ -249,7 +249,7 @@ class Cast(_tvm.Cast):
         if isinstance(x, tvm.ir.GenericConst) or not isinstance(getattr(x, "ty", None), relax.TensorType):
             return super()._impl_v13(bb, inputs, attr, params)
         source = _dtype(x)
-        if source.startswith("float8") or source.startswith("float4"):
+        if source.startswith("float8"):
             wide = bb.emit_te(_decode_float8, x, _decode_table(source))
             return wide if to == "float32" else cls._impl_v13(bb, [wide], {**attr, "to": to}, params)
         if to == "float8_e8m0fnu":
