@@ -237,3 +237,12 @@ def test_block_input_taps_drive_the_carving():
     MoEFFNPass(experts=8, top_k=8, calibration=calibration(feeds))(model)
     taps = run_with_taps(model, feeds[:1], ["y"])[0]["y"]
     np.testing.assert_allclose(taps, Reference(dense).run(feeds[0])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_an_ffn_output_that_is_a_graph_output_keeps_its_name():
+    dense, d = gated_model(0)  # the down projection's output "y" is the graph output
+    model = _copy(dense)
+    MoEFFNPass(experts=4, top_k=2, calibration=calibration(topic_feeds(d, 10, 1)))(model)
+    proto = ir.to_proto(model)
+    assert [o.name for o in proto.graph.output] == ["y"] and _node(model).outputs[0].name == "y"
+    onnx.checker.check_model(proto, full_check=True)
