@@ -36,16 +36,16 @@ CONSISTENCY_ATOL = 1e-3
 
 
 def calibration_feeds(info: dict[str, Any], windows: list[list[int]], chunk: int) -> list[dict[str, np.ndarray]]:
-    """Prefill feeds of token windows from an empty cache (one zero cache array shared by all feeds)."""
-    from effc.ir.decoder import io_shapes
+    """Prefill feeds of token windows from an empty cache (zero cache arrays shared by all feeds)."""
+    from effc.ir.decoder import kv_layout
 
-    cache = np.zeros(io_shapes(info, chunk)["kv_cache"], dtype=np.float32)
+    cache = {slot.input: np.zeros(slot.shape(info, info["max_cache"]), dtype=np.float32) for slot in kv_layout(info)}
     masked = np.float32(info.get("masked", -1.0e9))
     mask = np.full((chunk, info["max_cache"] + chunk), masked, dtype=np.float32)
     mask[:, info["max_cache"]:] = np.triu(np.full((chunk, chunk), masked, dtype=np.float32), 1)
     positions = np.arange(chunk, dtype=np.int64)[None]
-    return [{"input_ids": np.asarray([w], dtype=np.int64), "positions": positions, "attn_mask": mask,
-             "kv_cache": cache} for w in windows]
+    return [{"input_ids": np.asarray([w], dtype=np.int64), "positions": positions, "attn_mask": mask, **cache}
+            for w in windows]
 
 
 def _session(backend: Any, info: dict[str, Any], tokenizer: Any = None) -> Any:
@@ -191,10 +191,9 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
                                   measure_latency, latency_repeat)
         report["decoder"]["prefill_decode_consistency_max_abs"] = consistency
         weight_bytes = bytes_read_per_token(graphs["decode"])
-        report["decoder"].update(weight_bytes_per_decoded_token=weight_bytes,
-                                 kv_cache_bytes_per_token=info["layers"] * 2 * info["kv_heads"] * info["head_dim"] * 4,
-                                 kv_cache_bytes=info["layers"] * 2 * info["kv_heads"] * info["head_dim"] * 4
-                                 * info["max_cache"])
+        kv_bytes = kv_bytes_per_token(info)
+        report["decoder"].update(weight_bytes_per_decoded_token=weight_bytes, kv_cache_bytes_per_token=kv_bytes,
+                                 kv_cache_bytes=kv_bytes * info["max_cache"])
         report.update(model={"name": loaded.source["name"], "source": loaded.source.get("path")},
                       target={"name": tgt.name, "options": options, "info": build.info}, pipeline=str(pipeline),
                       passes=manifest["passes"],
@@ -216,6 +215,13 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return CompileResult(out, read_manifest(out), report)
+
+
+def kv_bytes_per_token(info: dict[str, Any]) -> int:
+    """Bytes of keys and values one token adds to the cache, all layers (float32 entries)."""
+    from effc.ir.decoder import kv_layout
+
+    return sum(int(np.prod(slot.shape(info, 1))) * 4 for slot in kv_layout(info))
 
 
 def bytes_read_per_token(model: ir.Model) -> int:
