@@ -2,11 +2,12 @@
 
 Flow (DESIGN.md, "Decoders"): the token-generic graph (:mod:`effc.ir.decoder`) is specialized to the prefill
 chunk ``P``; the passes rewrite it once, calibrated on token windows; the rewritten graph is made token-generic
-again and specialized to one token for ``decode``. Under onnxruntime, prefill and decode of the rewritten graphs
-are checked to agree (a pass that baked the chunk length in would fail here). The CPU target compiles both into
-one ``model.so`` (weights once); ``model.onnx`` is the rewritten token-generic graph; the tokenizer is copied into
-``tokenizer/``. The report gives perplexity vs the original model, prefill and decode latency vs onnxruntime on
-the same graphs, weight bytes read per decoded token and KV-cache bytes per token.
+again and specialized to one token for ``decode``, whose attention becomes ``effc.DecodeAttention``
+(:mod:`effc.decoder.attention`: only the valid prefix of the cache is read). Under onnxruntime, prefill and decode
+of the rewritten graphs are checked to agree (a pass that baked the chunk length in would fail here). The CPU target
+compiles both into one ``model.so`` (weights once); ``model.onnx`` is the rewritten token-generic graph; the
+tokenizer is copied into ``tokenizer/``. The report gives perplexity vs the original model, prefill and decode
+latency vs onnxruntime on the same graphs, weight bytes read per decoded token and KV-cache bytes per token.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from effc.decoder.attention import fuse_decode_attention
 from effc.errors import EffcError, PassError, TargetError
 from effc.ir.decoder import decoder_info, regeneralize, specialize
 
@@ -160,7 +162,9 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
     result = PassManager(pipeline, verify_each=verify_each, dump_ir=dump_ir).run(prefill)
     del prefill
     generic = regeneralize(result.model)
-    graphs = {"prefill": result.model, "decode": specialize(generic, 1)}
+    decode = specialize(generic, 1)
+    fused = fuse_decode_attention(decode)
+    graphs = {"prefill": result.model, "decode": decode}
     eval_ids = list(tokenizer(text.eval_text())["input_ids"])
     consistency = check_consistency(graphs, info, eval_ids[:info["chunk"] + 2], threads)
     stop_ids = sorted({int(t) for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>"))
@@ -190,6 +194,7 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
         report = evaluate_decoder(loaded.model, graphs, runner, info, tokenizer, eval_ids, threads,
                                   measure_latency, latency_repeat)
         report["decoder"]["prefill_decode_consistency_max_abs"] = consistency
+        report["decoder"]["decode_attention_fused_layers"] = fused
         weight_bytes = bytes_read_per_token(graphs["decode"])
         kv_bytes = kv_bytes_per_token(info)
         report["decoder"].update(weight_bytes_per_decoded_token=weight_bytes, kv_cache_bytes_per_token=kv_bytes,
