@@ -199,6 +199,10 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
         kv_bytes = kv_bytes_per_token(info)
         report["decoder"].update(weight_bytes_per_decoded_token=weight_bytes, kv_cache_bytes_per_token=kv_bytes,
                                  kv_cache_bytes=kv_bytes * info["max_cache"])
+        kv_format = decoder_info(graphs["decode"]).get("kv_format")
+        if kv_format is not None:  # block-quant(mode=kv): the values are on the MX grid, still held as float32
+            report["decoder"].update(kv_format=kv_format, kv_format_bytes_per_token=kv_bytes_per_token(
+                info, kv_format, decoder_info(graphs["decode"]).get("kv_block_size", 32)))
         report.update(model={"name": loaded.source["name"], "source": loaded.source.get("path")},
                       target={"name": tgt.name, "options": options, "info": build.info}, pipeline=str(pipeline),
                       passes=manifest["passes"],
@@ -222,11 +226,17 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
     return CompileResult(out, read_manifest(out), report)
 
 
-def kv_bytes_per_token(info: dict[str, Any]) -> int:
-    """Bytes of keys and values one token adds to the cache, all layers (float32 entries)."""
-    from effc.ir.decoder import kv_layout
+def kv_bytes_per_token(info: dict[str, Any], kv_format: str | None = None, block_size: int = 32) -> float:
+    """Bytes of keys and values one token adds to the cache, all layers.
 
-    return sum(int(np.prod(slot.shape(info, 1))) * 4 for slot in kv_layout(info))
+    float32 entries by default; with ``kv_format`` the bytes of that block format (element codes plus one scale per
+    ``block_size`` entries).
+    """
+    from effc.ir.decoder import kv_layout
+    from effc.ops.block_formats import bits_per_weight
+
+    elements = sum(int(np.prod(slot.shape(info, 1))) for slot in kv_layout(info))
+    return elements * 4 if kv_format is None else elements * bits_per_weight(kv_format, block_size) / 8
 
 
 def bytes_read_per_token(model: ir.Model) -> int:
