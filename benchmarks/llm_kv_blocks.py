@@ -1,6 +1,9 @@
 """Perplexity of SmolLM2 with its KV cache in MX blocks (``block-quant(format=F,mode=kv)``) vs a float32 cache.
 
-    flock /tmp/effc-smollm2.lock python benchmarks/llm_kv_blocks.py [--formats mxfp8_e4m3 mxint8 mxfp4] [--threads 2]
+    flock /tmp/effc-smollm2.lock python benchmarks/llm_kv_blocks.py [--formats mxfp8_e4m3 mxint8 mxfp4 mxfp4+r]
+
+A ``+r`` suffix adds ``kv_rearrange=true`` (value channels of each KV head grouped by magnitude, folded into
+W_v / W_o; see :mod:`effc.passes.quant.decoder_kv` for why keys are not rearranged).
 
 Each configuration is the zoo's token-generic graph specialized to the prefill chunk, rewritten by the pass (keys
 after RoPE and values quantized-dequantized in blocks of 32 along head_dim before they are written to the cache
@@ -35,21 +38,23 @@ def measure(fmt: str | None, threads: int) -> dict:
     graph = specialize(generic, info["chunk"])
     del generic
     gc.collect()
+    label, rearrange = fmt, bool(fmt and fmt.endswith("+r"))
+    fmt = fmt.removesuffix("+r") if fmt else None
     if fmt is not None:
-        (quant,) = parse_pipeline(f"block-quant(format={fmt},mode=kv)")
+        (quant,) = parse_pipeline(f"block-quant(format={fmt},mode=kv,kv_rearrange={str(rearrange).lower()})")
         quant(graph)
     tokenizer = smollm2.load_tokenizer()
     ids = list(tokenizer(text.eval_text())["input_ids"])
     start = time.perf_counter()
     result = perplexity(DecoderSession(OrtBackend({"prefill": graph}, threads), info), ids, PPL_WINDOW)
     kv = kv_bytes_per_token(info, fmt) if fmt else kv_bytes_per_token(info)
-    return {"kv_format": fmt or "float32", **result, "kv_bytes_per_token": kv,
+    return {"kv_format": label or "float32", **result, "kv_bytes_per_token": kv,
             "kv_ratio_vs_fp32": round(kv_bytes_per_token(info) / kv, 3), "seconds": round(time.perf_counter() - start, 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--formats", nargs="+", default=["mxfp8_e4m3", "mxint8", "mxfp4"])
+    parser.add_argument("--formats", nargs="+", default=["mxfp8_e4m3", "mxint8", "mxfp4", "mxfp4+r"])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     print(json.dumps({"load": os.getloadavg(), "threads": args.threads}), flush=True)

@@ -63,3 +63,28 @@ def test_kv_bytes_per_token_of_the_formats(graph):
     assert kv_bytes_per_token(info) == 128 * 4
     assert kv_bytes_per_token(info, "mxfp8_e4m3") == 128 * 8.25 / 8
     assert kv_bytes_per_token(info, "mxfp4") == 128 * 4.25 / 8
+
+
+def test_value_rearrangement_keeps_the_model_before_quantization(graph):
+    from effc.ir.reference import Reference
+    from effc.passes.quant.decoder_kv import rearrange_values
+
+    info = decoder_info(graph)
+    plain, moved = specialize(graph, T), specialize(graph, T)
+    stats = {"skipped": []}
+    assert rearrange_values(moved, stats) == 2 and stats["kv_rearranged"] == [0, 1] and not stats["skipped"]
+    wv = moved.graph.initializers["layers.0.self_attn.v_proj"].const_value.numpy()
+    assert not np.array_equal(wv, plain.graph.initializers["layers.0.self_attn.v_proj"].const_value.numpy())
+    norms = np.linalg.norm(wv, axis=0)  # (the random model's RMSNorm gains are all 1)
+    assert (np.diff(norms) <= 0).all()  # channels sorted by magnitude: the largest share the first block
+    feeds = _feeds(info, T)
+    want, got = Reference(plain).run(feeds), Reference(moved).run(feeds)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5)  # logits
+    for slot, x, y in zip(kv_layout(info), want[1:], got[1:], strict=True):
+        if slot.kind == "key":
+            np.testing.assert_allclose(y, x, atol=1e-5)
+        else:  # the same values, channels reordered
+            np.testing.assert_allclose(np.sort(y, axis=2), np.sort(x, axis=2), atol=1e-5)
+    (pass_,) = parse_pipeline("block-quant(format=mxfp4,mode=kv,kv_rearrange=true)")
+    quant = specialize(graph, T)
+    assert pass_(quant).modified and pass_.stats["kv_rearranged"] == [0, 1]
