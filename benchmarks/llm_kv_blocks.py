@@ -49,7 +49,8 @@ def measure(fmt: str | None, threads: int) -> dict:
     result = perplexity(DecoderSession(OrtBackend({"prefill": graph}, threads), info), ids, PPL_WINDOW)
     kv = kv_bytes_per_token(info, fmt) if fmt else kv_bytes_per_token(info)
     return {"kv_format": label or "float32", **result, "kv_bytes_per_token": kv,
-            "kv_ratio_vs_fp32": round(kv_bytes_per_token(info) / kv, 3), "seconds": round(time.perf_counter() - start, 1)}
+            "kv_ratio_vs_fp32": round(kv_bytes_per_token(info) / kv, 3),
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 def main() -> None:
