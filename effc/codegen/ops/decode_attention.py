@@ -12,8 +12,11 @@ with ``L = clamp(positions[0, 0], 0, S)`` and ``B = ceil(L / 8)`` vectors of 8 s
 3. ``P · V``: for each 8-wide slice of ``D``, ``G`` accumulators over the ``L`` value rows, then the chunk's ``T``
    values; divided by the row sum.
 
-So keys and values are read once per token, and only ``L`` slots of them: ``2 · Hkv · L · D · 4`` bytes per layer
-instead of ``2 · Hkv · S · D · 4``. Requires ``S % 16 == 0`` and ``D % 8 == 0``.
+Keys and values are read once per token, and only ``L`` slots of them: ``2 · Hkv · L · D · 4`` bytes per layer
+instead of ``2 · Hkv · S · D · 4``. KV heads run in parallel once the context holds ``min_parallel_macs / (Hkv · G
+· T · D)`` slots (the CPU tile table's threshold; 456 for SmolLM2), else on the calling thread. Requires
+``S % 16 == 0`` and ``D % 8 == 0``. Measured (one SmolLM2 layer, 1 thread, load ~15): 8 µs at 128 slots, 110-120
+µs at 2048 (min); the exported attention took 460 µs at any context (docs/notes/cpu_decode.md).
 """
 
 from __future__ import annotations
@@ -51,8 +54,11 @@ def _fast_exp(x):
 
 
 def attention_kernel(hkv: int, g: int, t: int, d: int, s: int, scale: float,
-                     parallel: bool) -> tvm.tirx.PrimFunc:
+                     parallel_from: int) -> tvm.tirx.PrimFunc:
     """``main(Q, past_key, past_value, key, value, attn_mask, positions, Y)`` of the module docstring.
+
+    KV heads run in parallel when the context ``L`` reaches ``parallel_from`` slots (decided per call), else on the
+    calling thread (waking the pool costs more than a short context's attention).
 
     Raises:
         ValueError: ``S`` or ``D`` is not a multiple of 8.
@@ -60,10 +66,72 @@ def attention_kernel(hkv: int, g: int, t: int, d: int, s: int, scale: float,
     if s % WIDE or d % LANES:
         raise ValueError(f"decode attention needs S % {WIDE} == 0 and D % {LANES} == 0, got S={s}, D={d}")
     total, dv = s + t, d // LANES
-    heads = T.parallel if parallel else T.serial
+    parallel_from = T.int64(min(parallel_from, 2**62))
 
     def lanes(start):
         return T.ramp(start, 1, LANES)
+
+    @T.macro
+    def one_head(h, Q, PK, PV, KN, VN, MASK, POS, Y):
+        sc = T.alloc_buffer((g, total), "float32", scope="global")
+        acc = T.alloc_buffer((g * VECS * LANES,), "float32", scope="global")
+        row = T.alloc_buffer((2 * g,), "float32", scope="global")  # per query row: max, then sum
+        length = T.alloc_buffer((1,), "int32", scope="global")
+        for tok in range(t):
+            length[0] = T.max(T.min(T.Cast("int32", POS[0, 0]), s), 0)
+            for jb in range((length[0] + WIDE - 1) // WIDE):
+                for a in T.unroll(g * VECS):
+                    acc[lanes(a * LANES)] = _vec(0.0)
+                for k in range(d):
+                    for a in T.unroll(g * VECS):
+                        acc[lanes(a * LANES)] = acc[lanes(a * LANES)] + T.broadcast(
+                            Q[h, a // VECS, tok, k], LANES) * PK[h, k, lanes(jb * WIDE + a % VECS * LANES)]
+                for a in T.unroll(g * VECS):
+                    sc[a // VECS, lanes(jb * WIDE + a % VECS * LANES)] = T.Select(
+                        lanes(jb * WIDE + a % VECS * LANES) < T.broadcast(length[0], LANES),
+                        acc[lanes(a * LANES)] * _vec(scale) + MASK[tok, lanes(jb * WIDE + a % VECS * LANES)],
+                        _vec(_INVALID))
+            for j in range(t):
+                for r in T.unroll(g):
+                    row[r] = T.float32(0)
+                    for k in range(d):
+                        row[r] = row[r] + Q[h, r, tok, k] * KN[h, k, j]
+                    sc[r, s + j] = row[r] * T.float32(scale) + MASK[tok, s + j]
+            for r in T.unroll(g):
+                acc[lanes(r * LANES)] = _vec(_INVALID)
+                for jb in range((length[0] + LANES - 1) // LANES):
+                    acc[lanes(r * LANES)] = T.max(acc[lanes(r * LANES)], sc[r, lanes(jb * LANES)])
+                row[r] = acc[r * LANES]
+                for i in range(1, LANES):
+                    row[r] = T.max(row[r], acc[r * LANES + i])
+                for j in range(t):
+                    row[r] = T.max(row[r], sc[r, s + j])
+                acc[lanes(r * LANES)] = _vec(0.0)
+                for jb in range((length[0] + LANES - 1) // LANES):
+                    sc[r, lanes(jb * LANES)] = T.Select(
+                        lanes(jb * LANES) < T.broadcast(length[0], LANES),
+                        _fast_exp(sc[r, lanes(jb * LANES)] - T.broadcast(row[r], LANES)), _vec(0.0))
+                    acc[lanes(r * LANES)] = acc[lanes(r * LANES)] + sc[r, lanes(jb * LANES)]
+                row[g + r] = acc[r * LANES]
+                for i in range(1, LANES):
+                    row[g + r] = row[g + r] + acc[r * LANES + i]
+                for j in range(t):
+                    sc[r, s + j] = T.exp(sc[r, s + j] - row[r])
+                    row[g + r] = row[g + r] + sc[r, s + j]
+            for c in range(dv):
+                for r in T.unroll(g):
+                    acc[lanes(r * LANES)] = _vec(0.0)
+                for j in range(length[0]):
+                    for r in T.unroll(g):
+                        acc[lanes(r * LANES)] = acc[lanes(r * LANES)] + T.broadcast(
+                            sc[r, j], LANES) * PV[h, j, lanes(c * LANES)]
+                for j in range(t):
+                    for r in T.unroll(g):
+                        acc[lanes(r * LANES)] = acc[lanes(r * LANES)] + T.broadcast(
+                            sc[r, s + j], LANES) * VN[h, j, lanes(c * LANES)]
+                for r in T.unroll(g):
+                    Y[h, r, tok, lanes(c * LANES)] = acc[lanes(r * LANES)] / T.broadcast(row[g + r], LANES)
+
 
     @T.prim_func(s_tir=False)
     def main(q_h: T.handle, pk_h: T.handle, pv_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle,
@@ -77,65 +145,12 @@ def attention_kernel(hkv: int, g: int, t: int, d: int, s: int, scale: float,
         MASK = T.match_buffer(m_h, (t, total), "float32")
         POS = T.match_buffer(p_h, (1, t), "int64")
         Y = T.match_buffer(y_h, (hkv, g, t, d), "float32")
-        for h in heads(hkv):
-            sc = T.alloc_buffer((g, total), "float32", scope="global")
-            acc = T.alloc_buffer((g * VECS * LANES,), "float32", scope="global")
-            row = T.alloc_buffer((2 * g,), "float32", scope="global")  # per query row: max, then sum
-            length = T.alloc_buffer((1,), "int32", scope="global")
-            for tok in range(t):
-                length[0] = T.max(T.min(T.Cast("int32", POS[0, 0]), s), 0)
-                for jb in range((length[0] + WIDE - 1) // WIDE):
-                    for a in T.unroll(g * VECS):
-                        acc[lanes(a * LANES)] = _vec(0.0)
-                    for k in range(d):
-                        for a in T.unroll(g * VECS):
-                            acc[lanes(a * LANES)] = acc[lanes(a * LANES)] + T.broadcast(
-                                Q[h, a // VECS, tok, k], LANES) * PK[h, k, lanes(jb * WIDE + a % VECS * LANES)]
-                    for a in T.unroll(g * VECS):
-                        sc[a // VECS, lanes(jb * WIDE + a % VECS * LANES)] = T.Select(
-                            lanes(jb * WIDE + a % VECS * LANES) < T.broadcast(length[0], LANES),
-                            acc[lanes(a * LANES)] * _vec(scale) + MASK[tok, lanes(jb * WIDE + a % VECS * LANES)],
-                            _vec(_INVALID))
-                for j in range(t):
-                    for r in T.unroll(g):
-                        row[r] = T.float32(0)
-                        for k in range(d):
-                            row[r] = row[r] + Q[h, r, tok, k] * KN[h, k, j]
-                        sc[r, s + j] = row[r] * T.float32(scale) + MASK[tok, s + j]
-                for r in T.unroll(g):
-                    acc[lanes(r * LANES)] = _vec(_INVALID)
-                    for jb in range((length[0] + LANES - 1) // LANES):
-                        acc[lanes(r * LANES)] = T.max(acc[lanes(r * LANES)], sc[r, lanes(jb * LANES)])
-                    row[r] = acc[r * LANES]
-                    for i in range(1, LANES):
-                        row[r] = T.max(row[r], acc[r * LANES + i])
-                    for j in range(t):
-                        row[r] = T.max(row[r], sc[r, s + j])
-                    acc[lanes(r * LANES)] = _vec(0.0)
-                    for jb in range((length[0] + LANES - 1) // LANES):
-                        sc[r, lanes(jb * LANES)] = T.Select(
-                            lanes(jb * LANES) < T.broadcast(length[0], LANES),
-                            _fast_exp(sc[r, lanes(jb * LANES)] - T.broadcast(row[r], LANES)), _vec(0.0))
-                        acc[lanes(r * LANES)] = acc[lanes(r * LANES)] + sc[r, lanes(jb * LANES)]
-                    row[g + r] = acc[r * LANES]
-                    for i in range(1, LANES):
-                        row[g + r] = row[g + r] + acc[r * LANES + i]
-                    for j in range(t):
-                        sc[r, s + j] = T.exp(sc[r, s + j] - row[r])
-                        row[g + r] = row[g + r] + sc[r, s + j]
-                for c in range(dv):
-                    for r in T.unroll(g):
-                        acc[lanes(r * LANES)] = _vec(0.0)
-                    for j in range(length[0]):
-                        for r in T.unroll(g):
-                            acc[lanes(r * LANES)] = acc[lanes(r * LANES)] + T.broadcast(
-                                sc[r, j], LANES) * PV[h, j, lanes(c * LANES)]
-                    for j in range(t):
-                        for r in T.unroll(g):
-                            acc[lanes(r * LANES)] = acc[lanes(r * LANES)] + T.broadcast(
-                                sc[r, s + j], LANES) * VN[h, j, lanes(c * LANES)]
-                    for r in T.unroll(g):
-                        Y[h, r, tok, lanes(c * LANES)] = acc[lanes(r * LANES)] / T.broadcast(row[g + r], LANES)
+        if POS[0, 0] >= parallel_from:  # enough slots to pay for waking the thread pool
+            for h in T.parallel(hkv):
+                one_head(h, Q, PK, PV, KN, VN, MASK, POS, Y)
+        else:
+            for h in range(hkv):
+                one_head(h, Q, PK, PV, KN, VN, MASK, POS, Y)
 
     return main
 
@@ -156,7 +171,7 @@ class DecodeAttentionConverter:
                                      f"compile with a --max-cache that is a multiple of {WIDE}")
         from effc.codegen.ops.block_quant_int8 import current_tile_config
 
-        parallel = hkv * g * s * d >= current_tile_config().min_parallel_macs
-        func = attention_kernel(hkv, g, t, d, s, float(attr["scale"]), parallel).without_attr("global_symbol")
+        parallel_from = -(-current_tile_config().min_parallel_macs // (hkv * g * t * d))  # slots
+        func = attention_kernel(hkv, g, t, d, s, float(attr["scale"]), parallel_from).without_attr("global_symbol")
         gv = bb.add_func(func, "effc_decode_attention")
         return relax.call_tir(gv, [q, *inputs[1:]], out_ty=relax.TensorType([hkv, g, t, d], "float32"))
