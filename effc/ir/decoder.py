@@ -70,6 +70,35 @@ def kv_layout(info: dict[str, Any]) -> list[KVSlot]:
             for i in layers for kind, axis in (("key", 2), ("value", 1))]
 
 
+def remove_kv_layer(model: ir.Model, layer: int) -> None:
+    """Drop layer ``layer``'s cache from the decoder graph (in place), once nothing computed reads it any more.
+
+    Removes the graph inputs ``past_key.i`` / ``past_value.i`` and the outputs ``key.i`` / ``value.i``, and writes
+    the remaining layers to the metadata as ``kv_layers`` (so :func:`kv_layout`, the runtime's cache and the
+    artifact's entry points agree). Nodes that only fed the removed outputs become dead: run dead-code removal next.
+
+    Raises:
+        ShapeError: the layer has no cache in this graph, or a node still reads one of its cache inputs.
+    """
+    info = decoder_info(model)
+    slots = [slot for slot in kv_layout(info) if slot.layer == layer]
+    if not slots:
+        raise ShapeError(f"decoder layer {layer} has no KV cache in this graph",
+                         f"remove one of the layers {sorted({s.layer for s in kv_layout(info)})}")
+    inputs = {v.name: v for v in model.graph.inputs}
+    for slot in slots:
+        readers = [use.node.name for use in inputs[slot.input].uses()] if slot.input in inputs else []
+        if readers:
+            raise ShapeError(f"the cache input {slot.input} of layer {layer} is still read by {readers[:3]}",
+                             "bypass the layer's attention before removing its cache")
+    names = {n for slot in slots for n in (slot.input, slot.output)}
+    for values in (model.graph.inputs, model.graph.outputs):
+        for value in [v for v in values if v.name in names]:
+            values.remove(value)
+    kept = [i for i in dict.fromkeys(slot.layer for slot in kv_layout(info)) if i != layer]
+    model.metadata_props[METADATA_KEY] = json.dumps({**info, "kv_layers": kept}, sort_keys=True)
+
+
 def is_decoder(model: ir.Model) -> bool:
     """True for a graph that carries effc decoder metadata."""
     return METADATA_KEY in model.metadata_props
