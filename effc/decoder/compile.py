@@ -161,6 +161,7 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
     prefill = specialize(loaded.model, info["chunk"])
     result = PassManager(pipeline, verify_each=verify_each, dump_ir=dump_ir).run(prefill)
     del prefill
+    info = {**decoder_info(result.model), "chunk": info["chunk"]}  # a pass may change the cache (kv_layers, ...)
     generic = regeneralize(result.model)
     decode = specialize(generic, 1)
     fused = fuse_decode_attention(decode)
@@ -199,10 +200,9 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
         kv_bytes = kv_bytes_per_token(info)
         report["decoder"].update(weight_bytes_per_decoded_token=weight_bytes, kv_cache_bytes_per_token=kv_bytes,
                                  kv_cache_bytes=kv_bytes * info["max_cache"])
-        kv_format = decoder_info(graphs["decode"]).get("kv_format")
-        if kv_format is not None:  # block-quant(mode=kv): the values are on the MX grid, still held as float32
-            report["decoder"].update(kv_format=kv_format, kv_format_bytes_per_token=kv_bytes_per_token(
-                info, kv_format, decoder_info(graphs["decode"]).get("kv_block_size", 32)))
+        if info.get("kv_format") is not None:  # block-quant(mode=kv): values on the MX grid, held as float32
+            report["decoder"].update(kv_format=info["kv_format"], kv_format_bytes_per_token=kv_bytes_per_token(
+                info, info["kv_format"], info.get("kv_block_size", 32)))
         report.update(model={"name": loaded.source["name"], "source": loaded.source.get("path")},
                       target={"name": tgt.name, "options": options, "info": build.info}, pipeline=str(pipeline),
                       passes=manifest["passes"],
@@ -274,8 +274,9 @@ def evaluate_decoder(original: ir.Model, graphs: dict[str, ir.Model], runner: An
     from effc.runtime.decoder import CompiledBackend, OrtBackend, perplexity
 
     window = min(PPL_WINDOW, info["max_cache"])  # a cache shorter than the window scores shorter windows (stated)
+    original_info = {**decoder_info(original), "chunk": info["chunk"]}  # its own cache (all layers, float32)
     ppl = {"original_onnxruntime": perplexity(_session(OrtBackend({"prefill": specialize(original, info["chunk"])},
-                                                                  threads), info), eval_ids, window)}
+                                                                  threads), original_info), eval_ids, window)}
     gc.collect()
     ppl["rewritten_onnxruntime"] = perplexity(_session(OrtBackend({"prefill": graphs["prefill"]}, threads), info),
                                               eval_ids, window)

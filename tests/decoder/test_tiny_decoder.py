@@ -170,6 +170,23 @@ def test_block_quant_on_the_decoder_keeps_it_generating(tiny):
     assert len(effc.runtime.load(result.out_dir).generate("Soup", max_new_tokens=3).tokens) <= 3
 
 
+def test_kv_cache_blocks_keep_it_generating(tiny):
+    import effc
+    import effc.runtime
+
+    _, graph, _, folder = tiny
+    result = effc.compile(graph, out_dir=folder / "kv8", passes="block-quant(format=mxfp8_e4m3,mode=kv,block_size=16)",
+                          measure_latency=False)
+    section = result.report["decoder"]
+    assert section["kv_format"] == "mxfp8_e4m3"
+    assert section["kv_format_bytes_per_token"] == 2 * 2 * 2 * 16 * (8 + 8 / 16) / 8  # codes + one E8M0 per 16
+    assert section["perplexity"]["compiled"]["perplexity"] == pytest.approx(
+        section["perplexity"]["rewritten_onnxruntime"]["perplexity"], rel=1e-3)
+    assert 0 < abs(section["perplexity_change_pct"]) < 2
+    assert section["decode_attention_fused_layers"] == 2
+    assert len(effc.runtime.load(result.out_dir).generate("Soup", max_new_tokens=3).tokens) <= 3
+
+
 def test_eval_text_cli_reports_perplexity(compiled, tmp_path):
     import json
 
