@@ -24,29 +24,23 @@ import time
 PPL_WINDOW = 512
 
 
-def measure(fmt: str | None, threads: int) -> dict:
-    """Perplexity of one KV format (None: the float32 cache) under onnxruntime."""
-    from effc.decoder import smollm2, text
+def measure(base, info: dict, ids: list[int], fmt: str | None, threads: int) -> dict:
+    """Perplexity of one KV format (None: the float32 cache) under onnxruntime, on a copy of ``base``."""
+    import onnx_ir as ir
+
     from effc.decoder.compile import kv_bytes_per_token
-    from effc.ir.decoder import decoder_info, specialize
-    from effc.ir.model import load
     from effc.passes.pipeline import parse_pipeline
     from effc.runtime.decoder import DecoderSession, OrtBackend, perplexity
 
-    generic = load(smollm2.generic_graph_path(smollm2.DEFAULT_MAX_CACHE))
-    info = decoder_info(generic)
-    graph = specialize(generic, info["chunk"])
-    del generic
-    gc.collect()
+    graph = ir.from_proto(ir.to_proto(base))
     label, rearrange = fmt, bool(fmt and fmt.endswith("+r"))
     fmt = fmt.removesuffix("+r") if fmt else None
     if fmt is not None:
         (quant,) = parse_pipeline(f"block-quant(format={fmt},mode=kv,kv_rearrange={str(rearrange).lower()})")
         quant(graph)
-    tokenizer = smollm2.load_tokenizer()
-    ids = list(tokenizer(text.eval_text())["input_ids"])
     start = time.perf_counter()
-    result = perplexity(DecoderSession(OrtBackend({"prefill": graph}, threads), info), ids, PPL_WINDOW)
+    window = min(PPL_WINDOW, info["max_cache"])
+    result = perplexity(DecoderSession(OrtBackend({"prefill": graph}, threads), info), ids, window)
     kv = kv_bytes_per_token(info, fmt) if fmt else kv_bytes_per_token(info)
     return {"kv_format": label or "float32", **result, "kv_bytes_per_token": kv,
             "kv_ratio_vs_fp32": round(kv_bytes_per_token(info) / kv, 3),
@@ -59,9 +53,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     print(json.dumps({"load": os.getloadavg(), "threads": args.threads}), flush=True)
+    from effc.decoder import smollm2, text
+    from effc.ir.decoder import decoder_info, specialize
+    from effc.ir.model import load
+
+    generic = load(smollm2.generic_graph_path(smollm2.DEFAULT_MAX_CACHE))
+    info = decoder_info(generic)
+    base = specialize(generic, info["chunk"])
+    del generic
+    ids = list(smollm2.load_tokenizer()(text.eval_text())["input_ids"])
     rows = []
     for fmt in [None, *args.formats]:
-        rows.append(measure(fmt, args.threads))
+        rows.append(measure(base, info, ids, fmt, args.threads))
         print(json.dumps(rows[-1]), flush=True)
         gc.collect()
     base = rows[0]["perplexity"]
