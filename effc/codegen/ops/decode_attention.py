@@ -13,8 +13,8 @@ with ``L = clamp(positions[0, 0], 0, S)`` and ``B = ceil(L / 8)`` vectors of 8 s
    values; divided by the row sum.
 
 Keys and values are read once per token, and only ``L`` slots of them: ``2 · Hkv · L · D · 4`` bytes per layer
-instead of ``2 · Hkv · S · D · 4``. KV heads run in parallel once the context holds ``min_parallel_macs / (Hkv · G
-· T · D)`` slots (the CPU tile table's threshold; 456 for SmolLM2), else on the calling thread. Requires
+instead of ``2 · Hkv · S · D · 4``. KV heads run in parallel once the context holds :data:`PARALLEL_FROM` slots,
+else on the calling thread (measured on the shared 2-core machine: parallel lost at every context). Requires
 ``S % 16 == 0`` and ``D % 8 == 0``. Measured (one SmolLM2 layer, 1 thread, load ~15): 8 µs at 128 slots, 110-120
 µs at 2048 (min); the exported attention took 460 µs at any context (docs/notes/cpu_decode.md).
 """
@@ -35,6 +35,11 @@ LANES = HEAD_DIM_MULTIPLE  # float32 lanes of a 256-bit vector: 8 cache slots or
 WIDE = SLOT_MULTIPLE  # slots per score step: 16 = one 64-byte line of each row of Kᵀ
 VECS = WIDE // LANES
 _INVALID = -3.0e38
+#: Context (slots) from which the KV heads run in parallel. Measured 2026-12-07 (load 5-6), 30 SmolLM2 layers with
+#: cold caches: heads in parallel on 2 threads 3.5 / 17.4 / 29.3 ms vs serial 0.9 / 9.5 / 19.6 ms at 128 / 1024 /
+#: 2048 slots (min of 5); one hot layer at 128 slots 12.6 vs 7.9 µs (load 13). Not shown to win: off until measured
+#: on a quiet machine.
+PARALLEL_FROM = 1 << 30
 
 
 def _vec(value: float, dtype: str = "float32"):
@@ -169,9 +174,6 @@ class DecodeAttentionConverter:
             raise UnsupportedOpError(f"effc.DecodeAttention over a cache of {s} slots × head_dim {d}: the kernel "
                                      f"needs S % {WIDE} == 0 and D % {LANES} == 0",
                                      f"compile with a --max-cache that is a multiple of {WIDE}")
-        from effc.codegen.ops.block_quant_int8 import current_tile_config
-
-        parallel_from = -(-current_tile_config().min_parallel_macs // (hkv * g * t * d))  # slots
-        func = attention_kernel(hkv, g, t, d, s, float(attr["scale"]), parallel_from).without_attr("global_symbol")
+        func = attention_kernel(hkv, g, t, d, s, float(attr["scale"]), PARALLEL_FROM).without_attr("global_symbol")
         gv = bb.add_func(func, "effc_decode_attention")
         return relax.call_tir(gv, [q, *inputs[1:]], out_ty=relax.TensorType([hkv, g, t, d], "float32"))
