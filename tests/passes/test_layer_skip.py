@@ -1,0 +1,191 @@
+"""layer-skip: residual blocks found, ranked and removed (structure, exact numbers, compiled, MiniLM held-out)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from effc.errors import CalibrationError, PassError
+from effc.ir.calibration import Calibration
+from effc.ir.reference import Reference
+from effc.ir.residual import find_layers, find_residual_blocks
+from effc.passes.layer_skip import LayerSkipPass
+from effc.passes.pipeline import parse_pipeline
+from effc.passes.skip_scoring import row_cosine
+from tests.conftest import make_mlp
+
+
+def _tiny_module(layers=3, d=16):
+    """A post-norm transformer of ``layers`` layers (single-head attention + GELU FFN) over (1, 8, d) inputs."""
+    import torch
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+            self.up, self.down = torch.nn.Linear(d, 2 * d), torch.nn.Linear(2 * d, d)
+            self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+
+        def forward(self, x):
+            scores = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / d ** 0.5, dim=-1)
+            x = self.ln1(x + self.o(scores @ self.v(x)))
+            return self.ln2(x + self.down(torch.nn.functional.gelu(self.up(x))))
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(Layer() for _ in range(layers))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    torch.manual_seed(0)
+    return Tiny().eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import torch
+
+    from effc.ir.canonicalize import canonicalize
+    from effc.ir.capture import capture_torch
+
+    module = _tiny_module()
+    return module, canonicalize(capture_torch(module, (torch.zeros(1, 8, 16),)))
+
+
+def _copy(model):
+    return ir.from_proto(ir.to_proto(model))
+
+
+def _feeds(model, n, seed=0):
+    rng = np.random.default_rng(seed)
+    name = model.graph.inputs[0].name
+    return [{name: rng.standard_normal((1, 8, 16)).astype(np.float32)} for _ in range(n)]
+
+
+def _outputs(model, feeds):
+    ref = Reference(model)
+    return [ref.run(f)[0] for f in feeds]
+
+
+def test_finds_attention_and_ffn_sub_blocks_and_layers(tiny):
+    blocks = find_residual_blocks(tiny[1])
+    assert [b.kind for b in blocks] == ["attention", "ffn"] * 3
+    assert all(b.norm is not None and not b.leaks for b in blocks)
+    layers = find_layers(blocks)
+    assert [la.index for la in layers] == [0, 1, 2]
+    assert layers[1].attention.skip is layers[0].ffn.output
+    assert blocks[1].weight_bytes() == (16 * 32 + 32 + 32 * 16 + 16) * 4  # up, down and their biases
+
+
+def test_nothing_removed_is_exact_and_reports_candidates(tiny):
+    model = _copy(tiny[1])
+    feeds = _feeds(model, 3)
+    before = _outputs(model, feeds)
+    p = LayerSkipPass(count=0, calibration=Calibration(feeds, "random"))
+    assert not p(model).modified
+    assert [c["kind"] for c in p.stats["found"]] == ["layer"] * 3 and all("influence" in c for c in p.stats["found"])
+    for a, b in zip(before, _outputs(model, feeds), strict=True):
+        np.testing.assert_array_equal(a, b)
+    report = LayerSkipPass(mode="report", blocks="sublayer")
+    assert not report(model).modified and report.unchanged_reason() is None
+    assert len(report.stats["found"]) == 6
+
+
+@pytest.mark.parametrize("norm", ["keep", "drop"])
+def test_removal_shrinks_graph_and_matches_the_gated_score(tiny, norm):
+    model = _copy(tiny[1])
+    feeds = _feeds(model, 4)
+    before, bytes_before = _outputs(model, feeds), sum(v.const_value.nbytes for v in model.graph.initializers.values())
+    p = LayerSkipPass(blocks="sublayer", rank="sleb", count=2, norm=norm, calibration=Calibration(feeds, "random"))
+    assert p(model).modified
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    assert len(find_residual_blocks(model)) == 4
+    bytes_after = sum(v.const_value.nbytes for v in model.graph.initializers.values())
+    assert bytes_before - bytes_after == p.stats["weight_bytes_removed"] > 0
+    # the scores the search measured on gated copies are those of the rewritten graph (adjacent blocks included)
+    measured = np.mean([row_cosine(a, b) for a, b in zip(before, _outputs(model, feeds), strict=True)])
+    assert measured == pytest.approx(p.stats["score_after"], abs=1e-5)
+    assert not LayerSkipPass(count=0, rank="last")(model).modified
+
+
+def test_sleb_first_step_is_the_best_single_removal(tiny):
+    feeds = _feeds(tiny[1], 4)
+    calib = Calibration(feeds, "random")
+    firsts = {}
+    for rank in ("influence", "sleb", "last"):
+        p = LayerSkipPass(blocks="sublayer", rank=rank, count=1, calibration=calib)
+        p(_copy(tiny[1]))
+        firsts[rank] = p.stats["score_after"]
+    assert firsts["sleb"] >= max(firsts["influence"], firsts["last"]) - 1e-12
+
+
+def test_min_cosine_bounds_the_removal(tiny):
+    model = _copy(tiny[1])
+    calib = Calibration(_feeds(model, 4), "random")
+    p = LayerSkipPass(blocks="sublayer", rank="sleb", min_cosine=0.9, calibration=calib)
+    p(model)
+    assert all(r["score_after"] >= 0.9 for r in p.stats["removed"])
+    assert len(p.stats["removed"]) < 6
+
+
+def test_compiled_equals_onnxruntime_with_nothing_and_one_layer_removed(tiny, tmp_path):
+    import effc
+    import torch
+
+    module, _ = tiny
+    for count in (0, 1):
+        result = effc.compile(module, (torch.zeros(1, 8, 16),), passes=f"layer-skip(count={count},rank=last)",
+                              out_dir=tmp_path / f"c{count}", eval_samples=2, latency_repeat=1)
+        fid = result.report["fidelity"]
+        assert fid["compiled_vs_rewritten"]["summary"]["max_abs"] < 1e-5
+        if count == 0:
+            assert fid["vs_original"]["summary"]["max_abs"] < 1e-5
+        else:
+            assert fid["vs_original"]["summary"]["max_abs"] > 1e-3  # the last layer really is gone
+
+
+def test_no_residual_structure_is_a_clear_error():
+    model = ir.from_proto(make_mlp())
+    with pytest.raises(PassError, match="no residual block.*Add\\(x, f\\(x\\)\\)"):
+        LayerSkipPass(count=1, rank="last")(model)
+
+
+def test_options_and_pipeline_text():
+    p = parse_pipeline("layer-skip(blocks=ffn,rank=sleb,count=2)")
+    assert str(p) == "layer-skip(blocks=ffn,rank=sleb,count=2)"
+    with pytest.raises(Exception, match="ratio"):
+        LayerSkipPass(ratio=1.5)
+    with pytest.raises(Exception, match="blocks"):
+        parse_pipeline("layer-skip(blocks=heads)")
+
+
+def test_ranking_without_calibration_is_refused(tiny):
+    with pytest.raises(CalibrationError, match="rank=influence"):
+        LayerSkipPass(count=1)(_copy(tiny[1]))
+
+
+@pytest.mark.slow
+def test_minilm_influence_beats_naive_on_held_out_sentences():
+    from effc import zoo
+    from effc.ir.canonicalize import canonicalize
+    from effc.ir.model import load
+
+    entry = zoo.get("minilm-l6")
+    base = canonicalize(load(entry.path()), input_shapes=entry.input_shapes, constant_inputs=entry.constant_inputs)
+    calib = Calibration(entry.samples("calibration", 4), "minilm calibration")
+    held_out = entry.samples("eval", 6)
+    reference = [Reference(base).run(f)[1] for f in held_out]
+    cosine = {}
+    for rank in ("influence", "last"):
+        model = _copy(base)
+        p = LayerSkipPass(blocks="ffn", rank=rank, count=2, output="sentence_embedding", calibration=calib)
+        assert p(model).modified
+        got = [Reference(model).run(f)[1] for f in held_out]
+        cosine[rank] = np.mean([row_cosine(a, b) for a, b in zip(reference, got, strict=True)])
+    assert cosine["influence"] > cosine["last"] + 0.05 and cosine["influence"] > 0.8
