@@ -4,8 +4,9 @@ A residual sub-block is found from its ``Add``: one input ``x`` (the *skip*) is 
 ``f(x)`` (the *branch output*); the branch is every node that depends on ``x`` and feeds ``f(x)``. The branch must
 hold at least one weight (a MatMul, Gemm or Conv with a constant weight), otherwise the ``Add`` is plain arithmetic
 (positional embeddings, biases), and both inputs must have the same shape (a broadcast attention mask added to
-scores that depend on it through earlier layers is no residual). A normalization right after the ``Add`` that only it feeds (post-norm, BERT) is
-recorded as the block's ``norm``; pre-norm blocks (Llama) carry their norm inside the branch.
+scores that depend on it through earlier layers is no residual). A normalization right after the ``Add`` that only
+it feeds (post-norm, BERT) is recorded as the block's ``norm``; pre-norm blocks (Llama) carry their norm inside the
+branch.
 
 Kinds: ``attention`` (the branch holds a Softmax), ``ffn`` (two or more weight MatMuls and no Softmax), ``conv``
 (a Conv), else ``residual``. Two consecutive sub-blocks, attention then FFN, where the FFN's skip is the attention

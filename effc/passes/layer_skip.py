@@ -227,13 +227,16 @@ class LayerSkipPass(EffcPass):
         calib = self.calibration
         feeds = None if calib is None else type(calib)(list(calib)[:o.samples], calib.source)
         influence = block_influence(model, [c.blocks for c in usable], feeds) if feeds and usable else None
+        found_stats = []
+        for cand in pool:
+            entry = {"name": cand.name, "kind": cand.kind, "removable": cand in usable,
+                     "weight_bytes": sum(b.weight_bytes() for b in cand.blocks)}
+            if influence and cand in usable:
+                entry["influence"] = round(influence[usable.index(cand)], 6)
+            found_stats.append(entry)
         self.stats = {"mode": o.mode, "blocks_found": {k: sum(b.kind == k for b in found)
                                                          for k in sorted({b.kind for b in found})},
-                      "found": [{"name": c.name, "kind": c.kind, "weight_bytes": sum(b.weight_bytes() for b in c.blocks),
-                                 "removable": c in usable,
-                                 **({"influence": round(influence[usable.index(c)], 6)} if influence and c in usable
-                                    else {})} for c in pool],
-                      "skipped": skipped}
+                      "found": found_stats, "skipped": skipped}
         if o.mode == "report" or not usable:
             if not usable and o.mode == "static":
                 skipped.append({"name": o.blocks, "reason": f"no candidate of kind {o.blocks!r} can be removed"})

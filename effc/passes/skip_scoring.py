@@ -46,7 +46,8 @@ def row_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(cos.mean())
 
 
-def block_influence(model: ir.Model, groups: Sequence[Sequence[ResidualBlock]], calibration: Calibration) -> list[float]:
+def block_influence(model: ir.Model, groups: Sequence[Sequence[ResidualBlock]],
+                    calibration: Calibration) -> list[float]:
     """ShortGPT block influence of each group of consecutive sub-blocks (input of the first, output of the last).
 
     Args:
@@ -108,7 +109,8 @@ class GatedEvaluator:
         order = {id(n): i for i, n in enumerate(copy.graph)}
         gates = [_gate_input(copy.graph, k) for k in range(len(removals))]
         self.gates = [g.name for g in gates]
-        edits = [(k, j, values[old], values[new]) for k, pairs in enumerate(removals) for j, (old, new) in enumerate(pairs)]
+        edits = [(k, j, values[old], values[new])
+                 for k, pairs in enumerate(removals) for j, (old, new) in enumerate(pairs)]
         # Last value first, as layer_skip.remove_blocks replaces: an earlier block's output may be a later one's skip.
         for k, j, old, new in sorted(edits, key=lambda e: -order[id(e[2].producer())]):
             _gate_value(copy.graph, old, new, gates[k], f"{GATE_PREFIX}{k}_{j}")

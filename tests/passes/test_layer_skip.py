@@ -135,8 +135,9 @@ def test_min_cosine_bounds_the_removal(tiny):
 
 
 def test_compiled_equals_onnxruntime_with_nothing_and_one_layer_removed(tiny, tmp_path):
-    import effc
     import torch
+
+    import effc
 
     module, _ = tiny
     for count in (0, 1):
