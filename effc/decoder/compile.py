@@ -159,6 +159,7 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
     prefill = specialize(loaded.model, info["chunk"])
     result = PassManager(pipeline, verify_each=verify_each, dump_ir=dump_ir).run(prefill)
     del prefill
+    info = {**decoder_info(result.model), "chunk": info["chunk"]}  # a pass may change the facts (layer-skip: layers)
     generic = regeneralize(result.model)
     graphs = {"prefill": result.model, "decode": specialize(generic, 1)}
     eval_ids = list(tokenizer(text.eval_text())["input_ids"])
@@ -253,8 +254,9 @@ def evaluate_decoder(original: ir.Model, graphs: dict[str, ir.Model], runner: An
     from effc.runtime.decoder import CompiledBackend, OrtBackend, perplexity
 
     window = min(PPL_WINDOW, info["max_cache"])  # a cache shorter than the window scores shorter windows (stated)
+    original_info = {**decoder_info(original), "chunk": info["chunk"]}  # its own layer count (before layer-skip)
     ppl = {"original_onnxruntime": perplexity(_session(OrtBackend({"prefill": specialize(original, info["chunk"])},
-                                                                  threads), info), eval_ids, window)}
+                                                                  threads), original_info), eval_ids, window)}
     gc.collect()
     ppl["rewritten_onnxruntime"] = perplexity(_session(OrtBackend({"prefill": graphs["prefill"]}, threads), info),
                                               eval_ids, window)

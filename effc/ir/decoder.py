@@ -150,11 +150,92 @@ def specialize(model: ir.Model, tokens: int) -> ir.Model:
     return canonicalize(copy, input_shapes=shapes)
 
 
-def cache_leak_reason(model: ir.Model, leaks: list[str]) -> str | None:
-    """Placeholder until the KV-cache layout function lands."""
-    return "decoder layers are not removable yet"
+
+def _cache_layout(model: ir.Model) -> tuple[ir.Value, dict[int, list[ir.Node]], ir.Node]:
+    """The KV-cache plumbing of :mod:`effc.decoder.llama`'s layout (the one place that knows it).
+
+    Returns:
+        ``(kv_cache input, {layer: Gather nodes reading kv_cache[layer] along axis 0}, the Concat along axis 0
+        that stacks the layers' new keys and values into the kv_new output)``.
+
+    Raises:
+        ShapeError: the graph's cache plumbing is not that layout.
+    """
+    inputs = {v.name: v for v in model.graph.inputs}
+    outputs = {v.name: v for v in model.graph.outputs}
+    cache, new = inputs.get("kv_cache"), outputs.get("kv_new")
+    concat = new.producer() if new is not None else None
+    if cache is None or concat is None or concat.op_type != "Concat" or concat.attributes.get_int("axis", 0) != 0:
+        raise ShapeError("the decoder graph has no kv_cache input read per layer and kv_new output stacked per layer",
+                         "remove decoder layers from graphs exported by effc.decoder")
+    reads: dict[int, list[ir.Node]] = {}
+    for use in cache.uses():
+        index = _const(use.node.inputs[1]) if len(use.node.inputs) > 1 else None
+        if use.node.op_type != "Gather" or use.node.attributes.get_int("axis", 0) != 0 or index is None \
+                or index.ndim != 0:
+            raise ShapeError(f"{use.node.op_type} node {use.node.name!r} reads kv_cache other than kv_cache[layer]",
+                             "remove decoder layers from graphs exported by effc.decoder")
+        reads.setdefault(int(index), []).append(use.node)
+    return cache, reads, concat
+
+
+def cache_leak_reason(model: ir.Model, leaks: list[str], nodes: list[ir.Node]) -> str | None:
+    """Why a layer whose values named ``leaks`` are read outside its ``nodes`` cannot go with its cache, or None.
+
+    A decoder layer's keys and values leave it only towards the ``kv_new`` output; anything else (a value read by
+    the logits, another layer) blocks the removal.
+    """
+    values = {o.name: o for n in model.graph for o in n.outputs}
+    seen, stack = {id(n) for n in nodes}, [values[name] for name in leaks if name in values]
+    while stack:
+        value = stack.pop()
+        if value.is_graph_output() and value.name != "kv_new":
+            return f"its value {value.name!r} reaches the graph output {value.name!r}, not only the KV cache"
+        for use in value.uses():
+            if id(use.node) not in seen:
+                seen.add(id(use.node))
+                stack.extend(use.node.outputs)
+    return None
 
 
 def remove_cache_layers(model: ir.Model, layers: list[int]) -> None:
-    """Placeholder."""
-    raise NotImplementedError
+    """Take layers out of the KV cache, with every per-layer fact that follows.
+
+    ``kv_cache`` ``(L, 2, Hkv, S, D)`` and ``kv_new`` ``(L, 2, Hkv, T, D)`` lose the layers' rows, the cache reads
+    of the kept layers are renumbered, and the metadata's ``layers`` (and ``source_layers``, the original index of
+    each kept layer) follow. The removed layers' nodes become dead (the caller deletes them).
+
+    Args:
+        model: a decoder graph (prefill specialization or token-generic) whose layers ``layers`` no longer feed
+            the logits.
+        layers: current layer indices, ``0 <= i < L``.
+
+    Raises:
+        ShapeError: an index out of range, or a graph whose cache plumbing is not effc's layout.
+    """
+    info = decoder_info(model)
+    count = int(info["layers"])
+    gone = sorted(set(int(i) for i in layers))
+    if any(not 0 <= i < count for i in gone) or len(gone) >= count:
+        raise ShapeError(f"cannot remove layers {gone} of a decoder with {count}", "keep at least one layer")
+    cache, reads, concat = _cache_layout(model)
+    keep = [i for i in range(count) if i not in gone]
+    for new, old in enumerate(keep):
+        for node in reads.get(old, []):
+            if new != old:
+                index = ir.val(f"{node.name}_layer_{new}", const_value=ir.tensor(np.asarray(new, dtype=np.int64)))
+                model.graph.register_initializer(index)
+                node.replace_input_with(1, index)
+    stacked = ir.node("Concat", [concat.inputs[i] for i in keep], attributes={"axis": 0}, name=f"{concat.name}_kept")
+    model.graph.insert_after(concat, stacked)
+    out = concat.outputs[0]
+    slot = list(model.graph.outputs).index(out)
+    stacked.outputs[0].name, out.name = out.name, f"{out.name}__all_layers"
+    stacked.outputs[0].type = out.type
+    model.graph.outputs[slot] = stacked.outputs[0]
+    for value, shape in ((cache, cache.shape), (stacked.outputs[0], out.shape)):
+        if shape is not None:
+            value.shape = ir.Shape([len(keep), *list(shape)[1:]])
+    sources = info.get("source_layers", list(range(count)))
+    info.update(layers=len(keep), source_layers=[sources[i] for i in keep])
+    model.metadata_props[METADATA_KEY] = json.dumps(info, sort_keys=True)

@@ -24,6 +24,7 @@ would break it. For a decoder, removing a whole layer also removes its slice of 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 
 import numpy as np
@@ -43,6 +44,8 @@ MODES = ("static", "report")
 BLOCKS = ("layer", "ffn", "attention", "sublayer", "conv", "all")
 RANKS = ("influence", "sleb", "last")
 NORMS = ("keep", "drop")
+#: Candidates that take a decoder layer's keys and values (its KV cache) with them.
+CACHE_KINDS = ("layer", "attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,8 @@ class LayerSkipOptions(PassOptions):
         "help": "decoders: keep calibration perplexity within (1 + this) x the original's"})
     norm: str = dataclasses.field(default="keep", metadata={
         "help": "post-norm after a removed block: keep (y = LN(x)) | drop (y = x)", "choices": NORMS})
+    include: tuple[str, ...] = dataclasses.field(default=(), metadata={
+        "help": "only candidates whose name matches one of these patterns (e.g. [layers.1,layers.3])"})
     output: str | None = dataclasses.field(default=None, metadata={"help": "graph output compared (default: all)"})
     samples: int = dataclasses.field(default=16, metadata={"help": "calibration feeds used for ranking"})
 
@@ -85,7 +90,7 @@ class Candidate:
     name: str
     kind: str
     blocks: list[ResidualBlock]
-    index: int | None = None
+    index: int | None = None  # a layer's or attention sub-block's position: its KV-cache layer in a decoder
 
     def replacements(self, norm: str) -> list[tuple[ir.Value, ir.Value]]:
         """``(old, new)`` value pairs whose replacement removes the candidate (``norm`` as the option)."""
@@ -110,7 +115,9 @@ def candidates(model: ir.Model, which: str) -> tuple[list[Candidate], list[Resid
         return [Candidate(la.name, "layer", [la.attention, la.ffn], la.index) for la in find_layers(found)], found
     kinds = {"ffn": ("ffn",), "attention": ("attention",), "sublayer": ("ffn", "attention"), "conv": ("conv",)}
     wanted = kinds.get(which)
-    return [Candidate(b.name, b.kind, [b]) for b in found if wanted is None or b.kind in wanted], found
+    attention = [b for b in found if b.kind == "attention"]
+    return [Candidate(b.name, b.kind, [b], attention.index(b) if b.kind == "attention" else None)
+            for b in found if wanted is None or b.kind in wanted], found
 
 
 def remove_blocks(model: ir.Model, chosen: list[Candidate], norm: str = "keep") -> None:
@@ -125,7 +132,7 @@ def remove_blocks(model: ir.Model, chosen: list[Candidate], norm: str = "keep") 
     pairs = [pair for cand in chosen for pair in cand.replacements(norm)]
     for old, new in sorted(pairs, key=lambda p: -order[id(p[0].producer())]):
         replace_value(model.graph, old, new)
-    layers = sorted(c.index for c in chosen if c.kind == "layer")
+    layers = sorted(c.index for c in chosen if c.kind in CACHE_KINDS)
     if decoder_ir.is_decoder(model) and layers:
         decoder_ir.remove_cache_layers(model, layers)
     ir_common.RemoveUnusedNodesPass()(model)
@@ -151,13 +158,17 @@ class LayerSkipPass(EffcPass):
         """None for ``mode=report`` (it changes nothing by design), else the lossy pass's reason."""
         return None if self.options.mode == "report" else super().unchanged_reason()
 
-    def _removable(self, model: ir.Model, cand: Candidate) -> str | None:
-        """Why ``cand`` cannot be removed alone, or None."""
+    def _removable(self, model: ir.Model, cand: Candidate, attention_blocks: int) -> str | None:
+        """Why ``cand`` cannot be removed alone, or None (``attention_blocks``: how many the model has)."""
         leaks = [v for b in cand.blocks for v in b.leaks]
         if not leaks:
             return None
-        if decoder_ir.is_decoder(model) and cand.kind == "layer":
-            return decoder_ir.cache_leak_reason(model, leaks)
+        if decoder_ir.is_decoder(model) and cand.kind in CACHE_KINDS:
+            layers = decoder_ir.decoder_info(model)["layers"]
+            if attention_blocks != layers:
+                return (f"{attention_blocks} attention blocks found for {layers} cache layers: the cache rows cannot "
+                        "be matched")
+            return decoder_ir.cache_leak_reason(model, leaks, [n for b in cand.blocks for n in [*b.nodes, b.add]])
         return f"values of the block are read outside it: {', '.join(leaks[:3])}"
 
     def _check(self, model: ir.Model) -> bool:
@@ -221,8 +232,11 @@ class LayerSkipPass(EffcPass):
         decoder = self._check(model)
         pool, found = candidates(model, o.blocks)
         skipped, usable = [], []
+        attention_blocks = sum(b.kind == "attention" for b in found)
         for cand in pool:
-            reason = self._removable(model, cand)
+            reason = self._removable(model, cand, attention_blocks)
+            if reason is None and o.include and not any(fnmatch.fnmatchcase(cand.name, p) for p in o.include):
+                reason = "not matched by include"
             (skipped.append({"name": cand.name, "reason": reason}) if reason else usable.append(cand))
         calib = self.calibration
         feeds = None if calib is None else type(calib)(list(calib)[:o.samples], calib.source)
