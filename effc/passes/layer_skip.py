@@ -34,13 +34,14 @@ from onnx_ir.passes import common as ir_common
 from effc.errors import CalibrationError, PassError
 from effc.ir import decoder as decoder_ir
 from effc.ir.residual import ResidualBlock, find_layers, find_residual_blocks
+from effc.passes import skip_gate
 from effc.passes.base import EffcPass, PassOptions, register_pass
 from effc.passes.rewrite import replace_value
 from effc.passes.skip_scoring import GatedEvaluator, block_influence
 
 logger = logging.getLogger(__name__)
 
-MODES = ("static", "report")
+MODES = ("static", "adaptive", "report")
 BLOCKS = ("layer", "ffn", "attention", "sublayer", "conv", "all")
 RANKS = ("influence", "sleb", "last")
 NORMS = ("keep", "drop")
@@ -52,12 +53,14 @@ CACHE_KINDS = ("layer", "attention")
 class LayerSkipOptions(PassOptions):
     """Options of ``layer-skip``."""
 
-    mode: str = dataclasses.field(default="static", metadata={"help": "static | report", "choices": MODES})
+    mode: str = dataclasses.field(default="static", metadata={
+        "help": "static (remove) | adaptive (FFNs under a run-time gate, blocks=ffn) | report", "choices": MODES})
     blocks: str = dataclasses.field(default="layer", metadata={
         "help": "candidates: layer | ffn | attention | sublayer (ffn+attention) | conv | all", "choices": BLOCKS})
     rank: str = dataclasses.field(default="influence", metadata={"help": "influence | sleb | last", "choices": RANKS})
     count: int | None = dataclasses.field(default=None, metadata={"help": "candidates removed"})
-    ratio: float | None = dataclasses.field(default=None, metadata={"help": "fraction of candidates removed, [0, 1)"})
+    ratio: float | None = dataclasses.field(default=None, metadata={
+        "help": "static: fraction of candidates removed; adaptive: target fraction of FFN calls skipped, [0, 1)"})
     min_cosine: float | None = dataclasses.field(default=None, metadata={
         "help": "keep output cosine vs the original >= this on the calibration feeds"})
     max_ppl_increase: float | None = dataclasses.field(default=None, metadata={
@@ -181,7 +184,7 @@ class LayerSkipPass(EffcPass):
             raise PassError("layer-skip(min_cosine=...) compares outputs; a decoder is bounded by perplexity",
                             "use max_ppl_increase= (0.1 = +10%) for a decoder")
         needs = o.rank != "last" or o.min_cosine is not None or o.max_ppl_increase is not None
-        if needs and o.mode == "static" and self.calibration is None:
+        if needs and o.mode != "report" and self.calibration is None:
             raise CalibrationError(f"layer-skip(rank={o.rank}) measures blocks on calibration data but got none",
                                    "give calibration inputs (--data FILE.npz, or a zoo: model), or use rank=last "
                                    "with count=")
@@ -226,8 +229,29 @@ class LayerSkipPass(EffcPass):
             chosen.append((pool[k], score))
         return chosen
 
+    def _adaptive(self, model: ir.Model, usable: list[Candidate], found: list[ResidualBlock]) -> bool:
+        """``mode=adaptive``: put each usable FFN under its calibrated gate (:mod:`effc.passes.skip_gate`)."""
+        o = self.options
+        if o.blocks != "ffn" or o.ratio is None or decoder_ir.is_decoder(model) or self.calibration is None:
+            raise PassError("layer-skip(mode=adaptive) gates FFN sub-blocks of an encoder per sequence: it needs "
+                            "blocks=ffn, a target skip rate ratio= and calibration data",
+                            "e.g. layer-skip(mode=adaptive,blocks=ffn,ratio=0.25); decoders: mode=static")
+        after = {id(la.ffn.add): la.attention for la in find_layers(found)}
+        gates = [skip_gate.Gate(c.name, after[id(c.blocks[0].add)], c.blocks[0]) for c in usable
+                 if id(c.blocks[0].add) in after]
+        self.stats["skipped"] += [{"name": c.name, "reason": "no attention sub-block before it gives the signal"}
+                                  for c in usable if id(c.blocks[0].add) not in after]
+        for k, gate in enumerate(gates):  # in graph order, each calibrated on the graph with the earlier gates
+            skip_gate.calibrate(model, gate, self.calibration, o.ratio)
+            skip_gate.insert_gate(model, gate, k)
+        rates = [float(np.mean(np.asarray(g.signals) >= g.threshold)) for g in gates]
+        self.stats.update(gates=[{"name": g.name, "threshold": g.threshold, "calibration_skip_rate": r}
+                                 for g, r in zip(gates, rates, strict=True)],
+                          calibration_skip_rate=float(np.mean(rates)) if rates else 0.0)
+        return bool(gates)
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        """Find, rank, remove; see the class docstring."""
+        """Find, rank, remove (or gate); see the class docstring."""
         o = self.options
         decoder = self._check(model)
         pool, found = candidates(model, o.blocks)
@@ -251,6 +275,8 @@ class LayerSkipPass(EffcPass):
         self.stats = {"mode": o.mode, "blocks_found": {k: sum(b.kind == k for b in found)
                                                          for k in sorted({b.kind for b in found})},
                       "found": found_stats, "skipped": skipped}
+        if o.mode == "adaptive":
+            return ir.passes.PassResult(model, modified=self._adaptive(model, usable, found))
         if o.mode == "report" or not usable:
             if not usable and o.mode == "static":
                 skipped.append({"name": o.blocks, "reason": f"no candidate of kind {o.blocks!r} can be removed"})

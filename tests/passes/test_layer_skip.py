@@ -134,6 +134,7 @@ def test_min_cosine_bounds_the_removal(tiny):
     assert len(p.stats["removed"]) < 6
 
 
+@pytest.mark.slow
 def test_compiled_equals_onnxruntime_with_nothing_and_one_layer_removed(tiny, tmp_path):
     import torch
 
@@ -190,3 +191,66 @@ def test_minilm_influence_beats_naive_on_held_out_sentences():
         got = [Reference(model).run(f)[1] for f in held_out]
         cosine[rank] = np.mean([row_cosine(a, b) for a, b in zip(reference, got, strict=True)])
     assert cosine["influence"] > cosine["last"] + 0.05 and cosine["influence"] > 0.8
+
+
+def _adaptive(base, ratio, n=8):
+    model = _copy(base)
+    feeds = _feeds(model, n)
+    p = LayerSkipPass(mode="adaptive", blocks="ffn", ratio=ratio, calibration=Calibration(feeds, "random"))
+    return model, feeds, p, p(model).modified
+
+
+def _decisions(model, feeds, gates=3):
+    from effc.ir.reference import with_taps
+
+    tapped = Reference(with_taps(model, [f"effc_ffn_gate_{k}_run" for k in range(gates)]))
+    return [[bool(v) for v in tapped.run(f)[1:]] for f in feeds]
+
+
+def test_adaptive_gates_are_if_nodes_calibrated_to_the_skip_rate(tiny):
+    base = tiny[1]
+    model, feeds, p, modified = _adaptive(base, 0.5)
+    assert modified and [n.op_type for n in model.graph].count("If") == 3
+    assert [g["calibration_skip_rate"] for g in p.stats["gates"]] == [0.5, 0.5, 0.5]
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    decisions = _decisions(model, feeds)
+    assert 0.3 <= 1 - np.mean(decisions) <= 0.7  # measured in the rewritten graph: about the calibrated rate
+    # a sequence whose gates all run gives the original outputs; the FFN weights left the main graph's nodes
+    before, after = _outputs(base, feeds), _outputs(model, feeds)
+    for runs, a, b in zip(decisions, before, after, strict=True):
+        if all(runs):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    assert not any(n.op_type == "Gelu" for n in model.graph)
+    nothing, _, _, _ = _adaptive(base, 0.0)
+    for a, b in zip(before, _outputs(nothing, feeds), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_adaptive_needs_ffn_blocks_and_a_ratio(tiny):
+    with pytest.raises(PassError, match="mode=adaptive"):
+        LayerSkipPass(mode="adaptive", blocks="layer", ratio=0.2,
+                      calibration=Calibration(_feeds(tiny[1], 2), "r"))(_copy(tiny[1]))
+
+
+@pytest.mark.slow
+def test_compiled_if_skips_the_ffn_kernels(tiny, tmp_path):
+    import tvm
+
+    import effc
+    from effc.codegen import build
+
+    model, feeds, _, _ = _adaptive(tiny[1], 0.5)
+    decisions = _decisions(model, feeds)
+    result = effc.compile(model, out_dir=tmp_path / "adaptive", eval_samples=2, latency_repeat=1)
+    vm = build.load_vm(result.out_dir / "model.so", tvm.cpu())
+    compiled = effc.runtime.load(result.out_dir)
+    calls = []
+    for feed, ref in zip(feeds, _outputs(model, feeds), strict=True):
+        np.testing.assert_allclose(compiled.run(feed)[0], ref, atol=1e-5)
+        kernels = build.kernel_profile(vm, [build.to_tvm_tensor(feed["x"], tvm.cpu())], reps=1)
+        calls.append(sum(k["calls"] for k in kernels if not k["name"].startswith("vm.builtin")))
+    ran = [sum(d) for d in decisions]
+    assert len(set(ran)) > 1
+    # every FFN that runs adds the same kernel calls; a skipped one adds none
+    per_ffn = {(c - min(calls)) / (r - min(ran)) for c, r in zip(calls, ran, strict=True) if r != min(ran)}
+    assert len(per_ffn) == 1 and per_ffn.pop() >= 2

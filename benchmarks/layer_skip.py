@@ -1,0 +1,191 @@
+"""layer-skip: fidelity curves of static block removal on MiniLM-L6 and SmolLM2-135M, and compiled latency.
+
+Run (from the repository root; results are merged into benchmarks/results/layer_skip.json part by part)::
+
+    python benchmarks/layer_skip.py --part minilm        # cosine vs removed blocks, by ranking (~5 min shared)
+    python benchmarks/layer_skip.py --part latency       # compiled MiniLM with 0 / 1 / 2 layers removed
+    flock /tmp/effc-smollm2.lock python benchmarks/layer_skip.py --part smollm2   # perplexity vs removed layers
+
+``minilm``: for each candidate kind (FFN sub-blocks; whole layers with the post-norms kept or dropped) and each
+ranking (``influence`` = ShortGPT block influence, ``sleb`` = iterative measured search, ``last`` = the naive
+baseline), the pass runs once with the largest count on 16 calibration sentences; every prefix of its removal order
+is then applied to a fresh copy (a count-k run removes exactly that prefix: the rankings are greedy) and scored by
+the cosine of ``sentence_embedding`` against the original on the 20 held-out sentences.
+
+``smollm2``: the prefill graph (128 tokens, 2048-slot cache) with whole layers removed by each ranking (4
+calibration windows of 128 tokens; SLEB scores calibration perplexity), then the perplexity of the held-out prose
+in 512-token windows under onnxruntime (the same windows as the compile report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from effc import zoo  # noqa: E402
+from effc.ir.calibration import Calibration  # noqa: E402
+from effc.ir.reference import Reference  # noqa: E402
+from effc.passes.layer_skip import LayerSkipPass, candidates, remove_blocks  # noqa: E402
+from effc.passes.skip_scoring import row_cosine  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "results" / "layer_skip.json"
+log = logging.getLogger("bench.layer_skip")
+
+
+def machine() -> dict:
+    """Date, CPU model, load and threads beside every number."""
+    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
+        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu, "cores": os.cpu_count(),
+            "load_1min": os.getloadavg()[0], "python": platform.python_version()}
+
+
+def copy(model: ir.Model) -> ir.Model:
+    return ir.from_proto(ir.to_proto(model))
+
+
+def apply_prefix(base: ir.Model, blocks: str, norm: str, names: list[str]) -> ir.Model:
+    """A copy of ``base`` with the candidates named ``names`` removed."""
+    model = copy(base)
+    pool, _ = candidates(model, blocks)
+    by_name = {c.name: c for c in pool}
+    remove_blocks(model, [by_name[n] for n in names], norm)
+    return model
+
+
+def save(part: str, data: dict) -> None:
+    results = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    results[part] = {"machine": machine(), **data}
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(results, indent=1))
+
+
+def minilm() -> None:
+    from effc.ir.canonicalize import canonicalize
+    from effc.ir.model import load
+
+    entry = zoo.get("minilm-l6")
+    base = canonicalize(load(entry.path()), input_shapes=entry.input_shapes, constant_inputs=entry.constant_inputs)
+    calib = Calibration(entry.samples("calibration", 16), entry.samples_description("calibration"))
+    held_out = entry.samples("eval", 20)
+    reference = [Reference(base).run(f)[1] for f in held_out]
+    curves = []
+    for blocks, norm, count in (("ffn", "keep", 4), ("layer", "keep", 3), ("layer", "drop", 3)):
+        for rank in ("influence", "sleb", "last"):
+            started = time.perf_counter()
+            p = LayerSkipPass(blocks=blocks, norm=norm, rank=rank, count=count, output="sentence_embedding",
+                              calibration=calib)
+            p(copy(base))
+            seconds = time.perf_counter() - started
+            names = [r["name"] for r in p.stats["removed"]]
+            cosines = []
+            for k in range(1, len(names) + 1):
+                model = apply_prefix(base, blocks, norm, names[:k])
+                session = Reference(model)
+                got = [session.run(f)[1] for f in held_out]
+                cosines.append(round(float(np.mean([row_cosine(a, b) for a, b in zip(reference, got, strict=True)])),
+                                     4))
+            curves.append({"blocks": blocks, "norm": norm, "rank": rank, "removed": names, "held_out_cosine": cosines,
+                           "calibration_cosine": [round(r["score_after"], 4) for r in p.stats["removed"]],
+                           "pass_seconds": round(seconds, 1), "trials": p.stats["trials"]})
+            log.info("%s", curves[-1])
+            save("minilm", {"calibration": "16 sentences (calibration split)", "held_out": "20 sentences (eval)",
+                            "curves": curves})
+
+
+def latency(threads: int, repeat: int) -> None:
+    import effc
+
+    rows = []
+    for count in (0, 1, 2):
+        out = Path(f"/tmp/effc-bench-layer-skip/minilm-{count}")
+        result = effc.compile("zoo:minilm-l6", passes=f"layer-skip(rank=sleb,norm=drop,count={count})",
+                              out_dir=out, force=True, threads=threads, latency_repeat=repeat, eval_samples=5,
+                              calibration_samples=16)
+        lat = result.report["latency"]
+        pick = lambda d: {k: d[k] for k in ("median_ms", "min_ms")}  # noqa: E731
+        rows.append({"layers_removed": count, "effc_ms": pick(lat["effc"]), "ort_original_ms": pick(lat["ort"]),
+                     "cosine": result.report["fidelity"]["vs_original"]["summary"].get("cosine"),
+                     "params_bytes": result.report["cost"].get("params_bytes_after")})
+        log.info("%s", rows[-1])
+        save("latency", {"threads": threads, "repeat": repeat, "rows": rows})
+
+
+def smollm2(counts: int, windows: int) -> None:
+    from effc.decoder import text
+    from effc.decoder.compile import calibration_feeds
+    from effc.decoder.smollm2 import load_tokenizer
+    from effc.ir.decoder import decoder_info, specialize
+    from effc.ir.model import load
+    from effc.runtime.decoder import DecoderSession, OrtBackend, perplexity
+
+    entry = zoo.get("smollm2-135m")
+    generic = load(entry.path())
+    info = decoder_info(generic)
+    tokenizer = load_tokenizer()
+    base = specialize(generic, info["chunk"])
+    del generic
+    calib = Calibration(calibration_feeds(info, text.calibration_windows(tokenizer, windows, info["chunk"]),
+                                          info["chunk"]), text.CALIBRATION_DESCRIPTION)
+    eval_ids = list(tokenizer(text.eval_text())["input_ids"])
+
+    def held_out_ppl(model: ir.Model) -> float:
+        from effc.ir.decoder import decoder_info as facts
+
+        session = DecoderSession(OrtBackend({"prefill": model}, 2), {**facts(model), "chunk": info["chunk"]})
+        return round(perplexity(session, eval_ids, 512)["perplexity"], 3)
+
+    curves = [{"rank": "none", "removed": [], "held_out_ppl": [held_out_ppl(base)]}]
+    save("smollm2", {"curves": curves})
+    for rank in ("sleb", "influence", "last"):
+        started = time.perf_counter()
+        p = LayerSkipPass(blocks="layer", rank=rank, count=counts, samples=windows, calibration=calib)
+        p(copy(base))
+        seconds = time.perf_counter() - started
+        names = [r["name"] for r in p.stats["removed"]]
+        ppl = []
+        for k in range(1, len(names) + 1):
+            ppl.append(held_out_ppl(apply_prefix(base, "layer", "keep", names[:k])))
+            gc.collect()
+        curves.append({"rank": rank, "removed": names, "held_out_ppl": ppl,
+                       "calibration_ppl_before": p.stats["score_before"],
+                       "calibration_ppl": [round(r["score_after"], 3) for r in p.stats["removed"]],
+                       "pass_seconds": round(seconds, 1), "trials": p.stats["trials"]})
+        log.info("%s", curves[-1])
+        save("smollm2", {"calibration": f"{windows} windows of {info['chunk']} tokens", "window": 512,
+                         "curves": curves})
+        gc.collect()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("minilm", "latency", "smollm2"), required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--count", type=int, default=6, help="smollm2: layers removed at most")
+    parser.add_argument("--windows", type=int, default=4, help="smollm2: calibration windows")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.part == "minilm":
+        minilm()
+    elif args.part == "latency":
+        latency(args.threads, args.repeat)
+    else:
+        smollm2(args.count, args.windows)
+
+
+if __name__ == "__main__":
+    main()
