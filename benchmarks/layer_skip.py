@@ -3,7 +3,7 @@
 Run (from the repository root; results are merged into benchmarks/results/layer_skip.json part by part)::
 
     python benchmarks/layer_skip.py --part minilm        # cosine vs removed blocks, by ranking (~5 min shared)
-    python benchmarks/layer_skip.py --part latency       # compiled MiniLM with 0 / 1 / 2 layers removed
+    python benchmarks/layer_skip.py --part latency       # compiled MiniLM: dense, static, adaptive (skip rates)
     flock /tmp/effc-smollm2.lock python benchmarks/layer_skip.py --part smollm2   # perplexity vs removed layers
 
 ``minilm``: for each candidate kind (FFN sub-blocks; whole layers with the post-norms kept or dropped) and each
@@ -15,6 +15,11 @@ the cosine of ``sentence_embedding`` against the original on the 20 held-out sen
 ``smollm2``: the prefill graph (128 tokens, 2048-slot cache) with whole layers removed by each ranking (4
 calibration windows of 128 tokens; SLEB scores calibration perplexity), then the perplexity of the held-out prose
 in 512-token windows under onnxruntime (the same windows as the compile report).
+
+``latency``: ``effc compile zoo:minilm-l6`` with each variant (dense; 1 / 2 layers removed by SLEB; FFNs under
+adaptive gates calibrated to skip 0 / 25 / 50% of sequences); the compile report's latency (effc and onnxruntime on
+the original, alternating, in-process) on the 20 held-out sentences, plus the cosine and the FFN skip rate measured
+on them from the artifact's model.onnx (the gate decisions tapped under onnxruntime).
 """
 
 from __future__ import annotations
@@ -106,22 +111,55 @@ def minilm() -> None:
                             "curves": curves})
 
 
+LATENCY_VARIANTS = (
+    ("dense", ""),
+    ("static: 1 layer removed", "layer-skip(rank=sleb,norm=drop,count=1)"),
+    ("static: 2 layers removed", "layer-skip(rank=sleb,norm=drop,count=2)"),
+    ("adaptive ratio=0 (gates, nothing skipped)", "layer-skip(mode=adaptive,blocks=ffn,ratio=0)"),
+    ("adaptive ratio=0.25", "layer-skip(mode=adaptive,blocks=ffn,ratio=0.25)"),
+    ("adaptive ratio=0.5", "layer-skip(mode=adaptive,blocks=ffn,ratio=0.5)"),
+)
+
+
+def held_out(out: Path, reference: list, feeds: list) -> dict:
+    """Cosine of sentence_embedding vs the original and the measured FFN skip rate of an artifact's model.onnx."""
+    from effc.ir.model import load
+    from effc.ir.reference import with_taps
+
+    model = load(out / "model.onnx")
+    gates = sorted(n.outputs[0].name for n in model.graph if n.op_type == "Less" and n.name.endswith("_run"))
+    session = Reference(with_taps(model, gates) if gates else model)
+    cosines, runs = [], []
+    for feed, ref in zip(feeds, reference, strict=True):
+        result = session.run(feed)
+        cosines.append(row_cosine(ref, result[1]))
+        runs += [bool(v) for v in result[2:]]
+    return {"cosine": round(float(np.mean(cosines)), 4),
+            "ffn_skip_rate": round(1 - float(np.mean(runs)), 3) if runs else 0.0}
+
+
 def latency(threads: int, repeat: int) -> None:
     import effc
+    from effc.ir.model import load
 
+    entry = zoo.get("minilm-l6")
+    feeds = entry.samples("eval", 20)
+    original = Reference(load(entry.path()))
+    reference = [original.run(f)[1] for f in feeds]
     rows = []
-    for count in (0, 1, 2):
-        out = Path(f"/tmp/effc-bench-layer-skip/minilm-{count}")
-        result = effc.compile("zoo:minilm-l6", passes=f"layer-skip(rank=sleb,norm=drop,count={count})",
-                              out_dir=out, force=True, threads=threads, latency_repeat=repeat, eval_samples=5,
-                              calibration_samples=16)
+    for label, passes in LATENCY_VARIANTS:
+        out = Path("/tmp/effc-bench-layer-skip") / label.split(":")[0].replace(" ", "_").replace("=", "")
+        out = out.with_name(f"{out.name}-{len(rows)}")
+        result = effc.compile("zoo:minilm-l6", passes=passes, out_dir=out, force=True, threads=threads,
+                              latency_repeat=repeat, eval_samples=20, calibration_samples=16)
         lat = result.report["latency"]
         pick = lambda d: {k: d[k] for k in ("median_ms", "min_ms")}  # noqa: E731
-        rows.append({"layers_removed": count, "effc_ms": pick(lat["effc"]), "ort_original_ms": pick(lat["ort"]),
-                     "cosine": result.report["fidelity"]["vs_original"]["summary"].get("cosine"),
-                     "params_bytes": result.report["cost"].get("params_bytes_after")})
+        rows.append({"variant": label, "passes": passes, "effc_ms": pick(lat["effc"]),
+                     "ort_original_ms": pick(lat["ort"]),
+                     "params_bytes": result.report["cost"].get("params_bytes_after"),
+                     **held_out(out, reference, feeds)})
         log.info("%s", rows[-1])
-        save("latency", {"threads": threads, "repeat": repeat, "rows": rows})
+        save("latency", {"threads": threads, "repeat": repeat, "feeds": "the 20 held-out sentences", "rows": rows})
 
 
 def smollm2(counts: int, windows: int) -> None:

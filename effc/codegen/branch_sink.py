@@ -5,9 +5,12 @@ nodes of both branch graphs into the *enclosing* binding block and keeps only ea
 inside the ``If``: both branches are computed on every run and the ``If`` merely selects a result. A skipped
 branch (``layer-skip(mode=adaptive)``'s FFN) would still read its weights and run its kernels.
 
-:func:`sink_into_branches` undoes that: a binding before an ``If`` whose value is used only inside one branch
-(directly, or by other bindings that move there) moves into that branch's ``SeqExpr``, so the VM runs it only
-when the branch is taken. Nothing else changes; bindings used anywhere else stay where they are.
+:func:`sink_into_branches` undoes that: the bindings before an ``If`` whose values are used only inside one branch
+(directly, or by other bindings that move there) move into a new private Relax function ``effc_branch_<k>``,
+which that branch calls, so the VM runs them only when the branch is taken. A function of its own is planned and
+fused on its own: bindings placed directly inside the branch's ``SeqExpr`` stayed unfused, and TVM's static memory
+planner reused storage across the branch boundary (a segfault in ``AllocTensor`` on a 3-layer model). Bindings
+used anywhere else stay where they are.
 """
 
 from __future__ import annotations
@@ -47,11 +50,26 @@ def _branch_only(bindings: list, sites: dict, j: int, kind: str) -> list[int]:
     return sorted(moving)
 
 
-def _prepend(seq: relax.SeqExpr, bindings: list) -> relax.SeqExpr:
-    return relax.SeqExpr([relax.BindingBlock(bindings), *seq.blocks], seq.body) if bindings else seq
+class _Outliner:
+    """Turns a branch body into a call of a new private Relax function (planned and fused on its own)."""
+
+    def __init__(self, mod: tvm.IRModule) -> None:
+        self.builder = relax.BlockBuilder(mod)
+        self.count = 0
+
+    def branch(self, seq: relax.SeqExpr, bindings: list) -> relax.SeqExpr:
+        if not bindings:
+            return seq
+        body = relax.SeqExpr([relax.DataflowBlock(bindings), *seq.blocks], seq.body)
+        params = list(relax.analysis.free_vars(body))
+        func = relax.utils.copy_with_new_vars(relax.Function(params, body, seq.body.ty, is_pure=True))
+        gvar = self.builder.add_func(func, f"effc_branch_{self.count}")
+        self.count += 1
+        out = relax.Var(f"{gvar.name_hint}_out", seq.body.ty)
+        return relax.SeqExpr([relax.BindingBlock([relax.VarBinding(out, relax.Call(gvar, params))])], out)
 
 
-def _sink_block(bindings: list, tail_vars: set) -> tuple[list, int]:
+def _sink_block(bindings: list, tail_vars: set, outliner: _Outliner) -> tuple[list, int]:
     """The block's bindings with branch-only bindings moved into their ``If``; returns (bindings, moved count)."""
     moved, j = 0, 0
     while j < len(bindings):
@@ -60,8 +78,8 @@ def _sink_block(bindings: list, tail_vars: set) -> tuple[list, int]:
             sites = _uses(bindings, tail_vars)
             then, other = _branch_only(bindings, sites, j, "then"), _branch_only(bindings, sites, j, "else")
             if then or other:
-                new_if = relax.If(value.cond, _prepend(value.true_branch, [bindings[i] for i in then]),
-                                  _prepend(value.false_branch, [bindings[i] for i in other]))
+                new_if = relax.If(value.cond, outliner.branch(value.true_branch, [bindings[i] for i in then]),
+                                  outliner.branch(value.false_branch, [bindings[i] for i in other]))
                 bindings[j] = relax.VarBinding(bindings[j].var, new_if)
                 gone = set(then) | set(other)
                 bindings = [b for i, b in enumerate(bindings) if i not in gone]
@@ -71,7 +89,7 @@ def _sink_block(bindings: list, tail_vars: set) -> tuple[list, int]:
     return bindings, moved
 
 
-def _sink_function(func: relax.Function) -> tuple[relax.Function, int]:
+def _sink_function(func: relax.Function, outliner: _Outliner) -> tuple[relax.Function, int]:
     body = func.body
     if not isinstance(body, relax.SeqExpr):
         return func, 0
@@ -83,7 +101,7 @@ def _sink_function(func: relax.Function) -> tuple[relax.Function, int]:
         later = [*body.blocks[k + 1:]]
         tail = set(relax.analysis.free_vars(relax.SeqExpr(later, body.body))) if later else set(
             relax.analysis.free_vars(body.body))
-        bindings, count = _sink_block(list(block.bindings), tail)
+        bindings, count = _sink_block(list(block.bindings), tail, outliner)
         blocks.append(relax.BindingBlock(bindings))
         moved += count
     if not moved:
@@ -99,11 +117,11 @@ def sink_into_branches(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
     Returns:
         ``(module, bindings moved)``; the module is ``mod`` itself when nothing moved.
     """
-    total = 0
+    total, outliner = 0, _Outliner(mod)
     for gvar, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
-            new, moved = _sink_function(func)
+            new, moved = _sink_function(func, outliner)
             if moved:
-                mod[gvar] = new
+                outliner.builder.update_func(gvar, new)
                 total += moved
-    return mod, total
+    return (outliner.builder.get() if total else mod), total

@@ -19,6 +19,9 @@ calibration feeds) or, for a decoder, ``max_ppl_increase`` (relative perplexity 
 none of these one candidate goes. With a quality bound, removal stops at the first candidate (in rank order) that
 would break it. For a decoder, removing a whole layer also removes its slice of the KV cache
 (:func:`effc.ir.decoder.remove_cache_layers`).
+
+``mode=adaptive`` (encoders, ``blocks=ffn``) removes nothing: each FFN sub-block runs under a per-sequence gate,
+``If(s < τ)``, with ``τ`` calibrated to skip ``ratio`` of the calibration sequences (:mod:`effc.passes.skip_gate`).
 """
 
 from __future__ import annotations
@@ -147,11 +150,18 @@ class LayerSkipPass(EffcPass):
 
     Stats: ``found`` (every candidate: name, kind, weight bytes, block influence when calibrated, ``removable``),
     ``removed`` (in removal order, with the measured score after each step), ``score_before``/``score_after``
-    (output cosine, or perplexity for a decoder), ``metric``, ``weight_bytes_removed``, ``skipped``.
+    (output cosine, or perplexity for a decoder), ``metric``, ``weight_bytes_removed``, ``skipped``; adaptive:
+    ``gates`` (name, threshold, calibration skip rate) and ``calibration_skip_rate``.
+
+    Raises:
+        PassError: no residual block in the model; options that do not fit it (``max_ppl_increase`` on an
+            encoder, ``min_cosine`` on a decoder, ``mode=adaptive`` without ``blocks=ffn`` and ``ratio``).
+        CalibrationError: a ranking or bound that measures without calibration data.
     """
 
     name = "layer-skip"
-    summary = "remove residual blocks (layers, attention/FFN sub-blocks) ranked by influence or measured effect"
+    summary = ("remove residual blocks (layers, attention/FFN sub-blocks) ranked by influence or measured effect, "
+               "or gate FFNs at run time")
     Options = LayerSkipOptions
     exact = False
     uses_calibration = True
