@@ -4,7 +4,8 @@ Run (from the repository root; results are merged into benchmarks/results/layer_
 
     python benchmarks/layer_skip.py --part minilm        # cosine vs removed blocks, by ranking (~5 min shared)
     python benchmarks/layer_skip.py --part latency       # compiled MiniLM: dense, static, adaptive (skip rates)
-    flock /tmp/effc-smollm2.lock python benchmarks/layer_skip.py --part smollm2   # perplexity vs removed layers
+    python benchmarks/layer_skip.py --part timing --artifact DIR...   # those artifacts, own process each
+    flock /tmp/effc-smollm2.lock python benchmarks/layer_skip.py --part smollm2 --count 4   # perplexity vs layers
 
 ``minilm``: for each candidate kind (FFN sub-blocks; whole layers with the post-norms kept or dropped) and each
 ranking (``influence`` = ShortGPT block influence, ``sleb`` = iterative measured search, ``last`` = the naive
@@ -138,7 +139,7 @@ def held_out(out: Path, reference: list, feeds: list) -> dict:
             "ffn_skip_rate": round(1 - float(np.mean(runs)), 3) if runs else 0.0}
 
 
-def latency(threads: int, repeat: int) -> None:
+def latency(threads: int, repeat: int, only: str | None = None) -> None:
     import effc
     from effc.ir.model import load
 
@@ -148,6 +149,8 @@ def latency(threads: int, repeat: int) -> None:
     reference = [original.run(f)[1] for f in feeds]
     rows = []
     for label, passes in LATENCY_VARIANTS:
+        if only and not any(word in label for word in only.split(",")):
+            continue
         out = Path("/tmp/effc-bench-layer-skip") / label.split(":")[0].replace(" ", "_").replace("=", "")
         out = out.with_name(f"{out.name}-{len(rows)}")
         result = effc.compile("zoo:minilm-l6", passes=passes, out_dir=out, force=True, threads=threads,
@@ -159,10 +162,43 @@ def latency(threads: int, repeat: int) -> None:
                      "params_bytes": result.report["cost"].get("params_bytes_after"),
                      **held_out(out, reference, feeds)})
         log.info("%s", rows[-1])
-        save("latency", {"threads": threads, "repeat": repeat, "feeds": "the 20 held-out sentences", "rows": rows})
+        save(f"latency-{only}" if only else "latency",
+             {"threads": threads, "repeat": repeat, "feeds": "the 20 held-out sentences", "rows": rows})
 
 
-def smollm2(counts: int, windows: int) -> None:
+def _time_worker(artifact: str, threads: int, runs: int) -> None:
+    """One round in this process: ``runs`` passes over the 20 held-out sentences; prints ms per sentence."""
+    import effc.runtime
+
+    feeds = zoo.get("minilm-l6").samples("eval", 20)
+    model = effc.runtime.load(artifact)
+    model.run(feeds[0])
+    times = []
+    for _ in range(runs):
+        for feed in feeds:
+            started = time.perf_counter()
+            model.run(feed)
+            times.append((time.perf_counter() - started) * 1e3)
+    print(json.dumps(times))
+
+
+def timing(artifacts: list[str], threads: int, rounds: int, runs: int) -> None:
+    """Each artifact in its own process, rounds alternating; median and min ms per sentence."""
+    samples: dict[str, list[float]] = {a: [] for a in artifacts}
+    env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
+    for _ in range(rounds):
+        for artifact in artifacts:
+            out = subprocess.run([sys.executable, __file__, "--part", "time-worker", "--artifact", artifact,
+                                  "--runs", str(runs)], capture_output=True, text=True, env=env, check=True)
+            samples[artifact] += json.loads(out.stdout.strip().splitlines()[-1])
+    rows = [{"artifact": a, "median_ms": round(float(np.median(t)), 2), "min_ms": round(float(np.min(t)), 2),
+             "n": len(t)} for a, t in samples.items()]
+    log.info("%s", rows)
+    save("timing", {"threads": threads, "rounds": rounds, "method": "own process per artifact and round, "
+                    "rounds alternating; every held-out sentence timed", "rows": rows})
+
+
+def smollm2(counts: int, windows: int, ranks: list[str], prefixes: list[int]) -> None:
     from effc.decoder import text
     from effc.decoder.compile import calibration_feeds
     from effc.decoder.smollm2 import load_tokenizer
@@ -186,19 +222,19 @@ def smollm2(counts: int, windows: int) -> None:
         session = DecoderSession(OrtBackend({"prefill": model}, 2), {**facts(model), "chunk": info["chunk"]})
         return round(perplexity(session, eval_ids, 512)["perplexity"], 3)
 
-    curves = [{"rank": "none", "removed": [], "held_out_ppl": [held_out_ppl(base)]}]
+    curves = [{"rank": "none", "removed": [], "held_out_ppl_by_layers_removed": {0: held_out_ppl(base)}}]
     save("smollm2", {"curves": curves})
-    for rank in ("sleb", "influence", "last"):
+    for rank in ranks:
         started = time.perf_counter()
         p = LayerSkipPass(blocks="layer", rank=rank, count=counts, samples=windows, calibration=calib)
         p(copy(base))
         seconds = time.perf_counter() - started
         names = [r["name"] for r in p.stats["removed"]]
-        ppl = []
-        for k in range(1, len(names) + 1):
-            ppl.append(held_out_ppl(apply_prefix(base, "layer", "keep", names[:k])))
+        ppl = {}
+        for k in [k for k in prefixes if k <= len(names)]:
+            ppl[k] = held_out_ppl(apply_prefix(base, "layer", "keep", names[:k]))
             gc.collect()
-        curves.append({"rank": rank, "removed": names, "held_out_ppl": ppl,
+        curves.append({"rank": rank, "removed": names, "held_out_ppl_by_layers_removed": ppl,
                        "calibration_ppl_before": p.stats["score_before"],
                        "calibration_ppl": [round(r["score_after"], 3) for r in p.stats["removed"]],
                        "pass_seconds": round(seconds, 1), "trials": p.stats["trials"]})
@@ -210,19 +246,29 @@ def smollm2(counts: int, windows: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("minilm", "latency", "smollm2"), required=True)
+    parser.add_argument("--part", choices=("minilm", "latency", "smollm2", "timing", "time-worker"), required=True)
+    parser.add_argument("--artifact", nargs="*", default=[], help="timing: compiled MiniLM artifacts")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="timing: passes over the 20 sentences per round")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--count", type=int, default=6, help="smollm2: layers removed at most")
     parser.add_argument("--windows", type=int, default=4, help="smollm2: calibration windows")
+    parser.add_argument("--ranks", default="influence,last", help="smollm2: rankings (sleb is slow: 30+29+... trials)")
+    parser.add_argument("--prefixes", default="2,4", help="smollm2: layer counts scored on the held-out prose")
+    parser.add_argument("--only", help="latency: comma-separated words selecting variants (e.g. dense,adaptive)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.part == "minilm":
+    if args.part == "time-worker":
+        _time_worker(args.artifact[0], args.threads, args.runs)
+    elif args.part == "timing":
+        timing(args.artifact, args.threads, args.rounds, args.runs)
+    elif args.part == "minilm":
         minilm()
     elif args.part == "latency":
-        latency(args.threads, args.repeat)
+        latency(args.threads, args.repeat, args.only)
     else:
-        smollm2(args.count, args.windows)
+        smollm2(args.count, args.windows, args.ranks.split(","), [int(k) for k in args.prefixes.split(",")])
 
 
 if __name__ == "__main__":
