@@ -250,3 +250,18 @@ def test_compiled_if_skips_the_ffn_kernels(tiny, tmp_path):
     # every FFN that runs adds the same kernel calls; a skipped one adds none
     per_ffn = {(c - min(calls)) / (r - min(ran)) for c, r in zip(calls, ran, strict=True) if r != min(ran)}
     assert len(per_ffn) == 1 and per_ffn.pop() >= 2
+
+
+@pytest.mark.parametrize("norm", ["keep", "drop"])
+def test_removed_last_layer_keeps_the_graph_output_name(tiny, norm):
+    from effc.ir.reference import with_taps
+
+    model = _copy(tiny[1])
+    feeds = _feeds(model, 2)
+    layer1 = [Reference(with_taps(tiny[1], ["y1"])).run(f)[1] for f in feeds]  # the last layer's input
+    assert LayerSkipPass(count=1, rank="last", norm=norm)(model).modified
+    assert [o.name for o in model.graph.outputs] == ["y"]
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    if norm == "drop":  # y = x: the output is the removed layer's input
+        for want, got in zip(layer1, _outputs(model, feeds), strict=True):
+            np.testing.assert_array_equal(got, want)
