@@ -43,7 +43,7 @@ def evaluate_text(artifact: str | Path, text: str, threads: int = 1, window: int
         from effc.ir.model import load
 
         graph = specialize(load(source), session.chunk)
-        info = {**session.info, "layers": decoder_info(graph)["layers"]}  # layer-skip may have removed layers
+        info = {**decoder_info(graph), "chunk": session.chunk}  # the original's own cache (all layers)
         original = DecoderSession(OrtBackend({"prefill": graph}, threads), info)
         base = perplexity(original, ids, window)["perplexity"]
         result["perplexity_original_onnxruntime"] = base

@@ -7,11 +7,13 @@ specialization once; :func:`regeneralize` returns the rewritten graph to token-g
 graph is specialized: both entry points share the same rewritten weights by construction.
 
 The decoder's facts travel in ``model.metadata_props["effc.decoder"]`` (JSON, :func:`decoder_info`); graph
-inputs and outputs are described in :mod:`effc.decoder.llama`.
+inputs and outputs are described in :mod:`effc.decoder.llama`. Which graph inputs and outputs hold which layer's
+keys and values is known in one place only, :func:`kv_layout`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -22,8 +24,79 @@ from effc.errors import LoadError, ShapeError
 
 METADATA_KEY = "effc.decoder"
 TOKENS = "tokens"
-INPUTS = ("input_ids", "positions", "attn_mask", "kv_cache")
-OUTPUTS = ("logits", "kv_new")
+#: Graph inputs before the KV-cache inputs, and graph outputs before the new keys and values.
+INPUTS = ("input_ids", "positions", "attn_mask")
+OUTPUTS = ("logits",)
+
+
+@dataclasses.dataclass(frozen=True)
+class KVSlot:
+    """One layer's keys or values: the cache (a graph input) and the chunk's new entries (a graph output).
+
+    Keys are stored transposed, ``(Hkv, D, S)``, so ``q · Kᵀ`` reads the cache as it lies; values are ``(Hkv, S,
+    D)``. The chunk's output has the same layout with ``T`` in place of ``S``; the runtime writes it into the cache
+    at the chunk's positions along :attr:`seq_axis` (in place: the cache is never copied).
+
+    Attributes:
+        layer: decoder layer index (in the original numbering, also after layers are removed).
+        kind: ``"key"`` or ``"value"``.
+        input: graph input name of the cache (``past_key.3``).
+        output: graph output name of the chunk's entries (``key.3``).
+        seq_axis: the axis of cache slots (input) and of chunk tokens (output): 2 for keys, 1 for values.
+    """
+
+    layer: int
+    kind: str
+    input: str
+    output: str
+    seq_axis: int
+
+    def shape(self, info: dict[str, Any], length: int) -> tuple[int, int, int]:
+        """The slot's shape with ``length`` along :attr:`seq_axis` (``S`` for the cache, ``T`` for the output)."""
+        dims = [int(info["kv_heads"]), int(info["head_dim"]), int(info["head_dim"])]
+        dims[self.seq_axis] = int(length)
+        return tuple(dims)
+
+
+def kv_layout(info: dict[str, Any]) -> list[KVSlot]:
+    """The KV-cache inputs/outputs of a decoder graph, in graph order: per layer its keys, then its values.
+
+    The layers holding a cache are ``info["kv_layers"]`` when present (a pass that removes layers writes it), else
+    ``range(info["layers"])``. This is the only place that knows the cache's names and layouts.
+    """
+    layers = info.get("kv_layers")
+    layers = range(int(info["layers"])) if layers is None else layers
+    return [KVSlot(int(i), kind, f"past_{kind}.{i}", f"{kind}.{i}", axis)
+            for i in layers for kind, axis in (("key", 2), ("value", 1))]
+
+
+def remove_kv_layer(model: ir.Model, layer: int) -> None:
+    """Drop layer ``layer``'s cache from the decoder graph (in place), once nothing computed reads it any more.
+
+    Removes the graph inputs ``past_key.i`` / ``past_value.i`` and the outputs ``key.i`` / ``value.i``, and writes
+    the remaining layers to the metadata as ``kv_layers`` (so :func:`kv_layout`, the runtime's cache and the
+    artifact's entry points agree). Nodes that only fed the removed outputs become dead: run dead-code removal next.
+
+    Raises:
+        ShapeError: the layer has no cache in this graph, or a node still reads one of its cache inputs.
+    """
+    info = decoder_info(model)
+    slots = [slot for slot in kv_layout(info) if slot.layer == layer]
+    if not slots:
+        raise ShapeError(f"decoder layer {layer} has no KV cache in this graph",
+                         f"remove one of the layers {sorted({s.layer for s in kv_layout(info)})}")
+    inputs = {v.name: v for v in model.graph.inputs}
+    for slot in slots:
+        readers = [use.node.name for use in inputs[slot.input].uses()] if slot.input in inputs else []
+        if readers:
+            raise ShapeError(f"the cache input {slot.input} of layer {layer} is still read by {readers[:3]}",
+                             "bypass the layer's attention before removing its cache")
+    names = {n for slot in slots for n in (slot.input, slot.output)}
+    for values in (model.graph.inputs, model.graph.outputs):
+        for value in [v for v in values if v.name in names]:
+            values.remove(value)
+    kept = [i for i in dict.fromkeys(slot.layer for slot in kv_layout(info)) if i != layer]
+    model.metadata_props[METADATA_KEY] = json.dumps({**info, "kv_layers": kept}, sort_keys=True)
 
 
 def is_decoder(model: ir.Model) -> bool:
@@ -54,8 +127,9 @@ def generalize_tokens(model: ir.Model, other: ir.Model) -> ir.Model:
 
     The two graphs must have the same nodes in the same order; the only constants that may differ are entries of
     ``Reshape`` target shapes, and exactly one entry per shape (the token axis, which becomes ``-1``). Graph inputs
-    and outputs get the symbolic dimension ``"tokens"`` on their token axes; other value shapes are cleared (they
-    are inferred again by :func:`specialize`).
+    and outputs get the symbolic dimension ``"tokens"`` on their token axes (``model`` must carry the decoder
+    metadata already: it names the KV-cache outputs); other value shapes are cleared (they are inferred again by
+    :func:`specialize`).
 
     Raises:
         LoadError: the exports differ in structure, or in a constant that is not one Reshape entry.
@@ -107,8 +181,9 @@ def regeneralize(model: ir.Model) -> ir.Model:
 
 
 def _mark_token_axes(model: ir.Model) -> None:
+    token_axes = _token_axes(decoder_info(model))
     for value in [*model.graph.inputs, *model.graph.outputs]:
-        axes = _token_axes().get(value.name)
+        axes = token_axes.get(value.name)
         if axes is None or value.shape is None:
             continue
         dims = list(value.shape)
@@ -118,16 +193,17 @@ def _mark_token_axes(model: ir.Model) -> None:
     _clear_inner_shapes(model)
 
 
-def _token_axes() -> dict[str, tuple[int, ...]]:
+def _token_axes(info: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Token axes of the graph inputs/outputs (see :mod:`effc.decoder.llama`)."""
-    return {"input_ids": (1,), "positions": (1,), "attn_mask": (0,), "logits": (1,), "kv_new": (3,)}
+    axes = {"input_ids": (1,), "positions": (1,), "attn_mask": (0,), "logits": (1,)}
+    return {**axes, **{slot.output: (slot.seq_axis,) for slot in kv_layout(info)}}
 
 
 def io_shapes(info: dict[str, Any], tokens: int) -> dict[str, tuple[int, ...]]:
     """Input shapes of the graph specialized to ``tokens`` per call (``attn_mask`` is ``(T, S + T)``)."""
     s = info["max_cache"]
     return {"input_ids": (1, tokens), "positions": (1, tokens), "attn_mask": (tokens, s + tokens),
-            "kv_cache": (info["layers"], 2, info["kv_heads"], s, info["head_dim"])}
+            **{slot.input: slot.shape(info, s) for slot in kv_layout(info)}}
 
 
 def specialize(model: ir.Model, tokens: int) -> ir.Model:
@@ -150,46 +226,23 @@ def specialize(model: ir.Model, tokens: int) -> ir.Model:
     return canonicalize(copy, input_shapes=shapes)
 
 
-
-def _cache_layout(model: ir.Model) -> tuple[ir.Value, dict[int, list[ir.Node]], ir.Node]:
-    """The KV-cache plumbing of :mod:`effc.decoder.llama`'s layout (the one place that knows it).
-
-    Returns:
-        ``(kv_cache input, {layer: Gather nodes reading kv_cache[layer] along axis 0}, the Concat along axis 0
-        that stacks the layers' new keys and values into the kv_new output)``.
-
-    Raises:
-        ShapeError: the graph's cache plumbing is not that layout.
-    """
-    inputs = {v.name: v for v in model.graph.inputs}
-    outputs = {v.name: v for v in model.graph.outputs}
-    cache, new = inputs.get("kv_cache"), outputs.get("kv_new")
-    concat = new.producer() if new is not None else None
-    if cache is None or concat is None or concat.op_type != "Concat" or concat.attributes.get_int("axis", 0) != 0:
-        raise ShapeError("the decoder graph has no kv_cache input read per layer and kv_new output stacked per layer",
-                         "remove decoder layers from graphs exported by effc.decoder")
-    reads: dict[int, list[ir.Node]] = {}
-    for use in cache.uses():
-        index = _const(use.node.inputs[1]) if len(use.node.inputs) > 1 else None
-        if use.node.op_type != "Gather" or use.node.attributes.get_int("axis", 0) != 0 or index is None \
-                or index.ndim != 0:
-            raise ShapeError(f"{use.node.op_type} node {use.node.name!r} reads kv_cache other than kv_cache[layer]",
-                             "remove decoder layers from graphs exported by effc.decoder")
-        reads.setdefault(int(index), []).append(use.node)
-    return cache, reads, concat
+def cache_layers(info: dict[str, Any]) -> list[int]:
+    """The original indices of the layers that hold a KV cache, in order (:func:`kv_layout`)."""
+    return list(dict.fromkeys(slot.layer for slot in kv_layout(info)))
 
 
 def cache_leak_reason(model: ir.Model, leaks: list[str], nodes: list[ir.Node]) -> str | None:
     """Why a layer whose values named ``leaks`` are read outside its ``nodes`` cannot go with its cache, or None.
 
-    A decoder layer's keys and values leave it only towards the ``kv_new`` output; anything else (a value read by
-    the logits, another layer) blocks the removal.
+    A decoder layer's keys and values leave it only towards its KV-cache outputs (:func:`kv_layout`); anything else
+    (a value read by the logits, another layer) blocks the removal.
     """
+    allowed = {slot.output for slot in kv_layout(decoder_info(model))}
     values = {o.name: o for n in model.graph for o in n.outputs}
     seen, stack = {id(n) for n in nodes}, [values[name] for name in leaks if name in values]
     while stack:
         value = stack.pop()
-        if value.is_graph_output() and value.name != "kv_new":
+        if value.is_graph_output() and value.name not in allowed:
             return f"its value {value.name!r} reaches the graph output {value.name!r}, not only the KV cache"
         for use in value.uses():
             if id(use.node) not in seen:
@@ -198,44 +251,30 @@ def cache_leak_reason(model: ir.Model, leaks: list[str], nodes: list[ir.Node]) -
     return None
 
 
-def remove_cache_layers(model: ir.Model, layers: list[int]) -> None:
-    """Take layers out of the KV cache, with every per-layer fact that follows.
+def remove_cache_layers(model: ir.Model, positions: list[int]) -> None:
+    """Take layers whose blocks no longer feed the logits out of the KV cache (:func:`remove_kv_layer` each).
 
-    ``kv_cache`` ``(L, 2, Hkv, S, D)`` and ``kv_new`` ``(L, 2, Hkv, T, D)`` lose the layers' rows, the cache reads
-    of the kept layers are renumbered, and the metadata's ``layers`` (and ``source_layers``, the original index of
-    each kept layer) follow. The removed layers' nodes become dead (the caller deletes them).
+    Their cache outputs go first, so the nodes computing them and the attention reading their cache inputs become
+    dead and are deleted; then the inputs go and the metadata's ``kv_layers`` follows.
 
     Args:
-        model: a decoder graph (prefill specialization or token-generic) whose layers ``layers`` no longer feed
-            the logits.
-        layers: current layer indices, ``0 <= i < L``.
+        model: a decoder graph (prefill specialization or token-generic).
+        positions: the layers' positions among those holding a cache now (0 = first), as the residual blocks are
+            found in graph order.
 
     Raises:
-        ShapeError: an index out of range, or a graph whose cache plumbing is not effc's layout.
+        ShapeError: a position out of range, or a cache input still read (the layer still feeds the logits).
     """
-    info = decoder_info(model)
-    count = int(info["layers"])
-    gone = sorted(set(int(i) for i in layers))
-    if any(not 0 <= i < count for i in gone) or len(gone) >= count:
-        raise ShapeError(f"cannot remove layers {gone} of a decoder with {count}", "keep at least one layer")
-    cache, reads, concat = _cache_layout(model)
-    keep = [i for i in range(count) if i not in gone]
-    for new, old in enumerate(keep):
-        for node in reads.get(old, []):
-            if new != old:
-                index = ir.val(f"{node.name}_layer_{new}", const_value=ir.tensor(np.asarray(new, dtype=np.int64)))
-                model.graph.register_initializer(index)
-                node.replace_input_with(1, index)
-    stacked = ir.node("Concat", [concat.inputs[i] for i in keep], attributes={"axis": 0}, name=f"{concat.name}_kept")
-    model.graph.insert_after(concat, stacked)
-    out = concat.outputs[0]
-    slot = list(model.graph.outputs).index(out)
-    stacked.outputs[0].name, out.name = out.name, f"{out.name}__all_layers"
-    stacked.outputs[0].type = out.type
-    model.graph.outputs[slot] = stacked.outputs[0]
-    for value, shape in ((cache, cache.shape), (stacked.outputs[0], out.shape)):
-        if shape is not None:
-            value.shape = ir.Shape([len(keep), *list(shape)[1:]])
-    sources = info.get("source_layers", list(range(count)))
-    info.update(layers=len(keep), source_layers=[sources[i] for i in keep])
-    model.metadata_props[METADATA_KEY] = json.dumps(info, sort_keys=True)
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    layers = cache_layers(decoder_info(model))
+    if any(not 0 <= p < len(layers) for p in positions) or len(set(positions)) >= len(layers):
+        raise ShapeError(f"cannot remove layers at {sorted(positions)} of a decoder with {len(layers)}",
+                         "keep at least one layer")
+    gone = {layers[p] for p in positions}
+    outputs = {slot.output for slot in kv_layout(decoder_info(model)) if slot.layer in gone}
+    for value in [v for v in model.graph.outputs if v.name in outputs]:
+        model.graph.outputs.remove(value)
+    RemoveUnusedNodesPass()(model)
+    for layer in sorted(gone):
+        remove_kv_layer(model, layer)

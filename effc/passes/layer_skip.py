@@ -177,7 +177,7 @@ class LayerSkipPass(EffcPass):
         if not leaks:
             return None
         if decoder_ir.is_decoder(model) and cand.kind in CACHE_KINDS:
-            layers = decoder_ir.decoder_info(model)["layers"]
+            layers = len(decoder_ir.cache_layers(decoder_ir.decoder_info(model)))
             if attention_blocks != layers:
                 return (f"{attention_blocks} attention blocks found for {layers} cache layers: the cache rows cannot "
                         "be matched")

@@ -64,10 +64,12 @@ def test_removing_non_adjacent_layers_shrinks_the_cache_and_generation_matches(t
     assert [r["name"] for r in record["stats"]["removed"]] == ["layers.3", "layers.1"]
     model = effc.runtime.load(result.out_dir)
     info = model.manifest["decoder"]
-    assert info["layers"] == 2 and info["source_layers"] == [0, 2]
+    assert info["kv_layers"] == [0, 2]
     assert result.report["decoder"]["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
     rewritten = effc.ir.model.load(result.out_dir / "model.onnx")
-    assert decoder_info(rewritten)["layers"] == 2
+    assert decoder_info(rewritten)["kv_layers"] == [0, 2]
+    assert sorted(v.name for v in rewritten.graph.inputs if v.name.startswith("past_")) == [
+        "past_key.0", "past_key.2", "past_value.0", "past_value.2"]
     assert sum(b.kind == "attention" for b in find_residual_blocks(specialize(rewritten, 8))) == 2
     short = _without_layers(hf, {1, 3})
     session = model.decoder()
