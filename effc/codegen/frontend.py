@@ -257,6 +257,12 @@ def to_relax(model: ir.Model, *, keep_tvm: frozenset[str] = frozenset(), index_g
     if captured.getvalue():
         logger.debug("TVM ONNX frontend output: %s", captured.getvalue()[:2000])
     _LAST_LOWERING[:] = [entry for log, mark in zip(logs, marks, strict=True) for entry in log[mark:]]
+    if any(node.op_type == "If" for node in proto.graph.node):
+        from effc.codegen.branch_sink import sink_into_branches
+
+        mod, moved = sink_into_branches(mod)  # TVM's frontend computes both branches of an If; run the taken one
+        mod = tvm.relax.transform.ConvertToDataflow()(mod)  # its graph has no dataflow block: nothing would fuse
+        logger.debug("moved %d binding(s) into If branches", moved)
     if index_guards:
         # a module with guards calls effc.index_guard when it runs: make it callable in the process that built it
         # too (a plain relax.VirtualMachine, not only effc's runners, which register it when they load an artifact)

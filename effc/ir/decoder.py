@@ -224,3 +224,57 @@ def specialize(model: ir.Model, tokens: int) -> ir.Model:
     for value in copy.graph.inputs:
         value.shape = ir.Shape(shapes[value.name])
     return canonicalize(copy, input_shapes=shapes)
+
+
+def cache_layers(info: dict[str, Any]) -> list[int]:
+    """The original indices of the layers that hold a KV cache, in order (:func:`kv_layout`)."""
+    return list(dict.fromkeys(slot.layer for slot in kv_layout(info)))
+
+
+def cache_leak_reason(model: ir.Model, leaks: list[str], nodes: list[ir.Node]) -> str | None:
+    """Why a layer whose values named ``leaks`` are read outside its ``nodes`` cannot go with its cache, or None.
+
+    A decoder layer's keys and values leave it only towards its KV-cache outputs (:func:`kv_layout`); anything else
+    (a value read by the logits, another layer) blocks the removal.
+    """
+    allowed = {slot.output for slot in kv_layout(decoder_info(model))}
+    values = {o.name: o for n in model.graph for o in n.outputs}
+    seen, stack = {id(n) for n in nodes}, [values[name] for name in leaks if name in values]
+    while stack:
+        value = stack.pop()
+        if value.is_graph_output() and value.name not in allowed:
+            return f"its value {value.name!r} reaches the graph output {value.name!r}, not only the KV cache"
+        for use in value.uses():
+            if id(use.node) not in seen:
+                seen.add(id(use.node))
+                stack.extend(use.node.outputs)
+    return None
+
+
+def remove_cache_layers(model: ir.Model, positions: list[int]) -> None:
+    """Take layers whose blocks no longer feed the logits out of the KV cache (:func:`remove_kv_layer` each).
+
+    Their cache outputs go first, so the nodes computing them and the attention reading their cache inputs become
+    dead and are deleted; then the inputs go and the metadata's ``kv_layers`` follows.
+
+    Args:
+        model: a decoder graph (prefill specialization or token-generic).
+        positions: the layers' positions among those holding a cache now (0 = first), as the residual blocks are
+            found in graph order.
+
+    Raises:
+        ShapeError: a position out of range, or a cache input still read (the layer still feeds the logits).
+    """
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    layers = cache_layers(decoder_info(model))
+    if any(not 0 <= p < len(layers) for p in positions) or len(set(positions)) >= len(layers):
+        raise ShapeError(f"cannot remove layers at {sorted(positions)} of a decoder with {len(layers)}",
+                         "keep at least one layer")
+    gone = {layers[p] for p in positions}
+    outputs = {slot.output for slot in kv_layout(decoder_info(model)) if slot.layer in gone}
+    for value in [v for v in model.graph.outputs if v.name in outputs]:
+        model.graph.outputs.remove(value)
+    RemoveUnusedNodesPass()(model)
+    for layer in sorted(gone):
+        remove_kv_layer(model, layer)

@@ -36,7 +36,10 @@ PASS_CASES = {
     "prune-structured": [("prune-structured(ratio=0.25)", 1e-5)],  # nothing coupled to shrink: exact no-op
 }
 # Passes that need a structure these one-MatMul graphs lack, with the test that checks the same property for them.
-ELSEWHERE = {"moe": "tests/passes/test_moe.py::test_an_ffn_output_that_is_a_graph_output_keeps_its_name"}
+ELSEWHERE = {
+    "layer-skip": "tests/passes/test_layer_skip.py::test_removed_last_layer_keeps_the_graph_output_name",
+    "moe": "tests/passes/test_moe.py::test_an_ffn_output_that_is_a_graph_output_keeps_its_name",
+}
 # Passes with nothing to change on these graphs (channel-reorder needs ``Y`` read by a second MatMul).
 UNCHANGED = {"cleanup", "cse", "dce", "identity-elim", "prune-structured"}
 CASES = [pytest.param(text, bound, id=text) for cases in PASS_CASES.values() for text, bound in cases]

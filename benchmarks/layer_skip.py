@@ -1,0 +1,275 @@
+"""layer-skip: fidelity curves of static block removal on MiniLM-L6 and SmolLM2-135M, and compiled latency.
+
+Run (from the repository root; results are merged into benchmarks/results/layer_skip.json part by part)::
+
+    python benchmarks/layer_skip.py --part minilm        # cosine vs removed blocks, by ranking (~5 min shared)
+    python benchmarks/layer_skip.py --part latency       # compiled MiniLM: dense, static, adaptive (skip rates)
+    python benchmarks/layer_skip.py --part timing --artifact DIR...   # those artifacts, own process each
+    flock /tmp/effc-smollm2.lock python benchmarks/layer_skip.py --part smollm2 --count 4   # perplexity vs layers
+
+``minilm``: for each candidate kind (FFN sub-blocks; whole layers with the post-norms kept or dropped) and each
+ranking (``influence`` = ShortGPT block influence, ``sleb`` = iterative measured search, ``last`` = the naive
+baseline), the pass runs once with the largest count on 16 calibration sentences; every prefix of its removal order
+is then applied to a fresh copy (a count-k run removes exactly that prefix: the rankings are greedy) and scored by
+the cosine of ``sentence_embedding`` against the original on the 20 held-out sentences.
+
+``smollm2``: the prefill graph (128 tokens, 2048-slot cache) with whole layers removed by each ranking (4
+calibration windows of 128 tokens; SLEB scores calibration perplexity), then the perplexity of the held-out prose
+in 512-token windows under onnxruntime (the same windows as the compile report).
+
+``latency``: ``effc compile zoo:minilm-l6`` with each variant (dense; 1 / 2 layers removed by SLEB; FFNs under
+adaptive gates calibrated to skip 0 / 25 / 50% of sequences); the compile report's latency (effc and onnxruntime on
+the original, alternating, in-process) on the 20 held-out sentences, plus the cosine and the FFN skip rate measured
+on them from the artifact's model.onnx (the gate decisions tapped under onnxruntime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from effc import zoo  # noqa: E402
+from effc.ir.calibration import Calibration  # noqa: E402
+from effc.ir.reference import Reference  # noqa: E402
+from effc.passes.layer_skip import LayerSkipPass, candidates, remove_blocks  # noqa: E402
+from effc.passes.skip_scoring import row_cosine  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "results" / "layer_skip.json"
+log = logging.getLogger("bench.layer_skip")
+
+
+def machine() -> dict:
+    """Date, CPU model, load and threads beside every number."""
+    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
+        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu, "cores": os.cpu_count(),
+            "load_1min": os.getloadavg()[0], "python": platform.python_version()}
+
+
+def copy(model: ir.Model) -> ir.Model:
+    return ir.from_proto(ir.to_proto(model))
+
+
+def apply_prefix(base: ir.Model, blocks: str, norm: str, names: list[str]) -> ir.Model:
+    """A copy of ``base`` with the candidates named ``names`` removed."""
+    model = copy(base)
+    pool, _ = candidates(model, blocks)
+    by_name = {c.name: c for c in pool}
+    remove_blocks(model, [by_name[n] for n in names], norm)
+    return model
+
+
+def save(part: str, data: dict) -> None:
+    results = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    results[part] = {"machine": machine(), **data}
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(results, indent=1))
+
+
+def minilm() -> None:
+    from effc.ir.canonicalize import canonicalize
+    from effc.ir.model import load
+
+    entry = zoo.get("minilm-l6")
+    base = canonicalize(load(entry.path()), input_shapes=entry.input_shapes, constant_inputs=entry.constant_inputs)
+    calib = Calibration(entry.samples("calibration", 16), entry.samples_description("calibration"))
+    held_out = entry.samples("eval", 20)
+    reference = [Reference(base).run(f)[1] for f in held_out]
+    curves = []
+    for blocks, norm, count in (("ffn", "keep", 4), ("layer", "keep", 3), ("layer", "drop", 3)):
+        for rank in ("influence", "sleb", "last"):
+            started = time.perf_counter()
+            p = LayerSkipPass(blocks=blocks, norm=norm, rank=rank, count=count, output="sentence_embedding",
+                              calibration=calib)
+            p(copy(base))
+            seconds = time.perf_counter() - started
+            names = [r["name"] for r in p.stats["removed"]]
+            cosines = []
+            for k in range(1, len(names) + 1):
+                model = apply_prefix(base, blocks, norm, names[:k])
+                session = Reference(model)
+                got = [session.run(f)[1] for f in held_out]
+                cosines.append(round(float(np.mean([row_cosine(a, b) for a, b in zip(reference, got, strict=True)])),
+                                     4))
+            curves.append({"blocks": blocks, "norm": norm, "rank": rank, "removed": names, "held_out_cosine": cosines,
+                           "calibration_cosine": [round(r["score_after"], 4) for r in p.stats["removed"]],
+                           "pass_seconds": round(seconds, 1), "trials": p.stats["trials"]})
+            log.info("%s", curves[-1])
+            save("minilm", {"calibration": "16 sentences (calibration split)", "held_out": "20 sentences (eval)",
+                            "curves": curves})
+
+
+LATENCY_VARIANTS = (
+    ("dense", ""),
+    ("static: 1 layer removed", "layer-skip(rank=sleb,norm=drop,count=1)"),
+    ("static: 2 layers removed", "layer-skip(rank=sleb,norm=drop,count=2)"),
+    ("adaptive ratio=0 (gates, nothing skipped)", "layer-skip(mode=adaptive,blocks=ffn,ratio=0)"),
+    ("adaptive ratio=0.25", "layer-skip(mode=adaptive,blocks=ffn,ratio=0.25)"),
+    ("adaptive ratio=0.5", "layer-skip(mode=adaptive,blocks=ffn,ratio=0.5)"),
+)
+
+
+def held_out(out: Path, reference: list, feeds: list) -> dict:
+    """Cosine of sentence_embedding vs the original and the measured FFN skip rate of an artifact's model.onnx."""
+    from effc.ir.model import load
+    from effc.ir.reference import with_taps
+
+    model = load(out / "model.onnx")
+    gates = sorted(n.outputs[0].name for n in model.graph if n.op_type == "Less" and n.name.endswith("_run"))
+    session = Reference(with_taps(model, gates) if gates else model)
+    cosines, runs = [], []
+    for feed, ref in zip(feeds, reference, strict=True):
+        result = session.run(feed)
+        cosines.append(row_cosine(ref, result[1]))
+        runs += [bool(v) for v in result[2:]]
+    return {"cosine": round(float(np.mean(cosines)), 4),
+            "ffn_skip_rate": round(1 - float(np.mean(runs)), 3) if runs else 0.0}
+
+
+def latency(threads: int, repeat: int, only: str | None = None) -> None:
+    import effc
+    from effc.ir.model import load
+
+    entry = zoo.get("minilm-l6")
+    feeds = entry.samples("eval", 20)
+    original = Reference(load(entry.path()))
+    reference = [original.run(f)[1] for f in feeds]
+    rows = []
+    for label, passes in LATENCY_VARIANTS:
+        if only and not any(word in label for word in only.split(",")):
+            continue
+        out = Path("/tmp/effc-bench-layer-skip") / label.split(":")[0].replace(" ", "_").replace("=", "")
+        out = out.with_name(f"{out.name}-{len(rows)}")
+        result = effc.compile("zoo:minilm-l6", passes=passes, out_dir=out, force=True, threads=threads,
+                              latency_repeat=repeat, eval_samples=20, calibration_samples=16)
+        lat = result.report["latency"]
+        pick = lambda d: {k: d[k] for k in ("median_ms", "min_ms")}  # noqa: E731
+        rows.append({"variant": label, "passes": passes, "effc_ms": pick(lat["effc"]),
+                     "ort_original_ms": pick(lat["ort"]),
+                     "params_bytes": result.report["cost"].get("params_bytes_after"),
+                     **held_out(out, reference, feeds)})
+        log.info("%s", rows[-1])
+        save(f"latency-{only}" if only else "latency",
+             {"threads": threads, "repeat": repeat, "feeds": "the 20 held-out sentences", "rows": rows})
+
+
+def _time_worker(artifact: str, threads: int, runs: int) -> None:
+    """One round in this process: ``runs`` passes over the 20 held-out sentences; prints ms per sentence."""
+    import effc.runtime
+
+    feeds = zoo.get("minilm-l6").samples("eval", 20)
+    model = effc.runtime.load(artifact)
+    model.run(feeds[0])
+    times = []
+    for _ in range(runs):
+        for feed in feeds:
+            started = time.perf_counter()
+            model.run(feed)
+            times.append((time.perf_counter() - started) * 1e3)
+    print(json.dumps(times))
+
+
+def timing(artifacts: list[str], threads: int, rounds: int, runs: int) -> None:
+    """Each artifact in its own process, rounds alternating; median and min ms per sentence."""
+    samples: dict[str, list[float]] = {a: [] for a in artifacts}
+    env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
+    for _ in range(rounds):
+        for artifact in artifacts:
+            out = subprocess.run([sys.executable, __file__, "--part", "time-worker", "--artifact", artifact,
+                                  "--runs", str(runs)], capture_output=True, text=True, env=env, check=True)
+            samples[artifact] += json.loads(out.stdout.strip().splitlines()[-1])
+    rows = [{"artifact": a, "median_ms": round(float(np.median(t)), 2), "min_ms": round(float(np.min(t)), 2),
+             "n": len(t)} for a, t in samples.items()]
+    log.info("%s", rows)
+    save("timing", {"threads": threads, "rounds": rounds, "method": "own process per artifact and round, "
+                    "rounds alternating; every held-out sentence timed", "rows": rows})
+
+
+def smollm2(counts: int, windows: int, ranks: list[str], prefixes: list[int]) -> None:
+    from effc.decoder import text
+    from effc.decoder.compile import calibration_feeds
+    from effc.decoder.smollm2 import load_tokenizer
+    from effc.ir.decoder import decoder_info, specialize
+    from effc.ir.model import load
+    from effc.runtime.decoder import DecoderSession, OrtBackend, perplexity
+
+    entry = zoo.get("smollm2-135m")
+    generic = load(entry.path())
+    info = decoder_info(generic)
+    tokenizer = load_tokenizer()
+    base = specialize(generic, info["chunk"])
+    del generic
+    calib = Calibration(calibration_feeds(info, text.calibration_windows(tokenizer, windows, info["chunk"]),
+                                          info["chunk"]), text.CALIBRATION_DESCRIPTION)
+    eval_ids = list(tokenizer(text.eval_text())["input_ids"])
+
+    def held_out_ppl(model: ir.Model) -> float:
+        from effc.ir.decoder import decoder_info as facts
+
+        session = DecoderSession(OrtBackend({"prefill": model}, 2), {**facts(model), "chunk": info["chunk"]})
+        return round(perplexity(session, eval_ids, 512)["perplexity"], 3)
+
+    curves = [{"rank": "none", "removed": [], "held_out_ppl_by_layers_removed": {0: held_out_ppl(base)}}]
+    save("smollm2", {"curves": curves})
+    for rank in ranks:
+        started = time.perf_counter()
+        p = LayerSkipPass(blocks="layer", rank=rank, count=counts, samples=windows, calibration=calib)
+        p(copy(base))
+        seconds = time.perf_counter() - started
+        names = [r["name"] for r in p.stats["removed"]]
+        ppl = {}
+        for k in [k for k in prefixes if k <= len(names)]:
+            ppl[k] = held_out_ppl(apply_prefix(base, "layer", "keep", names[:k]))
+            gc.collect()
+        curves.append({"rank": rank, "removed": names, "held_out_ppl_by_layers_removed": ppl,
+                       "calibration_ppl_before": p.stats["score_before"],
+                       "calibration_ppl": [round(r["score_after"], 3) for r in p.stats["removed"]],
+                       "pass_seconds": round(seconds, 1), "trials": p.stats["trials"]})
+        log.info("%s", curves[-1])
+        save("smollm2", {"calibration": f"{windows} windows of {info['chunk']} tokens", "window": 512,
+                         "curves": curves})
+        gc.collect()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("minilm", "latency", "smollm2", "timing", "time-worker"), required=True)
+    parser.add_argument("--artifact", nargs="*", default=[], help="timing: compiled MiniLM artifacts")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="timing: passes over the 20 sentences per round")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--count", type=int, default=6, help="smollm2: layers removed at most")
+    parser.add_argument("--windows", type=int, default=4, help="smollm2: calibration windows")
+    parser.add_argument("--ranks", default="influence,last", help="smollm2: rankings (sleb is slow: 30+29+... trials)")
+    parser.add_argument("--prefixes", default="2,4", help="smollm2: layer counts scored on the held-out prose")
+    parser.add_argument("--only", help="latency: comma-separated words selecting variants (e.g. dense,adaptive)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.part == "time-worker":
+        _time_worker(args.artifact[0], args.threads, args.runs)
+    elif args.part == "timing":
+        timing(args.artifact, args.threads, args.rounds, args.runs)
+    elif args.part == "minilm":
+        minilm()
+    elif args.part == "latency":
+        latency(args.threads, args.repeat, args.only)
+    else:
+        smollm2(args.count, args.windows, args.ranks.split(","), [int(k) for k in args.prefixes.split(",")])
+
+
+if __name__ == "__main__":
+    main()

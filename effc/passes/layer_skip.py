@@ -1,0 +1,309 @@
+"""``layer-skip``: find residual blocks, rank them on calibration data and remove the least useful ones.
+
+The structure comes from :mod:`effc.ir.residual`: residual sub-blocks ``y = x + f(x)`` (attention, FFN, residual
+conv) and the transformer layers they form. ``mode=report`` only lists them (with their block influence when
+calibration data is given); ``mode=static`` removes candidates for good: the residual ``Add`` is replaced by its
+skip input, so the branch (its nodes and weights) is dead and deleted, and the graph shrinks. A post-norm after
+the ``Add`` (BERT) stays, ``y = LN(x)``: on MiniLM-L6 dropping one FFN sub-block keeps an embedding cosine of
+0.954 with its LayerNorm against 0.904 without (../shared/notes/fidelity.md).
+
+Ranking (``rank``):
+
+* ``influence`` — ShortGPT's block influence ``1 − cos(input, output)`` (Men et al. 2024), lowest first;
+* ``sleb`` — SLEB's iterative search (Song et al. 2024): each step removes the candidate whose removal, together
+  with those already removed, changes the output least (cosine; perplexity for a decoder);
+* ``last`` — the last candidates first: the naive baseline the other two are compared with.
+
+How many go: ``count`` candidates, or ``ratio`` of them, bounded by ``min_cosine`` (outputs vs the original on the
+calibration feeds) or, for a decoder, ``max_ppl_increase`` (relative perplexity on the calibration windows); with
+none of these one candidate goes. With a quality bound, removal stops at the first candidate (in rank order) that
+would break it. For a decoder, removing a whole layer also removes its slice of the KV cache
+(:func:`effc.ir.decoder.remove_cache_layers`).
+
+``mode=adaptive`` (encoders, ``blocks=ffn``) removes nothing: each FFN sub-block runs under a per-sequence gate,
+``If(s < τ)``, with ``τ`` calibrated to skip ``ratio`` of the calibration sequences (:mod:`effc.passes.skip_gate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import common as ir_common
+
+from effc.errors import CalibrationError, PassError
+from effc.ir import decoder as decoder_ir
+from effc.ir.residual import ResidualBlock, find_layers, find_residual_blocks
+from effc.passes import skip_gate
+from effc.passes.base import EffcPass, PassOptions, register_pass
+from effc.passes.rewrite import replace_value
+from effc.passes.skip_scoring import GatedEvaluator, block_influence
+
+logger = logging.getLogger(__name__)
+
+MODES = ("static", "adaptive", "report")
+BLOCKS = ("layer", "ffn", "attention", "sublayer", "conv", "all")
+RANKS = ("influence", "sleb", "last")
+NORMS = ("keep", "drop")
+#: Candidates that take a decoder layer's keys and values (its KV cache) with them.
+CACHE_KINDS = ("layer", "attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSkipOptions(PassOptions):
+    """Options of ``layer-skip``."""
+
+    mode: str = dataclasses.field(default="static", metadata={
+        "help": "static (remove) | adaptive (FFNs under a run-time gate, blocks=ffn) | report", "choices": MODES})
+    blocks: str = dataclasses.field(default="layer", metadata={
+        "help": "candidates: layer | ffn | attention | sublayer (ffn+attention) | conv | all", "choices": BLOCKS})
+    rank: str = dataclasses.field(default="influence", metadata={"help": "influence | sleb | last", "choices": RANKS})
+    count: int | None = dataclasses.field(default=None, metadata={"help": "candidates removed"})
+    ratio: float | None = dataclasses.field(default=None, metadata={
+        "help": "static: fraction of candidates removed; adaptive: target fraction of FFN calls skipped, [0, 1)"})
+    min_cosine: float | None = dataclasses.field(default=None, metadata={
+        "help": "keep output cosine vs the original >= this on the calibration feeds"})
+    max_ppl_increase: float | None = dataclasses.field(default=None, metadata={
+        "help": "decoders: keep calibration perplexity within (1 + this) x the original's"})
+    norm: str = dataclasses.field(default="keep", metadata={
+        "help": "post-norm after a removed block: keep (y = LN(x)) | drop (y = x)", "choices": NORMS})
+    include: tuple[str, ...] = dataclasses.field(default=(), metadata={
+        "help": "only candidates whose name matches one of these patterns (e.g. [layers.1,layers.3])"})
+    output: str | None = dataclasses.field(default=None, metadata={"help": "graph output compared (default: all)"})
+    samples: int = dataclasses.field(default=16, metadata={"help": "calibration feeds used for ranking"})
+
+    def validate(self) -> None:
+        """Raises: PipelineError: a negative count, a ratio outside [0, 1), a bound outside its range."""
+        if self.count is not None and self.count < 0:
+            self.fail("count", self.count, "a non-negative integer")
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            self.fail("ratio", self.ratio, "a fraction in [0, 1)")
+        if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
+            self.fail("min_cosine", self.min_cosine, "a cosine in [-1, 1]")
+        if self.max_ppl_increase is not None and self.max_ppl_increase < 0:
+            self.fail("max_ppl_increase", self.max_ppl_increase, "a non-negative fraction (0.1 = +10%)")
+        if self.samples < 1:
+            self.fail("samples", self.samples, "a positive integer")
+
+
+@dataclasses.dataclass
+class Candidate:
+    """What one removal takes out: one sub-block, or a layer's two (``index``: position among the layers)."""
+
+    name: str
+    kind: str
+    blocks: list[ResidualBlock]
+    index: int | None = None  # a layer's or attention sub-block's position: its KV-cache layer in a decoder
+
+    def replacements(self, norm: str) -> list[tuple[ir.Value, ir.Value]]:
+        """``(old, new)`` value pairs whose replacement removes the candidate (``norm`` as the option)."""
+        if norm == "drop":
+            return [(self.blocks[-1].output, self.blocks[0].skip)]
+        return [(b.add.outputs[0], b.skip) for b in self.blocks]
+
+
+def candidates(model: ir.Model, which: str) -> tuple[list[Candidate], list[ResidualBlock]]:
+    """The removable candidates of ``model`` for ``blocks=which``, and every residual sub-block found.
+
+    Raises:
+        PassError: the model has no residual sub-block at all.
+    """
+    found = find_residual_blocks(model)
+    if not found:
+        raise PassError(
+            "layer-skip found no residual block: it looks for Add(x, f(x)) where f depends on x through a MatMul, "
+            "Gemm or Conv with a constant weight (transformer layers, attention/FFN sub-blocks, residual conv blocks)",
+            "this model has no skip connection whose branch could be removed; make it smaller with prune-structured")
+    if which == "layer":
+        return [Candidate(la.name, "layer", [la.attention, la.ffn], la.index) for la in find_layers(found)], found
+    kinds = {"ffn": ("ffn",), "attention": ("attention",), "sublayer": ("ffn", "attention"), "conv": ("conv",)}
+    wanted = kinds.get(which)
+    attention = [b for b in found if b.kind == "attention"]
+    return [Candidate(b.name, b.kind, [b], attention.index(b) if b.kind == "attention" else None)
+            for b in found if wanted is None or b.kind in wanted], found
+
+
+def remove_blocks(model: ir.Model, chosen: list[Candidate], norm: str = "keep") -> None:
+    """Replace each chosen block's output by its input and delete what became dead.
+
+    With ``norm="keep"`` the residual ``Add`` is replaced (a post-norm stays: ``y = LN(x)``), with ``"drop"`` the
+    block's output after its post-norm (``y = x``). Values are replaced last first: an earlier block's output may
+    be a later block's skip input. A decoder's removed layers also leave its KV cache
+    (:func:`effc.ir.decoder.remove_cache_layers`).
+    """
+    order = {id(n): i for i, n in enumerate(model.graph)}
+    pairs = [pair for cand in chosen for pair in cand.replacements(norm)]
+    for old, new in sorted(pairs, key=lambda p: -order[id(p[0].producer())]):
+        replace_value(model.graph, old, new)
+    layers = sorted(c.index for c in chosen if c.kind in CACHE_KINDS)
+    if decoder_ir.is_decoder(model) and layers:
+        decoder_ir.remove_cache_layers(model, layers)
+    ir_common.RemoveUnusedNodesPass()(model)
+
+
+@register_pass
+class LayerSkipPass(EffcPass):
+    """Remove whole residual blocks ranked on calibration data (see the module docstring).
+
+    Stats: ``found`` (every candidate: name, kind, weight bytes, block influence when calibrated, ``removable``),
+    ``removed`` (in removal order, with the measured score after each step), ``score_before``/``score_after``
+    (output cosine, or perplexity for a decoder), ``metric``, ``weight_bytes_removed``, ``skipped``; adaptive:
+    ``gates`` (name, threshold, calibration skip rate) and ``calibration_skip_rate``.
+
+    Raises:
+        PassError: no residual block in the model; options that do not fit it (``max_ppl_increase`` on an
+            encoder, ``min_cosine`` on a decoder, ``mode=adaptive`` without ``blocks=ffn`` and ``ratio``).
+        CalibrationError: a ranking or bound that measures without calibration data.
+    """
+
+    name = "layer-skip"
+    summary = ("remove residual blocks (layers, attention/FFN sub-blocks) ranked by influence or measured effect, "
+               "or gate FFNs at run time")
+    Options = LayerSkipOptions
+    exact = False
+    uses_calibration = True
+    unchanged_hint = "give count=, ratio= or a looser min_cosine/max_ppl_increase; mode=report lists the candidates"
+
+    def unchanged_reason(self) -> str | None:
+        """None for ``mode=report`` (it changes nothing by design), else the lossy pass's reason."""
+        return None if self.options.mode == "report" else super().unchanged_reason()
+
+    def _removable(self, model: ir.Model, cand: Candidate, attention_blocks: int) -> str | None:
+        """Why ``cand`` cannot be removed alone, or None (``attention_blocks``: how many the model has)."""
+        leaks = [v for b in cand.blocks for v in b.leaks]
+        if not leaks:
+            return None
+        if decoder_ir.is_decoder(model) and cand.kind in CACHE_KINDS:
+            layers = len(decoder_ir.cache_layers(decoder_ir.decoder_info(model)))
+            if attention_blocks != layers:
+                return (f"{attention_blocks} attention blocks found for {layers} cache layers: the cache rows cannot "
+                        "be matched")
+            return decoder_ir.cache_leak_reason(model, leaks, [n for b in cand.blocks for n in [*b.nodes, b.add]])
+        return f"values of the block are read outside it: {', '.join(leaks[:3])}"
+
+    def _check(self, model: ir.Model) -> bool:
+        """Validate the options against the model; True when the model is a decoder."""
+        o, decoder = self.options, decoder_ir.is_decoder(model)
+        if o.max_ppl_increase is not None and not decoder:
+            raise PassError("layer-skip(max_ppl_increase=...) needs a decoder graph (perplexity of next tokens)",
+                            "use min_cosine= for this model")
+        if o.min_cosine is not None and decoder:
+            raise PassError("layer-skip(min_cosine=...) compares outputs; a decoder is bounded by perplexity",
+                            "use max_ppl_increase= (0.1 = +10%) for a decoder")
+        needs = o.rank != "last" or o.min_cosine is not None or o.max_ppl_increase is not None
+        if needs and o.mode != "report" and self.calibration is None:
+            raise CalibrationError(f"layer-skip(rank={o.rank}) measures blocks on calibration data but got none",
+                                   "give calibration inputs (--data FILE.npz, or a zoo: model), or use rank=last "
+                                   "with count=")
+        return decoder
+
+    def _limit(self, n: int) -> int:
+        o = self.options
+        if o.count is not None:
+            return min(o.count, n)
+        if o.ratio is not None:
+            return int(o.ratio * n)
+        return n if o.min_cosine is not None or o.max_ppl_increase is not None else min(1, n)
+
+    def _within(self, evaluator: GatedEvaluator, score: float) -> bool:
+        o = self.options
+        if o.min_cosine is not None:
+            return score >= o.min_cosine
+        if o.max_ppl_increase is not None:
+            return score <= evaluator.reference_value * (1.0 + o.max_ppl_increase)
+        return True
+
+    def _select(self, pool: list[Candidate], influence: list[float] | None, evaluator: GatedEvaluator | None
+                ) -> list[tuple[Candidate, float | None]]:
+        """Candidates to remove in removal order, each with the score measured after its removal."""
+        limit, rank = self._limit(len(pool)), self.options.rank
+        chosen: list[tuple[Candidate, float | None]] = []
+        gone: set[int] = set()
+        order = list(reversed(range(len(pool)))) if rank == "last" else list(np.argsort(influence, kind="stable"))
+        while len(chosen) < limit and order:
+            if rank == "sleb":
+                trials = [(evaluator.score(gone | {k}), k) for k in order]
+                score, k = trials[0]
+                for trial in trials[1:]:
+                    score, k = trial if evaluator.better(trial[0], score) else (score, k)
+            else:
+                k = order[0]
+                score = evaluator.score(gone | {k}) if evaluator else None
+            if score is not None and not self._within(evaluator, score):
+                break
+            order.remove(k)
+            gone.add(k)
+            chosen.append((pool[k], score))
+        return chosen
+
+    def _adaptive(self, model: ir.Model, usable: list[Candidate], found: list[ResidualBlock]) -> bool:
+        """``mode=adaptive``: put each usable FFN under its calibrated gate (:mod:`effc.passes.skip_gate`)."""
+        o = self.options
+        if o.blocks != "ffn" or o.ratio is None or decoder_ir.is_decoder(model) or self.calibration is None:
+            raise PassError("layer-skip(mode=adaptive) gates FFN sub-blocks of an encoder per sequence: it needs "
+                            "blocks=ffn, a target skip rate ratio= and calibration data",
+                            "e.g. layer-skip(mode=adaptive,blocks=ffn,ratio=0.25); decoders: mode=static")
+        after = {id(la.ffn.add): la.attention for la in find_layers(found)}
+        gates = [skip_gate.Gate(c.name, after[id(c.blocks[0].add)], c.blocks[0]) for c in usable
+                 if id(c.blocks[0].add) in after]
+        self.stats["skipped"] += [{"name": c.name, "reason": "no attention sub-block before it gives the signal"}
+                                  for c in usable if id(c.blocks[0].add) not in after]
+        for k, gate in enumerate(gates):  # in graph order, each calibrated on the graph with the earlier gates
+            skip_gate.calibrate(model, gate, self.calibration, o.ratio)
+            skip_gate.insert_gate(model, gate, k)
+        rates = [float(np.mean(np.asarray(g.signals) >= g.threshold)) for g in gates]
+        self.stats.update(gates=[{"name": g.name, "threshold": g.threshold, "calibration_skip_rate": r}
+                                 for g, r in zip(gates, rates, strict=True)],
+                          calibration_skip_rate=float(np.mean(rates)) if rates else 0.0)
+        return bool(gates)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Find, rank, remove (or gate); see the class docstring."""
+        o = self.options
+        decoder = self._check(model)
+        pool, found = candidates(model, o.blocks)
+        skipped, usable = [], []
+        attention_blocks = sum(b.kind == "attention" for b in found)
+        for cand in pool:
+            reason = self._removable(model, cand, attention_blocks)
+            if reason is None and o.include and not any(fnmatch.fnmatchcase(cand.name, p) for p in o.include):
+                reason = "not matched by include"
+            (skipped.append({"name": cand.name, "reason": reason}) if reason else usable.append(cand))
+        calib = self.calibration
+        feeds = None if calib is None else type(calib)(list(calib)[:o.samples], calib.source)
+        influence = block_influence(model, [c.blocks for c in usable], feeds) if feeds and usable else None
+        found_stats = []
+        for cand in pool:
+            entry = {"name": cand.name, "kind": cand.kind, "removable": cand in usable,
+                     "weight_bytes": sum(b.weight_bytes() for b in cand.blocks)}
+            if influence and cand in usable:
+                entry["influence"] = round(influence[usable.index(cand)], 6)
+            found_stats.append(entry)
+        self.stats = {"mode": o.mode, "blocks_found": {k: sum(b.kind == k for b in found)
+                                                         for k in sorted({b.kind for b in found})},
+                      "found": found_stats, "skipped": skipped}
+        if o.mode == "adaptive":
+            return ir.passes.PassResult(model, modified=self._adaptive(model, usable, found))
+        if o.mode == "report" or not usable:
+            if not usable and o.mode == "static":
+                skipped.append({"name": o.blocks, "reason": f"no candidate of kind {o.blocks!r} can be removed"})
+            return ir.passes.PassResult(model, modified=False)
+        evaluator = None
+        if feeds is not None:
+            removals = [[(old.name, new.name) for old, new in c.replacements(o.norm)] for c in usable]
+            evaluator = GatedEvaluator(model, removals, feeds, decoder=decoder, output=o.output)
+        chosen = self._select(usable, influence, evaluator)
+        self.stats.update(
+            metric="perplexity" if decoder else "cosine",
+            score_before=None if evaluator is None else evaluator.reference_value,
+            score_after=chosen[-1][1] if chosen else None, trials=0 if evaluator is None else evaluator.runs,
+            removed=[{"name": c.name, "kind": c.kind, "score_after": s} for c, s in chosen],
+            weight_bytes_removed=sum(b.weight_bytes() for c, _ in chosen for b in c.blocks))
+        if chosen:
+            remove_blocks(model, [c for c, _ in chosen], o.norm)
+        logger.info("layer-skip: removed %d of %d candidate(s) (%s)", len(chosen), len(usable),
+                    ", ".join(c.name for c, _ in chosen))
+        return ir.passes.PassResult(model, modified=bool(chosen))
