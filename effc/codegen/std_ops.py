@@ -658,3 +658,37 @@ class NonMaxSuppression(_tvm.NonMaxSuppression):
             threshold = inputs[3].value.numpy().astype(np.float32)
             inputs = [*inputs[:3], relax.const(np.nextafter(threshold, np.float32(np.inf)), "float32"), *inputs[4:]]
         return super()._impl_v10(bb, inputs, attr, params)
+
+
+def _take_tiled(x: relax.Expr, axis: int, repeats: int) -> relax.Expr:
+    """``x`` repeated ``repeats`` times along ``axis`` as a ``take`` of a constant index vector.
+
+    The indices (``arange(repeats * n) % n``) are computed here in numpy, so the kernel holds no modulo of its
+    own: LLVM 22's loop vectorizer drops the ``% n`` of TVM's tile index arithmetic on AVX-512 targets (mcpu
+    znver4, skylake-avx512: reads past the input).
+    """
+    size = int(x.ty.shape[axis])
+    index = np.arange(repeats * size, dtype=np.int64) % max(size, 1)
+    return relax.op.take(x, relax.const(index, "int64"), axis=axis)
+
+
+@_override("Tile")
+class Tile(_tvm.Tile):
+    """Tile with constant ``repeats`` as one ``take`` per tiled axis (ONNX Tile-13, output ``shape * repeats``).
+
+    TVM's ``topi.tile`` is miscompiled by LLVM 22 on AVX-512 CPUs (onnx case ``test_tile``: 720 of 960 values
+    wrong); see :func:`_take_tiled`. Run-time ``repeats`` and inputs of unknown static shape keep TVM's converter.
+    """
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        x, repeats = inputs
+        shape = getattr(x.ty, "shape", None)
+        static = shape is not None and all(isinstance(d, tirx.IntImm) for d in getattr(shape, "values", []))
+        if not isinstance(repeats, tvm.ir.GenericConst) or not static:
+            return super()._impl_v13(bb, inputs, attr, params)
+        out = x
+        for axis, count in enumerate(repeats.value.numpy().reshape(-1).tolist()):
+            if count != 1:
+                out = bb.normalize(_take_tiled(out, axis, int(count)))
+        return out
