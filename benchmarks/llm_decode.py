@@ -1,10 +1,10 @@
 """Decoder latency: effc fp32 vs onnxruntime fp32 (the same prefill/decode graphs, KV cache inputs) vs torch eager.
 
-    python benchmarks/llm_decode.py ARTIFACT [--threads 1 2] [--rounds 3] [--steps 32]
+    python benchmarks/llm_decode.py ARTIFACT [--threads 1 2] [--rounds 3] [--steps 32] [--context N]
 
 ARTIFACT is a compiled decoder (``effc compile zoo:smollm2-135m -o out``). Each runtime runs in its own process,
 rounds alternate between them; every process prefills one chunk of P tokens (3 times) and decodes ``--steps``
-tokens after a P-token context. A STREAM-like read kernel (numpy sum over 512 MB, split over the threads) gives
+tokens after a P-token context (``--context N``: after N tokens). A STREAM-like read kernel (numpy sum over 512 MB, split over the threads) gives
 the machine's read bandwidth; effective GB/s = weight bytes per decoded token / decode time. Prints one JSON
 line per measurement and a summary table (median of the rounds' medians, and min).
 """
@@ -80,7 +80,7 @@ def _torch_run(artifact: Path, threads: int, steps: int, chunk: int) -> dict:
     return {"prefill_ms": prefill[1:], "decode_ms": times[1:]}
 
 
-def worker(kind: str, artifact: Path, threads: int, steps: int) -> dict:
+def worker(kind: str, artifact: Path, threads: int, steps: int, context: int | None = None) -> dict:
     os.environ["TVM_NUM_THREADS"] = str(threads)
     manifest = json.loads((artifact / "manifest.json").read_text())
     chunk = manifest["decoder"]["chunk"]
@@ -100,6 +100,9 @@ def worker(kind: str, artifact: Path, threads: int, steps: int) -> dict:
         start = time.perf_counter()
         logits = session.prefill(prompt)
         prefill.append((time.perf_counter() - start) * 1e3)
+    if context and context > chunk:  # decode after a longer context: prefill it in chunks (not timed)
+        session.reset()
+        logits = session.prefill([100 + i % 1000 for i in range(context)])
     token, times = int(np.argmax(logits[-1])), []
     for _ in range(steps + 1):
         start = time.perf_counter()
@@ -115,10 +118,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--runtimes", nargs="+", default=["effc", "ort", "torch"])
+    parser.add_argument("--context", type=int, default=None,
+                        help="tokens of context before the timed decode steps (default: one prefill chunk)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.artifact, args.threads[0], args.steps)))
+        print(json.dumps(worker(args.worker, args.artifact, args.threads[0], args.steps, args.context)))
         return
     manifest = json.loads((args.artifact / "manifest.json").read_text())
     weight_bytes = manifest["metrics"]["decoder"]["weight_bytes_per_decoded_token"]
@@ -129,7 +134,7 @@ def main() -> None:
         for round_index in range(args.rounds):
             for kind in args.runtimes:
                 cmd = [sys.executable, __file__, str(args.artifact), "--worker", kind, "--threads", str(threads),
-                       "--steps", str(args.steps)]
+                       "--steps", str(args.steps), *(["--context", str(args.context)] if args.context else [])]
                 line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
                 data = json.loads(line)
                 record = results.setdefault((threads, kind), {"prefill": [], "decode": [], "decode_min": []})
