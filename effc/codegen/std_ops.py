@@ -446,7 +446,7 @@ for _op, _base in (("MatMul", _tvm.MatMul), ("Softmax", _tvm.Softmax), ("Gemm", 
 
 
 def _ieee_extreme(base: type, largest: bool) -> type:
-    """``base`` (ReduceMax / ReduceMin) with IEEE semantics for float inputs.
+    """``base`` (ReduceMax / ReduceMin) with IEEE semantics for float inputs, and over bool (as uint8).
 
     TVM starts the reduction from the dtype's finite extreme (``-FLT_MAX`` for max) and LLVM's ``maxnum`` skips NaN:
     a row of ``-inf`` (a fully masked attention row) reduced to ``-3.4e38`` and NaN vanished. The same reduction
@@ -457,8 +457,11 @@ def _ieee_extreme(base: type, largest: bool) -> type:
     def make(version: str) -> classmethod:
         def impl(cls, bb, inputs, attr, params):
             convert = getattr(base, version).__func__
-            out = convert(cls, bb, inputs, attr, params)
             x = inputs[0]
+            if _dtype_of(x) == "bool":  # TVM has no bool extreme; over uint8 an empty max is 0, an empty min 255
+                wide = convert(cls, bb, [bb.normalize(relax.op.astype(x, "uint8")), *inputs[1:]], attr, params)
+                return relax.op.astype(wide, "bool")
+            out = convert(cls, bb, inputs, attr, params)
             if not _is_float(x) or isinstance(x, tvm.ir.GenericConst):
                 return out
             dtype = _dtype(x)
@@ -658,3 +661,80 @@ class NonMaxSuppression(_tvm.NonMaxSuppression):
             threshold = inputs[3].value.numpy().astype(np.float32)
             inputs = [*inputs[:3], relax.const(np.nextafter(threshold, np.float32(np.inf)), "float32"), *inputs[4:]]
         return super()._impl_v10(bb, inputs, attr, params)
+
+
+def _take_tiled(x: relax.Expr, axis: int, repeats: int) -> relax.Expr:
+    """``x`` repeated ``repeats`` times along ``axis`` as a ``take`` of a constant index vector.
+
+    The indices (``arange(repeats * n) % n``) are computed here in numpy, so the kernel holds no modulo of its
+    own: LLVM 22's loop vectorizer drops the ``% n`` of TVM's tile index arithmetic on AVX-512 targets (mcpu
+    znver4, skylake-avx512: reads past the input).
+    """
+    size = int(x.ty.shape[axis])
+    index = np.arange(repeats * size, dtype=np.int64) % max(size, 1)
+    return relax.op.take(x, relax.const(index, "int64"), axis=axis)
+
+
+@_override("Tile")
+class Tile(_tvm.Tile):
+    """Tile with constant ``repeats`` as one ``take`` per tiled axis (ONNX Tile-13, output ``shape * repeats``).
+
+    TVM's ``topi.tile`` is miscompiled by LLVM 22 on AVX-512 CPUs (onnx case ``test_tile``: 720 of 960 values
+    wrong); see :func:`_take_tiled`. Run-time ``repeats`` and inputs of unknown static shape keep TVM's converter.
+    """
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        x, repeats = inputs
+        shape = getattr(x.ty, "shape", None)
+        static = shape is not None and all(isinstance(d, tirx.IntImm) for d in getattr(shape, "values", []))
+        if not isinstance(repeats, tvm.ir.GenericConst) or not static:
+            return super()._impl_v13(bb, inputs, attr, params)
+        out = x
+        for axis, count in enumerate(repeats.value.numpy().reshape(-1).tolist()):
+            if count != 1:
+                out = bb.normalize(_take_tiled(out, axis, int(count)))
+        return out
+
+
+@_override("Pad")
+class Pad(_tvm.Pad):
+    """Pad (``mode="constant"``) with a ``constant_value`` computed at run time (ONNX Pad-11 onwards).
+
+    TVM's converter needs the value as a constant. Here ``x`` is padded with 0 and the padded positions, found by
+    padding a ones tensor the same way, take the value: ``where(pad(ones) != 0, pad(x), value)``.
+    """
+
+    @classmethod
+    def _lower_pad(cls, bb, inputs, attr, params, allowed_modes):
+        value = inputs[2] if len(inputs) > 2 else None
+        mode = attr.get("mode", b"constant").decode("utf-8")
+        if value is None or isinstance(value, tvm.ir.GenericConst) or mode != "constant":
+            return super()._lower_pad(bb, inputs, attr, params, allowed_modes)
+        x = inputs[0]
+        rest = [*inputs[:2], None, *inputs[3:]]
+        padded = bb.normalize(super()._lower_pad(bb, rest, attr, params, allowed_modes))
+        ones = bb.normalize(relax.op.ones_like(x, "int8"))
+        inside = bb.normalize(super()._lower_pad(bb, [ones, *rest[1:]], attr, params, allowed_modes))
+        fill = relax.op.reshape(value if _dtype(value) == _dtype(x) else relax.op.astype(value, _dtype(x)), ())
+        return relax.op.where(relax.op.not_equal(inside, relax.const(0, "int8")), padded, fill)
+
+
+@_override("Split")
+class Split(_tvm.Split):
+    """Split with zero-size parts (ONNX Split-13: ``split`` may hold 0): one ``strided_slice`` per output.
+
+    TVM's ``split`` needs strictly increasing indices and fails to legalize on repeated ones.
+    """
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        sizes = inputs[1] if len(inputs) > 1 else None
+        if not isinstance(sizes, tvm.ir.GenericConst) or sizes.ty.ndim == 0:
+            return super()._impl_v13(bb, inputs, attr, params)
+        sizes = [int(s) for s in sizes.value.numpy().reshape(-1)]
+        if all(sizes):
+            return super()._impl_v13(bb, inputs, attr, params)
+        axis, ends = int(attr.get("axis", 0)), np.cumsum(sizes).tolist()
+        return relax.Tuple([bb.normalize(relax.op.strided_slice(inputs[0], [axis], [end - size], [end]))
+                            for size, end in zip(sizes, ends, strict=True)])

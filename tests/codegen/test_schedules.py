@@ -250,3 +250,17 @@ def test_depth_to_space_keeps_the_vector_row_out_of_the_parallel_fusion():
     assert template == "injective"
     expected = data.reshape(1, 4, 2, 2, 8, 32).transpose(0, 1, 4, 2, 5, 3).reshape(1, 4, 16, 64)
     np.testing.assert_array_equal(got, expected)
+
+
+def test_reshape_merging_a_short_axis_is_not_vectorized_across_it():
+    """(2, 3, 4, 8) → (2, 3, 32): a vector must not span the ``% 8`` period (16 lanes misread on AVX-512)."""
+    x = te.placeholder((2, 3, 4, 8), name="x")
+    y = topi.reshape(x, (2, 3, 32))
+    z = te.compute(y.shape, lambda *i: y(*i) * 2.0, name="scale")
+    func = te.create_prim_func([x, z])
+    scheduled, _ = schedule_kernel(func, TILES)
+    widths = {int(w) for w in re.findall(r"T\.vectorized\((?:T\.int64\()?(\d+)", scheduled.script())}
+    assert widths and max(widths) <= 8, widths
+    data = RNG.standard_normal((2, 3, 4, 8)).astype("float32")
+    _, got = _run(func, [data], (2, 3, 32))
+    np.testing.assert_array_equal(got, data.reshape(2, 3, 32) * 2.0)

@@ -11,7 +11,9 @@ import dataclasses
 import math
 from typing import Any
 
+import tvm
 from tvm import s_tir, tirx
+from tvm.sym.pattern import detect_linear_equation
 
 _DATA_PAR = 0
 _COMM_REDUCE = 2
@@ -139,3 +141,56 @@ def pow2_divisor(n: int, cap: int) -> int:
 def region_buffer(region) -> Any:
     """The buffer of a block read/write region (``TensorRegion.source`` in TVM 0.27, ``.buffer`` before)."""
     return load_buffer(region)
+
+
+_DIV_MOD = (tirx.FloorDiv, tirx.FloorMod, tirx.Div, tirx.Mod)
+#: Fields through which :func:`_div_mods` walks a TIR statement or expression.
+_CHILDREN = ("body", "value", "indices", "a", "b", "args", "condition", "true_value", "false_value")
+
+
+def _div_mods(node: Any, found: list) -> None:
+    """Collect the div/mod nodes of ``node`` that are not inside another div/mod (their dividends hold the rest)."""
+    if isinstance(node, _DIV_MOD):
+        found.append(node)
+        return
+    for field in _CHILDREN:
+        child = getattr(node, field, None)
+        if child is None or isinstance(child, (str, int, float)):
+            continue
+        for item in child if isinstance(child, (list, tuple, tvm.ir.Array)) else [child]:
+            _div_mods(item, found)
+
+
+def _uses(expr: Any, var: tirx.Var) -> bool:
+    """Whether ``var`` occurs in ``expr`` outside any nested div/mod."""
+    if isinstance(expr, tirx.Var):
+        return expr.same_as(var)
+    if isinstance(expr, _DIV_MOD):
+        return False
+    return any(_uses(getattr(expr, f), var) for f in ("a", "b", "value") if getattr(expr, f, None) is not None)
+
+
+def safe_vector_lanes(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, var_index: int, lanes: int) -> int:
+    """Lanes (≤ ``lanes``, a power of two) that no index div/mod period of iterator ``var_index`` splits.
+
+    A vector of ``lanes`` consecutive values of the iterator must see ``x // d`` constant and ``x % d`` as one
+    ramp for every divisor ``d`` applied to an expression linear in it (stride ``c``): ``lanes * c`` divides ``d``.
+    Wider vectors are miscompiled on AVX-512 by TVM 0.27 / LLVM 22 (onnx cases ``test_tile``,
+    ``test_rotary_embedding_3d_input``: a reshape merging an axis of 8 into 32, vectorized by 16, read the wrong
+    head). Non-linear uses of the iterator give 1 (no vectorization).
+    """
+    stmt = sch.get(block)
+    var = stmt.iter_vars[var_index].var
+    found: list = []
+    _div_mods(stmt.body, found)
+    for node in found:
+        if not _uses(node.a, var):
+            continue
+        linear = detect_linear_equation(node.a, [var])
+        if not linear or not isinstance(linear[0], tirx.IntImm) or not isinstance(node.b, tirx.IntImm):
+            return 1
+        stride, divisor = abs(int(linear[0].value)), int(node.b.value)
+        if stride == 0:
+            continue
+        lanes = pow2_divisor(divisor // stride, lanes) if divisor % stride == 0 else 1
+    return lanes

@@ -30,6 +30,7 @@ def schedule_nest(sch: s_tir.Schedule, blk, tiles: TileConfig, vectorize: bool =
     if vectorize and not facts.is_reduction and facts.n_allocs == 0:
         ext = an.loop_extent(sch, spatial[-1])
         lanes = an.pow2_divisor(ext, tiles.lanes) if ext > 0 else 1
+        lanes = an.safe_vector_lanes(sch, blk, n_spatial - 1, lanes) if lanes >= 4 else lanes
         if lanes >= 4:
             if lanes < ext:
                 outer, vec = sch.split(spatial[-1], [None, lanes])
