@@ -10,6 +10,7 @@ from effc.ops.block_formats import FORMATS, dequantize, quantize
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu()), "num-cores": 2})
 HAS_AVX2 = gemv.supports_int8_gemm(TARGET)
+AVX2_ONLY = tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})  # runs on any AVX2 CPU
 
 
 def _quantized(name: str, k: int, n: int, seed: int = 0):
@@ -42,20 +43,22 @@ def test_kernel_rows_round_trip(name):
 
 @pytest.mark.skipif(not HAS_AVX2, reason="the GEMV kernel needs an x86 CPU with AVX2")
 @pytest.mark.parametrize("name", ["mxfp4", "int4", "mxint8", "int8"])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_gemv_kernel_matches_numpy(name, threads):
-    """Y (1, N) = X @ dequantize(W) within fp32 summation-order error, serial and parallel tiles."""
+@pytest.mark.parametrize(("threads", "target"), [(1, TARGET), (2, TARGET), (1, AVX2_ONLY)])
+def test_gemv_kernel_matches_numpy(name, threads, target):
+    """Y (1, N) = X @ dequantize(W) within fp32 summation-order error: serial and parallel tiles; the lookups of
+    AVX-512VL (one 16-entry ``vpermi2ps``, where this CPU has it) and of AVX2 (two ``vpermps`` + blend)."""
     from effc.codegen.build import set_runtime_threads
 
     fmt = FORMATS[name]
     k, n = 192, 2048 if threads == 2 else 40  # 2048 * 192 elements reach min_parallel_gemv: a parallel loop
     q, wq, scales = _quantized(name, k, n)
     x = np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)
-    with TARGET:
+    with target:
         assert gemv.gemv_applies(fmt, 32, k, n)
         func = gemv.gemv_kernel(k, n, fmt, str(scales.dtype))
     assert ("parallel" in func.script()) == (threads == 2)
-    lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
+    assert ("vpermi2var" in func.script()) == (fmt.bits == 4 and target is TARGET and gemv._has_avx512vl_in(target))
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
     set_runtime_threads(threads)
     args = [x, gemv.kernel_rows(wq, fmt, k), scales, *([fmt.code_table()] if fmt.bits == 4 else []),
             np.zeros((1, n), np.float32)]
