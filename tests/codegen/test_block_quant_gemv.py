@@ -24,14 +24,15 @@ def _quantized(name: str, k: int, n: int, seed: int = 0):
 @pytest.mark.parametrize("name", ["mxfp4", "int4", "mxint8", "int8", "mxfp6_e2m3"])
 def test_kernel_rows_round_trip(name):
     """Every code read back through the kernel layout's addressing equals the packed ONNX code."""
-    fmt, k = FORMATS[name], 96
+    fmt, k = FORMATS[name], 192
     _, wq, _ = _quantized(name, k, 8)
     rows = gemv.kernel_rows(wq, fmt, k)
     assert rows.shape[1] == k * fmt.bits // 8 + (fmt.bits == 6)  # no byte more than the packed ONNX rows
     codes = unpack_codes(wq, fmt.bits, k).astype(np.int64)
     c = np.arange(k)
-    if fmt.bits == 4:
-        back = (rows[:, (c // 16) * 8 + c % 8].astype(np.int64) >> (((c % 16) // 8) * 4)) & 15
+    if fmt.bits == 4:  # element 64q + 8i + l: nibble i of int32 lane l of chunk q
+        i, lane = (c % 64) // 8, c % 8
+        back = (rows[:, (c // 64) * 32 + lane * 4 + i // 2].astype(np.int64) >> ((i % 2) * 4)) & 15
     elif fmt.bits == 8:
         back = rows.astype(np.int64)
     else:
@@ -73,5 +74,6 @@ def test_gemv_refuses_what_it_cannot_decode():
         assert not gemv.gemv_applies(FORMATS["mxfp8_e4m3"], 32, 64, 8)  # FP8 elements: decode-in-GEMM kernel
         assert not gemv.gemv_applies(FORMATS["mxfp4"], 16, 64, 8)  # blocks of 16
         assert not gemv.gemv_applies(FORMATS["mxfp4"], 32, 64, 6)  # N not a multiple of ROWS
+        assert not gemv.gemv_applies(FORMATS["mxfp4"], 32, 96, 8)  # K not a multiple of the 64-weight chunk
     with pytest.raises(ValueError, match="no GEMV kernel"):
         gemv.gemv_kernel(64, 8, FORMATS["mxfp6_e2m3"], "uint8")
