@@ -2,7 +2,7 @@
 
 Compile-time layout (the converter re-packs the ONNX initializers, same bytes):
 :func:`effc.codegen.ops.block_quant_gemv.kernel_rows`, one row per output channel with its codes along K (4-bit
-codes split per group of 16), and the ONNX scales ``S`` ``(N, K / block_size)`` (E8M0 uint8 for MX,
+codes in 64-weight lane-nibble chunks), and the ONNX scales ``S`` ``(N, K / block_size)`` (E8M0 uint8 for MX,
 float16/float32 for int blocks). The embedding lookup and both decoder entry points read the same two constants, so a
 tied embedding and a weight used by prefill and decode are stored once. The kernel computes
 ``Y (M, N) = X (M, K) @ W`` where::
