@@ -22,7 +22,7 @@ compiles as a user does (a mismatch with onnxruntime is refused, i.e. counted as
 
 ``--freeze-config-inputs`` bakes small configuration inputs into the model as initializers, as exporters write
 them: inputs other than the first of rank <= 1 with at most :data:`CONFIG_MAX_ELEMENTS` elements that are integer
-or bool, or float ones named like Resize's ``scales`` / ``roi``.
+or bool, or float ones named like Resize's ``scales`` / ``roi``, OneHot's ``depth`` or NonMaxSuppression's thresholds.
 
 Workers are long-lived subprocesses (importing TVM costs seconds per process on a 2-core machine): each takes many
 cases and is replaced after a crash or a timeout. Results go to ``benchmarks/results/onnx_conformance[_frozen].json``
@@ -60,7 +60,7 @@ START, END = "<!-- onnx-conformance:start -->", "<!-- onnx-conformance:end -->"
 CLASSES = ("PASS", "WRONG", "CLEAN_ERROR", "CRASH", "TIMEOUT")
 RTOL, ATOL = 1e-3, 1e-4
 CONFIG_MAX_ELEMENTS = 16
-_FLOAT_CONFIG_NAMES = frozenset({"scales", "roi"})
+_FLOAT_CONFIG_NAMES = frozenset({"scales", "roi", "depth", "iou_threshold", "score_threshold"})
 
 #: Ops of the zoo models (MiniLM, PP-OCR det/rec/cls, Magika, Silero VAD) and of LLM exports (torch dynamo,
 #: opset 20-24): the fast subset that runs in the test suite.
@@ -199,7 +199,7 @@ def freeze_config_inputs(model: Any, feeds: dict[str, Any]) -> list[str]:
     """Turn small configuration inputs of ``model`` (an ``onnx.ModelProto``, changed in place) into initializers.
 
     An input other than the first is configuration when it is a tensor of rank <= 1 with at most
-    :data:`CONFIG_MAX_ELEMENTS` elements that is integer or bool, or a float named ``scales`` / ``roi``.
+    :data:`CONFIG_MAX_ELEMENTS` elements that is integer or bool, or a float named in :data:`_FLOAT_CONFIG_NAMES`.
 
     Returns:
         The names frozen (removed from the graph inputs; their values now come from ``feeds``).

@@ -10,11 +10,12 @@ which :func:`effc.codegen.frontend.to_relax` turns into an :class:`~effc.errors.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, te, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as _tvm
 
 #: Standard op type → effc converter class (TVM's ``OnnxOpConverter`` protocol), used instead of TVM's own.
@@ -150,40 +151,191 @@ class BatchNormalization(_tvm.BatchNormalization):
         return super()._impl_v15(bb, inputs, attr, params)
 
 
-#: ONNX float8 type id → (largest finite value, smallest magnitude that overflows under round-to-nearest-even,
-#: the overflow value without saturation: inf where the format has one, else NaN).
-_FLOAT8 = {17: (448.0, 464.0, np.nan), 18: (240.0, 248.0, np.nan), 19: (57344.0, 61440.0, np.inf),
-           20: (57344.0, 61440.0, np.nan)}
+@dataclasses.dataclass(frozen=True)
+class _Float8:
+    """An OCP / FNUZ float8 format (ONNX Cast-19 / ml_dtypes).
+
+    Mantissa bits, exponent bias, largest finite value, the smallest magnitude that overflows under
+    round-to-nearest-even, the overflow value without saturation (inf where the format has one, else NaN), and
+    whether it has a negative zero (the FNUZ formats spend that code on NaN).
+    """
+
+    mantissa: int
+    bias: int
+    top: float
+    overflow: float
+    special: float
+    negative_zero: bool
+
+
+_FLOAT8 = {
+    "float8_e4m3fn": _Float8(3, 7, 448.0, 464.0, np.nan, True),
+    "float8_e4m3fnuz": _Float8(3, 8, 240.0, 248.0, np.nan, False),
+    "float8_e5m2": _Float8(2, 15, 57344.0, 61440.0, np.inf, True),
+    "float8_e5m2fnuz": _Float8(2, 16, 57344.0, 61440.0, np.nan, False),
+}
+#: ONNX element type id → TVM dtype name of the 8-bit float types (Cast's ``to`` is an ONNX id).
+_FLOAT8_IDS = {17: "float8_e4m3fn", 18: "float8_e4m3fnuz", 19: "float8_e5m2", 20: "float8_e5m2fnuz",
+               24: "float8_e8m0fnu"}
+
+
+def _code(value: float, dtype: str) -> int:
+    return int(np.array(value, np.float32).astype(np.dtype(dtype)).view(np.uint8))
+
+
+def _float8_encoder(fmt: _Float8, dtype: str, saturate: bool) -> Callable[[te.Tensor], te.Tensor]:
+    """A TE compute: float32 ``x`` → ``dtype`` as ONNX Cast-19 converts (round to nearest even).
+
+    With ``e = max(exponent(|x|), 1 - bias)`` and ``n = nearbyint(|x| / 2^(e - M))`` the code is
+    ``((e + bias - 1) << M) + n``: for normals ``n`` carries the implicit leading one, for subnormals
+    (``e = 1 - bias``) the exponent field is 0, and a rounding carry (``n = 2^(M+1)``) lands on the next binade.
+    NaN gives the format's NaN; past ``±top`` the value saturates to ``±top`` (``saturate``) or becomes
+    ``fmt.special``. Everything is integer work on the codes: TVM's own float8 conversions are not used.
+    """
+    m, emin = fmt.mantissa, 1 - fmt.bias
+    nan, special = _code(np.nan, dtype), _code(fmt.special, dtype)
+    negative_special = _code(-fmt.special, dtype)
+
+    def encode_float8(x: te.Tensor) -> te.Tensor:
+        return te.compute(x.shape, lambda *i: tirx.reinterpret(dtype, encode(x(*i)).astype("uint8")),
+                          name="encode_float8")
+
+    def encode(v):
+        def i32(value: int) -> tirx.PrimExpr:  # int32 constants (the bit patterns are int32)
+            return tirx.const(value, "int32")
+
+        negative = tirx.reinterpret("int32", v) < i32(0)
+        mag = tirx.min(tirx.abs(v), tirx.const(fmt.top, "float32"))
+        e = tirx.max((tirx.reinterpret("int32", mag) >> i32(23)) - i32(127), i32(emin))
+        quantum = tirx.reinterpret("float32", (e + i32(127 - m)) << i32(23))
+        code = ((e + i32(fmt.bias - 1)) << i32(m)) + tirx.nearbyint(mag / quantum).astype("int32")
+        if not fmt.negative_zero:  # -0 is 0 (0x80 is NaN); |x| up to half the smallest subnormal rounds to 0
+            negative = tirx.all(negative, mag > tirx.const(2.0 ** (emin - m - 1), "float32"))
+        code = tirx.Select(negative, code + i32(128), code)
+        if not saturate:
+            over = tirx.abs(v) >= tirx.const(fmt.overflow, "float32")
+            code = tirx.Select(over, tirx.Select(v < tirx.const(0.0, "float32"), i32(negative_special),
+                                                 i32(special)), code)
+        return tirx.Select(tirx.isnan(v), i32(nan), code)
+
+    return encode_float8
+
+
+def _decode_table(dtype: str) -> relax.Constant:
+    """float32 value of each of the 256 codes of an 8-bit float ``dtype`` (ml_dtypes decodes them exactly)."""
+    return relax.const(np.arange(256, dtype=np.uint8).view(np.dtype(dtype)).astype(np.float32), "float32")
+
+
+def _decode_float8(x: te.Tensor, table: te.Tensor) -> te.Tensor:
+    return te.compute(x.shape, lambda *i: table[tirx.reinterpret("uint8", x(*i))], name="decode_float8")
 
 
 @_override("Cast")
 class Cast(_tvm.Cast):
-    """Cast to a float8 type, with ONNX's saturation (TVM's conversion wraps: 1e6 became -15 in E4M3FN).
+    """Casts from and to the 8-bit float types, with ONNX's rounding and saturation (TVM's conversions are wrong).
 
-    ``saturate=1`` (the default) clamps to the largest finite value, ``saturate=0`` gives inf (E5M2) or NaN (the
-    other formats) past it; NaN stays NaN. TVM converts only the clamped values; the special values are selected
-    in float8 afterwards (TVM's conversion of NaN and inf is wrong too).
+    TVM wrapped on overflow (1e6 became -15 in E4M3FN), read FNUZ codes with the OCP bias (every value 2x off),
+    kept E5M2's NaN codes as numbers and rounded subnormals differently. effc decodes with a 256-entry table of the
+    exact values and encodes with round-to-nearest-even (:func:`_encode_float8`). ``saturate=1`` (the default)
+    clamps to the largest finite value, ``saturate=0`` gives inf (E5M2) or NaN (the other formats) past it; NaN
+    stays NaN. Casts to ``float8_e8m0`` (ONNX's ``round_mode``) are refused.
     """
 
     @classmethod
     def _impl_v13(cls, bb, inputs, attr, params):
         x = inputs[0]
-        spec = _FLOAT8.get(attr.get("to"))
-        if spec is None or isinstance(x, tvm.ir.GenericConst) or not _is_float(x):
+        to = attr.get("to")
+        to = _FLOAT8_IDS.get(to, to) if isinstance(to, int) else str(to)
+        if isinstance(x, tvm.ir.GenericConst) or not isinstance(getattr(x, "ty", None), relax.TensorType):
             return super()._impl_v13(bb, inputs, attr, params)
-        top, overflow, special = spec
-        out = bb.normalize(super()._impl_v13(bb, [bb.normalize(relax.op.clip(x, -top, top)), *inputs[1:]], attr,
-                                             params))
-        dtype = _dtype(out)
+        source = _dtype(x)
+        if source.startswith("float8"):
+            wide = bb.emit_te(_decode_float8, x, _decode_table(source))
+            return wide if to == "float32" else cls._impl_v13(bb, [wide], {**attr, "to": to}, params)
+        if to == "float8_e8m0fnu":
+            raise NotImplementedError("Cast to float8_e8m0 (ONNX round_mode) is not supported: cast to float32, "
+                                      "or give the scale as float8_e8m0 data")
+        fmt = _FLOAT8.get(to)
+        if fmt is None or not _is_float(x):
+            return super()._impl_v13(bb, inputs, attr, params)
+        xf = x if source == "float32" else bb.normalize(relax.op.astype(x, "float32"))
+        return bb.emit_te(_float8_encoder(fmt, to, bool(attr.get("saturate", 1))), xf)
 
-        def f8(value: float) -> relax.Constant:
-            return relax.const(np.array(value).astype(dtype), dtype)
 
-        if not attr.get("saturate", 1):
-            low = -special if np.isinf(special) else special
-            out = relax.op.where(relax.op.greater_equal(x, _const(overflow, x)), f8(special), out)
-            out = relax.op.where(relax.op.less_equal(x, _const(-overflow, x)), f8(low), out)
-        return relax.op.where(relax.op.isnan(x), f8(np.nan), out)
+@_override("CastLike")
+class CastLike(_tvm.CastLike):
+    """CastLike through effc's :class:`Cast` (TVM's calls its own Cast)."""
+
+    @classmethod
+    def _impl_v15(cls, bb, inputs, attr, params):
+        target = inputs[1]
+        dtype = "int64" if isinstance(target, relax.ShapeExpr) else _dtype_of(target)
+        if dtype is None:
+            return super()._impl_v15(bb, inputs, attr, params)
+        return Cast._impl_v13(bb, [inputs[0]], {**attr, "to": dtype}, params)
+
+
+def _resize_on_all_axes(inputs: list, attr: dict) -> tuple[list, dict]:
+    """Resize's ``axes`` attribute (opset 18) resolved: ``roi``, ``scales`` and ``sizes`` spelled out for every axis.
+
+    Axes left out keep their size (scale 1, roi ``[0, 1]``); TVM's converter reads these inputs as full-rank.
+
+    Raises:
+        NotImplementedError: ``roi`` / ``scales`` / ``sizes`` is not a constant.
+    """
+    dims = [int(d) for d in inputs[0].ty.shape]
+    rank = len(dims)
+    axes = [int(a) % rank for a in attr["axes"]]
+    inputs = list(inputs) + [None] * (4 - len(inputs))
+    fulls = {1: np.array([0.0] * rank + [1.0] * rank, np.float32), 2: np.ones(rank, np.float32),
+             3: np.array(dims, np.int64)}
+    for k in (1, 2, 3):
+        given = inputs[k]
+        if given is None:
+            continue
+        if not isinstance(given, tvm.ir.GenericConst):
+            raise NotImplementedError("Resize with 'axes' and a run-time roi/scales/sizes input: pass it as a "
+                                      "constant")
+        values = given.value.numpy()
+        if values.size == 0:
+            continue
+        full = fulls[k].astype(values.dtype)
+        for i, axis in enumerate(axes):
+            full[axis] = values[i]
+            if k == 1:  # roi: starts, then ends
+                full[rank + axis] = values[len(axes) + i]
+        inputs[k] = relax.const(full, str(values.dtype))
+    while inputs[-1] is None:  # TVM reads len(inputs) > 3 as "sizes given"
+        inputs.pop()
+    return inputs, {key: value for key, value in attr.items() if key != "axes"}
+
+
+def _resize_keeping_aspect(inputs: list, attr: dict) -> tuple[list, dict]:
+    """Resize's ``keep_aspect_ratio_policy`` resolved into plain ``sizes`` (TVM ignores the attribute).
+
+    ONNX Resize-18: one scale for the resized axes, the smallest (``not_larger``) or largest (``not_smaller``) of
+    ``sizes / input dims``, and ``sizes = int(scale * dim + 0.5)``; the coordinates use that scale. TVM derives them
+    from ``size / dim``, so a case where the two differ is refused.
+
+    Raises:
+        NotImplementedError: ``sizes`` is not a constant, or ``size / dim`` differs from the policy's scale.
+    """
+    policy = attr["keep_aspect_ratio_policy"].decode()
+    sizes = inputs[3] if len(inputs) > 3 else None
+    if not isinstance(sizes, tvm.ir.GenericConst):
+        raise NotImplementedError(f"Resize keep_aspect_ratio_policy={policy!r} needs constant 'sizes'")
+    dims = np.array([int(d) for d in inputs[0].ty.shape])
+    axes = [int(a) % len(dims) for a in attr.get("axes") or range(len(dims))]
+    wanted = sizes.value.numpy().astype(np.float64)
+    ratios = wanted / dims[axes]
+    scale = ratios.min() if policy == "not_larger" else ratios.max()
+    outs = [int(scale * dims[a] + 0.5) for a in axes]
+    if any(out != scale * dims[a] for out, a in zip(outs, axes, strict=True)):
+        raise NotImplementedError(f"Resize keep_aspect_ratio_policy={policy!r} with sizes {wanted.astype(int).tolist()}"
+                                  f" on dims {dims.tolist()}: the output size is not scale*dim exactly and TVM would "
+                                  "interpolate at other positions; give the exact 'sizes' with policy 'stretch'")
+    inputs = [*inputs[:3], relax.const(np.array(outs, np.int64), "int64"), *inputs[4:]]
+    return inputs, {key: value for key, value in attr.items() if key != "keep_aspect_ratio_policy"}
 
 
 @_override("Resize")
@@ -197,6 +349,10 @@ class Resize(_tvm.Resize):
 
     @classmethod
     def _impl_v18(cls, bb, inputs, attr, params):
+        if attr.get("keep_aspect_ratio_policy", b"stretch") != b"stretch":
+            inputs, attr = _resize_keeping_aspect(inputs, attr)
+        if attr.get("axes"):
+            inputs, attr = _resize_on_all_axes(inputs, attr)
         x = inputs[0]
         mode = attr.get("mode", b"nearest").decode()
         spatial = [int(d) for d in x.ty.shape][2:] if all(isinstance(d, tvm.tirx.IntImm | int)
@@ -407,3 +563,98 @@ class LayerNormalization(_tvm.LayerNormalization):
         eps = relax.const(float(attr.get("epsilon", 1e-5)), "float32")
         inv_std = relax.op.rsqrt(relax.op.add(var, eps))
         return relax.Tuple([out[0], mean, inv_std])
+
+
+@_override("RMSNormalization")
+class RMSNormalization(_tvm.RMSNormalization):
+    """RMSNormalization over every axis (``axis=0``) as plain ops: TVM's ``rms_norm`` fails to legalize then.
+
+    ``y = x / sqrt(mean(x^2 over axes) + epsilon) * scale`` (ONNX RMSNormalization-23), in float32 for
+    ``stash_type=1``; other axes go to TVM's fused ``rms_norm``.
+    """
+
+    @classmethod
+    def _impl_v23(cls, bb, inputs, attr, params):
+        x, scale = inputs[0], inputs[1]
+        rank = len(x.ty.shape)
+        if attr.get("axis", -1) % rank != 0:
+            return super()._impl_v23(bb, inputs, attr, params)
+        dtype = _dtype(x)
+        wide = "float32" if attr.get("stash_type", 1) == 1 else dtype
+        xs, ws = relax.op.astype(x, wide), relax.op.astype(scale, wide)
+        mean = relax.op.mean(relax.op.multiply(xs, xs), list(range(rank)), keepdims=True)
+        eps = relax.const(float(attr.get("epsilon", 1e-5)), wide)
+        out = relax.op.multiply(relax.op.multiply(xs, relax.op.rsqrt(relax.op.add(mean, eps))), ws)
+        return relax.op.astype(out, dtype)
+
+
+@_override("OneHot")
+class OneHot(_tvm.OneHot):
+    """OneHot as ``where(expand_dims(indices, axis) == arange(depth), on, off)`` (ONNX OneHot-11).
+
+    TVM's converter needs constant ``values`` and an integer ``depth``; here ``values`` may be computed at run
+    time and ``depth`` (the output size, so a constant) may be float. Negative indices count from ``depth``;
+    indices out of ``[-depth, depth)`` give an all-``off`` row, as in the spec.
+    """
+
+    @classmethod
+    def _impl_v11(cls, bb, inputs, attr, params):
+        indices, depth, values = inputs
+        if not isinstance(depth, tvm.ir.GenericConst):
+            raise NotImplementedError("OneHot with a run-time depth (it sets the output shape): make it a constant")
+        size = int(depth.value.numpy().reshape(-1)[0])
+        rank = len(indices.ty.shape) + 1
+        axis = int(attr.get("axis", -1)) % rank
+        idx = bb.normalize(relax.op.astype(indices, "int64"))
+        idx = relax.op.where(relax.op.less(idx, relax.const(0, "int64")), relax.op.add(idx, relax.const(size, "int64")),
+                             idx)
+        positions = np.arange(size, dtype=np.int64).reshape([size if k == axis else 1 for k in range(rank)])
+        hit = relax.op.equal(relax.op.expand_dims(idx, axis), relax.const(positions, "int64"))
+        off = relax.op.take(values, relax.const(0, "int64"), axis=0)
+        on = relax.op.take(values, relax.const(1, "int64"), axis=0)
+        return relax.op.where(hit, on, off)
+
+
+@_override("Pow")
+class Pow(_tvm.Pow):
+    """Pow with operands of different types, or of integer type (ONNX Pow-15: the result has the base's type).
+
+    TVM's power needs one float type on both sides. A float base raises to the exponent cast to its type; an
+    integer base is computed in float64 and cast back (exact while ``|result| < 2**53``).
+    """
+
+    @classmethod
+    def _impl_v7(cls, bb, inputs, attr, params):
+        x, y = inputs
+        both_constant = isinstance(x, tvm.ir.GenericConst) and isinstance(y, tvm.ir.GenericConst)
+        if both_constant or _dtype_of(x) is None or _dtype_of(y) is None:
+            return super()._impl_v7(bb, inputs, attr, params)
+        base = _dtype(x)
+        if _is_float(x):
+            return relax.op.power(x, y if _dtype(y) == base else relax.op.astype(y, base))
+        wide = relax.op.power(relax.op.astype(x, "float64"), relax.op.astype(y, "float64"))
+        return relax.op.astype(wide, base)  # truncates toward zero, as numpy's astype in the ONNX reference
+
+
+@_override("NonMaxSuppression")
+class NonMaxSuppression(_tvm.NonMaxSuppression):
+    """NonMaxSuppression with run-time thresholds is refused.
+
+    TVM's converter silently used its defaults (0, 0.5, 0.0) for a ``max_output_boxes_per_class`` /
+    ``iou_threshold`` / ``score_threshold`` that is not a constant (onnx case
+    ``test_nonmaxsuppression_suppress_by_IOU_and_scores``: 3 boxes selected instead of 2). TVM suppresses at
+    ``IoU >= threshold``, ONNX at ``IoU > threshold``: the threshold is passed as the next float32 above it.
+    """
+
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        names = ("max_output_boxes_per_class", "iou_threshold", "score_threshold")
+        dynamic = [name for name, value in zip(names, inputs[2:5], strict=False)
+                   if value is not None and not isinstance(value, tvm.ir.GenericConst)]
+        if dynamic:
+            raise NotImplementedError(f"NonMaxSuppression with run-time {', '.join(dynamic)}: give them as "
+                                      "constants (initializers), as exporters write them")
+        if len(inputs) > 3 and inputs[3] is not None:  # ONNX suppresses IoU > threshold, TVM IoU >= threshold
+            threshold = inputs[3].value.numpy().astype(np.float32)
+            inputs = [*inputs[:3], relax.const(np.nextafter(threshold, np.float32(np.inf)), "float32"), *inputs[4:]]
+        return super()._impl_v10(bb, inputs, attr, params)

@@ -81,10 +81,15 @@ def _check_structure(
                 )
 
 
+def _is_float(dtype: np.dtype) -> bool:
+    """True for numpy floats and the ml_dtypes ones (bfloat16, float8_*, float4_*: numpy kind ``V``)."""
+    return np.issubdtype(dtype, np.floating) or (dtype.kind == "V" and dtype.name.startswith(("bfloat", "float")))
+
+
 def _kind(name: str, array: np.ndarray, output_kind: str | Mapping[str, str] | None) -> str:
     if array.dtype == np.bool_:
         return "bool"
-    if not np.issubdtype(array.dtype, np.floating):
+    if not _is_float(array.dtype):
         return "integer"
     kind = output_kind.get(name) if isinstance(output_kind, Mapping) else output_kind
     if kind == CLASS_SCORES:

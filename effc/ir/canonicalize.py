@@ -5,10 +5,12 @@ The recipe is the one measured in ``shared/notes/import.md`` (it made 15 of 15 r
 1. drop initializers listed as graph inputs (old exporters), turn configuration inputs (Silero's ``sr``) into
    initializers, fix every input dimension (from the model or ``input_shapes``);
 2. ``onnx.shape_inference.infer_shapes(data_prop=True)``;
-3. onnxscript's constant folder with ``ConstantOfShape`` allowed to fold and large size limits;
+3. onnxscript's constant folder with ``ConstantOfShape`` allowed to fold and large size limits (``CastLike``
+   nodes become ``Cast`` first, keeping their attributes: ``effc.ir.cast_like``);
 4. unroll LSTM (``effc.ir.lstm``), recursing into ``If``/``Loop`` bodies; replace reductions of empty tensors by
    their identity element (``effc.ir.empty_reduce``); expand ops TVM cannot import (ONNX ``Attention``) into
-   their ONNX function bodies (``effc.ir.expand``); repeat 2-3 until nothing changes.
+   their ONNX function bodies (``effc.ir.expand``); unroll ``Scan`` with a static length (``effc.ir.scan``);
+   repeat 2-3 until nothing changes.
 
 What was done is recorded in ``model.metadata_props["effc.canonicalize"]`` (JSON).
 """
@@ -26,9 +28,11 @@ import onnx_ir as ir
 from onnxscript.optimizer import _constant_folding
 
 from effc.errors import ShapeError
+from effc.ir.cast_like import cast_likes_to_casts
 from effc.ir.empty_reduce import fold_empty_reductions
 from effc.ir.expand import expand_function_ops
 from effc.ir.lstm import unroll_lstms
+from effc.ir.scan import unroll_scans
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +172,28 @@ def _fold(model: ir.Model) -> None:
         common.NameFixPass(),
     ]
     ir.passes.Sequential(*steps)(model)
+    _constants_as_tensors(model)
+
+
+#: Constant's attribute forms other than ``value`` → numpy dtype (TVM's importer reads only ``value``).
+_CONSTANT_FORMS = {"value_int": np.int64, "value_ints": np.int64, "value_float": np.float32,
+                   "value_floats": np.float32}
+
+
+def _constants_as_tensors(model: ir.Model) -> None:
+    """Rewrite ``Constant`` nodes given as ``value_int(s)`` / ``value_float(s)`` to the ``value`` tensor form.
+
+    The folder leaves such a node where a graph output is a constant (``Shape`` of a static input), and TVM's
+    importer fails on it with "no value in Constant".
+    """
+    for graph in model.graphs():
+        for node in graph:
+            form = next((k for k in _CONSTANT_FORMS if k in node.attributes), None)
+            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or form is None:
+                continue
+            array = np.array(node.attributes[form].value, dtype=_CONSTANT_FORMS[form])
+            del node.attributes[form]
+            node.attributes["value"] = ir.AttrTensor("value", ir.tensor(array))
 
 
 def _count_nodes(model: ir.Model) -> int:
@@ -201,15 +227,17 @@ def canonicalize(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | No
     for round_index in range(MAX_ROUNDS):
         before = _count_nodes(work)
         work = _infer_shapes(work)
+        cast_likes_to_casts(work)  # before the folder, which drops CastLike's saturate / round_mode
         _fold(work)
         work = _infer_shapes(work)
         work, expanded = expand_function_ops(work)
+        work, scans = unroll_scans(work)
         unrolled = unroll_lstms(work)
         emptied = fold_empty_reductions(work)
         lstms += unrolled
         logger.debug("canonicalize round %d: %d -> %d nodes, %d LSTM unrolled", round_index, before,
                      _count_nodes(work), unrolled)
-        if not unrolled and not emptied and not expanded:  # optimize_ir already iterated folding to a fixed point
+        if not (unrolled or emptied or expanded or scans):  # optimize_ir already iterated folding to a fixed point
             break
     dynamic = [v.name for node in work.graph for v in node.outputs if not _is_static(v)]
     if dynamic:

@@ -28,11 +28,13 @@ EXPAND_OPS = {
 _DOMAIN = "effc.expand"
 
 
-def _default_opset(proto: onnx.ModelProto) -> int:
+def default_opset(proto: onnx.ModelProto) -> int:
+    """The version of the default (``ai.onnx``) opset ``proto`` imports (1 when it imports none)."""
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
-def _types(graph: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
+def value_types(graph: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
+    """``{value name: TypeProto}`` of ``graph``'s inputs, value_info, outputs and initializers."""
     types = {v.name: v.type for v in [*graph.input, *graph.value_info, *graph.output]}
     for init in graph.initializer:
         types.setdefault(init.name, onnx.helper.make_tensor_type_proto(init.data_type, list(init.dims)))
@@ -66,8 +68,8 @@ def expand_function_ops(model: ir.Model) -> tuple[ir.Model, int]:
         ``(model, count)``: a new model with the nodes inlined, or ``model`` itself when there were none.
     """
     proto = ir.to_proto(model)
-    opset = _default_opset(proto)
-    types = _types(proto.graph)
+    opset = default_opset(proto)
+    types = value_types(proto.graph)
     functions = []
     for k, node in enumerate(proto.graph.node):
         since = EXPAND_OPS.get(node.op_type)

@@ -19,12 +19,63 @@ from effc.errors import DataError, EffcError
 
 logger = logging.getLogger(__name__)
 
+#: Element types onnxruntime's Python bindings cannot exchange (no numpy type they know; ml_dtypes arrays are
+#: refused with "Numpy_type 256 can't be converted to MLDataType") → the type that holds every value exactly.
+_WIDE_TYPES = {
+    onnx.TensorProto.BFLOAT16: onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT8E4M3FN: onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT8E4M3FNUZ: onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT8E5M2: onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT8E5M2FNUZ: onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT8E8M0: onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT4E2M1: onnx.TensorProto.FLOAT, onnx.TensorProto.INT4: onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT4: onnx.TensorProto.UINT8, onnx.TensorProto.INT2: onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT2: onnx.TensorProto.UINT8,
+}
+_WIDE_SUFFIX = "__effc_wide"
+
 #: onnxruntime's messages for index values outside a tensor (Gather*, Scatter*): the data's fault, not the model's.
 _INDEX_OUT_OF_RANGE = ("out of range value in index", "out of data bounds", "out of bounds", "out of range")
 
 
+def _widen_boundary(proto: onnx.ModelProto) -> dict[str, np.dtype]:
+    """Let ``proto`` (changed in place) exchange narrow-typed graph inputs/outputs as :data:`_WIDE_TYPES` types.
+
+    A narrow input ``x`` becomes the wide input ``x__effc_wide`` followed by ``Cast(to=narrow)`` producing ``x``; a
+    narrow output ``y`` becomes ``Cast(to=wide)`` of ``y`` named ``y__effc_wide``. Both casts are exact (every
+    narrow value is a wide value), so the model computes the same numbers.
+
+    Returns:
+        ``{original name: narrow numpy dtype (ml_dtypes)}`` for every widened input and output.
+    """
+    graph = proto.graph
+    narrow: dict[str, np.dtype] = {}
+    casts_in = []
+    for value in graph.input:
+        elem = value.type.tensor_type.elem_type if value.type.HasField("tensor_type") else 0
+        if elem in _WIDE_TYPES:
+            narrow[value.name] = onnx.helper.tensor_dtype_to_np_dtype(elem)
+            casts_in.append(onnx.helper.make_node("Cast", [value.name + _WIDE_SUFFIX], [value.name], to=elem))
+            value.name += _WIDE_SUFFIX
+            value.type.tensor_type.elem_type = _WIDE_TYPES[elem]
+    for value in graph.output:
+        elem = value.type.tensor_type.elem_type if value.type.HasField("tensor_type") else 0
+        if elem in _WIDE_TYPES:
+            narrow[value.name] = onnx.helper.tensor_dtype_to_np_dtype(elem)
+            graph.node.append(onnx.helper.make_node("Cast", [value.name], [value.name + _WIDE_SUFFIX],
+                                                    to=_WIDE_TYPES[elem]))
+            value.name += _WIDE_SUFFIX
+            value.type.tensor_type.elem_type = _WIDE_TYPES[elem]
+    if casts_in:
+        nodes = casts_in + list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return narrow
+
+
 class Reference:
     """An onnxruntime ``InferenceSession`` (CPU) built from an in-memory ``ir.Model``.
+
+    Graph inputs and outputs of types onnxruntime's Python bindings cannot exchange (bfloat16, float8, int4, ...;
+    :data:`_WIDE_TYPES`) are passed as float32 / int8 / uint8 through exact boundary casts, so feeds and results
+    keep their ml_dtypes types.
 
     Args:
         model: the model; serialized once with ``ir.to_proto``; must be below the 2 GB protobuf limit.
@@ -42,14 +93,17 @@ class Reference:
         # Basic level only: the extended/layout fusions rewrite weight-only int8 (QDQ) MatMuls into approximate
         # integer kernels (0.03 off on a digits MLP), and the reference must be the graph's exact semantics.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        proto = ir.to_proto(model)
+        self._narrow = _widen_boundary(proto)
         try:
-            self.session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options,
+            self.session = ort.InferenceSession(proto.SerializeToString(), options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
             raise EffcError(f"onnxruntime cannot load the model: {err}",
                             "run onnx.checker on the model; a pass may have produced an invalid graph") from err
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.input_names = [i.name.removesuffix(_WIDE_SUFFIX) for i in self.session.get_inputs()]
+        self.output_names = [o.name.removesuffix(_WIDE_SUFFIX) for o in self.session.get_outputs()]
+        self._wide_names = [i.name for i in self.session.get_inputs()]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run once; returns the outputs in graph output order.
@@ -64,8 +118,9 @@ class Reference:
         if missing:
             raise DataError(f"feeds lack model input(s) {missing}; got {sorted(feeds)}",
                             f"provide arrays for every input: {self.input_names}")
+        wide = {self._wide_names[k]: self._widen(name, feeds[name]) for k, name in enumerate(self.input_names)}
         try:
-            return self.session.run(None, {name: feeds[name] for name in self.input_names})
+            outputs = self.session.run(None, wide)
         except Exception as err:  # onnxruntime raises RuntimeError, its own Fail/InvalidArgument types, TypeError
             reason = str(err).strip().splitlines()[0][:400] if str(err).strip() else type(err).__name__
             if any(pattern in reason.lower() for pattern in _INDEX_OUT_OF_RANGE):
@@ -77,6 +132,14 @@ class Reference:
                             f"{reason}",
                             "effc cannot verify what it cannot run in onnxruntime: keep the model to ops and "
                             "dtypes onnxruntime's CPU kernels support (e.g. float32, not bfloat16/float8)") from err
+        return [np.asarray(out).astype(self._narrow[name]) if name in self._narrow else out
+                for name, out in zip(self.output_names, outputs, strict=True)]
+
+    def _widen(self, name: str, feed: np.ndarray) -> np.ndarray:
+        if name not in self._narrow:
+            return feed
+        elem = onnx.helper.np_dtype_to_tensor_dtype(self._narrow[name])
+        return np.asarray(feed).astype(onnx.helper.tensor_dtype_to_np_dtype(_WIDE_TYPES[elem]))
 
 
 def _all_values(model: ir.Model) -> dict[str, ir.Value]:

@@ -144,7 +144,7 @@ class VmRunner:
     def _to_device(self, array: np.ndarray) -> Any:
         import tvm_ffi
 
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array, order="C")  # np.ascontiguousarray makes 0-d inputs 1-d
         tensor = self._alloc(tvm_ffi.Shape(array.shape), tvm_ffi.dtype(str(array.dtype)), self._device, None)
         self._copy_in(tensor, ctypes.c_void_p(array.ctypes.data), array.nbytes)
         return tensor

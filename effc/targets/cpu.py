@@ -202,7 +202,7 @@ class CpuRunner(Runner):
         set_runtime_threads(self.threads)
         try:
             tensors = [a if isinstance(a, tvm.runtime.Tensor) else
-                       tvm_build.to_tvm_tensor(np.ascontiguousarray(a), self._device) for a in args]
+                       tvm_build.to_tvm_tensor(np.asarray(a, order="C"), self._device) for a in args]
             return tvm_build.outputs_to_numpy(self._vm[function](*tensors))
         except Exception as exc:  # noqa: BLE001  (never let a TVM traceback escape)
             if guard_error(exc) is not None:

@@ -118,3 +118,14 @@ def test_identical_outputs_are_perfect(x):
     assert scaled["top1_agreement"] == 1.0
     if np.any(x != 0):
         assert scaled["rel_l2"] == pytest.approx(2.0, rel=1e-5)
+
+
+def test_ml_dtypes_floats_are_floats_with_nan_matching_nan():
+    import ml_dtypes
+
+    ref = np.array([1.0, np.nan, -2.0], np.float32).astype(ml_dtypes.bfloat16)
+    r = compare([[ref]], [[ref.copy()]], ["y"], output_kind="float")["outputs"]["y"]
+    assert r["kind"] == "float" and r["max_abs"] == 0.0 and r["nonfinite"] == 0
+    off = compare([[ref]], [[np.array([1.0, np.nan, -2.5], np.float32).astype(ml_dtypes.bfloat16)]], ["y"],
+                  output_kind="float")["outputs"]["y"]
+    assert off["max_abs"] == pytest.approx(0.5)

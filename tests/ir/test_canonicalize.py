@@ -116,3 +116,27 @@ def test_parse_input_shape_round_trip(name, dims):
 def test_parse_input_shape_rejects_bad_text(text):
     with pytest.raises(ShapeError, match="cannot parse"):
         parse_input_shape(text)
+
+
+def test_castlike_keeps_saturate_when_it_becomes_cast():
+    # onnxscript's folder rewrote CastLike to Cast and dropped saturate=0 (float8 overflow saturated instead of inf)
+    graph = helper.make_graph([helper.make_node("CastLike", ["x", "like"], ["y"], saturate=0)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3]),
+                               helper.make_tensor_value_info("like", TensorProto.FLOAT8E5M2, [0])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT8E5M2, [3])])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    out = canonicalize(model)
+    (node,) = list(out.graph)
+    assert node.op_type == "Cast" and node.attributes["saturate"].value == 0
+    assert node.attributes["to"].value == TensorProto.FLOAT8E5M2 and out.graph.outputs[0].name == "y"
+
+
+def test_constant_output_is_a_value_tensor():
+    # Shape of a static input folds to Constant(value_ints) feeding the graph output; TVM reads only `value`
+    graph = helper.make_graph([helper.make_node("Shape", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT64, [2])])
+    out = canonicalize(ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])))
+    (node,) = list(out.graph)
+    assert node.op_type == "Constant" and list(node.attributes) == ["value"]
+    assert node.attributes["value"].value.numpy().tolist() == [2, 3]

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from onnx import TensorProto
 
 from effc.errors import CalibrationError, DataError, EffcError
 from effc.ir.calibration import Calibration
@@ -79,3 +80,26 @@ def test_tap_on_untyped_value_made_by_a_pass():
     x = np.array([[-1, 2, -3], [4, -5, 6]], np.float32)
     (taps,) = run_with_taps(model, [{"x": x}], ["r"])
     np.testing.assert_array_equal(taps["r"], np.maximum(x, 0))
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.BFLOAT16, TensorProto.FLOAT8E4M3FN, TensorProto.INT4])
+def test_narrow_dtype_feeds_and_outputs_pass_through_exact_boundary_casts(dtype):
+    # onnxruntime's Python bindings refuse ml_dtypes arrays ("Numpy_type 256 can't be converted to MLDataType")
+    import onnx_ir as ir
+    from onnx import helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["n"]), helper.make_node("Identity", ["n"], ["y"])],
+                              "g", [helper.make_tensor_value_info("x", dtype, [2, 3])],
+                              [helper.make_tensor_value_info("y", dtype, [2, 3]),
+                               helper.make_tensor_value_info("f", TensorProto.FLOAT, [2, 3])])
+    graph.node.append(helper.make_node("Cast", ["n"], ["f"], to=TensorProto.FLOAT))
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
+    x = np.array([[1, -2, 3], [0.5, 0, -7]]).astype(np_dtype) if dtype != TensorProto.INT4 else \
+        np.array([[1, -2, 3], [7, 0, -7]]).astype(np_dtype)
+    ref = Reference(model)
+    assert ref.input_names == ["x"] and ref.output_names == ["y", "f"]
+    y, f = ref.run({"x": x})
+    assert y.dtype == np_dtype and f.dtype == np.float32
+    np.testing.assert_array_equal(y.astype(np.float32), x.astype(np.float32))
+    np.testing.assert_array_equal(f, x.astype(np.float32))
