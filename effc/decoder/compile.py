@@ -2,11 +2,12 @@
 
 Flow (DESIGN.md, "Decoders"): the token-generic graph (:mod:`effc.ir.decoder`) is specialized to the prefill
 chunk ``P``; the passes rewrite it once, calibrated on token windows; the rewritten graph is made token-generic
-again and specialized to one token for ``decode``. Under onnxruntime, prefill and decode of the rewritten graphs
-are checked to agree (a pass that baked the chunk length in would fail here). The CPU target compiles both into
-one ``model.so`` (weights once); ``model.onnx`` is the rewritten token-generic graph; the tokenizer is copied into
-``tokenizer/``. The report gives perplexity vs the original model, prefill and decode latency vs onnxruntime on
-the same graphs, weight bytes read per decoded token and KV-cache bytes per token.
+again and specialized to one token for ``decode``, whose attention becomes ``effc.DecodeAttention``
+(:mod:`effc.decoder.attention`: only the valid prefix of the cache is read). Under onnxruntime, prefill and decode
+of the rewritten graphs are checked to agree (a pass that baked the chunk length in would fail here). The CPU target
+compiles both into one ``model.so`` (weights once); ``model.onnx`` is the rewritten token-generic graph; the
+tokenizer is copied into ``tokenizer/``. The report gives perplexity vs the original model, prefill and decode
+latency vs onnxruntime on the same graphs, weight bytes read per decoded token and KV-cache bytes per token.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from effc.decoder.attention import fuse_decode_attention
 from effc.errors import EffcError, PassError, TargetError
 from effc.ir.decoder import decoder_info, regeneralize, specialize
 
@@ -36,16 +38,16 @@ CONSISTENCY_ATOL = 1e-3
 
 
 def calibration_feeds(info: dict[str, Any], windows: list[list[int]], chunk: int) -> list[dict[str, np.ndarray]]:
-    """Prefill feeds of token windows from an empty cache (one zero cache array shared by all feeds)."""
-    from effc.ir.decoder import io_shapes
+    """Prefill feeds of token windows from an empty cache (zero cache arrays shared by all feeds)."""
+    from effc.ir.decoder import kv_layout
 
-    cache = np.zeros(io_shapes(info, chunk)["kv_cache"], dtype=np.float32)
+    cache = {slot.input: np.zeros(slot.shape(info, info["max_cache"]), dtype=np.float32) for slot in kv_layout(info)}
     masked = np.float32(info.get("masked", -1.0e9))
     mask = np.full((chunk, info["max_cache"] + chunk), masked, dtype=np.float32)
     mask[:, info["max_cache"]:] = np.triu(np.full((chunk, chunk), masked, dtype=np.float32), 1)
     positions = np.arange(chunk, dtype=np.int64)[None]
-    return [{"input_ids": np.asarray([w], dtype=np.int64), "positions": positions, "attn_mask": mask,
-             "kv_cache": cache} for w in windows]
+    return [{"input_ids": np.asarray([w], dtype=np.int64), "positions": positions, "attn_mask": mask, **cache}
+            for w in windows]
 
 
 def _session(backend: Any, info: dict[str, Any], tokenizer: Any = None) -> Any:
@@ -159,8 +161,11 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
     prefill = specialize(loaded.model, info["chunk"])
     result = PassManager(pipeline, verify_each=verify_each, dump_ir=dump_ir).run(prefill)
     del prefill
+    info = {**decoder_info(result.model), "chunk": info["chunk"]}  # a pass may change the cache (kv_layers, ...)
     generic = regeneralize(result.model)
-    graphs = {"prefill": result.model, "decode": specialize(generic, 1)}
+    decode = specialize(generic, 1)
+    fused = fuse_decode_attention(decode)
+    graphs = {"prefill": result.model, "decode": decode}
     eval_ids = list(tokenizer(text.eval_text())["input_ids"])
     consistency = check_consistency(graphs, info, eval_ids[:info["chunk"] + 2], threads)
     stop_ids = sorted({int(t) for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>"))
@@ -190,11 +195,14 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
         report = evaluate_decoder(loaded.model, graphs, runner, info, tokenizer, eval_ids, threads,
                                   measure_latency, latency_repeat)
         report["decoder"]["prefill_decode_consistency_max_abs"] = consistency
+        report["decoder"]["decode_attention_fused_layers"] = fused
         weight_bytes = bytes_read_per_token(graphs["decode"])
-        report["decoder"].update(weight_bytes_per_decoded_token=weight_bytes,
-                                 kv_cache_bytes_per_token=info["layers"] * 2 * info["kv_heads"] * info["head_dim"] * 4,
-                                 kv_cache_bytes=info["layers"] * 2 * info["kv_heads"] * info["head_dim"] * 4
-                                 * info["max_cache"])
+        kv_bytes = kv_bytes_per_token(info)
+        report["decoder"].update(weight_bytes_per_decoded_token=weight_bytes, kv_cache_bytes_per_token=kv_bytes,
+                                 kv_cache_bytes=kv_bytes * info["max_cache"])
+        if info.get("kv_format") is not None:  # block-quant(mode=kv): values on the MX grid, held as float32
+            report["decoder"].update(kv_format=info["kv_format"], kv_format_bytes_per_token=kv_bytes_per_token(
+                info, info["kv_format"], info.get("kv_block_size", 32)))
         report.update(model={"name": loaded.source["name"], "source": loaded.source.get("path")},
                       target={"name": tgt.name, "options": options, "info": build.info}, pipeline=str(pipeline),
                       passes=manifest["passes"],
@@ -216,6 +224,19 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return CompileResult(out, read_manifest(out), report)
+
+
+def kv_bytes_per_token(info: dict[str, Any], kv_format: str | None = None, block_size: int = 32) -> float:
+    """Bytes of keys and values one token adds to the cache, all layers.
+
+    float32 entries by default; with ``kv_format`` the bytes of that block format (element codes plus one scale per
+    ``block_size`` entries).
+    """
+    from effc.ir.decoder import kv_layout
+    from effc.ops.block_formats import bits_per_weight
+
+    elements = sum(int(np.prod(slot.shape(info, 1))) for slot in kv_layout(info))
+    return elements * 4 if kv_format is None else elements * bits_per_weight(kv_format, block_size) / 8
 
 
 def bytes_read_per_token(model: ir.Model) -> int:
@@ -253,8 +274,9 @@ def evaluate_decoder(original: ir.Model, graphs: dict[str, ir.Model], runner: An
     from effc.runtime.decoder import CompiledBackend, OrtBackend, perplexity
 
     window = min(PPL_WINDOW, info["max_cache"])  # a cache shorter than the window scores shorter windows (stated)
+    original_info = {**decoder_info(original), "chunk": info["chunk"]}  # its own cache (all layers, float32)
     ppl = {"original_onnxruntime": perplexity(_session(OrtBackend({"prefill": specialize(original, info["chunk"])},
-                                                                  threads), info), eval_ids, window)}
+                                                                  threads), original_info), eval_ids, window)}
     gc.collect()
     ppl["rewritten_onnxruntime"] = perplexity(_session(OrtBackend({"prefill": graphs["prefill"]}, threads), info),
                                               eval_ids, window)

@@ -14,7 +14,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from effc.ir.decoder import INPUTS, METADATA_KEY, OUTPUTS, generalize_tokens
+from effc.ir.decoder import INPUTS, METADATA_KEY, OUTPUTS, generalize_tokens, kv_layout
 
 logger = logging.getLogger(__name__)
 
@@ -22,12 +22,12 @@ logger = logging.getLogger(__name__)
 _EXPORT_TOKENS = (4, 5)
 
 
-def _example(module: Any, tokens: int) -> tuple:
+def _example(module: Any, info: dict[str, Any], tokens: int) -> tuple:
     import torch
 
-    shape = module.shape
+    s = module.shape.max_cache
     return (torch.zeros((1, tokens), dtype=torch.int64), torch.arange(tokens, dtype=torch.int64)[None],
-            torch.zeros((tokens, shape.max_cache + tokens)), torch.zeros(shape.cache_shape()))
+            torch.zeros((tokens, s + tokens)), *(torch.zeros(slot.shape(info, s)) for slot in kv_layout(info)))
 
 
 def export_decoder(hf_model: Any, max_cache: int, chunk: int, extra: dict[str, Any] | None = None) -> ir.Model:
@@ -46,12 +46,14 @@ def export_decoder(hf_model: Any, max_cache: int, chunk: int, extra: dict[str, A
     from effc.ir.capture import capture_torch
 
     module = StaticLlama(hf_model, max_cache=max_cache, chunk=chunk)
-    graphs = [capture_torch(module, _example(module, t), input_names=list(INPUTS), output_names=list(OUTPUTS))
-              for t in _EXPORT_TOKENS]
+    facts = {**dataclasses.asdict(module.shape), "masked": MASKED, "architecture": "llama", **(extra or {})}
+    layout = kv_layout(facts)
+    names = {"input_names": [*INPUTS, *(slot.input for slot in layout)],
+             "output_names": [*OUTPUTS, *(slot.output for slot in layout)]}
+    graphs = [capture_torch(module, _example(module, facts, t), **names) for t in _EXPORT_TOKENS]
+    graphs[0].metadata_props[METADATA_KEY] = json.dumps(facts, sort_keys=True)
     model = generalize_tokens(*graphs)
     _name_linear_nodes(model)
-    facts = {**dataclasses.asdict(module.shape), "masked": MASKED, "architecture": "llama", **(extra or {})}
-    model.metadata_props[METADATA_KEY] = json.dumps(facts, sort_keys=True)
     logger.info("exported a token-generic decoder graph: %d nodes", len(model.graph))
     return model
 

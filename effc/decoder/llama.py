@@ -8,10 +8,12 @@ one-token graph from it (:func:`effc.ir.decoder.specialize_tokens`).
 Inputs (the graph's, in order):
     ``input_ids`` int64 ``(1, T)``; ``positions`` int64 ``(1, T)`` (absolute positions, for RoPE);
     ``attn_mask`` float32 ``(T, S + T)``: additive mask over the ``S`` cache slots then the ``T`` new tokens
-    (0 = attend, ``MASKED`` = do not); ``kv_cache`` float32 ``(L, 2, Hkv, S, D)`` (keys, values; read only).
+    (0 = attend, ``MASKED`` = do not); then per layer ``i`` its cache (read only): ``past_key.i`` float32
+    ``(Hkv, D, S)`` (keys transposed) and ``past_value.i`` float32 ``(Hkv, S, D)``
+    (:func:`effc.ir.decoder.kv_layout`).
 Outputs:
-    ``logits`` float32 ``(1, T, V)``; ``kv_new`` float32 ``(L, 2, Hkv, T, D)``: the keys and values of the chunk
-    (RoPE applied to the keys), which the runtime writes into its cache at the chunk's positions.
+    ``logits`` float32 ``(1, T, V)``; then per layer the chunk's keys ``key.i`` ``(Hkv, D, T)`` (RoPE applied) and
+    values ``value.i`` ``(Hkv, T, D)``, which the runtime writes into its cache at the chunk's positions.
 
 Source: the Llama architecture (Touvron et al. 2023, "LLaMA"; RMSNorm, rotary embeddings of Su et al.
 "RoFormer", SwiGLU of Shazeer "GLU Variants Improve Transformer", grouped-query attention of Ainslie et al.
@@ -47,10 +49,6 @@ class DecoderShape:
     vocab: int
     max_cache: int
     chunk: int
-
-    def cache_shape(self) -> tuple[int, ...]:
-        """``(L, 2, Hkv, S, D)``."""
-        return (self.layers, 2, self.kv_heads, self.max_cache, self.head_dim)
 
     def kv_bytes_per_token(self) -> int:
         """fp32 bytes of keys and values one token adds to the cache (all layers)."""
@@ -102,7 +100,7 @@ class StaticLlama(torch.nn.Module):
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
 
-    def forward(self, input_ids, positions, attn_mask, kv_cache):
+    def forward(self, input_ids, positions, attn_mask, *cache):
         s = self.shape
         group = s.heads // s.kv_heads
         x = torch.index_select(self.embed_tokens, 1, input_ids.reshape(-1)).t()  # (T, hidden)
@@ -110,7 +108,7 @@ class StaticLlama(torch.nn.Module):
         cos, sin = torch.index_select(self.cos, 0, pos), torch.index_select(self.sin, 0, pos)  # (T, D)
         scale = s.head_dim ** -0.5
         new = []
-        for i, block in enumerate(self.layers):
+        for block, past_k, past_v in zip(self.layers, cache[0::2], cache[1::2], strict=True):
             attn, mlp = block.self_attn, block.mlp
             h = self._rms(x, block.input_layernorm)
             q = (h @ attn.q_proj).reshape(-1, s.heads, s.head_dim).transpose(0, 1)  # (H, T, D)
@@ -118,22 +116,22 @@ class StaticLlama(torch.nn.Module):
             v = (h @ attn.v_proj).reshape(-1, s.kv_heads, s.head_dim).transpose(0, 1)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            new.append(torch.stack((k, v)))  # (2, Hkv, T, D)
+            kt = k.transpose(-1, -2)  # (Hkv, D, T): keys as the cache stores them
+            new += [kt, v]
             # Scores against the cache and against the chunk are computed apart and joined (small), so the
             # cached keys and values are never copied into a concatenated (S + T) tensor.
             qg = q.reshape(s.kv_heads, group, -1, s.head_dim)  # (Hkv, G, T, D): head = kv_head * G + g
-            past = kv_cache[i].unsqueeze(2)  # (2, Hkv, 1, S, D)
-            scores = torch.cat((torch.matmul(qg, past[0].transpose(-1, -2)),
-                                torch.matmul(qg, k.unsqueeze(1).transpose(-1, -2))), dim=-1)  # (Hkv, G, T, S+T)
+            scores = torch.cat((torch.matmul(qg, past_k.unsqueeze(1)),
+                                torch.matmul(qg, kt.unsqueeze(1))), dim=-1)  # (Hkv, G, T, S + T)
             probs = torch.softmax(scores * scale + attn_mask, dim=-1)
-            ctx = (torch.matmul(probs[..., :s.max_cache], past[1])
+            ctx = (torch.matmul(probs[..., :s.max_cache], past_v.unsqueeze(1))
                    + torch.matmul(probs[..., s.max_cache:], v.unsqueeze(1)))  # (Hkv, G, T, D)
             ctx = ctx.reshape(s.heads, -1, s.head_dim).transpose(0, 1).reshape(-1, s.hidden)
             x = x + ctx @ attn.o_proj
             h = self._rms(x, block.post_attention_layernorm)
             x = x + (torch.nn.functional.silu(h @ mlp.gate_proj) * (h @ mlp.up_proj)) @ mlp.down_proj
         logits = self._rms(x, self.norm) @ self.embed_tokens  # (T, V)
-        return logits.unsqueeze(0), torch.stack(new)
+        return (logits.unsqueeze(0), *new)
 
 
 def _rope_tables(hf_model, length: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -112,7 +112,7 @@ def generic_graph_path(max_cache: int) -> Path:
     """The token-generic ONNX graph of SmolLM2 for a cache of ``max_cache`` slots (exported once, then cached)."""
     from effc.ir.model import save
 
-    target = _cache_folder().parent / f"smollm2-135m-decoder-s{int(max_cache)}-opset20-v2.onnx"
+    target = _cache_folder().parent / f"smollm2-135m-decoder-s{int(max_cache)}-opset20-v3.onnx"
     if target.is_file():
         return target
     from effc.decoder.export import export_decoder

@@ -39,11 +39,12 @@ def evaluate_text(artifact: str | Path, text: str, threads: int = 1, window: int
                               "perplexity_compiled": mine["perplexity"]}
     source = Path((model.manifest.get("source") or {}).get("path") or "")
     if source.is_file():
-        from effc.ir.decoder import specialize
+        from effc.ir.decoder import decoder_info, specialize
         from effc.ir.model import load
 
         graph = specialize(load(source), session.chunk)
-        original = DecoderSession(OrtBackend({"prefill": graph}, threads), session.info)
+        info = {**decoder_info(graph), "chunk": session.chunk}  # the original's own cache (all layers)
+        original = DecoderSession(OrtBackend({"prefill": graph}, threads), info)
         base = perplexity(original, ids, window)["perplexity"]
         result["perplexity_original_onnxruntime"] = base
         result["change_pct"] = round((mine["perplexity"] / base - 1) * 100, 3)

@@ -7,11 +7,13 @@ specialization once; :func:`regeneralize` returns the rewritten graph to token-g
 graph is specialized: both entry points share the same rewritten weights by construction.
 
 The decoder's facts travel in ``model.metadata_props["effc.decoder"]`` (JSON, :func:`decoder_info`); graph
-inputs and outputs are described in :mod:`effc.decoder.llama`.
+inputs and outputs are described in :mod:`effc.decoder.llama`. Which graph inputs and outputs hold which layer's
+keys and values is known in one place only, :func:`kv_layout`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -22,8 +24,79 @@ from effc.errors import LoadError, ShapeError
 
 METADATA_KEY = "effc.decoder"
 TOKENS = "tokens"
-INPUTS = ("input_ids", "positions", "attn_mask", "kv_cache")
-OUTPUTS = ("logits", "kv_new")
+#: Graph inputs before the KV-cache inputs, and graph outputs before the new keys and values.
+INPUTS = ("input_ids", "positions", "attn_mask")
+OUTPUTS = ("logits",)
+
+
+@dataclasses.dataclass(frozen=True)
+class KVSlot:
+    """One layer's keys or values: the cache (a graph input) and the chunk's new entries (a graph output).
+
+    Keys are stored transposed, ``(Hkv, D, S)``, so ``q · Kᵀ`` reads the cache as it lies; values are ``(Hkv, S,
+    D)``. The chunk's output has the same layout with ``T`` in place of ``S``; the runtime writes it into the cache
+    at the chunk's positions along :attr:`seq_axis` (in place: the cache is never copied).
+
+    Attributes:
+        layer: decoder layer index (in the original numbering, also after layers are removed).
+        kind: ``"key"`` or ``"value"``.
+        input: graph input name of the cache (``past_key.3``).
+        output: graph output name of the chunk's entries (``key.3``).
+        seq_axis: the axis of cache slots (input) and of chunk tokens (output): 2 for keys, 1 for values.
+    """
+
+    layer: int
+    kind: str
+    input: str
+    output: str
+    seq_axis: int
+
+    def shape(self, info: dict[str, Any], length: int) -> tuple[int, int, int]:
+        """The slot's shape with ``length`` along :attr:`seq_axis` (``S`` for the cache, ``T`` for the output)."""
+        dims = [int(info["kv_heads"]), int(info["head_dim"]), int(info["head_dim"])]
+        dims[self.seq_axis] = int(length)
+        return tuple(dims)
+
+
+def kv_layout(info: dict[str, Any]) -> list[KVSlot]:
+    """The KV-cache inputs/outputs of a decoder graph, in graph order: per layer its keys, then its values.
+
+    The layers holding a cache are ``info["kv_layers"]`` when present (a pass that removes layers writes it), else
+    ``range(info["layers"])``. This is the only place that knows the cache's names and layouts.
+    """
+    layers = info.get("kv_layers")
+    layers = range(int(info["layers"])) if layers is None else layers
+    return [KVSlot(int(i), kind, f"past_{kind}.{i}", f"{kind}.{i}", axis)
+            for i in layers for kind, axis in (("key", 2), ("value", 1))]
+
+
+def remove_kv_layer(model: ir.Model, layer: int) -> None:
+    """Drop layer ``layer``'s cache from the decoder graph (in place), once nothing computed reads it any more.
+
+    Removes the graph inputs ``past_key.i`` / ``past_value.i`` and the outputs ``key.i`` / ``value.i``, and writes
+    the remaining layers to the metadata as ``kv_layers`` (so :func:`kv_layout`, the runtime's cache and the
+    artifact's entry points agree). Nodes that only fed the removed outputs become dead: run dead-code removal next.
+
+    Raises:
+        ShapeError: the layer has no cache in this graph, or a node still reads one of its cache inputs.
+    """
+    info = decoder_info(model)
+    slots = [slot for slot in kv_layout(info) if slot.layer == layer]
+    if not slots:
+        raise ShapeError(f"decoder layer {layer} has no KV cache in this graph",
+                         f"remove one of the layers {sorted({s.layer for s in kv_layout(info)})}")
+    inputs = {v.name: v for v in model.graph.inputs}
+    for slot in slots:
+        readers = [use.node.name for use in inputs[slot.input].uses()] if slot.input in inputs else []
+        if readers:
+            raise ShapeError(f"the cache input {slot.input} of layer {layer} is still read by {readers[:3]}",
+                             "bypass the layer's attention before removing its cache")
+    names = {n for slot in slots for n in (slot.input, slot.output)}
+    for values in (model.graph.inputs, model.graph.outputs):
+        for value in [v for v in values if v.name in names]:
+            values.remove(value)
+    kept = [i for i in dict.fromkeys(slot.layer for slot in kv_layout(info)) if i != layer]
+    model.metadata_props[METADATA_KEY] = json.dumps({**info, "kv_layers": kept}, sort_keys=True)
 
 
 def is_decoder(model: ir.Model) -> bool:
@@ -54,8 +127,9 @@ def generalize_tokens(model: ir.Model, other: ir.Model) -> ir.Model:
 
     The two graphs must have the same nodes in the same order; the only constants that may differ are entries of
     ``Reshape`` target shapes, and exactly one entry per shape (the token axis, which becomes ``-1``). Graph inputs
-    and outputs get the symbolic dimension ``"tokens"`` on their token axes; other value shapes are cleared (they
-    are inferred again by :func:`specialize`).
+    and outputs get the symbolic dimension ``"tokens"`` on their token axes (``model`` must carry the decoder
+    metadata already: it names the KV-cache outputs); other value shapes are cleared (they are inferred again by
+    :func:`specialize`).
 
     Raises:
         LoadError: the exports differ in structure, or in a constant that is not one Reshape entry.
@@ -107,8 +181,9 @@ def regeneralize(model: ir.Model) -> ir.Model:
 
 
 def _mark_token_axes(model: ir.Model) -> None:
+    token_axes = _token_axes(decoder_info(model))
     for value in [*model.graph.inputs, *model.graph.outputs]:
-        axes = _token_axes().get(value.name)
+        axes = token_axes.get(value.name)
         if axes is None or value.shape is None:
             continue
         dims = list(value.shape)
@@ -118,16 +193,17 @@ def _mark_token_axes(model: ir.Model) -> None:
     _clear_inner_shapes(model)
 
 
-def _token_axes() -> dict[str, tuple[int, ...]]:
+def _token_axes(info: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Token axes of the graph inputs/outputs (see :mod:`effc.decoder.llama`)."""
-    return {"input_ids": (1,), "positions": (1,), "attn_mask": (0,), "logits": (1,), "kv_new": (3,)}
+    axes = {"input_ids": (1,), "positions": (1,), "attn_mask": (0,), "logits": (1,)}
+    return {**axes, **{slot.output: (slot.seq_axis,) for slot in kv_layout(info)}}
 
 
 def io_shapes(info: dict[str, Any], tokens: int) -> dict[str, tuple[int, ...]]:
     """Input shapes of the graph specialized to ``tokens`` per call (``attn_mask`` is ``(T, S + T)``)."""
     s = info["max_cache"]
     return {"input_ids": (1, tokens), "positions": (1, tokens), "attn_mask": (tokens, s + tokens),
-            "kv_cache": (info["layers"], 2, info["kv_heads"], s, info["head_dim"])}
+            **{slot.input: slot.shape(info, s) for slot in kv_layout(info)}}
 
 
 def specialize(model: ir.Model, tokens: int) -> ir.Model:

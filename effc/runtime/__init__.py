@@ -116,6 +116,7 @@ class CompiledModel:
             from effc.runtime.hugepages import advise_huge_pages
 
             info = self.manifest["decoder"]
+            _check_cache_layout(self.out_dir, info)
             import transformers
 
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.out_dir / info["tokenizer"]))
@@ -169,3 +170,16 @@ def load(out_dir: Path | str, *, check_indices: bool = True) -> CompiledModel:
         runner = get_target(target_name).load(out_dir, manifest)
     logger.info("loaded %s artifact from %s", target_name, out_dir)
     return CompiledModel(out_dir, manifest, runner, check_indices=check_indices)
+
+
+def _check_cache_layout(out_dir: Path, info: dict[str, Any]) -> None:
+    """Raises ArtifactError when the artifact's entry points take another KV-cache layout than this runtime's."""
+    from effc.ir.decoder import INPUTS, kv_layout
+
+    expected = [*INPUTS, *(slot.input for slot in kv_layout(info))]
+    for entry, signature in (info.get("entries") or {}).items():
+        names = [spec["name"] for spec in signature["inputs"]]
+        if names != expected:
+            raise ArtifactError(f"the decoder artifact in {out_dir} takes its KV cache as {names[len(INPUTS):][:2]}"
+                                f"... in '{entry}', not as this effc's per-layer {expected[len(INPUTS):][:2]}...",
+                                "recompile it with this version of effc")

@@ -2,10 +2,12 @@
 
 A decoder artifact (``manifest["decoder"]``) has two entry points over the same weights, ``prefill`` (a chunk of
 ``P`` tokens) and ``decode`` (one token), with the signature of :mod:`effc.decoder.llama`: ``(input_ids,
-positions, attn_mask, kv_cache) -> (logits, kv_new)``. The session owns one preallocated cache ``(L, 2, Hkv, S,
-D)`` float32, shared with the compiled code without copies, and writes each call's ``kv_new`` into it at the
-chunk's positions. A prompt is prefilled in chunks of ``P`` (the last one padded; padding sits after the real
-tokens, so the causal mask hides it, and its keys are never written into the cache).
+positions, attn_mask, past_key.0, past_value.0, ...) -> (logits, key.0, value.0, ...)``. The session owns one
+preallocated float32 array per cache input (:func:`effc.ir.decoder.kv_layout`: keys ``(Hkv, D, S)``, values
+``(Hkv, S, D)``), shared with the compiled code without copies, and writes each call's new keys and values into
+them in place at the chunk's positions (a few KB per layer and token; the cache itself is never copied). A prompt
+is prefilled in chunks of ``P`` (the last one padded; padding sits after the real tokens, so the causal mask hides
+it, and its keys are never written into the cache).
 
 Backends run the entry points: :class:`CompiledBackend` (the artifact's ``model.so``) and :class:`OrtBackend`
 (onnxruntime on the same graphs; the baseline of reports and benchmarks).
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from effc.errors import DataError
+from effc.ir.decoder import kv_layout
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +36,15 @@ class CompiledBackend:
 
     def __init__(self, runner: Any):
         self._runner = runner
-        self._cache = None
+        self._cache: list[Any] = []
 
-    def bind_cache(self, cache: np.ndarray) -> None:
-        """Share ``cache`` with the compiled code (no copy per call)."""
-        self._cache = self._runner.shared_tensor(cache)
+    def bind_cache(self, cache: dict[str, np.ndarray]) -> None:
+        """Share the cache arrays (graph input name → array, in graph order) with the compiled code (no copies)."""
+        self._cache = [self._runner.shared_tensor(array) for array in cache.values()]
 
     def run(self, entry: str, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
-        """``[logits, kv_new]`` of one call of ``entry`` over the bound cache."""
-        return self._runner.call(entry, [ids, positions, mask, self._cache])
+        """``[logits, key.0, value.0, ...]`` of one call of ``entry`` over the bound cache."""
+        return self._runner.call(entry, [ids, positions, mask, *self._cache])
 
 
 class OrtBackend:
@@ -53,14 +56,14 @@ class OrtBackend:
         from effc.ir.reference import Reference
 
         self._sessions = {entry: Reference(model, threads=threads) for entry, model in graphs.items()}
-        self._cache = None
+        self._cache: dict[str, np.ndarray] = {}
 
-    def bind_cache(self, cache: np.ndarray) -> None:
+    def bind_cache(self, cache: dict[str, np.ndarray]) -> None:
         self._cache = cache
 
     def run(self, entry: str, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
         return self._sessions[entry].run({"input_ids": ids, "positions": positions, "attn_mask": mask,
-                                          "kv_cache": self._cache})
+                                          **self._cache})
 
 
 @dataclasses.dataclass
@@ -96,6 +99,9 @@ class DecoderSession:
         backend: :class:`CompiledBackend` or :class:`OrtBackend`.
         info: the decoder facts (``manifest["decoder"]``): ``layers, kv_heads, head_dim, max_cache, chunk,
             masked`` at least.
+
+    Attributes:
+        cache: graph input name → the preallocated cache array of :func:`effc.ir.decoder.kv_layout` (in its order).
         tokenizer: a ``transformers`` tokenizer (needed for text in/out only).
         stop_ids: token ids that end a generation.
     """
@@ -108,8 +114,8 @@ class DecoderSession:
         self.max_cache = int(info["max_cache"])
         self.chunk = int(info["chunk"])
         self._masked = np.float32(info.get("masked", -1.0e9))
-        shape = (info["layers"], 2, info["kv_heads"], self.max_cache, info["head_dim"])
-        self.cache = aligned_zeros(shape)
+        self._layout = kv_layout(info)
+        self.cache = {slot.input: aligned_zeros(slot.shape(info, self.max_cache)) for slot in self._layout}
         backend.bind_cache(self.cache)
         self.length = 0  # tokens held in the cache
 
@@ -128,8 +134,11 @@ class DecoderSession:
         padded = np.zeros((1, tokens), dtype=np.int64)
         padded[0, :real] = ids
         positions = (self.length + np.arange(tokens, dtype=np.int64))[None]
-        logits, kv_new = self.backend.run(entry, padded, positions, self._mask(tokens))
-        self.cache[:, :, :, self.length:self.length + real] = kv_new[:, :, :, :real]
+        logits, *new = self.backend.run(entry, padded, positions, self._mask(tokens))
+        for slot, values in zip(self._layout, new, strict=True):
+            into, take = [slice(None)] * 3, [slice(None)] * 3
+            into[slot.seq_axis], take[slot.seq_axis] = slice(self.length, self.length + real), slice(0, real)
+            self.cache[slot.input][tuple(into)] = values[tuple(take)]
         self.length += real
         return logits[0, :real]
 

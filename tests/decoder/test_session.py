@@ -12,7 +12,7 @@ INFO = {"layers": 1, "kv_heads": 1, "head_dim": 1, "max_cache": 16, "chunk": 4, 
 
 
 class EchoBackend:
-    """Predicts ``(last visible token + 1) % 8``; kv_new holds each token id, so the mask decides what is seen."""
+    """Predicts ``(last visible token + 1) % 8``; the new keys hold each token id, so the mask decides what is seen."""
 
     def __init__(self):
         self.calls = []
@@ -23,15 +23,15 @@ class EchoBackend:
     def run(self, entry, ids, positions, mask):
         self.calls.append((entry, ids.copy(), positions.copy(), mask.copy()))
         tokens = ids.shape[1]
-        s = self.cache.shape[3]
-        keys = np.concatenate([self.cache[0, 0, 0, :, 0], ids[0].astype(np.float32)])  # (S + T,)
+        s = self.cache["past_key.0"].shape[2]
+        keys = np.concatenate([self.cache["past_key.0"][0, 0], ids[0].astype(np.float32)])  # (S + T,)
         logits = np.zeros((1, tokens, 8), np.float32)
         for t in range(tokens):
             visible = np.flatnonzero(mask[t] == 0)
             assert visible.max() == s + t  # a token sees itself last (causal)
             logits[0, t, (int(keys[visible[-1]]) + 1) % 8] = 1.0
-        kv_new = np.broadcast_to(ids[0].astype(np.float32)[None, None, None, :, None], (1, 2, 1, tokens, 1)).copy()
-        return [logits, kv_new]
+        new = ids[0].astype(np.float32)
+        return [logits, new.reshape(1, 1, tokens), -new.reshape(1, tokens, 1)]  # key.0 (Hkv, D, T), value.0
 
 
 def test_prefill_chunks_pad_and_write_only_real_tokens():
@@ -44,7 +44,9 @@ def test_prefill_chunks_pad_and_write_only_real_tokens():
     assert second[1].tolist() == [[5, 6, 0, 0]] and second[2].tolist() == [[4, 5, 6, 7]]
     assert (second[3][:, :4] == 0).all() and (second[3][:, 4:16] < 0).all()  # cache slots 0-3 visible only
     assert session.length == 6
-    assert session.cache[0, 0, 0, :7, 0].tolist() == [1, 2, 3, 4, 5, 6, 0]  # padding never written
+    assert list(session.cache) == ["past_key.0", "past_value.0"]
+    assert session.cache["past_key.0"][0, 0, :7].tolist() == [1, 2, 3, 4, 5, 6, 0]  # padding never written
+    assert session.cache["past_value.0"][0, :7, 0].tolist() == [-1, -2, -3, -4, -5, -6, 0]
     assert np.argmax(logits, axis=1).tolist() == [2, 3, 4, 5, 6, 7]
 
 

@@ -103,10 +103,36 @@ def test_report_and_manifest_describe_the_decoder(compiled):
     assert section["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
     assert section["weight_bytes_per_decoded_token"] > 49152 * 64 * 4
     assert section["prefill_decode_consistency_max_abs"] < 1e-3
+    assert section["decode_attention_fused_layers"] == 2
     assert section["latency"]["effc"]["decode_ms_per_token"]["median"] > 0
     assert set(result.manifest["decoder"]["entries"]) == {"prefill", "decode"}
     assert result.manifest["decoder"]["entries"]["decode"]["inputs"][0]["shape"] == [1, 1]
     assert "Perplexity" in (result.out_dir / "report.md").read_text()
+
+
+def test_decode_attention_rewrite_keeps_the_decode_step(tiny):
+    """Both layers fused; onnxruntime on the fused and the standard decode graph agree, and slots past the context
+    are ignored even where the mask admits them."""
+    from effc.decoder.attention import fuse_decode_attention
+    from effc.ir.decoder import decoder_info, kv_layout, specialize
+    from effc.ir.reference import Reference
+
+    graph = tiny[1]
+    info = decoder_info(graph)
+    plain, fused = specialize(graph, 1), specialize(graph, 1)
+    assert fuse_decode_attention(fused) == 2
+    assert [n.op_type for n in fused.graph].count("DecodeAttention") == 2
+    assert [n.op_type for n in fused.graph].count("Softmax") == 0
+    rng = np.random.default_rng(1)
+    s, length = info["max_cache"], 37
+    mask = np.zeros((1, s + 1), np.float32)
+    feeds = {"input_ids": np.array([[42]]), "positions": np.array([[length]]), "attn_mask": mask,
+             **{slot.input: rng.standard_normal(slot.shape(info, s)).astype(np.float32) for slot in kv_layout(info)}}
+    got = Reference(fused).run(feeds)
+    mask[0, length:s] = -1.0e9  # the standard graph needs the mask to hide the slots past the context
+    want = Reference(plain).run(feeds)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_generate_text_and_errors(compiled, tmp_path):
@@ -141,6 +167,23 @@ def test_block_quant_on_the_decoder_keeps_it_generating(tiny):
     assert section["weight_bytes_per_decoded_token"] < result.report["cost"]["params_bytes_before"]
     import effc.runtime
 
+    assert len(effc.runtime.load(result.out_dir).generate("Soup", max_new_tokens=3).tokens) <= 3
+
+
+def test_kv_cache_blocks_keep_it_generating(tiny):
+    import effc
+    import effc.runtime
+
+    _, graph, _, folder = tiny
+    result = effc.compile(graph, out_dir=folder / "kv8", passes="block-quant(format=mxfp8_e4m3,mode=kv,block_size=16)",
+                          measure_latency=False)
+    section = result.report["decoder"]
+    assert section["kv_format"] == "mxfp8_e4m3"
+    assert section["kv_format_bytes_per_token"] == 2 * 2 * 2 * 16 * (8 + 8 / 16) / 8  # codes + one E8M0 per 16
+    assert section["perplexity"]["compiled"]["perplexity"] == pytest.approx(
+        section["perplexity"]["rewritten_onnxruntime"]["perplexity"], rel=1e-3)
+    assert 0 < abs(section["perplexity_change_pct"]) < 2
+    assert section["decode_attention_fused_layers"] == 2
     assert len(effc.runtime.load(result.out_dir).generate("Soup", max_new_tokens=3).tokens) <= 3
 
 

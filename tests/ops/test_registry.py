@@ -18,7 +18,7 @@ from effc.codegen.cpu import compile_cpu
 from effc.codegen.frontend import to_relax
 from effc.codegen.ops import nm_sparse as nm_codegen
 from effc.ops import block_quant as bq
-from effc.ops import get_op, nm_sparse, registered_ops
+from effc.ops import decode_attention, get_op, nm_sparse, registered_ops
 from effc.ops.bitpack import pack_blocks
 from effc.ops.block_formats import get_format, quantize
 
@@ -100,7 +100,27 @@ def _qdq(fmt: str):
     return {"X": x}, {}, build, {"format": fmt, "block_size": 32}
 
 
+def _attention(tokens: int, length: int):
+    """GQA over a 32-slot cache whose first ``length`` slots are valid; the mask also admits slots past ``length``,
+    which the operator must ignore."""
+    hkv, g, d, s = 2, 3, 16, 32
+    r = lambda *shape: RNG.standard_normal(shape).astype(np.float32)  # noqa: E731
+    mask = np.zeros((tokens, s + tokens), np.float32)
+    mask[:, s:] = np.triu(np.full((tokens, tokens), -1.0e9, np.float32), 1)
+    feed = {"Q": r(hkv, g, tokens, d), "past_key": r(hkv, d, s), "past_value": r(hkv, s, d), "key": r(hkv, d, tokens),
+            "value": r(hkv, tokens, d), "attn_mask": mask, "positions": (length + np.arange(tokens))[None]}
+
+    def build(model, v):
+        node = decode_attention.decode_attention(model, [v[name] for name in decode_attention.INPUTS], d ** -0.5,
+                                                 "attention")
+        node.outputs[0].shape, node.outputs[0].type = ir.Shape((hkv, g, tokens, d)), ir.TensorType(ir.DataType.FLOAT)
+        return node
+
+    return feed, {}, build, {"scale": d ** -0.5}
+
+
 CASES = {
+    "DecodeAttention": [lambda: _attention(1, 13), lambda: _attention(1, 0), lambda: _attention(3, 32)],
     "NMSparseMatMul": [lambda: _nm(1), lambda: _nm(8)],
     "BlockQuantMatMul": [lambda f=f: _matmul(f) for f in ("mxfp4", "mxfp6_e2m3", "mxint8", "int4")],
     "BlockQuantGather": [lambda f=f: _gather(f) for f in ("mxfp4", "int8")],

@@ -1,0 +1,30 @@
+"""The effc.DecodeAttention TIR kernel against the numpy reference: serial and parallel heads, contexts 0..S."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+
+from effc.codegen.ops.decode_attention import attention_kernel
+from effc.ops.decode_attention import reference
+
+TARGET = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu())})
+HKV, G, D, S = 3, 3, 64, 64
+
+
+@pytest.mark.parametrize("parallel_from", [1, 10**9])
+def test_kernel_reads_only_the_valid_prefix(parallel_from):
+    lib = tvm.compile(tvm.IRModule({"main": attention_kernel(HKV, G, 1, D, S, D ** -0.5, parallel_from)}),
+                      target=TARGET)
+    rng = np.random.default_rng(3)
+    for length in (0, 1, 15, 16, 17, 63, 64):
+        arrays = [rng.standard_normal(shape).astype(np.float32) for shape in
+                  ((HKV, G, 1, D), (HKV, D, S), (HKV, S, D), (HKV, D, 1), (HKV, 1, D))]
+        arrays[1][:, :, length:] = np.nan  # slots past the context must not count
+        arrays[2][:, length:] = np.nan
+        mask, positions = np.zeros((1, S + 1), np.float32), np.array([[length]], np.int64)
+        args = [tvm.runtime.tensor(a) for a in (*arrays, mask, positions, np.zeros((HKV, G, 1, D), np.float32))]
+        lib["main"](*args)
+        want = reference(*arrays, mask, positions, scale=D ** -0.5)
+        np.testing.assert_allclose(args[-1].numpy(), want, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,90 @@
+"""``block-quant(mode=kv)`` on a decoder: cache entries on the MX grid along head_dim, checked against numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from effc.ir.decoder import decoder_info, kv_layout, specialize
+from effc.ops.block_formats import quantize_dequantize
+from effc.passes.pipeline import parse_pipeline
+
+pytestmark = pytest.mark.slow  # exports a tiny Llama twice (~15 s quiet, ~60 s under load)
+
+S, T = 64, 4
+
+
+@pytest.fixture(scope="module")
+def graph():
+    import torch
+    import transformers
+
+    from effc.decoder.export import export_decoder
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                                   rms_norm_eps=1e-5, tie_word_embeddings=True)  # head_dim 32: one block
+    return export_decoder(transformers.LlamaForCausalLM(cfg).eval(), max_cache=S, chunk=8)
+
+
+def _feeds(info, tokens):
+    mask = np.full((tokens, S + tokens), -1.0e9, np.float32)
+    mask[:, S:] = np.triu(mask[:, S:], 1)
+    feeds = {"input_ids": np.arange(7, 7 + tokens)[None], "positions": np.arange(tokens)[None], "attn_mask": mask}
+    return {**feeds, **{s.input: np.zeros(s.shape(info, S), np.float32) for s in kv_layout(info)}}
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxint8", "mxfp4"])
+def test_cache_entries_round_trip_the_numpy_codec(graph, fmt):
+    from effc.ir.reference import Reference
+
+    info = decoder_info(graph)
+    plain, quant = specialize(graph, T), specialize(graph, T)
+    (pass_,) = parse_pipeline(f"block-quant(format={fmt},mode=kv)")
+    assert pass_(quant).modified
+    assert [v["value"] for v in pass_.stats["kv_values"]] == ["key.0", "value.0", "key.1", "value.1"]
+    assert decoder_info(quant)["kv_format"] == fmt
+    assert not pass_(quant).modified  # a second run changes nothing
+    feeds = _feeds(info, T)
+    want, got = Reference(plain).run(feeds)[1:], Reference(quant).run(feeds)[1:]
+    for slot, x, y in zip(kv_layout(info), want, got, strict=True):
+        axis = 1 if slot.kind == "key" else 2  # head_dim: keys (Hkv, D, T), values (Hkv, T, D)
+        np.testing.assert_array_equal(y, quantize_dequantize(y, fmt, axis=axis, block_size=32))  # on the grid
+        if slot.layer == 0:  # its input is not yet touched by quantization: exactly the codec's round trip
+            np.testing.assert_array_equal(y, quantize_dequantize(x, fmt, axis=axis, block_size=32))
+            assert np.abs(y - x).max() > 0
+
+
+def test_kv_bytes_per_token_of_the_formats(graph):
+    from effc.decoder.compile import kv_bytes_per_token
+
+    info = decoder_info(graph)  # 2 layers × (K + V) × 1 KV head × 32 = 128 entries per token
+    assert kv_bytes_per_token(info) == 128 * 4
+    assert kv_bytes_per_token(info, "mxfp8_e4m3") == 128 * 8.25 / 8
+    assert kv_bytes_per_token(info, "mxfp4") == 128 * 4.25 / 8
+
+
+def test_value_rearrangement_keeps_the_model_before_quantization(graph):
+    from effc.ir.reference import Reference
+    from effc.passes.quant.decoder_kv import rearrange_values
+
+    info = decoder_info(graph)
+    plain, moved = specialize(graph, T), specialize(graph, T)
+    stats = {"skipped": []}
+    assert rearrange_values(moved, stats) == 2 and stats["kv_rearranged"] == [0, 1] and not stats["skipped"]
+    wv = moved.graph.initializers["layers.0.self_attn.v_proj"].const_value.numpy()
+    assert not np.array_equal(wv, plain.graph.initializers["layers.0.self_attn.v_proj"].const_value.numpy())
+    norms = np.linalg.norm(wv, axis=0)  # (the random model's RMSNorm gains are all 1)
+    assert (np.diff(norms) <= 0).all()  # channels sorted by magnitude: the largest share the first block
+    feeds = _feeds(info, T)
+    want, got = Reference(plain).run(feeds), Reference(moved).run(feeds)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5)  # logits
+    for slot, x, y in zip(kv_layout(info), want[1:], got[1:], strict=True):
+        if slot.kind == "key":
+            np.testing.assert_allclose(y, x, atol=1e-5)
+        else:  # the same values, channels reordered
+            np.testing.assert_allclose(np.sort(y, axis=2), np.sort(x, axis=2), atol=1e-5)
+    (pass_,) = parse_pipeline("block-quant(format=mxfp4,mode=kv,kv_rearrange=true)")
+    quant = specialize(graph, T)
+    assert pass_(quant).modified and pass_.stats["kv_rearranged"] == [0, 1]
