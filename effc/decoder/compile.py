@@ -243,10 +243,22 @@ def bytes_read_per_token(model: ir.Model) -> int:
     """Weight bytes one call of ``model`` reads (the decode graph: one token).
 
     Every initializer counts in full, except lookup tables read only through Gather-like nodes (``Gather``,
-    ``effc.BlockQuantGather``, as data input 0), which count one row along the gathered axis.
+    ``effc.BlockQuantGather``, as data input 0), which count one row along the gathered axis, and the weights of an
+    ``effc.MoEFFN``, which count its router, shared expert and ``top_k`` routed experts only
+    (:func:`effc.ops.moe.weight_bytes_per_token`).
     """
-    total = 0
+    from effc.ops.moe import OP_TYPE as MOE
+    from effc.ops.moe import layout_of, weight_bytes_per_token
+
+    total, moe_read = 0, set()
+    for node in model.graph:
+        layout = layout_of(node) if node.op_type == MOE else None
+        if layout is not None:
+            total += weight_bytes_per_token(layout)
+            moe_read |= {id(v) for v in node.inputs[1:] if v is not None}
     for value in model.graph.initializers.values():
+        if id(value) in moe_read:
+            continue
         nbytes = value.const_value.nbytes if value.const_value is not None else 0
         uses = list(value.uses())
         if uses and all(u.node.op_type.endswith("Gather") and u.idx == 0 for u in uses):

@@ -9,10 +9,11 @@ builders; :mod:`effc.codegen.ops` holds the TVM converters and kernels.
 
 Operators: ``NMSparseMatMul`` (:mod:`effc.ops.nm_sparse`); ``BlockQuantMatMul``, ``BlockQuantGather``,
 ``BlockQDQ`` (:mod:`effc.ops.block_quant`, element and scale codecs in :mod:`effc.ops.block_formats`, bit packing
-in :mod:`effc.ops.bitpack`); ``DecodeAttention`` (:mod:`effc.ops.decode_attention`).
+in :mod:`effc.ops.bitpack`); ``DecodeAttention`` (:mod:`effc.ops.decode_attention`); ``MoEFFN``
+(:mod:`effc.ops.moe`).
 """
 
-from effc.ops import block_quant, decode_attention, nm_sparse  # noqa: F401  (register the operators)
+from effc.ops import block_quant, decode_attention, moe, nm_sparse  # noqa: F401  (register the operators)
 from effc.ops.base import EFFC_DOMAIN, OpSpec, PackedWeight, get_op, register_op, registered_ops
 
 __all__ = ["EFFC_DOMAIN", "OpSpec", "PackedWeight", "get_op", "register_op", "registered_ops"]

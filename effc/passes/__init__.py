@@ -7,6 +7,7 @@ kept sorted.
 import effc.passes.block_quant  # noqa: F401
 import effc.passes.channel_reorder  # noqa: F401
 import effc.passes.cleanup  # noqa: F401
+import effc.passes.moe  # noqa: F401
 import effc.passes.nm_sparsity  # noqa: F401
 import effc.passes.prune  # noqa: F401
 import effc.passes.prune_structured  # noqa: F401

@@ -18,7 +18,7 @@ from effc.codegen.cpu import compile_cpu
 from effc.codegen.frontend import to_relax
 from effc.codegen.ops import nm_sparse as nm_codegen
 from effc.ops import block_quant as bq
-from effc.ops import decode_attention, get_op, nm_sparse, registered_ops
+from effc.ops import decode_attention, get_op, moe, nm_sparse, registered_ops
 from effc.ops.bitpack import pack_blocks
 from effc.ops.block_formats import get_format, quantize
 
@@ -100,6 +100,28 @@ def _qdq(fmt: str):
     return {"X": x}, {}, build, {"format": fmt, "block_size": 32}
 
 
+def _moe(activation: str, gated: bool, shared: int, top_k: int, lead: tuple[int, ...] = (2, 3)):
+    k, c, experts, size = 32, 24, 4, 16
+    hidden = shared + experts * size
+    consts = {"router_w": RNG.standard_normal((k, experts)), "router_b": RNG.standard_normal(experts),
+              "W1": RNG.standard_normal((k, hidden)) / 4, "b1": RNG.standard_normal(hidden),
+              "W2": RNG.standard_normal((hidden, c)) / 4, "b2": RNG.standard_normal(c),
+              "fill": RNG.standard_normal((experts, c))}
+    if gated:
+        consts["W3"] = RNG.standard_normal((k, hidden)) / 4
+    consts = {name: a.astype(np.float32) for name, a in consts.items()}
+    x = RNG.standard_normal((*lead, k)).astype(np.float32)  # 6 tokens (grouped kernel) or 1 (decode kernel)
+    layout = moe.MoELayout(k, c, shared, experts, size, top_k, gated, activation)
+
+    def build(model, v):
+        node = moe.add_moe_ffn(model, v["X"], {name: v.get(name) for name in moe.INPUTS[1:]}, layout, "moe")
+        node.outputs[0].shape, node.outputs[0].type = ir.Shape((*lead, c)), ir.TensorType(ir.DataType.FLOAT)
+        return node
+
+    attrs = {"activation": activation, "gated": int(gated), "experts": experts, "top_k": top_k, "shared": shared}
+    return {"X": x}, consts, build, attrs
+
+
 def _attention(tokens: int, length: int):
     """GQA over a 32-slot cache whose first ``length`` slots are valid; the mask also admits slots past ``length``,
     which the operator must ignore."""
@@ -125,6 +147,9 @@ CASES = {
     "BlockQuantMatMul": [lambda f=f: _matmul(f) for f in ("mxfp4", "mxfp6_e2m3", "mxint8", "int4")],
     "BlockQuantGather": [lambda f=f: _gather(f) for f in ("mxfp4", "int8")],
     "BlockQDQ": [lambda f=f: _qdq(f) for f in ("mxfp4", "mxfp8_e4m3")],
+    "MoEFFN": [lambda: _moe("gelu", False, 8, 2), lambda: _moe("silu", True, 0, 1), lambda: _moe("relu", False, 4, 4),
+               lambda: _moe("gelu_tanh", True, 16, 3), lambda: _moe("silu", True, 8, 2, (1, 1)),
+               lambda: _moe("gelu", False, 0, 3, (1, 1))],
 }
 
 
@@ -142,7 +167,7 @@ def test_onnx_body_numpy_reference_and_kernel_agree(op_type, index):
     onnx_out = ort.InferenceSession(ir.to_proto(model).SerializeToString(),
                                     providers=["CPUExecutionProvider"]).run(None, feed)[0]
     arrays = {**feed, **consts}
-    numpy_out = spec.reference(*(arrays[name.name] for name in model.graph.node(0).inputs), **attrs)
+    numpy_out = spec.reference(*(None if v is None else arrays[v.name] for v in model.graph.node(0).inputs), **attrs)
     with nm_codegen.lowering_policy("packed"):  # the N:M kernel, not its dense fallback
         ex, _ = compile_cpu(to_relax(model), TARGET, {})
     out = relax.VirtualMachine(ex, tvm.cpu())["main"](*(tvm.runtime.tensor(a) for a in feed.values()))

@@ -35,6 +35,8 @@ PASS_CASES = {
     "prune": [("prune(sparsity=0.5,min_params=16)", 0.8)],
     "prune-structured": [("prune-structured(ratio=0.25)", 1e-5)],  # nothing coupled to shrink: exact no-op
 }
+# Passes that need a structure these one-MatMul graphs lack, with the test that checks the same property for them.
+ELSEWHERE = {"moe": "tests/passes/test_moe.py::test_an_ffn_output_that_is_a_graph_output_keeps_its_name"}
 # Passes with nothing to change on these graphs (channel-reorder needs ``Y`` read by a second MatMul).
 UNCHANGED = {"cleanup", "cse", "dce", "identity-elim", "prune-structured"}
 CASES = [pytest.param(text, bound, id=text) for cases in PASS_CASES.values() for text, bound in cases]
@@ -57,7 +59,7 @@ def _graph(consumed: bool) -> onnx.ModelProto:
 
 
 def test_every_registered_pass_has_a_case():
-    assert set(PASS_CASES) == set(registered_passes())
+    assert set(PASS_CASES) | set(ELSEWHERE) == set(registered_passes())
 
 
 @pytest.mark.parametrize("consumed", [False, True], ids=["output-only", "output-and-read"])

@@ -1,0 +1,291 @@
+"""``moe``: dense FFN → mixture of experts (``effc.MoEFFN``), experts carved from calibration activations.
+
+Each FFN block found by :func:`effc.passes.ffn_blocks.find_ffn_blocks` (``MatMul → act → MatMul`` with GELU / ReLU /
+SiLU, or a gated unit ``act(x·Wg) ⊙ x·Wu``) is replaced by one ``effc.MoEFFN`` node (:mod:`effc.ops.moe`):
+
+1. the block input is tapped on the calibration feeds (one onnxruntime run of the dense model for all blocks) and the
+   activations ``A`` are computed from it;
+2. its neurons are carved into a shared expert and ``experts`` equal routed experts
+   (:func:`~effc.passes.moe_experts.carve`: balanced co-activation clustering, or weight clustering without data);
+3. the router is ``analytic`` (activation statistics) or ``trained`` (ridge regression on each expert's share of the
+   output mass);
+   both are scored on held-out calibration tokens and the scores are reported;
+4. ``fill=true`` gives every unchosen expert its mean output over the calibration tokens that did not choose it (a
+   constant expert);
+5. ``recover=N`` runs N Adam steps of local distillation per FFN against the dense FFN (routing fixed,
+   :mod:`effc.passes.moe_recover`).
+
+Stats per layer (``layers``): activation, carving method, shared / expert sizes, active fraction, held-out relative
+FFN error of both routers (``error_trained``, ``error_analytic``: mean per-token ``‖Δ‖² / ‖FFN output − b2‖²``),
+FFN MACs and float32 weight bytes per token (``macs_dense``/``macs_moe``, ``bytes_dense``/``bytes_moe``), recovery
+losses and seconds; overall ``ffn_mac_fraction``, ``ffn_weight_bytes_fraction``, ``recovery_seconds``.
+
+Sources: Zhang et al., "MoEfication" (2022); Pei et al., "CMoE" (2025); Zhao et al., "FactorLLM" (2024); Jin et al.,
+"MoE++" (2024).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import time
+
+import numpy as np
+import onnx_ir as ir
+
+from effc.errors import PassError
+from effc.ops.moe import ACTIVATIONS, INPUTS, MoELayout, add_moe_ffn, select_experts, weight_bytes_per_token
+from effc.passes import moe_experts as mx
+from effc.passes.base import EffcPass, PassOptions, register_pass
+from effc.passes.ffn_blocks import FFNBlock, TorchBlock, find_ffn_blocks
+from effc.passes.moe_recover import recover
+from effc.passes.rewrite import replace_value
+from effc.passes.structured.layers import _token_rows
+
+logger = logging.getLogger(__name__)
+
+ROUTERS = ("trained", "analytic")
+LOOKED_FOR = ("an FFN block: MatMul(x, W1) [+ b1] → element-wise activation (GELU, ReLU, SiLU; or gated "
+              "act(x·Wg) ⊙ x·Wu) → MatMul(·, W2) [+ b2], constant 2-D weights")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEOptions(PassOptions):
+    """Options of ``moe``."""
+
+    experts: int = dataclasses.field(default=8, metadata={"help": "routed experts per FFN"})
+    top_k: int = dataclasses.field(default=2, metadata={"help": "routed experts chosen per token"})
+    shared: float = dataclasses.field(default=0.0, metadata={"help": "fraction of neurons in the always-on expert"})
+    router: str = dataclasses.field(default="trained", metadata={"help": "trained | analytic",
+                                                                  "choices": ROUTERS})
+    fill: bool = dataclasses.field(default=True, metadata={"help": "unchosen experts add their mean output"})
+    recover: int = dataclasses.field(default=0, metadata={"help": "Adam steps of local distillation per FFN"})
+    layers: str = dataclasses.field(default="all", metadata={"help": "all | block indices or up-MatMul name "
+                                                                     "patterns, |-separated (0|2|*layer.5*)"})
+    max_tokens: int = dataclasses.field(default=8192, metadata={"help": "calibration tokens used per FFN"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "clustering and minibatch seed"})
+
+    def validate(self) -> None:
+        """Raises: PipelineError: a value out of range."""
+        if self.experts < 1:
+            self.fail("experts", self.experts, "a positive integer")
+        if not 1 <= self.top_k <= self.experts:
+            self.fail("top_k", self.top_k, f"an integer in [1, experts={self.experts}]")
+        if not 0.0 <= self.shared < 1.0:
+            self.fail("shared", self.shared, "a fraction in [0, 1)")
+        if self.router not in ROUTERS:
+            self.fail("router", self.router, " or ".join(ROUTERS))
+        if self.recover < 0 or self.max_tokens < 16:
+            self.fail("recover" if self.recover < 0 else "max_tokens", min(self.recover, self.max_tokens),
+                      "recover >= 0 and max_tokens >= 16")
+
+
+def _array(value: ir.Value | None) -> np.ndarray | None:
+    return None if value is None else value.const_value.numpy().astype(np.float32)
+
+
+def activation_kind(block: FFNBlock, w3: np.ndarray | None) -> str | None:
+    """The :data:`~effc.ops.moe.ACTIVATIONS` key the block's activation sub-graph computes (probed), or None."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    k, h = block.up.inputs[1].const_value.shape
+    pre = (rng.standard_normal((32, h)) * 3).astype(np.float32)
+    x = rng.standard_normal((32, k)).astype(np.float32)
+    with torch.no_grad():
+        got = TorchBlock(block).activation(torch.from_numpy(pre), torch.from_numpy(x)).numpy()
+    gate = x @ w3 if w3 is not None else 1.0
+    for name, fn in ACTIVATIONS.items():
+        if np.allclose(got, fn(pre) * gate, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(got).max()))):
+            return name
+    return None
+
+
+def select_blocks(blocks: list[FFNBlock], layers: str) -> list[tuple[int, FFNBlock]]:
+    """``(index, block)`` chosen by ``layers`` (``all``, or ``|``-separated indices / fnmatch name patterns).
+
+    Raises:
+        PassError: a pattern that matches no block.
+    """
+    if layers == "all":
+        return list(enumerate(blocks))
+    pats = [p.strip() for p in layers.split("|") if p.strip()]
+    chosen = [(i, b) for i, b in enumerate(blocks)
+              if any(p == str(i) or fnmatch.fnmatch(b.up.name or "", p) for p in pats)]
+    if not chosen:
+        names = ", ".join(f"{i}: {b.up.name}" for i, b in enumerate(blocks[:4]))
+        raise PassError(f"moe(layers={layers!r}) matches no FFN block", f"use all, indices or names like {names}")
+    return chosen
+
+
+def _rows(taps: list[np.ndarray], feeds: list[dict], ids: list[int], cap: int, rng) -> np.ndarray | None:
+    if not ids:
+        return None
+    x = np.concatenate([_token_rows(taps[i], feeds[i]) for i in ids]).astype(np.float32)
+    return x[np.sort(rng.choice(len(x), cap, replace=False))] if len(x) > cap else x
+
+
+def _rewrite(model: ir.Model, block: FFNBlock, arrays: dict[str, np.ndarray | None], layout: MoELayout) -> None:
+    """Replace the block's nodes by one ``effc.MoEFFN`` reading the block input and writing its FFN output."""
+    base = block.up.name or block.up.outputs[0].name
+    weights = {}
+    for key in INPUTS[1:]:
+        if arrays.get(key) is None:
+            weights[key] = None
+            continue
+        name = f"{base}.moe_{key}"
+        value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(arrays[key]), name=name))
+        value.shape, value.type = value.const_value.shape, ir.TensorType(value.const_value.dtype)
+        model.graph.register_initializer(value)
+        weights[key] = value
+    node = add_moe_ffn(model, block.x, weights, layout, f"{base}/moe")
+    node.metadata_props["effc.pass"] = "moe"
+    out = block.out
+    old = [block.up, *([block.act_in.producer()] if block.up_bias is not None else []), *block.act,
+           *([block.gate_linear] if block.gate_linear is not None else []), block.down]
+    if out.producer() is not block.down:
+        old.append(out.producer())
+    new_out = node.outputs[0]
+    new_out.name, new_out.shape, new_out.type = out.name + "_moe", out.shape, out.type
+    model.graph.insert_after(out.producer(), node)
+    name = out.name
+    replace_value(model.graph, out, new_out)
+    model.graph.remove(old, safe=True)
+    new_out.name = name
+    for value in {id(v): v for nd in old for v in nd.inputs if v is not None}.values():
+        if value.is_initializer() and not value.uses():
+            del model.graph.initializers[value.name]
+
+
+@register_pass
+class MoEFFNPass(EffcPass):
+    """Turn dense FFN blocks into ``effc.MoEFFN`` (module docstring); lossy unless ``top_k = experts``.
+
+    Raises:
+        PassError: the model has no FFN block (the message names what was looked for), or ``layers`` matches none.
+    """
+
+    name = "moe"
+    summary = "dense FFN -> mixture of experts (shared + routed experts, top-k router) as effc.MoEFFN"
+    Options = MoEOptions
+    exact = False
+    uses_calibration = True
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Carve, route, optionally recover and rewrite every chosen FFN block; see the module docstring."""
+        o = self.options
+        blocks, unmatched = find_ffn_blocks(model)
+        if not blocks:
+            reasons = ("; ".join(f"{s['name']}: {s['reason']}" for s in unmatched[:3])
+                       or "no MatMul with a constant 2-D weight")
+            raise PassError(f"moe found no FFN block; it looks for {LOOKED_FOR} ({reasons})",
+                            "the model has no transformer-style FFN to split; drop moe from the pipeline")
+        chosen = select_blocks(blocks, o.layers)
+        cal, rng = self.calibration, np.random.default_rng(o.seed)
+        taps, feeds = {}, []
+        if cal is not None:
+            feeds = list(cal)
+            taps = cal.tap(model, list(dict.fromkeys(b.x.name for _, b in chosen)), progress=False)
+        elif o.router == "trained" or o.recover:
+            logger.warning("moe: no calibration data: weight clustering, analytic router, no fill, no recovery")
+        val_ids = [i for i in range(len(feeds)) if len(feeds) >= 10 and i % 5 == 4]
+        train_ids = [i for i in range(len(feeds)) if i not in set(val_ids)]
+        records, skipped = [], [{"name": s["name"], "reason": s["reason"]} for s in unmatched]
+        for index, block in chosen:
+            xs = (None, None) if not taps else (
+                _rows(taps[block.x.name], feeds, train_ids, o.max_tokens, rng),
+                _rows(taps[block.x.name], feeds, val_ids, max(o.max_tokens // 4, 16), rng))
+            found = self._one(model, block, xs)
+            if isinstance(found, str):
+                skipped.append({"name": block.name, "reason": found})
+            else:
+                records.append({"index": index, **found})
+        dense, dense_bytes = (sum(r[key] for r in records) for key in ("macs_dense", "bytes_dense"))
+        self.stats.update(layers=records, skipped=skipped, experts=o.experts, top_k=o.top_k,
+                          ffn_mac_fraction=sum(r["macs_moe"] for r in records) / dense if dense else None,
+                          ffn_weight_bytes_fraction=(sum(r["bytes_moe"] for r in records) / dense_bytes
+                                                     if dense_bytes else None),
+                          recovery_seconds=sum((r["recovery"] or {}).get("seconds", 0.0) for r in records),
+                          calibration_tokens=0 if xs[0] is None else int(len(xs[0])))
+        logger.info("moe: %d FFN(s) rewritten, %d skipped", len(records), len(skipped))
+        return ir.passes.PassResult(model, modified=bool(records))
+
+    def _one(self, model: ir.Model, block: FFNBlock, xs) -> dict | str:
+        """Rewrite one block; returns its stats record, or the reason it was left dense."""
+        o, (x, xv) = self.options, xs
+        w1, w2 = _array(block.up.inputs[1]), _array(block.down.inputs[1])
+        w3 = _array(block.gate_linear.inputs[1]) if block.gate_linear is not None else None
+        (k, h), c = w1.shape, w2.shape[1]
+        b1 = _array(block.up_bias) if block.up_bias is not None else np.zeros(h, np.float32)
+        b2 = _array(block.down_bias) if block.down_bias is not None else np.zeros(c, np.float32)
+        kind = activation_kind(block, w3)
+        if kind is None:
+            return f"activation is none of {', '.join(ACTIVATIONS)} (probed numerically)"
+        if h - int(round(o.shared * h)) < o.experts:
+            return f"{h} neurons cannot form {o.experts} experts next to a {o.shared:.0%} shared expert"
+
+        def acts(rows, w1, b1, w3):
+            a = ACTIVATIONS[kind](rows @ w1 + b1)
+            return a * (rows @ w3) if w3 is not None else a
+
+        a = acts(x, w1, b1, w3) if x is not None else None
+        carving = mx.carve(w1, w2, a, o.experts, o.shared, o.seed)
+        perm = carving.order
+        w1, b1, w2 = w1[:, perm], b1[perm], w2[perm]
+        w3 = w3[:, perm] if w3 is not None else None
+        a = a[:, perm] if a is not None else None
+        outs = mx.expert_outputs(a, w2, carving) if a is not None else None
+        routers = {"analytic": mx.analytic_router(x, w1, b1, w2, carving)}
+        if x is not None:
+            routers["trained"] = mx.trained_router(x, outs)
+        fills = {name: mx.expert_fill(outs if o.fill else None, None if x is None else
+                                      select_experts(x @ r[0] + r[1], o.top_k), o.experts, c)
+                 for name, r in routers.items()}
+        router = o.router if o.router in routers else "analytic"
+        held_out = {}
+        if xv is not None:
+            av = acts(xv, w1, b1, w3)  # the permuted weights: neurons in the MoE layout
+            ref = av @ w2 + b2
+            held_out = {name: mx.relative_error(mx.moe_rows(xv, av, w2, b2, fills[name], r, carving, o.top_k), ref,
+                                                b2) for name, r in routers.items()}
+        fill = fills[router]
+        layout = MoELayout(k, c, carving.shared, o.experts, carving.expert_size, o.top_k, w3 is not None, kind)
+        arrays = {"router_w": routers[router][0], "router_b": routers[router][1], "W1": w1, "b1": b1, "W3": w3,
+                  "W2": w2, "b2": b2, "fill": fill}
+        recovery = None
+        if o.recover and x is not None:
+            arrays, recovery = self._recover(arrays, kind, carving, x, xv, o)
+        _rewrite(model, block, arrays, layout)
+        g = 2 if w3 is not None else 1
+        return {"name": block.name, "activation": kind, "gated": w3 is not None, "hidden": h,
+                "shared": carving.shared, "expert_size": carving.expert_size, "carving": carving.method,
+                "router": router, "active_fraction": layout.active / h,
+                "error_trained": held_out.get("trained"), "error_analytic": held_out.get("analytic"),
+                "macs_dense": h * (k * g + c), "macs_moe": k * o.experts + layout.active * (k * g + c),
+                "bytes_dense": 4 * (h * (k * g + 1 + c) + c), "bytes_moe": weight_bytes_per_token(layout),
+                "recovery": recovery}
+
+    @staticmethod
+    def _recover(arrays: dict, kind: str, carving: mx.Carving, x: np.ndarray, xv: np.ndarray | None, o: MoEOptions):
+        """Local distillation of one MoE FFN against the dense FFN (routing fixed); returns (arrays, info)."""
+        t0 = time.perf_counter()
+        dense = {key: arrays[key] for key in ("W1", "b1", "W3", "W2", "b2")}
+
+        def split(rows):
+            a = ACTIVATIONS[kind](rows @ dense["W1"] + dense["b1"])
+            a = a * (rows @ dense["W3"]) if dense["W3"] is not None else a
+            chosen = select_experts(rows @ arrays["router_w"] + arrays["router_b"], o.top_k).astype(np.float32)
+            return rows, chosen, a @ dense["W2"] + dense["b2"]
+
+        def neuron_mask(chosen):
+            return np.concatenate([np.ones((len(chosen), carving.shared), np.float32),
+                                   np.repeat(chosen, carving.expert_size, axis=1)], axis=1)
+
+        params = {"w1": arrays["W1"], "b1": arrays["b1"], "w3": arrays["W3"], "w2": arrays["W2"],
+                  "b2": arrays["b2"], "fill": arrays["fill"]}
+        fitted, info = recover(params, kind, neuron_mask, split(x), split(xv) if xv is not None else None,
+                               o.recover, seed=o.seed)
+        info["seconds"] = round(time.perf_counter() - t0, 2)
+        return {**arrays, "W1": fitted["w1"], "b1": fitted["b1"], "W3": fitted["w3"], "W2": fitted["w2"],
+                "b2": fitted["b2"], "fill": fitted["fill"]}, info
