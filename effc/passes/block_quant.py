@@ -4,7 +4,9 @@ What is quantized (blocks of ``block_size`` along the reduction axis, formats in
 :mod:`effc.ops.block_formats`):
 
 * ``mode=weight`` (default): constant weights of MatMul ``(K, N)`` and Gemm (``transA=0``, ``alpha=beta=1``),
-  blocked along K, and embedding tables of Gather (axis 0) ``(V, D)``, blocked along D.
+  blocked along K, and embedding tables of Gather (axis 0) ``(V, D)``, blocked along D. A decoder's tied
+  embedding, stored once as the output projection ``(D, V)`` and gathered along axis 1, is quantized once: the
+  lookup (``effc.BlockQuantGather`` + Transpose) and the projection read the same codes and scales.
 * ``mode=weight_act``: the same weights, plus a dynamic per-block quantize-dequantize of every quantized layer's
   input activation along K (``act_format``, default the weight format; an MX format).
 * ``mode=kv``: only the attention keys and values (the KV cache): the outputs of the K and V projections, found
@@ -247,6 +249,8 @@ class BlockQuantPass(EffcPass):
                 self.stats["skipped"].append({**entry, "reason": f"{t.array.size} elements < min_params"})
             elif k % opts.block_size:
                 self.stats["skipped"].append({**entry, "reason": f"blocked axis {k} not a multiple of block_size"})
+            elif t.gather_axis == 1 and t.node.inputs[1].shape is None:
+                self.stats["skipped"].append({**entry, "reason": "Gather along axis 1 with indices of unknown rank"})
             else:
                 chosen.append(t)
         return chosen
@@ -329,6 +333,7 @@ class BlockQuantPass(EffcPass):
             sv = _initializer(graph, f"{base}_scale", scales)
             entry = cache[id(t.weight)] = (wq, sv, deq)
         wq, sv, deq = entry
+        deq = deq if deq.shape == t.array.shape else deq.T  # a tied table: (K, N) projection, (V, D) lookup
         nbytes = wq.const_value.nbytes + sv.const_value.nbytes
         new_nodes: list[ir.Node] = []
         name = t.node.name or base
@@ -340,6 +345,10 @@ class BlockQuantPass(EffcPass):
                 new_nodes.append(ir.node("Gather", [out, t.node.inputs[1]], {"axis": 0}, name=f"{name}/gather"))
             else:
                 new_nodes.append(bq_ops.add_block_quant_gather(model, wq, sv, t.node.inputs[1], fmt, bs, name))
+            if t.gather_axis == 1:  # rows (*I, D) back to the (D, *I) of a Gather along axis 1 of a (D, V) table
+                rank = len(t.node.inputs[1].shape)
+                new_nodes.append(ir.node("Transpose", [new_nodes[-1].outputs[0]], {"perm": [rank, *range(rank)]},
+                                         name=f"{name}/rows_to_columns"))
         else:
             x = t.node.inputs[0]
             if opts.mode == "weight_act":

@@ -113,6 +113,7 @@ class CompiledModel:
             )
         if getattr(self, "_session", None) is None:
             from effc.runtime.decoder import CompiledBackend, DecoderSession
+            from effc.runtime.hugepages import advise_huge_pages
 
             info = self.manifest["decoder"]
             _check_cache_layout(self.out_dir, info)
@@ -120,6 +121,7 @@ class CompiledModel:
 
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.out_dir / info["tokenizer"]))
             self._session = DecoderSession(CompiledBackend(self._runner), info, tokenizer, info["stop_token_ids"])
+            advise_huge_pages()  # decode streams every weight constant once per token: fewer TLB misses
         return self._session
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,

@@ -9,6 +9,7 @@ from tvm import relax
 
 import effc.codegen.ops.block_quant as bq
 import effc.codegen.ops.block_quant_int8 as bq_int8
+from effc.codegen.ops.block_quant_gemv import kernel_rows
 from effc.codegen.cpu import compile_cpu
 from effc.codegen.frontend import to_relax
 from effc.ops.bitpack import pack_blocks
@@ -27,8 +28,9 @@ def test_kernel_matches_numpy_dequantized_matmul(name):
     w = rng.standard_normal((k, n)).astype(np.float32)
     w[:32, 5] = 0.0  # an all-zero block (E8M0 code 0)
     q = quantize(w, fmt, axis=0, scale_dtype="float32")
-    wt, st = bq.repack_for_kernel(*pack_blocks(q.codes, q.scales, fmt.bits), fmt, k)
-    assert wt.nbytes <= k * n * fmt.bits // 8 + k  # packed: bits/8 bytes per weight (+1 pad byte per row, 6-bit)
+    wq, st = pack_blocks(q.codes, q.scales, fmt.bits)
+    wt = kernel_rows(wq, fmt, k)
+    assert wt.nbytes <= k * n * fmt.bits // 8 + n  # packed: bits/8 bytes per weight (+1 pad byte per row, 6-bit)
     func = bq.schedule_block_quant(bq.block_quant_kernel(m, k, n, fmt, 32, str(st.dtype)))
     lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
     dev = tvm.cpu()

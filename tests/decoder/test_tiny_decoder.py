@@ -201,3 +201,46 @@ def test_eval_text_cli_reports_perplexity(compiled, tmp_path):
     data = json.loads(out.output.strip().splitlines()[-1])
     assert data["window"] == 96 and data["tokens_scored"] > 10 and data["perplexity_compiled"] > 1
     assert "not available" in data["perplexity_original_onnxruntime"]  # compiled from an in-memory graph
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "int4"])
+def test_4bit_artifact_generates_as_its_own_model_onnx(tiny, fmt):
+    """Greedy tokens of the compiled 4-bit artifact equal those of its model.onnx under onnxruntime.
+
+    Both run the same quantized weights (the compiled kernels decode the codes bit-exactly; only fp32 summation
+    order differs), so the criterion is exact agreement except at a near-tie (top-2 logits within 1e-4).
+    """
+    import onnx_ir as ir
+
+    import effc
+    import effc.codegen.ops.block_quant as bq
+    import effc.runtime
+    from effc.ir.decoder import specialize
+    from effc.ir.model import load
+    from effc.runtime.decoder import DecoderSession, OrtBackend
+
+    _, graph, tokenizer, folder = tiny
+    start = len(bq.LOWERING_LOG)
+    result = effc.compile(graph, out_dir=folder / fmt, passes=f"block-quant(format={fmt})", measure_latency=False)
+    kernels = {(e["shape"][0], e["kernel"]) for e in bq.LOWERING_LOG[start:]}
+    assert (1, "gemv") in kernels and (16, "fp32") in kernels  # decode: GEMV kernel; prefill: decode-in-GEMM
+    onnx_model = load(result.out_dir / "model.onnx")
+    tables = [v for v in onnx_model.graph.initializers.values() if v.const_value.dtype == ir.DataType.UINT8
+              and tuple(v.const_value.shape) == (49152, 64 * 4 // 8)]
+    assert len(tables) == 1  # the tied embedding: one packed table for the lookup and the output projection
+    assert (result.out_dir / "model.so").stat().st_size < 49152 * 64 * 4  # less than the fp32 table alone
+    mine = effc.runtime.load(result.out_dir).decoder()
+    graphs = {"prefill": specialize(onnx_model, mine.chunk), "decode": specialize(onnx_model, 1)}
+    ref = DecoderSession(OrtBackend(graphs), mine.info, mine.tokenizer)
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        mine.reset()
+        ref.reset()
+        a, b = mine.prefill(ids)[-1], ref.prefill(ids)[-1]
+        for _ in range(10):
+            np.testing.assert_allclose(a, b, atol=1e-4)
+            top = np.sort(b)[-2:]
+            if top[1] - top[0] > 1e-4:
+                assert int(np.argmax(a)) == int(np.argmax(b))
+            token = int(np.argmax(b))
+            a, b = mine.decode(token), ref.decode(token)

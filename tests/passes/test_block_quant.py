@@ -293,3 +293,36 @@ def test_gptq_falls_back_to_rounding_when_it_loses_on_held_out_calibration():
         if gptq:  # 3 fit feeds x 8 tokens < K = 64
             assert rejected and "24 calibration tokens for K=64" in rejected[0]["reason"], rejected
     assert sq[True] >= sq[False] - 0.05, sq
+
+
+def _tied(opset=17):
+    """ids (5,) -> Gather(axis=1) of a tied table (64, 50) -> Transpose -> MatMul by the same table -> logits."""
+    table = np.random.default_rng(4).standard_normal((64, 50)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["cols"], name="embed", axis=1),
+            helper.make_node("Transpose", ["cols"], ["x"], name="rows", perm=[1, 0]),
+            helper.make_node("MatMul", ["x", "table"], ["y"], name="lm_head"),
+        ],
+        "tied",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 50])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])), table
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "int4"])
+def test_tied_embedding_is_quantized_once_for_lookup_and_projection(fmt):
+    model, table = _tied()
+    p = BlockQuantPass(format=fmt, min_params=0)
+    assert p(model).modified
+    effc_ops = [n.op_type for n in model.graph if n.domain == "effc"]
+    assert sorted(effc_ops) == ["BlockQuantGather", "BlockQuantMatMul"]
+    gather = next(n for n in model.graph if n.op_type == "BlockQuantGather")
+    matmul = next(n for n in model.graph if n.op_type == "BlockQuantMatMul")
+    assert gather.inputs[0] is matmul.inputs[1] and gather.inputs[1] is matmul.inputs[2]  # one packed table
+    assert "table" not in model.graph.initializers  # the fp32 table is gone
+    ids = np.array([0, 7, 49, -1, 12], np.int64)
+    dq = quantize_dequantize(table, fmt, axis=0)  # blocks along the hidden axis for both uses
+    np.testing.assert_allclose(_run(model, {"ids": ids})[0], dq[:, ids].T @ dq, rtol=1e-5, atol=1e-4)

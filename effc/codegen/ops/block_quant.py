@@ -1,21 +1,24 @@
 """TVM lowering of ``effc.BlockQuantMatMul``: weights stay packed in the artifact and are decoded in the GEMM.
 
-Compile-time layout (the converter re-packs the ONNX initializers, same bytes): codes ``Wt`` uint8
-``(K, N * bits / 8)`` packed along N (little-endian bit stream per row of K, as in
-:mod:`effc.ops.bitpack`) and scales ``St`` ``(K / block_size, N)`` (E8M0 uint8 for MX, float16/float32
-for int blocks). The kernel computes ``Y (M, N) = X (M, K) @ W`` where::
+Compile-time layout (the converter re-packs the ONNX initializers, same bytes):
+:func:`effc.codegen.ops.block_quant_gemv.kernel_rows`, one row per output channel with its codes along K (4-bit
+codes in 64-weight lane-nibble chunks), and the ONNX scales ``S`` ``(N, K / block_size)`` (E8M0 uint8 for MX,
+float16/float32 for int blocks). The embedding lookup and both decoder entry points read the same two constants, so a
+tied embedding and a weight used by prefill and decode are stored once. The kernel computes
+``Y (M, N) = X (M, K) @ W`` where::
 
-    W[k, j] = element(code(Wt, k, j)) * scale(St[k // block_size, j])
+    W[k, j] = element(code(Wr, j, k)) * scale(S[j, k // block_size])
 
 Element decoding is arithmetic (vectorizable, no table): FP codes ``s|E|M`` give
 ``(-1)^s * 2^(max(E,1) - bias) * ((E > 0) + M / 2^m)``; MXINT8 codes are int8 / 64; int4/int8 are two's complement.
 An E8M0 scale ``s`` is the float32 with exponent bits ``s`` (``2^(s - 127)``; ``s = 0`` reads as 0, which only
 all-zero blocks use). OCP MX v1.0 sections 5.3 and 6.
 
-Schedule: parallel over tiles of ``nr`` output columns; each tile's ``(K, nr)`` weights are decoded once into a
-local buffer (``compute_at``) and reused by every ``mr``-row register block of the GEMM (vectorized over ``nr``),
-so no fp32 copy of the whole weight exists and constant folding cannot widen it (the decode depends on the tile
-loop, not only on constants).
+Schedule (``M > 1``, prefill): parallel over tiles of ``nr`` output columns; each tile's ``(K, nr)`` weights are
+decoded once into a local buffer (``compute_at``; rows of the tile in turn, vectorized along K) and reused by every
+``mr``-row register block of the GEMM (vectorized over ``nr``), so no fp32 copy of the whole weight exists and
+constant folding cannot widen it (the decode depends on the tile loop, not only on constants). ``M = 1`` (decode):
+the decode-in-GEMV kernel of :mod:`effc.codegen.ops.block_quant_gemv` where it applies.
 
 Integer path: an MXINT8 ``BlockQuantMatMul`` whose input is an MXINT8 ``BlockQDQ`` (``mode=weight_act``) lowers,
 when the TVM target in scope has AVX2, to :mod:`effc.codegen.ops.block_quant_int8` (int8 activations quantized
@@ -32,8 +35,8 @@ import tvm
 from tvm import relax, s_tir, te, tirx
 
 from effc.codegen.frontend import register_converter
+from effc.codegen.ops.block_quant_gemv import gemv_applies, gemv_kernel, kernel_rows, row_code
 from effc.codegen.ops.block_quant_int8 import builder_state, current_tile_config, int8_compute_applies, int8_matmul
-from effc.ops.bitpack import pack_codes, unpack_codes
 from effc.ops.block_formats import BlockFormat, get_format
 
 __all__ = [
@@ -41,35 +44,10 @@ __all__ = [
     "BlockQuantGatherConverter",
     "BlockQuantMatMulConverter",
     "block_quant_kernel",
-    "repack_for_kernel",
     "schedule_block_quant",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def repack_for_kernel(wq: np.ndarray, scales: np.ndarray, fmt: BlockFormat, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """ONNX layout ``(N, K*bits/8)``, ``(N, K/B)`` → kernel layout ``(K, N*bits/8 [+1 pad])``, ``(K/B, N)``.
-
-    The 6-bit layout gets one zero byte of padding per row so that a code straddling two bytes never reads past
-    the row.
-    """
-    codes = unpack_codes(wq, fmt.bits, k).T  # (K, N)
-    packed = pack_codes(np.ascontiguousarray(codes), fmt.bits)
-    if fmt.bits == 6:
-        packed = np.concatenate([packed, np.zeros((packed.shape[0], 1), np.uint8)], axis=1)
-    return np.ascontiguousarray(packed), np.ascontiguousarray(scales.T)
-
-
-def _code(wt: te.Tensor, k, j, bits: int):
-    """Unsigned code of element ``(k, j)`` from the N-packed rows (int32 expression)."""
-    if bits == 8:
-        return wt[k, j].astype("int32")
-    if bits == 4:
-        return (wt[k, j // 2].astype("int32") >> ((j % 2) * 4)) & 15
-    off = j * bits
-    lo = wt[k, off // 8].astype("int32") | (wt[k, off // 8 + 1].astype("int32") << 8)
-    return (lo >> (off % 8)) & ((1 << bits) - 1)
 
 
 def _element(code, fmt: BlockFormat):
@@ -95,25 +73,29 @@ def _element(code, fmt: BlockFormat):
     return tirx.Select(((code >> (fmt.bits - 1)) & 1) == 1, -mag, mag)
 
 
-def _scale(st: te.Tensor, kb, j, fmt: BlockFormat):
+def _scale(s: te.Tensor, row, kb, fmt: BlockFormat):
+    """float32 scale of block ``kb`` of row ``row`` (E8M0: the float32 with exponent bits ``s``)."""
     if fmt.is_mx:
-        return tirx.reinterpret("float32", st[kb, j].astype("int32") << 23)
-    return st[kb, j].astype("float32")
+        return tirx.reinterpret("float32", s[row, kb].astype("int32") << 23)
+    return s[row, kb].astype("float32")
 
 
 def block_quant_kernel(m: int, k: int, n: int, fmt: BlockFormat | str, block_size: int = 32,
                        scale_dtype: str = "uint8") -> tvm.tirx.PrimFunc:
-    """Unscheduled PrimFunc ``main(X (M, K) f32, Wt (K, N*bits/8) u8, St (K/B, N), Y (M, N) f32)``."""
+    """Unscheduled PrimFunc ``main(X (M, K) f32, Wr (N, row bytes) u8, S (N, K/B), Y (M, N) f32)``.
+
+    ``Wr`` is :func:`~effc.codegen.ops.block_quant_gemv.kernel_rows` of the ONNX codes, ``S`` the ONNX scales.
+    """
     fmt = get_format(fmt) if isinstance(fmt, str) else fmt
-    row_bytes = n * fmt.bits // 8 + (1 if fmt.bits == 6 else 0)
+    row_bytes = k * fmt.bits // 8 + (1 if fmt.bits == 6 else 0)
     x = te.placeholder((m, k), "float32", "X")
-    wt = te.placeholder((k, row_bytes), "uint8", "Wt")
-    st = te.placeholder((k // block_size, n), "uint8" if fmt.is_mx else scale_dtype, "St")
-    w = te.compute((k, n), lambda kk, j: _element(_code(wt, kk, j, fmt.bits), fmt) * _scale(st, kk // block_size, j,
-                                                                                               fmt), name="W")
+    wr = te.placeholder((n, row_bytes), "uint8", "Wr")
+    s = te.placeholder((n, k // block_size), "uint8" if fmt.is_mx else scale_dtype, "S")
+    w = te.compute((k, n), lambda kk, j: _element(row_code(wr, j, kk, fmt.bits, k), fmt) * _scale(
+        s, j, kk // block_size, fmt), name="W")
     r = te.reduce_axis((0, k), "r")
     y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="Y")
-    return te.create_prim_func([x, wt, st, y]).with_attr("global_symbol", "main")
+    return te.create_prim_func([x, wr, s, y]).with_attr("global_symbol", "main")
 
 
 def _divisor(n: int, want: int) -> int:
@@ -151,11 +133,10 @@ def schedule_block_quant(func: tvm.tirx.PrimFunc, mr: int | None = None, nr: int
     sch.unroll(jv)
     sch.unroll(ii)
     wk, wj = sch.get_loops(wb)[-2:]
-    wjo, wjl = sch.split(wj, [None, lanes])
-    sch.vectorize(wjl)
+    sch.reorder(wj, wk)  # one weight row after the other: contiguous codes, vectorized along K
+    sch.vectorize(sch.split(wk, [None, _divisor(int(sch.get(wk).extent), 8)])[1])
     sch.vectorize(sch.get_loops(acc)[-1])
     sch.decompose_reduction(yb, r)
-    del wk, wjo
     return sch.mod["main"].with_attr("tir.is_scheduled", True)
 
 
@@ -191,7 +172,6 @@ class BlockQuantMatMulConverter:
         wq, scales = _const(wq_e, params), _const(s_e, params)
         n = wq.shape[0]
         k = scales.shape[1] * bs
-        wt, st = repack_for_kernel(wq, scales, fmt, k)
         x = bb.normalize(x)
         shape = [int(d) for d in x.ty.shape.values]
         rows = int(np.prod(shape[:-1]))
@@ -201,12 +181,19 @@ class BlockQuantMatMulConverter:
                                  "weight_bytes": int(wq.nbytes + scales.nbytes)})
             y = int8_matmul(bb, src[0], wq, scales, rows, k, n)
             return relax.op.reshape(y, [*shape[:-1], n])
-        func = schedule_block_quant(block_quant_kernel(rows, k, n, fmt, bs, str(st.dtype)))
-        gv = bb.add_func(func.without_attr("global_symbol"), f"effc_block_quant_matmul_{fmt.name}")
+        wr = kernel_rows(wq, fmt, k)
+        consts = [relax.const(wr), relax.const(scales)]
+        if rows == 1 and gemv_applies(fmt, bs, k, n):
+            kernel, name, func = "gemv", "gemv", gemv_kernel(k, n, fmt, str(scales.dtype))
+            consts += [relax.const(fmt.code_table())] if fmt.bits == 4 else []
+        else:
+            func = schedule_block_quant(block_quant_kernel(rows, k, n, fmt, bs, str(scales.dtype)))
+            kernel, name = "fp32", "matmul"
+        gv = bb.add_func(func.without_attr("global_symbol"), f"effc_block_quant_{name}_{fmt.name}")
         x2 = bb.normalize(relax.op.reshape(x, (rows, k)))
-        y = relax.call_tir(gv, [x2, relax.const(wt), relax.const(st)], out_ty=relax.TensorType((rows, n), "float32"))
-        LOWERING_LOG.append({"format": fmt.name, "shape": [rows, k, n], "kernel": "fp32",
-                             "weight_bytes": int(wt.nbytes + st.nbytes)})
+        y = relax.call_tir(gv, [x2, *consts], out_ty=relax.TensorType((rows, n), "float32"))
+        LOWERING_LOG.append({"format": fmt.name, "shape": [rows, k, n], "kernel": kernel,
+                             "weight_bytes": int(wr.nbytes + scales.nbytes)})
         return relax.op.reshape(bb.normalize(y), [*shape[:-1], n])
 
 
@@ -220,8 +207,7 @@ class BlockQuantGatherConverter:
         fmt, bs = _format_attrs(attr)
         tq, scales = _const(tq_e, params), _const(s_e, params)
         vocab, d = scales.shape[0], scales.shape[1] * bs
-        if fmt.bits == 6:  # one pad byte per row (see repack_for_kernel)
-            tq = np.concatenate([tq, np.zeros((vocab, 1), np.uint8)], axis=1)
+        tq = kernel_rows(tq, fmt, d)  # the layout of the matmul kernels: a tied output projection shares it
         ids = bb.normalize(ids)
         shape = [int(v) for v in ids.ty.shape.values]
         count = int(np.prod(shape)) if shape else 1
@@ -233,7 +219,7 @@ class BlockQuantGatherConverter:
             raw = idx[p].astype("int32")
             return tirx.Select(raw < 0, raw + vocab, raw)  # ONNX Gather: negative indices count from the end
 
-        out = te.compute((count, d), lambda p, c: _element(_code(t, row(p), c, fmt.bits), fmt) * _scale(
+        out = te.compute((count, d), lambda p, c: _element(row_code(t, row(p), c, fmt.bits, d), fmt) * _scale(
             s, row(p), c // bs, fmt), name="Y")
         func = te.create_prim_func([t, s, idx, out])
         gv = bb.add_func(func.without_attr("global_symbol"), f"effc_block_quant_gather_{fmt.name}")

@@ -24,8 +24,10 @@ class QuantTarget:
         kind: its op type.
         weight: the initializer value.
         array: the weight in the rewrite layout: ``(K, N)`` for MatMul/Gemm (Gemm ``transB=1`` transposed), the
-            table ``(V, D)`` for Gather, ``(Cout, Cin/group * prod(kernel))`` for Conv (blocked along axis 1).
+            table ``(V, D)`` for Gather (a ``(D, V)`` table gathered along axis 1, e.g. a tied embedding stored as
+            the output projection, transposed), ``(Cout, Cin/group * prod(kernel))`` for Conv (blocked along axis 1).
         bias: Gemm's ``C`` / Conv's ``B`` input, or None.
+        gather_axis: the Gather's axis (0, or 1 for a transposed table).
     """
 
     node: ir.Node
@@ -33,6 +35,7 @@ class QuantTarget:
     weight: ir.Value
     array: np.ndarray
     bias: ir.Value | None = None
+    gather_axis: int = 0
 
 
 def _const_2d(value: ir.Value | None) -> np.ndarray | None:
@@ -44,7 +47,7 @@ def _const_2d(value: ir.Value | None) -> np.ndarray | None:
 
 
 def find_targets(model: ir.Model, ops: tuple[str, ...], skipped: list[dict]) -> list[QuantTarget]:
-    """MatMul/Gemm (constant 2-D weight), Gather (constant 2-D table, axis 0) and Conv of the main graph.
+    """MatMul/Gemm (constant 2-D weight), Gather (constant 2-D table, axis 0 or 1) and Conv of the main graph.
 
     Conv weights are flattened to ``(Cout, Cin/group * prod(kernel))``.
 
@@ -60,9 +63,10 @@ def find_targets(model: ir.Model, ops: tuple[str, ...], skipped: list[dict]) -> 
                 found.append(conv)
             continue
         if node.op_type == "Gather":
-            table = _const_2d(node.inputs[0])
-            if table is not None and node.attributes.get_int("axis", 0) == 0:
-                found.append(QuantTarget(node, "Gather", node.inputs[0], table))
+            table, axis = _const_2d(node.inputs[0]), node.attributes.get_int("axis", 0) % 2
+            if table is not None:
+                found.append(QuantTarget(node, "Gather", node.inputs[0], table.T.copy() if axis else table,
+                                         gather_axis=axis))
             continue
         w = _const_2d(node.inputs[1] if len(node.inputs) > 1 else None)
         if w is None:

@@ -1,0 +1,130 @@
+"""Decode-in-GEMV kernels (M = 1) of effc.BlockQuantMatMul: weights/s in cache and streamed from DRAM.
+
+    python benchmarks/block_quant_gemv.py [--formats mxfp4 int4 mxint8 int8] [--threads 1 2] [--reps 200]
+
+Two shapes per format: SmolLM2's up-projection 576→1536 (0.4–0.9 MB packed: sits in L2, so it measures the decode
+rate of the kernel) and 576→196,608 (56–113 MB packed, > 3× L3: a stream from DRAM like one decode step's weights).
+Then all GEMVs of one SmolLM2-135M decode step (30 layers × 7 projections with distinct weights + the tied LM
+head: the weight part of a decode step, effective GB/s). One process, the kernel called ``--reps`` times; min and
+median; GB/s of packed weights + scales, G weights/s, and
+the read bandwidth of the same process (BLAS ``sdot`` over 512 MB, as in ``llm_decode.py``). Constants are on huge
+pages (``effc.runtime.hugepages``), as in a loaded decoder. Outputs are checked against numpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import tvm
+
+from effc.codegen.build import set_runtime_threads
+from effc.codegen.ops import block_quant_gemv as gemv
+from effc.ops.bitpack import pack_blocks
+from effc.ops.block_formats import FORMATS, dequantize, quantize
+from effc.runtime.hugepages import advise_huge_pages
+
+SHAPES = ((576, 1536), (576, 196608))
+# One SmolLM2-135M decode step's weights: per layer q, k, v, o, gate, up, down; then the tied LM head.
+LAYER = ((576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576))
+LAYERS, HEAD = 30, (576, 49152)
+
+
+def _case(name: str, k: int, n: int, target, reps: int) -> dict:
+    fmt = FORMATS[name]
+    rng = np.random.default_rng(0)
+    q = quantize(rng.standard_normal((k, n)).astype(np.float32), fmt, axis=0)
+    wq, scales = pack_blocks(q.codes, q.scales, fmt.bits)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    with target:
+        lib = tvm.compile(tvm.IRModule({"main": gemv.gemv_kernel(k, n, fmt, str(scales.dtype))}), target=target)
+    args = [x, gemv.kernel_rows(wq, fmt, k), scales, *([fmt.code_table()] if fmt.bits == 4 else []),
+            np.zeros((1, n), np.float32)]
+    args = [tvm.runtime.tensor(a, tvm.cpu()) for a in args]
+    advise_huge_pages()
+    lib["main"](*args)
+    ref = x @ dequantize(q)
+    error = float(np.abs(args[-1].numpy() - ref).max() / np.abs(ref).max())
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        lib["main"](*args)
+        times.append(time.perf_counter() - start)
+    nbytes = args[1].numpy().nbytes + scales.nbytes
+    best, median = min(times), float(np.median(times))
+    return {"ms": (best * 1e3, median * 1e3), "gb_s": (nbytes / best / 1e9, nbytes / median / 1e9),
+            "gweights_s": k * n / best / 1e9, "rel_error": error, "mb": nbytes / 1e6}
+
+
+def _decoder_step(name: str, target, reps: int) -> dict:
+    """All GEMVs of one SmolLM2 decode step, each layer with its own (random) weights: ms and GB/s of the weights.
+
+    Every call goes through Python (``LAYERS * 7 + 1`` calls, a few microseconds each, included).
+    """
+    fmt, rng = FORMATS[name], np.random.default_rng(0)
+    kernels, calls, nbytes = {}, [], 0
+    for k, n in [s for _ in range(LAYERS) for s in LAYER] + [HEAD]:
+        if (k, n) not in kernels:
+            q = quantize(rng.standard_normal((k, n)).astype(np.float32), fmt, axis=0)
+            wq, scales = pack_blocks(q.codes, q.scales, fmt.bits)
+            with target:
+                kernels[k, n] = (tvm.compile(tvm.IRModule({"main": gemv.gemv_kernel(k, n, fmt, str(scales.dtype))}),
+                                             target=target), gemv.kernel_rows(wq, fmt, k), scales)
+        lib, rows, scales = kernels[k, n]
+        rows = np.ascontiguousarray(np.roll(rows, len(calls), axis=0))  # a distinct copy per layer
+        args = [np.ones((1, k), np.float32), rows, scales, *([fmt.code_table()] if fmt.bits == 4 else []),
+                np.zeros((1, n), np.float32)]
+        calls.append((lib["main"], [tvm.runtime.tensor(a, tvm.cpu()) for a in args]))
+        nbytes += rows.nbytes + scales.nbytes
+    advise_huge_pages()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for fn, args in calls:
+            fn(*args)
+        times.append(time.perf_counter() - start)
+    best, median = min(times), float(np.median(times))
+    return {"mb": nbytes / 1e6, "ms": (best * 1e3, median * 1e3), "gb_s": (nbytes / best / 1e9, nbytes / median / 1e9)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--formats", nargs="+", default=["mxfp4", "int4", "mxint8", "int8"])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--reps", type=int, default=200)
+    args = parser.parse_args()
+    from llm_decode import cpu_description, read_bandwidth  # benchmarks/ is on sys.path (the script's folder)
+
+    mcpu = str(tvm.target.codegen.llvm_get_system_cpu())
+    print(f"CPU: {cpu_description()}; load {os.getloadavg()}")
+    print("| threads | format | K→N | MB packed | read GB/s | ms min (median) | GB/s min (median) | G weights/s | "
+          "rel. error |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for threads in args.threads:
+        set_runtime_threads(threads)
+        target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": threads})
+        bandwidth = read_bandwidth(threads)
+        for name in args.formats:
+            for k, n in SHAPES:
+                r = _case(name, k, n, target, args.reps if n < 10000 else max(args.reps // 10, 5))
+                print(f"| {threads} | {name} | {k}→{n} | {r['mb']:.1f} | {bandwidth:.1f} | {r['ms'][0]:.3f} "
+                      f"({r['ms'][1]:.3f}) | {r['gb_s'][0]:.1f} ({r['gb_s'][1]:.1f}) | {r['gweights_s']:.1f} | "
+                      f"{r['rel_error']:.1e} |", flush=True)
+    print("\n| threads | format | one SmolLM2 decode step's GEMVs | MB of weights | read GB/s | ms min (median) | "
+          "GB/s min (median) |")
+    print("|---|---|---|---|---|---|---|")
+    for threads in args.threads:
+        set_runtime_threads(threads)
+        target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": threads})
+        bandwidth = read_bandwidth(threads)
+        for name in args.formats:
+            r = _decoder_step(name, target, max(args.reps // 10, 5))
+            print(f"| {threads} | {name} | {LAYERS}×7 + LM head | {r['mb']:.1f} | {bandwidth:.1f} | {r['ms'][0]:.2f} "
+                  f"({r['ms'][1]:.2f}) | {r['gb_s'][0]:.1f} ({r['gb_s'][1]:.1f}) |", flush=True)
+    print(f"load at the end {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
