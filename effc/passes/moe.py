@@ -151,9 +151,11 @@ def _rewrite(model: ir.Model, block: FFNBlock, arrays: dict[str, np.ndarray | No
     model.graph.insert_after(out.producer(), node)
     name = out.name
     replace_value(model.graph, out, new_out)
+    # the dense weights, collected before ``remove`` detaches the nodes' inputs
+    read = {id(v): v for nd in old for v in nd.inputs if v is not None}.values()
     model.graph.remove(old, safe=True)
     new_out.name = name
-    for value in {id(v): v for nd in old for v in nd.inputs if v is not None}.values():
+    for value in read:
         if value.is_initializer() and not value.uses():
             del model.graph.initializers[value.name]
 
@@ -222,8 +224,9 @@ class MoEFFNPass(EffcPass):
         kind = activation_kind(block, w3)
         if kind is None:
             return f"activation is none of {', '.join(ACTIVATIONS)} (probed numerically)"
-        if h - int(round(o.shared * h)) < o.experts:
-            return f"{h} neurons cannot form {o.experts} experts next to a {o.shared:.0%} shared expert"
+        if mx.expert_size(h, o.experts, o.shared) < 2:
+            return (f"{h} neurons cannot form {o.experts} experts of 2 or more neurons next to a {o.shared:.0%} "
+                    "shared expert")
 
         def acts(rows, w1, b1, w3):
             a = ACTIVATIONS[kind](rows @ w1 + b1)

@@ -89,6 +89,20 @@ def balanced_kmeans(features: np.ndarray, groups: int, seed: int = 0, iterations
     return labels
 
 
+#: Routed expert sizes are multiples of this many neurons (vector width of the MoE kernel's weight panels).
+SIZE_MULTIPLE = 8
+
+
+def expert_size(h: int, experts: int, shared: float) -> int:
+    """Neurons per routed expert when ``h`` neurons form a ``shared`` fraction plus ``experts`` equal experts.
+
+    The equal share is rounded down to a multiple of :data:`SIZE_MULTIPLE` (of 2 below it); 0 or 1 means the
+    split is impossible (the caller refuses it).
+    """
+    size = (h - int(round(shared * h))) // experts
+    return size // SIZE_MULTIPLE * SIZE_MULTIPLE if size >= SIZE_MULTIPLE else size // 2 * 2
+
+
 def carve(w1: np.ndarray, w2: np.ndarray, acts: np.ndarray | None, experts: int, shared: float,
           seed: int = 0) -> Carving:
     """Split the ``H`` neurons into a shared expert and ``experts`` equal routed experts (module docstring).
@@ -98,15 +112,16 @@ def carve(w1: np.ndarray, w2: np.ndarray, acts: np.ndarray | None, experts: int,
         w2: ``(H, C)`` down projection.
         acts: ``(N, H)`` calibration activations, or None (weight clustering).
         experts: ``E`` routed experts.
-        shared: fraction of neurons in the shared expert, in [0, 1); the ``(H − S) mod E`` neurons that do not
-            fill a routed expert join the shared expert too.
+        shared: fraction of neurons in the shared expert, in [0, 1); the neurons that do not fill a routed
+            expert join the shared expert too. A routed expert's size is rounded down to a multiple of
+            :data:`SIZE_MULTIPLE` (or of 2 when smaller): the kernel's weight panels are vectors of that width.
         seed: k-means initialization.
 
     Returns:
         The carving.
     """
     h = w1.shape[1]
-    size = (h - int(round(shared * h))) // experts
+    size = expert_size(h, experts, shared)
     n_shared = h - experts * size
     w2n = np.linalg.norm(w2, axis=1)
     score = (np.abs(acts).mean(0) if acts is not None else np.linalg.norm(w1, axis=0)) * w2n

@@ -98,6 +98,7 @@ def test_every_expert_active_equals_the_original_rewritten_and_compiled(kind):
     assert p(model).modified
     node = _node(model)
     assert [n.op_type for n in model.graph].count("MatMul") == 0 and node.metadata_props["effc.pass"] == "moe"
+    assert all(v.uses() for v in model.graph.initializers.values())  # the dense weights are gone
     layer = p.stats["layers"][0]
     assert layer["activation"] == ("silu" if kind == "gated" else "gelu") and layer["gated"] == (kind == "gated")
     assert layer["shared"] == 32 and layer["expert_size"] == 24 and layer["active_fraction"] == 1.0
@@ -246,3 +247,16 @@ def test_an_ffn_output_that_is_a_graph_output_keeps_its_name():
     proto = ir.to_proto(model)
     assert [o.name for o in proto.graph.output] == ["y"] and _node(model).outputs[0].name == "y"
     onnx.checker.check_model(proto, full_check=True)
+
+
+def test_experts_that_do_not_divide_the_neurons_compile():
+    """128 neurons / 5 experts: each routed expert gets 24 (a multiple of the kernel's vector width), the rest
+    joins the shared expert; an odd size used to reach TVM as a 1-lane vector and fail inside its build."""
+    dense = ffn_ln_model("erf")
+    cal, held = calibration(_feeds(12, 1)), _feeds(2, 2)
+    model = _copy(dense)
+    p = MoEFFNPass(experts=5, top_k=5, shared=0.0, calibration=cal)
+    assert p(model).modified
+    layer = p.stats["layers"][0]
+    assert layer["expert_size"] == 24 and layer["shared"] == 128 - 5 * 24
+    np.testing.assert_allclose(_compiled(model, held[0]), Reference(dense).run(held[0])[0], rtol=1e-5, atol=1e-5)
