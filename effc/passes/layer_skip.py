@@ -76,11 +76,17 @@ class LayerSkipOptions(PassOptions):
     samples: int = dataclasses.field(default=16, metadata={"help": "calibration feeds used for ranking"})
 
     def validate(self) -> None:
-        """Raises: PipelineError: a negative count, a ratio outside [0, 1), a bound outside its range."""
+        """Check the option values.
+
+        Raises:
+            PipelineError: a negative count, a ratio outside [0, 1), both count and ratio, a bound out of range.
+        """
         if self.count is not None and self.count < 0:
             self.fail("count", self.count, "a non-negative integer")
         if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
             self.fail("ratio", self.ratio, "a fraction in [0, 1)")
+        if self.count is not None and self.ratio is not None:
+            self.fail("count", self.count, "left out when ratio= is given (one of count= or ratio=)")
         if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
             self.fail("min_cosine", self.min_cosine, "a cosine in [-1, 1]")
         if self.max_ppl_increase is not None and self.max_ppl_increase < 0:
@@ -155,7 +161,8 @@ class LayerSkipPass(EffcPass):
 
     Raises:
         PassError: no residual block in the model; options that do not fit it (``max_ppl_increase`` on an
-            encoder, ``min_cosine`` on a decoder, ``mode=adaptive`` without ``blocks=ffn`` and ``ratio``).
+            encoder, ``min_cosine`` on a decoder, ``mode=adaptive`` without ``blocks=ffn`` and ``ratio``, a
+            ``count`` above the number of removable blocks).
         CalibrationError: a ranking or bound that measures without calibration data.
     """
 
@@ -203,7 +210,10 @@ class LayerSkipPass(EffcPass):
     def _limit(self, n: int) -> int:
         o = self.options
         if o.count is not None:
-            return min(o.count, n)
+            if o.count > n:
+                raise PassError(f"layer-skip(count={o.count}) asks for more blocks than the {n} removable "
+                                f"{o.blocks} blocks", f"give count= up to {n} (mode=report lists the candidates)")
+            return o.count
         if o.ratio is not None:
             return int(o.ratio * n)
         return n if o.min_cosine is not None or o.max_ppl_increase is not None else min(1, n)

@@ -161,6 +161,13 @@ def test_options_and_pipeline_text():
         LayerSkipPass(ratio=1.5)
     with pytest.raises(Exception, match="blocks"):
         parse_pipeline("layer-skip(blocks=heads)")
+    with pytest.raises(Exception, match="one of count= or ratio="):
+        LayerSkipPass(count=1, ratio=0.2)
+
+
+def test_a_count_above_the_removable_blocks_is_refused(tiny):
+    with pytest.raises(PassError, match=r"count=99\) asks for more blocks than the"):
+        LayerSkipPass(count=99, rank="last")(_copy(tiny[1]))
 
 
 def test_ranking_without_calibration_is_refused(tiny):
