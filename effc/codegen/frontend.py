@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import tvm
@@ -66,6 +67,26 @@ def register_converter(op_type: str, domain: str = EFFC_DOMAIN) -> Callable[[typ
         return cls
 
     return decorate
+
+
+def constant_input(expr: Any, params: dict | None, what: str) -> np.ndarray:
+    """The numpy value of a converter input that must be a constant (a Relax constant or a named param).
+
+    Args:
+        expr: the Relax expression TVM's frontend passed for the input.
+        params: the converter's ``params`` (initializers TVM kept as parameters), or None.
+        what: the operator and input for the error, e.g. ``"NMSparseMatMul values"``.
+
+    Raises:
+        TypeError: the input is computed at run time (effc's kernels pre-pack these inputs at compile time).
+    """
+    value = getattr(expr, "value", None) or getattr(expr, "data", None)
+    if value is not None and hasattr(value, "numpy"):
+        return value.numpy()
+    name = getattr(expr, "name_hint", None)
+    if params and name in params:
+        return params[name].numpy() if hasattr(params[name], "numpy") else np.asarray(params[name])
+    raise TypeError(f"{what} must be constant (initializers)")
 
 
 def _load_builtin_converters() -> None:

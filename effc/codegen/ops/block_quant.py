@@ -34,7 +34,7 @@ import numpy as np
 import tvm
 from tvm import relax, s_tir, te, tirx
 
-from effc.codegen.frontend import register_converter
+from effc.codegen.frontend import constant_input, register_converter
 from effc.codegen.ops.block_quant_gemv import gemv_applies, gemv_kernel, kernel_rows, row_code
 from effc.codegen.ops.block_quant_int8 import builder_state, current_tile_config, int8_compute_applies, int8_matmul
 from effc.ops.block_formats import BlockFormat, get_format
@@ -140,15 +140,6 @@ def schedule_block_quant(func: tvm.tirx.PrimFunc, mr: int | None = None, nr: int
     return sch.mod["main"].with_attr("tir.is_scheduled", True)
 
 
-def _const(expr, params) -> np.ndarray:
-    value = getattr(expr, "value", None) or getattr(expr, "data", None)
-    if value is not None and hasattr(value, "numpy"):
-        return value.numpy()
-    name = getattr(expr, "name_hint", None)
-    if params and name in params:
-        return params[name].numpy() if hasattr(params[name], "numpy") else np.asarray(params[name])
-    raise TypeError("BlockQuantMatMul needs constant packed weights and scales (initializers)")
-
 
 LOWERING_LOG: list[dict] = []
 # Output var of an effc.BlockQDQ -> (its input, format, block size), for the integer MXINT8 path.
@@ -169,7 +160,8 @@ class BlockQuantMatMulConverter:
     def _impl_v1(cls, bb, inputs, attr, params):
         x, wq_e, s_e = inputs
         fmt, bs = _format_attrs(attr)
-        wq, scales = _const(wq_e, params), _const(s_e, params)
+        what = "BlockQuantMatMul packed weights and scales"
+        wq, scales = constant_input(wq_e, params, what), constant_input(s_e, params, what)
         n = wq.shape[0]
         k = scales.shape[1] * bs
         x = bb.normalize(x)
@@ -205,7 +197,8 @@ class BlockQuantGatherConverter:
     def _impl_v1(cls, bb, inputs, attr, params):
         tq_e, s_e, ids = inputs
         fmt, bs = _format_attrs(attr)
-        tq, scales = _const(tq_e, params), _const(s_e, params)
+        what = "BlockQuantGather packed table and scales"
+        tq, scales = constant_input(tq_e, params, what), constant_input(s_e, params, what)
         vocab, d = scales.shape[0], scales.shape[1] * bs
         tq = kernel_rows(tq, fmt, d)  # the layout of the matmul kernels: a tied output projection shares it
         ids = bb.normalize(ids)

@@ -29,11 +29,10 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import tvm
 from tvm import relax, s_tir, te, tirx
 from tvm.script import tirx as T
 
-from effc.codegen.frontend import register_converter
+from effc.codegen.frontend import constant_input, register_converter
 from effc.ops.moe import MoELayout
 
 __all__ = ["MoEFFNConverter", "relayout", "routed_kernel", "schedule_routed", "select_kernel"]
@@ -281,14 +280,6 @@ def schedule_routed(func: tirx.PrimFunc, layout: MoELayout) -> tirx.PrimFunc:
     return sch.mod["main"].with_attr("tir.is_scheduled", True)
 
 
-def _const(expr, params) -> np.ndarray:
-    if isinstance(expr, tvm.ir.expr.Constant):
-        return expr.value.numpy()
-    name = getattr(expr, "name_hint", None)
-    if params and name in params:
-        return params[name].numpy() if hasattr(params[name], "numpy") else np.asarray(params[name])
-    raise TypeError("MoEFFN needs constant weights (initializers)")
-
 
 def _shared_expert(x, w1, b1, w3, w2, layout: MoELayout):
     """The always-on neurons as a dense FFN in Relax ops (None when ``S = 0``)."""
@@ -311,9 +302,10 @@ class MoEFFNConverter:
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
         x, wr, br, w1, b1, w3, w2, b2, fill = (list(inputs) + [None] * 9)[:9]
-        wr, br, w1, b1, w2, b2, fill = (_const(v, params).astype(np.float32) for v in (wr, br, w1, b1, w2, b2, fill))
+        wr, br, w1, b1, w2, b2, fill = (constant_input(v, params, "MoEFFN weights").astype(np.float32)
+                                        for v in (wr, br, w1, b1, w2, b2, fill))
         gated = bool(int(attr.get("gated", 0)))
-        w3 = _const(w3, params).astype(np.float32) if gated else None
+        w3 = constant_input(w3, params, "MoEFFN weights").astype(np.float32) if gated else None
         act = attr.get("activation", "gelu")
         act = act.decode() if isinstance(act, bytes) else str(act)
         experts, shared = int(attr["experts"]), int(attr.get("shared", 0))

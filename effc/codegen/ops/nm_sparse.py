@@ -33,7 +33,7 @@ import numpy as np
 import tvm
 from tvm import relax, s_tir, te
 
-from effc.codegen.frontend import register_converter
+from effc.codegen.frontend import constant_input, register_converter
 
 logger = logging.getLogger(__name__)
 
@@ -259,14 +259,6 @@ def lowering_policy(policy: str) -> Iterator[None]:
         _STATE["policy"] = old
 
 
-def _const(expr, params) -> np.ndarray:
-    if isinstance(expr, tvm.ir.expr.Constant):
-        return expr.value.numpy()
-    name = getattr(expr, "name_hint", None)
-    if params and name in params:
-        return params[name].numpy() if hasattr(params[name], "numpy") else np.asarray(params[name])
-    raise TypeError("NMSparseMatMul needs constant values/indices (initializers)")
-
 
 @register_converter("NMSparseMatMul")
 class NMSparseMatMulConverter:
@@ -275,7 +267,8 @@ class NMSparseMatMulConverter:
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
         x, values_e, indices_e = inputs
-        values, indices = _const(values_e, params), _const(indices_e, params)
+        what = "NMSparseMatMul values and indices"
+        values, indices = constant_input(values_e, params, what), constant_input(indices_e, params, what)
         n, m = int(attr.get("n", 2)), int(attr.get("m", 4))
         r, cout = values.shape
         vector = cout // indices.shape[1]
