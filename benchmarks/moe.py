@@ -4,6 +4,11 @@ Run (from the repository root; results go to benchmarks/results/moe_<mode>.json)
 
     python benchmarks/moe.py minilm [--calib 64] [--configs 8:2,8:4,8:6] [--routers trained,analytic] [--recover 0]
     python benchmarks/moe.py kernel [--shape minilm|smollm2] [--rows 1] [--experts 8] [--threads 1]
+    flock /tmp/effc-smollm2.lock python benchmarks/moe.py smollm2 [--calib 64] [--configs 8:6,8:4] [--no-refit]
+
+``smollm2``: each config rewrites the 30 FFNs of ``zoo:smollm2-135m``'s prefill graph (calibration: ``calib``
+windows of 128 tokens, every 5th held out for the routers and the refit's ridge) and scores perplexity under
+onnxruntime on the held-out prose (512-token windows, as the compile report) against the dense graph.
 
 ``minilm``: each config ``E:k`` (``E`` experts, ``k`` chosen per token; ``E:k:S`` adds a shared fraction ``S``)
 rewrites a fresh copy of ``zoo:minilm-l6``'s 6 FFNs with ``moe(experts=E,top_k=k,router=R,...)`` from the first
@@ -73,18 +78,75 @@ def minilm(args) -> None:
         for router in args.routers.split(","):
             model = ir.from_proto(ir.to_proto(base))
             p = MoEFFNPass(experts=int(e), top_k=int(k), shared=float(shared[0]) if shared else 0.0, router=router,
-                           recover=args.recover, fill=not args.no_fill, calibration=cal)
+                           recover=args.recover, fill=not args.no_fill, refit=not args.no_refit, calibration=cal)
             start = time.perf_counter()
             p(model)
             row = {"pipeline": str(p), "router": router, "calibration_sentences": len(cal),
                    "seconds": round(time.perf_counter() - start, 1),
                    "ffn_mac_fraction": p.stats["ffn_mac_fraction"],
                    "cosine": mean_cosine(model, held_out, reference), "held_out": len(held_out),
-                   "layers": [{k: r[k] for k in ("error_trained", "error_analytic", "recovery")}
+                   "layers": [{k: r[k] for k in ("error_trained", "error_analytic", "error_final", "refit", "recovery")}
                               for r in p.stats["layers"]], **_machine()}
             log.info("%s: cosine %.4f at %.0f%% of FFN MACs (%.0f s)", row["pipeline"], row["cosine"],
                      100 * row["ffn_mac_fraction"], row["seconds"])
             _save("minilm", row)
+
+
+def smollm2(args) -> None:
+    """SmolLM2-135M perplexity against the active fraction (module docstring); run under the SmolLM2 lock."""
+    from effc import zoo
+    from effc.decoder.compile import PPL_WINDOW, calibration_feeds
+    from effc.decoder.text import calibration_windows, eval_text
+    from effc.ir.calibration import Calibration
+    from effc.ir.decoder import decoder_info, specialize
+    from effc.ir.model import load
+    from effc.passes.moe import MoEFFNPass
+    from effc.runtime.decoder import DecoderSession, OrtBackend, perplexity
+
+    entry = zoo.get("smollm2-135m")
+    generic = load(entry.decoder_graph(2048))
+    info = decoder_info(generic)
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(entry.tokenizer_dir()))
+    eval_ids = list(tokenizer(eval_text())["input_ids"])
+    windows = calibration_windows(tokenizer, args.calib, info["chunk"])
+    cal = Calibration(calibration_feeds(info, windows, info["chunk"]), source="decoder calibration windows")
+    prefill = specialize(generic, info["chunk"])
+    del generic
+
+    def ppl(model) -> float:
+        session = DecoderSession(OrtBackend({"prefill": model}, args.threads), info)
+        return perplexity(session, eval_ids[:args.eval_tokens], PPL_WINDOW)["perplexity"]
+
+    start = time.perf_counter()
+    dense = ppl(prefill)
+    log.info("dense perplexity %.4f (%.0f s)", dense, time.perf_counter() - start)
+    for config in args.configs.split(","):
+        e, k, *shared = config.split(":")
+        for router in args.routers.split(","):
+            model = ir.from_proto(ir.to_proto(prefill))
+            p = MoEFFNPass(experts=int(e), top_k=int(k), shared=float(shared[0]) if shared else 0.0, router=router,
+                           refit=not args.no_refit, recover=args.recover, layers=args.layers, calibration=cal)
+            start = time.perf_counter()
+            p(model)
+            seconds = time.perf_counter() - start
+            value = ppl(model)
+            layers = p.stats["layers"]
+            row = {"pipeline": str(p), "router": router, "calibration_windows": len(cal),
+                   "calibration_tokens": p.stats["calibration_tokens"], "pass_seconds": round(seconds, 1),
+                   "recovery_seconds": p.stats["recovery_seconds"],
+                   "ffn_mac_fraction": p.stats["ffn_mac_fraction"],
+                   "ffn_weight_bytes_fraction": p.stats["ffn_weight_bytes_fraction"],
+                   "perplexity_dense": dense, "perplexity": value, "change_pct": round((value / dense - 1) * 100, 2),
+                   "eval_tokens": min(len(eval_ids), args.eval_tokens),
+                   "error_before": float(np.mean([r[f"error_{router}"] for r in layers])),
+                   "error_final": float(np.mean([r["error_final"] for r in layers])), **_machine(args.threads)}
+            log.info("%s: perplexity %.3f (%+.1f%%) at %.0f%% of FFN MACs; FFN error %.3f -> %.3f; pass %.0f s",
+                     row["pipeline"], value, row["change_pct"], 100 * row["ffn_mac_fraction"], row["error_before"],
+                     row["error_final"], seconds)
+            _save("smollm2", row)
+            del model
 
 
 def _ffn_model(k: int, h: int, activation: str, gated: bool, rows: int, depth: int, seed: int = 0) -> ir.Model:
@@ -168,6 +230,16 @@ def main() -> None:
     m.add_argument("--routers", default="trained,analytic")
     m.add_argument("--recover", type=int, default=0, help="Adam steps of local distillation per FFN")
     m.add_argument("--no-fill", action="store_true")
+    m.add_argument("--no-refit", action="store_true", help="keep the carved down projection (no least squares)")
+    sm = sub.add_parser("smollm2")
+    sm.add_argument("--calib", type=int, default=64, help="calibration windows of 128 tokens (at most 97)")
+    sm.add_argument("--configs", default="8:6,8:4")
+    sm.add_argument("--routers", default="trained,analytic")
+    sm.add_argument("--no-refit", action="store_true")
+    sm.add_argument("--recover", type=int, default=0)
+    sm.add_argument("--layers", default="all")
+    sm.add_argument("--threads", type=int, default=2)
+    sm.add_argument("--eval-tokens", type=int, default=1536, help="held-out tokens scored (512-token windows)")
     kk = sub.add_parser("kernel")
     kk.add_argument("--shape", choices=sorted(SHAPES), default="smollm2")
     kk.add_argument("--rows", type=int, default=1, help="tokens per call (1 = decode)")
@@ -180,7 +252,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for name in ("onnxscript", "onnx_ir", "effc"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    {"minilm": minilm, "kernel": kernel}[args.mode](args)
+    {"minilm": minilm, "kernel": kernel, "smollm2": smollm2}[args.mode](args)
 
 
 if __name__ == "__main__":
