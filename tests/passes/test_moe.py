@@ -267,3 +267,15 @@ def test_experts_that_do_not_divide_the_neurons_compile():
     layer = p.stats["layers"][0]
     assert layer["expert_size"] == 24 and layer["shared"] == 128 - 5 * 24
     np.testing.assert_allclose(_compiled(model, held[0]), Reference(dense).run(held[0])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_block_quant_after_moe_is_refused_by_name_unless_the_experts_are_excluded():
+    from effc.passes.block_quant import BlockQuantPass
+
+    dense, d = gated_model(0)
+    model = _copy(dense)
+    MoEFFNPass(experts=4, top_k=2, calibration=calibration(topic_feeds(d, 10, 1)))(model)
+    with pytest.raises(PassError, match=r"effc\.MoEFFN\): gate/moe.*not supported.*exclude=\[\*/moe\]"):
+        BlockQuantPass(format="mxint8")(model)
+    assert not BlockQuantPass(format="mxint8", exclude=("*/moe",))(model).modified  # nothing else to quantize
+    assert _node(model).inputs[3].const_value.dtype == ir.DataType.FLOAT
