@@ -39,7 +39,7 @@ import numpy as np
 import onnx_ir as ir
 
 from effc.errors import PassError
-from effc.ops.moe import ACTIVATIONS, INPUTS, MoELayout, add_moe_ffn, select_experts, weight_bytes_per_token
+from effc.ops.moe import ACTIVATIONS, INPUTS, ZERO_KINDS, MoELayout, add_moe_ffn, select_experts, weight_bytes_per_token
 from effc.passes import moe_experts as mx
 from effc.passes.base import EffcPass, PassOptions, register_pass
 from effc.passes.ffn_blocks import FFNBlock, TorchBlock, find_ffn_blocks
@@ -67,6 +67,10 @@ class MoEOptions(PassOptions):
     refit: bool = dataclasses.field(default=True, metadata={"help": "least-squares refit of W2, b2 and fill on "
                                                                    "calibration tokens (closed form, seconds)"})
     recover: int = dataclasses.field(default=0, metadata={"help": "Adam steps of local distillation per FFN"})
+    zero_experts: tuple[str, ...] = dataclasses.field(default=(), metadata={
+        "help": "MoE++ zero-computation experts the router may choose, kinds zero | const | copy ([zero,const])"})
+    zero_share: float = dataclasses.field(default=0.25, metadata={
+        "help": "fraction of routed slots the zero-computation experts take on calibration tokens"})
     layers: str = dataclasses.field(default="all", metadata={"help": "all | block indices or up-MatMul name "
                                                                      "patterns, |-separated (0|2|*layer.5*)"})
     max_tokens: int = dataclasses.field(default=8192, metadata={"help": "calibration tokens used per FFN"})
@@ -82,6 +86,11 @@ class MoEOptions(PassOptions):
             self.fail("shared", self.shared, "a fraction in [0, 1)")
         if self.router not in ROUTERS:
             self.fail("router", self.router, " or ".join(ROUTERS))
+        bad = [z for z in self.zero_experts if z not in ZERO_KINDS]
+        if bad:
+            self.fail("zero_experts", ",".join(bad), " / ".join(ZERO_KINDS))
+        if not 0.0 <= self.zero_share < 1.0:
+            self.fail("zero_share", self.zero_share, "a fraction in [0, 1)")
         if self.recover < 0 or self.max_tokens < 16:
             self.fail("recover" if self.recover < 0 else "max_tokens", min(self.recover, self.max_tokens),
                       "recover >= 0 and max_tokens >= 16")
@@ -246,47 +255,62 @@ class MoEFFNPass(EffcPass):
         w3 = w3[:, perm] if w3 is not None else None
         a = a[:, perm] if a is not None else None
         outs = mx.expert_outputs(a, w2, carving) if a is not None else None
+        zk = o.zero_experts
         routers = {"analytic": mx.analytic_router(x, w1, b1, w2, carving)}
         if x is not None:
             routers["trained"] = mx.trained_router(x, outs)
+        routers = {name: mx.with_zero_experts(r, x, o.top_k, zk, o.zero_share) for name, r in routers.items()}
+        zero_values = np.zeros((len(zk), c), np.float32) if zk else None
+
+        def chosen_of(rows, r):
+            return select_experts(rows @ r[0] + r[1], o.top_k)
+
         fills = {name: mx.expert_fill(outs if o.fill else None, None if x is None else
-                                      select_experts(x @ r[0] + r[1], o.top_k), o.experts, c)
+                                      chosen_of(x, r)[:, :o.experts], o.experts, c)
                  for name, r in routers.items()}
         router = o.router if o.router in routers else "analytic"
         av = acts(xv, w1, b1, w3) if xv is not None else None  # the permuted weights: neurons in the MoE layout
         held_out = {}
         if xv is not None:
             ref = av @ w2 + b2
-            held_out = {name: mx.relative_error(mx.moe_rows(xv, av, w2, b2, fills[name], r, carving, o.top_k), ref,
-                                                b2) for name, r in routers.items()}
-        fill = fills[router]
-        layout = MoELayout(k, c, carving.shared, o.experts, carving.expert_size, o.top_k, w3 is not None, kind)
+            held_out = {name: mx.relative_error(mx.moe_rows(xv, av, w2, b2, fills[name], r, carving, o.top_k, zk,
+                                                            zero_values), ref, b2) for name, r in routers.items()}
+        layout = MoELayout(k, c, carving.shared, o.experts, carving.expert_size, o.top_k, w3 is not None, kind, zk)
         arrays = {"router_w": routers[router][0], "router_b": routers[router][1], "W1": w1, "b1": b1, "W3": w3,
-                  "W2": w2, "b2": b2, "fill": fill}
+                  "W2": w2, "b2": b2, "fill": fills[router], "zero_values": zero_values}
+        route = (arrays["router_w"], arrays["router_b"])
         refit = recovery = None
         if o.refit and x is not None:
             def rows(xr, ar):
-                chosen = select_experts(xr @ arrays["router_w"] + arrays["router_b"], o.top_k).astype(np.float32)
-                return ar, chosen, ar @ w2 + b2
-            fitted, refit = refit_down({"w2": w2, "b2": b2, "fill": fill}, carving.shared, carving.expert_size,
-                                       rows(x, a), rows(xv, av) if xv is not None else None, fill=o.fill)
-            arrays = {**arrays, "W2": fitted["w2"], "b2": fitted["b2"], "fill": fitted["fill"]}
+                picked = chosen_of(xr, route)
+                copy = mx.zero_rows(xr, picked, o.experts, tuple("copy" if z == "copy" else "zero" for z in zk),
+                                    zero_values)
+                return (ar, picked[:, :o.experts].astype(np.float32), ar @ w2 + b2 - copy,
+                        picked[:, o.experts:] * np.array([z == "const" for z in zk], np.float32))
+            fitted, refit = refit_down({"w2": w2, "b2": b2, "fill": arrays["fill"], "zero_values": zero_values},
+                                       carving.shared, carving.expert_size, rows(x, a),
+                                       rows(xv, av) if xv is not None else None, fill=o.fill)
+            arrays = {**arrays, "W2": fitted["w2"], "b2": fitted["b2"], "fill": fitted["fill"],
+                      "zero_values": fitted["zero_values"]}
         if o.recover and x is not None:
             arrays, recovery = self._recover(arrays, kind, carving, x, xv, o, (w1, b1, w3, w2, b2))
-        final = None
+        final = zero_share = None
         if xv is not None:
             final = mx.relative_error(mx.moe_rows(xv, acts(xv, arrays["W1"], arrays["b1"], arrays["W3"]),
-                                                  arrays["W2"], arrays["b2"], arrays["fill"],
-                                                  (arrays["router_w"], arrays["router_b"]), carving, o.top_k),
-                                      av @ w2 + b2, b2)
+                                                  arrays["W2"], arrays["b2"], arrays["fill"], route, carving,
+                                                  o.top_k, zk, arrays["zero_values"]), av @ w2 + b2, b2)
+        if x is not None:  # measured on the calibration rows (held-out rows when there are)
+            zero_share = float(chosen_of(xv if xv is not None else x, route)[:, o.experts:].sum(1).mean() / o.top_k)
         _rewrite(model, block, arrays, layout)
         g = 2 if w3 is not None else 1
+        routed_he = carving.expert_size * o.top_k * (1.0 - (zero_share or 0.0))
         return {"name": block.name, "activation": kind, "gated": w3 is not None, "hidden": h,
                 "shared": carving.shared, "expert_size": carving.expert_size, "carving": carving.method,
-                "router": router, "active_fraction": layout.active / h,
+                "router": router, "active_fraction": layout.active / h, "zero_experts": list(zk),
+                "zero_slot_share": zero_share, "active_fraction_measured": (carving.shared + routed_he) / h,
                 "error_trained": held_out.get("trained"), "error_analytic": held_out.get("analytic"),
                 "error_final": final, "refit": refit,
-                "macs_dense": h * (k * g + c), "macs_moe": k * o.experts + layout.active * (k * g + c),
+                "macs_dense": h * (k * g + c), "macs_moe": k * layout.routes + layout.active * (k * g + c),
                 "bytes_dense": 4 * (h * (k * g + 1 + c) + c), "bytes_moe": weight_bytes_per_token(layout),
                 "recovery": recovery}
 
@@ -303,8 +327,9 @@ class MoEFFNPass(EffcPass):
         def split(rows):
             a = ACTIVATIONS[kind](rows @ w1 + b1)
             a = a * (rows @ w3) if w3 is not None else a
-            chosen = select_experts(rows @ arrays["router_w"] + arrays["router_b"], o.top_k).astype(np.float32)
-            return rows, chosen, a @ w2 + b2
+            picked = select_experts(rows @ arrays["router_w"] + arrays["router_b"], o.top_k)
+            zc = mx.zero_rows(rows, picked, o.experts, o.zero_experts, arrays["zero_values"])  # kept fixed
+            return rows, picked[:, :o.experts].astype(np.float32), a @ w2 + b2 - zc
 
         def neuron_mask(chosen):
             return np.concatenate([np.ones((len(chosen), carving.shared), np.float32),

@@ -40,14 +40,17 @@ from effc.passes.block_recon import SMALL_STEP_MACS, _torch_threads
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
-def _features(acts: np.ndarray, chosen: np.ndarray, shared: int, expert_size: int, fill: bool) -> np.ndarray:
-    """``(N, H + 1 + E)`` float64 regressors ``[a ⊙ m, 1, 1 − R]`` of the down projection, bias and fill.
+def _features(rows: tuple, shared: int, expert_size: int, fill: bool) -> np.ndarray:
+    """``(N, H + 1 + E + Z)`` float64 regressors ``[a ⊙ m, 1, 1 − R, Z_const]`` of ``[W2; b2; fill; zero_values]``.
 
-    The last ``E`` columns are zero when the fill is not fitted: those rows then keep their prior.
+    ``Z_const`` (``rows[3]``, ``(N, Z)``, when given) marks the chosen zero-computation experts. The fill columns
+    are zero when the fill is not fitted: those rows then keep their prior.
     """
+    acts, chosen = rows[0], rows[1]
     mask = np.repeat(chosen, expert_size, axis=1)
     routed = acts[:, shared:] * mask
-    return np.concatenate([acts[:, :shared], routed, np.ones((len(acts), 1)), (1.0 - chosen) * float(fill)],
+    extra = [rows[3]] if len(rows) > 3 and rows[3] is not None and rows[3].size else []
+    return np.concatenate([acts[:, :shared], routed, np.ones((len(acts), 1)), (1.0 - chosen) * float(fill), *extra],
                           axis=1, dtype=np.float64)
 
 
@@ -63,30 +66,34 @@ def refit_down(prior: dict[str, np.ndarray], shared: int, expert_size: int, trai
 
     Args:
         prior: ``w2`` ``(H, C)``, ``b2`` ``(C,)``, ``fill`` ``(E, C)`` of the carved FFN (MoE neuron layout:
-            ``shared`` neurons first, then ``expert_size`` per routed expert).
+            ``shared`` neurons first, then ``expert_size`` per routed expert), ``zero_values`` ``(Z, C)`` or None.
         shared: ``S``.
         expert_size: ``He``.
-        train: ``(A (N, H) activations, chosen (N, E) float, Y (N, C) dense FFN outputs)`` to fit on.
+        train: ``(A (N, H) activations, chosen (N, E) float, Y (N, C) targets[, Z (N, Z) float])`` to fit on:
+            ``Y`` the dense FFN's outputs less what fixed zero-computation experts add, ``Z`` the chosen
+            zero-computation experts whose constants are fitted (zero columns for the others).
         val: held-out rows of the same form choosing the ridge (None: the smallest of ``ridges`` above 0.01).
         fill: fit the fill rows too (False: they keep the prior's values).
         ridges: ridge strengths relative to each regressor's weighted Gram diagonal; the penalty is
             ``λ Σ_j G_jj ‖W_j − prior_j‖²``.
 
     Returns:
-        ``(params, info)``: ``w2``/``b2``/``fill`` float32 and ``{"ridge", "val_loss_before", "val_loss_after",
-        "loss_before", "loss_after", "seconds", "train_tokens"}``; the prior comes back unchanged when no ridge
-        improves the held-out loss.
+        ``(params, info)``: ``w2``/``b2``/``fill``/``zero_values`` float32 and ``{"ridge", "val_loss_before",
+        "val_loss_after", "loss_before", "loss_after", "seconds", "train_tokens"}``; the prior comes back
+        unchanged when no ridge improves the held-out loss.
     """
     t0 = time.perf_counter()
     b2_ref = prior["b2"].astype(np.float64)
-    stack = np.concatenate([prior["w2"], prior["b2"][None], prior["fill"]]).astype(np.float64)
+    zv = prior.get("zero_values")
+    zv = np.zeros((0, prior["b2"].shape[0])) if zv is None else zv
+    stack = np.concatenate([prior["w2"], prior["b2"][None], prior["fill"], zv]).astype(np.float64)
 
     def loss(rows, weights) -> float:
-        f = _features(rows[0], rows[1], shared, expert_size, fill)
+        f = _features(rows, shared, expert_size, fill)
         y = rows[2].astype(np.float64)
         return float(np.mean(np.sum((f @ weights - y) ** 2, 1) / np.maximum(np.sum((y - b2_ref) ** 2, 1), 1e-30)))
 
-    f = _features(train[0], train[1], shared, expert_size, fill)
+    f = _features(train, shared, expert_size, fill)
     w = _token_weights(train[2], b2_ref)
     fw = f * w[:, None]
     gram, rhs = fw.T @ f, fw.T @ train[2].astype(np.float64)
@@ -104,7 +111,8 @@ def refit_down(prior: dict[str, np.ndarray], shared: int, expert_size: int, trai
     sol = candidates[best]
     h, e = prior["w2"].shape[0], prior["fill"].shape[0]
     out = {"w2": sol[:h].astype(np.float32), "b2": sol[h].astype(np.float32), "fill": sol[h + 1:h + 1 + e]
-           .astype(np.float32)}
+           .astype(np.float32), "zero_values": sol[h + 1 + e:].astype(np.float32) if prior.get("zero_values")
+           is not None else None}
     info = {"ridge": best, "val_loss_before": scores.get(0.0), "val_loss_after": scores.get(best),
             "loss_before": loss(train, stack), "loss_after": loss(train, sol),
             "seconds": round(time.perf_counter() - t0, 2), "train_tokens": int(len(train[0]))}

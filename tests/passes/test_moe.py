@@ -81,7 +81,8 @@ def _node(model: ir.Model) -> ir.Node:
 
 
 def _weights(node: ir.Node) -> dict[str, np.ndarray | None]:
-    return {name: None if v is None else v.const_value.numpy() for name, v in zip(moe.INPUTS[1:], node.inputs[1:],
+    inputs = [*node.inputs[1:], *[None] * (len(moe.INPUTS) - len(node.inputs))]  # zero_values absent without Z
+    return {name: None if v is None else v.const_value.numpy() for name, v in zip(moe.INPUTS[1:], inputs,
                                                                                  strict=True)}
 
 
@@ -279,3 +280,28 @@ def test_block_quant_after_moe_is_refused_by_name_unless_the_experts_are_exclude
         BlockQuantPass(format="mxint8")(model)
     assert not BlockQuantPass(format="mxint8", exclude=("*/moe",))(model).modified  # nothing else to quantize
     assert _node(model).inputs[3].const_value.dtype == ir.DataType.FLOAT
+
+
+def test_zero_computation_experts_are_chosen_and_compute_correctly():
+    dense, d = gated_model(0)
+    cal, held = calibration(topic_feeds(d, 30, 1)), topic_feeds(d, 2, 101)
+    model = _copy(dense)
+    p = MoEFFNPass(experts=8, top_k=2, zero_experts=("zero", "const", "copy"), zero_share=0.4, calibration=cal)
+    assert p(model).modified
+    layer = p.stats["layers"][0]
+    assert 0.3 < layer["zero_slot_share"] < 0.55, layer["zero_slot_share"]  # held-out tokens: 0.44 (0.4 asked)
+    assert layer["active_fraction_measured"] < 0.8 * layer["active_fraction"]
+    node = _node(model)
+    w = _weights(node)
+    assert w["router_w"].shape == (K, 11) and w["zero_values"].shape == (3, K)
+    assert np.abs(w["zero_values"][1]).max() > 0 and not w["zero_values"][[0, 2]].any()  # const fitted, others 0
+    feed = held[0]
+    picked = moe.select_experts(feed["x"][0] @ w["router_w"] + w["router_b"], 2)
+    assert picked[:, 8].any() and picked[:, 9].any() and (picked[:, :8].sum(1) == 0).any()  # a token skips it all
+    want = moe.reference(feed["x"], *w.values(), activation="silu", gated=1, experts=8, top_k=2, shared=0,
+                         zero_experts="zero,const,copy")
+    np.testing.assert_allclose(Reference(model).run(feed)[0], want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(_compiled(model, feed), want, rtol=1e-5, atol=1e-4)
+    plain = _copy(dense)
+    MoEFFNPass(experts=8, top_k=2, calibration=cal)(plain)
+    assert _rel(model, dense, held) < 2.0 * _rel(plain, dense, held)  # 40% fewer routed slots, bounded cost
