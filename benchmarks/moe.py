@@ -136,7 +136,9 @@ def smollm2(args) -> None:
         for router in args.routers.split(","):
             model = ir.from_proto(ir.to_proto(prefill))
             p = MoEFFNPass(experts=int(e), top_k=int(k), shared=float(shared[0]) if shared else 0.0, router=router,
-                           refit=not args.no_refit, recover=args.recover, layers=args.layers, calibration=cal)
+                           refit=not args.no_refit, recover=args.recover, layers=args.layers,
+                           zero_experts=tuple(z for z in args.zero.split(",") if z), zero_share=args.zero_share,
+                           calibration=cal)
             start = time.perf_counter()
             p(model)
             seconds = time.perf_counter() - start
@@ -150,7 +152,9 @@ def smollm2(args) -> None:
                    "perplexity_dense": dense, "perplexity": value, "change_pct": round((value / dense - 1) * 100, 2),
                    "eval_tokens": min(len(eval_ids), args.eval_tokens),
                    "error_before": float(np.mean([r[f"error_{router}"] for r in layers])),
-                   "error_final": float(np.mean([r["error_final"] for r in layers])), **_machine(args.threads)}
+                   "error_final": float(np.mean([r["error_final"] for r in layers])),
+                   "active_fraction_measured": float(np.mean([r["active_fraction_measured"] for r in layers])),
+                   **_machine(args.threads)}
             log.info("%s: perplexity %.3f (%+.1f%%) at %.0f%% of FFN MACs; FFN error %.3f -> %.3f; pass %.0f s",
                      row["pipeline"], value, row["change_pct"], 100 * row["ffn_mac_fraction"], row["error_before"],
                      row["error_final"], seconds)
@@ -247,6 +251,8 @@ def main() -> None:
     sm.add_argument("--no-refit", action="store_true")
     sm.add_argument("--recover", type=int, default=0)
     sm.add_argument("--layers", default="all")
+    sm.add_argument("--zero", default="", help="zero-computation experts, e.g. zero,const")
+    sm.add_argument("--zero-share", type=float, default=0.25)
     sm.add_argument("--threads", type=int, default=2)
     sm.add_argument("--eval-tokens", type=int, default=1536, help="held-out tokens scored (512-token windows)")
     kk = sub.add_parser("kernel")
