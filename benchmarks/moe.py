@@ -131,35 +131,36 @@ def smollm2(args) -> None:
     start = time.perf_counter()
     dense = ppl(prefill)
     log.info("dense perplexity %.4f (%.0f s)", dense, time.perf_counter() - start)
-    for config in args.configs.split(","):
+    runs = [(config, router, refit) for config in args.configs.split(",") for router in args.routers.split(",")
+            for refit in ((True, False) if args.both_refit else (not args.no_refit,))]
+    for config, router, refit in runs:
         e, k, *shared = config.split(":")
-        for router in args.routers.split(","):
-            model = ir.from_proto(ir.to_proto(prefill))
-            p = MoEFFNPass(experts=int(e), top_k=int(k), shared=float(shared[0]) if shared else 0.0, router=router,
-                           refit=not args.no_refit, recover=args.recover, layers=args.layers,
-                           zero_experts=tuple(z for z in args.zero.split(",") if z), zero_share=args.zero_share,
-                           calibration=cal)
-            start = time.perf_counter()
-            p(model)
-            seconds = time.perf_counter() - start
-            value = ppl(model)
-            layers = p.stats["layers"]
-            row = {"pipeline": str(p), "router": router, "calibration_windows": len(cal),
-                   "calibration_tokens": p.stats["calibration_tokens"], "pass_seconds": round(seconds, 1),
-                   "recovery_seconds": p.stats["recovery_seconds"],
-                   "ffn_mac_fraction": p.stats["ffn_mac_fraction"],
-                   "ffn_weight_bytes_fraction": p.stats["ffn_weight_bytes_fraction"],
-                   "perplexity_dense": dense, "perplexity": value, "change_pct": round((value / dense - 1) * 100, 2),
-                   "eval_tokens": min(len(eval_ids), args.eval_tokens),
-                   "error_before": float(np.mean([r[f"error_{router}"] for r in layers])),
-                   "error_final": float(np.mean([r["error_final"] for r in layers])),
-                   "active_fraction_measured": float(np.mean([r["active_fraction_measured"] for r in layers])),
-                   **_machine(args.threads)}
-            log.info("%s: perplexity %.3f (%+.1f%%) at %.0f%% of FFN MACs; FFN error %.3f -> %.3f; pass %.0f s",
-                     row["pipeline"], value, row["change_pct"], 100 * row["ffn_mac_fraction"], row["error_before"],
-                     row["error_final"], seconds)
-            _save("smollm2", row)
-            del model
+        model = ir.from_proto(ir.to_proto(prefill))
+        p = MoEFFNPass(experts=int(e), top_k=int(k), shared=float(shared[0]) if shared else 0.0, router=router,
+                       refit=refit, recover=args.recover, layers=args.layers,
+                       zero_experts=tuple(z for z in args.zero.split(",") if z), zero_share=args.zero_share,
+                       calibration=cal)
+        start = time.perf_counter()
+        p(model)
+        seconds = time.perf_counter() - start
+        value = ppl(model)
+        layers = p.stats["layers"]
+        row = {"pipeline": str(p), "router": router, "calibration_windows": len(cal),
+               "calibration_tokens": p.stats["calibration_tokens"], "pass_seconds": round(seconds, 1),
+               "recovery_seconds": p.stats["recovery_seconds"],
+               "ffn_mac_fraction": p.stats["ffn_mac_fraction"],
+               "ffn_weight_bytes_fraction": p.stats["ffn_weight_bytes_fraction"],
+               "perplexity_dense": dense, "perplexity": value, "change_pct": round((value / dense - 1) * 100, 2),
+               "eval_tokens": min(len(eval_ids), args.eval_tokens),
+               "error_before": float(np.mean([r[f"error_{router}"] for r in layers])),
+               "error_final": float(np.mean([r["error_final"] for r in layers])),
+               "active_fraction_measured": float(np.mean([r["active_fraction_measured"] for r in layers])),
+               **_machine(args.threads)}
+        log.info("%s: perplexity %.3f (%+.1f%%) at %.0f%% of FFN MACs; FFN error %.3f -> %.3f; pass %.0f s",
+                 row["pipeline"], value, row["change_pct"], 100 * row["ffn_mac_fraction"], row["error_before"],
+                 row["error_final"], seconds)
+        _save("smollm2", row)
+        del model
 
 
 def _ffn_model(k: int, h: int, activation: str, gated: bool, rows: int, depth: int, seed: int = 0) -> ir.Model:
@@ -208,15 +209,19 @@ def kernel(args) -> None:
                                 "num-cores": args.threads})
     x = np.random.default_rng(1).standard_normal((1, args.rows, k)).astype(np.float32)
     runs = {}
-    for top_k in [0, *range(1, args.experts + 1)]:
+    ks = [int(v) for v in args.ks.split(",")] if args.ks else list(range(1, args.experts + 1))
+    zero = tuple(z for z in args.zero.split(",") if z)
+    variants = [(0, ())] + [(top_k, ()) for top_k in ks] + [(top_k, zero) for top_k in ks if zero]
+    for top_k, zk in variants:
         model = _ffn_model(k, h, activation, gated, args.rows, args.depth)
-        if top_k:
-            MoEFFNPass(experts=args.experts, top_k=top_k, router="analytic")(model)
+        if top_k:  # no calibration: zero-computation experts get a logit below every routed one (never chosen)
+            MoEFFNPass(experts=args.experts, top_k=top_k, router="analytic", zero_experts=zk)(model)
         ex, _ = compile_cpu(to_relax(model), target, {})
         vm = relax.VirtualMachine(ex, tvm.cpu())
         inp = tvm.runtime.tensor(x)
         vm["main"](inp)
-        runs["dense" if not top_k else f"k={top_k}"] = (vm, inp, top_k / args.experts if top_k else 1.0)
+        name = "dense" if not top_k else f"k={top_k}" + (f"+zero({','.join(zk)})" if zk else "")
+        runs[name] = (vm, inp, top_k / args.experts if top_k else 1.0)
     times = {name: [] for name in runs}
     for _ in range(args.rounds):  # alternating rounds: every variant sees the same load
         for name, (vm, inp, _) in runs.items():
@@ -249,6 +254,7 @@ def main() -> None:
     sm.add_argument("--configs", default="8:6,8:4")
     sm.add_argument("--routers", default="trained,analytic")
     sm.add_argument("--no-refit", action="store_true")
+    sm.add_argument("--both-refit", action="store_true", help="each config with and without the refit")
     sm.add_argument("--recover", type=int, default=0)
     sm.add_argument("--layers", default="all")
     sm.add_argument("--zero", default="", help="zero-computation experts, e.g. zero,const")
@@ -262,6 +268,8 @@ def main() -> None:
     kk.add_argument("--threads", type=int, default=1)
     kk.add_argument("--depth", type=int, default=8, help="FFN layers chained (8 SmolLM2 FFNs: 85 MB of weights)")
     kk.add_argument("--rounds", type=int, default=7)
+    kk.add_argument("--ks", default="", help="top_k values (default 1..experts)")
+    kk.add_argument("--zero", default="", help="also each k with these zero-computation experts (grouped kernel)")
     kk.add_argument("--number", type=int, default=20)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

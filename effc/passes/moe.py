@@ -281,17 +281,7 @@ class MoEFFNPass(EffcPass):
         route = (arrays["router_w"], arrays["router_b"])
         refit = recovery = None
         if o.refit and x is not None:
-            def rows(xr, ar):
-                picked = chosen_of(xr, route)
-                copy = mx.zero_rows(xr, picked, o.experts, tuple("copy" if z == "copy" else "zero" for z in zk),
-                                    zero_values)
-                return (ar, picked[:, :o.experts].astype(np.float32), ar @ w2 + b2 - copy,
-                        picked[:, o.experts:] * np.array([z == "const" for z in zk], np.float32))
-            fitted, refit = refit_down({"w2": w2, "b2": b2, "fill": arrays["fill"], "zero_values": zero_values},
-                                       carving.shared, carving.expert_size, rows(x, a),
-                                       rows(xv, av) if xv is not None else None, fill=o.fill)
-            arrays = {**arrays, "W2": fitted["w2"], "b2": fitted["b2"], "fill": fitted["fill"],
-                      "zero_values": fitted["zero_values"]}
+            arrays, refit = self._refit(arrays, carving, (x, a), (xv, av) if xv is not None else None, (w2, b2))
         if o.recover and x is not None:
             arrays, recovery = self._recover(arrays, kind, carving, x, xv, o, (w1, b1, w3, w2, b2))
         final = zero_share = None
@@ -313,6 +303,27 @@ class MoEFFNPass(EffcPass):
                 "macs_dense": h * (k * g + c), "macs_moe": k * layout.routes + layout.active * (k * g + c),
                 "bytes_dense": 4 * (h * (k * g + 1 + c) + c), "bytes_moe": weight_bytes_per_token(layout),
                 "recovery": recovery}
+
+    def _refit(self, arrays: dict, carving: mx.Carving, train: tuple, val: tuple | None, dense: tuple):
+        """Closed-form refit of ``W2``, ``b2``, fill and zero-expert constants; returns (arrays, info).
+
+        ``train`` / ``val``: ``(X rows, activations)`` in the MoE neuron order; ``dense`` = ``(W2, b2)``.
+        """
+        o, zk = self.options, self.options.zero_experts
+        w2, b2 = dense
+        copy_only = tuple("copy" if z == "copy" else "zero" for z in zk)
+        const = np.array([z == "const" for z in zk], np.float32)
+
+        def rows(xr, ar):  # (A, chosen routed, dense output less the fixed copy experts, chosen const experts)
+            picked = select_experts(xr @ arrays["router_w"] + arrays["router_b"], o.top_k)
+            copy = mx.zero_rows(xr, picked, o.experts, copy_only, arrays["zero_values"])
+            return ar, picked[:, :o.experts].astype(np.float32), ar @ w2 + b2 - copy, picked[:, o.experts:] * const
+
+        prior = {"w2": w2, "b2": b2, "fill": arrays["fill"], "zero_values": arrays["zero_values"]}
+        fitted, info = refit_down(prior, carving.shared, carving.expert_size, rows(*train),
+                                  rows(*val) if val is not None else None, fill=o.fill)
+        return {**arrays, "W2": fitted["w2"], "b2": fitted["b2"], "fill": fitted["fill"],
+                "zero_values": fitted["zero_values"]}, info
 
     @staticmethod
     def _recover(arrays: dict, kind: str, carving: mx.Carving, x: np.ndarray, xv: np.ndarray | None, o: MoEOptions,
