@@ -4,7 +4,7 @@ Run (from the repository root; results go to benchmarks/results/moe_<mode>.json)
 
     python benchmarks/moe.py minilm [--calib 64] [--configs 8:2,8:4,8:6] [--routers trained,analytic] [--recover 0]
     python benchmarks/moe.py kernel [--shape minilm|smollm2] [--rows 1] [--experts 8] [--threads 1]
-    flock /tmp/effc-smollm2.lock python benchmarks/moe.py smollm2 [--calib 64] [--configs 8:6,8:4] [--no-refit]
+    flock /tmp/effc-smollm2.lock python benchmarks/moe.py smollm2 [--calib 64] [--configs 8:6,8:4,8:4+norefit]
 
 ``smollm2``: each config rewrites the 30 FFNs of ``zoo:smollm2-135m``'s prefill graph (calibration: ``calib``
 windows of 128 tokens, every 5th held out for the routers and the refit's ridge) and scores perplexity under
@@ -78,17 +78,22 @@ def minilm(args) -> None:
         for router in args.routers.split(","):
             model = ir.from_proto(ir.to_proto(base))
             p = MoEFFNPass(experts=int(e), top_k=int(k), shared=float(shared[0]) if shared else 0.0, router=router,
-                           recover=args.recover, fill=not args.no_fill, refit=not args.no_refit, calibration=cal)
+                           recover=args.recover, fill=not args.no_fill, refit=not args.no_refit,
+                           zero_experts=tuple(z for z in args.zero.split(",") if z), zero_share=args.zero_share,
+                           calibration=cal)
             start = time.perf_counter()
             p(model)
             row = {"pipeline": str(p), "router": router, "calibration_sentences": len(cal),
                    "seconds": round(time.perf_counter() - start, 1),
                    "ffn_mac_fraction": p.stats["ffn_mac_fraction"],
+                   "active_fraction_measured": float(np.mean([r["active_fraction_measured"]
+                                                              for r in p.stats["layers"]])),
                    "cosine": mean_cosine(model, held_out, reference), "held_out": len(held_out),
                    "layers": [{k: r[k] for k in ("error_trained", "error_analytic", "error_final", "refit", "recovery")}
                               for r in p.stats["layers"]], **_machine()}
-            log.info("%s: cosine %.4f at %.0f%% of FFN MACs (%.0f s)", row["pipeline"], row["cosine"],
-                     100 * row["ffn_mac_fraction"], row["seconds"])
+            log.info("%s: cosine %.4f at %.0f%% of FFN MACs (%.0f%% of neurons measured; %.0f s)", row["pipeline"],
+                     row["cosine"], 100 * row["ffn_mac_fraction"], 100 * row["active_fraction_measured"],
+                     row["seconds"])
             _save("minilm", row)
 
 
@@ -134,12 +139,14 @@ def smollm2(args) -> None:
     runs = [(config, router, refit) for config in args.configs.split(",") for router in args.routers.split(",")
             for refit in ((True, False) if args.both_refit else (not args.no_refit,))]
     for config, router, refit in runs:
+        config, *flags = config.split("+")  # E:k[:S][+analytic][+norefit][+zero]: per-config overrides
+        router, refit = ("analytic" if "analytic" in flags else router), refit and "norefit" not in flags
+        zero = tuple(z for z in args.zero.split(",") if z) if "zero" in flags or not args.zero_flagged else ()
         e, k, *shared = config.split(":")
         model = ir.from_proto(ir.to_proto(prefill))
         p = MoEFFNPass(experts=int(e), top_k=int(k), shared=float(shared[0]) if shared else 0.0, router=router,
-                       refit=refit, recover=args.recover, layers=args.layers,
-                       zero_experts=tuple(z for z in args.zero.split(",") if z), zero_share=args.zero_share,
-                       calibration=cal)
+                       refit=refit, recover=args.recover, layers=args.layers, zero_experts=zero,
+                       zero_share=args.zero_share, calibration=cal)
         start = time.perf_counter()
         p(model)
         seconds = time.perf_counter() - start
@@ -249,6 +256,8 @@ def main() -> None:
     m.add_argument("--recover", type=int, default=0, help="Adam steps of local distillation per FFN")
     m.add_argument("--no-fill", action="store_true")
     m.add_argument("--no-refit", action="store_true", help="keep the carved down projection (no least squares)")
+    m.add_argument("--zero", default="", help="zero-computation experts, e.g. zero,const")
+    m.add_argument("--zero-share", type=float, default=0.25)
     sm = sub.add_parser("smollm2")
     sm.add_argument("--calib", type=int, default=64, help="calibration windows of 128 tokens (at most 97)")
     sm.add_argument("--configs", default="8:6,8:4")
@@ -259,6 +268,7 @@ def main() -> None:
     sm.add_argument("--layers", default="all")
     sm.add_argument("--zero", default="", help="zero-computation experts, e.g. zero,const")
     sm.add_argument("--zero-share", type=float, default=0.25)
+    sm.add_argument("--zero-flagged", action="store_true", help="--zero only for configs marked +zero")
     sm.add_argument("--threads", type=int, default=2)
     sm.add_argument("--eval-tokens", type=int, default=1536, help="held-out tokens scored (512-token windows)")
     kk = sub.add_parser("kernel")
