@@ -148,7 +148,8 @@ def test_effc_error_from_a_pass_keeps_its_class_and_gets_context():
 
 
 def test_precondition_failure_is_a_pass_error_with_its_cause():
-    with pytest.raises(PassError, match=r"pass 'needs-two' failed \(the first pass\): PreconditionError: .*expected two"):
+    with pytest.raises(PassError,
+                       match=r"pass 'needs-two' failed \(the first pass\): PreconditionError: .*expected two"):
         PassManager([NeedsTwoInputsPass()], save_replay=False).run(chain_model())
 
 
@@ -183,7 +184,8 @@ def test_effc_error_with_custom_constructor_keeps_its_fields():
         PassManager([UnsupportedPass()], save_replay=False).run(chain_model())
     err = info.value
     assert err.ops == {"Foo": ["n1", "n2"]}
-    assert err.message.startswith("pass 'unsupported' failed (the first pass): 1 operator type(s) not supported by pass")
+    assert err.message.startswith(
+        "pass 'unsupported' failed (the first pass): 1 operator type(s) not supported by pass")
     assert str(err).endswith("fix: rewrite or remove these nodes before compiling, or open an issue with the model "
                              "attached")
 
