@@ -160,6 +160,9 @@ def smollm2(args) -> None:
                "perplexity_dense": dense, "perplexity": value, "change_pct": round((value / dense - 1) * 100, 2),
                "eval_tokens": min(len(eval_ids), args.eval_tokens),
                "error_before": float(np.mean([r[f"error_{router}"] for r in layers])),
+               "error_trained_router": float(np.mean([r["error_trained"] for r in layers])),
+               "error_analytic_router": float(np.mean([r["error_analytic"] for r in layers])),
+               "layers_trained_better": int(sum(r["error_trained"] < r["error_analytic"] for r in layers)),
                "error_final": float(np.mean([r["error_final"] for r in layers])),
                "active_fraction_measured": float(np.mean([r["active_fraction_measured"] for r in layers])),
                **_machine(args.threads)}
