@@ -58,6 +58,57 @@ def _fast_exp(x):
     return (poly * r * r + r + _vec(1.0)) * two_n
 
 
+def _lanes(start):
+    return T.ramp(start, 1, LANES)
+
+
+def softmax_steps(g: int, t: int, d: int, s: int, scale: float):
+    """TIR macros shared by the decode-attention kernels, for one KV head and one token ``tok`` of the chunk.
+
+    ``chunk_scores(h, tok, Q, KN, MASK, sc, row)``: the scores of the chunk's own ``t`` keys into ``sc[:, s:]``.
+    ``softmax(sc, acc, row, length)``: row max, ``exp`` and row sum over the ``length[0]`` cache slots (vectors of 8;
+    ``sc`` holds ``_INVALID`` up to the next multiple of 8 past ``length``) and the chunk's tokens; ``row[r]`` gets
+    the max and ``row[g + r]`` the sum of query row ``r``, ``sc`` the unnormalized probabilities. ``acc`` is scratch
+    of ``g · 8`` floats at least.
+    """
+    lanes = _lanes
+
+    @T.macro
+    def chunk_scores(h, tok, Q, KN, MASK, sc, row):
+        for j in range(t):
+            for r in T.unroll(g):
+                row[r] = T.float32(0)
+                for k in range(d):
+                    row[r] = row[r] + Q[h, r, tok, k] * KN[h, k, j]
+                sc[r, s + j] = row[r] * T.float32(scale) + MASK[tok, s + j]
+
+    @T.macro
+    def softmax(sc, acc, row, length):
+        for r in T.unroll(g):
+            acc[lanes(r * LANES)] = _vec(_INVALID)
+            for jb in range((length[0] + LANES - 1) // LANES):
+                acc[lanes(r * LANES)] = T.max(acc[lanes(r * LANES)], sc[r, lanes(jb * LANES)])
+            row[r] = acc[r * LANES]
+            for i in range(1, LANES):
+                row[r] = T.max(row[r], acc[r * LANES + i])
+            for j in range(t):
+                row[r] = T.max(row[r], sc[r, s + j])
+            acc[lanes(r * LANES)] = _vec(0.0)
+            for jb in range((length[0] + LANES - 1) // LANES):
+                sc[r, lanes(jb * LANES)] = T.Select(
+                    lanes(jb * LANES) < T.broadcast(length[0], LANES),
+                    _fast_exp(sc[r, lanes(jb * LANES)] - T.broadcast(row[r], LANES)), _vec(0.0))
+                acc[lanes(r * LANES)] = acc[lanes(r * LANES)] + sc[r, lanes(jb * LANES)]
+            row[g + r] = acc[r * LANES]
+            for i in range(1, LANES):
+                row[g + r] = row[g + r] + acc[r * LANES + i]
+            for j in range(t):
+                sc[r, s + j] = T.exp(sc[r, s + j] - row[r])
+                row[g + r] = row[g + r] + sc[r, s + j]
+
+    return chunk_scores, softmax
+
+
 def attention_kernel(hkv: int, g: int, t: int, d: int, s: int, scale: float,
                      parallel_from: int) -> tvm.tirx.PrimFunc:
     """``main(Q, past_key, past_value, key, value, attn_mask, positions, Y)`` of the module docstring.
@@ -72,6 +123,7 @@ def attention_kernel(hkv: int, g: int, t: int, d: int, s: int, scale: float,
         raise ValueError(f"decode attention needs S % {WIDE} == 0 and D % {LANES} == 0, got S={s}, D={d}")
     total, dv = s + t, d // LANES
     parallel_from = T.int64(min(parallel_from, 2**62))
+    chunk_scores, softmax = softmax_steps(g, t, d, s, scale)
 
     def lanes(start):
         return T.ramp(start, 1, LANES)
@@ -96,33 +148,8 @@ def attention_kernel(hkv: int, g: int, t: int, d: int, s: int, scale: float,
                         lanes(jb * WIDE + a % VECS * LANES) < T.broadcast(length[0], LANES),
                         acc[lanes(a * LANES)] * _vec(scale) + MASK[tok, lanes(jb * WIDE + a % VECS * LANES)],
                         _vec(_INVALID))
-            for j in range(t):
-                for r in T.unroll(g):
-                    row[r] = T.float32(0)
-                    for k in range(d):
-                        row[r] = row[r] + Q[h, r, tok, k] * KN[h, k, j]
-                    sc[r, s + j] = row[r] * T.float32(scale) + MASK[tok, s + j]
-            for r in T.unroll(g):
-                acc[lanes(r * LANES)] = _vec(_INVALID)
-                for jb in range((length[0] + LANES - 1) // LANES):
-                    acc[lanes(r * LANES)] = T.max(acc[lanes(r * LANES)], sc[r, lanes(jb * LANES)])
-                row[r] = acc[r * LANES]
-                for i in range(1, LANES):
-                    row[r] = T.max(row[r], acc[r * LANES + i])
-                for j in range(t):
-                    row[r] = T.max(row[r], sc[r, s + j])
-                acc[lanes(r * LANES)] = _vec(0.0)
-                for jb in range((length[0] + LANES - 1) // LANES):
-                    sc[r, lanes(jb * LANES)] = T.Select(
-                        lanes(jb * LANES) < T.broadcast(length[0], LANES),
-                        _fast_exp(sc[r, lanes(jb * LANES)] - T.broadcast(row[r], LANES)), _vec(0.0))
-                    acc[lanes(r * LANES)] = acc[lanes(r * LANES)] + sc[r, lanes(jb * LANES)]
-                row[g + r] = acc[r * LANES]
-                for i in range(1, LANES):
-                    row[g + r] = row[g + r] + acc[r * LANES + i]
-                for j in range(t):
-                    sc[r, s + j] = T.exp(sc[r, s + j] - row[r])
-                    row[g + r] = row[g + r] + sc[r, s + j]
+            chunk_scores(h, tok, Q, KN, MASK, sc, row)
+            softmax(sc, acc, row, length)
             for c in range(dv):
                 for r in T.unroll(g):
                     acc[lanes(r * LANES)] = _vec(0.0)
