@@ -103,7 +103,7 @@ def test_report_and_manifest_describe_the_decoder(compiled):
     assert section["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
     assert section["weight_bytes_per_decoded_token"] > 49152 * 64 * 4
     assert section["prefill_decode_consistency_max_abs"] < 1e-3
-    assert section["decode_attention_fused_layers"] == 2
+    assert section["decode_attention_fused_layers"] == section["prefill_attention_fused_layers"] == 2
     assert section["latency"]["effc"]["decode_ms_per_token"]["median"] > 0
     assert set(result.manifest["decoder"]["entries"]) == {"prefill", "decode"}
     assert result.manifest["decoder"]["entries"]["decode"]["inputs"][0]["shape"] == [1, 1]
@@ -185,7 +185,7 @@ def test_kv_cache_stored_in_mx_blocks(tiny, fmt):
     assert section["kv_format"] == fmt and section["kv_cache_storage"] == "mx rows"
     assert section["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 17 == section["kv_format_bytes_per_token"]
     assert info["kv_row_bytes"] == 17 and info["kv_format"] == fmt
-    assert section["decode_attention_fused_layers"] == 2
+    assert section["decode_attention_fused_layers"] == section["prefill_attention_fused_layers"] == 2
     assert section["prefill_decode_consistency_max_abs"] < 1e-4
     cache_inputs = [spec for spec in info["entries"]["decode"]["inputs"] if spec["name"].startswith("past_")]
     assert {spec["dtype"] for spec in cache_inputs} == {"uint8"} and cache_inputs[0]["shape"] == [2, 96, 17]

@@ -188,7 +188,7 @@ def _attention_mx(fmt: str, tokens: int, length: int):
 CASES = {
     "DecodeAttention": [lambda: _attention(1, 13), lambda: _attention(1, 0), lambda: _attention(3, 32)],
     "DecodeAttentionMX": [lambda: _attention_mx("mxint8", 1, 13), lambda: _attention_mx("mxfp8_e4m3", 1, 0),
-                          lambda: _attention_mx("mxfp8_e5m2", 3, 32)],
+                          lambda: _attention_mx("mxfp8_e5m2", 3, 32), lambda: _attention_mx("mxint8", 16, 9)],
     "KVBlockEncode": [lambda f=f: _kv_encode(f) for f in kv_blocks.STORED_FORMATS],
     "KVBlockDecode": [lambda f=f: _kv_decode(f) for f in kv_blocks.STORED_FORMATS],
     "NMSparseMatMul": [lambda: _nm(1), lambda: _nm(8)],

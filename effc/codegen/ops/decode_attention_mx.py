@@ -1,8 +1,9 @@
 """TVM lowering of ``effc.DecodeAttentionMX``: decode attention over a cache of MX rows, decoded in the slot walk.
 
 Operator and layouts: :mod:`effc.ops.decode_attention_mx` (keys and values both ``(Hkv, S, W)`` uint8: per slot
-``D`` element codes then ``D / B`` E8M0 scales). For each KV head (serially: :mod:`effc.codegen.ops.decode_attention`
-measured parallel heads losing) and each token of the chunk, with ``L`` valid slots:
+``D`` element codes then ``D / B`` E8M0 scales). For each KV head and each token of the chunk (one token: heads
+serially, :mod:`effc.codegen.ops.decode_attention` measured parallel heads losing; a chunk: its ``Hkv · T`` rows
+in parallel), with ``L`` valid slots:
 
 1. scores, one slot at a time (its key row is ``W`` contiguous bytes): per block of ``B`` entries, 8 codes at a time
    are decoded once into a float32x8 (:func:`effc.codegen.ops.kv_blocks.element_vector`) and multiplied into the
@@ -50,7 +51,7 @@ def attention_mx_kernel(hkv: int, g: int, t: int, d: int, s: int, scale: float, 
         return T.ramp(start, 1, LANES)
 
     @T.macro
-    def one_head(h, Q, PK, PV, KN, VN, MASK, POS, Y):
+    def one_token(h, tok, Q, PK, PV, KN, VN, MASK, POS, Y):
         sc = T.alloc_buffer((g, total), "float32", scope="global")
         acc = T.alloc_buffer((g * dv * LANES,), "float32", scope="global")
         part = T.alloc_buffer((g * LANES,), "float32", scope="global")
@@ -58,52 +59,51 @@ def attention_mx_kernel(hkv: int, g: int, t: int, d: int, s: int, scale: float, 
         row = T.alloc_buffer((2 * g,), "float32", scope="global")  # per query row: max, then sum
         weight = T.alloc_buffer((g,), "float32", scope="global")
         length = T.alloc_buffer((1,), "int32", scope="global")
-        for tok in range(t):
-            length[0] = T.max(T.min(T.Cast("int32", POS[0, 0]), s), 0)
-            for jb in range((length[0] + LANES - 1) // LANES):  # slots past L in the last vector: no weight
-                for r in T.unroll(g):
-                    sc[r, lanes(jb * LANES)] = _vec(_INVALID)
-            for j in range(length[0]):
-                for r in T.unroll(g):
-                    acc[lanes(r * LANES)] = _vec(0.0)
-                for b in T.unroll(nb):
-                    for r in T.unroll(g):
-                        part[lanes(r * LANES)] = _vec(0.0)
-                    for c in T.unroll(vpb):
-                        kv[lanes(0)] = element_vector(PK[h, j, lanes(b * block_size + c * LANES)], fmt)
-                        for r in T.unroll(g):
-                            part[lanes(r * LANES)] = part[lanes(r * LANES)] + Q[
-                                h, r, tok, lanes(b * block_size + c * LANES)] * kv[lanes(0)]
-                    for r in T.unroll(g):
-                        acc[lanes(r * LANES)] = acc[lanes(r * LANES)] + part[lanes(r * LANES)] * T.broadcast(
-                            e8m0(PK[h, j, d + b]), LANES)
-                for r in T.unroll(g):
-                    row[r] = acc[r * LANES]
-                    for i in range(1, LANES):
-                        row[r] = row[r] + acc[r * LANES + i]
-                    sc[r, j] = row[r] * T.float32(scale) + MASK[tok, j]
-            chunk_scores(h, tok, Q, KN, MASK, sc, row)
-            softmax(sc, acc, row, length)
-            for a in range(g * dv):
-                acc[lanes(a * LANES)] = _vec(0.0)
-            for j in range(length[0]):
-                for b in T.unroll(nb):
-                    for r in T.unroll(g):
-                        weight[r] = sc[r, j] * e8m0(PV[h, j, d + b])
-                    for c in T.unroll(vpb):
-                        kv[lanes(0)] = element_vector(PV[h, j, lanes(b * block_size + c * LANES)], fmt)
-                        for r in T.unroll(g):
-                            acc[lanes((r * dv + b * vpb + c) * LANES)] = acc[lanes(
-                                (r * dv + b * vpb + c) * LANES)] + T.broadcast(weight[r], LANES) * kv[lanes(0)]
-            for j in range(t):
-                for c in range(dv):
-                    for r in T.unroll(g):
-                        acc[lanes((r * dv + c) * LANES)] = acc[lanes((r * dv + c) * LANES)] + T.broadcast(
-                            sc[r, s + j], LANES) * VN[h, j, lanes(c * LANES)]
+        length[0] = T.max(T.min(T.Cast("int32", POS[0, 0]), s), 0)
+        for jb in range((length[0] + LANES - 1) // LANES):  # slots past L in the last vector: no weight
             for r in T.unroll(g):
-                for c in range(dv):
-                    Y[h, r, tok, lanes(c * LANES)] = acc[lanes((r * dv + c) * LANES)] / T.broadcast(
-                        row[g + r], LANES)
+                sc[r, lanes(jb * LANES)] = _vec(_INVALID)
+        for j in range(length[0]):
+            for r in T.unroll(g):
+                acc[lanes(r * LANES)] = _vec(0.0)
+            for b in T.unroll(nb):
+                for r in T.unroll(g):
+                    part[lanes(r * LANES)] = _vec(0.0)
+                for c in T.unroll(vpb):
+                    kv[lanes(0)] = element_vector(PK[h, j, lanes(b * block_size + c * LANES)], fmt)
+                    for r in T.unroll(g):
+                        part[lanes(r * LANES)] = part[lanes(r * LANES)] + Q[
+                            h, r, tok, lanes(b * block_size + c * LANES)] * kv[lanes(0)]
+                for r in T.unroll(g):
+                    acc[lanes(r * LANES)] = acc[lanes(r * LANES)] + part[lanes(r * LANES)] * T.broadcast(
+                        e8m0(PK[h, j, d + b]), LANES)
+            for r in T.unroll(g):
+                row[r] = acc[r * LANES]
+                for i in range(1, LANES):
+                    row[r] = row[r] + acc[r * LANES + i]
+                sc[r, j] = row[r] * T.float32(scale) + MASK[tok, j]
+        chunk_scores(h, tok, Q, KN, MASK, sc, acc, row)
+        softmax(sc, acc, row, length)
+        for a in range(g * dv):
+            acc[lanes(a * LANES)] = _vec(0.0)
+        for j in range(length[0]):
+            for b in T.unroll(nb):
+                for r in T.unroll(g):
+                    weight[r] = sc[r, j] * e8m0(PV[h, j, d + b])
+                for c in T.unroll(vpb):
+                    kv[lanes(0)] = element_vector(PV[h, j, lanes(b * block_size + c * LANES)], fmt)
+                    for r in T.unroll(g):
+                        acc[lanes((r * dv + b * vpb + c) * LANES)] = acc[lanes(
+                            (r * dv + b * vpb + c) * LANES)] + T.broadcast(weight[r], LANES) * kv[lanes(0)]
+        for j in range(t):
+            for c in range(dv):
+                for r in T.unroll(g):
+                    acc[lanes((r * dv + c) * LANES)] = acc[lanes((r * dv + c) * LANES)] + T.broadcast(
+                        sc[r, s + j], LANES) * VN[h, j, lanes(c * LANES)]
+        for r in T.unroll(g):
+            for c in range(dv):
+                Y[h, r, tok, lanes(c * LANES)] = acc[lanes((r * dv + c) * LANES)] / T.broadcast(
+                    row[g + r], LANES)
 
     @T.prim_func(s_tir=False)
     def main(q_h: T.handle, pk_h: T.handle, pv_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle,
@@ -117,8 +117,12 @@ def attention_mx_kernel(hkv: int, g: int, t: int, d: int, s: int, scale: float, 
         MASK = T.match_buffer(m_h, (t, total), "float32")
         POS = T.match_buffer(p_h, (1, t), "int64")
         Y = T.match_buffer(y_h, (hkv, g, t, d), "float32")
-        for h in range(hkv):
-            one_head(h, Q, PK, PV, KN, VN, MASK, POS, Y)
+        if t > 1:  # a chunk: its tokens and heads are independent rows of work
+            for ht in T.parallel(hkv * t):
+                one_token(ht // t, ht % t, Q, PK, PV, KN, VN, MASK, POS, Y)
+        else:
+            for h in range(hkv):
+                one_token(h, 0, Q, PK, PV, KN, VN, MASK, POS, Y)
 
     return main
 
