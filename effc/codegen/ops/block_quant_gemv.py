@@ -4,7 +4,7 @@ Decoding one token reads every weight once: the packed blocks are the whole cost
 in registers and multiplied in fp32 (``Y (1, N) = X (1, K) @ W``; weights only, the activation stays fp32, so the
 result equals the ONNX function body up to fp32 summation order)::
 
-    Y[j] = sum_b  scale(S[j, b]) * sum_{k in block b} X[k] * element(code(W, j, k))
+    Y[j] = sum_b  scale(S[j, b]) * sum_{k in block b} X[k] * element(code(W, j, k))  (+ M[j, b] * sum_{k in b} X[k])
 
 Kernel layout (:func:`kernel_rows`, shared with the prefill GEMM and the embedding lookup, so a tied embedding and
 the two entry points keep one copy of the constant): one row per output channel ``j``, codes along K. 8-bit codes as
@@ -15,7 +15,10 @@ elements in 8 lanes without a shuffle. Scales ``S (N, K/32)`` as in ONNX.
 Per 8 weights: 4-bit: one ``vpermi2ps`` lookup in the format's 16-entry value table with AVX-512VL, else two
 ``vpermps`` lookups (the index uses the low 3 bits) and a ``vblendvps`` on bit 3 (moved to the sign bit); 8-bit:
 ``vpmovsxbd`` + ``vcvtdq2ps``; then one FMA with ``X``. E8M0 scales are the float32 with exponent bits ``S`` (``2^(S
-- 127)``; MXINT8's ``2^-6`` folds into it), int scales (float16 / float32) are converted. ``ROWS`` output channels
+- 127)``; MXINT8's ``2^-6`` folds into it), int scales (float16 / float32) are converted. Asymmetric blocks
+(``int4_asym``, GGUF Q4_1: ``w = d * q + m``) look up the unsigned codes like the other 4-bit formats and add the
+minimum as ``m * sum(X over the block)``: the block sums of ``X`` are computed once per call, as 8-lane partial sums in
+the lanes the nibble lookups fill, so the minimum costs one more FMA per 32 weights. ``ROWS`` output channels
 per tile give independent accumulator chains; tiles run in parallel over the threads (each streams a contiguous part
 of ``W``) when ``K * N`` reaches the target's ``min_parallel_gemv``. OCP MX v1.0 sections 5.3 and 6.
 """
@@ -156,9 +159,10 @@ def _hsum(acc, r):
 
 
 def gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.tirx.PrimFunc:
-    """``main(X (1, K) f32, W (N, K*bits/8) u8, S (N, K/32), [LUT (16,) f32,] Y (1, N) f32)`` (module docstring).
+    """``main(X (1, K) f32, W (N, K*bits/8) u8, S (N, K/32), [M (N, K/32),] [LUT (16,) f32,] Y (1, N) f32)``.
 
-    The 16-entry value table ``LUT`` (:meth:`BlockFormat.code_table`) is an input of the 4-bit kernel only.
+    See the module docstring. The 16-entry value table ``LUT`` (:meth:`BlockFormat.code_table`) is an input of the
+    4-bit kernels only, the block minimums ``M`` (type ``scale_dtype``) of the asymmetric one only.
 
     Raises:
         ValueError: the format or shape is not one :func:`gemv_applies` accepts (the target aside).
@@ -168,6 +172,37 @@ def gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.tirx.
     blocks, row_bytes, tiles = k // BLOCK, k * fmt.bits // 8, n // ROWS
     tile_loop = T.parallel if k * n >= current_tile_config().min_parallel_gemv else T.serial
     wide = _has_avx512vl_in(tvm.target.Target.current(allow_none=True))
+
+    if fmt.has_minimum:
+
+        @T.prim_func(s_tir=False)
+        def main4a(x_h: T.handle, w_h: T.handle, s_h: T.handle, m_h: T.handle, l_h: T.handle, y_h: T.handle):
+            T.func_attr({"global_symbol": "main", "tir.noalias": True, "tir.is_scheduled": True})
+            X = T.match_buffer(x_h, (1, k), "float32")
+            W = T.match_buffer(w_h, (n, row_bytes), "uint8")
+            S = T.match_buffer(s_h, (n, blocks), scale_dtype)
+            M = T.match_buffer(m_h, (n, blocks), scale_dtype)
+            L = T.match_buffer(l_h, (16,), "float32")
+            Y = T.match_buffer(y_h, (1, n), "float32")
+            xs = T.alloc_buffer((blocks * LANES,), "float32", scope="global")  # lane partial sums of each block
+            for b in range(blocks):
+                xs[_vec(b)] = (X[0, T.ramp(b * BLOCK, 1, LANES)] + X[0, T.ramp(b * BLOCK + LANES, 1, LANES)]) + (
+                    X[0, T.ramp(b * BLOCK + 2 * LANES, 1, LANES)] + X[0, T.ramp(b * BLOCK + 3 * LANES, 1, LANES)])
+            for jt in tile_loop(tiles):
+                acc = T.alloc_buffer((ROWS * LANES,), "float32", scope="global")
+                for r in T.unroll(ROWS):
+                    acc[_vec(r)] = T.broadcast(T.float32(0), LANES)
+                for q in range(k // CHUNK):
+                    for r in T.unroll(ROWS):
+                        acc[_vec(r)] = (acc[_vec(r)] + _dot4(X, W, L, jt * ROWS + r, q, 0, wide) * T.broadcast(
+                            _scale(S, jt * ROWS + r, 2 * q, fmt), LANES) + xs[_vec(2 * q)] * T.broadcast(
+                            _scale(M, jt * ROWS + r, 2 * q, fmt), LANES) + _dot4(X, W, L, jt * ROWS + r, q, 1, wide)
+                            * T.broadcast(_scale(S, jt * ROWS + r, 2 * q + 1, fmt), LANES) + xs[_vec(2 * q + 1)]
+                            * T.broadcast(_scale(M, jt * ROWS + r, 2 * q + 1, fmt), LANES))
+                for r in T.unroll(ROWS):
+                    Y[0, jt * ROWS + r] = _hsum(acc, r)
+
+        return main4a
 
     if fmt.bits == 4:
 
