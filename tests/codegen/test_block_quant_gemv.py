@@ -43,6 +43,16 @@ def test_kernel_rows_round_trip(name):
     np.testing.assert_array_equal(back, codes)
 
 
+def test_kernel_minimums_are_tile_major():
+    """Minimum of block b of row j at [j // ROWS, b, j % ROWS]; rows past N (a partial last tile) are zero."""
+    low = np.arange(10 * 3, dtype=np.float16).reshape(10, 3)
+    tiles = gemv.kernel_minimums(low)
+    assert tiles.shape == (3, 3, gemv.ROWS) and tiles.dtype == np.float16
+    j, b = np.meshgrid(np.arange(10), np.arange(3), indexing="ij")
+    np.testing.assert_array_equal(tiles[j // gemv.ROWS, b, j % gemv.ROWS], low)
+    assert not tiles[2, :, 2:].any()
+
+
 @pytest.mark.skipif(not HAS_AVX2, reason="the GEMV kernel needs an x86 CPU with AVX2")
 @pytest.mark.parametrize("name", ["mxfp4", "int4", "int4_asym", "mxint8", "int8"])
 @pytest.mark.parametrize(("threads", "target"), [(1, TARGET), (2, TARGET), (1, AVX2_ONLY)])
@@ -63,7 +73,7 @@ def test_gemv_kernel_matches_numpy(name, threads, target):
     assert ("vpermi2var" in func.script()) == (fmt.bits == 4 and target is TARGET and gemv._has_avx512vl_in(target))
     lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
     set_runtime_threads(threads)
-    lows = [q.minimums] if fmt.has_minimum else []
+    lows = [gemv.kernel_minimums(q.minimums)] if fmt.has_minimum else []
     args = [x, gemv.kernel_rows(wq, fmt, k), scales, *lows, *([fmt.code_table()] if fmt.bits == 4 else []),
             np.zeros((1, n), np.float32)]
     args = [tvm.runtime.tensor(a, tvm.cpu()) for a in args]

@@ -9,7 +9,7 @@ from tvm import relax
 
 import effc.codegen.ops.block_quant as bq
 import effc.codegen.ops.block_quant_int8 as bq_int8
-from effc.codegen.ops.block_quant_gemv import kernel_rows
+from effc.codegen.ops.block_quant_gemv import kernel_minimums, kernel_rows
 from effc.codegen.cpu import compile_cpu
 from effc.codegen.frontend import to_relax
 from effc.ops.bitpack import pack_blocks
@@ -35,7 +35,7 @@ def test_kernel_matches_numpy_dequantized_matmul(name):
     func = bq.schedule_block_quant(bq.block_quant_kernel(m, k, n, fmt, 32, str(st.dtype)))
     lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
     dev = tvm.cpu()
-    lows = [q.minimums] if fmt.has_minimum else []
+    lows = [kernel_minimums(q.minimums)] if fmt.has_minimum else []
     args = [tvm.runtime.tensor(a, dev) for a in (x, wt, st, *lows, np.zeros((m, n), np.float32))]
     lib["main"](*args)
     np.testing.assert_allclose(args[-1].numpy(), x @ dequantize(q), rtol=1e-5, atol=1e-5)

@@ -36,7 +36,14 @@ import tvm
 from tvm import relax, s_tir, te, tirx
 
 from effc.codegen.frontend import constant_input, register_converter
-from effc.codegen.ops.block_quant_gemv import gemv_applies, gemv_kernel, kernel_rows, row_code
+from effc.codegen.ops.block_quant_gemv import (
+    gemv_applies,
+    gemv_kernel,
+    kernel_minimums,
+    kernel_rows,
+    row_code,
+    row_minimum,
+)
 from effc.codegen.ops.block_quant_int8 import builder_state, current_tile_config, int8_compute_applies, int8_matmul
 from effc.ops.block_formats import BlockFormat, get_format
 
@@ -84,24 +91,29 @@ def _scale(s: te.Tensor, row, kb, fmt: BlockFormat):
 
 
 def _decoded(t: te.Tensor, s: te.Tensor, low: te.Tensor | None, row, c, k: int, block_size: int, fmt: BlockFormat):
-    """float32 weight ``c`` of kernel row ``row``: element × block scale (+ block minimum when ``low`` is given)."""
+    """float32 weight ``c`` of kernel row ``row``: element × block scale (+ block minimum when ``low`` is given).
+
+    ``low`` is in the :func:`~effc.codegen.ops.block_quant_gemv.kernel_minimums` layout.
+    """
     value = _element(row_code(t, row, c, fmt.bits, k), fmt) * _scale(s, row, c // block_size, fmt)
-    return value if low is None else value + low[row, c // block_size].astype("float32")
+    return value if low is None else value + row_minimum(low, row, c // block_size)
 
 
 def block_quant_kernel(m: int, k: int, n: int, fmt: BlockFormat | str, block_size: int = 32,
                        scale_dtype: str = "uint8") -> tvm.tirx.PrimFunc:
-    """Unscheduled PrimFunc ``main(X (M, K) f32, Wr (N, row bytes) u8, S (N, K/B), [M (N, K/B),] Y (M, N) f32)``.
+    """Unscheduled PrimFunc ``main(X (M, K) f32, Wr (N, row bytes) u8, S (N, K/B), [Mk,] Y (M, N) f32)``.
 
     ``Wr`` is :func:`~effc.codegen.ops.block_quant_gemv.kernel_rows` of the ONNX codes, ``S`` the ONNX scales,
-    ``M`` the ONNX block minimums (asymmetric formats only, ``scale_dtype``).
+    ``Mk`` :func:`~effc.codegen.ops.block_quant_gemv.kernel_minimums` of the ONNX block minimums (asymmetric formats
+    only, ``scale_dtype``).
     """
     fmt = get_format(fmt) if isinstance(fmt, str) else fmt
     row_bytes = k * fmt.bits // 8 + (1 if fmt.bits == 6 else 0)
     x = te.placeholder((m, k), "float32", "X")
     wr = te.placeholder((n, row_bytes), "uint8", "Wr")
     s = te.placeholder((n, k // block_size), "uint8" if fmt.is_mx else scale_dtype, "S")
-    low = te.placeholder((n, k // block_size), scale_dtype, "M") if fmt.has_minimum else None
+    low = te.placeholder(kernel_minimums(np.zeros((n, k // block_size), "float16")).shape, scale_dtype, "M") if (
+        fmt.has_minimum) else None
     w = te.compute((k, n), lambda kk, j: _decoded(wr, s, low, j, kk, k, block_size, fmt), name="W")
     r = te.reduce_axis((0, k), "r")
     y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="Y")
@@ -158,8 +170,11 @@ _QDQ_SOURCES: dict = {}
 
 
 def _minimums(extra: list, params, what: str) -> list[np.ndarray]:
-    """``[minimums]`` of an asymmetric format's node (its fourth input, an initializer), ``[]`` without one."""
-    return [constant_input(extra[0], params, what)] if extra and extra[0] is not None else []
+    """``[kernel minimums]`` of an asymmetric format's node (its fourth input, an initializer), ``[]`` without one.
+
+    In the :func:`~effc.codegen.ops.block_quant_gemv.kernel_minimums` layout.
+    """
+    return [kernel_minimums(constant_input(extra[0], params, what))] if extra and extra[0] is not None else []
 
 
 def _format_attrs(attr: dict) -> tuple:
