@@ -32,7 +32,12 @@ def _quantized_ffn(fmt: str, seq: int = 16) -> ir.Model:
 
 
 @pytest.mark.parametrize(("fmt", "seq"), [("int4", 16), ("mxfp4", 1), ("mxint8", 16)])
-def test_gpu_lowering_of_block_quant_matches_onnxruntime_on_cpu(fmt, seq):
+def test_gpu_lowering_of_block_quant_matches_onnxruntime_on_cpu(fmt, seq, monkeypatch):
+    from effc.codegen.cuda import ops as cuda_ops
+
+    # M = 1 gets a thread-bound schedule (GPU only); schedules only reorder and bind loops, so the compute is
+    # what is checked here
+    monkeypatch.setattr(cuda_ops, "schedule_gemv", lambda func: func)
     model = _quantized_ffn(fmt, seq)
     x = np.random.default_rng(3).standard_normal((1, seq, 64)).astype(np.float32)
     ref = ort.InferenceSession(ir.to_proto(model).SerializeToString(),
@@ -49,16 +54,18 @@ def test_gpu_lowering_of_block_quant_matches_onnxruntime_on_cpu(fmt, seq):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["int4", "mxfp4"])
-def test_block_quant_builds_for_cuda_without_fallback(tmp_path, fmt):
-    result = CUDA.build(_quantized_ffn(fmt), tmp_path, {"arch": "sm_90"})
+@pytest.mark.parametrize(("fmt", "seq"), [("int4", 16), ("mxfp4", 1)])
+def test_block_quant_builds_for_cuda_without_fallback(tmp_path, fmt, seq):
+    result = CUDA.build(_quantized_ffn(fmt, seq), tmp_path, {"arch": "sm_90"})
     info = result.info
     assert info["effc_ops"] == {"BlockQuantMatMul": {"nodes": 2, "lowering": "kernel"}}
     assert "fallback_dense" not in info
-    gpu = [k for k in info["kernels"] if "block_quant_gpu" in k]
-    assert len(gpu) == 2 and {info["kernels"][k] for k in gpu} <= {"Matmul", "GEMV", "Reduction",
-                                                                   "GeneralReduction", "Fallback"}
-    assert all(any(d.startswith(f"{k}_kernel") for d in info["device_kernels"]) for k in gpu)
+    gpu = sorted({k.removesuffix("_kernel") for k in info["device_kernels"] if "block_quant_gpu" in k})
+    assert len(gpu) == 2
+    if seq == 1:  # effc's GEMV schedule (DLight's GEMV rule declines this compute)
+        assert not any(k in info["kernels"] for k in gpu)
+    else:  # DLight's Matmul rule
+        assert {info["kernels"][k] for k in gpu} == {"Matmul"}
     assert b"__global__" not in (tmp_path / "model.so").read_bytes()
 
 
