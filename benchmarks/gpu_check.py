@@ -114,8 +114,11 @@ def _runtime_bundle(dest: Path, python_version: str) -> dict:
             "python_bytes": _tree_bytes(dest / "python"), "cudart_bundled": cudart is not None}
 
 
-def _tiny_llama():
-    """A 2-layer random Llama with SmolLM2's vocabulary and tokenizer (seed 0), exported as an effc decoder graph."""
+def tiny_llama(vocab_size: int = 49152, max_cache: int = 64, chunk: int = 8):
+    """A 2-layer random Llama (hidden 64, seed 0) exported as an effc decoder graph.
+
+    With SmolLM2's vocabulary size (the default) it carries SmolLM2's tokenizer, so ``effc.compile`` takes it.
+    """
     import torch
     import transformers
 
@@ -123,15 +126,15 @@ def _tiny_llama():
     from effc.decoder.export import export_decoder
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                    rms_norm_eps=1e-5, tie_word_embeddings=True)
-    return export_decoder(transformers.LlamaForCausalLM(cfg).eval(), max_cache=64, chunk=8,
-                          extra={"tokenizer_dir": str(smollm2.fp32_folder())})
+    extra = {"tokenizer_dir": str(smollm2.fp32_folder())} if vocab_size == 49152 else None
+    return export_decoder(transformers.LlamaForCausalLM(cfg).eval(), max_cache=max_cache, chunk=chunk, extra=extra)
 
 
 #: Models that are not in the zoo: name → a function giving the graph to compile.
-LOCAL_MODELS = {"tiny-llama": _tiny_llama}
+LOCAL_MODELS = {"tiny-llama": tiny_llama}
 
 
 class _Recorder:

@@ -104,16 +104,9 @@ def test_kv_writer_compiles_for_cuda():
 
 
 def _tiny_graph():
-    import torch
-    import transformers
+    from benchmarks.gpu_check import tiny_llama
 
-    from effc.decoder.export import export_decoder
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   rms_norm_eps=1e-5, tie_word_embeddings=True)
-    return export_decoder(transformers.LlamaForCausalLM(cfg).eval(), max_cache=32, chunk=8)
+    return tiny_llama(vocab_size=256, max_cache=32, chunk=8)
 
 
 def _entries(graph: ir.Model) -> dict[str, ir.Model]:
@@ -185,3 +178,20 @@ def test_decoder_builds_for_cuda_with_kv_writers(tiny, tmp_path, passes):
     assert all(any(d.startswith(f"{k}_kernel") for d in info["device_kernels"]) for k in info["kernels"])
     blob = (tmp_path / "model.so").read_bytes()
     assert b"__global__" not in blob and b"decode_kv_write" in blob
+
+
+@pytest.mark.slow
+def test_decoder_compiles_for_cuda_and_says_what_was_not_measured(tmp_path):
+    import effc
+    import effc.runtime
+    from benchmarks.gpu_check import tiny_llama
+    from effc.errors import TargetError
+
+    result = effc.compile(tiny_llama(), target="cuda", out_dir=tmp_path / "out", measure_latency=False)
+    decoder = result.report["decoder"]
+    assert decoder["perplexity"]["compiled"] is None and decoder["perplexity_change_pct"] is None
+    assert decoder["perplexity"]["rewritten_onnxruntime"]["perplexity"] > 1
+    assert "compiled: not measured" in (tmp_path / "out" / "report.md").read_text()
+    assert result.manifest["target"]["info"]["entries"] == ["prefill", "decode"]
+    with pytest.raises(TargetError, match="built for sm_90; no CUDA device found"):
+        effc.runtime.load(tmp_path / "out")
