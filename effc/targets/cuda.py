@@ -264,9 +264,12 @@ class CudaTarget(Target):
         }
         if list(models) != ["main"]:
             facts["entries"] = list(models)
-        for _, effc_info in planned.values():
-            for key, value in effc_info.items():
-                facts.setdefault(key, {}).update(value)
+        for _, effc_info in planned.values():  # node counts summed over the entry points
+            for op, how in effc_info.get("effc_ops", {}).items():
+                entry = facts.setdefault("effc_ops", {}).setdefault(op, {**how, "nodes": 0})
+                entry["nodes"] += how["nodes"]
+            for op, nodes in effc_info.get("fallback_dense", {}).items():
+                facts.setdefault("fallback_dense", {})[op] = facts.get("fallback_dense", {}).get(op, 0) + nodes
         return BuildResult(files=[_LIBRARY], info=facts)
 
     def can_run_here(self) -> bool:

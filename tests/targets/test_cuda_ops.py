@@ -110,13 +110,13 @@ def _tiny_graph():
 
 
 def _entries(graph: ir.Model) -> dict[str, ir.Model]:
-    """``prefill`` (the chunk) and ``decode`` (one token, attention fused) as compile_decoder makes them."""
+    """``prefill`` (the chunk) and ``decode`` (one token), attention fused in both, as compile_decoder makes them."""
     from effc.decoder.attention import fuse_decode_attention
     from effc.ir.decoder import specialize
 
-    decode = specialize(graph, 1)
-    assert fuse_decode_attention(decode) == 2
-    return {"prefill": specialize(graph, 8), "decode": decode}
+    entries = {"prefill": specialize(graph, 8), "decode": specialize(graph, 1)}
+    assert [fuse_decode_attention(model) for model in entries.values()] == [2, 2]
+    return entries
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def test_decoder_builds_for_cuda_with_kv_writers(tiny, tmp_path, passes):
     result = CUDA.build_entries(_entries(graph), tmp_path, {"arch": "sm_90"})
     info = result.info
     assert info["entries"] == ["prefill", "decode"]
-    assert info["effc_ops"]["DecodeAttention"] == {"nodes": 2, "lowering": "reference"}
+    assert info["effc_ops"]["DecodeAttention"] == {"nodes": 4, "lowering": "reference"}  # 2 layers, 2 entries
     if passes:
         assert info["effc_ops"]["BlockQuantMatMul"]["lowering"] == "kernel"
         assert any("block_quant_gpu" in k for k in info["kernels"])
