@@ -178,7 +178,8 @@ class CudaTarget(Target):
         return {
             "arch": f"{', '.join(f'{a.name} {a.family}' for a in self.archs.values())}; default {self.default_arch}",
             "gpu_precision": f"{' | '.join(ready)} (default fp32, exact; fp16: tensor cores, fp32 accumulation)",
-            "fallback": "dense: effc operators run their reference ONNX bodies (default: error naming them)",
+            "fallback": "dense: effc operators without a CUDA lowering run their reference ONNX bodies (default: "
+                        "error naming them; block-quant has CUDA kernels)",
         }
 
     def tvm_target(self, options: Mapping[str, Any]) -> Any:
