@@ -124,28 +124,33 @@ def tiny():
     return _tiny_graph()
 
 
-@pytest.mark.slow
-def test_device_cache_backend_matches_onnxruntime_on_a_cpu_build(tiny, tmp_path):
-    """The cuda decoder's runtime path (cache in device tensors, <entry>_kv_write in place) on a CPU build."""
+def _cpu_library_with_kv_writers(graphs: dict[str, ir.Model], path):
+    """The cuda decoder's functions (entries + <entry>_kv_write) built for this CPU, loaded by a VmRunner."""
     from effc.codegen import build as tvm_build
     from effc.codegen.cpu import compile_cpu
     from effc.codegen.entries import merge_entry_modules
     from effc.codegen.kv_write import kv_write_module
-    from effc.ir.decoder import decoder_info
-    from effc.runtime.decoder import DecoderSession, DeviceCacheBackend, OrtBackend
     from effc.runtime.vm import VmRunner
 
-    graphs = _entries(tiny)
     target = get_target("cpu").tvm_target({"threads": 1})
     with target:
         mod = merge_entry_modules({name: to_relax(g) for name, g in graphs.items()})
     for gvar, func in kv_write_module(graphs).functions_items():
         mod[gvar] = func
     executable, _ = compile_cpu(mod, target, {})
-    tvm_build.export_library(executable, tmp_path / "model.so")
-    names = [v.name for v in graphs["prefill"].graph.inputs]
+    tvm_build.export_library(executable, path)
+    return VmRunner(path, "cpu", [v.name for v in graphs["prefill"].graph.inputs], 1, "prefill")
+
+
+@pytest.mark.slow
+def test_device_cache_backend_matches_onnxruntime_on_a_cpu_build(tiny, tmp_path):
+    """The cuda decoder's runtime path (cache in device tensors, <entry>_kv_write in place) on a CPU build."""
+    from effc.ir.decoder import decoder_info
+    from effc.runtime.decoder import DecoderSession, DeviceCacheBackend, OrtBackend
+
+    graphs = _entries(tiny)
     info = {**decoder_info(tiny), "chunk": 8}
-    mine = DecoderSession(DeviceCacheBackend(VmRunner(tmp_path / "model.so", "cpu", names, 1, "prefill")), info)
+    mine = DecoderSession(DeviceCacheBackend(_cpu_library_with_kv_writers(graphs, tmp_path / "model.so")), info)
     ref = DecoderSession(OrtBackend(graphs), info)
     ids = [5, 17, 3, 99, 42, 7, 1, 250, 64, 8, 31]  # one full chunk, one padded chunk of 3
     np.testing.assert_allclose(mine.prefill(ids), ref.prefill(ids), atol=1e-4)
@@ -195,3 +200,24 @@ def test_decoder_compiles_for_cuda_and_says_what_was_not_measured(tmp_path):
     assert result.manifest["target"]["info"]["entries"] == ["prefill", "decode"]
     with pytest.raises(TargetError, match="built for sm_90; no CUDA device found"):
         effc.runtime.load(tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_gpu_check_replays_decoder_calls_on_a_cpu_build(tmp_path, monkeypatch):
+    """benchmarks/gpu_check.py's decoder references and replay (what a GPU run does), on the CPU."""
+    import argparse
+
+    import effc
+    from benchmarks import gpu_check
+    from effc.ir.model import load
+
+    result = effc.compile(gpu_check.tiny_llama(), target="cpu", out_dir=tmp_path / "art", measure_latency=False)
+    refs = gpu_check._decoder_references(result.out_dir)
+    entries = [str(e) for e in refs["entries"]]
+    assert entries == ["prefill", "prefill"] + ["decode"] * gpu_check.DECODER_STEPS
+    assert refs["call_1_ref"].shape == (3, 49152)  # the padded second chunk: its 3 real tokens
+    graphs = _entries(load(result.out_dir / "model.onnx"))
+    runner = _cpu_library_with_kv_writers(graphs, tmp_path / "replay.so")
+    monkeypatch.setattr(gpu_check, "_time_cuda", lambda fn, warmup, repeat: (fn(), {"median_ms": None})[1])
+    row = gpu_check._run_decoder(runner, result.manifest, refs, argparse.Namespace(warmup=1, repeat=1))
+    assert row["ok"] and row["calls"] == len(entries) and row["worst_max_abs"] < 1e-3
