@@ -39,6 +39,7 @@ def decoder_rows(section: Mapping[str, Any] | None) -> list[tuple[str, str]]:
                      f"{o['decode_ms_per_token']['median']:.2f} (×{latency['decode_ratio']})"))
     rows.append(("Weight bytes read per decoded token", _mb(section.get("weight_bytes_per_decoded_token"))))
     per_token = section.get("kv_cache_bytes_per_token")
+    stored = f" ({section['kv_format']}, {section.get('kv_cache_storage')})" if section.get("kv_format") else ""
     rows.append(("KV cache", f"{per_token:,} B per token, {_mb(section.get('kv_cache_bytes'))} for "
-                             f"{section.get('max_cache')} tokens" if per_token else "not measured"))
+                             f"{section.get('max_cache')} tokens{stored}" if per_token else "not measured"))
     return rows

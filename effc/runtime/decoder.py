@@ -3,9 +3,10 @@
 A decoder artifact (``manifest["decoder"]``) has two entry points over the same weights, ``prefill`` (a chunk of
 ``P`` tokens) and ``decode`` (one token), with the signature of :mod:`effc.decoder.llama`: ``(input_ids,
 positions, attn_mask, past_key.0, past_value.0, ...) -> (logits, key.0, value.0, ...)``. The session owns one
-preallocated float32 array per cache input (:func:`effc.ir.decoder.kv_layout`: keys ``(Hkv, D, S)``, values
-``(Hkv, S, D)``), shared with the compiled code without copies, and writes each call's new keys and values into
-them in place at the chunk's positions (a few KB per layer and token; the cache itself is never copied). A prompt
+preallocated array per cache input (:func:`effc.ir.decoder.kv_layout`: float32 keys ``(Hkv, D, S)`` and values
+``(Hkv, S, D)``, or uint8 MX rows ``(Hkv, S, W)`` for both when ``block-quant(mode=kv)`` stored the cache),
+shared with the compiled code without copies, and writes each call's new keys and values into them in place at
+the chunk's positions (a few KB per layer and token; the cache itself is never copied). A prompt
 is prefilled in chunks of ``P`` (the last one padded; padding sits after the real tokens, so the causal mask hides
 it, and its keys are never written into the cache).
 
@@ -156,7 +157,7 @@ class DecoderSession:
         self.chunk = int(info["chunk"])
         self._masked = np.float32(info.get("masked", -1.0e9))
         self._layout = kv_layout(info)
-        self.cache = {slot.input: aligned_zeros(slot.shape(info, self.max_cache)) for slot in self._layout}
+        self.cache = {slot.input: aligned_zeros(slot.shape(info, self.max_cache), slot.dtype) for slot in self._layout}
         backend.bind_cache(self.cache)
         self.length = 0  # tokens held in the cache
 
@@ -285,12 +286,12 @@ class DecoderSession:
                           _round(1e3 / decode_ms if decode_ms else None), stopped)
 
 
-def aligned_zeros(shape: tuple[int, ...], align: int = 64) -> np.ndarray:
-    """A zero float32 array whose data starts on an ``align``-byte boundary (TVM shares only such buffers)."""
-    size = int(np.prod(shape)) * 4
+def aligned_zeros(shape: tuple[int, ...], dtype: str = "float32", align: int = 64) -> np.ndarray:
+    """A zero array whose data starts on an ``align``-byte boundary (TVM shares only such buffers)."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
     raw = np.zeros(size + align, dtype=np.uint8)
     offset = (-raw.ctypes.data) % align
-    return raw[offset:offset + size].view(np.float32).reshape(shape)
+    return raw[offset:offset + size].view(dtype).reshape(shape)
 
 
 def _round(value: float | None) -> float | None:
