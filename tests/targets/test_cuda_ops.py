@@ -73,8 +73,8 @@ def _kv_writer_module() -> tvm.IRModule:
     from effc.codegen.kv_write import add_kv_writer
 
     builder = relax.BlockBuilder()
-    add_kv_writer(builder, "decode", [("past_key.0", "key.0", 2, (2, 4, 16)),
-                                      ("past_value.0", "value.0", 1, (2, 16, 4))], 3)
+    add_kv_writer(builder, "decode", [("past_key.0", "key.0", 2, (2, 4, 16), "float32"),
+                                      ("past_value.0", "value.0", 1, (2, 16, 4), "float32")], 3)
     return builder.get()
 
 
