@@ -192,7 +192,8 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
             "target": {"name": tgt.name, "options": options, "info": build.info},
             **io_signature(graphs["prefill"]), "decoder": decoder,
         }
-        runner = tgt.load(tmp, {**manifest, "files": {rel: sha256_of(tmp / rel) for rel in build.files}})
+        runner = (tgt.load(tmp, {**manifest, "files": {rel: sha256_of(tmp / rel) for rel in build.files}})
+                  if tgt.can_run_here() else None)  # e.g. a cuda artifact built here: nothing to run it on
         report = evaluate_decoder(loaded.model, graphs, runner, info, tokenizer, eval_ids, threads,
                                   measure_latency, latency_repeat)
         report["decoder"]["prefill_decode_consistency_max_abs"] = consistency
@@ -289,8 +290,12 @@ def _tokenizer(folder: Path | None) -> Any:
 def evaluate_decoder(original: ir.Model, graphs: dict[str, ir.Model], runner: Any, info: dict[str, Any],
                      tokenizer: Any, eval_ids: list[int], threads: int, measure_latency: bool,
                      repeat: int) -> dict[str, Any]:
-    """Perplexity (original under onnxruntime, rewritten under onnxruntime, compiled) and latency of both sides."""
-    from effc.runtime.decoder import CompiledBackend, OrtBackend, perplexity
+    """Perplexity (original under onnxruntime, rewritten under onnxruntime, compiled) and latency of both sides.
+
+    ``runner`` None (the artifact cannot run on this machine): the compiled perplexity and latency are not measured
+    (None, with ``compiled_not_measured`` saying why).
+    """
+    from effc.runtime.decoder import OrtBackend, compiled_backend, perplexity
 
     window = min(PPL_WINDOW, info["max_cache"])  # a cache shorter than the window scores shorter windows (stated)
     original_info = {**decoder_info(original), "chunk": info["chunk"]}  # its own cache (all layers, float32)
@@ -300,9 +305,15 @@ def evaluate_decoder(original: ir.Model, graphs: dict[str, ir.Model], runner: An
     ppl["rewritten_onnxruntime"] = perplexity(_session(OrtBackend({"prefill": graphs["prefill"]}, threads), info),
                                               eval_ids, window)
     gc.collect()
-    compiled = _session(CompiledBackend(runner), info)
-    ppl["compiled"] = perplexity(compiled, eval_ids, window)
     base = ppl["original_onnxruntime"]["perplexity"]
+    if runner is None:
+        ppl["compiled"] = None
+        return {"decoder": {"perplexity": ppl, "perplexity_window": window, "perplexity_change_pct": None,
+                            "eval_text": "held-out original English prose", "max_cache": info["max_cache"],
+                            "chunk": info["chunk"],
+                            "compiled_not_measured": "the target's device is not on this machine"}}
+    compiled = _session(compiled_backend(runner), info)
+    ppl["compiled"] = perplexity(compiled, eval_ids, window)
     report: dict[str, Any] = {"decoder": {
         "perplexity": ppl, "perplexity_window": window, "eval_text": "held-out original English prose",
         "perplexity_change_pct": round((ppl["compiled"]["perplexity"] / base - 1) * 100, 3),
