@@ -21,7 +21,7 @@ Adaptivity (:class:`DraftController`, after DEL, Zarch et al. 2025): the accepta
 one draft call, one verify call and one plain decode step are measured as generation goes (exponential moving
 averages); each step takes the draft length ``k`` with the most expected tokens per millisecond
 (:func:`effc.decoder.speculative.best_draft_length`), and a plain decode step when even the best ``k`` is slower than
-plain decoding. Switched off, it probes one short speculative step after 16, 32, 64 … plain steps, so a context
+plain decoding. Switched off, it probes one short speculative step after 32, 64, 128 … plain steps, so a context
 where drafts start to match turns it back on and one where they do not costs little.
 """
 
@@ -40,7 +40,7 @@ from effc.errors import ArtifactError
 #: Weight of the newest measurement in the moving averages of times and acceptance.
 SMOOTHING = 0.3
 #: Plain steps before the first probe once speculation switched itself off (doubling up to :data:`MAX_BACKOFF`).
-FIRST_BACKOFF, MAX_BACKOFF = 16, 256
+FIRST_BACKOFF, MAX_BACKOFF = 32, 256
 
 
 def _ema(old: float | None, new: float) -> float:
