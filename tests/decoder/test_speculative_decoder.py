@@ -138,16 +138,24 @@ def test_cli_generate_speculate_json(drafted):
     assert run.exit_code != 0 and "greedy" in run.output
 
 
-def test_speculate_without_a_draft_entry_names_the_fix(tiny4):
-    from effc.errors import ArtifactError
-    from effc.ir.decoder import decoder_info, specialize
-    from effc.runtime.decoder import DecoderSession, OrtBackend
+class _NoBackend:
+    def bind_cache(self, cache):
+        self.cache = cache
 
-    _, graph, _, _ = tiny4
-    info = {**decoder_info(graph), "entries": {"prefill": {}, "decode": {}}}
-    session = DecoderSession(OrtBackend({"prefill": specialize(graph, 8)}), info)
+
+def test_speculate_without_a_draft_entry_names_the_fix():
+    from effc.errors import ArtifactError, DataError
+    from effc.runtime.decoder import DecoderSession
+
+    info = {"layers": 2, "kv_heads": 1, "head_dim": 8, "max_cache": 16, "chunk": 4,
+            "entries": {"prefill": {}, "decode": {}}}
+    session = DecoderSession(_NoBackend(), info)
     with pytest.raises(ArtifactError, match=r'--passes "layer-skip\(mode=draft\)"'):
         session.generate([1, 2, 3], max_new_tokens=4, speculate=True)
+    with pytest.raises(DataError, match="greedy"):
+        session.generate([1, 2, 3], max_new_tokens=4, temperature=0.5, speculate=True)
+    with pytest.raises(DataError, match="draft length"):
+        session.generate([1, 2, 3], max_new_tokens=4, speculate=0.5)
 
 
 def test_controller_switches_off_when_drafting_does_not_pay_and_probes_again():
