@@ -10,7 +10,8 @@ token-generic graph the compiler then builds two more entry points beside ``pref
   every entry point takes the same arguments). The kept layers read the cache the full model wrote;
 * ``verify`` — the graph specialized to ``tokens + 1`` tokens (a small prefill chunk: positions and mask are
   inputs), which writes every layer's keys and values of the drafted positions (overwriting the draft's) and
-  returns the logits of every position.
+  returns the logits of every position. Its attention is ``effc.DecodeAttention`` too (the kernel takes a chunk of
+  ``T`` tokens), so it reads only the filled prefix of the cache, not all ``S`` slots.
 
 All four are merged into one library; structurally equal weight constants are stored once (:mod:`effc.codegen.
 entries`), so the draft and verify entry points add code, not weights. Method: Zhang et al. 2024, "Draft & Verify:
@@ -89,6 +90,7 @@ def entry_graphs(generic: ir.Model, info: dict[str, Any]) -> dict[str, ir.Model]
     bypass_layers(draft, skipped)  # before the fusion: the layers are found by their Softmax attention
     fuse_decode_attention(draft)
     verify = specialize(generic, int(info["draft"].get("tokens", DEFAULT_DRAFT_TOKENS)) + 1)
+    fuse_decode_attention(verify)  # the kernel takes a chunk too: only the filled prefix of the cache is read
     return {DRAFT: draft, VERIFY: verify}
 
 
