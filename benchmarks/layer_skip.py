@@ -312,10 +312,11 @@ def speculate(artifact: str, threads: list[int], modes: list[str], rounds: int, 
                          "verify_calls": sum(s["verify_calls"] for s in spec),
                          "plain_steps": sum(s["plain_steps"] for s in spec)})
             log.info("%s", rows[-1])
-    save("speculate", {"artifact": artifact, "draft": manifest["decoder"].get("draft"), "tokens": tokens,
-                       "rounds": rounds, "method": "own process per mode and round, rounds alternating; tokens/s = "
-                       "generated tokens after the first / decode wall time (generate minus prefill), chat prompts",
-                       "rows": rows})
+    part = "speculate-threads-" + "-".join(map(str, threads))
+    save(part, {"artifact": artifact, "draft": manifest["decoder"].get("draft"), "tokens": tokens,
+                "rounds": rounds, "method": "own process per mode and round, rounds alternating; tokens/s = "
+                "generated tokens after the first / decode wall time (generate minus prefill), chat prompts",
+                "rows": rows})
 
 
 def main() -> None:
