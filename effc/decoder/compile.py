@@ -168,6 +168,7 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
     generic = regeneralize(result.model)
     decode = specialize(generic, 1)
     fused = fuse_decode_attention(decode)
+    fused_prefill = fuse_decode_attention(result.model)  # a first chunk attends to its own tokens, not S slots
     graphs = {"prefill": result.model, "decode": decode}
     entries = {**graphs, **speculative.entry_graphs(generic, info)}  # + draft, verify (layer-skip draft)
     eval_ids = list(tokenizer(text.eval_text())["input_ids"])
@@ -200,6 +201,7 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
                                   measure_latency, latency_repeat)
         report["decoder"]["prefill_decode_consistency_max_abs"] = consistency
         report["decoder"]["decode_attention_fused_layers"] = fused
+        report["decoder"]["prefill_attention_fused_layers"] = fused_prefill
         if info.get("draft"):
             report["decoder"]["draft"] = info["draft"]
         weight_bytes = bytes_read_per_token(graphs["decode"])
