@@ -121,6 +121,7 @@ class DecoderSession:
         self.cache = {slot.input: aligned_zeros(slot.shape(info, self.max_cache)) for slot in self._layout}
         backend.bind_cache(self.cache)
         self.length = 0  # tokens held in the cache
+        self.draft_controller: Any = None  # speculation's measurements, kept across generations
 
     def reset(self) -> None:
         """Forget the context (the cache contents are masked, not cleared)."""
@@ -279,7 +280,11 @@ def _speculator(session: DecoderSession, temperature: float, speculate: bool | i
                                   or speculate < 1):
         raise DataError(f"speculate={speculate!r} is neither True nor a draft length >= 1",
                         "give speculate=True (adaptive) or a number of tokens to draft")
-    return Speculator(session, None if speculate is True else int(speculate))
+    if speculate is not True:
+        return Speculator(session, int(speculate))
+    speculator = Speculator(session, controller=session.draft_controller)
+    session.draft_controller = speculator.controller
+    return speculator
 
 
 def aligned_zeros(shape: tuple[int, ...], align: int = 64) -> np.ndarray:

@@ -22,7 +22,9 @@ one draft call, one verify call and one plain decode step are measured as genera
 averages); each step takes the draft length ``k`` with the most expected tokens per millisecond
 (:func:`effc.decoder.speculative.best_draft_length`), and a plain decode step when even the best ``k`` is slower than
 plain decoding. Switched off, it probes one short speculative step after 32, 64, 128 … plain steps, so a context
-where drafts start to match turns it back on and one where they do not costs little.
+where drafts start to match turns it back on and one where they do not costs little; switched on, one plain step
+in 33 keeps the plain time current. The controller lives on in the session: the next generation starts from what
+this one measured.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class DraftController:
     decode_ms: float | None = None
     backoff: int = 0  # plain steps left before the next probe (0: speculating)
     next_backoff: int = FIRST_BACKOFF
+    since_plain: int = 0  # speculative steps since the last plain one
 
     @property
     def acceptance(self) -> float:
@@ -82,6 +85,10 @@ class DraftController:
         k, rate = best_draft_length(self.acceptance, self.draft_ms, self.verify_ms, min(room, self.most))
         if rate * self.decode_ms >= 1.0:
             self.backoff, self.next_backoff = 0, FIRST_BACKOFF
+            self.since_plain += 1
+            if self.since_plain > FIRST_BACKOFF:  # now and then a plain step keeps its time current
+                self.since_plain = 0
+                return 0
             return k
         if self.backoff == 0:  # it just stopped paying: plain steps, then a probe
             self.backoff, self.next_backoff = self.next_backoff, min(self.next_backoff * 2, MAX_BACKOFF)
@@ -148,20 +155,22 @@ class Speculator:
         session: the decoder session (its cache and context are used and moved on).
         fixed: draft exactly this many tokens every step (no adaptivity; tests and benchmarks), capped by the
             artifact's ``tokens``; None: :class:`DraftController` decides.
+        controller: the controller of an earlier generation of the same session (its measured times and
+            acceptance carry over, so a generation does not probe again what the last one learned); None: a new one.
 
     Raises:
         ArtifactError: the artifact has no draft entry point.
     """
 
-    def __init__(self, session: Any, fixed: int | None = None):
+    def __init__(self, session: Any, fixed: int | None = None, controller: DraftController | None = None):
         check_speculation(session.info)
         self.session = session
         self.most = int(session.info["draft"]["tokens"])
         self.fixed = None if fixed is None else min(int(fixed), self.most)
         self.layout = draft_layout(session.info)
         agreement = session.info["draft"].get("agreement")
-        self.controller = DraftController(self.most)
-        if agreement is not None:  # the compile-time measure as the prior (worth two examined tokens)
+        self.controller = controller if controller is not None else DraftController(self.most)
+        if controller is None and agreement is not None:  # the compile-time measure as the prior (2 tokens' worth)
             self.controller.accepted, self.controller.examined = 2.0 * agreement, 2.0
         self.stats = SpeculationStats(draft_layers(session.info), self.most)
 
