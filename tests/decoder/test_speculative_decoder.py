@@ -77,6 +77,9 @@ def test_speculative_greedy_equals_plain_greedy(tiny4, drafted):
                 assert spec["accepted"] + spec["verify_calls"] + spec["plain_steps"] + 1 >= len(mine.tokens)
                 drafted_total += spec["drafted"]
     assert drafted_total > 50
+    controller = session.draft_controller  # adaptive generations share what they measured
+    session.generate(tokenizer(PROMPTS[0])["input_ids"], max_new_tokens=4, speculate=True)
+    assert session.draft_controller is controller and controller.decode_ms is not None
 
 
 @pytest.mark.slow
