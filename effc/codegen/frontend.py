@@ -197,6 +197,7 @@ def _effc_converters_active(keep_tvm: frozenset[str] = frozenset(), index_guards
     original_map = _tvm_onnx._get_convert_map
     importer = _tvm_onnx.ONNXGraphImporter
     original_convert = importer._convert_operator
+    import effc.codegen.std_nan  # noqa: F401  (registers its converters in STANDARD_OVERRIDES)
     from effc.codegen.index_guard import INDEX_GUARDS
     from effc.codegen.std_ops import STANDARD_OVERRIDES
 
