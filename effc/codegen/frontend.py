@@ -25,6 +25,7 @@ import onnx_ir as ir
 import tvm
 from tvm.relax.frontend.onnx import onnx_frontend as _tvm_onnx
 
+from effc.codegen.tvm_output import tvm_output_to_log
 from effc.errors import TargetError, UnsupportedOpError
 from effc.ops.base import EFFC_DOMAIN
 
@@ -294,7 +295,7 @@ def to_relax(model: ir.Model, *, keep_tvm: frozenset[str] = frozenset(), index_g
     captured = io.StringIO()
     try:
         converters = _effc_converters_active(keep_tvm, index_guards)
-        with converters, warnings.catch_warnings(), contextlib.redirect_stdout(captured):
+        with converters, warnings.catch_warnings(), contextlib.redirect_stdout(captured), tvm_output_to_log():
             warnings.simplefilter("ignore")
             mod = _tvm_onnx.from_onnx(proto)
     except _NodeConversionError as exc:

@@ -21,6 +21,7 @@ from effc.codegen import build as tvm_build
 from effc.codegen import cpu as cpu_codegen
 from effc.codegen.build import set_runtime_threads, usable_cores
 from effc.codegen.frontend import last_lowering_log, to_relax
+from effc.codegen.tvm_output import tvm_output_to_log
 from effc.errors import ArtifactError, TargetError
 from effc.runtime.index_check import guard_error, register_guard_function
 from effc.targets.base import BuildResult, Runner, Target, register_target
@@ -48,7 +49,7 @@ def _naming_the_node(exc: TargetError, model: ir.Model, tvm_target: tvm.target.T
     from effc.codegen.locate import first_failing_node
 
     def attempt(prefix: ir.Model) -> None:
-        with tvm_target:
+        with tvm_target, tvm_output_to_log():
             cpu_codegen.compile_cpu(to_relax(prefix), tvm_target, options)
 
     node = first_failing_node(model, attempt, exc)
@@ -143,11 +144,13 @@ class CpuTarget(Target):
             mod = to_relax(model)
         import_seconds = time.perf_counter() - start
         try:
-            executable, info = cpu_codegen.compile_cpu(mod, tvm_target, options)
+            with tvm_output_to_log():
+                executable, info = cpu_codegen.compile_cpu(mod, tvm_target, options)
         except TargetError as exc:
             raise _naming_the_node(exc, model, tvm_target, options) from exc.__cause__
         start = time.perf_counter()
-        tvm_build.export_library(executable, Path(workdir) / _LIBRARY)  # LLVM emits machine code here
+        with tvm_output_to_log():
+            tvm_build.export_library(executable, Path(workdir) / _LIBRARY)  # LLVM emits machine code here
         facts = {
             "import_seconds": round(import_seconds, 3),
             "export_seconds": round(time.perf_counter() - start, 3),
