@@ -1,4 +1,4 @@
-"""Rewrite each layer's attention of a one-token decoder graph into ``effc.DecodeAttention``.
+"""Rewrite each layer's attention of a specialized decoder graph (decode or prefill) into ``effc.DecodeAttention``.
 
 The exported attention (:class:`effc.decoder.llama.StaticLlama`) of layer ``i`` reads its cache inputs
 (:func:`effc.ir.decoder.kv_layout`) as::
@@ -81,8 +81,9 @@ def _match(graph: ir.Graph, past_key: ir.Value, past_value: ir.Value, key: ir.Va
 def fuse_decode_attention(model: ir.Model) -> int:
     """Replace each layer's attention by ``effc.DecodeAttention`` (in place); returns how many layers were fused.
 
-    ``model`` is a decoder graph specialized to one token (:func:`effc.ir.decoder.specialize`); the chunk's keys
-    and values are its ``key.i`` / ``value.i`` outputs.
+    ``model`` is a decoder graph specialized to a chunk of ``T`` tokens (:func:`effc.ir.decoder.specialize`; the
+    one-token decode graph and the prefill chunk alike); the chunk's keys and values are its ``key.i`` /
+    ``value.i`` outputs.
     """
     graph = model.graph
     inputs = {v.name: v for v in graph.inputs}

@@ -165,6 +165,7 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
     generic = regeneralize(result.model)
     decode = specialize(generic, 1)
     fused = fuse_decode_attention(decode)
+    fused_prefill = fuse_decode_attention(result.model)  # a first chunk attends to its own tokens, not S slots
     graphs = {"prefill": result.model, "decode": decode}
     eval_ids = list(tokenizer(text.eval_text())["input_ids"])
     consistency = check_consistency(graphs, info, eval_ids[:info["chunk"] + 2], threads)
@@ -196,6 +197,7 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
                                   measure_latency, latency_repeat)
         report["decoder"]["prefill_decode_consistency_max_abs"] = consistency
         report["decoder"]["decode_attention_fused_layers"] = fused
+        report["decoder"]["prefill_attention_fused_layers"] = fused_prefill
         weight_bytes = bytes_read_per_token(graphs["decode"])
         kv_bytes = kv_bytes_per_token(info)
         report["decoder"].update(weight_bytes_per_decoded_token=weight_bytes, kv_cache_bytes_per_token=kv_bytes,

@@ -179,7 +179,12 @@ def _before_after(before: float | None, after: float | None, unit: str) -> str:
     if not after:
         ratio = "all removed"
     else:
-        ratio = f"×{before / after:.2f} smaller" if before > after else f"×{after / before:.2f} larger"
+        factor = max(before, after) / min(before, after)
+        change = abs(after - before) / before if before else 1.0
+        if factor < 1.005:  # "×1.00 smaller" says nothing: give the change in percent
+            ratio = f"{change:.2%} {'smaller' if after < before else 'larger'}"
+        else:
+            ratio = f"×{factor:.2f} {'smaller' if after < before else 'larger'}"
     return f"{human(before, unit)} → {human(after, unit)} ({ratio})"
 
 

@@ -177,7 +177,8 @@ class PassManager:
         records: list[PassRecord] = []
         done: list[str] = []
         for index, p in enumerate(self.pipeline, start=1):
-            prefix = f"pass '{p.name}' failed after [{', '.join(done)}]"
+            prefix = (f"pass '{p.name}' failed after [{', '.join(done)}]" if done
+                      else f"pass '{p.name}' failed (the first pass)")
             p.stats = {}
             start = time.perf_counter()
             try:

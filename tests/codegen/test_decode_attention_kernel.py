@@ -28,3 +28,22 @@ def test_kernel_reads_only_the_valid_prefix(parallel_from):
         lib["main"](*args)
         want = reference(*arrays, mask, positions, scale=D ** -0.5)
         np.testing.assert_allclose(args[-1].numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [5, 32])  # 32: the chunk's keys in vectors of 16; 5: one by one
+def test_chunk_of_tokens_in_parallel(tokens):
+    """A prefill chunk (causal mask inside the chunk) after ``length`` cached slots: tokens x heads in parallel."""
+    lib = tvm.compile(tvm.IRModule({"main": attention_kernel(HKV, G, tokens, D, S, D ** -0.5, 10**9)}), target=TARGET)
+    rng = np.random.default_rng(4)
+    causal = np.triu(np.full((tokens, tokens), -1.0e9, np.float32), 1)
+    for length in (0, 7, 16, 64):
+        arrays = [rng.standard_normal(shape).astype(np.float32) for shape in
+                  ((HKV, G, tokens, D), (HKV, D, S), (HKV, S, D), (HKV, D, tokens), (HKV, tokens, D))]
+        arrays[1][:, :, length:] = np.nan
+        arrays[2][:, length:] = np.nan
+        mask = np.concatenate([np.zeros((tokens, S), np.float32), causal], axis=1)
+        positions = (length + np.arange(tokens, dtype=np.int64)).reshape(1, tokens)
+        args = [tvm.runtime.tensor(a) for a in (*arrays, mask, positions, np.zeros((HKV, G, tokens, D), np.float32))]
+        lib["main"](*args)
+        want = reference(*arrays, mask, positions, scale=D ** -0.5)
+        np.testing.assert_allclose(args[-1].numpy(), want, rtol=1e-5, atol=1e-5)

@@ -103,7 +103,7 @@ def test_report_and_manifest_describe_the_decoder(compiled):
     assert section["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
     assert section["weight_bytes_per_decoded_token"] > 49152 * 64 * 4
     assert section["prefill_decode_consistency_max_abs"] < 1e-3
-    assert section["decode_attention_fused_layers"] == 2
+    assert section["decode_attention_fused_layers"] == section["prefill_attention_fused_layers"] == 2
     assert section["latency"]["effc"]["decode_ms_per_token"]["median"] > 0
     assert set(result.manifest["decoder"]["entries"]) == {"prefill", "decode"}
     assert result.manifest["decoder"]["entries"]["decode"]["inputs"][0]["shape"] == [1, 1]
@@ -183,7 +183,7 @@ def test_kv_cache_blocks_keep_it_generating(tiny):
     assert section["perplexity"]["compiled"]["perplexity"] == pytest.approx(
         section["perplexity"]["rewritten_onnxruntime"]["perplexity"], rel=1e-3)
     assert 0 < abs(section["perplexity_change_pct"]) < 2
-    assert section["decode_attention_fused_layers"] == 2
+    assert section["decode_attention_fused_layers"] == section["prefill_attention_fused_layers"] == 2
     assert len(effc.runtime.load(result.out_dir).generate("Soup", max_new_tokens=3).tokens) <= 3
 
 

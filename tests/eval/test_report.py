@@ -147,6 +147,8 @@ def test_sparsity_row_separates_sparse_tensors_and_sizes_say_unchanged():
                                        "sparse tensor(s) (≥ 1% zeros; the rest stay dense); 5.31 M stored as literal "
                                        "zeros (no byte or MAC saving)")
     assert rows["Parameters"] == "1 kB (unchanged)" and rows["MACs"] == "10 → 20 (×2.00 larger)"
+    report["cost"].update(params_bytes_before=539_000_000, params_bytes_after=538_000_000)
+    assert dict(summary_rows(report))["Parameters"] == "539 MB → 538 MB (0.19% smaller)"  # not "×1.00 smaller"
 
 
 def test_named_records_become_tables_and_fractions_read_as_percent():

@@ -135,7 +135,7 @@ def test_crash_becomes_pass_error_with_replay_files_in_a_temp_dir(tmp_path, monk
 def test_crash_replay_goes_to_dump_dir(tmp_path):
     with pytest.raises(PassError) as info:
         PassManager([BoomPass()], dump_ir=tmp_path).run(chain_model())
-    assert "failed after []" in info.value.message and str(tmp_path) in info.value.hint
+    assert "failed (the first pass)" in info.value.message and str(tmp_path) in info.value.hint
     assert {"00_input.onnx", "replay_input.onnx", "replay_pipeline.txt"} <= {p.name for p in tmp_path.iterdir()}
 
 
@@ -148,7 +148,8 @@ def test_effc_error_from_a_pass_keeps_its_class_and_gets_context():
 
 
 def test_precondition_failure_is_a_pass_error_with_its_cause():
-    with pytest.raises(PassError, match=r"pass 'needs-two' failed after \[\]: PreconditionError: .*expected two"):
+    with pytest.raises(PassError,
+                       match=r"pass 'needs-two' failed \(the first pass\): PreconditionError: .*expected two"):
         PassManager([NeedsTwoInputsPass()], save_replay=False).run(chain_model())
 
 
@@ -183,7 +184,8 @@ def test_effc_error_with_custom_constructor_keeps_its_fields():
         PassManager([UnsupportedPass()], save_replay=False).run(chain_model())
     err = info.value
     assert err.ops == {"Foo": ["n1", "n2"]}
-    assert err.message.startswith("pass 'unsupported' failed after []: 1 operator type(s) not supported by pass")
+    assert err.message.startswith(
+        "pass 'unsupported' failed (the first pass): 1 operator type(s) not supported by pass")
     assert str(err).endswith("fix: rewrite or remove these nodes before compiling, or open an issue with the model "
                              "attached")
 

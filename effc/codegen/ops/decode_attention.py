@@ -12,6 +12,10 @@ with ``L = clamp(positions[0, 0], 0, S)`` and ``B = ceil(L / 8)`` vectors of 8 s
 3. ``P · V``: for each 8-wide slice of ``D``, ``G`` accumulators over the ``L`` value rows, then the chunk's ``T``
    values; divided by the row sum.
 
+A chunk of ``T > 1`` tokens (prefill, verification) runs its ``Hkv · T`` (head, token) rows in parallel, and when
+``T % 16 == 0`` walks its own keys in vectors as it walks the cache's (prefill of 128 tokens after an empty cache,
+one SmolLM2 layer, 1 thread: 10.4 ms → 0.70 ms; the exported pattern scores all ``S`` slots).
+
 Keys and values are read once per token, and only ``L`` slots of them: ``2 · Hkv · L · D · 4`` bytes per layer
 instead of ``2 · Hkv · S · D · 4``. KV heads run in parallel once the context holds :data:`PARALLEL_FROM` slots,
 else on the calling thread (measured on the shared 2-core machine: parallel lost at every context). Requires
@@ -71,72 +75,92 @@ def attention_kernel(hkv: int, g: int, t: int, d: int, s: int, scale: float,
     if s % WIDE or d % LANES:
         raise ValueError(f"decode attention needs S % {WIDE} == 0 and D % {LANES} == 0, got S={s}, D={d}")
     total, dv = s + t, d // LANES
+    chunk_vectors = t % WIDE == 0  # the chunk's own keys walk in vectors too (prefill); else one by one (decode)
     parallel_from = T.int64(min(parallel_from, 2**62))
 
     def lanes(start):
         return T.ramp(start, 1, LANES)
 
     @T.macro
-    def one_head(h, Q, PK, PV, KN, VN, MASK, POS, Y):
+    def one_token(h, tok, Q, PK, PV, KN, VN, MASK, POS, Y):
         sc = T.alloc_buffer((g, total), "float32", scope="global")
         acc = T.alloc_buffer((g * VECS * LANES,), "float32", scope="global")
         row = T.alloc_buffer((2 * g,), "float32", scope="global")  # per query row: max, then sum
         length = T.alloc_buffer((1,), "int32", scope="global")
-        for tok in range(t):
-            length[0] = T.max(T.min(T.Cast("int32", POS[0, 0]), s), 0)
-            for jb in range((length[0] + WIDE - 1) // WIDE):
+        length[0] = T.max(T.min(T.Cast("int32", POS[0, 0]), s), 0)
+        for jb in range((length[0] + WIDE - 1) // WIDE):
+            for a in T.unroll(g * VECS):
+                acc[lanes(a * LANES)] = _vec(0.0)
+            for k in range(d):
+                for a in T.unroll(g * VECS):
+                    acc[lanes(a * LANES)] = acc[lanes(a * LANES)] + T.broadcast(
+                        Q[h, a // VECS, tok, k], LANES) * PK[h, k, lanes(jb * WIDE + a % VECS * LANES)]
+            for a in T.unroll(g * VECS):
+                sc[a // VECS, lanes(jb * WIDE + a % VECS * LANES)] = T.Select(
+                    lanes(jb * WIDE + a % VECS * LANES) < T.broadcast(length[0], LANES),
+                    acc[lanes(a * LANES)] * _vec(scale) + MASK[tok, lanes(jb * WIDE + a % VECS * LANES)],
+                    _vec(_INVALID))
+        if chunk_vectors:  # the chunk's own keys, 16 at a time, as the cache's
+            for jb in range(t // WIDE):
                 for a in T.unroll(g * VECS):
                     acc[lanes(a * LANES)] = _vec(0.0)
                 for k in range(d):
                     for a in T.unroll(g * VECS):
                         acc[lanes(a * LANES)] = acc[lanes(a * LANES)] + T.broadcast(
-                            Q[h, a // VECS, tok, k], LANES) * PK[h, k, lanes(jb * WIDE + a % VECS * LANES)]
+                            Q[h, a // VECS, tok, k], LANES) * KN[h, k, lanes(jb * WIDE + a % VECS * LANES)]
                 for a in T.unroll(g * VECS):
-                    sc[a // VECS, lanes(jb * WIDE + a % VECS * LANES)] = T.Select(
-                        lanes(jb * WIDE + a % VECS * LANES) < T.broadcast(length[0], LANES),
-                        acc[lanes(a * LANES)] * _vec(scale) + MASK[tok, lanes(jb * WIDE + a % VECS * LANES)],
-                        _vec(_INVALID))
+                    sc[a // VECS, lanes(s + jb * WIDE + a % VECS * LANES)] = (
+                        acc[lanes(a * LANES)] * _vec(scale) + MASK[tok, lanes(s + jb * WIDE + a % VECS * LANES)])
+        else:
             for j in range(t):
                 for r in T.unroll(g):
                     row[r] = T.float32(0)
                     for k in range(d):
                         row[r] = row[r] + Q[h, r, tok, k] * KN[h, k, j]
                     sc[r, s + j] = row[r] * T.float32(scale) + MASK[tok, s + j]
-            for r in T.unroll(g):
-                acc[lanes(r * LANES)] = _vec(_INVALID)
-                for jb in range((length[0] + LANES - 1) // LANES):
-                    acc[lanes(r * LANES)] = T.max(acc[lanes(r * LANES)], sc[r, lanes(jb * LANES)])
-                row[r] = acc[r * LANES]
-                for i in range(1, LANES):
-                    row[r] = T.max(row[r], acc[r * LANES + i])
+        for r in T.unroll(g):
+            acc[lanes(r * LANES)] = _vec(_INVALID)
+            for jb in range((length[0] + LANES - 1) // LANES):
+                acc[lanes(r * LANES)] = T.max(acc[lanes(r * LANES)], sc[r, lanes(jb * LANES)])
+            if chunk_vectors:
+                for jb in range(t // LANES):
+                    acc[lanes(r * LANES)] = T.max(acc[lanes(r * LANES)], sc[r, lanes(s + jb * LANES)])
+            row[r] = acc[r * LANES]
+            for i in range(1, LANES):
+                row[r] = T.max(row[r], acc[r * LANES + i])
+            if not chunk_vectors:
                 for j in range(t):
                     row[r] = T.max(row[r], sc[r, s + j])
-                acc[lanes(r * LANES)] = _vec(0.0)
-                for jb in range((length[0] + LANES - 1) // LANES):
-                    sc[r, lanes(jb * LANES)] = T.Select(
-                        lanes(jb * LANES) < T.broadcast(length[0], LANES),
-                        _fast_exp(sc[r, lanes(jb * LANES)] - T.broadcast(row[r], LANES)), _vec(0.0))
-                    acc[lanes(r * LANES)] = acc[lanes(r * LANES)] + sc[r, lanes(jb * LANES)]
-                row[g + r] = acc[r * LANES]
-                for i in range(1, LANES):
-                    row[g + r] = row[g + r] + acc[r * LANES + i]
+            acc[lanes(r * LANES)] = _vec(0.0)
+            for jb in range((length[0] + LANES - 1) // LANES):
+                sc[r, lanes(jb * LANES)] = T.Select(
+                    lanes(jb * LANES) < T.broadcast(length[0], LANES),
+                    _fast_exp(sc[r, lanes(jb * LANES)] - T.broadcast(row[r], LANES)), _vec(0.0))
+                acc[lanes(r * LANES)] = acc[lanes(r * LANES)] + sc[r, lanes(jb * LANES)]
+            if chunk_vectors:
+                for jb in range(t // LANES):
+                    sc[r, lanes(s + jb * LANES)] = _fast_exp(sc[r, lanes(s + jb * LANES)] - T.broadcast(row[r], LANES))
+                    acc[lanes(r * LANES)] = acc[lanes(r * LANES)] + sc[r, lanes(s + jb * LANES)]
+            row[g + r] = acc[r * LANES]
+            for i in range(1, LANES):
+                row[g + r] = row[g + r] + acc[r * LANES + i]
+            if not chunk_vectors:
                 for j in range(t):
                     sc[r, s + j] = T.exp(sc[r, s + j] - row[r])
                     row[g + r] = row[g + r] + sc[r, s + j]
-            for c in range(dv):
+        for c in range(dv):
+            for r in T.unroll(g):
+                acc[lanes(r * LANES)] = _vec(0.0)
+            for j in range(length[0]):
                 for r in T.unroll(g):
-                    acc[lanes(r * LANES)] = _vec(0.0)
-                for j in range(length[0]):
-                    for r in T.unroll(g):
-                        acc[lanes(r * LANES)] = acc[lanes(r * LANES)] + T.broadcast(
-                            sc[r, j], LANES) * PV[h, j, lanes(c * LANES)]
-                for j in range(t):
-                    for r in T.unroll(g):
-                        acc[lanes(r * LANES)] = acc[lanes(r * LANES)] + T.broadcast(
-                            sc[r, s + j], LANES) * VN[h, j, lanes(c * LANES)]
+                    acc[lanes(r * LANES)] = acc[lanes(r * LANES)] + T.broadcast(
+                        sc[r, j], LANES) * PV[h, j, lanes(c * LANES)]
+            for j in range(t):
                 for r in T.unroll(g):
-                    Y[h, r, tok, lanes(c * LANES)] = acc[lanes(r * LANES)] / T.broadcast(row[g + r], LANES)
-
+                    acc[lanes(r * LANES)] = acc[lanes(r * LANES)] + T.broadcast(
+                        sc[r, s + j], LANES) * VN[h, j, lanes(c * LANES)]
+            for r in T.unroll(g):
+                Y[h, r, tok, lanes(c * LANES)] = acc[lanes(r * LANES)] / T.broadcast(row[g + r], LANES)
 
     @T.prim_func(s_tir=False)
     def main(q_h: T.handle, pk_h: T.handle, pv_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle,
@@ -150,12 +174,15 @@ def attention_kernel(hkv: int, g: int, t: int, d: int, s: int, scale: float,
         MASK = T.match_buffer(m_h, (t, total), "float32")
         POS = T.match_buffer(p_h, (1, t), "int64")
         Y = T.match_buffer(y_h, (hkv, g, t, d), "float32")
-        if POS[0, 0] >= parallel_from:  # enough slots to pay for waking the thread pool
+        if t > 1:  # a chunk: its tokens and heads are independent rows of work
+            for ht in T.parallel(hkv * t):
+                one_token(ht // t, ht % t, Q, PK, PV, KN, VN, MASK, POS, Y)
+        elif POS[0, 0] >= parallel_from:  # enough slots to pay for waking the thread pool
             for h in T.parallel(hkv):
-                one_head(h, Q, PK, PV, KN, VN, MASK, POS, Y)
+                one_token(h, 0, Q, PK, PV, KN, VN, MASK, POS, Y)
         else:
             for h in range(hkv):
-                one_head(h, Q, PK, PV, KN, VN, MASK, POS, Y)
+                one_token(h, 0, Q, PK, PV, KN, VN, MASK, POS, Y)
 
     return main
 

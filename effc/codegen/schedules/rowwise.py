@@ -28,6 +28,8 @@ def _n_rows(sch: s_tir.Schedule, blocks: list) -> int:
             if facts.kinds.rstrip("R").count("R") or "O" in facts.kinds:
                 raise NotApplicable(f"block {facts.name} reduces non-trailing axes ({facts.kinds})")
             rows = len(facts.kinds.rstrip("R"))
+            while rows > 1 and facts.extents[rows - 1] == 1:  # a kept reduced axis (keepdims) is not a row axis
+                rows -= 1
             n_rows = rows if n_rows is None else min(n_rows, rows)
     if n_rows is None:
         raise NotApplicable("no reduction block")
@@ -74,7 +76,7 @@ def apply_rowwise(sch: s_tir.Schedule, tiles: TileConfig) -> str:
     # Spatial intermediates over the rows only (mean = sum / n) inline into their consumers.
     for blk in blocks[:-1]:
         facts = an.block_facts(sch, blk)
-        if not facts.is_reduction and len(facts.kinds) == n_rows:
+        if not facts.is_reduction and len(facts.kinds) >= n_rows and all(e == 1 for e in facts.extents[n_rows:]):
             try:
                 sch.compute_inline(blk)
             except s_tir.ScheduleError:
