@@ -141,7 +141,8 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
 @click.option("--gpu-precision", default=None, metavar="P",
               help="cuda: fp32 (default, exact) or fp16 (tensor cores, fp32 accumulation); see `effc targets`.")
 @click.option("--fallback", default=None, metavar="dense",
-              help="cuda: run effc operators as their reference ONNX bodies (default: an error naming them).")
+              help="cuda: run effc operators without a CUDA lowering (all but block-quant) as their reference "
+                   "ONNX bodies (default: an error naming them).")
 @click.option("--flash", default=None, help="Flash budget for microcontroller targets, e.g. 1M.")
 @click.option("--ram", default=None, help="RAM budget for microcontroller targets, e.g. 256K.")
 @click.option("--force", is_flag=True,

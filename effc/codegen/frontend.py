@@ -37,9 +37,12 @@ _DIRECT_OPS = frozenset({"If", "Constant"})
 _EFFC_PREFIX = "effc."
 
 _EFFC_CONVERTERS: dict[str, type] = {}
+#: TVM target kind (``cuda``) → effc op_type → a converter that replaces the default one while a target of that kind
+#: is in scope (``with tvm_target: to_relax(model)``): e.g. GPU lowerings whose kernels DLight schedules.
+_TARGET_CONVERTERS: dict[str, dict[str, type]] = {}
 
 
-def register_converter(op_type: str, domain: str = EFFC_DOMAIN) -> Callable[[type], type]:
+def register_converter(op_type: str, domain: str = EFFC_DOMAIN, target: str | None = None) -> Callable[[type], type]:
     """Register a TVM converter for an effc operator (active only during :func:`to_relax`).
 
     The decorated class follows TVM's ``OnnxOpConverter`` protocol: classmethods ``_impl_vN(cls, bb, inputs, attr,
@@ -49,6 +52,8 @@ def register_converter(op_type: str, domain: str = EFFC_DOMAIN) -> Callable[[typ
     Args:
         op_type: the effc operator name, e.g. ``"NMSparseMatMul"``.
         domain: must be ``"effc"`` (standard ops are TVM's business).
+        target: a TVM target kind (``"cuda"``): the converter applies only while a target of that kind is in scope,
+            in place of the default one; None: the default converter.
 
     Returns:
         A class decorator that registers the class and returns it unchanged.
@@ -62,9 +67,10 @@ def register_converter(op_type: str, domain: str = EFFC_DOMAIN) -> Callable[[typ
     def decorate(cls: type) -> type:
         if not any(name.startswith("_impl_v") for name in dir(cls)):
             raise ValueError(f"converter {cls.__name__} for effc.{op_type} defines no _impl_vN method")
-        if op_type in _EFFC_CONVERTERS and _EFFC_CONVERTERS[op_type] is not cls:
+        table = _EFFC_CONVERTERS if target is None else _TARGET_CONVERTERS.setdefault(target, {})
+        if op_type in table and table[op_type] is not cls:
             logger.warning("converter for effc.%s replaced by %s", op_type, cls.__name__)
-        _EFFC_CONVERTERS[op_type] = cls
+        table[op_type] = cls
         return cls
 
     return decorate
@@ -91,14 +97,25 @@ def constant_input(expr: Any, params: dict | None, what: str) -> np.ndarray:
 
 
 def _load_builtin_converters() -> None:
-    """Import ``effc.codegen.ops`` so every built-in effc-operator converter is registered (idempotent)."""
-    import effc.codegen.ops  # noqa: F401  (registration side effect)
+    """Import ``effc.codegen.ops`` and the GPU lowerings so every built-in converter is registered (idempotent)."""
+    import effc.codegen.cuda.ops  # noqa: F401  (registration side effect)
+    import effc.codegen.ops  # noqa: F401
 
 
-def registered_converters() -> dict[str, type]:
-    """The registered converters, ``{effc op_type: converter class}`` (a copy)."""
+def registered_converters(target: str | None = None) -> dict[str, type]:
+    """The registered converters, ``{effc op_type: converter class}`` (a copy).
+
+    Args:
+        target: a TVM target kind: the converters in effect for it (its own over the defaults); None: the defaults.
+    """
     _load_builtin_converters()
-    return dict(_EFFC_CONVERTERS)
+    return {**_EFFC_CONVERTERS, **_TARGET_CONVERTERS.get(target or "", {})}
+
+
+def _target_kind() -> str | None:
+    """The kind of the TVM target in scope (``llvm``, ``cuda``, ...), or None."""
+    current = tvm.target.Target.current(allow_none=True)
+    return str(current.kind.name) if current is not None else None
 
 
 def _tvm_supported_op_types() -> frozenset[str]:
@@ -237,7 +254,8 @@ def _effc_converters_active(keep_tvm: frozenset[str] = frozenset(), index_guards
     from effc.codegen.index_guard import INDEX_GUARDS
     from effc.codegen.std_ops import STANDARD_OVERRIDES
 
-    extra = {_EFFC_PREFIX + op: _as_tvm_converter(cls) for op, cls in _EFFC_CONVERTERS.items()}
+    converters = registered_converters(_target_kind())
+    extra = {_EFFC_PREFIX + op: _as_tvm_converter(cls) for op, cls in converters.items()}
     # standard ops TVM lowers wrongly: effc's own converters
     extra.update({op: cls for op, cls in STANDARD_OVERRIDES.items() if op not in keep_tvm})
     if index_guards:

@@ -9,7 +9,10 @@ The exported attention (:class:`effc.decoder.llama.StaticLlama`) of layer ``i`` 
 
 Every slot of the cache takes part there (masked ones included). The rewrite replaces the final ``Add`` by one
 ``effc.DecodeAttention`` node (:mod:`effc.ops.decode_attention`) that reads only the valid prefix; the nodes it
-made dead are removed. A layer whose graph does not have this shape is left as it is, with the reason logged.
+made dead are removed. A cache stored as MX rows (``block-quant(mode=kv)``, :mod:`effc.passes.quant.decoder_kv`)
+is read through ``effc.KVBlockDecode`` nodes: the pattern is matched on their outputs, and the fused node is
+``effc.DecodeAttentionMX`` (:mod:`effc.ops.decode_attention_mx`) reading the rows, so the decode of the whole
+cache becomes dead and goes. A layer whose graph does not have this shape is left as it is, with the reason logged.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from effc.ir.decoder import decoder_info, kv_layout
+from effc.ops.block_formats import get_format
 from effc.ops.decode_attention import HEAD_DIM_MULTIPLE, SLOT_MULTIPLE, decode_attention
+from effc.ops.decode_attention_mx import decode_attention_mx
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +47,20 @@ def _unsqueezed(matmul: ir.Node | None, source: ir.Value) -> bool:
     axes = unsqueeze.inputs[1].const_value if unsqueeze is not None and len(unsqueeze.inputs) > 1 else None
     return (unsqueeze is not None and unsqueeze.inputs[0] is source and axes is not None
             and axes.numpy().tolist() == [1])
+
+
+def _decoded(value: ir.Value) -> ir.Value | None:
+    """The float32 tensor that MX rows ``value`` stand for, or None when they are not read so.
+
+    That is its ``effc.KVBlockDecode``'s output, through the Transpose back to ``(Hkv, D, ·)`` for keys
+    (:mod:`effc.passes.quant.decoder_kv`).
+    """
+    uses = list(value.uses())
+    node = uses[0].node if len(uses) == 1 else None
+    if node is None or node.op_type != "KVBlockDecode" or node.domain != "effc":
+        return None
+    transpose = _only_consumer(node.outputs[0], "Transpose")
+    return transpose.outputs[0] if transpose is not None else node.outputs[0]
 
 
 def _match(graph: ir.Graph, past_key: ir.Value, past_value: ir.Value, key: ir.Value,
@@ -91,6 +110,7 @@ def fuse_decode_attention(model: ir.Model) -> int:
     fused = 0
     info = decoder_info(model)
     layout = kv_layout(info)
+    stored = None if info.get("kv_row_bytes") is None else (get_format(info["kv_format"]), info["kv_block_size"])
     if info["max_cache"] % SLOT_MULTIPLE or info["head_dim"] % HEAD_DIM_MULTIPLE:
         logger.info("decode attention not fused: the kernel needs max_cache %% %d == 0 and head_dim %% %d == 0",
                     SLOT_MULTIPLE, HEAD_DIM_MULTIPLE)
@@ -98,12 +118,18 @@ def fuse_decode_attention(model: ir.Model) -> int:
     for key_slot, value_slot in zip(layout[0::2], layout[1::2], strict=True):
         values = [inputs.get(key_slot.input), inputs.get(value_slot.input), outputs.get(key_slot.output),
                   outputs.get(value_slot.output)]
-        found = "a cache input or output is missing" if None in values else _match(graph, *values)
+        views = [_decoded(v) for v in values] if stored is not None and None not in values else values
+        found = "a cache input or output is missing" if None in views else _match(graph, *views)
         if isinstance(found, str):
             logger.info("layer %d keeps its standard attention: %s", key_slot.layer, found)
             continue
         final, operands, scale = found
-        node = decode_attention(model, operands, scale, f"layers.{key_slot.layer}.self_attn/DecodeAttention")
+        name = f"layers.{key_slot.layer}.self_attn/DecodeAttention"
+        if stored is None:
+            node = decode_attention(model, operands, scale, name)
+        else:  # the kernel reads the rows themselves; the chunk's own entries stay the decoded float32 values
+            operands[1:3] = values[:2]
+            node = decode_attention_mx(model, operands, scale, *stored, f"{name}MX")
         graph.insert_after(final, node)
         node.outputs[0].shape, node.outputs[0].type = final.outputs[0].shape, final.outputs[0].type
         ir.convenience.replace_all_uses_with(final.outputs[0], node.outputs[0])

@@ -41,7 +41,7 @@ def calibration_feeds(info: dict[str, Any], windows: list[list[int]], chunk: int
     """Prefill feeds of token windows from an empty cache (zero cache arrays shared by all feeds)."""
     from effc.ir.decoder import kv_layout
 
-    cache = {slot.input: np.zeros(slot.shape(info, info["max_cache"]), dtype=np.float32) for slot in kv_layout(info)}
+    cache = {slot.input: np.zeros(slot.shape(info, info["max_cache"]), dtype=slot.dtype) for slot in kv_layout(info)}
     masked = np.float32(info.get("masked", -1.0e9))
     mask = np.full((chunk, info["max_cache"] + chunk), masked, dtype=np.float32)
     mask[:, info["max_cache"]:] = np.triu(np.full((chunk, chunk), masked, dtype=np.float32), 1)
@@ -192,7 +192,8 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
             "target": {"name": tgt.name, "options": options, "info": build.info},
             **io_signature(graphs["prefill"]), "decoder": decoder,
         }
-        runner = tgt.load(tmp, {**manifest, "files": {rel: sha256_of(tmp / rel) for rel in build.files}})
+        runner = (tgt.load(tmp, {**manifest, "files": {rel: sha256_of(tmp / rel) for rel in build.files}})
+                  if tgt.can_run_here() else None)  # e.g. a cuda artifact built here: nothing to run it on
         report = evaluate_decoder(loaded.model, graphs, runner, info, tokenizer, eval_ids, threads,
                                   measure_latency, latency_repeat)
         report["decoder"]["prefill_decode_consistency_max_abs"] = consistency
@@ -202,9 +203,10 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
         kv_bytes = kv_bytes_per_token(info)
         report["decoder"].update(weight_bytes_per_decoded_token=weight_bytes, kv_cache_bytes_per_token=kv_bytes,
                                  kv_cache_bytes=kv_bytes * info["max_cache"])
-        if info.get("kv_format") is not None:  # block-quant(mode=kv): values on the MX grid, held as float32
+        if info.get("kv_format") is not None:  # block-quant(mode=kv): MX rows, or float32 values on the MX grid
             report["decoder"].update(kv_format=info["kv_format"], kv_format_bytes_per_token=kv_bytes_per_token(
-                info, info["kv_format"], info.get("kv_block_size", 32)))
+                info, info["kv_format"], info.get("kv_block_size", 32)),
+                kv_cache_storage="mx rows" if info.get("kv_row_bytes") else "float32 on the MX grid")
         report.update(model={"name": loaded.source["name"], "source": loaded.source.get("path")},
                       target={"name": tgt.name, "options": options, "info": build.info}, pipeline=str(pipeline),
                       passes=manifest["passes"],
@@ -231,14 +233,18 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
 def kv_bytes_per_token(info: dict[str, Any], kv_format: str | None = None, block_size: int = 32) -> float:
     """Bytes of keys and values one token adds to the cache, all layers.
 
-    float32 entries by default; with ``kv_format`` the bytes of that block format (element codes plus one scale per
-    ``block_size`` entries).
+    By default the bytes the runtime really stores (:func:`effc.ir.decoder.kv_layout`: float32 entries, or MX rows
+    of codes and scales); with ``kv_format`` the bytes that block format needs for the same entries (element codes
+    plus one scale per ``block_size``).
     """
     from effc.ir.decoder import kv_layout
     from effc.ops.block_formats import bits_per_weight
 
-    elements = sum(int(np.prod(slot.shape(info, 1))) for slot in kv_layout(info))
-    return elements * 4 if kv_format is None else elements * bits_per_weight(kv_format, block_size) / 8
+    layout = kv_layout(info)
+    if kv_format is None:
+        return sum(int(np.prod(slot.shape(info, 1))) * np.dtype(slot.dtype).itemsize for slot in layout)
+    elements = len(layout) * int(info["kv_heads"]) * int(info["head_dim"])
+    return elements * bits_per_weight(kv_format, block_size) / 8
 
 
 def bytes_read_per_token(model: ir.Model) -> int:
@@ -284,8 +290,12 @@ def _tokenizer(folder: Path | None) -> Any:
 def evaluate_decoder(original: ir.Model, graphs: dict[str, ir.Model], runner: Any, info: dict[str, Any],
                      tokenizer: Any, eval_ids: list[int], threads: int, measure_latency: bool,
                      repeat: int) -> dict[str, Any]:
-    """Perplexity (original under onnxruntime, rewritten under onnxruntime, compiled) and latency of both sides."""
-    from effc.runtime.decoder import CompiledBackend, OrtBackend, perplexity
+    """Perplexity (original under onnxruntime, rewritten under onnxruntime, compiled) and latency of both sides.
+
+    ``runner`` None (the artifact cannot run on this machine): the compiled perplexity and latency are not measured
+    (None, with ``compiled_not_measured`` saying why).
+    """
+    from effc.runtime.decoder import OrtBackend, compiled_backend, perplexity
 
     window = min(PPL_WINDOW, info["max_cache"])  # a cache shorter than the window scores shorter windows (stated)
     original_info = {**decoder_info(original), "chunk": info["chunk"]}  # its own cache (all layers, float32)
@@ -295,9 +305,15 @@ def evaluate_decoder(original: ir.Model, graphs: dict[str, ir.Model], runner: An
     ppl["rewritten_onnxruntime"] = perplexity(_session(OrtBackend({"prefill": graphs["prefill"]}, threads), info),
                                               eval_ids, window)
     gc.collect()
-    compiled = _session(CompiledBackend(runner), info)
-    ppl["compiled"] = perplexity(compiled, eval_ids, window)
     base = ppl["original_onnxruntime"]["perplexity"]
+    if runner is None:
+        ppl["compiled"] = None
+        return {"decoder": {"perplexity": ppl, "perplexity_window": window, "perplexity_change_pct": None,
+                            "eval_text": "held-out original English prose", "max_cache": info["max_cache"],
+                            "chunk": info["chunk"],
+                            "compiled_not_measured": "the target's device is not on this machine"}}
+    compiled = _session(compiled_backend(runner), info)
+    ppl["compiled"] = perplexity(compiled, eval_ids, window)
     report: dict[str, Any] = {"decoder": {
         "perplexity": ppl, "perplexity_window": window, "eval_text": "held-out original English prose",
         "perplexity_change_pct": round((ppl["compiled"]["perplexity"] / base - 1) * 100, 3),

@@ -20,9 +20,14 @@ def decoder_rows(section: Mapping[str, Any] | None) -> list[tuple[str, str]]:
     if ppl:
         base = (ppl.get("original_onnxruntime") or {}).get("perplexity")
         mine = (ppl.get("compiled") or {}).get("perplexity")
-        tokens = (ppl.get("compiled") or {}).get("tokens_scored")
+        rewritten = ppl.get("rewritten_onnxruntime") or {}
+        tokens = (ppl.get("compiled") or rewritten).get("tokens_scored")
+        change = section.get("perplexity_change_pct")
+        compiled = (f"compiled {mine} ({change:+}%)" if mine is not None else
+                    f"rewritten (onnxruntime) {rewritten.get('perplexity')}; compiled: not measured "
+                    f"({section.get('compiled_not_measured', 'not run')})")
         rows.append((f"Perplexity ({window}-token windows, {tokens} tokens of held-out text)",
-                     f"original (onnxruntime) {base} → compiled {mine} ({section.get('perplexity_change_pct'):+}%)"))
+                     f"original (onnxruntime) {base} → {compiled}"))
     latency = section.get("latency")
     if isinstance(latency, Mapping):
         e, o = latency["effc"], latency["ort"]
@@ -34,6 +39,7 @@ def decoder_rows(section: Mapping[str, Any] | None) -> list[tuple[str, str]]:
                      f"{o['decode_ms_per_token']['median']:.2f} (×{latency['decode_ratio']})"))
     rows.append(("Weight bytes read per decoded token", _mb(section.get("weight_bytes_per_decoded_token"))))
     per_token = section.get("kv_cache_bytes_per_token")
+    stored = f" ({section['kv_format']}, {section.get('kv_cache_storage')})" if section.get("kv_format") else ""
     rows.append(("KV cache", f"{per_token:,} B per token, {_mb(section.get('kv_cache_bytes'))} for "
-                             f"{section.get('max_cache')} tokens" if per_token else "not measured"))
+                             f"{section.get('max_cache')} tokens{stored}" if per_token else "not measured"))
     return rows

@@ -37,12 +37,18 @@ class KVSlot:
     D)``. The chunk's output has the same layout with ``T`` in place of ``S``; the runtime writes it into the cache
     at the chunk's positions along :attr:`seq_axis` (in place: the cache is never copied).
 
+    A cache stored in MX blocks (``block-quant(mode=kv)`` with an 8-bit MX format: ``info["kv_row_bytes"]`` set)
+    holds keys and values alike as ``(Hkv, S, W)`` uint8 rows, ``W`` bytes per slot (codes, then E8M0 scales:
+    :mod:`effc.ops.kv_blocks`); the chunk's output is ``(Hkv, T, W)``.
+
     Attributes:
         layer: decoder layer index (in the original numbering, also after layers are removed).
         kind: ``"key"`` or ``"value"``.
         input: graph input name of the cache (``past_key.3``).
         output: graph output name of the chunk's entries (``key.3``).
-        seq_axis: the axis of cache slots (input) and of chunk tokens (output): 2 for keys, 1 for values.
+        seq_axis: the axis of cache slots (input) and of chunk tokens (output): 2 for float32 keys, else 1.
+        dtype: the stored element type, ``"float32"`` or ``"uint8"`` (MX rows).
+        row_bytes: bytes per slot of an MX-row cache, None for float32.
     """
 
     layer: int
@@ -50,9 +56,13 @@ class KVSlot:
     input: str
     output: str
     seq_axis: int
+    dtype: str = "float32"
+    row_bytes: int | None = None
 
     def shape(self, info: dict[str, Any], length: int) -> tuple[int, int, int]:
         """The slot's shape with ``length`` along :attr:`seq_axis` (``S`` for the cache, ``T`` for the output)."""
+        if self.row_bytes is not None:
+            return int(info["kv_heads"]), int(length), int(self.row_bytes)
         dims = [int(info["kv_heads"]), int(info["head_dim"]), int(info["head_dim"])]
         dims[self.seq_axis] = int(length)
         return tuple(dims)
@@ -62,10 +72,15 @@ def kv_layout(info: dict[str, Any]) -> list[KVSlot]:
     """The KV-cache inputs/outputs of a decoder graph, in graph order: per layer its keys, then its values.
 
     The layers holding a cache are ``info["kv_layers"]`` when present (a pass that removes layers writes it), else
-    ``range(info["layers"])``. This is the only place that knows the cache's names and layouts.
+    ``range(info["layers"])``; ``info["kv_row_bytes"]`` selects the MX-row layout (:class:`KVSlot`). This is the only
+    place that knows the cache's names and layouts.
     """
     layers = info.get("kv_layers")
     layers = range(int(info["layers"])) if layers is None else layers
+    rows = info.get("kv_row_bytes")
+    if rows is not None:  # MX rows (effc.ops.kv_blocks)
+        return [KVSlot(int(i), kind, f"past_{kind}.{i}", f"{kind}.{i}", 1, "uint8", int(rows))
+                for i in layers for kind in ("key", "value")]
     return [KVSlot(int(i), kind, f"past_{kind}.{i}", f"{kind}.{i}", axis)
             for i in layers for kind, axis in (("key", 2), ("value", 1))]
 

@@ -13,7 +13,7 @@ in :mod:`effc.ops.bitpack`); ``DecodeAttention`` (:mod:`effc.ops.decode_attentio
 (:mod:`effc.ops.moe`).
 """
 
-from effc.ops import block_quant, decode_attention, moe, nm_sparse  # noqa: F401  (register the operators)
+from effc.ops import block_quant, decode_attention, decode_attention_mx, kv_blocks, moe, nm_sparse  # noqa: F401, E501
 from effc.ops.base import EFFC_DOMAIN, OpSpec, PackedWeight, get_op, register_op, registered_ops
 
 __all__ = ["EFFC_DOMAIN", "OpSpec", "PackedWeight", "get_op", "register_op", "registered_ops"]

@@ -25,14 +25,15 @@ Sources: Vaswani et al., "Attention Is All You Need" (2017); Ainslie et al., "GQ
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 from onnx import AttributeProto, TensorProto, helper
 
 from effc.ir.queries import static_shape
 from effc.ops.base import EFFC_DOMAIN, OpSpec, add_function, register_op
 
-__all__ = ["HEAD_DIM_MULTIPLE", "INPUTS", "OP_TYPE", "SLOT_MULTIPLE", "attention_function", "decode_attention",
-           "reference"]
+__all__ = ["HEAD_DIM_MULTIPLE", "INPUTS", "OP_TYPE", "SLOT_MULTIPLE", "attention_function", "attention_nodes",
+           "decode_attention", "reference"]
 
 OP_TYPE = "DecodeAttention"
 INPUTS = ("Q", "past_key", "past_value", "key", "value", "attn_mask", "positions")
@@ -58,8 +59,12 @@ def reference(q: np.ndarray, past_key: np.ndarray, past_value: np.ndarray, key: 
     return np.einsum("hgtj,hjd->hgtd", probs, values).astype(np.float32)
 
 
-def attention_function(opset: int) -> ir.Function:
-    """Reference body of ``effc.DecodeAttention`` in standard ONNX ops (opset ≥ 13)."""
+def attention_nodes(past_key: str = "past_key", past_value: str = "past_value") -> list[onnx.NodeProto]:
+    """The nodes of the reference body over float caches named ``past_key`` and ``past_value``.
+
+    ``past_key`` is ``(Hkv, D, S)``, ``past_value`` ``(Hkv, S, D)``; the other inputs as in :data:`INPUTS`, output
+    ``Y``; the nodes read the attribute ``scale``.
+    """
     i64 = lambda name, v: helper.make_node(  # noqa: E731
         "Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(v)], v))
     scalar = lambda name, v: helper.make_node(  # noqa: E731
@@ -99,6 +104,15 @@ def attention_function(opset: int) -> ir.Function:
         helper.make_node("MatMul", ["p_new", "vn"], ["y_new"]),
         helper.make_node("Add", ["y_cache", "y_new"], ["Y"]),
     ]
+    renames = {"past_key": past_key, "past_value": past_value}
+    for node in nodes:
+        node.input[:] = [renames.get(name, name) for name in node.input]
+    return nodes
+
+
+def attention_function(opset: int) -> ir.Function:
+    """Reference body of ``effc.DecodeAttention`` in standard ONNX ops (opset ≥ 13)."""
+    nodes = attention_nodes()
     proto = helper.make_function(EFFC_DOMAIN, OP_TYPE, list(INPUTS), ["Y"], nodes,
                                  [helper.make_opsetid("", opset)], attributes=["scale"])
     return ir.serde.deserialize_function(proto)

@@ -12,7 +12,8 @@ What is quantized (blocks of ``block_size`` along the reduction axis, formats in
 * ``mode=kv``: only the attention keys and values (the KV cache): the outputs of the K and V projections, found
   as the weight layers feeding the second input of an activation × activation MatMul, blocked along the hidden
   axis (head-major, so a block of 32 stays inside one head of MiniLM); on a decoder, the cache entries themselves
-  (post-RoPE keys and values, blocked along head_dim: :mod:`effc.passes.quant.decoder_kv`).
+  (post-RoPE keys and values, blocked along head_dim: :mod:`effc.passes.quant.decoder_kv`), stored as MX rows
+  (uint8 codes + E8M0 scales) for the 8-bit MX formats, as float32 values on the MX grid for the others.
 
 Representation in ``model.onnx`` (onnxruntime runs it unchanged): a MatMul becomes ``effc.BlockQuantMatMul``
 (packed codes + scales initializers) and a Gather ``effc.BlockQuantGather``; both carry an ONNX function body
@@ -39,12 +40,13 @@ import onnx_ir as ir
 from effc.errors import CalibrationError, PassError, PipelineError
 from effc.ir.decoder import decoder_info, is_decoder
 from effc.ops import block_quant as bq_ops
+from effc.ops import kv_blocks
 from effc.ops.bitpack import pack_blocks
 from effc.ops.block_formats import FORMATS, dequantize, get_format, quantize, sqnr_db
 from effc.ops.nm_sparse import packed_layers
 from effc.passes.base import EffcPass, PassOptions, register_pass
 from effc.passes.quant.compensation import gptq_quantize, hessian, lorc
-from effc.passes.quant.decoder_kv import quantize_decoder_kv, rearrange_values
+from effc.passes.quant.decoder_kv import quantize_decoder_kv, rearrange_values, store_decoder_kv
 from effc.passes.quant.graph import QuantTarget, find_kv_values, find_targets
 from effc.passes.rewrite import replace_value
 
@@ -388,7 +390,8 @@ class BlockQuantPass(EffcPass):
         if is_decoder(model):  # the cache entries themselves, blocked along head_dim
             if self.options.kv_rearrange and decoder_info(model).get("kv_format") is None:
                 rearrange_values(model, self.stats)
-            return quantize_decoder_kv(model, act_fmt, self.options.block_size, self.name, self.stats)
+            store = store_decoder_kv if kv_blocks.stores(act_fmt) else quantize_decoder_kv
+            return store(model, act_fmt, self.options.block_size, self.name, self.stats)
         count = 0
         for role, value in find_kv_values(model):
             last = value.shape[-1] if value.shape is not None and len(value.shape) else None

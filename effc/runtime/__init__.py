@@ -112,7 +112,7 @@ class CompiledModel:
                 "compile a decoder, e.g. effc compile zoo:smollm2-135m -o out; run this one with effc run",
             )
         if getattr(self, "_session", None) is None:
-            from effc.runtime.decoder import CompiledBackend, DecoderSession
+            from effc.runtime.decoder import DecoderSession, compiled_backend
             from effc.runtime.hugepages import advise_huge_pages
 
             info = self.manifest["decoder"]
@@ -120,7 +120,7 @@ class CompiledModel:
             import transformers
 
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.out_dir / info["tokenizer"]))
-            self._session = DecoderSession(CompiledBackend(self._runner), info, tokenizer, info["stop_token_ids"])
+            self._session = DecoderSession(compiled_backend(self._runner), info, tokenizer, info["stop_token_ids"])
             advise_huge_pages()  # decode streams every weight constant once per token: fewer TLB misses
         return self._session
 
@@ -160,9 +160,9 @@ def load(out_dir: Path | str, *, check_indices: bool = True) -> CompiledModel:
         raise ArtifactError(f"manifest in {out_dir} names no target", "recompile the model")
     from effc.runtime import vm
 
-    # TVM artifacts: runtime libraries only, never TVM's compiler. Decoders (two entry points, a cache shared
-    # without copies) still load through their target's runner.
-    if target_name in vm.DEVICES and not manifest.get("decoder"):
+    # TVM artifacts: runtime libraries only, never TVM's compiler. CPU decoders (two entry points, a cache shared
+    # without copies) still load through their target's runner; cuda decoders keep their cache on the device.
+    if target_name in vm.DEVICES and (not manifest.get("decoder") or target_name != "cpu"):
         runner: Any = vm.load_vm_runner(out_dir, manifest)
     else:
         from effc.targets import get_target  # import here: targets pull in TVM

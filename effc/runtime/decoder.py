@@ -3,14 +3,17 @@
 A decoder artifact (``manifest["decoder"]``) has two entry points over the same weights, ``prefill`` (a chunk of
 ``P`` tokens) and ``decode`` (one token), with the signature of :mod:`effc.decoder.llama`: ``(input_ids,
 positions, attn_mask, past_key.0, past_value.0, ...) -> (logits, key.0, value.0, ...)``. The session owns one
-preallocated float32 array per cache input (:func:`effc.ir.decoder.kv_layout`: keys ``(Hkv, D, S)``, values
-``(Hkv, S, D)``), shared with the compiled code without copies, and writes each call's new keys and values into
-them in place at the chunk's positions (a few KB per layer and token; the cache itself is never copied). A prompt
+preallocated array per cache input (:func:`effc.ir.decoder.kv_layout`: float32 keys ``(Hkv, D, S)`` and values
+``(Hkv, S, D)``, or uint8 MX rows ``(Hkv, S, W)`` for both when ``block-quant(mode=kv)`` stored the cache),
+shared with the compiled code without copies, and writes each call's new keys and values into them in place at
+the chunk's positions (a few KB per layer and token; the cache itself is never copied). A prompt
 is prefilled in chunks of ``P`` (the last one padded; padding sits after the real tokens, so the causal mask hides
 it, and its keys are never written into the cache).
 
-Backends run the entry points: :class:`CompiledBackend` (the artifact's ``model.so``) and :class:`OrtBackend`
-(onnxruntime on the same graphs; the baseline of reports and benchmarks).
+Backends run the entry points: :class:`CompiledBackend` (the artifact's ``model.so``), :class:`DeviceCacheBackend`
+(a cuda ``model.so``: the cache stays in GPU memory and is written there; padding keys land past the context, where
+the mask hides them until real tokens overwrite them) and :class:`OrtBackend` (onnxruntime on the same graphs; the
+baseline of reports and benchmarks).
 """
 
 from __future__ import annotations
@@ -45,6 +48,45 @@ class CompiledBackend:
     def run(self, entry: str, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
         """``[logits, key.0, value.0, ...]`` of one call of ``entry`` over the bound cache."""
         return self._runner.call(entry, [ids, positions, mask, *self._cache])
+
+
+class DeviceCacheBackend:
+    """The artifact's entry points with the KV cache in device memory (the cuda target; any :class:`VmRunner`).
+
+    The cache tensors are allocated on the runner's device once (:meth:`bind_cache` copies the session's zero arrays
+    there); each call copies ``input_ids``, ``positions`` and ``attn_mask`` in, runs ``entry``, then
+    ``<entry>_kv_write`` (:mod:`effc.codegen.kv_write`) writes the chunk's new keys and values into the device cache
+    in place at slots ``positions[0, 0] + t``, and copies only the logits back. The session's host arrays are not
+    updated (:attr:`owns_cache`).
+    """
+
+    name = "effc"
+    owns_cache = True
+
+    def __init__(self, runner: Any):
+        self._runner = runner
+        self._cache: list[Any] = []
+
+    def bind_cache(self, cache: dict[str, np.ndarray]) -> None:
+        """Allocate the cache on the device (graph input name → initial array, in graph order)."""
+        self._cache = self._runner.to_device_arrays(list(cache.values()))
+
+    def run(self, entry: str, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+        """``[logits]`` of one call of ``entry``; the new keys and values go into the device cache."""
+        ids_d, positions_d, mask_d = self._runner.to_device_arrays([ids, positions, mask])
+        logits, *new = self._runner.function(entry)(ids_d, positions_d, mask_d, *self._cache)
+        self._runner.function(f"{entry}_kv_write")(*self._cache, *new, positions_d)
+        return self._runner.to_numpy(logits)
+
+
+def compiled_backend(runner: Any) -> Any:
+    """The backend of a loaded decoder artifact's runner.
+
+    The runner's own if it has one (:class:`DeviceCacheBackend` for a GPU), else :class:`CompiledBackend` (the
+    cache shared with the CPU code).
+    """
+    make = getattr(runner, "decoder_backend", None)
+    return make() if make is not None else CompiledBackend(runner)
 
 
 class OrtBackend:
@@ -115,7 +157,7 @@ class DecoderSession:
         self.chunk = int(info["chunk"])
         self._masked = np.float32(info.get("masked", -1.0e9))
         self._layout = kv_layout(info)
-        self.cache = {slot.input: aligned_zeros(slot.shape(info, self.max_cache)) for slot in self._layout}
+        self.cache = {slot.input: aligned_zeros(slot.shape(info, self.max_cache), slot.dtype) for slot in self._layout}
         backend.bind_cache(self.cache)
         self.length = 0  # tokens held in the cache
 
@@ -135,7 +177,11 @@ class DecoderSession:
         padded[0, :real] = ids
         positions = (self.length + np.arange(tokens, dtype=np.int64))[None]
         logits, *new = self.backend.run(entry, padded, positions, self._mask(tokens))
-        for slot, values in zip(self._layout, new, strict=True):
+        if getattr(self.backend, "owns_cache", False):  # it wrote the new keys/values into its own (device) cache
+            new, layout = [], []
+        else:
+            layout = self._layout
+        for slot, values in zip(layout, new, strict=True):
             into, take = [slice(None)] * 3, [slice(None)] * 3
             into[slot.seq_axis], take[slot.seq_axis] = slice(self.length, self.length + real), slice(0, real)
             self.cache[slot.input][tuple(into)] = values[tuple(take)]
@@ -240,12 +286,12 @@ class DecoderSession:
                           _round(1e3 / decode_ms if decode_ms else None), stopped)
 
 
-def aligned_zeros(shape: tuple[int, ...], align: int = 64) -> np.ndarray:
-    """A zero float32 array whose data starts on an ``align``-byte boundary (TVM shares only such buffers)."""
-    size = int(np.prod(shape)) * 4
+def aligned_zeros(shape: tuple[int, ...], dtype: str = "float32", align: int = 64) -> np.ndarray:
+    """A zero array whose data starts on an ``align``-byte boundary (TVM shares only such buffers)."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
     raw = np.zeros(size + align, dtype=np.uint8)
     offset = (-raw.ctypes.data) % align
-    return raw[offset:offset + size].view(np.float32).reshape(shape)
+    return raw[offset:offset + size].view(dtype).reshape(shape)
 
 
 def _round(value: float | None) -> float | None:

@@ -170,21 +170,63 @@ def test_block_quant_on_the_decoder_keeps_it_generating(tiny):
     assert len(effc.runtime.load(result.out_dir).generate("Soup", max_new_tokens=3).tokens) <= 3
 
 
-def test_kv_cache_blocks_keep_it_generating(tiny):
+@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxint8"])
+def test_kv_cache_stored_in_mx_blocks(tiny, fmt):
+    """``block-quant(mode=kv)`` stores the cache as uint8 MX rows: the runtime holds codes + scales (17 bytes per
+    entry of head_dim 16 with blocks of 16, instead of 64), decode reads them in effc.DecodeAttentionMX, the
+    compiled artifact agrees with its own model.onnx under onnxruntime, and decode agrees with prefill."""
     import effc
     import effc.runtime
 
-    _, graph, _, folder = tiny
-    result = effc.compile(graph, out_dir=folder / "kv8", passes="block-quant(format=mxfp8_e4m3,mode=kv,block_size=16)",
-                          measure_latency=False)
-    section = result.report["decoder"]
-    assert section["kv_format"] == "mxfp8_e4m3"
-    assert section["kv_format_bytes_per_token"] == 2 * 2 * 2 * 16 * (8 + 8 / 16) / 8  # codes + one E8M0 per 16
-    assert section["perplexity"]["compiled"]["perplexity"] == pytest.approx(
-        section["perplexity"]["rewritten_onnxruntime"]["perplexity"], rel=1e-3)
-    assert 0 < abs(section["perplexity_change_pct"]) < 2
+    _, graph, tokenizer, folder = tiny
+    result = effc.compile(graph, out_dir=folder / f"kv-{fmt}",
+                          passes=f"block-quant(format={fmt},mode=kv,block_size=16)", measure_latency=False)
+    section, info = result.report["decoder"], result.manifest["decoder"]
+    assert section["kv_format"] == fmt and section["kv_cache_storage"] == "mx rows"
+    assert section["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 17 == section["kv_format_bytes_per_token"]
+    assert info["kv_row_bytes"] == 17 and info["kv_format"] == fmt
     assert section["decode_attention_fused_layers"] == section["prefill_attention_fused_layers"] == 2
-    assert len(effc.runtime.load(result.out_dir).generate("Soup", max_new_tokens=3).tokens) <= 3
+    assert section["prefill_decode_consistency_max_abs"] < 1e-4
+    cache_inputs = [spec for spec in info["entries"]["decode"]["inputs"] if spec["name"].startswith("past_")]
+    assert {spec["dtype"] for spec in cache_inputs} == {"uint8"} and cache_inputs[0]["shape"] == [2, 96, 17]
+    ppl = section["perplexity"]
+    assert ppl["compiled"]["perplexity"] == pytest.approx(ppl["rewritten_onnxruntime"]["perplexity"], rel=1e-4)
+    assert 0 < abs(section["perplexity_change_pct"]) < 2
+    mine = effc.runtime.load(result.out_dir).decoder()
+    assert {a.dtype for a in mine.cache.values()} == {np.dtype(np.uint8)}
+    assert sum(a.nbytes for a in mine.cache.values()) == 96 * 2 * 2 * 2 * 17
+    _agrees_with_own_model_onnx(mine, result.out_dir, tokenizer)
+    ids = tokenizer(PROMPTS[0])["input_ids"] * 3  # 2 chunks, then 3 decode steps from the stored cache
+    mine.reset()
+    whole = mine.prefill(ids)[-3:]
+    mine.reset()
+    mine.prefill(ids[:-3])
+    steps = np.stack([mine.decode(t) for t in ids[-3:]])
+    np.testing.assert_allclose(steps, whole, atol=1e-4)
+
+
+def _agrees_with_own_model_onnx(mine, out_dir, tokenizer) -> None:
+    """Greedy logits of the compiled session ``mine`` within 1e-4 of its ``model.onnx`` under onnxruntime, tokens
+    equal except at a near-tie (top-2 logits within 1e-4), over 10 decode steps after each prompt."""
+    from effc.ir.decoder import specialize
+    from effc.ir.model import load
+    from effc.runtime.decoder import DecoderSession, OrtBackend
+
+    onnx_model = load(out_dir / "model.onnx")
+    graphs = {"prefill": specialize(onnx_model, mine.chunk), "decode": specialize(onnx_model, 1)}
+    ref = DecoderSession(OrtBackend(graphs), mine.info, mine.tokenizer)
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        mine.reset()
+        ref.reset()
+        a, b = mine.prefill(ids)[-1], ref.prefill(ids)[-1]
+        for _ in range(10):
+            np.testing.assert_allclose(a, b, atol=1e-4)
+            top = np.sort(b)[-2:]
+            if top[1] - top[0] > 1e-4:
+                assert int(np.argmax(a)) == int(np.argmax(b))
+            token = int(np.argmax(b))
+            a, b = mine.decode(token), ref.decode(token)
 
 
 def test_eval_text_cli_reports_perplexity(compiled, tmp_path):
@@ -215,9 +257,7 @@ def test_4bit_artifact_generates_as_its_own_model_onnx(tiny, fmt):
     import effc
     import effc.codegen.ops.block_quant as bq
     import effc.runtime
-    from effc.ir.decoder import specialize
     from effc.ir.model import load
-    from effc.runtime.decoder import DecoderSession, OrtBackend
 
     _, graph, tokenizer, folder = tiny
     start = len(bq.LOWERING_LOG)
@@ -229,18 +269,4 @@ def test_4bit_artifact_generates_as_its_own_model_onnx(tiny, fmt):
               and tuple(v.const_value.shape) == (49152, 64 * 4 // 8)]
     assert len(tables) == 1  # the tied embedding: one packed table for the lookup and the output projection
     assert (result.out_dir / "model.so").stat().st_size < 49152 * 64 * 4  # less than the fp32 table alone
-    mine = effc.runtime.load(result.out_dir).decoder()
-    graphs = {"prefill": specialize(onnx_model, mine.chunk), "decode": specialize(onnx_model, 1)}
-    ref = DecoderSession(OrtBackend(graphs), mine.info, mine.tokenizer)
-    for prompt in PROMPTS:
-        ids = tokenizer(prompt)["input_ids"]
-        mine.reset()
-        ref.reset()
-        a, b = mine.prefill(ids)[-1], ref.prefill(ids)[-1]
-        for _ in range(10):
-            np.testing.assert_allclose(a, b, atol=1e-4)
-            top = np.sort(b)[-2:]
-            if top[1] - top[0] > 1e-4:
-                assert int(np.argmax(a)) == int(np.argmax(b))
-            token = int(np.argmax(b))
-            a, b = mine.decode(token), ref.decode(token)
+    _agrees_with_own_model_onnx(effc.runtime.load(result.out_dir).decoder(), result.out_dir, tokenizer)

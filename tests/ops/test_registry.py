@@ -18,7 +18,7 @@ from effc.codegen.cpu import compile_cpu
 from effc.codegen.frontend import to_relax
 from effc.codegen.ops import nm_sparse as nm_codegen
 from effc.ops import block_quant as bq
-from effc.ops import decode_attention, get_op, moe, nm_sparse, registered_ops
+from effc.ops import decode_attention, decode_attention_mx, get_op, kv_blocks, moe, nm_sparse, registered_ops
 from effc.ops.bitpack import pack_blocks
 from effc.ops.block_formats import get_format, quantize
 
@@ -141,8 +141,56 @@ def _attention(tokens: int, length: int):
     return feed, {}, build, {"scale": d ** -0.5}
 
 
+def _kv_rows(fmt: str):
+    """Rows of ``(2, 5, 64)`` entries spanning many magnitudes, with an all-zero block and a saturating one."""
+    x = (RNG.standard_normal((2, 5, 64)) * np.exp(2 * RNG.standard_normal((2, 5, 1)))).astype(np.float32)
+    x[0, 0, :32] = 0.0
+    x[1, 2, 40] = 1.0e6
+    return x
+
+
+def _kv_encode(fmt: str):
+    def build(model, v):
+        return kv_blocks.add_kv_encode(model, v["X"], get_format(fmt), 32, "encode")
+
+    return {"X": _kv_rows(fmt)}, {}, build, {"format": fmt, "block_size": 32}
+
+
+def _kv_decode(fmt: str):
+    rows = kv_blocks.encode_reference(_kv_rows(fmt), format=fmt, block_size=32)
+
+    def build(model, v):
+        return kv_blocks.add_kv_decode(model, v["R"], get_format(fmt), 32, 64, "decode")
+
+    return {"R": rows}, {}, build, {"format": fmt, "block_size": 32}
+
+
+def _attention_mx(fmt: str, tokens: int, length: int):
+    """As :func:`_attention`, the cache stored as MX rows."""
+    hkv, g, d, s = 2, 3, 64, 32
+    feed, _, _, _ = _attention(tokens, length)
+    feed["Q"] = RNG.standard_normal((hkv, g, tokens, d)).astype(np.float32)
+    feed["key"], feed["value"] = (RNG.standard_normal(shape).astype(np.float32) for shape in
+                                  ((hkv, d, tokens), (hkv, tokens, d)))
+    for name in ("past_key", "past_value"):
+        feed[name] = kv_blocks.encode_reference(RNG.standard_normal((hkv, s, d)).astype(np.float32), format=fmt,
+                                                block_size=32)
+
+    def build(model, v):
+        node = decode_attention_mx.decode_attention_mx(model, [v[name] for name in decode_attention.INPUTS],
+                                                       d ** -0.5, get_format(fmt), 32, "attention")
+        node.outputs[0].shape, node.outputs[0].type = ir.Shape((hkv, g, tokens, d)), ir.TensorType(ir.DataType.FLOAT)
+        return node
+
+    return feed, {}, build, {"scale": d ** -0.5, "format": fmt, "block_size": 32}
+
+
 CASES = {
     "DecodeAttention": [lambda: _attention(1, 13), lambda: _attention(1, 0), lambda: _attention(3, 32)],
+    "DecodeAttentionMX": [lambda: _attention_mx("mxint8", 1, 13), lambda: _attention_mx("mxfp8_e4m3", 1, 0),
+                          lambda: _attention_mx("mxfp8_e5m2", 3, 32), lambda: _attention_mx("mxint8", 16, 9)],
+    "KVBlockEncode": [lambda f=f: _kv_encode(f) for f in kv_blocks.STORED_FORMATS],
+    "KVBlockDecode": [lambda f=f: _kv_decode(f) for f in kv_blocks.STORED_FORMATS],
     "NMSparseMatMul": [lambda: _nm(1), lambda: _nm(8)],
     "BlockQuantMatMul": [lambda f=f: _matmul(f) for f in ("mxfp4", "mxfp6_e2m3", "mxint8", "int4")],
     "BlockQuantGather": [lambda f=f: _gather(f) for f in ("mxfp4", "int8")],

@@ -62,44 +62,22 @@ def _fast_exp(x):
     return (poly * r * r + r + _vec(1.0)) * two_n
 
 
-def attention_kernel(hkv: int, g: int, t: int, d: int, s: int, scale: float,
-                     parallel_from: int) -> tvm.tirx.PrimFunc:
-    """``main(Q, past_key, past_value, key, value, attn_mask, positions, Y)`` of the module docstring.
+def softmax_steps(g: int, t: int, d: int, s: int, scale: float):
+    """TIR macros shared by the decode-attention kernels, for one KV head ``h`` and one token ``tok`` of the chunk.
 
-    KV heads run in parallel when the context ``L`` reaches ``parallel_from`` slots (decided per call), else on the
-    calling thread (waking the pool costs more than a short context's attention).
-
-    Raises:
-        ValueError: ``S`` or ``D`` is not a multiple of 8.
+    ``chunk_scores(h, tok, Q, KN, MASK, sc, acc, row)``: the scores of the chunk's own ``t`` keys ``KN (Hkv, D, T)``
+    into ``sc[:, s:]`` (16 at a time when ``t % 16 == 0``, else one by one). ``softmax(sc, acc, row, length)``: row
+    max, ``exp`` and row sum over the ``length[0]`` cache slots (vectors of 8; ``sc`` holds ``_INVALID`` up to the
+    next multiple of 8 past ``length``) and the chunk's tokens; ``row[r]`` gets the max and ``row[g + r]`` the sum of
+    query row ``r``, ``sc`` the unnormalized probabilities. ``acc`` is scratch of ``g · 16`` floats at least.
     """
-    if s % WIDE or d % LANES:
-        raise ValueError(f"decode attention needs S % {WIDE} == 0 and D % {LANES} == 0, got S={s}, D={d}")
-    total, dv = s + t, d // LANES
     chunk_vectors = t % WIDE == 0  # the chunk's own keys walk in vectors too (prefill); else one by one (decode)
-    parallel_from = T.int64(min(parallel_from, 2**62))
 
     def lanes(start):
         return T.ramp(start, 1, LANES)
 
     @T.macro
-    def one_token(h, tok, Q, PK, PV, KN, VN, MASK, POS, Y):
-        sc = T.alloc_buffer((g, total), "float32", scope="global")
-        acc = T.alloc_buffer((g * VECS * LANES,), "float32", scope="global")
-        row = T.alloc_buffer((2 * g,), "float32", scope="global")  # per query row: max, then sum
-        length = T.alloc_buffer((1,), "int32", scope="global")
-        length[0] = T.max(T.min(T.Cast("int32", POS[0, 0]), s), 0)
-        for jb in range((length[0] + WIDE - 1) // WIDE):
-            for a in T.unroll(g * VECS):
-                acc[lanes(a * LANES)] = _vec(0.0)
-            for k in range(d):
-                for a in T.unroll(g * VECS):
-                    acc[lanes(a * LANES)] = acc[lanes(a * LANES)] + T.broadcast(
-                        Q[h, a // VECS, tok, k], LANES) * PK[h, k, lanes(jb * WIDE + a % VECS * LANES)]
-            for a in T.unroll(g * VECS):
-                sc[a // VECS, lanes(jb * WIDE + a % VECS * LANES)] = T.Select(
-                    lanes(jb * WIDE + a % VECS * LANES) < T.broadcast(length[0], LANES),
-                    acc[lanes(a * LANES)] * _vec(scale) + MASK[tok, lanes(jb * WIDE + a % VECS * LANES)],
-                    _vec(_INVALID))
+    def chunk_scores(h, tok, Q, KN, MASK, sc, acc, row):
         if chunk_vectors:  # the chunk's own keys, 16 at a time, as the cache's
             for jb in range(t // WIDE):
                 for a in T.unroll(g * VECS):
@@ -118,6 +96,9 @@ def attention_kernel(hkv: int, g: int, t: int, d: int, s: int, scale: float,
                     for k in range(d):
                         row[r] = row[r] + Q[h, r, tok, k] * KN[h, k, j]
                     sc[r, s + j] = row[r] * T.float32(scale) + MASK[tok, s + j]
+
+    @T.macro
+    def softmax(sc, acc, row, length):
         for r in T.unroll(g):
             acc[lanes(r * LANES)] = _vec(_INVALID)
             for jb in range((length[0] + LANES - 1) // LANES):
@@ -148,6 +129,50 @@ def attention_kernel(hkv: int, g: int, t: int, d: int, s: int, scale: float,
                 for j in range(t):
                     sc[r, s + j] = T.exp(sc[r, s + j] - row[r])
                     row[g + r] = row[g + r] + sc[r, s + j]
+
+    return chunk_scores, softmax
+
+
+def attention_kernel(hkv: int, g: int, t: int, d: int, s: int, scale: float,
+                     parallel_from: int) -> tvm.tirx.PrimFunc:
+    """``main(Q, past_key, past_value, key, value, attn_mask, positions, Y)`` of the module docstring.
+
+    KV heads run in parallel when the context ``L`` reaches ``parallel_from`` slots (decided per call), else on the
+    calling thread (waking the pool costs more than a short context's attention).
+
+    Raises:
+        ValueError: ``S`` or ``D`` is not a multiple of 8.
+    """
+    if s % WIDE or d % LANES:
+        raise ValueError(f"decode attention needs S % {WIDE} == 0 and D % {LANES} == 0, got S={s}, D={d}")
+    total, dv = s + t, d // LANES
+    parallel_from = T.int64(min(parallel_from, 2**62))
+    chunk_scores, softmax = softmax_steps(g, t, d, s, scale)
+
+    def lanes(start):
+        return T.ramp(start, 1, LANES)
+
+    @T.macro
+    def one_token(h, tok, Q, PK, PV, KN, VN, MASK, POS, Y):
+        sc = T.alloc_buffer((g, total), "float32", scope="global")
+        acc = T.alloc_buffer((g * VECS * LANES,), "float32", scope="global")
+        row = T.alloc_buffer((2 * g,), "float32", scope="global")  # per query row: max, then sum
+        length = T.alloc_buffer((1,), "int32", scope="global")
+        length[0] = T.max(T.min(T.Cast("int32", POS[0, 0]), s), 0)
+        for jb in range((length[0] + WIDE - 1) // WIDE):
+            for a in T.unroll(g * VECS):
+                acc[lanes(a * LANES)] = _vec(0.0)
+            for k in range(d):
+                for a in T.unroll(g * VECS):
+                    acc[lanes(a * LANES)] = acc[lanes(a * LANES)] + T.broadcast(
+                        Q[h, a // VECS, tok, k], LANES) * PK[h, k, lanes(jb * WIDE + a % VECS * LANES)]
+            for a in T.unroll(g * VECS):
+                sc[a // VECS, lanes(jb * WIDE + a % VECS * LANES)] = T.Select(
+                    lanes(jb * WIDE + a % VECS * LANES) < T.broadcast(length[0], LANES),
+                    acc[lanes(a * LANES)] * _vec(scale) + MASK[tok, lanes(jb * WIDE + a % VECS * LANES)],
+                    _vec(_INVALID))
+        chunk_scores(h, tok, Q, KN, MASK, sc, acc, row)
+        softmax(sc, acc, row, length)
         for c in range(dv):
             for r in T.unroll(g):
                 acc[lanes(r * LANES)] = _vec(0.0)

@@ -7,8 +7,13 @@ is ``head_dim``; an ``effc.BlockQDQ`` (blocks of 32 along ``head_dim``, OCP MX v
 and the chunk's own attention reads the same values the later steps read from the cache. The format is recorded
 in the decoder metadata as ``kv_format`` (the report gives the bytes per token it needs).
 
-The cache is still held as float32 values: the MX codes are not stored, and the attention kernel does not decode
-them (the storage saving is reported, not yet realized).
+With an 8-bit MX format (:data:`effc.ops.kv_blocks.STORED_FORMATS`) the cache is stored in blocks
+(:func:`store_decoder_kv`): each cache input becomes ``(Hkv, S, W)`` uint8 rows (codes then E8M0 scales, keys no
+longer transposed) read through ``effc.KVBlockDecode``, and each chunk output ``effc.KVBlockEncode`` of the new
+entries, which the chunk's own attention reads back through ``effc.KVBlockDecode``, so prefill, decode and later
+steps all see the same values. The decode graph's attention then reads the rows directly
+(``effc.DecodeAttentionMX``, :mod:`effc.decoder.attention`). Other formats (MXFP4, MXFP6) keep the float32 cache
+with the values on the MX grid (:func:`quantize_decoder_kv`).
 
 Channel rearrangement (``kv_rearrange=true``; "Accurate Block Quantization in LLMs with Outliers", Trukhanov &
 Soloveychik 2024): the value channels of each KV head are sorted by magnitude (the norm of ``W_v``'s column scaled
@@ -29,9 +34,10 @@ import onnx_ir as ir
 
 from effc.ir.decoder import METADATA_KEY, decoder_info, kv_layout
 from effc.ops import block_quant as bq_ops
+from effc.ops import kv_blocks
 from effc.ops.block_formats import BlockFormat
 
-__all__ = ["quantize_decoder_kv", "rearrange_values"]
+__all__ = ["quantize_decoder_kv", "rearrange_values", "store_decoder_kv"]
 
 
 def _head_dim_source(output: ir.Value, head_dim: int) -> ir.Value | str:
@@ -80,6 +86,92 @@ def quantize_decoder_kv(model: ir.Model, fmt: BlockFormat, block_size: int, pass
         model.metadata_props[METADATA_KEY] = json.dumps({**info, "kv_format": fmt.name, "kv_block_size": block_size},
                                                         sort_keys=True)
     return count
+
+
+def _rows_of_output(model: ir.Model, slot: Any, fmt: BlockFormat, block_size: int, info: dict[str, Any],
+                    pass_name: str) -> None:
+    """Make the chunk output of ``slot`` the encoded rows; its readers get the decoded values (same layout)."""
+    graph = model.graph
+    index = [v.name for v in graph.outputs].index(slot.output)
+    entries = graph.outputs[index]
+    readers = [(u.node, u.idx) for u in entries.uses()]
+    nodes = []
+    rows = entries
+    if slot.kind == "key":  # (Hkv, D, T) -> (Hkv, T, D)
+        nodes.append(ir.node("Transpose", [entries], {"perm": [0, 2, 1]}, name=f"{slot.output}/rows"))
+        rows = nodes[-1].outputs[0]
+        rows.shape, rows.type = ir.Shape([info["kv_heads"], entries.shape[2], info["head_dim"]]), entries.type
+    nodes.append(kv_blocks.add_kv_encode(model, rows, fmt, block_size, f"{slot.output}/kv_encode"))
+    encoded = nodes[-1].outputs[0]
+    nodes.append(kv_blocks.add_kv_decode(model, encoded, fmt, block_size, info["head_dim"],
+                                         f"{slot.output}/kv_decode"))
+    if slot.kind == "key":
+        nodes.append(ir.node("Transpose", [nodes[-1].outputs[0]], {"perm": [0, 2, 1]}, name=f"{slot.output}/keys"))
+    decoded = nodes[-1].outputs[0]
+    decoded.shape, decoded.type = entries.shape, entries.type
+    for node in nodes:
+        node.metadata_props["effc.pass"] = pass_name
+    graph.insert_after(entries.producer(), nodes)
+    for node, idx in readers:
+        node.replace_input_with(idx, decoded)
+    entries.name, encoded.name = f"{slot.output}/float", slot.output
+    graph.outputs[index] = encoded
+
+
+def _rows_of_input(model: ir.Model, slot: Any, fmt: BlockFormat, block_size: int, info: dict[str, Any],
+                   rows: int, pass_name: str) -> None:
+    """Make the cache input of ``slot`` uint8 rows; its readers get the decoded float32 cache (same layout)."""
+    graph = model.graph
+    cache = next(v for v in graph.inputs if v.name == slot.input)
+    readers = [(u.node, u.idx) for u in cache.uses()]
+    cache.shape = ir.Shape([info["kv_heads"], info["max_cache"], rows])
+    cache.type = ir.TensorType(ir.DataType.UINT8)
+    nodes = [kv_blocks.add_kv_decode(model, cache, fmt, block_size, info["head_dim"], f"{slot.input}/kv_decode")]
+    if slot.kind == "key":  # (Hkv, S, D) -> the (Hkv, D, S) the attention reads
+        nodes.append(ir.node("Transpose", [nodes[-1].outputs[0]], {"perm": [0, 2, 1]}, name=f"{slot.input}/keys"))
+    nodes[-1].outputs[0].shape = ir.Shape(slot.shape(info, info["max_cache"]))
+    nodes[-1].outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    for node in nodes:
+        node.metadata_props["effc.pass"] = pass_name
+    graph.insert_before(next(iter(graph)), nodes)
+    for node, idx in readers:
+        node.replace_input_with(idx, nodes[-1].outputs[0])
+
+
+def store_decoder_kv(model: ir.Model, fmt: BlockFormat, block_size: int, pass_name: str,
+                     stats: dict[str, Any]) -> int:
+    """Store the decoder's KV cache as MX rows (see the module docstring; in place); returns how many entries.
+
+    The metadata gets ``kv_format``, ``kv_block_size`` and ``kv_row_bytes`` (:func:`effc.ir.decoder.kv_layout`
+    then describes the uint8 rows); a graph already stored is left alone (0). ``stats`` as
+    :func:`quantize_decoder_kv`, plus ``kv_row_bytes``.
+
+    Raises:
+        ValueError: ``fmt`` is not one of :data:`effc.ops.kv_blocks.STORED_FORMATS`.
+    """
+    info = decoder_info(model)
+    if info.get("kv_row_bytes") is not None:
+        return 0
+    if info["head_dim"] % block_size:
+        stats["skipped"].append({"node": "kv cache", "weight": "", "reason": f"head_dim {info['head_dim']} is not "
+                                 f"a multiple of block_size {block_size}"})
+        return 0
+    kv_blocks.check_stored(fmt, info["head_dim"], block_size)
+    rows = kv_blocks.row_bytes(info["head_dim"], block_size)
+    names = {v.name for v in model.graph.inputs} | {v.name for v in model.graph.outputs}
+    layout = kv_layout(info)
+    missing = [n for slot in layout for n in (slot.input, slot.output) if n not in names]
+    if missing:
+        stats["skipped"].append({"node": "kv cache", "weight": "", "reason": f"no graph input/output {missing[0]}"})
+        return 0
+    for slot in layout:
+        _rows_of_output(model, slot, fmt, block_size, info, pass_name)
+        _rows_of_input(model, slot, fmt, block_size, info, rows, pass_name)
+        stats["kv_values"].append({"value": slot.output, "role": slot.kind, "layer": slot.layer})
+    stats["kv_row_bytes"] = rows
+    model.metadata_props[METADATA_KEY] = json.dumps(
+        {**info, "kv_format": fmt.name, "kv_block_size": block_size, "kv_row_bytes": rows}, sort_keys=True)
+    return len(layout)
 
 
 def _weight(model: ir.Model, name: str) -> np.ndarray | None:
