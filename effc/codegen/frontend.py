@@ -25,6 +25,7 @@ import onnx_ir as ir
 import tvm
 from tvm.relax.frontend.onnx import onnx_frontend as _tvm_onnx
 
+from effc.codegen.tvm_output import tvm_output_to_log
 from effc.errors import TargetError, UnsupportedOpError
 from effc.ops.base import EFFC_DOMAIN
 
@@ -162,18 +163,53 @@ def check_importable(model: ir.Model) -> None:
 
     Raises:
         UnsupportedOpError: lists every unsupported operator type with example node names.
-        TargetError: a graph input or output is not a tensor (a sequence or optional): artifacts take and return
-            tensors.
+        TargetError: a graph input or output is not a tensor an artifact can take or return
+            (:func:`check_io_types`).
     """
     missing = unsupported_ops(model)
     if missing:
         raise UnsupportedOpError(missing)
-    odd = [v.name for v in [*model.graph.inputs, *model.graph.outputs]
-           if v.type is not None and not isinstance(v.type, ir.TensorType)]
-    if odd:
-        raise TargetError(f"graph input(s)/output(s) {odd} are sequences or optionals, not tensors",
-                          "effc artifacts take and return tensors: make the model output a tensor "
-                          "(e.g. ConcatFromSequence) or run it with onnxruntime")
+    check_io_types(model)
+
+
+#: Element types an artifact cannot take or return: TVM's runtime packs sub-byte types 2 (4) per byte where numpy
+#: (ml_dtypes) uses a byte each, and has no string tensors. Type → what the user can do instead.
+_IO_TYPES = {
+    **{t: f"pass it as {wide} and Cast inside the model" for t, wide in (
+        (ir.DataType.INT4, "int8"), (ir.DataType.UINT4, "uint8"), (ir.DataType.INT2, "int8"),
+        (ir.DataType.UINT2, "uint8"), (ir.DataType.FLOAT4E2M1, "float32"))},
+    ir.DataType.STRING: "turn the strings into numbers (e.g. token ids) before the model",
+}
+
+
+def _users_label(value: ir.Value) -> str:
+    """``"Cast node 'n'"``: the node making ``value`` (a graph output) or its first user (a graph input)."""
+    node = value.producer()
+    if node is None:
+        users = [use.node for use in value.uses()]
+        node = users[0] if users else None
+    return f"{node.op_type} node '{_node_label(node)}'" if node is not None else "no node"
+
+
+def check_io_types(model: ir.Model) -> None:
+    """Raise if a graph input or output is not a tensor an artifact can take or return.
+
+    Raises:
+        TargetError: a sequence / optional, a string tensor or a sub-byte tensor (int4, uint4, int2, uint2,
+            float4e2m1) at the graph boundary; the message names the value and the op that reads or makes it.
+    """
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        role = "input" if value in model.graph.inputs else "output"
+        where = f"graph {role} {value.name!r} (of {_users_label(value)})"
+        if value.type is not None and not isinstance(value.type, ir.TensorType):
+            raise TargetError(f"{where} is a sequence or optional, not a tensor",
+                              "effc artifacts take and return tensors: make the model output a tensor "
+                              "(e.g. ConcatFromSequence) or run it with onnxruntime")
+        dtype = value.dtype
+        if dtype in _IO_TYPES:
+            raise TargetError(f"{where} has element type {dtype.name}, which an effc artifact cannot take or return "
+                              "(TVM's runtime stores sub-byte types packed, strings not at all)",
+                              f"{_IO_TYPES[dtype]}, or run it with onnxruntime")
 
 
 def _rename_effc_nodes(graph: onnx.GraphProto) -> None:
@@ -214,6 +250,7 @@ def _effc_converters_active(keep_tvm: frozenset[str] = frozenset(), index_guards
     original_map = _tvm_onnx._get_convert_map
     importer = _tvm_onnx.ONNXGraphImporter
     original_convert = importer._convert_operator
+    import effc.codegen.std_nan  # noqa: F401  (registers its converters in STANDARD_OVERRIDES)
     from effc.codegen.index_guard import INDEX_GUARDS
     from effc.codegen.std_ops import STANDARD_OVERRIDES
 
@@ -276,7 +313,7 @@ def to_relax(model: ir.Model, *, keep_tvm: frozenset[str] = frozenset(), index_g
     captured = io.StringIO()
     try:
         converters = _effc_converters_active(keep_tvm, index_guards)
-        with converters, warnings.catch_warnings(), contextlib.redirect_stdout(captured):
+        with converters, warnings.catch_warnings(), contextlib.redirect_stdout(captured), tvm_output_to_log():
             warnings.simplefilter("ignore")
             mod = _tvm_onnx.from_onnx(proto)
     except _NodeConversionError as exc:

@@ -125,18 +125,19 @@ class CompiledModel:
         return self._session
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, chat: bool = False, on_text: Any = None) -> Any:
+                 seed: int = 0, chat: bool = False, on_text: Any = None, speculate: bool = False) -> Any:
         """Generate text after ``prompt`` (see :meth:`effc.runtime.decoder.DecoderSession.generate`).
 
         Returns:
             A :class:`effc.runtime.decoder.Generation` (text, tokens, prefill ms, decode ms/token, tokens/s).
 
         Raises:
-            ArtifactError: the artifact is not a decoder.
-            DataError: bad sampling arguments, or the prompt plus ``max_new_tokens`` does not fit the KV cache.
+            ArtifactError: the artifact is not a decoder, or ``speculate`` and it has no draft entry point.
+            DataError: bad sampling arguments, the prompt plus ``max_new_tokens`` does not fit the KV cache, or
+                ``speculate`` with a temperature above 0.
         """
         return self.decoder().generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                                       top_p=top_p, seed=seed, chat=chat, on_text=on_text)
+                                       top_p=top_p, seed=seed, chat=chat, on_text=on_text, speculate=speculate)
 
 
 def load(out_dir: Path | str, *, check_indices: bool = True) -> CompiledModel:

@@ -25,6 +25,7 @@ import numpy as np
 
 from effc.errors import ArtifactError, TargetError
 from effc.runtime.index_check import guard_error, register_guard_function
+from effc.runtime.sort import register_sort_functions
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class VmRunner:
             os.environ.setdefault("TVM_NUM_THREADS", str(threads))
             tvm_ffi.get_global_func("runtime.config_threadpool")(1, threads)  # 1 = kBig: all cores
         register_guard_function()  # the in-graph index checks of effc.codegen.index_guard call it
+        register_sort_functions()  # TVM's CPU sort/topk kernels call them (registered by its compiler library)
         self._device = tvm_ffi.device(target, 0)
         self._input_names = list(input_names)
         self._alloc, self._copy_in, self._copy_out = _tensor_functions()
