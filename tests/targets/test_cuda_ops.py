@@ -31,7 +31,8 @@ def _quantized_ffn(fmt: str, seq: int = 16) -> ir.Model:
     return model
 
 
-@pytest.mark.parametrize(("fmt", "seq"), [("int4", 16), ("mxfp4", 1), ("mxint8", 16)])
+@pytest.mark.parametrize(("fmt", "seq"), [("int4", 16), ("mxfp4", 1), ("mxint8", 16), ("int4_asym", 1),
+                                        ("int4_asym", 16)])
 def test_gpu_lowering_of_block_quant_matches_onnxruntime_on_cpu(fmt, seq, monkeypatch):
     from effc.codegen.cuda import ops as cuda_ops
 
@@ -54,7 +55,7 @@ def test_gpu_lowering_of_block_quant_matches_onnxruntime_on_cpu(fmt, seq, monkey
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("fmt", "seq"), [("int4", 16), ("mxfp4", 1)])
+@pytest.mark.parametrize(("fmt", "seq"), [("int4", 16), ("mxfp4", 1), ("int4_asym", 1)])
 def test_block_quant_builds_for_cuda_without_fallback(tmp_path, fmt, seq):
     result = CUDA.build(_quantized_ffn(fmt, seq), tmp_path, {"arch": "sm_90"})
     info = result.info

@@ -75,19 +75,21 @@ def schedule_gemv(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
 
 @register_converter("BlockQuantMatMul", target="cuda")
 class BlockQuantMatMulGpu:
-    """``effc.BlockQuantMatMul(X, Wq, S)`` → ``call_tir`` of the unscheduled decode-in-GEMM compute (packed constants).
+    """``effc.BlockQuantMatMul(X, Wq, S[, M])`` → ``call_tir`` of the unscheduled decode-in-GEMM compute.
 
-    ``X (..., K)`` float32, ``Wq`` the packed codes ``(N, K · bits / 8)``, ``S`` the block scales ``(N, K / B)``;
-    ``Y (..., N)`` float32. The kernel reads the codes in the layout of the CPU kernels
-    (:func:`~effc.codegen.ops.block_quant_gemv.kernel_rows`), so a tied embedding (``BlockQuantGather``) shares them.
+    ``X (..., K)`` float32, ``Wq`` the packed codes ``(N, K · bits / 8)``, ``S`` the block scales ``(N, K / B)``,
+    ``M`` the block minimums of ``int4_asym``; ``Y (..., N)`` float32. Constants in the layout of the CPU kernels
+    (:func:`~effc.codegen.ops.block_quant_gemv.kernel_rows`, ``kernel_minimums``), so a tied embedding
+    (``BlockQuantGather``) shares them.
     """
 
     @classmethod
     def _impl_v1(cls, bb: relax.BlockBuilder, inputs: list[Any], attr: dict[str, Any], params: Any) -> relax.Expr:
-        x, wq_e, s_e = inputs
+        x, wq_e, s_e = inputs[:3]
         fmt, bs = block_quant._format_attrs(attr)
-        what = "BlockQuantMatMul packed weights and scales"
+        what = "BlockQuantMatMul packed weights, scales and minimums"
         wq, scales = constant_input(wq_e, params, what), constant_input(s_e, params, what)
+        lows = block_quant._minimums(inputs[3:], params, what)
         n, k = wq.shape[0], scales.shape[1] * bs
         x = bb.normalize(x)
         shape = [int(d) for d in x.ty.shape.values]
@@ -97,9 +99,9 @@ class BlockQuantMatMulGpu:
         gv = bb.add_func(func.without_attr("global_symbol"), f"effc_block_quant_gpu_{fmt.name}")
         wr = kernel_rows(wq, fmt, k)
         x2 = bb.normalize(relax.op.reshape(x, (rows, k)))
-        y = relax.call_tir(gv, [x2, relax.const(wr), relax.const(scales)],
+        y = relax.call_tir(gv, [x2, relax.const(wr), relax.const(scales), *(relax.const(v) for v in lows)],
                            out_ty=relax.TensorType((rows, n), "float32"))
         block_quant.LOWERING_LOG.append({"format": fmt.name, "shape": [rows, k, n],
                                          "kernel": "cuda-gemv" if rows == 1 else "cuda-dlight",
-                                         "weight_bytes": int(wr.nbytes + scales.nbytes)})
+                                         "weight_bytes": int(wr.nbytes + scales.nbytes + sum(v.nbytes for v in lows))})
         return relax.op.reshape(bb.normalize(y), [*shape[:-1], n])
