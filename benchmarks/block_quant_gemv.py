@@ -1,6 +1,6 @@
 """Decode-in-GEMV kernels (M = 1) of effc.BlockQuantMatMul: weights/s in cache and streamed from DRAM.
 
-    python benchmarks/block_quant_gemv.py [--formats mxfp4 int4 mxint8 int8] [--threads 1 2] [--reps 200]
+    python benchmarks/block_quant_gemv.py [--formats mxfp4 int4 int4_asym mxint8 int8] [--threads 1 2] [--reps 200]
 
 Two shapes per format: SmolLM2's up-projection 576→1536 (0.4–0.9 MB packed: sits in L2, so it measures the decode
 rate of the kernel) and 576→196,608 (56–113 MB packed, > 3× L3: a stream from DRAM like one decode step's weights).
@@ -40,9 +40,7 @@ def _case(name: str, k: int, n: int, target, reps: int) -> dict:
     x = rng.standard_normal((1, k)).astype(np.float32)
     with target:
         lib = tvm.compile(tvm.IRModule({"main": gemv.gemv_kernel(k, n, fmt, str(scales.dtype))}), target=target)
-    args = [x, gemv.kernel_rows(wq, fmt, k), scales, *([fmt.code_table()] if fmt.bits == 4 else []),
-            np.zeros((1, n), np.float32)]
-    args = [tvm.runtime.tensor(a, tvm.cpu()) for a in args]
+    args = [tvm.runtime.tensor(a, tvm.cpu()) for a in _arrays(x, gemv.kernel_rows(wq, fmt, k), scales, q, n)]
     advise_huge_pages()
     lib["main"](*args)
     ref = x @ dequantize(q)
@@ -52,10 +50,17 @@ def _case(name: str, k: int, n: int, target, reps: int) -> dict:
         start = time.perf_counter()
         lib["main"](*args)
         times.append(time.perf_counter() - start)
-    nbytes = args[1].numpy().nbytes + scales.nbytes
+    nbytes = sum(a.numpy().nbytes for a in args[1:-1]) - (64 if fmt.bits == 4 else 0)  # not the 16-entry table
     best, median = min(times), float(np.median(times))
     return {"ms": (best * 1e3, median * 1e3), "gb_s": (nbytes / best / 1e9, nbytes / median / 1e9),
             "gweights_s": k * n / best / 1e9, "rel_error": error, "mb": nbytes / 1e6}
+
+
+def _arrays(x: np.ndarray, rows: np.ndarray, scales: np.ndarray, q, n: int) -> list[np.ndarray]:
+    """The kernel's arguments: X, kernel rows, scales, [minimums,] [16-entry table,] Y."""
+    fmt = q.fmt
+    return [x, rows, scales, *([gemv.kernel_minimums(q.minimums)] if fmt.has_minimum else []),
+            *([fmt.code_table()] if fmt.bits == 4 else []), np.zeros((1, n), np.float32)]
 
 
 def _decoder_step(name: str, target, reps: int) -> dict:
@@ -71,13 +76,12 @@ def _decoder_step(name: str, target, reps: int) -> dict:
             wq, scales = pack_blocks(q.codes, q.scales, fmt.bits)
             with target:
                 kernels[k, n] = (tvm.compile(tvm.IRModule({"main": gemv.gemv_kernel(k, n, fmt, str(scales.dtype))}),
-                                             target=target), gemv.kernel_rows(wq, fmt, k), scales)
-        lib, rows, scales = kernels[k, n]
+                                             target=target), gemv.kernel_rows(wq, fmt, k), scales, q)
+        lib, rows, scales, q = kernels[k, n]
         rows = np.ascontiguousarray(np.roll(rows, len(calls), axis=0))  # a distinct copy per layer
-        args = [np.ones((1, k), np.float32), rows, scales, *([fmt.code_table()] if fmt.bits == 4 else []),
-                np.zeros((1, n), np.float32)]
+        args = _arrays(np.ones((1, k), np.float32), rows, scales, q, n)
         calls.append((lib["main"], [tvm.runtime.tensor(a, tvm.cpu()) for a in args]))
-        nbytes += rows.nbytes + scales.nbytes
+        nbytes += sum(a.nbytes for a in args[1:-1]) - (64 if fmt.bits == 4 else 0)
     advise_huge_pages()
     times = []
     for _ in range(reps):
@@ -91,7 +95,7 @@ def _decoder_step(name: str, target, reps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--formats", nargs="+", default=["mxfp4", "int4", "mxint8", "int8"])
+    parser.add_argument("--formats", nargs="+", default=["mxfp4", "int4", "int4_asym", "mxint8", "int8"])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--reps", type=int, default=200)
     args = parser.parse_args()

@@ -3,9 +3,10 @@
     nice -n 10 python benchmarks/fuzz_graphs.py --examples 300          # the long mode (minutes)
     python benchmarks/fuzz_graphs.py --examples 20 --seed 7
 
-Each example is a chain of 1-5 ops (element-wise unary and binary ops, reductions and Softmax over the last axis)
-on two float32 inputs of one random static shape (0-sized dims included), fed with values drawn to include ±0,
-subnormals, ±inf and NaN. ``effc.compile`` runs its agreement gate on exactly those feeds, so an example fails
+Each example is a chain of 1-5 ops (element-wise unary and binary ops, Clip, reductions, ArgMax/ArgMin and
+Softmax over the last axis, a float -> int64 Cast; integer results are cast back to float32) on two float32
+inputs of one random static shape (0-sized dims included), fed with values drawn to include ±0, subnormals, ±inf
+and NaN. ``effc.compile`` runs its agreement gate on exactly those feeds, so an example fails
 when the compile raises :class:`effc.errors.MismatchError` (a wrong answer: dtype, shape, NaN/inf placement or
 values) or any exception that is not an :class:`effc.errors.EffcError` (a raw crash). A clean refusal passes.
 The test suite runs a bounded number of examples (``tests/codegen/test_fuzz_graphs.py``); hypothesis prints the
@@ -26,9 +27,12 @@ from hypothesis import strategies as st
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-UNARY = ("Relu", "Abs", "Neg", "Sigmoid", "Tanh", "Exp", "Floor", "Ceil", "Sqrt", "Reciprocal", "Softmax")
+UNARY = ("Relu", "Abs", "Neg", "Sigmoid", "Tanh", "Exp", "Floor", "Ceil", "Sqrt", "Reciprocal", "Softmax",
+         "Clip", "HardSigmoid", "Elu", "Selu", "Sign", "Erf", "ThresholdedRelu", "LeakyRelu")
 BINARY = ("Add", "Sub", "Mul", "Div", "Max", "Min")
 REDUCE = ("ReduceMax", "ReduceMin", "ReduceSum", "ReduceMean")
+#: Steps with an int64 result, cast back to float32: arg-reductions over the last axis, a float → int64 cast.
+TO_INT = ("ArgMax", "ArgMin", "CastInt64")
 
 SPECIAL = (0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -1e-40, 3.4e38, -3.4e38, 1.0, -1.0)
 
@@ -41,11 +45,22 @@ def graphs(draw: Any, allow_empty: bool = True) -> tuple[Any, dict[str, np.ndarr
 
     rank = draw(st.integers(1, 3))
     shape = draw(st.lists(st.integers(0 if allow_empty else 1, 4), min_size=rank, max_size=rank))
-    steps = draw(st.lists(st.sampled_from(UNARY + BINARY + REDUCE), min_size=1, max_size=5))
+    steps = draw(st.lists(st.sampled_from(UNARY + BINARY + REDUCE + TO_INT), min_size=1, max_size=5))
     nodes, current = [], "x"
     for k, op in enumerate(steps):
         out = f"t{k}"
-        if op in BINARY:
+        if op in TO_INT:
+            node = (helper.make_node("Cast", [current], [f"i{k}"], to=TensorProto.INT64) if op == "CastInt64" else
+                    helper.make_node(op, [current], [f"i{k}"], axis=-1, keepdims=1,
+                                     select_last_index=draw(st.integers(0, 1))))
+            nodes += [node, helper.make_node("Cast", [f"i{k}"], [out], to=TensorProto.FLOAT)]
+        elif op == "Clip":
+            bounds = [helper.make_tensor(f"{b}{k}", TensorProto.FLOAT, [], [v]) for b, v in (("lo", -1.0), ("hi", 2.0))]
+            nodes += [helper.make_node("Constant", [], [t.name], value=t) for t in bounds]
+            present = draw(st.sampled_from([(1, 1), (1, 0), (0, 1)]))  # a missing bound is the type's extreme
+            names = [t.name if p else "" for t, p in zip(bounds, present, strict=True)]
+            nodes.append(helper.make_node(op, [current, *names], [out], name=f"n{k}_{op}"))
+        elif op in BINARY:
             nodes.append(helper.make_node(op, [current, "y"], [out], name=f"n{k}_{op}"))
         elif op in REDUCE:
             axes = helper.make_tensor(f"axes{k}", TensorProto.INT64, [1], [-1])

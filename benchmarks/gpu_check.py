@@ -3,7 +3,8 @@
 ``pack`` (this machine: effc, TVM, nvcc, onnxruntime) compiles zoo models for ``--arch`` with ``--target cuda``,
 saves onnxruntime CPU reference outputs for real eval samples, and gathers the runtime bundle:
 
-    benchmarks/gpu_bundle_<plan>/    (plans: ocr = PP-OCR det/cls/rec, Magika, Silero VAD; minilm = MiniLM-L6 fp16)
+    benchmarks/gpu_bundle_<plan>/    (plans: ocr = PP-OCR det/cls/rec, Magika, Silero VAD; minilm = MiniLM-L6 fp16;
+                                      llm = a tiny random Llama decoder in fp32 and block-quant int4, MiniLM-L6 int4)
       runtime/lib/      libtvm_runtime.so, libtvm_runtime_cuda.so, libcudart.so.13   (no libtvm_compiler.so)
       runtime/python/   tvm_ffi built for the GPU machine's Python (cp312 wheel, unpacked; tvm_ffi is not abi3)
       artifacts/<tag>/  model.so + manifest.json          refs/<tag>.npz  inputs in_*, reference outputs ref_*
@@ -11,13 +12,20 @@ saves onnxruntime CPU reference outputs for real eval samples, and gathers the r
 
 Models are added in plan order while the bundle stays under ``--budget-mib`` (64: what one device call carries);
 MiniLM-L6's fp32 weights alone are 90 MB, so it travels in fp16 (``--gpu-precision fp16``: 45 MB ``model.so``, word
-embedding table in fp16 too) in a bundle of its own.
+embedding table in fp16 too) in a bundle of its own. The ``llm`` plan checks effc's CUDA lowerings: block-quant
+int4 weights decoded inside the GEMM/GEMV kernels (MiniLM-L6, the decoder) and a decoder whose KV cache stays on the
+GPU (``prefill``/``decode`` + ``<entry>_kv_write``). SmolLM2-135M does not fit a bundle (int4 ``model.so`` ~79 MB);
+the tiny Llama (2 layers, hidden 64, SmolLM2's vocabulary and tokenizer, random weights, seed 0) exercises the same
+code. A decoder's references are the calls a :class:`~effc.runtime.decoder.DecoderSession` makes under
+onnxruntime on the artifact's graphs (a prompt of 11 tokens, then 8 greedy decode steps): each call's inputs and
+logits.
 
 ``run`` (GPU machine: Python 3.12, torch with CUDA, numpy; no TVM, no network) loads each ``model.so`` with
 :class:`effc.runtime.vm.VmRunner` (tvm_ffi + TVM's runtime libraries), checks its sha256 against the manifest,
 compares the outputs with the references (fp32: max |diff| <= 1e-3; fp16: cosine >= 0.999 and max |diff| <= 2e-2 x
 max |ref|), times ``main`` on device-resident inputs with CUDA events (median and min of ``--repeat`` >= 50 runs
-after ``--warmup``) and writes ``$OUT/gpu_check.json``.
+after ``--warmup``; a decoder: one ``decode`` call plus its cache write, ms per token) and writes
+``$OUT/gpu_check.json``.
 
 PyTorch anchors (eager, ``torch.compile``) are not in this bundle yet: the PP-OCR/Magika/Silero models exist only
 as ONNX (no torch source on the GPU machine) and MiniLM's fp32 weights do not fit beside its artifact.
@@ -41,13 +49,18 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-#: Bundles (one device call each) → (zoo model, gpu_precision) in packing order; an entry that would pass the budget
-#: is left out (recorded). MiniLM-L6 gets its own bundle: 43.6 MiB in fp16 (its fp32 weights alone are 90 MB).
+#: Bundles (one device call each) → (model, gpu_precision, passes) in packing order; an entry that would pass the
+#: budget is left out (recorded). Models are zoo names or :data:`LOCAL_MODELS`. MiniLM-L6 fp32 does not fit (its
+#: weights alone are 90 MB): fp16 in a bundle of its own, or int4 block-quant.
+INT4 = "block-quant(format=int4)"
 PLANS = {
-    "ocr": (("ppocr-det", "fp32"), ("ppocr-cls", "fp32"), ("ppocr-rec", "fp32"), ("magika", "fp32"),
-            ("silero-vad", "fp32"), ("ppocr-det", "fp16")),
-    "minilm": (("minilm-l6", "fp16"),),
+    "ocr": (("ppocr-det", "fp32", ""), ("ppocr-cls", "fp32", ""), ("ppocr-rec", "fp32", ""), ("magika", "fp32", ""),
+            ("silero-vad", "fp32", ""), ("ppocr-det", "fp16", "")),
+    "minilm": (("minilm-l6", "fp16", ""),),
+    "llm": (("tiny-llama", "fp32", ""), ("tiny-llama", "fp32", INT4), ("minilm-l6", "fp32", INT4)),
 }
+#: Decoder check: prompt tokens (one full prefill chunk of 8 and a padded one) and greedy decode steps.
+DECODER_PROMPT, DECODER_STEPS = "The harbour town wakes up slowly, one shutter at a time", 8
 #: Accepted difference to onnxruntime per precision (see the module docstring).
 FP32_MAX_ABS = 1e-3
 FP16_MIN_COSINE, FP16_REL_MAX_ABS = 0.999, 2e-2
@@ -101,6 +114,71 @@ def _runtime_bundle(dest: Path, python_version: str) -> dict:
             "python_bytes": _tree_bytes(dest / "python"), "cudart_bundled": cudart is not None}
 
 
+def tiny_llama(vocab_size: int = 49152, max_cache: int = 64, chunk: int = 8):
+    """A 2-layer random Llama (hidden 64, seed 0) exported as an effc decoder graph.
+
+    With SmolLM2's vocabulary size (the default) it carries SmolLM2's tokenizer, so ``effc.compile`` takes it.
+    """
+    import torch
+    import transformers
+
+    from effc.decoder import smollm2
+    from effc.decoder.export import export_decoder
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   rms_norm_eps=1e-5, tie_word_embeddings=True)
+    extra = {"tokenizer_dir": str(smollm2.fp32_folder())} if vocab_size == 49152 else None
+    return export_decoder(transformers.LlamaForCausalLM(cfg).eval(), max_cache=max_cache, chunk=chunk, extra=extra)
+
+
+#: Models that are not in the zoo: name → a function giving the graph to compile.
+LOCAL_MODELS = {"tiny-llama": tiny_llama}
+
+
+class _Recorder:
+    """A decoder backend that runs another one and records every call's inputs and logits (the references)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def bind_cache(self, cache):
+        self.inner.bind_cache(cache)
+
+    def run(self, entry, ids, positions, mask):
+        out = self.inner.run(entry, ids, positions, mask)
+        self.calls.append((entry, ids, positions, mask, out[0]))
+        return out
+
+
+def _decoder_references(artifact: Path) -> dict[str, np.ndarray]:
+    """Every call of a prompt prefill and greedy decode steps under onnxruntime: ``call_<i>_{ids,positions,mask,ref}``
+    and ``entries`` (the entry point of each call); ``ref`` holds the logits of the call's real tokens."""
+    import transformers
+
+    from effc.ir.decoder import specialize
+    from effc.ir.model import load
+    from effc.runtime.decoder import DecoderSession, OrtBackend
+
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    info = manifest["decoder"]
+    generic = load(artifact / "model.onnx")
+    recorder = _Recorder(OrtBackend({"prefill": specialize(generic, info["chunk"]), "decode": specialize(generic, 1)}))
+    session = DecoderSession(recorder, info)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(artifact / info["tokenizer"]))
+    ids = list(tokenizer(DECODER_PROMPT)["input_ids"])[:info["chunk"] + 3]
+    token = int(np.argmax(session.prefill(ids)[-1]))
+    for _ in range(DECODER_STEPS):
+        token = int(np.argmax(session.decode(token)))
+    arrays = {"entries": np.array([call[0] for call in recorder.calls])}
+    for i, (_, call_ids, positions, mask, logits) in enumerate(recorder.calls):
+        real = len(ids) - i * info["chunk"] if i * info["chunk"] < len(ids) else 1
+        arrays.update({f"call_{i}_ids": call_ids, f"call_{i}_positions": positions, f"call_{i}_mask": mask,
+                       f"call_{i}_ref": logits[0, :min(real, call_ids.shape[1])]})
+    return arrays
+
+
 def _references(artifact: Path, entry, samples: int) -> dict[str, np.ndarray]:
     """Real eval samples of ``entry`` and onnxruntime CPU outputs of the artifact's model.onnx on them."""
     import onnxruntime as ort
@@ -133,11 +211,12 @@ def pack(args: argparse.Namespace) -> None:
                "runtime": _runtime_bundle(out / "runtime", args.python), "models": [], "left_out": []}
     work = Path(tempfile.mkdtemp(prefix="effc-gpu-pack-"))
     try:
-        for name, precision in PLANS[args.plan]:
-            tag = f"{name}-{precision}"
+        for name, precision, passes in PLANS[args.plan]:
+            tag = f"{name}-{precision}" + ("-int4" if passes == INT4 else "")
             start = time.perf_counter()
             try:
-                result = effc.compile(f"zoo:{name}", target="cuda", out_dir=work / tag, eval_samples=1,
+                source = LOCAL_MODELS[name]() if name in LOCAL_MODELS else f"zoo:{name}"
+                result = effc.compile(source, target="cuda", out_dir=work / tag, eval_samples=1, passes=passes,
                                       measure_latency=False,
                                       target_options={"arch": args.arch, "gpu_precision": precision})
             except EffcError as exc:  # one model failing to build must not stop the others
@@ -145,7 +224,8 @@ def pack(args: argparse.Namespace) -> None:
                 print(f"left out {tag}: {exc}", flush=True)
                 continue
             seconds = time.perf_counter() - start
-            refs = _references(result.out_dir, zoo.get(name), args.samples)
+            refs = (_decoder_references(result.out_dir) if result.manifest.get("decoder") else
+                    _references(result.out_dir, zoo.get(name), args.samples))
             size = (result.out_dir / "model.so").stat().st_size + sum(a.nbytes for a in refs.values())
             if _tree_bytes(out) + size > budget:
                 summary["left_out"].append({"tag": tag, "bytes": size, "why": "over the bundle budget"})
@@ -153,12 +233,13 @@ def pack(args: argparse.Namespace) -> None:
                 continue
             dest = out / "artifacts" / tag
             dest.mkdir()
-            for file in ("model.so", "manifest.json"):
+            for file in ("model.so", "manifest.json"):  # (a decoder's tokenizer stays here: calls carry token ids)
                 shutil.copy2(result.out_dir / file, dest / file)
             np.savez(out / "refs" / f"{tag}.npz", **refs)
             info = result.manifest["target"]["info"]
             summary["models"].append({
-                "tag": tag, "precision": precision, "model_so_bytes": (dest / "model.so").stat().st_size,
+                "tag": tag, "precision": precision, "passes": passes, "effc_ops": info.get("effc_ops", {}),
+                "model_so_bytes": (dest / "model.so").stat().st_size,
                 "compile_seconds": round(seconds, 1), "rule_counts": info["rule_counts"],
                 "kernels": len(info["kernels"]),
             })
@@ -218,6 +299,29 @@ def _device_info() -> dict:
     return info
 
 
+def _run_decoder(runner, manifest: dict, refs: dict, args: argparse.Namespace) -> dict:
+    """Replay the recorded calls with the KV cache on the GPU (entry, then ``<entry>_kv_write``); time decode."""
+    specs = manifest["decoder"]["entries"]["prefill"]["inputs"][3:]  # the cache inputs, after ids/positions/mask
+    cache = runner.to_device_arrays([np.zeros(spec["shape"], np.float32) for spec in specs])
+    checks, step = [], None
+    for i, entry in enumerate(str(e) for e in refs["entries"]):
+        ids, positions, mask = runner.to_device_arrays([refs[f"call_{i}_{k}"] for k in ("ids", "positions", "mask")])
+        logits, *new = runner.function(entry)(ids, positions, mask, *cache)
+        runner.function(f"{entry}_kv_write")(*cache, *new, positions)
+        ref = refs[f"call_{i}_ref"]
+        checks.append(_compare(runner.to_numpy(logits)[0][0, :len(ref)], ref, "fp32"))
+        if entry == "decode":
+            step = (ids, positions, mask)
+
+    def decode_once():  # rewrites the last step's slot: the cache stays as it was
+        logits, *new = runner.function("decode")(*step, *cache)
+        runner.function("decode_kv_write")(*cache, *new, step[1])
+
+    return {"precision": "fp32", "decoder": True, "calls": len(checks), "ok": all(c["ok"] for c in checks),
+            "worst_max_abs": max(c["max_abs"] for c in checks), "worst_cosine": min(c["cosine"] for c in checks),
+            "effc_decode_step": _time_cuda(decode_once, args.warmup, args.repeat)}
+
+
 def run(args: argparse.Namespace) -> None:
     """Run, check and time every packed artifact (see the module docstring)."""
     bundle = Path(args.bundle).resolve()
@@ -242,8 +346,13 @@ def run(args: argparse.Namespace) -> None:
                 raise RuntimeError("model.so does not match the sha256 in its manifest")
             precision = manifest["target"]["info"]["gpu_precision"]
             names = [spec["name"] for spec in manifest["inputs"]]
-            runner = VmRunner(art / "model.so", "cuda", names)
             refs = dict(np.load(bundle / "refs" / f"{art.name}.npz"))
+            if manifest.get("decoder"):
+                row.update(_run_decoder(VmRunner(art / "model.so", "cuda", names, entry="prefill"), manifest, refs,
+                                        args))
+                print(json.dumps(row), flush=True)
+                continue
+            runner = VmRunner(art / "model.so", "cuda", names)
             checks = []
             for i in range(len({k.split("_")[1] for k in refs if k.startswith("ref_")})):
                 outputs = runner.run({n: refs[f"in_{i}_{n}"] for n in names})

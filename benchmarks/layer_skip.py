@@ -6,6 +6,7 @@ Run (from the repository root; results are merged into benchmarks/results/layer_
     python benchmarks/layer_skip.py --part latency       # compiled MiniLM: dense, static, adaptive (skip rates)
     python benchmarks/layer_skip.py --part timing --artifact DIR...   # those artifacts, own process each
     flock /tmp/effc-smollm2.lock python benchmarks/layer_skip.py --part smollm2 --count 4   # perplexity vs layers
+    flock /tmp/effc-smollm2.lock python benchmarks/layer_skip.py --part speculate --artifact DIR   # --speculate
 
 ``minilm``: for each candidate kind (FFN sub-blocks; whole layers with the post-norms kept or dropped) and each
 ranking (``influence`` = ShortGPT block influence, ``sleb`` = iterative measured search, ``last`` = the naive
@@ -16,6 +17,11 @@ the cosine of ``sentence_embedding`` against the original on the 20 held-out sen
 ``smollm2``: the prefill graph (128 tokens, 2048-slot cache) with whole layers removed by each ranking (4
 calibration windows of 128 tokens; SLEB scores calibration perplexity), then the perplexity of the held-out prose
 in 512-token windows under onnxruntime (the same windows as the compile report).
+
+``speculate``: an artifact compiled with ``layer-skip(mode=draft)``: greedy generation of ``--tokens`` tokens after
+each of ``--prompts`` chat prompts, plain vs self-speculative (``adaptive`` = ``--speculate``, or a fixed draft
+length), each mode and thread count in its own process, rounds alternating; tokens/s, acceptance rate, and how many
+prompts give exactly the plain greedy tokens.
 
 ``latency``: ``effc compile zoo:minilm-l6`` with each variant (dense; 1 / 2 layers removed by SLEB; FFNs under
 adaptive gates calibrated to skip 0 / 25 / 50% of sequences); the compile report's latency (effc and onnxruntime on
@@ -244,9 +250,84 @@ def smollm2(counts: int, windows: int, ranks: list[str], prefixes: list[int]) ->
         gc.collect()
 
 
+#: Chat prompts of the self-speculative benchmark (SmolLM2-135M-Instruct, one user turn each).
+PROMPTS = (
+    "What is the capital of France?", "Write a short poem about the sea.", "Explain photosynthesis in simple words.",
+    "List three uses of a paperclip.", "How do I boil an egg?", "What is 17 times 3?",
+    "Tell me a fun fact about octopuses.", "Summarize the story of Cinderella.", "Why is the sky blue?",
+    "Give me a tip for learning a new language.", "What does a compiler do?", "Describe a rainy day in a city.",
+    "Name the planets of the solar system.", "How does a bicycle stay upright?", "Write a haiku about autumn.",
+    "What is the difference between weather and climate?", "Suggest a name for a pet turtle.",
+    "How many legs does a spider have?", "What should I pack for a weekend hike?",
+    "Translate 'good morning' to Spanish.")
+
+
+def _speculate_worker(artifact: str, threads: int, mode: str, prompts: int, tokens: int) -> None:
+    """Greedy generation of ``tokens`` tokens for the first ``prompts`` prompts in this process; prints one JSON line.
+
+    ``mode``: ``plain``, ``adaptive`` (speculate=True) or a fixed draft length. Decode time = generate's wall time
+    minus its prefill (the same measure for every mode).
+    """
+    import effc.runtime
+    from effc.codegen.build import set_runtime_threads
+
+    set_runtime_threads(threads)
+    model = effc.runtime.load(artifact)
+    session = model.decoder()
+    session.backend._runner.threads = threads
+    speculate = {"plain": False, "adaptive": True}.get(mode) if mode in ("plain", "adaptive") else int(mode)
+    session.generate("Hello", max_new_tokens=4, chat=True, speculate=speculate)  # warm-up
+    rows = []
+    for prompt in PROMPTS[:prompts]:
+        started = time.perf_counter()
+        out = session.generate(prompt, max_new_tokens=tokens, chat=True, speculate=speculate)
+        wall = (time.perf_counter() - started) * 1e3 - out.prefill_ms
+        rows.append({"tokens": out.tokens, "decode_ms": wall, "speculation": out.speculation})
+    print(json.dumps(rows))
+
+
+def speculate(artifact: str, threads: list[int], modes: list[str], rounds: int, prompts: int, tokens: int) -> None:
+    """Plain vs self-speculative greedy decoding of one artifact: tokens/s, acceptance, identical tokens."""
+    manifest = json.loads((Path(artifact) / "manifest.json").read_text())
+    rows = []
+    for t in threads:
+        env = {**os.environ, "TVM_NUM_THREADS": str(t)}
+        runs: dict[str, list] = {m: [] for m in modes}
+        for _ in range(rounds):
+            for mode in modes:
+                out = subprocess.run([sys.executable, __file__, "--part", "speculate-worker", "--artifact", artifact,
+                                      "--threads", str(t), "--mode", mode, "--prompts", str(prompts), "--tokens",
+                                      str(tokens)], capture_output=True, text=True, env=env, check=True)
+                runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                log.info("threads %d %s: load %.1f", t, mode, os.getloadavg()[0])
+        plain = [r["tokens"] for r in runs[modes[0]][0]]
+        for mode, rounds_ in runs.items():
+            rates = [sum(len(r["tokens"]) - 1 for r in rnd) / sum(r["decode_ms"] for r in rnd) * 1e3 for rnd in rounds_]
+            spec = [r["speculation"] for rnd in rounds_ for r in rnd if r["speculation"]]
+            drafted, accepted = sum(s["drafted"] for s in spec), sum(s["accepted"] for s in spec)
+            rows.append({"threads": t, "mode": mode, "tokens_per_s_median": round(float(np.median(rates)), 2),
+                         "tokens_per_s_max": round(float(np.max(rates)), 2),
+                         "identical_to_plain": sum(r["tokens"] == p for r, p in zip(rounds_[0], plain, strict=True)),
+                         "prompts": prompts, "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
+                         "verify_calls": sum(s["verify_calls"] for s in spec),
+                         "plain_steps": sum(s["plain_steps"] for s in spec)})
+            log.info("%s", rows[-1])
+    part = "speculate-threads-" + "-".join(map(str, threads))
+    save(part, {"artifact": artifact, "draft": manifest["decoder"].get("draft"), "tokens": tokens,
+                "rounds": rounds, "method": "own process per mode and round, rounds alternating; tokens/s = "
+                "generated tokens after the first / decode wall time (generate minus prefill), chat prompts",
+                "rows": rows})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("minilm", "latency", "smollm2", "timing", "time-worker"), required=True)
+    parser.add_argument("--part", choices=("minilm", "latency", "smollm2", "timing", "time-worker", "speculate",
+                                           "speculate-worker"), required=True)
+    parser.add_argument("--modes", default="plain,adaptive,2", help="speculate: plain, adaptive, or draft lengths")
+    parser.add_argument("--thread-list", default="1,2", help="speculate: thread counts")
+    parser.add_argument("--prompts", type=int, default=20, help="speculate: chat prompts (of 20)")
+    parser.add_argument("--tokens", type=int, default=32, help="speculate: new tokens per prompt")
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--artifact", nargs="*", default=[], help="timing: compiled MiniLM artifacts")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runs", type=int, default=3, help="timing: passes over the 20 sentences per round")
@@ -259,7 +340,12 @@ def main() -> None:
     parser.add_argument("--only", help="latency: comma-separated words selecting variants (e.g. dense,adaptive)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.part == "time-worker":
+    if args.part == "speculate-worker":
+        _speculate_worker(args.artifact[0], args.threads, args.mode, args.prompts, args.tokens)
+    elif args.part == "speculate":
+        speculate(args.artifact[0], [int(t) for t in args.thread_list.split(",")], args.modes.split(","), args.rounds,
+                  args.prompts, args.tokens)
+    elif args.part == "time-worker":
         _time_worker(args.artifact[0], args.threads, args.runs)
     elif args.part == "timing":
         timing(args.artifact, args.threads, args.rounds, args.runs)

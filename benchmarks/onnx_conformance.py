@@ -35,6 +35,7 @@ import argparse
 import collections
 import dataclasses
 import datetime as dt
+import functools
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -381,8 +382,23 @@ def run_cases(cases: list[Case], freeze: bool = False, gate: bool = False, jobs:
 
 
 # ----------------------------------------------------------------------------- reporting
+@functools.cache
+def _op_types() -> frozenset[str]:
+    import onnx
+
+    return frozenset(schema.name for schema in onnx.defs.get_all_schemas_with_history())
+
+
+def names_op(detail: str, op: str) -> bool:
+    """Whether a CLEAN_ERROR message names the case's op, or another ONNX op type (an inner node of a function
+    body or of the ``*_expanded`` graph, which is where it failed), as a whole word ("ShapeError" is not Shape)."""
+    if re.search(rf"\b{re.escape(op)}\b", detail):
+        return True
+    return any(word in _op_types() for word in re.findall(r"\b[A-Z][A-Za-z0-9]*\b", detail))
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Counts per class for effc and onnxruntime, and per op."""
+    """Counts per class for effc and onnxruntime, and per op; the CLEAN_ERRORs that name no op (must be none)."""
     per_op: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for r in rows:
         per_op[r["op"]][r["class"]] += 1
@@ -392,6 +408,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "cases": len(rows),
         "effc": {c: sum(r["class"] == c for r in rows) for c in CLASSES},
         "onnxruntime": {c: sum(r["ort"]["class"] == c for r in rows) for c in ("PASS", "WRONG", "ERROR")},
+        "clean_errors_naming_no_op": sorted(r["name"] for r in rows
+                                            if r["class"] == "CLEAN_ERROR" and not names_op(r["detail"], r["op"])),
         "per_op": {op: dict(counts) for op, counts in sorted(per_op.items())},
     }
 
@@ -432,6 +450,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["| case | class | detail |", "|---|---|---|"]
         lines += [f"| {r['name']} | {r['class']} | {r['detail'][:160].replace('|', '/')} |" for r in bad]
         lines.append("")
+    unnamed = result["summary"].get("clean_errors_naming_no_op", [])
+    listed = f" ({', '.join(unnamed[:8])})" if unnamed else ""
+    lines += [f"CLEAN_ERROR messages that name no op: {len(unnamed)}{listed}", ""]
     errors = collections.Counter(re.sub(r"'[^']*'|\d+", "…", r["detail"])[:140] for r in result["cases"]
                                  if r["class"] == "CLEAN_ERROR")
     if errors:

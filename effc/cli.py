@@ -141,7 +141,8 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
 @click.option("--gpu-precision", default=None, metavar="P",
               help="cuda: fp32 (default, exact) or fp16 (tensor cores, fp32 accumulation); see `effc targets`.")
 @click.option("--fallback", default=None, metavar="dense",
-              help="cuda: run effc operators as their reference ONNX bodies (default: an error naming them).")
+              help="cuda: run effc operators without a CUDA lowering (all but block-quant) as their reference "
+                   "ONNX bodies (default: an error naming them).")
 @click.option("--flash", default=None, help="Flash budget for microcontroller targets, e.g. 1M.")
 @click.option("--ram", default=None, help="RAM budget for microcontroller targets, e.g. 256K.")
 @click.option("--force", is_flag=True,
@@ -584,9 +585,12 @@ def _verify_line(name: str, row: dict) -> str:
               help="Nucleus sampling mass (with --temperature > 0).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampler seed.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template (one user turn).")
+@click.option("--speculate", is_flag=True,
+              help="Greedy self-speculative decoding with the artifact's draft entry point (layer-skip(mode=draft)): "
+                   "the same tokens; reports acceptance rate, draft length and skipped layers.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text and timings) instead of streaming.")
 @click.pass_context
-def generate(ctx, artifact, prompt, max_new_tokens, temperature, top_p, seed, chat, as_json):
+def generate(ctx, artifact, prompt, max_new_tokens, temperature, top_p, seed, chat, speculate, as_json):
     """Generate text with a decoder artifact: streams the text, then prefill ms, decode ms/token, tokens/s."""
 
     def run():
@@ -595,7 +599,7 @@ def generate(ctx, artifact, prompt, max_new_tokens, temperature, top_p, seed, ch
         model = effc.runtime.load(artifact)
         stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
         result = model.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                seed=seed, chat=chat, on_text=stream)
+                                seed=seed, chat=chat, on_text=stream, speculate=speculate)
         if as_json:
             click.echo(json.dumps(result.to_dict()))
             return
@@ -605,6 +609,14 @@ def generate(ctx, artifact, prompt, max_new_tokens, temperature, top_p, seed, ch
         err_console.print(escape(f"prompt {result.prompt_tokens} tokens, prefill {result.prefill_ms:.1f} ms; "
                                  f"{len(result.tokens)} tokens generated, decode {decode}, {speed} "
                                  f"(stopped: {result.stopped})"), highlight=False, soft_wrap=True)
+        if result.speculation is not None:
+            spec = result.speculation
+            rate = "n/a" if spec["acceptance_rate"] is None else f"{spec['acceptance_rate']:.0%}"
+            err_console.print(escape(f"speculation: draft skips layers {spec['skipped_layers']}, acceptance {rate}, "
+                                     f"{spec['verify_calls']} verify calls (mean draft {spec['mean_draft_length']}), "
+                                     f"{spec['plain_steps']} plain steps, "
+                                     f"{'on' if spec['speculating'] else 'off'} at the end"),
+                              highlight=False, soft_wrap=True)
 
     _guard(ctx, run)
 

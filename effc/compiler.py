@@ -399,7 +399,7 @@ def compile_model(
         MismatchError: the compiled outputs disagree with onnxruntime on the evaluation samples (the outputs and
             the first disagreeing node are named); ``allow_mismatch`` writes the artifact anyway.
     """
-    from effc.codegen.frontend import check_importable
+    from effc.codegen.frontend import check_importable, check_io_types
     from effc.eval import agreement, cost, gates
     from effc.ir.calibration import Calibration
     from effc.ir.canonicalize import canonicalize
@@ -458,6 +458,7 @@ def compile_model(
                                started=started, chunk=chunk, max_cache=max_cache)
     shapes = {**loaded.input_shapes, **{k: tuple(v) for k, v in dict(input_shapes or {}).items()}}
     original = _copy(loaded.model)
+    check_io_types(loaded.model)  # a sequence input has no shape: say so before canonicalize asks for one
     canonical = canonicalize(loaded.model, input_shapes=shapes or None, constant_inputs=loaded.constant_inputs or None)
     check_importable(canonical)  # fail before the passes; target.build checks the rewritten model again
     primary = _primary_output(loaded, canonical, primary_output, limits)

@@ -7,6 +7,8 @@ benchmarks/onnx_conformance.py --freeze-config-inputs`` (docs/BENCHMARKS.md).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -24,6 +26,30 @@ def test_fast_subset_has_no_wrong_answer_and_no_crash():
     assert not bad
     passed = sum(r["class"] == "PASS" for r in rows)
     assert passed >= MIN_PASS, [(r["name"], r["detail"]) for r in rows if r["class"] != "PASS"]
+    unnamed = [(r["name"], r["detail"]) for r in rows
+               if r["class"] == "CLEAN_ERROR" and not conformance.names_op(r["detail"], r["op"])]
+    assert not unnamed
+
+
+def test_the_recorded_full_run_meets_the_bar():
+    # benchmarks/results/onnx_conformance_frozen.json: the last full run (docs/BENCHMARKS.md shows its table)
+    result = json.loads((conformance.RESULTS / "onnx_conformance_frozen.json").read_text())
+    effc = result["summary"]["effc"]
+    assert result["summary"]["cases"] == 1884 and effc["WRONG"] == 0 and effc["CRASH"] == 0 and effc["PASS"] >= 1500
+    unnamed = [(r["name"], r["detail"]) for r in result["cases"]
+               if r["class"] == "CLEAN_ERROR" and not conformance.names_op(r["detail"], r["op"])]
+    assert not unnamed  # every refusal names the op (or the inner node of a function body) it stopped at
+
+
+@pytest.mark.parametrize(("detail", "op", "named"), [
+    ("TargetError: TVM cannot compile MatMul node 'n27' (bfloat16): ...", "Attention", True),
+    ("UnsupportedOpError: ... not supported by TVM's ONNX frontend: RandomUniformLike (e.g. node 'n')", "Bernoulli",
+     True),
+    ("ShapeError: input(s) with unknown dims: x (?N); fix: give a deployment shape", "Shape", False),
+    ("TargetError: TVM failed at step 'lower and build': InternalError: Check failed", "HannWindow", False),
+])
+def test_a_clean_error_names_an_op(detail, op, named):
+    assert conformance.names_op(detail, op) is named
 
 
 def test_compare_is_exact_on_dtype_shape_and_nan():

@@ -25,6 +25,7 @@ import onnx_ir as ir
 import tvm
 from tvm.relax.frontend.onnx import onnx_frontend as _tvm_onnx
 
+from effc.codegen.tvm_output import tvm_output_to_log
 from effc.errors import TargetError, UnsupportedOpError
 from effc.ops.base import EFFC_DOMAIN
 
@@ -36,9 +37,12 @@ _DIRECT_OPS = frozenset({"If", "Constant"})
 _EFFC_PREFIX = "effc."
 
 _EFFC_CONVERTERS: dict[str, type] = {}
+#: TVM target kind (``cuda``) → effc op_type → a converter that replaces the default one while a target of that kind
+#: is in scope (``with tvm_target: to_relax(model)``): e.g. GPU lowerings whose kernels DLight schedules.
+_TARGET_CONVERTERS: dict[str, dict[str, type]] = {}
 
 
-def register_converter(op_type: str, domain: str = EFFC_DOMAIN) -> Callable[[type], type]:
+def register_converter(op_type: str, domain: str = EFFC_DOMAIN, target: str | None = None) -> Callable[[type], type]:
     """Register a TVM converter for an effc operator (active only during :func:`to_relax`).
 
     The decorated class follows TVM's ``OnnxOpConverter`` protocol: classmethods ``_impl_vN(cls, bb, inputs, attr,
@@ -48,6 +52,8 @@ def register_converter(op_type: str, domain: str = EFFC_DOMAIN) -> Callable[[typ
     Args:
         op_type: the effc operator name, e.g. ``"NMSparseMatMul"``.
         domain: must be ``"effc"`` (standard ops are TVM's business).
+        target: a TVM target kind (``"cuda"``): the converter applies only while a target of that kind is in scope,
+            in place of the default one; None: the default converter.
 
     Returns:
         A class decorator that registers the class and returns it unchanged.
@@ -61,9 +67,10 @@ def register_converter(op_type: str, domain: str = EFFC_DOMAIN) -> Callable[[typ
     def decorate(cls: type) -> type:
         if not any(name.startswith("_impl_v") for name in dir(cls)):
             raise ValueError(f"converter {cls.__name__} for effc.{op_type} defines no _impl_vN method")
-        if op_type in _EFFC_CONVERTERS and _EFFC_CONVERTERS[op_type] is not cls:
+        table = _EFFC_CONVERTERS if target is None else _TARGET_CONVERTERS.setdefault(target, {})
+        if op_type in table and table[op_type] is not cls:
             logger.warning("converter for effc.%s replaced by %s", op_type, cls.__name__)
-        _EFFC_CONVERTERS[op_type] = cls
+        table[op_type] = cls
         return cls
 
     return decorate
@@ -90,14 +97,25 @@ def constant_input(expr: Any, params: dict | None, what: str) -> np.ndarray:
 
 
 def _load_builtin_converters() -> None:
-    """Import ``effc.codegen.ops`` so every built-in effc-operator converter is registered (idempotent)."""
-    import effc.codegen.ops  # noqa: F401  (registration side effect)
+    """Import ``effc.codegen.ops`` and the GPU lowerings so every built-in converter is registered (idempotent)."""
+    import effc.codegen.cuda.ops  # noqa: F401  (registration side effect)
+    import effc.codegen.ops  # noqa: F401
 
 
-def registered_converters() -> dict[str, type]:
-    """The registered converters, ``{effc op_type: converter class}`` (a copy)."""
+def registered_converters(target: str | None = None) -> dict[str, type]:
+    """The registered converters, ``{effc op_type: converter class}`` (a copy).
+
+    Args:
+        target: a TVM target kind: the converters in effect for it (its own over the defaults); None: the defaults.
+    """
     _load_builtin_converters()
-    return dict(_EFFC_CONVERTERS)
+    return {**_EFFC_CONVERTERS, **_TARGET_CONVERTERS.get(target or "", {})}
+
+
+def _target_kind() -> str | None:
+    """The kind of the TVM target in scope (``llvm``, ``cuda``, ...), or None."""
+    current = tvm.target.Target.current(allow_none=True)
+    return str(current.kind.name) if current is not None else None
 
 
 def _tvm_supported_op_types() -> frozenset[str]:
@@ -145,18 +163,53 @@ def check_importable(model: ir.Model) -> None:
 
     Raises:
         UnsupportedOpError: lists every unsupported operator type with example node names.
-        TargetError: a graph input or output is not a tensor (a sequence or optional): artifacts take and return
-            tensors.
+        TargetError: a graph input or output is not a tensor an artifact can take or return
+            (:func:`check_io_types`).
     """
     missing = unsupported_ops(model)
     if missing:
         raise UnsupportedOpError(missing)
-    odd = [v.name for v in [*model.graph.inputs, *model.graph.outputs]
-           if v.type is not None and not isinstance(v.type, ir.TensorType)]
-    if odd:
-        raise TargetError(f"graph input(s)/output(s) {odd} are sequences or optionals, not tensors",
-                          "effc artifacts take and return tensors: make the model output a tensor "
-                          "(e.g. ConcatFromSequence) or run it with onnxruntime")
+    check_io_types(model)
+
+
+#: Element types an artifact cannot take or return: TVM's runtime packs sub-byte types 2 (4) per byte where numpy
+#: (ml_dtypes) uses a byte each, and has no string tensors. Type → what the user can do instead.
+_IO_TYPES = {
+    **{t: f"pass it as {wide} and Cast inside the model" for t, wide in (
+        (ir.DataType.INT4, "int8"), (ir.DataType.UINT4, "uint8"), (ir.DataType.INT2, "int8"),
+        (ir.DataType.UINT2, "uint8"), (ir.DataType.FLOAT4E2M1, "float32"))},
+    ir.DataType.STRING: "turn the strings into numbers (e.g. token ids) before the model",
+}
+
+
+def _users_label(value: ir.Value) -> str:
+    """``"Cast node 'n'"``: the node making ``value`` (a graph output) or its first user (a graph input)."""
+    node = value.producer()
+    if node is None:
+        users = [use.node for use in value.uses()]
+        node = users[0] if users else None
+    return f"{node.op_type} node '{_node_label(node)}'" if node is not None else "no node"
+
+
+def check_io_types(model: ir.Model) -> None:
+    """Raise if a graph input or output is not a tensor an artifact can take or return.
+
+    Raises:
+        TargetError: a sequence / optional, a string tensor or a sub-byte tensor (int4, uint4, int2, uint2,
+            float4e2m1) at the graph boundary; the message names the value and the op that reads or makes it.
+    """
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        role = "input" if value in model.graph.inputs else "output"
+        where = f"graph {role} {value.name!r} (of {_users_label(value)})"
+        if value.type is not None and not isinstance(value.type, ir.TensorType):
+            raise TargetError(f"{where} is a sequence or optional, not a tensor",
+                              "effc artifacts take and return tensors: make the model output a tensor "
+                              "(e.g. ConcatFromSequence) or run it with onnxruntime")
+        dtype = value.dtype
+        if dtype in _IO_TYPES:
+            raise TargetError(f"{where} has element type {dtype.name}, which an effc artifact cannot take or return "
+                              "(TVM's runtime stores sub-byte types packed, strings not at all)",
+                              f"{_IO_TYPES[dtype]}, or run it with onnxruntime")
 
 
 def _rename_effc_nodes(graph: onnx.GraphProto) -> None:
@@ -197,10 +250,12 @@ def _effc_converters_active(keep_tvm: frozenset[str] = frozenset(), index_guards
     original_map = _tvm_onnx._get_convert_map
     importer = _tvm_onnx.ONNXGraphImporter
     original_convert = importer._convert_operator
+    import effc.codegen.std_nan  # noqa: F401  (registers its converters in STANDARD_OVERRIDES)
     from effc.codegen.index_guard import INDEX_GUARDS
     from effc.codegen.std_ops import STANDARD_OVERRIDES
 
-    extra = {_EFFC_PREFIX + op: _as_tvm_converter(cls) for op, cls in _EFFC_CONVERTERS.items()}
+    converters = registered_converters(_target_kind())
+    extra = {_EFFC_PREFIX + op: _as_tvm_converter(cls) for op, cls in converters.items()}
     # standard ops TVM lowers wrongly: effc's own converters
     extra.update({op: cls for op, cls in STANDARD_OVERRIDES.items() if op not in keep_tvm})
     if index_guards:
@@ -258,7 +313,7 @@ def to_relax(model: ir.Model, *, keep_tvm: frozenset[str] = frozenset(), index_g
     captured = io.StringIO()
     try:
         converters = _effc_converters_active(keep_tvm, index_guards)
-        with converters, warnings.catch_warnings(), contextlib.redirect_stdout(captured):
+        with converters, warnings.catch_warnings(), contextlib.redirect_stdout(captured), tvm_output_to_log():
             warnings.simplefilter("ignore")
             mod = _tvm_onnx.from_onnx(proto)
     except _NodeConversionError as exc:

@@ -177,6 +177,8 @@ _FLOAT8 = {
 #: ONNX element type id → TVM dtype name of the 8-bit float types (Cast's ``to`` is an ONNX id).
 _FLOAT8_IDS = {17: "float8_e4m3fn", 18: "float8_e4m3fnuz", 19: "float8_e5m2", 20: "float8_e5m2fnuz",
                24: "float8_e8m0fnu"}
+#: ONNX element type id → TVM dtype name of the integer types whose float conversion effc defines (_float_to_int).
+_INT_IDS = {6: "int32", 7: "int64"}
 
 
 def _code(value: float, dtype: str) -> int:
@@ -230,6 +232,21 @@ def _decode_float8(x: te.Tensor, table: te.Tensor) -> te.Tensor:
     return te.compute(x.shape, lambda *i: table[tirx.reinterpret("uint8", x(*i))], name="decode_float8")
 
 
+def _float_to_int(x: relax.Expr, to: str, cast: relax.Expr) -> relax.Expr:
+    """``cast`` (float ``x`` → int32 / int64) with the integer minimum where the conversion is undefined.
+
+    NaN, ±inf and values outside ``[-2^(b-1), 2^(b-1))`` have no integer value (C leaves the conversion undefined;
+    LLVM's ``fptosi`` gives poison, which came out as 0: a NaN-derived Gather index read row 0). x86's
+    ``cvttss2si`` gives the integer minimum, which is what onnxruntime returns on x86, and which lies outside
+    every index range, so effc's index guard refuses it as onnxruntime's Gather does.
+    """
+    bits = int(to[3:]) - 1
+    low, high = _const(-(2.0 ** bits), x), _const(2.0 ** bits, x)
+    inside = relax.op.logical_and(relax.op.greater_equal(x, low), relax.op.less(x, high))  # false for NaN
+    inside = relax.op.logical_and(inside, relax.op.isfinite(x))  # float16: 2^63 rounds to inf
+    return relax.op.where(inside, cast, relax.const(int(np.iinfo(to).min), to))
+
+
 @_override("Cast")
 class Cast(_tvm.Cast):
     """Casts from and to the 8-bit float types, with ONNX's rounding and saturation (TVM's conversions are wrong).
@@ -238,7 +255,8 @@ class Cast(_tvm.Cast):
     kept E5M2's NaN codes as numbers and rounded subnormals differently. effc decodes with a 256-entry table of the
     exact values and encodes with round-to-nearest-even (:func:`_encode_float8`). ``saturate=1`` (the default)
     clamps to the largest finite value, ``saturate=0`` gives inf (E5M2) or NaN (the other formats) past it; NaN
-    stays NaN. Casts to ``float8_e8m0`` (ONNX's ``round_mode``) are refused.
+    stays NaN. Casts to ``float8_e8m0`` (ONNX's ``round_mode``) are refused. Float to int32 / int64 gives the
+    integer minimum where C leaves the value undefined (:func:`_float_to_int`).
     """
 
     @classmethod
@@ -255,6 +273,8 @@ class Cast(_tvm.Cast):
         if to == "float8_e8m0fnu":
             raise NotImplementedError("Cast to float8_e8m0 (ONNX round_mode) is not supported: cast to float32, "
                                       "or give the scale as float8_e8m0 data")
+        if _INT_IDS.get(to, to) in ("int32", "int64") and _is_float(x):
+            return _float_to_int(x, _INT_IDS.get(to, to), super()._impl_v13(bb, inputs, attr, params))
         fmt = _FLOAT8.get(to)
         if fmt is None or not _is_float(x):
             return super()._impl_v13(bb, inputs, attr, params)
@@ -521,12 +541,16 @@ class Dropout(_tvm.Dropout):
 def _nan_propagating(base: type) -> type:
     """``base`` (variadic Max / Min) returning NaN where any float input is NaN.
 
-    ONNX does (onnxruntime, numpy's ``maximum``); LLVM's ``maxnum``/``minnum`` return the other operand.
+    ONNX does (onnxruntime, numpy's ``maximum``); LLVM's ``maxnum``/``minnum`` return the other operand. The
+    inputs are folded pairwise (``maximum``/``minimum``): TVM's stack-and-reduce starts from the finite extreme,
+    so the Max of ``-inf`` and ``-inf`` was ``-3.4e38``.
     """
 
     def make(version: str) -> classmethod:
         def impl(cls, bb, inputs, attr, params):
-            out = getattr(base, version).__func__(cls, bb, inputs, attr, params)
+            if all(isinstance(x, tvm.ir.GenericConst) for x in inputs):
+                return getattr(base, version).__func__(cls, bb, inputs, attr, params)
+            out = base._impl_dynamic(bb, [x for x in inputs if x is not None])
             floats = [x for x in inputs if x is not None and _is_float(x) and not isinstance(x, tvm.ir.GenericConst)]
             if not floats:
                 return out

@@ -4,7 +4,9 @@ Flow (DESIGN.md, "Decoders"): the token-generic graph (:mod:`effc.ir.decoder`) i
 chunk ``P``; the passes rewrite it once, calibrated on token windows; the rewritten graph is made token-generic
 again and specialized to one token for ``decode``, whose attention becomes ``effc.DecodeAttention``
 (:mod:`effc.decoder.attention`: only the valid prefix of the cache is read). Under onnxruntime, prefill and decode
-of the rewritten graphs are checked to agree (a pass that baked the chunk length in would fail here). The CPU target
+of the rewritten graphs are checked to agree (a pass that baked the chunk length in would fail here). A decoder
+whose metadata holds a draft (``layer-skip(mode=draft)``) gets two more entry points, ``draft`` and ``verify``
+(:mod:`effc.decoder.speculative`). The CPU target
 compiles both into one ``model.so`` (weights once); ``model.onnx`` is the rewritten token-generic graph; the
 tokenizer is copied into ``tokenizer/``. The report gives perplexity vs the original model, prefill and decode
 latency vs onnxruntime on the same graphs, weight bytes read per decoded token and KV-cache bytes per token.
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from effc.decoder import speculative
 from effc.decoder.attention import fuse_decode_attention
 from effc.errors import EffcError, PassError, TargetError
 from effc.ir.decoder import decoder_info, regeneralize, specialize
@@ -167,6 +170,7 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
     fused = fuse_decode_attention(decode)
     fused_prefill = fuse_decode_attention(result.model)  # a first chunk attends to its own tokens, not S slots
     graphs = {"prefill": result.model, "decode": decode}
+    entries = {**graphs, **speculative.entry_graphs(generic, info)}  # + draft, verify (layer-skip draft)
     eval_ids = list(tokenizer(text.eval_text())["input_ids"])
     consistency = check_consistency(graphs, info, eval_ids[:info["chunk"] + 2], threads)
     stop_ids = sorted({int(t) for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>"))
@@ -179,9 +183,9 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
         tokenizer.save_pretrained(tmp / "tokenizer")
         token_files = sorted(str(p.relative_to(tmp)) for p in (tmp / "tokenizer").rglob("*") if p.is_file())
         build_started = time.perf_counter()
-        build = tgt.build_entries(graphs, tmp, options)
+        build = tgt.build_entries(entries, tmp, options)
         build_seconds = time.perf_counter() - build_started
-        decoder = {**info, "entries": {name: io_signature(g) for name, g in graphs.items()},
+        decoder = {**info, "entries": {name: io_signature(g) for name, g in entries.items()},
                    "tokenizer": "tokenizer", "stop_token_ids": stop_ids,
                    "chat_template": bool(getattr(tokenizer, "chat_template", None))}
         manifest = {
@@ -192,12 +196,15 @@ def compile_decoder(loaded: Any, *, out: Path, tgt: Any, passes: str, options: d
             "target": {"name": tgt.name, "options": options, "info": build.info},
             **io_signature(graphs["prefill"]), "decoder": decoder,
         }
-        runner = tgt.load(tmp, {**manifest, "files": {rel: sha256_of(tmp / rel) for rel in build.files}})
+        runner = (tgt.load(tmp, {**manifest, "files": {rel: sha256_of(tmp / rel) for rel in build.files}})
+                  if tgt.can_run_here() else None)  # e.g. a cuda artifact built here: nothing to run it on
         report = evaluate_decoder(loaded.model, graphs, runner, info, tokenizer, eval_ids, threads,
                                   measure_latency, latency_repeat)
         report["decoder"]["prefill_decode_consistency_max_abs"] = consistency
         report["decoder"]["decode_attention_fused_layers"] = fused
         report["decoder"]["prefill_attention_fused_layers"] = fused_prefill
+        if info.get("draft"):
+            report["decoder"]["draft"] = info["draft"]
         weight_bytes = bytes_read_per_token(graphs["decode"])
         kv_bytes = kv_bytes_per_token(info)
         report["decoder"].update(weight_bytes_per_decoded_token=weight_bytes, kv_cache_bytes_per_token=kv_bytes,
@@ -289,8 +296,12 @@ def _tokenizer(folder: Path | None) -> Any:
 def evaluate_decoder(original: ir.Model, graphs: dict[str, ir.Model], runner: Any, info: dict[str, Any],
                      tokenizer: Any, eval_ids: list[int], threads: int, measure_latency: bool,
                      repeat: int) -> dict[str, Any]:
-    """Perplexity (original under onnxruntime, rewritten under onnxruntime, compiled) and latency of both sides."""
-    from effc.runtime.decoder import CompiledBackend, OrtBackend, perplexity
+    """Perplexity (original under onnxruntime, rewritten under onnxruntime, compiled) and latency of both sides.
+
+    ``runner`` None (the artifact cannot run on this machine): the compiled perplexity and latency are not measured
+    (None, with ``compiled_not_measured`` saying why).
+    """
+    from effc.runtime.decoder import OrtBackend, compiled_backend, perplexity
 
     window = min(PPL_WINDOW, info["max_cache"])  # a cache shorter than the window scores shorter windows (stated)
     original_info = {**decoder_info(original), "chunk": info["chunk"]}  # its own cache (all layers, float32)
@@ -300,9 +311,15 @@ def evaluate_decoder(original: ir.Model, graphs: dict[str, ir.Model], runner: An
     ppl["rewritten_onnxruntime"] = perplexity(_session(OrtBackend({"prefill": graphs["prefill"]}, threads), info),
                                               eval_ids, window)
     gc.collect()
-    compiled = _session(CompiledBackend(runner), info)
-    ppl["compiled"] = perplexity(compiled, eval_ids, window)
     base = ppl["original_onnxruntime"]["perplexity"]
+    if runner is None:
+        ppl["compiled"] = None
+        return {"decoder": {"perplexity": ppl, "perplexity_window": window, "perplexity_change_pct": None,
+                            "eval_text": "held-out original English prose", "max_cache": info["max_cache"],
+                            "chunk": info["chunk"],
+                            "compiled_not_measured": "the target's device is not on this machine"}}
+    compiled = _session(compiled_backend(runner), info)
+    ppl["compiled"] = perplexity(compiled, eval_ids, window)
     report: dict[str, Any] = {"decoder": {
         "perplexity": ppl, "perplexity_window": window, "eval_text": "held-out original English prose",
         "perplexity_change_pct": round((ppl["compiled"]["perplexity"] / base - 1) * 100, 3),

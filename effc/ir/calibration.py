@@ -36,7 +36,7 @@ class Calibration:
             raise CalibrationError(f"calibration data {source!r} holds no samples",
                                    "pass at least one feed (e.g. --data file.npz or a zoo model's samples)")
         for k, feed in enumerate(feeds):
-            if not isinstance(feed, Mapping) or not feed:
+            if not isinstance(feed, Mapping):  # {} is the one sample of a model without inputs
                 raise CalibrationError(f"calibration sample {k} of {source!r} is not a dict of arrays",
                                        "give each sample as {input name: numpy array}")
         self._feeds = [{name: np.asarray(a) for name, a in feed.items()} for feed in feeds]

@@ -27,7 +27,7 @@ import onnx
 import onnx_ir as ir
 from onnxscript.optimizer import _constant_folding
 
-from effc.errors import ShapeError
+from effc.errors import LoadError, ShapeError
 from effc.ir.cast_like import cast_likes_to_casts
 from effc.ir.empty_reduce import fold_empty_reductions
 from effc.ir.expand import expand_function_ops
@@ -200,6 +200,19 @@ def _count_nodes(model: ir.Model) -> int:
     return sum(len(g) for g in model.graphs())
 
 
+def _sort_nodes(model: ir.Model) -> None:
+    """Put the nodes (subgraphs included) in topological order, which ONNX requires but some tools do not write.
+
+    Raises:
+        LoadError: the graph has a cycle (no order exists).
+    """
+    try:
+        model.graph.sort()
+    except ValueError as exc:
+        raise LoadError(f"the graph has a cycle, so its nodes have no topological order: {exc}",
+                        "re-export the model; ONNX graphs must be acyclic (onnx.checker.check_model finds it)") from exc
+
+
 def canonicalize(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None,
                  constant_inputs: Mapping[str, np.ndarray] | None = None) -> ir.Model:
     """Return a canonical copy of ``model``: every main-graph value has a static shape, constants folded.
@@ -221,6 +234,7 @@ def canonicalize(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | No
     """
     ir.external_data.load_to_model(model)  # lazy external tensors would lose their base folder in the copy
     work = ir.from_proto(ir.to_proto(model))
+    _sort_nodes(work)
     record = _fix_inputs(work, dict(input_shapes or {}), dict(constant_inputs or {}))
     nodes_before = _count_nodes(work)
     lstms = 0

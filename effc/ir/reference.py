@@ -99,8 +99,11 @@ class Reference:
             self.session = ort.InferenceSession(proto.SerializeToString(), options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise EffcError(f"onnxruntime cannot load the model: {err}",
-                            "run onnx.checker on the model; a pass may have produced an invalid graph") from err
+            hint = ("effc checks every compile against onnxruntime, which has no CPU kernel for this op and type: "
+                    "use a type its kernels support (e.g. float32), or run the model elsewhere"
+                    if "NOT_IMPLEMENTED" in str(err) else
+                    "run onnx.checker on the model; a pass may have produced an invalid graph")
+            raise EffcError(f"onnxruntime cannot load the model: {err}", hint) from err
         self.input_names = [i.name.removesuffix(_WIDE_SUFFIX) for i in self.session.get_inputs()]
         self.output_names = [o.name.removesuffix(_WIDE_SUFFIX) for o in self.session.get_outputs()]
         self._wide_names = [i.name for i in self.session.get_inputs()]

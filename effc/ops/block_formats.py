@@ -14,7 +14,17 @@ MX formats (OCP Microscaling Formats (MX) v1.0, section 5 "MX formats" and secti
 
 MXINT8 elements are 8-bit two's complement with an implicit scale of 2^-6 (values ``k / 64``), symmetric in
 [-127, 127] as in the spec's reference code. Plain ``int8``/``int4`` blocks are symmetric with one float16 or
-float32 scale ``amax / qmax`` per block (the layout of ONNX ``DequantizeLinear`` with ``block_size``).
+float32 scale ``amax / qmax`` per block (the layout of ONNX ``DequantizeLinear`` with ``block_size``); on weights
+already on that grid (GGUF Q8_0: ``w = d * q``, ``d`` float16, ``|q| <= 127`` with 127 reached) int8 blocks of 32
+reproduce ``d`` and ``q`` exactly.
+
+Asymmetric ``int4_asym`` blocks (GGUF / llama.cpp ``Q4_1``: ggml-quants.c ``quantize_row_q4_1_ref``) store unsigned
+codes ``q`` in 0..15, a scale ``d`` and a minimum ``m`` per block (float16 by default: 5 bits per weight at blocks of
+32), ``w = d * q + m``. Quantizing takes ``m = min(block)`` and ``d = (max(block) - m) / 15`` rounded to the scale
+type, then ``q = clip(round((w - m) / d), 0, 15)`` with the stored ``d`` and ``m``. A weight already on such a grid
+(a dequantized Q4_1 tensor: the block minimum has code 0 and the maximum code 15) comes back bit for bit, since
+``d * q`` is exact in float32 (11 + 4 significant bits) and ``d * q + m`` is rounded once both here and in the
+kernels (an FMA).
 
 Codes are unsigned bytes holding the element's bit pattern (``ml_dtypes`` layout for the FP formats, two's
 complement for ints); :mod:`effc.ops.bitpack` packs them densely.
@@ -54,13 +64,13 @@ class BlockFormat:
 
     Attributes:
         name: spelling used in pipelines (``"mxfp4"``).
-        kind: ``"mxfp"`` (FP elements, E8M0 scale), ``"mxint"`` (int8 elements k/64, E8M0 scale) or ``"int"``
-            (symmetric integers, float scale).
+        kind: ``"mxfp"`` (FP elements, E8M0 scale), ``"mxint"`` (int8 elements k/64, E8M0 scale), ``"int"``
+            (symmetric integers, float scale) or ``"asym"`` (unsigned integers, float scale and float minimum).
         bits: bits per element code.
         element_dtype: the ``ml_dtypes``/numpy element type (FP formats), or None.
         emax: exponent of the element format's largest normal number (MX formats; OCP MX v1.0 table 1-4).
         max_value: largest finite element magnitude (before the shared scale), for saturation.
-        qmax: largest integer code magnitude (int kinds).
+        qmax: largest integer code magnitude (int kinds; the largest code of ``asym``).
     """
 
     name: str
@@ -76,11 +86,18 @@ class BlockFormat:
         """True for formats with a shared E8M0 power-of-two scale."""
         return self.kind in ("mxfp", "mxint")
 
+    @property
+    def has_minimum(self) -> bool:
+        """True for asymmetric formats: a float minimum per block beside the scale (``w = d * q + m``)."""
+        return self.kind == "asym"
+
     def code_table(self) -> np.ndarray:
         """Value of every element code, shape ``(2**bits,)`` float32 (the decoding lookup table, before scale)."""
         codes = np.arange(2**self.bits, dtype=np.uint8)
         if self.kind == "mxfp":
             return codes.view(self.element_dtype).astype(np.float32)
+        if self.kind == "asym":
+            return codes.astype(np.float32)
         signed = np.where(codes >= 2 ** (self.bits - 1), codes.astype(np.int32) - 2**self.bits, codes)
         values = signed.astype(np.float32)
         return values / 64.0 if self.kind == "mxint" else values
@@ -98,6 +115,7 @@ FORMATS: dict[str, BlockFormat] = {
         BlockFormat("mxfp4", "mxfp", 4, ml_dtypes.float4_e2m1fn, 2, 6.0),
         BlockFormat("int8", "int", 8, None, 0, 127.0, 127),
         BlockFormat("int4", "int", 4, None, 0, 7.0, 7),
+        BlockFormat("int4_asym", "asym", 4, None, 0, 15.0, 15),
     )
 }
 
@@ -115,17 +133,18 @@ def get_format(name: str) -> BlockFormat:
 
 
 def bits_per_weight(fmt: BlockFormat | str, block_size: int = 32, scale_bits: int | None = None) -> float:
-    """Storage bits per element including the shared scale (e.g. 4.25 for MXFP4 with blocks of 32).
+    """Storage bits per element including the shared scale (e.g. 4.25 for MXFP4, 5.0 for int4_asym, blocks of 32).
 
     Args:
         fmt: the format or its name.
         block_size: elements per block.
-        scale_bits: bits of one scale; default 8 (E8M0) for MX formats, 16 (float16) for int formats.
+        scale_bits: bits of one scale (and of one minimum for asymmetric formats); default 8 (E8M0) for MX formats,
+            16 (float16) for int formats.
     """
     fmt = get_format(fmt) if isinstance(fmt, str) else fmt
     if scale_bits is None:
         scale_bits = 8 if fmt.is_mx else 16
-    return fmt.bits + scale_bits / block_size
+    return fmt.bits + scale_bits * (2 if fmt.has_minimum else 1) / block_size
 
 
 @dataclasses.dataclass
@@ -141,6 +160,7 @@ class QuantizedBlocks:
         shape: the original tensor shape.
         axis: the blocked axis of the original tensor (non-negative).
         block_size: elements per block.
+        minimums: per-block minimums of asymmetric formats, shape and dtype of ``scales``; None for the others.
     """
 
     codes: np.ndarray
@@ -149,6 +169,7 @@ class QuantizedBlocks:
     shape: tuple[int, ...]
     axis: int
     block_size: int
+    minimums: np.ndarray | None = None
 
     def scale_values(self) -> np.ndarray:
         """Scales as float32 values, shape ``(*other, nblocks)``."""
@@ -193,10 +214,28 @@ def quantize(
     x = np.asarray(x, dtype=np.float32)
     axis = axis % max(x.ndim, 1)
     blocks, _ = _blocks(x, axis, block_size)
+    if fmt.has_minimum:
+        scales, minimums, codes = _asym_blocks(blocks, fmt, scale_dtype)
+        return QuantizedBlocks(codes, scales, fmt, tuple(x.shape), axis, block_size, minimums)
     scales, scale_values = block_scales(blocks, fmt, scale_dtype)
     codes = element_codes(blocks / scale_values[..., None] if not fmt.is_mx else
                           np.ldexp(blocks, -(scales.astype(np.int32) - E8M0_BIAS)[..., None]), fmt)
     return QuantizedBlocks(codes, scales, fmt, tuple(x.shape), axis, block_size)
+
+
+def _asym_blocks(blocks: np.ndarray, fmt: BlockFormat, scale_dtype: str) -> tuple[np.ndarray, ...]:
+    """``(scales, minimums, codes)`` of blocks ``(..., block_size)`` in an asymmetric format (module docstring).
+
+    ``m = min(block)`` and ``d = (max(block) - m) / qmax`` are rounded to ``scale_dtype`` (clamped to its finite
+    range); codes use the stored ``d`` and ``m``. A constant block gets ``d = 0`` and codes 0 (``w = m``).
+    """
+    finite = float(np.finfo(scale_dtype).max)
+    lo = np.clip(np.min(blocks, axis=-1), -finite, finite).astype(scale_dtype)
+    m = lo.astype(np.float32)
+    d = np.clip((np.max(blocks, axis=-1) - m) / np.float32(fmt.qmax), 0.0, finite).astype(scale_dtype)
+    step = d.astype(np.float32)
+    scaled = (blocks - m[..., None]) / np.where(step > 0, step, np.float32(1.0))[..., None]
+    return d, lo, element_codes(np.where(step[..., None] > 0, scaled, 0.0), fmt)
 
 
 def block_scales(blocks: np.ndarray, fmt: BlockFormat, scale_dtype: str = "float16") -> tuple[np.ndarray, np.ndarray]:
@@ -219,6 +258,8 @@ def block_scales(blocks: np.ndarray, fmt: BlockFormat, scale_dtype: str = "float
 
 def element_codes(scaled: np.ndarray, fmt: BlockFormat) -> np.ndarray:
     """Codes (uint8) of values already divided by their block scale: saturate, then round to nearest even."""
+    if fmt.has_minimum:  # (w - m) / d: unsigned codes 0..qmax
+        return np.clip(np.rint(np.asarray(scaled, np.float32)), 0, fmt.qmax).astype(np.uint8)
     scaled = np.clip(np.asarray(scaled, np.float32), -fmt.max_value, fmt.max_value)  # OCP MX v1.0 section 6.3
     if fmt.kind == "mxfp":
         return scaled.astype(fmt.element_dtype).view(np.uint8)
@@ -233,8 +274,13 @@ def round_to_elements(scaled: np.ndarray, fmt: BlockFormat) -> np.ndarray:
 
 
 def dequantize(q: QuantizedBlocks) -> np.ndarray:
-    """Values of a :class:`QuantizedBlocks`, float32 with the original shape (code value × block scale)."""
+    """Values of a :class:`QuantizedBlocks`, float32 with the original shape.
+
+    Code value × block scale, plus the block minimum of asymmetric formats.
+    """
     values = q.fmt.code_table()[q.codes] * q.scale_values()[..., None]
+    if q.minimums is not None:
+        values = values + q.minimums.astype(np.float32)[..., None]
     flat = values.reshape(*values.shape[:-2], -1)[..., : q.shape[q.axis]]
     return np.ascontiguousarray(np.moveaxis(flat, -1, q.axis))
 

@@ -7,16 +7,20 @@ block size, e.g. ``"mxfp4_b32"``):
 * ``Y = effc.BlockQuantMatMul(X, Wq, S)``: ``Y = X @ W`` with ``X`` ``(..., K)`` float32 and ``W`` of shape
   ``(K, N)`` stored transposed and packed: ``Wq`` uint8 ``(N, K * bits / 8)`` (each row = one output channel, codes
   along the reduction axis K, see :mod:`effc.ops.bitpack`), ``S`` uint8 E8M0 ``(N, K / block_size)`` (MX formats)
-  or float16 / float32 scale values (int8 / int4). ``Y`` ``(..., N)`` float32. MACs: rows × K × N.
+  or float16 / float32 scale values (int8 / int4 / int4_asym). ``Y`` ``(..., N)`` float32. MACs: rows × K × N.
+  Asymmetric formats (``int4_asym``, GGUF Q4_1) take a fourth input ``M``, the block minimums (shape and type of
+  ``S``): ``W = code * S + M`` per block (``Y = effc.BlockQuantMatMul(X, Wq, S, M)``).
 * ``Y = effc.BlockQuantGather(Tq, S, I)``: ``Y = Gather(T, I)`` for an embedding table ``T`` ``(V, D)`` stored
   as ``Tq`` uint8 ``(V, D * bits / 8)`` and ``S`` ``(V, D / block_size)`` (blocks along D); ``I`` int64 of any
-  shape, negative ids count from the end; ``Y`` ``(*I.shape, D)`` float32. MACs: 0 (a table lookup).
+  shape, negative ids count from the end; ``Y`` ``(*I.shape, D)`` float32. MACs: 0 (a table lookup). Asymmetric
+  formats: ``effc.BlockQuantGather(Tq, S, I, M)``.
 * ``Y = effc.BlockQDQ(X)``: dynamic MX quantize-dequantize of an activation ``X`` ``(..., K)`` float32 along its
   last axis in blocks of ``block_size`` (weights + activations mode, KV mode); ``Y`` has ``X``'s shape. MACs: 0.
 
 Decoding is bit-exact with :func:`effc.ops.block_formats.dequantize`: codes are unpacked with integer
 ``Div``/``Mod`` (opset 13+), element values come from a lookup table (``Gather``), scales from a 256-entry table of
-``2^(s - 127)`` and one exact product (a power of two times an element value). ``BlockQDQ`` computes
+``2^(s - 127)`` and one exact product (a power of two times an element value); asymmetric blocks add the minimum
+after the exact product ``code * S`` (one rounding, as an FMA in the kernels). ``BlockQDQ`` computes
 ``floor(log2 |x|)`` with ``Log`` plus an exact correction step against ``Pow(2, e)``, so scales are exact too.
 Nodes carry ``format`` and ``block_size`` attributes for the TVM converters (:mod:`effc.codegen.ops.block_quant`).
 Source: OCP MX v1.0 sections 5.3 and 6.3.
@@ -96,8 +100,9 @@ def _unpack(b: _Body, packed: str, bits: int) -> str:
     return b.op("Reshape", stacked, b.const(np.array([0, -1], np.int64)))
 
 
-def _dequant_rows(b: _Body, packed: str, scales: str, fmt: BlockFormat, block_size: int) -> str:
-    """float32 rows ``(R, C)`` from packed codes and E8M0 scales ``(R, C / block_size)``."""
+def _dequant_rows(b: _Body, packed: str, scales: str, fmt: BlockFormat, block_size: int,
+                  minimums: str | None = None) -> str:
+    """float32 rows ``(R, C)`` from packed codes and scales ``(R, C / block_size)`` (plus minimums, asymmetric)."""
     codes = _unpack(b, packed, fmt.bits)
     values = b.op("Gather", b.const(fmt.code_table()), codes, axis=0)
     if fmt.is_mx:
@@ -107,6 +112,9 @@ def _dequant_rows(b: _Body, packed: str, scales: str, fmt: BlockFormat, block_si
         scale = b.op("Cast", scales, to=TensorProto.FLOAT)
     blocks = b.op("Reshape", values, b.const(np.array([0, -1, block_size], np.int64)))
     scaled = b.op("Mul", blocks, b.op("Unsqueeze", scale, b.const(np.array([-1], np.int64))))
+    if minimums is not None:
+        low = b.op("Cast", minimums, to=TensorProto.FLOAT)
+        scaled = b.op("Add", scaled, b.op("Unsqueeze", low, b.const(np.array([-1], np.int64))))
     return b.op("Reshape", scaled, b.const(np.array([0, -1], np.int64)))
 
 
@@ -186,8 +194,20 @@ def _node_attrs(fmt: BlockFormat, block_size: int) -> list[ir.Attr]:
     return [ir.AttrString("format", fmt.name), ir.AttrInt64("block_size", block_size)]
 
 
+def _minimums_input(fmt: BlockFormat, minimums: ir.Value | None) -> list[ir.Value]:
+    """``[minimums]`` for an asymmetric format, ``[]`` otherwise.
+
+    Raises:
+        ValueError: minimums given for a format without them, or missing for one with them.
+    """
+    if fmt.has_minimum != (minimums is not None):
+        raise ValueError(f"format {fmt.name} {'needs' if fmt.has_minimum else 'takes no'} block minimums")
+    return [minimums] if minimums is not None else []
+
+
 def add_block_quant_matmul(
-    model: ir.Model, x: ir.Value, wq: ir.Value, scales: ir.Value, fmt: BlockFormat, block_size: int, name: str
+    model: ir.Model, x: ir.Value, wq: ir.Value, scales: ir.Value, fmt: BlockFormat, block_size: int, name: str,
+    minimums: ir.Value | None = None,
 ) -> ir.Node:
     """A new (not yet inserted) ``effc.BlockQuantMatMul`` node; attaches the function body to ``model``.
 
@@ -199,23 +219,26 @@ def add_block_quant_matmul(
         fmt: element format of the codes.
         block_size: elements per block along K.
         name: node name.
+        minimums: block minimums ``(N, K / block_size)`` (type of ``scales``) of an asymmetric format, else None.
 
     Returns:
-        The node, ``Y (..., N) = X @ decode(wq, scales)ᵀ``.
+        The node, ``Y (..., N) = X @ decode(wq, scales[, minimums])ᵀ``.
 
     Raises:
-        ValueError: the model's opset is older than 13.
+        ValueError: the model's opset is older than 13, or ``minimums`` does not fit the format.
     """
+    extra = _minimums_input(fmt, minimums)
     b = _Body("bqmm", _opset(model))
-    w_nk = _dequant_rows(b, "Wq", "S", fmt, block_size)
+    w_nk = _dequant_rows(b, "Wq", "S", fmt, block_size, "M" if extra else None)
     y = b.op("MatMul", "X", b.op("Transpose", w_nk, perm=[1, 0]))
-    add_function(model, _function("BlockQuantMatMul", fmt, block_size, ["X", "Wq", "S"], b, y))
-    return ir.Node(EFFC_DOMAIN, "BlockQuantMatMul", [x, wq, scales], _node_attrs(fmt, block_size),
+    add_function(model, _function("BlockQuantMatMul", fmt, block_size, ["X", "Wq", "S", *("M" for _ in extra)], b, y))
+    return ir.Node(EFFC_DOMAIN, "BlockQuantMatMul", [x, wq, scales, *extra], _node_attrs(fmt, block_size),
                    overload=overload_name(fmt, block_size), name=name, num_outputs=1)
 
 
 def add_block_quant_gather(
-    model: ir.Model, tq: ir.Value, scales: ir.Value, ids: ir.Value, fmt: BlockFormat, block_size: int, name: str
+    model: ir.Model, tq: ir.Value, scales: ir.Value, ids: ir.Value, fmt: BlockFormat, block_size: int, name: str,
+    minimums: ir.Value | None = None,
 ) -> ir.Node:
     """A new ``effc.BlockQuantGather`` node (embedding lookup of a block-quantized ``(V, D)`` table).
 
@@ -227,18 +250,20 @@ def add_block_quant_gather(
         fmt: element format of the codes.
         block_size: elements per block along D.
         name: node name.
+        minimums: block minimums ``(V, D / block_size)`` (type of ``scales``) of an asymmetric format, else None.
 
     Returns:
         The node, ``Y (*ids.shape, D)``.
 
     Raises:
-        ValueError: the model's opset is older than 13.
+        ValueError: the model's opset is older than 13, or ``minimums`` does not fit the format.
     """
+    extra = _minimums_input(fmt, minimums)
     b = _Body("bqg", _opset(model))
-    table = _dequant_rows(b, "Tq", "S", fmt, block_size)
+    table = _dequant_rows(b, "Tq", "S", fmt, block_size, "M" if extra else None)
     y = b.op("Gather", table, "I", axis=0)
-    add_function(model, _function("BlockQuantGather", fmt, block_size, ["Tq", "S", "I"], b, y))
-    return ir.Node(EFFC_DOMAIN, "BlockQuantGather", [tq, scales, ids], _node_attrs(fmt, block_size),
+    add_function(model, _function("BlockQuantGather", fmt, block_size, ["Tq", "S", "I", *("M" for _ in extra)], b, y))
+    return ir.Node(EFFC_DOMAIN, "BlockQuantGather", [tq, scales, ids, *extra], _node_attrs(fmt, block_size),
                    overload=overload_name(fmt, block_size), name=name, num_outputs=1)
 
 
@@ -275,11 +300,13 @@ def check_function_proto(function: ir.Function) -> None:
     onnx.checker.check_function(ir.serde.serialize_function(function))
 
 
-def decode_rows(packed: np.ndarray, scales: np.ndarray, fmt: BlockFormat | str, block_size: int) -> np.ndarray:
+def decode_rows(packed: np.ndarray, scales: np.ndarray, fmt: BlockFormat | str, block_size: int,
+                minimums: np.ndarray | None = None) -> np.ndarray:
     """Numpy decode of packed rows: ``(R, C * bits / 8)`` uint8 codes and ``(R, C / block_size)`` scales → ``(R, C)``.
 
-    Scales are E8M0 codes (MX formats) or float16 / float32 values (int formats); float32 result, bit-exact with
-    the function bodies and :func:`effc.ops.block_formats.dequantize`.
+    Scales are E8M0 codes (MX formats) or float16 / float32 values (int formats); ``minimums`` (the scales' shape and
+    type) are added per block for asymmetric formats. float32 result, bit-exact with the function bodies and
+    :func:`effc.ops.block_formats.dequantize`.
     """
     fmt = get_format(fmt) if isinstance(fmt, str) else fmt
     cols = scales.shape[1] * block_size
@@ -288,17 +315,22 @@ def decode_rows(packed: np.ndarray, scales: np.ndarray, fmt: BlockFormat | str, 
         scale = np.ldexp(np.float32(1.0), scales.astype(np.int32) - E8M0_BIAS).astype(np.float32)
     else:
         scale = scales.astype(np.float32)
-    return (values.reshape(len(values), -1, block_size) * scale[..., None]).reshape(len(values), cols)
+    blocks = values.reshape(len(values), -1, block_size) * scale[..., None]
+    if minimums is not None:
+        blocks = blocks + minimums.astype(np.float32)[..., None]
+    return blocks.reshape(len(values), cols)
 
 
-def matmul_reference(x: np.ndarray, wq: np.ndarray, s: np.ndarray, *, format: str, block_size: int) -> np.ndarray:  # noqa: A002
-    """Numpy ``effc.BlockQuantMatMul``: ``X (..., K) @ decode_rows(Wq, S).T`` → ``(..., N)`` float32."""
-    return np.matmul(x, decode_rows(wq, s, format, block_size).T)
+def matmul_reference(x: np.ndarray, wq: np.ndarray, s: np.ndarray, m: np.ndarray | None = None, *,
+                     format: str, block_size: int) -> np.ndarray:  # noqa: A002
+    """Numpy ``effc.BlockQuantMatMul``: ``X (..., K) @ decode_rows(Wq, S[, M]).T`` → ``(..., N)`` float32."""
+    return np.matmul(x, decode_rows(wq, s, format, block_size, m).T)
 
 
-def gather_reference(tq: np.ndarray, s: np.ndarray, ids: np.ndarray, *, format: str, block_size: int) -> np.ndarray:  # noqa: A002
+def gather_reference(tq: np.ndarray, s: np.ndarray, ids: np.ndarray, m: np.ndarray | None = None, *,
+                     format: str, block_size: int) -> np.ndarray:  # noqa: A002
     """Numpy ``effc.BlockQuantGather``: rows ``ids`` of the decoded ``(V, D)`` table → ``(*ids.shape, D)``."""
-    return decode_rows(tq, s, format, block_size)[ids]
+    return decode_rows(tq, s, format, block_size, m)[ids]
 
 
 def qdq_reference(x: np.ndarray, *, format: str, block_size: int) -> np.ndarray:  # noqa: A002
@@ -325,22 +357,29 @@ def _no_macs(node: ir.Node) -> int:
 
 _ATTRS = ("format", "block_size")
 def _coded_reader(codes_index: int):
-    """Reader of the codes at input ``codes_index`` (scales follow them): ``(value, (R, C) float32, label)``."""
+    """Reader of the codes at input ``codes_index``: ``(value, (R, C) float32, label)``.
+
+    Scales follow the codes; the minimums of an asymmetric format are input 3 when present.
+    """
 
     def read(node: ir.Node) -> tuple[ir.Value, np.ndarray, str] | None:
         fmt_name, block_size = node.attributes.get_string("format"), node.attributes.get_int("block_size")
         codes = node.inputs[codes_index] if len(node.inputs) > codes_index + 1 else None
         scales = node.inputs[codes_index + 1] if codes is not None else None
+        low = node.inputs[3] if len(node.inputs) > 3 else None
         if codes is None or codes.const_value is None or scales.const_value is None or not fmt_name:
             return None
-        dense = decode_rows(codes.const_value.numpy(), scales.const_value.numpy(), fmt_name, block_size)
+        if low is not None and low.const_value is None:
+            return None
+        dense = decode_rows(codes.const_value.numpy(), scales.const_value.numpy(), fmt_name, block_size,
+                            None if low is None else low.const_value.numpy())
         return codes, dense, f"block-quantized {fmt_name}"
 
     return read
 
 
-register_op(OpSpec("BlockQuantMatMul", ("X", "Wq", "S"), _ATTRS, matmul_macs, matmul_reference,
+register_op(OpSpec("BlockQuantMatMul", ("X", "Wq", "S", "M"), _ATTRS, matmul_macs, matmul_reference,
                    coded_weight=_coded_reader(1)))
-register_op(OpSpec("BlockQuantGather", ("Tq", "S", "I"), _ATTRS, _no_macs, gather_reference,
+register_op(OpSpec("BlockQuantGather", ("Tq", "S", "I", "M"), _ATTRS, _no_macs, gather_reference,
                    coded_weight=_coded_reader(0)))
 register_op(OpSpec("BlockQDQ", ("X",), _ATTRS, _no_macs, qdq_reference))

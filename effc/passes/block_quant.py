@@ -7,6 +7,9 @@ What is quantized (blocks of ``block_size`` along the reduction axis, formats in
   blocked along K, and embedding tables of Gather (axis 0) ``(V, D)``, blocked along D. A decoder's tied
   embedding, stored once as the output projection ``(D, V)`` and gathered along axis 1, is quantized once: the
   lookup (``effc.BlockQuantGather`` + Transpose) and the projection read the same codes and scales.
+  ``embedding_format`` gives the tables (a tied projection included) a format of their own, e.g.
+  ``block-quant(format=int4_asym,embedding_format=int8)``: the layout of a GGUF Q4_1 model (Q4_1 linears, Q8_0
+  token embedding), which both formats reproduce exactly when the weights are on those grids.
 * ``mode=weight_act``: the same weights, plus a dynamic per-block quantize-dequantize of every quantized layer's
   input activation along K (``act_format``, default the weight format; an MX format).
 * ``mode=kv``: only the attention keys and values (the KV cache): the outputs of the K and V projections, found
@@ -16,10 +19,11 @@ What is quantized (blocks of ``block_size`` along the reduction axis, formats in
   (uint8 codes + E8M0 scales) for the 8-bit MX formats, as float32 values on the MX grid for the others.
 
 Representation in ``model.onnx`` (onnxruntime runs it unchanged): a MatMul becomes ``effc.BlockQuantMatMul``
-(packed codes + scales initializers) and a Gather ``effc.BlockQuantGather``; both carry an ONNX function body
-that decodes bit-exactly (:mod:`effc.ops.block_quant`). int8/int4 weights use a standard
-``DequantizeLinear(block_size=...)`` when the model imports opset >= 21 (the first opset with blocked
-quantization), else the same effc operators with float scales.
+(packed codes + scales initializers, + minimums for ``int4_asym``) and a Gather ``effc.BlockQuantGather``; both
+carry an ONNX function body that decodes bit-exactly (:mod:`effc.ops.block_quant`). int8/int4 weights use a
+standard ``DequantizeLinear(block_size=...)`` when the model imports opset >= 21 (the first opset with blocked
+quantization), else the same effc operators with float scales; ``int4_asym`` always uses the effc operators (its
+float minimum is no integer zero point).
 
 Compensation for low-bit formats (needs calibration): ``gptq=true`` (sequential column update with the input
 Hessian, GPTQ) and ``lorc_rank=r`` (ZeroQuant-FP LoRC: ``Y += (X @ U) @ V`` with the rank-r SVD of the error).
@@ -67,6 +71,10 @@ class BlockQuantOptions(PassOptions):
     """Options of ``block-quant``; see the module docstring."""
 
     format: str = dataclasses.field(default="mxint8", metadata={"help": "element format", "choices": tuple(FORMATS)})
+    embedding_format: str | None = dataclasses.field(
+        default=None, metadata={"help": "format of embedding tables, a tied output projection included (default: "
+                                        "format)", "choices": tuple(FORMATS)}
+    )
     block_size: int = dataclasses.field(default=32, metadata={"help": "elements per block along the reduction axis"})
     mode: str = dataclasses.field(default="weight", metadata={"help": "weight | weight_act | kv", "choices": MODES})
     act_format: str | None = dataclasses.field(
@@ -91,8 +99,17 @@ class BlockQuantOptions(PassOptions):
         default=False, metadata={"help": "mode=kv on a decoder: group each KV head's value channels by magnitude"})
 
     def validate(self) -> None:
-        """Raises: PipelineError: unknown format/mode, a bad block size or rank, or a non-MX activation format."""
+        """Check the options.
+
+        Raises:
+            PipelineError: unknown format/mode, a bad block size or rank, a non-MX activation format, or GPTQ with
+                an asymmetric format.
+        """
         get_format(self.format)
+        if self.embedding_format is not None:
+            get_format(self.embedding_format)
+        if self.gptq and get_format(self.format).has_minimum:
+            self.fail("gptq", self.gptq, f"false with {self.format} (GPTQ rounds to symmetric and MX formats only)")
         if self.block_size < 2 or self.block_size & (self.block_size - 1):
             self.fail("block_size", self.block_size, "a power of two >= 2 (32 in OCP MX)")
         if self.mode not in MODES:
@@ -164,8 +181,9 @@ class BlockQuantPass(EffcPass):
         opts = self.options
         fmt = get_format(opts.format)
         act_fmt = get_format(opts.act_format or (opts.format if fmt.is_mx else "mxint8"))
-        self.stats = {"format": fmt.name, "mode": opts.mode, "layers": {}, "skipped": [], "kv_values": [],
-                      "lorc_skipped": [], "gptq_rejected": []}
+        table_fmt = get_format(opts.embedding_format or opts.format)
+        self.stats = {"format": fmt.name, "embedding_format": table_fmt.name, "mode": opts.mode, "layers": {},
+                      "skipped": [], "kv_values": [], "lorc_skipped": [], "gptq_rejected": []}
         if opts.mode == "kv":
             count = self._quantize_kv(model, act_fmt)
             return ir.passes.PassResult(model, modified=count > 0)
@@ -175,12 +193,14 @@ class BlockQuantPass(EffcPass):
             _upgrade_opset(model)  # before selecting: the converter replaces the nodes
         targets = self._select(find_targets(model, opts.ops, self.stats["skipped"]))
         hessians = self._hessians(model, targets) if opts.gptq and not opts.gptq_sequential else {}
-        cache: dict[int, tuple[ir.Value, ir.Value, np.ndarray]] = {}
+        cache: dict[int, tuple[ir.Value, ir.Value, ir.Value | None, np.ndarray]] = {}
+        tables = {id(t.weight) for t in targets if t.kind == "Gather"}  # a tied projection reads the same weight
         for t in targets:
             if opts.gptq and opts.gptq_sequential and t.node.name not in hessians:
                 # inputs as the partly quantized model computes them: one tap per distinct layer input
                 hessians.update(self._hessians(model, [u for u in targets if u.node.inputs[0] is t.node.inputs[0]]))
-            self._rewrite(model, t, fmt, act_fmt, hessians.get(t.node.name), cache)
+            self._rewrite(model, t, table_fmt if id(t.weight) in tables else fmt, act_fmt, hessians.get(t.node.name),
+                          cache)
         for t in targets:  # drop fp32 weights nobody reads any more
             if not t.weight.uses() and t.weight.name in model.graph.initializers:
                 model.graph.initializers.pop(t.weight.name)
@@ -337,7 +357,7 @@ class BlockQuantPass(EffcPass):
     def _rewrite(self, model, t: QuantTarget, fmt, act_fmt, h, cache) -> None:
         opts, graph, bs = self.options, model.graph, self.options.block_size
         base = (t.weight.name or t.node.name or "w").replace("/", "_")
-        use_dq = not fmt.is_mx and model.opset_imports.get("", 0) >= 21
+        use_dq = fmt.kind == "int" and model.opset_imports.get("", 0) >= 21
         entry = cache.get(id(t.weight))
         if entry is None:
             # Blocks along the reduction axis: (K, N) axis 0 for MatMul/Gemm, axis 1 of Gather (V, D) / Conv rows.
@@ -356,20 +376,21 @@ class BlockQuantPass(EffcPass):
                 codes, scales = pack_blocks(q.codes, q.scales, fmt.bits)
             wq = _initializer(graph, f"{base}_q{fmt.name}", codes)
             sv = _initializer(graph, f"{base}_scale", scales)
-            entry = cache[id(t.weight)] = (wq, sv, deq)
-        wq, sv, deq = entry
+            mv = None if q.minimums is None else _initializer(graph, f"{base}_min", np.ascontiguousarray(q.minimums))
+            entry = cache[id(t.weight)] = (wq, sv, mv, deq)
+        wq, sv, mv, deq = entry
         deq = deq if deq.shape == t.array.shape else deq.T  # a tied table: (K, N) projection, (V, D) lookup
-        nbytes = wq.const_value.nbytes + sv.const_value.nbytes
+        nbytes = sum(v.const_value.nbytes for v in (wq, sv, mv) if v is not None)
         new_nodes: list[ir.Node] = []
         name = t.node.name or base
         if t.kind == "Conv":
-            new_nodes.extend(_decoded_conv(model, t, wq, sv, fmt, bs, use_dq, name))
+            new_nodes.extend(_decoded_conv(model, t, (wq, sv, mv), fmt, bs, use_dq, name))
         elif t.kind == "Gather":
             if use_dq:
                 out = _dequantize_linear(new_nodes, wq, sv, 1, bs, name)
                 new_nodes.append(ir.node("Gather", [out, t.node.inputs[1]], {"axis": 0}, name=f"{name}/gather"))
             else:
-                new_nodes.append(bq_ops.add_block_quant_gather(model, wq, sv, t.node.inputs[1], fmt, bs, name))
+                new_nodes.append(bq_ops.add_block_quant_gather(model, wq, sv, t.node.inputs[1], fmt, bs, name, mv))
             if t.gather_axis == 1:  # rows (*I, D) back to the (D, *I) of a Gather along axis 1 of a (D, V) table
                 rank = len(t.node.inputs[1].shape)
                 new_nodes.append(ir.node("Transpose", [new_nodes[-1].outputs[0]], {"perm": [rank, *range(rank)]},
@@ -383,7 +404,7 @@ class BlockQuantPass(EffcPass):
                 w = _dequantize_linear(new_nodes, wq, sv, 0, bs, name)
                 new_nodes.append(ir.node("MatMul", [x, w], name=f"{name}/matmul"))
             else:
-                new_nodes.append(bq_ops.add_block_quant_matmul(model, x, wq, sv, fmt, bs, name))
+                new_nodes.append(bq_ops.add_block_quant_matmul(model, x, wq, sv, fmt, bs, name, mv))
             y = new_nodes[-1].outputs[0]
             if self._lorc_rank(t) > 0:
                 u, v = lorc(t.array - deq, opts.lorc_rank)
@@ -474,7 +495,7 @@ def _upgrade_opset(model: ir.Model) -> bool:
     return True
 
 
-def _decoded_conv(model: ir.Model, t: QuantTarget, wq: ir.Value, sv: ir.Value, fmt, block_size: int, use_dq: bool,
+def _decoded_conv(model: ir.Model, t: QuantTarget, stored: tuple, fmt, block_size: int, use_dq: bool,
                   name: str) -> list[ir.Node]:
     """Nodes that decode a block-quantized Conv weight ``(Cout, R)``, reshape it to the kernel and convolve.
 
@@ -483,13 +504,14 @@ def _decoded_conv(model: ir.Model, t: QuantTarget, wq: ir.Value, sv: ir.Value, f
     The decode is ``DequantizeLinear(axis=1, block_size)`` for int formats at opset >= 21, else
     ``effc.BlockQuantGather`` of all ``Cout`` rows (its ONNX body decodes bit-exactly).
     """
+    wq, sv, mv = stored  # codes, scales, minimums (None unless asymmetric)
     nodes: list[ir.Node] = []
     cout = t.array.shape[0]
     if use_dq:
         flat = _dequantize_linear(nodes, wq, sv, 1, block_size, name)
     else:
         rows = _initializer(model.graph, f"{wq.name}_rows", np.arange(cout, dtype=np.int64))
-        nodes.append(bq_ops.add_block_quant_gather(model, wq, sv, rows, fmt, block_size, f"{name}/decode"))
+        nodes.append(bq_ops.add_block_quant_gather(model, wq, sv, rows, fmt, block_size, f"{name}/decode", mv))
         flat = nodes[-1].outputs[0]
     shape = _initializer(model.graph, f"{wq.name}_shape", np.array(t.weight.const_value.shape, np.int64))
     nodes.append(ir.node("Reshape", [flat, shape], name=f"{name}/kernel"))

@@ -20,6 +20,11 @@ none of these one candidate goes. With a quality bound, removal stops at the fir
 would break it. For a decoder, removing a whole layer also removes its slice of the KV cache
 (:func:`effc.ir.decoder.remove_cache_layers`).
 
+``mode=draft`` (decoders, whole layers) removes nothing either: the layers a draft step of self-speculative
+decoding skips are chosen (``count``/``ratio``, or measured on calibration: :mod:`effc.passes.skip_draft`) and
+recorded in the decoder metadata, from which the compiler adds ``draft`` and ``verify`` entry points
+(:mod:`effc.decoder.speculative`; ``effc generate --speculate``).
+
 ``mode=adaptive`` (encoders, ``blocks=ffn``) removes nothing: each FFN sub-block runs under a per-sequence gate,
 ``If(s < τ)``, with ``τ`` calibrated to skip ``ratio`` of the calibration sequences (:mod:`effc.passes.skip_gate`).
 """
@@ -34,17 +39,19 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
+from effc.decoder.speculative import DEFAULT_DRAFT_TOKENS
 from effc.errors import CalibrationError, PassError
 from effc.ir import decoder as decoder_ir
+from effc.ir.calibration import Calibration
 from effc.ir.residual import ResidualBlock, find_layers, find_residual_blocks
-from effc.passes import skip_gate
+from effc.passes import skip_draft, skip_gate
 from effc.passes.base import EffcPass, PassOptions, register_pass
 from effc.passes.rewrite import replace_value
 from effc.passes.skip_scoring import GatedEvaluator, block_influence
 
 logger = logging.getLogger(__name__)
 
-MODES = ("static", "adaptive", "report")
+MODES = ("static", "adaptive", "draft", "report")
 BLOCKS = ("layer", "ffn", "attention", "sublayer", "conv", "all")
 RANKS = ("influence", "sleb", "last")
 NORMS = ("keep", "drop")
@@ -57,7 +64,8 @@ class LayerSkipOptions(PassOptions):
     """Options of ``layer-skip``."""
 
     mode: str = dataclasses.field(default="static", metadata={
-        "help": "static (remove) | adaptive (FFNs under a run-time gate, blocks=ffn) | report", "choices": MODES})
+        "help": "static (remove) | adaptive (FFNs under a run-time gate, blocks=ffn) | draft (decoders: a draft entry "
+                "point skips the layers, for effc generate --speculate) | report", "choices": MODES})
     blocks: str = dataclasses.field(default="layer", metadata={
         "help": "candidates: layer | ffn | attention | sublayer (ffn+attention) | conv | all", "choices": BLOCKS})
     rank: str = dataclasses.field(default="influence", metadata={"help": "influence | sleb | last", "choices": RANKS})
@@ -74,6 +82,8 @@ class LayerSkipOptions(PassOptions):
         "help": "only candidates whose name matches one of these patterns (e.g. [layers.1,layers.3])"})
     output: str | None = dataclasses.field(default=None, metadata={"help": "graph output compared (default: all)"})
     samples: int = dataclasses.field(default=16, metadata={"help": "calibration feeds used for ranking"})
+    tokens: int = dataclasses.field(default=DEFAULT_DRAFT_TOKENS, metadata={
+        "help": "draft: tokens drafted per verify call at most (the verify entry point takes tokens + 1)"})
 
     def validate(self) -> None:
         """Check the option values.
@@ -93,6 +103,8 @@ class LayerSkipOptions(PassOptions):
             self.fail("max_ppl_increase", self.max_ppl_increase, "a non-negative fraction (0.1 = +10%)")
         if self.samples < 1:
             self.fail("samples", self.samples, "a positive integer")
+        if not 1 <= self.tokens <= 16:
+            self.fail("tokens", self.tokens, "an integer in [1, 16]")
 
 
 @dataclasses.dataclass
@@ -201,6 +213,7 @@ class LayerSkipPass(EffcPass):
             raise PassError("layer-skip(min_cosine=...) compares outputs; a decoder is bounded by perplexity",
                             "use max_ppl_increase= (0.1 = +10%) for a decoder")
         needs = o.rank != "last" or o.min_cosine is not None or o.max_ppl_increase is not None
+        needs = needs or (o.mode == "draft" and o.count is None and o.ratio is None)  # the draft is measured
         if needs and o.mode != "report" and self.calibration is None:
             raise CalibrationError(f"layer-skip(rank={o.rank}) measures blocks on calibration data but got none",
                                    "give calibration inputs (--data FILE.npz, or a zoo: model), or use rank=last "
@@ -226,10 +239,10 @@ class LayerSkipPass(EffcPass):
             return score <= evaluator.reference_value * (1.0 + o.max_ppl_increase)
         return True
 
-    def _select(self, pool: list[Candidate], influence: list[float] | None, evaluator: GatedEvaluator | None
-                ) -> list[tuple[Candidate, float | None]]:
-        """Candidates to remove in removal order, each with the score measured after its removal."""
-        limit, rank = self._limit(len(pool)), self.options.rank
+    def _select(self, pool: list[Candidate], influence: list[float] | None, evaluator: GatedEvaluator | None,
+                limit: int | None = None) -> list[tuple[Candidate, float | None]]:
+        """Candidates to remove in removal order (``limit`` at most), each with the score measured after its removal."""
+        limit, rank = self._limit(len(pool)) if limit is None else limit, self.options.rank
         chosen: list[tuple[Candidate, float | None]] = []
         gone: set[int] = set()
         order = list(reversed(range(len(pool)))) if rank == "last" else list(np.argsort(influence, kind="stable"))
@@ -270,6 +283,33 @@ class LayerSkipPass(EffcPass):
                           calibration_skip_rate=float(np.mean(rates)) if rates else 0.0)
         return bool(gates)
 
+    def _draft(self, model: ir.Model, usable: list[Candidate], influence: list[float] | None,
+               feeds: Calibration | None, decoder: bool) -> bool:
+        """``mode=draft``: record the layers a draft step skips (:mod:`effc.passes.skip_draft`); weights unchanged."""
+        o = self.options
+        if not decoder or o.blocks != "layer":
+            raise PassError("layer-skip(mode=draft) adds a draft entry point that skips whole layers of a decoder",
+                            "compile a decoder (e.g. zoo:smollm2-135m) with blocks=layer (the default)")
+        fixed = o.count is not None or o.ratio is not None
+        counts = [self._limit(len(usable))] if fixed else skip_draft.prefixes(len(usable))
+        if not usable or counts[0] < 1:
+            raise PassError(f"layer-skip(mode=draft) has no layer to skip ({len(usable)} removable, "
+                            f"{counts[0]} asked)", "give count= of at least 1 (mode=report lists the candidates)")
+        evaluator = None
+        if feeds is not None:
+            removals = [[(old.name, new.name) for old, new in c.replacements("keep")] for c in usable]
+            evaluator = GatedEvaluator(model, removals, feeds, decoder=True)
+        ranked = [c for c, _ in self._select(usable, influence, evaluator if o.rank == "sleb" else None,
+                                             limit=max(counts))]
+        count, trials = skip_draft.choose(model, ranked, counts, evaluator, {id(c): k for k, c in enumerate(usable)},
+                                          o.tokens)
+        held = decoder_ir.cache_layers(decoder_ir.decoder_info(model))
+        draft = skip_draft.record(model, [held[c.index] for c in ranked[:count]], o.tokens, trials[counts.index(count)])
+        self.stats.update(draft={**draft, "layers": [c.name for c in ranked[:count]]}, draft_trials=trials)
+        logger.info("layer-skip: the draft skips %d of %d layers (%s)", count, len(held),
+                    ", ".join(c.name for c in ranked[:count]))
+        return True
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Find, rank, remove (or gate); see the class docstring."""
         o = self.options
@@ -297,6 +337,8 @@ class LayerSkipPass(EffcPass):
                       "found": found_stats, "skipped": skipped}
         if o.mode == "adaptive":
             return ir.passes.PassResult(model, modified=self._adaptive(model, usable, found))
+        if o.mode == "draft":
+            return ir.passes.PassResult(model, modified=self._draft(model, usable, influence, feeds, decoder))
         if o.mode == "report" or not usable:
             if not usable and o.mode == "static":
                 skipped.append({"name": o.blocks, "reason": f"no candidate of kind {o.blocks!r} can be removed"})

@@ -146,6 +146,21 @@ class GatedEvaluator:
                    for ref, got in zip(self.reference, outputs, strict=True)]
         return float(np.min(np.mean(np.asarray(cosines), axis=0)))
 
+    def agreement(self, removed: set[int]) -> float:
+        """Fraction of token positions whose top-1 ``logits`` entry is the original's with ``removed`` gone (decoders).
+
+        The draft of self-speculative decoding is accepted where its greedy token equals the full model's: this is
+        that rate with every position's context computed by the draft itself (a lower bound in practice, where the
+        full model wrote the context's cache).
+
+        Args:
+            removed: indices (into ``removals``) of the candidates removed.
+        """
+        self.runs += 1
+        same = [np.argmax(got[0], axis=-1) == np.argmax(ref[0], axis=-1)
+                for ref, got in zip(self.reference, self._outputs(removed), strict=True)]
+        return float(np.mean(np.concatenate([s.ravel() for s in same])))
+
     def better(self, a: float, b: float) -> bool:
         """True when score ``a`` is better than ``b``."""
         return a < b if self.decoder else a > b

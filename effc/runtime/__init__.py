@@ -112,7 +112,7 @@ class CompiledModel:
                 "compile a decoder, e.g. effc compile zoo:smollm2-135m -o out; run this one with effc run",
             )
         if getattr(self, "_session", None) is None:
-            from effc.runtime.decoder import CompiledBackend, DecoderSession
+            from effc.runtime.decoder import DecoderSession, compiled_backend
             from effc.runtime.hugepages import advise_huge_pages
 
             info = self.manifest["decoder"]
@@ -120,23 +120,24 @@ class CompiledModel:
             import transformers
 
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.out_dir / info["tokenizer"]))
-            self._session = DecoderSession(CompiledBackend(self._runner), info, tokenizer, info["stop_token_ids"])
+            self._session = DecoderSession(compiled_backend(self._runner), info, tokenizer, info["stop_token_ids"])
             advise_huge_pages()  # decode streams every weight constant once per token: fewer TLB misses
         return self._session
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, chat: bool = False, on_text: Any = None) -> Any:
+                 seed: int = 0, chat: bool = False, on_text: Any = None, speculate: bool = False) -> Any:
         """Generate text after ``prompt`` (see :meth:`effc.runtime.decoder.DecoderSession.generate`).
 
         Returns:
             A :class:`effc.runtime.decoder.Generation` (text, tokens, prefill ms, decode ms/token, tokens/s).
 
         Raises:
-            ArtifactError: the artifact is not a decoder.
-            DataError: bad sampling arguments, or the prompt plus ``max_new_tokens`` does not fit the KV cache.
+            ArtifactError: the artifact is not a decoder, or ``speculate`` and it has no draft entry point.
+            DataError: bad sampling arguments, the prompt plus ``max_new_tokens`` does not fit the KV cache, or
+                ``speculate`` with a temperature above 0.
         """
         return self.decoder().generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                                       top_p=top_p, seed=seed, chat=chat, on_text=on_text)
+                                       top_p=top_p, seed=seed, chat=chat, on_text=on_text, speculate=speculate)
 
 
 def load(out_dir: Path | str, *, check_indices: bool = True) -> CompiledModel:
@@ -160,9 +161,9 @@ def load(out_dir: Path | str, *, check_indices: bool = True) -> CompiledModel:
         raise ArtifactError(f"manifest in {out_dir} names no target", "recompile the model")
     from effc.runtime import vm
 
-    # TVM artifacts: runtime libraries only, never TVM's compiler. Decoders (two entry points, a cache shared
-    # without copies) still load through their target's runner.
-    if target_name in vm.DEVICES and not manifest.get("decoder"):
+    # TVM artifacts: runtime libraries only, never TVM's compiler. CPU decoders (two entry points, a cache shared
+    # without copies) still load through their target's runner; cuda decoders keep their cache on the device.
+    if target_name in vm.DEVICES and (not manifest.get("decoder") or target_name != "cpu"):
         runner: Any = vm.load_vm_runner(out_dir, manifest)
     else:
         from effc.targets import get_target  # import here: targets pull in TVM

@@ -10,8 +10,10 @@ the chunk's positions (a few KB per layer and token; the cache itself is never c
 is prefilled in chunks of ``P`` (the last one padded; padding sits after the real tokens, so the causal mask hides
 it, and its keys are never written into the cache).
 
-Backends run the entry points: :class:`CompiledBackend` (the artifact's ``model.so``) and :class:`OrtBackend`
-(onnxruntime on the same graphs; the baseline of reports and benchmarks).
+Backends run the entry points: :class:`CompiledBackend` (the artifact's ``model.so``), :class:`DeviceCacheBackend`
+(a cuda ``model.so``: the cache stays in GPU memory and is written there; padding keys land past the context, where
+the mask hides them until real tokens overwrite them) and :class:`OrtBackend` (onnxruntime on the same graphs; the
+baseline of reports and benchmarks).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,6 +48,45 @@ class CompiledBackend:
     def run(self, entry: str, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
         """``[logits, key.0, value.0, ...]`` of one call of ``entry`` over the bound cache."""
         return self._runner.call(entry, [ids, positions, mask, *self._cache])
+
+
+class DeviceCacheBackend:
+    """The artifact's entry points with the KV cache in device memory (the cuda target; any :class:`VmRunner`).
+
+    The cache tensors are allocated on the runner's device once (:meth:`bind_cache` copies the session's zero arrays
+    there); each call copies ``input_ids``, ``positions`` and ``attn_mask`` in, runs ``entry``, then
+    ``<entry>_kv_write`` (:mod:`effc.codegen.kv_write`) writes the chunk's new keys and values into the device cache
+    in place at slots ``positions[0, 0] + t``, and copies only the logits back. The session's host arrays are not
+    updated (:attr:`owns_cache`).
+    """
+
+    name = "effc"
+    owns_cache = True
+
+    def __init__(self, runner: Any):
+        self._runner = runner
+        self._cache: list[Any] = []
+
+    def bind_cache(self, cache: dict[str, np.ndarray]) -> None:
+        """Allocate the cache on the device (graph input name → initial array, in graph order)."""
+        self._cache = self._runner.to_device_arrays(list(cache.values()))
+
+    def run(self, entry: str, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+        """``[logits]`` of one call of ``entry``; the new keys and values go into the device cache."""
+        ids_d, positions_d, mask_d = self._runner.to_device_arrays([ids, positions, mask])
+        logits, *new = self._runner.function(entry)(ids_d, positions_d, mask_d, *self._cache)
+        self._runner.function(f"{entry}_kv_write")(*self._cache, *new, positions_d)
+        return self._runner.to_numpy(logits)
+
+
+def compiled_backend(runner: Any) -> Any:
+    """The backend of a loaded decoder artifact's runner.
+
+    The runner's own if it has one (:class:`DeviceCacheBackend` for a GPU), else :class:`CompiledBackend` (the
+    cache shared with the CPU code).
+    """
+    make = getattr(runner, "decoder_backend", None)
+    return make() if make is not None else CompiledBackend(runner)
 
 
 class OrtBackend:
@@ -79,6 +120,8 @@ class Generation:
         decode_ms_per_token: median wall time of one decode step (model call plus sampling).
         tokens_per_s: generated tokens per second of decoding.
         stopped: ``"stop_token"`` or ``"max_new_tokens"``.
+        speculation: with ``speculate``, what it did (:class:`effc.runtime.speculate.SpeculationStats`: acceptance
+            rate, draft lengths, skipped layers, call times), else None.
     """
 
     text: str
@@ -88,6 +131,7 @@ class Generation:
     decode_ms_per_token: float | None
     tokens_per_s: float | None
     stopped: str
+    speculation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,6 +163,7 @@ class DecoderSession:
         self.cache = {slot.input: aligned_zeros(slot.shape(info, self.max_cache), slot.dtype) for slot in self._layout}
         backend.bind_cache(self.cache)
         self.length = 0  # tokens held in the cache
+        self.draft_controller: Any = None  # speculation's measurements, kept across generations
 
     def reset(self) -> None:
         """Forget the context (the cache contents are masked, not cleared)."""
@@ -130,13 +175,25 @@ class DecoderSession:
         mask[:, self.max_cache:] = np.triu(np.full((tokens, tokens), self._masked, dtype=np.float32), 1)
         return mask
 
-    def _call(self, entry: str, ids: Sequence[int], tokens: int) -> np.ndarray:
+    def call_entry(self, entry: str, ids: Sequence[int], tokens: int, layout: list[Any] | None = None) -> np.ndarray:
+        """Logits ``(len(ids), V)`` of one call of ``entry`` on ``ids`` (padded to ``tokens``) at the next positions.
+
+        The call's new keys and values go into the cache at those positions (``layout``: the slots the entry point
+        returns, default all) and the context grows by ``len(ids)``; :mod:`effc.runtime.speculate` rolls it back.
+        """
+        return self._call(entry, ids, tokens, layout)
+
+    def _call(self, entry: str, ids: Sequence[int], tokens: int, layout: list[Any] | None = None) -> np.ndarray:
         real = len(ids)
         padded = np.zeros((1, tokens), dtype=np.int64)
         padded[0, :real] = ids
         positions = (self.length + np.arange(tokens, dtype=np.int64))[None]
         logits, *new = self.backend.run(entry, padded, positions, self._mask(tokens))
-        for slot, values in zip(self._layout, new, strict=True):
+        if getattr(self.backend, "owns_cache", False):  # it wrote the new keys/values into its own (device) cache
+            new, layout = [], []
+        else:
+            layout = layout or self._layout
+        for slot, values in zip(layout, new, strict=True):
             into, take = [slice(None)] * 3, [slice(None)] * 3
             into[slot.seq_axis], take[slot.seq_axis] = slice(self.length, self.length + real), slice(0, real)
             self.cache[slot.input][tuple(into)] = values[tuple(take)]
@@ -188,7 +245,7 @@ class DecoderSession:
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, chat: bool = False,
-                 on_text: Callable[[str], None] | None = None) -> Generation:
+                 on_text: Callable[[str], None] | None = None, speculate: bool | int = False) -> Generation:
         """Generate up to ``max_new_tokens`` tokens after ``prompt`` (text, or token ids) from an empty context.
 
         Args:
@@ -199,11 +256,17 @@ class DecoderSession:
             seed: seed of the sampler (numpy ``default_rng``).
             chat: apply the tokenizer's chat template to a text prompt.
             on_text: called with each new piece of text as it is generated (streaming).
+            speculate: greedy self-speculative decoding (:mod:`effc.runtime.speculate`): the same tokens, drafted
+                by the artifact's ``draft`` entry point and verified several at a time; True adapts the draft length
+                (and switches speculation off where it does not pay), an integer ``k`` drafts ``k`` tokens always.
 
         Raises:
-            DataError: bad arguments, an empty prompt, or prompt plus ``max_new_tokens`` longer than the cache.
+            DataError: bad arguments, an empty prompt, prompt plus ``max_new_tokens`` longer than the cache, or
+                ``speculate`` with a temperature above 0.
+            ArtifactError: ``speculate`` and the artifact has no draft entry point.
         """
         _check_sampling(max_new_tokens, temperature, top_p)
+        speculator = _speculator(self, temperature, speculate) if speculate else None
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             raise DataError("the prompt is empty (no tokens)", "give a prompt with some text")
@@ -217,8 +280,10 @@ class DecoderSession:
         steps: list[float] = []
         shown = ""
         stopped = "max_new_tokens"
-        for index in range(max_new_tokens):
-            token = sample(logits, temperature, top_p, rng)
+        stream = (speculator.tokens(logits, max_new_tokens) if speculator is not None
+                  else self._sampled(logits, temperature, top_p, rng, steps))
+        started = time.perf_counter()
+        for token in stream:
             if token in self.stop_ids:
                 stopped = "stop_token"
                 break
@@ -228,17 +293,44 @@ class DecoderSession:
                 if len(text) > len(shown) and not text.endswith("\ufffd"):
                     on_text(text[len(shown):])
                     shown = text
-            if index + 1 == max_new_tokens:
+            if len(tokens) == max_new_tokens:
                 break
-            step = time.perf_counter()
-            logits = self.decode(token)
-            steps.append((time.perf_counter() - step) * 1e3)
+        if speculator is not None and len(tokens) > 1:  # speculative steps emit several tokens: the mean step
+            steps = [(time.perf_counter() - started) * 1e3 / (len(tokens) - 1)]
         text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
         if on_text is not None and len(text) > len(shown):
             on_text(text[len(shown):])
         decode_ms = float(np.median(steps)) if steps else None
         return Generation(text, tokens, len(ids), round(prefill_ms, 3), _round(decode_ms),
-                          _round(1e3 / decode_ms if decode_ms else None), stopped)
+                          _round(1e3 / decode_ms if decode_ms else None), stopped,
+                          speculator.summary() if speculator is not None else None)
+
+    def _sampled(self, logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator,
+                 steps: list[float]) -> Iterator[int]:
+        """Tokens sampled one decode step at a time after ``logits``; each step's milliseconds go to ``steps``."""
+        while True:
+            token = sample(logits, temperature, top_p, rng)
+            yield token
+            step = time.perf_counter()
+            logits = self.decode(token)
+            steps.append((time.perf_counter() - step) * 1e3)
+
+
+def _speculator(session: DecoderSession, temperature: float, speculate: bool | int) -> Any:
+    from effc.runtime.speculate import Speculator
+
+    if temperature != 0:
+        raise DataError(f"speculative decoding is greedy, and temperature={temperature} samples",
+                        "drop --temperature (or generate without --speculate)")
+    if speculate is not True and (isinstance(speculate, bool) or not isinstance(speculate, (int, np.integer))
+                                  or speculate < 1):
+        raise DataError(f"speculate={speculate!r} is neither True nor a draft length >= 1",
+                        "give speculate=True (adaptive) or a number of tokens to draft")
+    if speculate is not True:
+        return Speculator(session, int(speculate))
+    speculator = Speculator(session, controller=session.draft_controller)
+    session.draft_controller = speculator.controller
+    return speculator
 
 
 def aligned_zeros(shape: tuple[int, ...], dtype: str = "float32", align: int = 64) -> np.ndarray:

@@ -25,6 +25,7 @@ import numpy as np
 
 from effc.errors import ArtifactError, TargetError
 from effc.runtime.index_check import guard_error, register_guard_function
+from effc.runtime.sort import register_sort_functions
 
 logger = logging.getLogger(__name__)
 
@@ -113,12 +114,14 @@ class VmRunner:
         target: ``cpu`` or ``cuda`` (:data:`DEVICES`).
         input_names: the ``main`` parameters in order.
         threads: CPU worker threads (cpu target; None leaves TVM's default).
+        entry: the function :meth:`run` calls (``main``; a decoder's ``prefill``).
 
     Raises:
         TargetError: the library does not load here.
     """
 
-    def __init__(self, path: Path, target: str, input_names: list[str], threads: int | None = None):
+    def __init__(self, path: Path, target: str, input_names: list[str], threads: int | None = None,
+                 entry: str = "main"):
         import tvm_ffi
 
         device = DEVICES[target]
@@ -129,6 +132,7 @@ class VmRunner:
             os.environ.setdefault("TVM_NUM_THREADS", str(threads))
             tvm_ffi.get_global_func("runtime.config_threadpool")(1, threads)  # 1 = kBig: all cores
         register_guard_function()  # the in-graph index checks of effc.codegen.index_guard call it
+        register_sort_functions()  # TVM's CPU sort/topk kernels call them (registered by its compiler library)
         self._device = tvm_ffi.device(target, 0)
         self._input_names = list(input_names)
         self._alloc, self._copy_in, self._copy_out = _tensor_functions()
@@ -136,7 +140,7 @@ class VmRunner:
             self._vm = tvm_ffi.load_module(os.fspath(path))["vm_load_executable"]()
             init = [device_type, 0, _POOLED_ALLOCATOR] + ([] if device_type == _CPU else [_CPU, 0, _POOLED_ALLOCATOR])
             self._vm["vm_initialization"](*init)
-            self._main = self._vm["main"]
+            self._main = self._vm[entry]
         except Exception as exc:  # noqa: BLE001  (never let a TVM traceback escape)
             raise TargetError(f"cannot load {path}: {type(exc).__name__}: {str(exc)[:400]}",
                               "recompile the model with this effc/TVM version") from exc
@@ -170,6 +174,34 @@ class VmRunner:
     def call(self, args: list[Any]) -> Any:
         """``main`` on device-resident inputs; the outputs stay on the device (asynchronous on a GPU)."""
         return self._main(*args)
+
+    def function(self, name: str) -> Any:
+        """The VM function ``name`` (a decoder's ``prefill``, ``decode``, ``<entry>_kv_write``).
+
+        Raises:
+            TargetError: the library has no such function.
+        """
+        try:
+            return self._vm[name]
+        except Exception as exc:  # noqa: BLE001  (never let a TVM traceback escape)
+            raise TargetError(f"{LIBRARY} has no function {name!r}", "recompile the model with this effc") from exc
+
+    def to_device_arrays(self, arrays: list[np.ndarray]) -> list[Any]:
+        """``arrays`` copied into new tensors on this runner's device (one copy each)."""
+        return [self._to_device(array) for array in arrays]
+
+    def to_numpy(self, result: Any) -> list[np.ndarray]:
+        """Device tensors (one, or a nested tuple) copied back to numpy, flattened in order."""
+        return self._to_numpy(result)
+
+    def decoder_backend(self) -> Any:
+        """The decoder backend over this runner (:class:`effc.runtime.decoder.DeviceCacheBackend`).
+
+        The KV cache stays on the runner's device.
+        """
+        from effc.runtime.decoder import DeviceCacheBackend
+
+        return DeviceCacheBackend(self)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run one inference; outputs as numpy arrays in graph output order.
@@ -211,4 +243,5 @@ def load_vm_runner(artifact_dir: Path, manifest: dict[str, Any]) -> VmRunner:
                           "run it on a machine with an NVIDIA GPU and its driver, or compile for --target cpu")
     threads = options.get("threads") if device.dlpack_type == _CPU else None
     names = [spec["name"] for spec in manifest.get("inputs", [])]
-    return VmRunner(Path(artifact_dir) / LIBRARY, name, names, int(threads) if threads else None)
+    entry = "prefill" if manifest.get("decoder") else "main"  # a decoder's run() is one prefill call
+    return VmRunner(Path(artifact_dir) / LIBRARY, name, names, int(threads) if threads else None, entry)

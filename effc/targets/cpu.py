@@ -21,6 +21,7 @@ from effc.codegen import build as tvm_build
 from effc.codegen import cpu as cpu_codegen
 from effc.codegen.build import set_runtime_threads, usable_cores
 from effc.codegen.frontend import last_lowering_log, to_relax
+from effc.codegen.tvm_output import tvm_output_to_log
 from effc.errors import ArtifactError, TargetError
 from effc.runtime.index_check import guard_error, register_guard_function
 from effc.targets.base import BuildResult, Runner, Target, register_target
@@ -38,6 +39,30 @@ _VECTOR_FEATURES = (("avx512f", 512), ("avx2", 256), ("avx", 256), ("sse2", 128)
 def _vector_bits(tvm_target: tvm.target.Target) -> int:
     features = tvm.target.codegen.llvm_get_cpu_features(tvm_target)
     return next((bits for name, bits in _VECTOR_FEATURES if name in features), 0)
+
+
+def _naming_the_node(exc: TargetError, model: ir.Model, tvm_target: tvm.target.Target,
+                     options: dict[str, Any]) -> TargetError:
+    """``exc`` (TVM failed inside lowering/build, naming no node) with the ONNX node that makes it fail."""
+    if exc.__cause__ is None or isinstance(exc.__cause__, TargetError):  # a bad option: nothing to locate
+        return exc
+    from effc.codegen.locate import first_failing_node
+
+    def attempt(prefix: ir.Model) -> None:
+        with tvm_target, tvm_output_to_log():
+            cpu_codegen.compile_cpu(to_relax(prefix), tvm_target, options)
+
+    node = first_failing_node(model, attempt, exc)
+    if node is None:
+        return exc
+    types = {str(v.dtype).lower() for v in [*node.inputs, *node.outputs] if v is not None and v.dtype is not None}
+    cast = "compute it in float32 (Cast its bfloat16 inputs and output), " if "bfloat16" in types else ""
+    if any(v is not None and (v.shape is None or not v.shape.is_static()) for v in node.outputs):
+        cast += "give the inputs that set its output size as constants (its shape depends on run-time values), "
+    return TargetError(f"TVM cannot compile {node.op_type} node {node.name or '<unnamed>'!r} "
+                       f"({', '.join(sorted(types))}): {exc.message}",
+                       f"{cast}rewrite or remove this {node.op_type} node, or run the model with onnxruntime; "
+                       "if schedule='none' and fast_math=False build it, report the model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,16 +135,22 @@ class CpuTarget(Target):
 
         Raises:
             UnsupportedOpError: operators TVM cannot import (all listed).
-            TargetError: bad options, or TVM failed to import/compile/export (the step is named).
+            TargetError: bad options, or TVM failed to import/compile/export (the step is named, and the node,
+                found by :func:`effc.codegen.locate.first_failing_node`).
         """
         tvm_target = self.tvm_target(options)
         start = time.perf_counter()
         with tvm_target:  # converters that pick target-specific kernels (the MXINT8 AVX2 int8 GEMM) read it
             mod = to_relax(model)
         import_seconds = time.perf_counter() - start
-        executable, info = cpu_codegen.compile_cpu(mod, tvm_target, options)
+        try:
+            with tvm_output_to_log():
+                executable, info = cpu_codegen.compile_cpu(mod, tvm_target, options)
+        except TargetError as exc:
+            raise _naming_the_node(exc, model, tvm_target, options) from exc.__cause__
         start = time.perf_counter()
-        tvm_build.export_library(executable, Path(workdir) / _LIBRARY)  # LLVM emits machine code here
+        with tvm_output_to_log():
+            tvm_build.export_library(executable, Path(workdir) / _LIBRARY)  # LLVM emits machine code here
         facts = {
             "import_seconds": round(import_seconds, 3),
             "export_seconds": round(time.perf_counter() - start, 3),

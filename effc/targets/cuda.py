@@ -2,9 +2,12 @@
 
 Options: ``arch`` (``sm_80``, ``sm_86``, ``sm_89``, ``sm_90``; default ``sm_90``), ``gpu_precision`` (``fp32``
 default: exact; ``fp16``: fp16 GEMM/conv inputs with fp32 accumulation on the tensor cores) and ``fallback``
-(``dense``: effc operators compile as their reference ONNX bodies; default: an effc operator is an error, since no
-CUDA kernel realizes its saving yet). The artifact is ``model.so`` (host code + a fatbin for ``arch``); it builds on a
-machine without a GPU and runs where one is, with TVM's runtime libraries only (:mod:`effc.runtime.vm`).
+(``dense``: effc operators without a CUDA lowering compile as their reference ONNX bodies; default: such an operator
+is an error naming it). Which effc operators have a CUDA lowering: :data:`effc.codegen.cuda.ops.CUDA_LOWERINGS`
+(block-quant weights decoded inside the GEMM/GEMV; ``DecodeAttention`` through its reference body). The artifact is
+``model.so`` (host code + a fatbin for ``arch``); it builds on a machine without a GPU and runs where one is, with
+TVM's runtime libraries only (:mod:`effc.runtime.vm`). Decoders get ``prefill``/``decode`` entry points plus the
+in-place KV-cache writers of :mod:`effc.codegen.kv_write`, so their cache stays on the GPU.
 """
 
 from __future__ import annotations
@@ -99,15 +102,58 @@ def effc_nodes(model: ir.Model) -> dict[str, list[str]]:
     return found
 
 
-def _dense_bodies(model: ir.Model) -> ir.Model:
-    """A copy of ``model`` with the effc operators' reference bodies (model-local functions) inlined.
+def _dense_bodies(model: ir.Model, op_types: set[str] | None = None) -> ir.Model:
+    """A copy of ``model`` with the reference bodies (model-local functions) of effc operators inlined.
+
+    Args:
+        model: the model (not modified).
+        op_types: the effc operators to inline; None: all of them.
 
     Constants are folded after inlining: the unpacking of stored weights (e.g. N:M's ScatterElements) becomes a dense
     initializer, which is what ``--fallback dense`` promises.
     """
     from effc.ir.canonicalize import canonicalize
+    from effc.ops.base import EFFC_DOMAIN
 
-    return canonicalize(ir.from_proto(onnx.inliner.inline_local_functions(ir.to_proto(model))))
+    proto = ir.to_proto(model)
+    if op_types is None:
+        inlined = onnx.inliner.inline_local_functions(proto)
+    else:
+        inlined = onnx.inliner.inline_selected_functions(proto, [(EFFC_DOMAIN, op) for op in sorted(op_types)])
+    return canonicalize(ir.from_proto(inlined))
+
+
+def plan_effc_ops(model: ir.Model, fallback: str) -> tuple[ir.Model, dict[str, Any]]:
+    """The model to import for cuda, and what happens to each effc operator (for the build info).
+
+    Operators with a CUDA kernel (:data:`effc.codegen.cuda.ops.CUDA_LOWERINGS`) stay; those lowered through their
+    reference body, and with ``fallback="dense"`` those without a CUDA lowering, are inlined.
+
+    Returns:
+        ``(model, info)``; info: ``effc_ops`` (``{op: {"nodes": n, "lowering": "kernel" | "reference" |
+        "fallback_dense"}}``) and ``fallback_dense`` (``{op: n}``, only where ``--fallback dense`` applied).
+
+    Raises:
+        UnsupportedOpError: operators without a CUDA lowering and no ``fallback="dense"`` (all named).
+    """
+    from effc.codegen.cuda.ops import policy
+
+    found = effc_nodes(model)
+    if not found:
+        return model, {}
+    missing = {op: nodes for op, nodes in found.items() if policy(op) is None}
+    if missing and fallback != "dense":
+        raise UnsupportedOpError(
+            missing, where="the cuda target (no CUDA kernel for these effc operators yet)",
+            hint="compile for cpu, or add --fallback dense to run their reference ONNX bodies (no saving)",
+        )
+    lowering = {op: policy(op) or "fallback_dense" for op in found}
+    inline = {op for op, how in lowering.items() if how != "kernel"}
+    info: dict[str, Any] = {"effc_ops": {op: {"nodes": len(nodes), "lowering": lowering[op]}
+                                         for op, nodes in sorted(found.items())}}
+    if missing:
+        info["fallback_dense"] = {op: len(nodes) for op, nodes in sorted(missing.items())}
+    return (_dense_bodies(model, inline) if inline else model), info
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +178,8 @@ class CudaTarget(Target):
         return {
             "arch": f"{', '.join(f'{a.name} {a.family}' for a in self.archs.values())}; default {self.default_arch}",
             "gpu_precision": f"{' | '.join(ready)} (default fp32, exact; fp16: tensor cores, fp32 accumulation)",
-            "fallback": "dense: effc operators run their reference ONNX bodies (default: error naming them)",
+            "fallback": "dense: effc operators without a CUDA lowering run their reference ONNX bodies (default: "
+                        "error naming them; block-quant has CUDA kernels)",
         }
 
     def tvm_target(self, options: Mapping[str, Any]) -> Any:
@@ -163,26 +210,47 @@ class CudaTarget(Target):
         """Import, lower, compile (nvcc → fatbin) and export ``model`` to ``workdir/model.so``.
 
         Raises:
-            UnsupportedOpError: effc operators without ``fallback=dense`` (all named), or operators TVM cannot
-                import.
+            UnsupportedOpError: effc operators without a CUDA lowering and without ``fallback=dense`` (all named),
+                or operators TVM cannot import.
             TargetError: bad options, nvcc missing/failing, or TVM failing (the step is named).
         """
+        return self._build({"main": model}, workdir, options)
+
+    def build_entries(self, models: dict[str, ir.Model], workdir: Path, options: dict[str, Any]) -> BuildResult:
+        """Several graphs over the same weights in one ``model.so``, one function per entry point.
+
+        A decoder (``prefill`` and ``decode``) also gets ``<entry>_kv_write`` per entry
+        (:func:`effc.codegen.kv_write.kv_write_module`): the runtime keeps the KV cache on the GPU and writes
+        each call's new keys and values into it there.
+
+        Raises:
+            UnsupportedOpError, TargetError: as :meth:`build`.
+        """
+        return self._build(models, workdir, options)
+
+    def _build(self, models: dict[str, ir.Model], workdir: Path, options: dict[str, Any]) -> BuildResult:
         from effc.codegen import build as tvm_build
         from effc.codegen import cuda as cuda_codegen
+        from effc.codegen.entries import merge_entry_modules
         from effc.codegen.frontend import to_relax
+        from effc.codegen.kv_write import kv_write_module
+        from effc.ir.decoder import is_decoder
 
         self.check_options(options)
         arch = check_arch(options.get("arch"))
-        effc_ops = effc_nodes(model)
-        if effc_ops and options.get("fallback") != "dense":
-            raise UnsupportedOpError(
-                effc_ops, where="the cuda target (no CUDA kernel for effc operators yet)",
-                hint="compile for cpu, or add --fallback dense to run their reference ONNX bodies (no saving)",
-            )
-        lowered_model = _dense_bodies(model) if effc_ops else model
+        fallback = str(options.get("fallback") or "none")
+        planned = {name: plan_effc_ops(model, fallback) for name, model in models.items()}
         tvm_target = self.tvm_target(options)
         start = time.perf_counter()
-        mod = to_relax(lowered_model)
+        with tvm_target:  # effc converters with a GPU lowering (effc.codegen.cuda.ops) read the target in scope
+            modules = {name: to_relax(model) for name, (model, _) in planned.items()}
+        if list(modules) == ["main"]:
+            mod = modules["main"]
+        else:
+            mod = merge_entry_modules(modules)
+            decoders = {name: model for name, model in models.items() if is_decoder(model)}
+            for gvar, func in kv_write_module(decoders).functions_items():
+                mod[gvar] = func
         import_seconds = time.perf_counter() - start
         executable, info = cuda_codegen.compile_cuda(mod, tvm_target, options)
         start = time.perf_counter()
@@ -195,8 +263,14 @@ class CudaTarget(Target):
             "capabilities": dataclasses.asdict(arch),
             **info,
         }
-        if effc_ops:
-            facts["fallback_dense"] = {op: len(nodes) for op, nodes in sorted(effc_ops.items())}
+        if list(models) != ["main"]:
+            facts["entries"] = list(models)
+        for _, effc_info in planned.values():  # node counts summed over the entry points
+            for op, how in effc_info.get("effc_ops", {}).items():
+                entry = facts.setdefault("effc_ops", {}).setdefault(op, {**how, "nodes": 0})
+                entry["nodes"] += how["nodes"]
+            for op, nodes in effc_info.get("fallback_dense", {}).items():
+                facts.setdefault("fallback_dense", {})[op] = facts.get("fallback_dense", {}).get(op, 0) + nodes
         return BuildResult(files=[_LIBRARY], info=facts)
 
     def can_run_here(self) -> bool:

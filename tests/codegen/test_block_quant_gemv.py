@@ -16,12 +16,13 @@ AVX2_ONLY = tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2}
 def _quantized(name: str, k: int, n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((k, n)) * np.exp(rng.standard_normal((1, n)))).astype(np.float32)
-    w[:32, 3] = 0.0  # an all-zero block (E8M0 code 0, int scale 1)
+    w[:32, 3] = 0.0  # an all-zero block (E8M0 code 0, int scale 1, asymmetric scale 0)
+    w[:, 5] += 3.0  # offset blocks: the asymmetric minimum carries most of each weight
     q = quantize(w, FORMATS[name], axis=0, scale_dtype="float16")
     return q, *pack_blocks(q.codes, q.scales, FORMATS[name].bits)
 
 
-@pytest.mark.parametrize("name", ["mxfp4", "int4", "mxint8", "int8", "mxfp6_e2m3"])
+@pytest.mark.parametrize("name", ["mxfp4", "int4", "int4_asym", "mxint8", "int8", "mxfp6_e2m3"])
 def test_kernel_rows_round_trip(name):
     """Every code read back through the kernel layout's addressing equals the packed ONNX code."""
     fmt, k = FORMATS[name], 192
@@ -42,12 +43,23 @@ def test_kernel_rows_round_trip(name):
     np.testing.assert_array_equal(back, codes)
 
 
+def test_kernel_minimums_are_tile_major():
+    """Minimum of block b of row j at [j // ROWS, b, j % ROWS]; rows past N (a partial last tile) are zero."""
+    low = np.arange(10 * 3, dtype=np.float16).reshape(10, 3)
+    tiles = gemv.kernel_minimums(low)
+    assert tiles.shape == (3, 3, gemv.ROWS) and tiles.dtype == np.float16
+    j, b = np.meshgrid(np.arange(10), np.arange(3), indexing="ij")
+    np.testing.assert_array_equal(tiles[j // gemv.ROWS, b, j % gemv.ROWS], low)
+    assert not tiles[2, :, 2:].any()
+
+
 @pytest.mark.skipif(not HAS_AVX2, reason="the GEMV kernel needs an x86 CPU with AVX2")
-@pytest.mark.parametrize("name", ["mxfp4", "int4", "mxint8", "int8"])
+@pytest.mark.parametrize("name", ["mxfp4", "int4", "int4_asym", "mxint8", "int8"])
 @pytest.mark.parametrize(("threads", "target"), [(1, TARGET), (2, TARGET), (1, AVX2_ONLY)])
 def test_gemv_kernel_matches_numpy(name, threads, target):
     """Y (1, N) = X @ dequantize(W) within fp32 summation-order error: serial and parallel tiles; the lookups of
-    AVX-512VL (one 16-entry ``vpermi2ps``, where this CPU has it) and of AVX2 (two ``vpermps`` + blend)."""
+    AVX-512VL (one 16-entry ``vpermi2ps``, where this CPU has it) and of AVX2 (two ``vpermps`` + blend); the
+    asymmetric minimum folded in as ``m * sum(X over the block)``."""
     from effc.codegen.build import set_runtime_threads
 
     fmt = FORMATS[name]
@@ -61,12 +73,16 @@ def test_gemv_kernel_matches_numpy(name, threads, target):
     assert ("vpermi2var" in func.script()) == (fmt.bits == 4 and target is TARGET and gemv._has_avx512vl_in(target))
     lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
     set_runtime_threads(threads)
-    args = [x, gemv.kernel_rows(wq, fmt, k), scales, *([fmt.code_table()] if fmt.bits == 4 else []),
+    lows = [gemv.kernel_minimums(q.minimums)] if fmt.has_minimum else []
+    args = [x, gemv.kernel_rows(wq, fmt, k), scales, *lows, *([fmt.code_table()] if fmt.bits == 4 else []),
             np.zeros((1, n), np.float32)]
     args = [tvm.runtime.tensor(a, tvm.cpu()) for a in args]
     lib["main"](*args)
     ref = (x.astype(np.float64) @ dequantize(q).astype(np.float64)).astype(np.float32)
     np.testing.assert_allclose(args[-1].numpy(), ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+    if fmt.has_minimum:  # the minimum is no small correction: without it column 5 (offset 3) would be far off
+        codes_only = x @ (dequantize(q) - np.repeat(q.minimums.astype(np.float32), 32, axis=1).T)
+        assert np.abs(codes_only[0, 5] - ref[0, 5]) > 100 * 1e-5 * float(np.abs(ref).max())
 
 
 def test_gemv_refuses_what_it_cannot_decode():

@@ -9,17 +9,17 @@ from tvm import relax
 
 import effc.codegen.ops.block_quant as bq
 import effc.codegen.ops.block_quant_int8 as bq_int8
-from effc.codegen.ops.block_quant_gemv import kernel_rows
+from effc.codegen.ops.block_quant_gemv import kernel_minimums, kernel_rows
 from effc.codegen.cpu import compile_cpu
 from effc.codegen.frontend import to_relax
 from effc.ops.bitpack import pack_blocks
-from effc.ops.block_formats import FORMATS, dequantize, quantize, quantize_dequantize
+from effc.ops.block_formats import FORMATS, bits_per_weight, dequantize, quantize, quantize_dequantize
 from effc.passes.block_quant import BlockQuantPass
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu())})
 
 
-@pytest.mark.parametrize("name", ["mxint8", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4", "int4"])
+@pytest.mark.parametrize("name", ["mxint8", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4", "int4", "int4_asym"])
 def test_kernel_matches_numpy_dequantized_matmul(name):
     fmt = FORMATS[name]
     rng = np.random.default_rng(0)
@@ -27,6 +27,7 @@ def test_kernel_matches_numpy_dequantized_matmul(name):
     x = rng.standard_normal((m, k)).astype(np.float32)
     w = rng.standard_normal((k, n)).astype(np.float32)
     w[:32, 5] = 0.0  # an all-zero block (E8M0 code 0)
+    w[:, 7] -= 2.0  # offset blocks (the asymmetric minimum)
     q = quantize(w, fmt, axis=0, scale_dtype="float32")
     wq, st = pack_blocks(q.codes, q.scales, fmt.bits)
     wt = kernel_rows(wq, fmt, k)
@@ -34,9 +35,10 @@ def test_kernel_matches_numpy_dequantized_matmul(name):
     func = bq.schedule_block_quant(bq.block_quant_kernel(m, k, n, fmt, 32, str(st.dtype)))
     lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
     dev = tvm.cpu()
-    args = [tvm.runtime.tensor(a, dev) for a in (x, wt, st, np.zeros((m, n), np.float32))]
+    lows = [kernel_minimums(q.minimums)] if fmt.has_minimum else []
+    args = [tvm.runtime.tensor(a, dev) for a in (x, wt, st, *lows, np.zeros((m, n), np.float32))]
     lib["main"](*args)
-    np.testing.assert_allclose(args[3].numpy(), x @ dequantize(q), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(args[-1].numpy(), x @ dequantize(q), rtol=1e-5, atol=1e-5)
 
 
 def _toy():
@@ -53,7 +55,8 @@ def _compile_and_run(model, feeds):
     return out.numpy() if hasattr(out, "numpy") else out[0].numpy(), mod
 
 
-@pytest.mark.parametrize(("fmt", "mode"), [("mxfp4", "weight"), ("mxfp6_e3m2", "weight"), ("mxfp8_e4m3", "weight_act")])
+@pytest.mark.parametrize(("fmt", "mode"), [("mxfp4", "weight"), ("mxfp6_e3m2", "weight"), ("mxfp8_e4m3", "weight_act"),
+                                         ("int4_asym", "weight")])
 def test_compiled_model_matches_onnxruntime(fmt, mode):
     model, _ = _toy()
     BlockQuantPass(format=fmt, mode=mode, min_params=0)(model)
@@ -66,9 +69,8 @@ def test_compiled_model_matches_onnxruntime(fmt, mode):
     # weights enter the module packed: uint8 constants only, no fp32 weight of the quantized layers
     log = bq.LOWERING_LOG[start:]
     assert [e["shape"][1:] for e in log] == [[64, 64], [64, 32]]
-    bits = FORMATS[fmt].bits
-    assert all(e["weight_bytes"] <= e["shape"][1] * e["shape"][2] * (bits + 8 / 32) / 8 + e["shape"][1]
-               for e in log)
+    bits = bits_per_weight(fmt)  # codes + E8M0 scales, or float16 scales (+ minimums for int4_asym)
+    assert all(e["weight_bytes"] <= e["shape"][1] * e["shape"][2] * bits / 8 + e["shape"][1] for e in log)
     kernels = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert sum("block_quant_matmul" in k for k in kernels) == 2 and any("block_quant_gather" in k for k in kernels)
 

@@ -181,3 +181,46 @@ def test_tvm_import_failure_is_a_target_error_naming_the_node():
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     with pytest.raises(TargetError, match=r"double_shape.*fix: canonicalize"):
         frontend.to_relax(model)
+
+
+@pytest.mark.parametrize(("dtype", "role", "fix"), [
+    (TensorProto.UINT4, "input", "pass it as uint8"), (TensorProto.INT4, "output", "pass it as int8"),
+    (TensorProto.STRING, "input", "turn the strings into numbers"),
+])
+def test_boundary_types_an_artifact_cannot_carry_are_named_with_their_op(dtype, role, fix):
+    # were TVM run-time checks ("arr_size == nbytes") or "unknown dtype `object`", naming no op
+    x_type, y_type = (dtype, TensorProto.FLOAT) if role == "input" else (TensorProto.FLOAT, dtype)
+    graph = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=y_type, name="convert")], "g",
+                              [helper.make_tensor_value_info("x", x_type, [3])],
+                              [helper.make_tensor_value_info("y", y_type, [3])])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    with pytest.raises(TargetError, match=f"graph {role} '{'x' if role == 'input' else 'y'}' \\(of Cast node "
+                                          f"'convert'\\)") as err:
+        frontend.check_io_types(model)
+    assert fix in err.value.hint
+
+
+def test_a_sequence_input_is_named_with_its_op():
+    seq = helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, [2])
+    graph = helper.make_graph([helper.make_node("SequenceAt", ["s", "i"], ["y"], name="pick")], "g",
+                              [seq, helper.make_tensor_value_info("i", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    with pytest.raises(TargetError, match="graph input 's' \\(of SequenceAt node 'pick'\\) is a sequence"):
+        frontend.check_io_types(model)
+
+
+def test_a_failed_import_prints_nothing_from_tvm(capfd):
+    # TVM's C++ "BlockBuilder destroyed with remaining blocks!" reached the terminal after a converter failed
+    from benchmarks import onnx_conformance as conformance
+
+    (case,) = conformance.collect_cases(names={"test_celu_float16"})
+    from effc.ir.canonicalize import canonicalize
+
+    model = canonicalize(ir.from_proto(onnx.load_from_string(case.model)))  # Celu's body: Elu on float16
+    with pytest.raises(TargetError, match="Elu node"):
+        frontend.to_relax(model)
+    import gc
+
+    gc.collect()
+    assert "BlockBuilder" not in capfd.readouterr().err

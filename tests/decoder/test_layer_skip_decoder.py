@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.decoder.tiny import tiny_llama, without_layers
+
 pytestmark = pytest.mark.slow
 
 PROMPTS = ("The harbour town wakes up slowly", "Good soup does not need")
@@ -17,36 +19,7 @@ PROMPTS = ("The harbour town wakes up slowly", "Good soup does not need")
 
 @pytest.fixture(scope="module")
 def tiny4(tmp_path_factory):
-    import torch
-    import transformers
-
-    from effc.decoder import smollm2
-    from effc.decoder.export import export_decoder
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   rms_norm_eps=1e-5, tie_word_embeddings=True)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    graph = export_decoder(hf, max_cache=64, chunk=8, extra={"tokenizer_dir": str(smollm2.fp32_folder())})
-    return hf, graph, smollm2.load_tokenizer(), tmp_path_factory.mktemp("skip-decoder")
-
-
-def _without_layers(hf, removed):
-    """A copy of ``hf`` with the decoder layers ``removed`` deleted (the reference for the rewritten graph)."""
-    import copy
-
-    import torch
-
-    short = copy.deepcopy(hf)
-    kept = [layer for i, layer in enumerate(short.model.layers) if i not in removed]
-    for i, layer in enumerate(kept):
-        layer.self_attn.layer_idx = i
-    short.model.layers = torch.nn.ModuleList(kept)
-    short.config.num_hidden_layers = len(kept)
-    short.config.layer_types = short.config.layer_types[:len(kept)] if getattr(short.config, "layer_types", None) \
-        else None
-    return short
+    return (*tiny_llama(4, max_cache=64, chunk=8), tmp_path_factory.mktemp("skip-decoder"))
 
 
 def test_removing_non_adjacent_layers_shrinks_the_cache_and_generation_matches(tiny4):
@@ -71,7 +44,7 @@ def test_removing_non_adjacent_layers_shrinks_the_cache_and_generation_matches(t
     assert sorted(v.name for v in rewritten.graph.inputs if v.name.startswith("past_")) == [
         "past_key.0", "past_key.2", "past_value.0", "past_value.2"]
     assert sum(b.kind == "attention" for b in find_residual_blocks(specialize(rewritten, 8))) == 2
-    short = _without_layers(hf, {1, 3})
+    short = without_layers(hf, {1, 3})
     session = model.decoder()
     for prompt in PROMPTS:
         ids = tokenizer(prompt)["input_ids"]

@@ -245,12 +245,15 @@ def test_eval_text_cli_reports_perplexity(compiled, tmp_path):
     assert "not available" in data["perplexity_original_onnxruntime"]  # compiled from an in-memory graph
 
 
-@pytest.mark.parametrize("fmt", ["mxfp4", "int4"])
-def test_4bit_artifact_generates_as_its_own_model_onnx(tiny, fmt):
+@pytest.mark.parametrize(("fmt", "table_bits"), [("mxfp4", 4), ("int4", 4), ("int4_asym", 4),
+                                                 ("int4_asym,embedding_format=int8", 8)])
+def test_4bit_artifact_generates_as_its_own_model_onnx(tiny, fmt, table_bits):
     """Greedy tokens of the compiled 4-bit artifact equal those of its model.onnx under onnxruntime.
 
     Both run the same quantized weights (the compiled kernels decode the codes bit-exactly; only fp32 summation
     order differs), so the criterion is exact agreement except at a near-tie (top-2 logits within 1e-4).
+    ``int4_asym`` adds the block minimums (GEMV: ``m * sum(x)`` per block); with ``embedding_format=int8`` the tied
+    table is int8 (GGUF Q4_1 layout) and the decode step's LM head takes the 8-bit GEMV.
     """
     import onnx_ir as ir
 
@@ -261,12 +264,13 @@ def test_4bit_artifact_generates_as_its_own_model_onnx(tiny, fmt):
 
     _, graph, tokenizer, folder = tiny
     start = len(bq.LOWERING_LOG)
-    result = effc.compile(graph, out_dir=folder / fmt, passes=f"block-quant(format={fmt})", measure_latency=False)
+    result = effc.compile(graph, out_dir=folder / fmt.replace(",", "-").replace("=", "-"),
+                          passes=f"block-quant(format={fmt})", measure_latency=False)
     kernels = {(e["shape"][0], e["kernel"]) for e in bq.LOWERING_LOG[start:]}
     assert (1, "gemv") in kernels and (16, "fp32") in kernels  # decode: GEMV kernel; prefill: decode-in-GEMM
     onnx_model = load(result.out_dir / "model.onnx")
     tables = [v for v in onnx_model.graph.initializers.values() if v.const_value.dtype == ir.DataType.UINT8
-              and tuple(v.const_value.shape) == (49152, 64 * 4 // 8)]
+              and tuple(v.const_value.shape) == (49152, 64 * table_bits // 8)]
     assert len(tables) == 1  # the tied embedding: one packed table for the lookup and the output projection
     assert (result.out_dir / "model.so").stat().st_size < 49152 * 64 * 4  # less than the fp32 table alone
     _agrees_with_own_model_onnx(effc.runtime.load(result.out_dir).decoder(), result.out_dir, tokenizer)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from effc import zoo
-from effc.errors import ShapeError
+from effc.errors import LoadError, ShapeError
 from effc.ir.canonicalize import canonicalize, parse_input_shape
 from effc.ir.queries import op_types
 from effc.ir.reference import Reference
@@ -140,3 +140,29 @@ def test_constant_output_is_a_value_tensor():
     (node,) = list(out.graph)
     assert node.op_type == "Constant" and list(node.attributes) == ["value"]
     assert node.attributes["value"].value.numpy().tolist() == [2, 3]
+
+
+def _chain_model(names_in_file_order: list[str]) -> ir.Model:
+    """x -> Neg (first) -> h -> Relu (second) -> y, with the nodes written in the given order (cycle: 'cycle')."""
+    nodes = {"first": helper.make_node("Neg", ["x"], ["h"], name="first"),
+             "second": helper.make_node("Relu", ["h"], ["y"], name="second"),
+             "cycle": helper.make_node("Add", ["y", "x"], ["x2"], name="cycle")}
+    if "cycle" in names_in_file_order:  # first now reads x2, made from y: Neg -> Relu -> Add -> Neg
+        nodes["first"] = helper.make_node("Neg", ["x2"], ["h"], name="first")
+    graph = helper.make_graph([nodes[n] for n in names_in_file_order], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_nodes_out_of_topological_order_are_sorted():
+    # tools write unsorted files; TVM's importer failed with a raw KeyError on the first unseen input
+    out = canonicalize(_chain_model(["second", "first"]))
+    assert [n.name for n in out.graph] == ["first", "second"]
+    x = np.array([1.0, -2.0], np.float32)
+    np.testing.assert_array_equal(Reference(out).run({"x": x})[0], np.maximum(-x, 0))
+
+
+def test_a_cycle_is_a_load_error():
+    with pytest.raises(LoadError, match="cycle"):
+        canonicalize(_chain_model(["second", "first", "cycle"]))

@@ -103,3 +103,16 @@ def test_narrow_dtype_feeds_and_outputs_pass_through_exact_boundary_casts(dtype)
     assert y.dtype == np_dtype and f.dtype == np.float32
     np.testing.assert_array_equal(y.astype(np.float32), x.astype(np.float32))
     np.testing.assert_array_equal(f, x.astype(np.float32))
+
+
+def test_an_op_onnxruntime_has_no_kernel_for_is_named_with_an_actionable_fix():
+    import onnx_ir as ir
+    from onnx import helper
+
+    graph = helper.make_graph([helper.make_node("Max", ["a", "b"], ["y"], name="peak")], "g",
+                              [helper.make_tensor_value_info(n, TensorProto.INT16, [2]) for n in "ab"],
+                              [helper.make_tensor_value_info("y", TensorProto.INT16, [2])])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    with pytest.raises(EffcError, match=r"Max\(13\)") as err:
+        Reference(model)
+    assert "no CPU kernel for this op and type" in err.value.hint

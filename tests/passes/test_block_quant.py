@@ -62,7 +62,7 @@ def _expected(arrays, fmt, lorc_rank=0, scale_dtype="float16"):
     return h @ dq["w2"].T + arrays["b2"]
 
 
-@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp6_e2m3", "mxint8", "mxfp8_e5m2", "int4", "int8"])
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp6_e2m3", "mxint8", "mxfp8_e5m2", "int4", "int8", "int4_asym"])
 def test_rewrite_matches_numpy_dequantization(fmt):
     model, arrays = _toy()
     p = BlockQuantPass(format=fmt, min_params=0)
@@ -72,7 +72,8 @@ def test_rewrite_matches_numpy_dequantization(fmt):
     assert not any(i in model.graph.initializers for i in ("table", "w1", "w2"))
     (y,) = _run(model, {"ids": IDS})
     np.testing.assert_allclose(y, _expected(arrays, fmt), rtol=1e-5, atol=1e-5)
-    bits = {"mxfp4": 4.25, "mxfp6_e2m3": 6.25, "mxint8": 8.25, "mxfp8_e5m2": 8.25, "int4": 4.5, "int8": 8.5}[fmt]
+    bits = {"mxfp4": 4.25, "mxfp6_e2m3": 6.25, "mxint8": 8.25, "mxfp8_e5m2": 8.25, "int4": 4.5, "int8": 8.5,
+            "int4_asym": 5.0}[fmt]
     assert p.stats["bits_per_weight"] == pytest.approx(bits)
     assert set(p.stats["layers"]) == {"table", "w1", "w2"}
     assert all(v["sqnr_db"] > (15 if "4" in fmt else 20) for v in p.stats["layers"].values())
@@ -88,6 +89,33 @@ def test_int4_uses_dequantize_linear_from_opset_21():
     assert w1q.const_value.dtype == ir.DataType.INT4 and tuple(w1q.const_value.shape) == (64, 64)
     (y,) = _run(model, {"ids": IDS}, optimize=False)
     np.testing.assert_allclose(y, _expected(arrays, "int4", scale_dtype="float32"), rtol=1e-5, atol=1e-5)
+
+
+def test_int4_asym_takes_minimums_and_an_embedding_format():
+    """``embedding_format`` gives the table its own format (the GGUF Q4_1 layout: a Q8_0 embedding); int4_asym's
+    float minimum is no integer zero point, so its layers stay effc operators at opset 21 too."""
+    model, arrays = _toy()
+    p = BlockQuantPass(format="int4_asym", embedding_format="int8", min_params=0)
+    p(model)
+    nodes = [n for n in model.graph if n.domain == "effc"]
+    assert [(n.op_type, n.attributes.get_string("format"), len(n.inputs)) for n in nodes] == [
+        ("BlockQuantGather", "int8", 3), ("BlockQuantMatMul", "int4_asym", 4), ("BlockQuantMatMul", "int4_asym", 4)]
+    assert {k: v["bits_per_weight"] for k, v in p.stats["layers"].items()} == {"table": 8.5, "w1": 5.0, "w2": 5.0}
+    assert p.stats["embedding_format"] == "int8"
+    dq = {n: quantize_dequantize(arrays[n], f, axis=a) for n, f, a in
+          (("table", "int8", 1), ("w1", "int4_asym", 0), ("w2", "int4_asym", 1))}
+    (y,) = _run(model, {"ids": IDS})
+    np.testing.assert_allclose(y, dq["table"][IDS[0]] @ dq["w1"] @ dq["w2"].T + arrays["b2"], rtol=1e-5, atol=1e-5)
+    model21, _ = _toy(opset=21)
+    BlockQuantPass(format="int4_asym", min_params=0)(model21)
+    assert sorted(n.op_type for n in model21.graph if n.domain == "effc") == [
+        "BlockQuantGather", "BlockQuantMatMul", "BlockQuantMatMul"]
+    with pytest.raises(PipelineError, match="gptq"):
+        BlockQuantPass(format="int4_asym", gptq=True)
+    with pytest.raises(ValueError, match="int4_asym"):
+        gptq_quantize(np.ones((4, 32), np.float32), np.eye(32), get_format("int4_asym"))
+    with pytest.raises(PipelineError, match="format"):
+        BlockQuantPass(format="int4_asym", embedding_format="int3")
 
 
 def test_lorc_adds_low_rank_branch_and_reduces_error():
@@ -258,7 +286,7 @@ def test_weight_act_mode_keeps_every_mac_counted():
     assert after["total"] == before["total"] > 0
 
 
-@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("fmt", sorted(f for f in FORMATS if not FORMATS[f].has_minimum))
 def test_gptq_output_error_never_above_rounding_on_calibration_inputs(fmt):
     """GPTQ minimises ``|X W - X Ŵ|`` on the X it was fitted to: never worse there than round-to-nearest."""
     rng = np.random.default_rng(3)
@@ -312,7 +340,7 @@ def _tied(opset=17):
     return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])), table
 
 
-@pytest.mark.parametrize("fmt", ["mxfp4", "int4"])
+@pytest.mark.parametrize("fmt", ["mxfp4", "int4", "int4_asym"])
 def test_tied_embedding_is_quantized_once_for_lookup_and_projection(fmt):
     model, table = _tied()
     p = BlockQuantPass(format=fmt, min_params=0)
@@ -322,6 +350,8 @@ def test_tied_embedding_is_quantized_once_for_lookup_and_projection(fmt):
     gather = next(n for n in model.graph if n.op_type == "BlockQuantGather")
     matmul = next(n for n in model.graph if n.op_type == "BlockQuantMatMul")
     assert gather.inputs[0] is matmul.inputs[1] and gather.inputs[1] is matmul.inputs[2]  # one packed table
+    assert len(gather.inputs) == len(matmul.inputs) == (4 if fmt == "int4_asym" else 3)
+    assert gather.inputs[3:] == matmul.inputs[3:]  # and one set of minimums (int4_asym)
     assert "table" not in model.graph.initializers  # the fp32 table is gone
     ids = np.array([0, 7, 49, -1, 12], np.int64)
     dq = quantize_dequantize(table, fmt, axis=0)  # blocks along the hidden axis for both uses

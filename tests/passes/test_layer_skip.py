@@ -170,6 +170,16 @@ def test_a_count_above_the_removable_blocks_is_refused(tiny):
         LayerSkipPass(count=99, rank="last")(_copy(tiny[1]))
 
 
+def test_draft_mode_is_for_decoders_and_checks_its_options(tiny):
+    with pytest.raises(PassError, match="mode=draft.*decoder"):
+        LayerSkipPass(mode="draft", count=1, rank="last")(_copy(tiny[1]))
+    with pytest.raises(CalibrationError):  # the draft is measured when no count/ratio fixes it
+        LayerSkipPass(mode="draft", rank="last")(_copy(tiny[1]))
+    assert str(parse_pipeline("layer-skip(mode=draft,tokens=3)")) == "layer-skip(mode=draft,tokens=3)"
+    with pytest.raises(Exception, match="tokens"):
+        parse_pipeline("layer-skip(mode=draft,tokens=0)")
+
+
 def test_ranking_without_calibration_is_refused(tiny):
     with pytest.raises(CalibrationError, match="rank=influence"):
         LayerSkipPass(count=1)(_copy(tiny[1]))

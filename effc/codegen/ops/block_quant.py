@@ -7,10 +7,11 @@ float16/float32 for int blocks). The embedding lookup and both decoder entry poi
 tied embedding and a weight used by prefill and decode are stored once. The kernel computes
 ``Y (M, N) = X (M, K) @ W`` where::
 
-    W[k, j] = element(code(Wr, j, k)) * scale(S[j, k // block_size])
+    W[k, j] = element(code(Wr, j, k)) * scale(S[j, k // block_size])  (+ M[j, k // block_size], int4_asym)
 
 Element decoding is arithmetic (vectorizable, no table): FP codes ``s|E|M`` give
-``(-1)^s * 2^(max(E,1) - bias) * ((E > 0) + M / 2^m)``; MXINT8 codes are int8 / 64; int4/int8 are two's complement.
+``(-1)^s * 2^(max(E,1) - bias) * ((E > 0) + M / 2^m)``; MXINT8 codes are int8 / 64; int4/int8 are two's complement;
+int4_asym codes are unsigned, with the block minimum ``M`` (float16/float32, the ONNX input of that name) added.
 An E8M0 scale ``s`` is the float32 with exponent bits ``s`` (``2^(s - 127)``; ``s = 0`` reads as 0, which only
 all-zero blocks use). OCP MX v1.0 sections 5.3 and 6.
 
@@ -35,7 +36,14 @@ import tvm
 from tvm import relax, s_tir, te, tirx
 
 from effc.codegen.frontend import constant_input, register_converter
-from effc.codegen.ops.block_quant_gemv import gemv_applies, gemv_kernel, kernel_rows, row_code
+from effc.codegen.ops.block_quant_gemv import (
+    gemv_applies,
+    gemv_kernel,
+    kernel_minimums,
+    kernel_rows,
+    row_code,
+    row_minimum,
+)
 from effc.codegen.ops.block_quant_int8 import builder_state, current_tile_config, int8_compute_applies, int8_matmul
 from effc.ops.block_formats import BlockFormat, get_format
 
@@ -54,6 +62,8 @@ def _element(code, fmt: BlockFormat):
     """float32 value of an element code (before the block scale)."""
     if fmt.kind == "mxint":
         return ((code ^ 128) - 128).astype("float32") * tirx.const(1.0 / 64.0, "float32")
+    if fmt.kind == "asym":
+        return code.astype("float32")
     if fmt.kind == "int":
         half = 1 << (fmt.bits - 1)
         return ((code ^ half) - half).astype("float32")
@@ -80,22 +90,35 @@ def _scale(s: te.Tensor, row, kb, fmt: BlockFormat):
     return s[row, kb].astype("float32")
 
 
+def _decoded(t: te.Tensor, s: te.Tensor, low: te.Tensor | None, row, c, k: int, block_size: int, fmt: BlockFormat):
+    """float32 weight ``c`` of kernel row ``row``: element × block scale (+ block minimum when ``low`` is given).
+
+    ``low`` is in the :func:`~effc.codegen.ops.block_quant_gemv.kernel_minimums` layout.
+    """
+    value = _element(row_code(t, row, c, fmt.bits, k), fmt) * _scale(s, row, c // block_size, fmt)
+    return value if low is None else value + row_minimum(low, row, c // block_size)
+
+
 def block_quant_kernel(m: int, k: int, n: int, fmt: BlockFormat | str, block_size: int = 32,
                        scale_dtype: str = "uint8") -> tvm.tirx.PrimFunc:
-    """Unscheduled PrimFunc ``main(X (M, K) f32, Wr (N, row bytes) u8, S (N, K/B), Y (M, N) f32)``.
+    """Unscheduled PrimFunc ``main(X (M, K) f32, Wr (N, row bytes) u8, S (N, K/B), [Mk,] Y (M, N) f32)``.
 
-    ``Wr`` is :func:`~effc.codegen.ops.block_quant_gemv.kernel_rows` of the ONNX codes, ``S`` the ONNX scales.
+    ``Wr`` is :func:`~effc.codegen.ops.block_quant_gemv.kernel_rows` of the ONNX codes, ``S`` the ONNX scales,
+    ``Mk`` :func:`~effc.codegen.ops.block_quant_gemv.kernel_minimums` of the ONNX block minimums (asymmetric formats
+    only, ``scale_dtype``).
     """
     fmt = get_format(fmt) if isinstance(fmt, str) else fmt
     row_bytes = k * fmt.bits // 8 + (1 if fmt.bits == 6 else 0)
     x = te.placeholder((m, k), "float32", "X")
     wr = te.placeholder((n, row_bytes), "uint8", "Wr")
     s = te.placeholder((n, k // block_size), "uint8" if fmt.is_mx else scale_dtype, "S")
-    w = te.compute((k, n), lambda kk, j: _element(row_code(wr, j, kk, fmt.bits, k), fmt) * _scale(
-        s, j, kk // block_size, fmt), name="W")
+    low = te.placeholder(kernel_minimums(np.zeros((n, k // block_size), "float16")).shape, scale_dtype, "M") if (
+        fmt.has_minimum) else None
+    w = te.compute((k, n), lambda kk, j: _decoded(wr, s, low, j, kk, k, block_size, fmt), name="W")
     r = te.reduce_axis((0, k), "r")
     y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="Y")
-    return te.create_prim_func([x, wr, s, y]).with_attr("global_symbol", "main")
+    args = [x, wr, s, *([low] if low is not None else []), y]
+    return te.create_prim_func(args).with_attr("global_symbol", "main")
 
 
 def _divisor(n: int, want: int) -> int:
@@ -146,6 +169,14 @@ LOWERING_LOG: list[dict] = []
 _QDQ_SOURCES: dict = {}
 
 
+def _minimums(extra: list, params, what: str) -> list[np.ndarray]:
+    """``[kernel minimums]`` of an asymmetric format's node (its fourth input, an initializer), ``[]`` without one.
+
+    In the :func:`~effc.codegen.ops.block_quant_gemv.kernel_minimums` layout.
+    """
+    return [kernel_minimums(constant_input(extra[0], params, what))] if extra and extra[0] is not None else []
+
+
 def _format_attrs(attr: dict) -> tuple:
     """``(BlockFormat, block_size)`` from a node's ``format`` (bytes or str) and ``block_size`` attributes."""
     raw = attr["format"]
@@ -158,10 +189,11 @@ class BlockQuantMatMulConverter:
 
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
-        x, wq_e, s_e = inputs
+        x, wq_e, s_e = inputs[:3]
         fmt, bs = _format_attrs(attr)
-        what = "BlockQuantMatMul packed weights and scales"
+        what = "BlockQuantMatMul packed weights, scales and minimums"
         wq, scales = constant_input(wq_e, params, what), constant_input(s_e, params, what)
+        lows = _minimums(inputs[3:], params, what)
         n = wq.shape[0]
         k = scales.shape[1] * bs
         x = bb.normalize(x)
@@ -174,7 +206,7 @@ class BlockQuantMatMulConverter:
             y = int8_matmul(bb, src[0], wq, scales, rows, k, n)
             return relax.op.reshape(y, [*shape[:-1], n])
         wr = kernel_rows(wq, fmt, k)
-        consts = [relax.const(wr), relax.const(scales)]
+        consts = [relax.const(wr), relax.const(scales), *(relax.const(v) for v in lows)]
         if rows == 1 and gemv_applies(fmt, bs, k, n):
             kernel, name, func = "gemv", "gemv", gemv_kernel(k, n, fmt, str(scales.dtype))
             consts += [relax.const(fmt.code_table())] if fmt.bits == 4 else []
@@ -185,7 +217,7 @@ class BlockQuantMatMulConverter:
         x2 = bb.normalize(relax.op.reshape(x, (rows, k)))
         y = relax.call_tir(gv, [x2, *consts], out_ty=relax.TensorType((rows, n), "float32"))
         LOWERING_LOG.append({"format": fmt.name, "shape": [rows, k, n], "kernel": kernel,
-                             "weight_bytes": int(wr.nbytes + scales.nbytes)})
+                             "weight_bytes": int(wr.nbytes + scales.nbytes + sum(v.nbytes for v in lows))})
         return relax.op.reshape(bb.normalize(y), [*shape[:-1], n])
 
 
@@ -195,10 +227,11 @@ class BlockQuantGatherConverter:
 
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
-        tq_e, s_e, ids = inputs
+        tq_e, s_e, ids = inputs[:3]
         fmt, bs = _format_attrs(attr)
-        what = "BlockQuantGather packed table and scales"
+        what = "BlockQuantGather packed table, scales and minimums"
         tq, scales = constant_input(tq_e, params, what), constant_input(s_e, params, what)
+        lows = _minimums(inputs[3:], params, what)
         vocab, d = scales.shape[0], scales.shape[1] * bs
         tq = kernel_rows(tq, fmt, d)  # the layout of the matmul kernels: a tied output projection shares it
         ids = bb.normalize(ids)
@@ -207,17 +240,18 @@ class BlockQuantGatherConverter:
         t = te.placeholder(tq.shape, "uint8", "Tq")
         s = te.placeholder(scales.shape, str(scales.dtype), "S")
         idx = te.placeholder((count,), str(ids.ty.dtype), "I")
+        low = [te.placeholder(v.shape, str(v.dtype), "M") for v in lows]
 
         def row(p):
             raw = idx[p].astype("int32")
             return tirx.Select(raw < 0, raw + vocab, raw)  # ONNX Gather: negative indices count from the end
 
-        out = te.compute((count, d), lambda p, c: _element(row_code(t, row(p), c, fmt.bits, d), fmt) * _scale(
-            s, row(p), c // bs, fmt), name="Y")
-        func = te.create_prim_func([t, s, idx, out])
+        out = te.compute((count, d), lambda p, c: _decoded(t, s, low[0] if low else None, row(p), c, d, bs, fmt),
+                         name="Y")
+        func = te.create_prim_func([t, s, idx, *low, out])
         gv = bb.add_func(func.without_attr("global_symbol"), f"effc_block_quant_gather_{fmt.name}")
         flat = bb.normalize(relax.op.reshape(ids, (count,)))
-        y = relax.call_tir(gv, [relax.const(tq), relax.const(scales), flat],
+        y = relax.call_tir(gv, [relax.const(tq), relax.const(scales), flat, *(relax.const(v) for v in lows)],
                            out_ty=relax.TensorType((count, d), "float32"))
         return relax.op.reshape(bb.normalize(y), [*shape, d])
 

@@ -68,8 +68,11 @@ def gptq_quantize(
         weight with ``axis=0`` (codes ``(N, K / block_size, block_size)``).
 
     Raises:
-        ValueError: K is not a multiple of ``block_size`` or ``h`` has the wrong shape.
+        ValueError: K is not a multiple of ``block_size``, ``h`` has the wrong shape, or ``fmt`` is asymmetric
+            (``int4_asym``: block minimums are not fitted here).
     """
+    if fmt.has_minimum:
+        raise ValueError(f"GPTQ rounds to symmetric and MX formats, not {fmt.name}")
     w = np.array(w_nk, dtype=np.float64)
     n, k = w.shape
     if k % block_size or h.shape != (k, k):

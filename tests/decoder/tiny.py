@@ -1,0 +1,39 @@
+"""A tiny random Llama with SmolLM2's tokenizer and vocabulary, exported as an effc decoder graph (shared by tests)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def tiny_llama(layers: int, max_cache: int, chunk: int) -> tuple[Any, Any, Any]:
+    """``(transformers model, token-generic effc graph, tokenizer)`` of a seeded random Llama (hidden 64, 4 heads)."""
+    import torch
+    import transformers
+
+    from effc.decoder import smollm2
+    from effc.decoder.export import export_decoder
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   rms_norm_eps=1e-5, tie_word_embeddings=True)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    graph = export_decoder(hf, max_cache=max_cache, chunk=chunk, extra={"tokenizer_dir": str(smollm2.fp32_folder())})
+    return hf, graph, smollm2.load_tokenizer()
+
+
+def without_layers(hf: Any, removed: set[int]) -> Any:
+    """A copy of ``hf`` with the decoder layers ``removed`` deleted (the reference for skipped layers)."""
+    import copy
+
+    import torch
+
+    short = copy.deepcopy(hf)
+    kept = [layer for i, layer in enumerate(short.model.layers) if i not in removed]
+    for i, layer in enumerate(kept):
+        layer.self_attn.layer_idx = i
+    short.model.layers = torch.nn.ModuleList(kept)
+    short.config.num_hidden_layers = len(kept)
+    short.config.layer_types = short.config.layer_types[:len(kept)] if getattr(short.config, "layer_types", None) \
+        else None
+    return short
