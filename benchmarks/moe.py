@@ -4,6 +4,11 @@ Run (from the repository root; results go to benchmarks/results/moe_<mode>.json)
 
     python benchmarks/moe.py minilm [--calib 64] [--configs 8:2,8:4,8:6] [--routers trained,analytic] [--recover 0]
     python benchmarks/moe.py kernel [--shape minilm|smollm2] [--rows 1] [--experts 8] [--threads 1]
+    flock /tmp/effc-smollm2.lock python benchmarks/moe.py smollm2 [--calib 64] [--configs 8:6,8:4,8:4+norefit]
+
+``smollm2``: each config rewrites the 30 FFNs of ``zoo:smollm2-135m``'s prefill graph (calibration: ``calib``
+windows of 128 tokens, every 5th held out for the routers and the refit's ridge) and scores perplexity under
+onnxruntime on the held-out prose (512-token windows, as the compile report) against the dense graph.
 
 ``minilm``: each config ``E:k`` (``E`` experts, ``k`` chosen per token; ``E:k:S`` adds a shared fraction ``S``)
 rewrites a fresh copy of ``zoo:minilm-l6``'s 6 FFNs with ``moe(experts=E,top_k=k,router=R,...)`` from the first
@@ -73,18 +78,99 @@ def minilm(args) -> None:
         for router in args.routers.split(","):
             model = ir.from_proto(ir.to_proto(base))
             p = MoEFFNPass(experts=int(e), top_k=int(k), shared=float(shared[0]) if shared else 0.0, router=router,
-                           recover=args.recover, fill=not args.no_fill, calibration=cal)
+                           recover=args.recover, fill=not args.no_fill, refit=not args.no_refit,
+                           zero_experts=tuple(z for z in args.zero.split(",") if z), zero_share=args.zero_share,
+                           calibration=cal)
             start = time.perf_counter()
             p(model)
             row = {"pipeline": str(p), "router": router, "calibration_sentences": len(cal),
                    "seconds": round(time.perf_counter() - start, 1),
                    "ffn_mac_fraction": p.stats["ffn_mac_fraction"],
+                   "active_fraction_measured": float(np.mean([r["active_fraction_measured"]
+                                                              for r in p.stats["layers"]])),
                    "cosine": mean_cosine(model, held_out, reference), "held_out": len(held_out),
-                   "layers": [{k: r[k] for k in ("error_trained", "error_analytic", "recovery")}
+                   "layers": [{k: r[k] for k in ("error_trained", "error_analytic", "error_final", "refit", "recovery")}
                               for r in p.stats["layers"]], **_machine()}
-            log.info("%s: cosine %.4f at %.0f%% of FFN MACs (%.0f s)", row["pipeline"], row["cosine"],
-                     100 * row["ffn_mac_fraction"], row["seconds"])
+            log.info("%s: cosine %.4f at %.0f%% of FFN MACs (%.0f%% of neurons measured; %.0f s)", row["pipeline"],
+                     row["cosine"], 100 * row["ffn_mac_fraction"], 100 * row["active_fraction_measured"],
+                     row["seconds"])
             _save("minilm", row)
+
+
+def smollm2(args) -> None:
+    """SmolLM2-135M perplexity against the active fraction (module docstring); run under the SmolLM2 lock."""
+    from effc import zoo
+    from effc.decoder.compile import PPL_WINDOW, calibration_feeds
+    from effc.decoder.text import calibration_windows, eval_text
+    from effc.ir.calibration import Calibration
+    from effc.ir.decoder import decoder_info, specialize
+    from effc.ir.model import load
+    from effc.passes.moe import MoEFFNPass
+    from effc.runtime.decoder import DecoderSession, OrtBackend, perplexity
+
+    entry = zoo.get("smollm2-135m")
+    generic = load(entry.decoder_graph(2048))
+    info = decoder_info(generic)
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(entry.tokenizer_dir()))
+    eval_ids = list(tokenizer(eval_text())["input_ids"])
+    windows = calibration_windows(tokenizer, args.calib, info["chunk"])
+    cal = Calibration(calibration_feeds(info, windows, info["chunk"]), source="decoder calibration windows")
+    prefill = specialize(generic, info["chunk"])
+    del generic
+    taps, tap = {}, cal.tap
+
+    def tap_once(model, names, **kw):  # every config rewrites the same dense graph: tap it once
+        key = tuple(names)
+        if key not in taps:
+            taps[key] = tap(model, names, **kw)
+        return taps[key]
+
+    cal.tap = tap_once
+
+    def ppl(model) -> float:
+        session = DecoderSession(OrtBackend({"prefill": model}, args.threads), info)
+        return perplexity(session, eval_ids[:args.eval_tokens], PPL_WINDOW)["perplexity"]
+
+    start = time.perf_counter()
+    dense = ppl(prefill)
+    log.info("dense perplexity %.4f (%.0f s)", dense, time.perf_counter() - start)
+    runs = [(config, router, refit) for config in args.configs.split(",") for router in args.routers.split(",")
+            for refit in ((True, False) if args.both_refit else (not args.no_refit,))]
+    for config, router, refit in runs:
+        config, *flags = config.split("+")  # E:k[:S][+analytic][+norefit][+zero]: per-config overrides
+        router, refit = ("analytic" if "analytic" in flags else router), refit and "norefit" not in flags
+        zero = tuple(z for z in args.zero.split(",") if z) if "zero" in flags or not args.zero_flagged else ()
+        e, k, *shared = config.split(":")
+        model = ir.from_proto(ir.to_proto(prefill))
+        p = MoEFFNPass(experts=int(e), top_k=int(k), shared=float(shared[0]) if shared else 0.0, router=router,
+                       refit=refit, recover=args.recover, layers=args.layers, zero_experts=zero,
+                       zero_share=args.zero_share, calibration=cal)
+        start = time.perf_counter()
+        p(model)
+        seconds = time.perf_counter() - start
+        value = ppl(model)
+        layers = p.stats["layers"]
+        row = {"pipeline": str(p), "router": router, "calibration_windows": len(cal),
+               "calibration_tokens": p.stats["calibration_tokens"], "pass_seconds": round(seconds, 1),
+               "recovery_seconds": p.stats["recovery_seconds"],
+               "ffn_mac_fraction": p.stats["ffn_mac_fraction"],
+               "ffn_weight_bytes_fraction": p.stats["ffn_weight_bytes_fraction"],
+               "perplexity_dense": dense, "perplexity": value, "change_pct": round((value / dense - 1) * 100, 2),
+               "eval_tokens": min(len(eval_ids), args.eval_tokens),
+               "error_before": float(np.mean([r[f"error_{router}"] for r in layers])),
+               "error_trained_router": float(np.mean([r["error_trained"] for r in layers])),
+               "error_analytic_router": float(np.mean([r["error_analytic"] for r in layers])),
+               "layers_trained_better": int(sum(r["error_trained"] < r["error_analytic"] for r in layers)),
+               "error_final": float(np.mean([r["error_final"] for r in layers])),
+               "active_fraction_measured": float(np.mean([r["active_fraction_measured"] for r in layers])),
+               **_machine(args.threads)}
+        log.info("%s: perplexity %.3f (%+.1f%%) at %.0f%% of FFN MACs; FFN error %.3f -> %.3f; pass %.0f s",
+                 row["pipeline"], value, row["change_pct"], 100 * row["ffn_mac_fraction"], row["error_before"],
+                 row["error_final"], seconds)
+        _save("smollm2", row)
+        del model
 
 
 def _ffn_model(k: int, h: int, activation: str, gated: bool, rows: int, depth: int, seed: int = 0) -> ir.Model:
@@ -133,15 +219,19 @@ def kernel(args) -> None:
                                 "num-cores": args.threads})
     x = np.random.default_rng(1).standard_normal((1, args.rows, k)).astype(np.float32)
     runs = {}
-    for top_k in [0, *range(1, args.experts + 1)]:
+    ks = [int(v) for v in args.ks.split(",")] if args.ks else list(range(1, args.experts + 1))
+    zero = tuple(z for z in args.zero.split(",") if z)
+    variants = [(0, ())] + [(top_k, ()) for top_k in ks] + [(top_k, zero) for top_k in ks if zero]
+    for top_k, zk in variants:
         model = _ffn_model(k, h, activation, gated, args.rows, args.depth)
-        if top_k:
-            MoEFFNPass(experts=args.experts, top_k=top_k, router="analytic")(model)
+        if top_k:  # no calibration: zero-computation experts get a logit below every routed one (never chosen)
+            MoEFFNPass(experts=args.experts, top_k=top_k, router="analytic", zero_experts=zk)(model)
         ex, _ = compile_cpu(to_relax(model), target, {})
         vm = relax.VirtualMachine(ex, tvm.cpu())
         inp = tvm.runtime.tensor(x)
         vm["main"](inp)
-        runs["dense" if not top_k else f"k={top_k}"] = (vm, inp, top_k / args.experts if top_k else 1.0)
+        name = "dense" if not top_k else f"k={top_k}" + (f"+zero({','.join(zk)})" if zk else "")
+        runs[name] = (vm, inp, top_k / args.experts if top_k else 1.0)
     times = {name: [] for name in runs}
     for _ in range(args.rounds):  # alternating rounds: every variant sees the same load
         for name, (vm, inp, _) in runs.items():
@@ -168,6 +258,22 @@ def main() -> None:
     m.add_argument("--routers", default="trained,analytic")
     m.add_argument("--recover", type=int, default=0, help="Adam steps of local distillation per FFN")
     m.add_argument("--no-fill", action="store_true")
+    m.add_argument("--no-refit", action="store_true", help="keep the carved down projection (no least squares)")
+    m.add_argument("--zero", default="", help="zero-computation experts, e.g. zero,const")
+    m.add_argument("--zero-share", type=float, default=0.25)
+    sm = sub.add_parser("smollm2")
+    sm.add_argument("--calib", type=int, default=64, help="calibration windows of 128 tokens (at most 97)")
+    sm.add_argument("--configs", default="8:6,8:4")
+    sm.add_argument("--routers", default="trained,analytic")
+    sm.add_argument("--no-refit", action="store_true")
+    sm.add_argument("--both-refit", action="store_true", help="each config with and without the refit")
+    sm.add_argument("--recover", type=int, default=0)
+    sm.add_argument("--layers", default="all")
+    sm.add_argument("--zero", default="", help="zero-computation experts, e.g. zero,const")
+    sm.add_argument("--zero-share", type=float, default=0.25)
+    sm.add_argument("--zero-flagged", action="store_true", help="--zero only for configs marked +zero")
+    sm.add_argument("--threads", type=int, default=2)
+    sm.add_argument("--eval-tokens", type=int, default=1536, help="held-out tokens scored (512-token windows)")
     kk = sub.add_parser("kernel")
     kk.add_argument("--shape", choices=sorted(SHAPES), default="smollm2")
     kk.add_argument("--rows", type=int, default=1, help="tokens per call (1 = decode)")
@@ -175,12 +281,14 @@ def main() -> None:
     kk.add_argument("--threads", type=int, default=1)
     kk.add_argument("--depth", type=int, default=8, help="FFN layers chained (8 SmolLM2 FFNs: 85 MB of weights)")
     kk.add_argument("--rounds", type=int, default=7)
+    kk.add_argument("--ks", default="", help="top_k values (default 1..experts)")
+    kk.add_argument("--zero", default="", help="also each k with these zero-computation experts (grouped kernel)")
     kk.add_argument("--number", type=int, default=20)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for name in ("onnxscript", "onnx_ir", "effc"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    {"minilm": minilm, "kernel": kernel}[args.mode](args)
+    {"minilm": minilm, "kernel": kernel, "smollm2": smollm2}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,13 @@
 
 Schema (domain ``effc``, opset 1; one function overload per activation and expert layout)::
 
-    Y = effc.MoEFFN(X, router_w, router_b, W1, b1, W3, W2, b2, fill,
-                    activation="gelu", gated=0, experts=E, top_k=k, shared=S)
+    Y = effc.MoEFFN(X, router_w, router_b, W1, b1, W3, W2, b2, fill, zero_values,
+                    activation="gelu", gated=0, experts=E, top_k=k, shared=S, zero_experts="")
 
 * ``X``        ``(..., K)`` float32: the FFN input.
-* ``router_w`` ``(K, E)``, ``router_b`` ``(E,)``: router logits ``l = X·router_w + router_b``; the ``k`` experts with
-  the largest logits are chosen per token (ties: the lower expert index wins).
+* ``router_w`` ``(K, E + Z)``, ``router_b`` ``(E + Z,)``: router logits ``l = X·router_w + router_b`` over the ``E``
+  routed experts then the ``Z`` zero-computation experts; the ``k`` with the largest logits are chosen per token
+  (ties: the lower index wins).
 * ``W1``       ``(K, H)``, ``b1`` ``(H,)``: the projection into the activation; ``H = S + E·He``. Neurons are laid
   out shared first (``[0, S)``), then expert ``e`` at ``[S + e·He, S + (e+1)·He)``.
 * ``W3``       ``(K, H)``: a gated unit's second projection (SwiGLU/GeGLU: ``act(X·W1 + b1) ⊙ X·W3``); with
@@ -15,9 +16,15 @@ Schema (domain ``effc``, opset 1; one function overload per activation and exper
 * ``W2``       ``(H, C)``, ``b2`` ``(C,)``: the down projection.
 * ``fill``     ``(E, C)``: what an unchosen expert contributes instead (its mean output on calibration tokens, the
   MoE++ "constant expert"; zeros for plain MoEfication).
+* ``zero_values`` ``(Z, C)``: the constant of each zero-computation expert (zeros for ``zero`` / ``copy``); empty
+  when ``Z = 0``.
+* ``zero_experts``: the kinds of the ``Z`` zero-computation experts (MoE++), comma-separated: ``zero`` adds
+  nothing, ``const`` adds its ``zero_values`` row, ``copy`` adds ``X`` (needs ``K = C``). A token that chooses one
+  spends a routed slot on no FFN work.
 * ``Y``        ``(..., C)`` float32::
 
-      Y = b2 + shared(X) + Σ_{e ∈ topk(l)} expert_e(X) + Σ_{e ∉ topk(l)} fill_e
+      Y = b2 + shared(X) + Σ_{e ∈ topk(l), e < E} expert_e(X) + Σ_{e ∉ topk(l), e < E} fill_e
+            + Σ_{z ∈ topk(l), z ≥ E} zero_expert_z(X)
       expert_e(X) = act(X·W1[:, N_e] + b1[N_e]) [⊙ X·W3[:, N_e]] · W2[N_e, :]   (N_e: the neurons of expert e)
 
   Chosen experts are summed with weight 1 (experts carved from a dense FFN add up to it), so with ``top_k = E`` the
@@ -26,7 +33,8 @@ Schema (domain ``effc``, opset 1; one function overload per activation and exper
 The reference body (:func:`moe_function`, standard ONNX ops, opset ≥ 13) computes every expert and masks the
 neurons of unchosen ones; the TVM kernel (:mod:`effc.codegen.ops.moe`) computes only the chosen experts.
 MACs (:func:`count_macs`) and weight bytes read per token (:func:`weight_bytes_per_token`) count the router, the
-shared expert and ``k`` routed experts only.
+shared expert and ``k`` routed experts only (an upper bound with zero-computation experts: a token that chooses
+one computes fewer).
 
 Sources: Zhang et al., "MoEfication: Transformer Feed-forward Layers are Mixtures of Experts" (ACL Findings 2022);
 Zhao et al., "FactorLLM" (2024); Jin et al., "MoE++: Accelerating Mixture-of-Experts Methods with Zero-Computation
@@ -51,8 +59,10 @@ __all__ = ["ACTIVATIONS", "INPUTS", "OP_TYPE", "MoELayout", "active_fraction", "
 
 OP_TYPE = "MoEFFN"
 MIN_OPSET = 13
-INPUTS = ("X", "router_w", "router_b", "W1", "b1", "W3", "W2", "b2", "fill")
-ATTRIBUTES = ("activation", "gated", "experts", "top_k", "shared")
+INPUTS = ("X", "router_w", "router_b", "W1", "b1", "W3", "W2", "b2", "fill", "zero_values")
+ATTRIBUTES = ("activation", "gated", "experts", "top_k", "shared", "zero_experts")
+#: MoE++ zero-computation expert kinds and their code in overload names.
+ZERO_KINDS = {"zero": "0", "const": "k", "copy": "c"}
 _SQRT_2_PI = math.sqrt(2.0 / math.pi)
 
 
@@ -84,6 +94,8 @@ class MoELayout:
         top_k: experts chosen per token.
         gated: True for a gated unit (``W3`` present).
         activation: a key of :data:`ACTIVATIONS`.
+        zero: kinds of the zero-computation experts (keys of :data:`ZERO_KINDS`), in router order after the
+            routed experts.
     """
 
     k: int
@@ -94,6 +106,12 @@ class MoELayout:
     top_k: int
     gated: bool
     activation: str
+    zero: tuple[str, ...] = ()
+
+    @property
+    def routes(self) -> int:
+        """Router outputs ``E + Z``."""
+        return self.experts + len(self.zero)
 
     @property
     def hidden(self) -> int:
@@ -108,10 +126,20 @@ class MoELayout:
     def overload(self) -> str:
         """Function overload of this layout, e.g. ``"gelu_e8x192_k2_s0"`` (``_glu`` for gated units)."""
         glu = "_glu" if self.gated else ""
-        return f"{self.activation}{glu}_e{self.experts}x{self.expert_size}_k{self.top_k}_s{self.shared}"
+        zero = f"_z{''.join(ZERO_KINDS[z] for z in self.zero)}" if self.zero else ""
+        return f"{self.activation}{glu}_e{self.experts}x{self.expert_size}_k{self.top_k}_s{self.shared}{zero}"
 
     def check(self) -> None:
-        """Raises: PassError: an unknown activation, or ``top_k`` outside ``[1, E]``."""
+        """Check the layout.
+
+        Raises:
+            PassError: an unknown activation or zero-expert kind, ``top_k`` outside ``[1, E]``, or a ``copy``
+                expert on an FFN whose output width differs from its input width.
+        """
+        bad = [z for z in self.zero if z not in ZERO_KINDS]
+        if bad or ("copy" in self.zero and self.k != self.c):
+            raise PassError(f"MoEFFN zero-computation experts {','.join(self.zero)} on a {self.k} -> {self.c} FFN",
+                            f"use kinds among {', '.join(ZERO_KINDS)} (copy only when input and output widths match)")
         if self.activation not in ACTIVATIONS:
             raise PassError(f"MoEFFN activation {self.activation!r} unknown",
                             f"use one of {', '.join(ACTIVATIONS)}")
@@ -131,36 +159,43 @@ def select_experts(logits: np.ndarray, top_k: int) -> np.ndarray:
     return beats.sum(-1) < top_k
 
 
-def reference(x, router_w, router_b, w1, b1, w3, w2, b2, fill, *, activation: str, gated: int, experts: int,
-              top_k: int, shared: int) -> np.ndarray:
+def reference(x, router_w, router_b, w1, b1, w3, w2, b2, fill, zero_values=None, *, activation: str, gated: int,
+              experts: int, top_k: int, shared: int, zero_experts: str = "") -> np.ndarray:
     """Numpy ``effc.MoEFFN`` (module docstring): every expert computed, unchosen ones replaced by ``fill``.
 
     Args:
         x: ``(..., K)``.
-        router_w: ``(K, E)``.
-        router_b: ``(E,)``.
+        router_w: ``(K, E + Z)``.
+        router_b: ``(E + Z,)``.
         w1: ``(K, H)``, shared neurons first, then expert by expert.
         b1: ``(H,)``.
         w3: ``(K, H)``, None when ``gated`` is 0.
         w2: ``(H, C)``.
         b2: ``(C,)``.
         fill: ``(E, C)``.
+        zero_values: ``(Z, C)``, None when ``Z = 0``.
         activation: a key of :data:`ACTIVATIONS`.
         gated: 1 for a gated unit.
         experts: ``E``.
         top_k: experts chosen per token.
         shared: always-on neurons ``S``.
+        zero_experts: comma-separated kinds of the ``Z`` zero-computation experts ("" for none).
 
     Returns:
         ``(..., C)`` float32.
     """
     he = (w1.shape[1] - shared) // experts
-    chosen = select_experts(x @ router_w + router_b, top_k).astype(np.float32)
+    kinds = [z for z in zero_experts.split(",") if z]
+    picked = select_experts(x @ router_w + router_b, top_k).astype(np.float32)
+    chosen, zc = picked[..., :experts], picked[..., experts:]
     mask = np.concatenate([np.ones((*x.shape[:-1], shared), np.float32), np.repeat(chosen, he, axis=-1)], -1)
     h = ACTIVATIONS[activation](x @ w1 + b1)
     if gated:
         h = h * (x @ w3)
-    return ((h * mask) @ w2 + b2 + (1.0 - chosen) @ fill).astype(np.float32)
+    y = (h * mask) @ w2 + b2 + (1.0 - chosen) @ fill
+    if kinds:
+        y = y + zc @ zero_values + zc @ np.array([[k == "copy"] for k in kinds], np.float32) * x
+    return y.astype(np.float32)
 
 
 def _const(nodes: list, name: str, array: np.ndarray) -> str:
@@ -192,15 +227,16 @@ def _activation_nodes(kind: str, x: str, out: str) -> list:
 def moe_function(layout: MoELayout, opset: int) -> ir.Function:
     """Reference body of ``effc.MoEFFN`` for one layout (overload :meth:`MoELayout.overload`), opset ≥ 13.
 
-    Every expert is computed; neurons of unchosen experts are multiplied by 0 and ``fill`` is added for them.
+    Every expert is computed; neurons of unchosen experts are multiplied by 0 and ``fill`` is added for them; the
+    zero-computation experts' rows of the routing mask select their constants (and ``X`` for ``copy``).
     """
     n = helper.make_node
-    e, he = layout.experts, layout.expert_size
+    e, he, z, r = layout.experts, layout.expert_size, len(layout.zero), layout.routes
     nodes: list = []
-    tri = _const(nodes, "tri", np.tri(e, e, -1, dtype=bool))  # tri[e, f] = f < e
+    tri = _const(nodes, "tri", np.tri(r, r, -1, dtype=bool))  # tri[e, f] = f < e
     k = _const(nodes, "k", np.float32(layout.top_k))
     ax_m1, ax_m2 = _const(nodes, "ax_m1", np.array([-1], np.int64)), _const(nodes, "ax_m2", np.array([-2], np.int64))
-    spread = np.zeros((e, layout.hidden), np.float32)  # chosen (.., E) @ spread -> per-neuron mask of routed part
+    spread = np.zeros((r, layout.hidden), np.float32)  # chosen (.., E+Z) @ spread -> per-neuron mask, routed part
     for i in range(e):
         spread[i, layout.shared + i * he: layout.shared + (i + 1) * he] = 1.0
     always = np.zeros(layout.hidden, np.float32)
@@ -224,11 +260,24 @@ def moe_function(layout: MoELayout, opset: int) -> ir.Function:
         nodes += [n("MatMul", ["X", "W3"], ["u"]), n("Mul", ["a0", "u"], ["a"])]
     else:
         nodes += [n("Identity", ["a0"], ["a"])]
+    fill = "fill"
+    if z:  # zero-computation experts: no fill when unchosen, their constant (and X for copy) when chosen
+        pad = _const(nodes, "zero_pad", np.zeros((z, layout.c), np.float32))
+        head = _const(nodes, "routed_pad", np.zeros((e, layout.c), np.float32))
+        copy = _const(nodes, "copy_sel", np.array([[0.0]] * e + [[float(k == "copy")] for k in layout.zero],
+                                                  np.float32))
+        nodes += [n("Concat", ["fill", pad], ["fill_all"], axis=0), n("Concat", [head, "zero_values"], ["zv_all"],
+                                                                       axis=0),
+                  n("MatMul", ["chosen", "zv_all"], ["zc_const"]), n("MatMul", ["chosen", copy], ["zc_copy_w"]),
+                  n("Mul", ["zc_copy_w", "X"], ["zc_copy"]), n("Add", ["zc_const", "zc_copy"], ["zc_out"])]
+        fill = "fill_all"
     nodes += [
         n("Mul", ["a", "mask"], ["am"]), n("MatMul", ["am", "W2"], ["y0"]), n("Add", ["y0", "b2"], ["y1"]),
-        n("Sub", ["one", "chosen"], ["unchosen"]), n("MatMul", ["unchosen", "fill"], ["filled"]),
-        n("Add", ["y1", "filled"], ["Y"]),
+        n("Sub", ["one", "chosen"], ["unchosen"]), n("MatMul", ["unchosen", fill], ["filled"]),
+        n("Add", ["y1", "filled"], ["Y" if not z else "y2"]),
     ]
+    if z:
+        nodes.append(n("Add", ["y2", "zc_out"], ["Y"]))
     proto = helper.make_function(EFFC_DOMAIN, OP_TYPE, list(INPUTS), ["Y"], nodes, [helper.make_opsetid("", opset)],
                                  attributes=list(ATTRIBUTES))
     proto.overload = layout.overload()
@@ -242,7 +291,8 @@ def add_moe_ffn(model: ir.Model, x: ir.Value, weights: dict[str, ir.Value | None
     Args:
         model: receives the function body and the ``effc`` opset.
         x: the FFN input ``(..., K)``.
-        weights: initializers keyed by :data:`INPUTS` names (except ``X``); ``W3`` None unless ``layout.gated``.
+        weights: initializers keyed by :data:`INPUTS` names (except ``X``); ``W3`` None unless ``layout.gated``,
+            ``zero_values`` None unless ``layout.zero``.
         layout: the expert layout (attributes).
         name: the node's name.
 
@@ -256,8 +306,10 @@ def add_moe_ffn(model: ir.Model, x: ir.Value, weights: dict[str, ir.Value | None
     add_function(model, moe_function(layout, opset))
     attrs = [ir.AttrString("activation", layout.activation), ir.AttrInt64("gated", int(layout.gated)),
              ir.AttrInt64("experts", layout.experts), ir.AttrInt64("top_k", layout.top_k),
-             ir.AttrInt64("shared", layout.shared)]
+             ir.AttrInt64("shared", layout.shared), ir.AttrString("zero_experts", ",".join(layout.zero))]
     inputs = [x, *(weights.get(k) for k in INPUTS[1:])]
+    if inputs[-1] is None:  # no zero-computation experts: the node keeps the 9 inputs of the first schema
+        inputs.pop()
     return ir.Node(EFFC_DOMAIN, OP_TYPE, inputs, attrs, overload=layout.overload(), name=name, num_outputs=1)
 
 
@@ -268,8 +320,9 @@ def layout_of(node: ir.Node) -> MoELayout | None:
     experts, shared = a.get_int("experts", 0), a.get_int("shared", 0)
     if w1 is None or w2 is None or experts < 1 or (w1[1] - shared) % experts:
         return None
+    zero = tuple(k for k in a.get_string("zero_experts", "").split(",") if k)
     return MoELayout(w1[0], w2[1], shared, experts, (w1[1] - shared) // experts, a.get_int("top_k", 1),
-                     bool(a.get_int("gated", 0)), a.get_string("activation", "gelu"))
+                     bool(a.get_int("gated", 0)), a.get_string("activation", "gelu"), zero)
 
 
 def active_fraction(layout: MoELayout) -> float:
@@ -280,7 +333,7 @@ def active_fraction(layout: MoELayout) -> float:
 def weight_bytes_per_token(layout: MoELayout) -> int:
     """float32 weight bytes one token reads: router, shared expert, ``k`` routed experts, their fill rows, ``b2``."""
     per_neuron = layout.k * (2 if layout.gated else 1) + 1 + layout.c  # W1 (+W3) column, b1, W2 row
-    return 4 * (layout.k * layout.experts + layout.experts + layout.active * per_neuron
+    return 4 * (layout.k * layout.routes + layout.routes + layout.active * per_neuron
                 + layout.c * (1 + layout.top_k))
 
 
@@ -290,7 +343,7 @@ def count_macs(node: ir.Node) -> int | None:
     if x is None or layout is None:
         return None
     per_neuron = layout.k * (2 if layout.gated else 1) + layout.c
-    return int(np.prod(x[:-1])) * (layout.k * layout.experts + layout.active * per_neuron)
+    return int(np.prod(x[:-1])) * (layout.k * layout.routes + layout.active * per_neuron)
 
 
 SPEC = register_op(OpSpec(OP_TYPE, INPUTS, ATTRIBUTES, count_macs, reference))

@@ -45,8 +45,10 @@ from effc.errors import CalibrationError, PassError, PipelineError
 from effc.ir.decoder import decoder_info, is_decoder
 from effc.ops import block_quant as bq_ops
 from effc.ops import kv_blocks
+from effc.ops.base import effc_nodes
 from effc.ops.bitpack import pack_blocks
 from effc.ops.block_formats import FORMATS, dequantize, get_format, quantize, sqnr_db
+from effc.ops.moe import OP_TYPE as MOE
 from effc.ops.nm_sparse import packed_layers
 from effc.passes.base import EffcPass, PassOptions, register_pass
 from effc.passes.quant.compensation import gptq_quantize, hessian, lorc
@@ -186,6 +188,7 @@ class BlockQuantPass(EffcPass):
             count = self._quantize_kv(model, act_fmt)
             return ir.passes.PassResult(model, modified=count > 0)
         self._refuse_packed(model)
+        self._refuse_moe(model)
         if find_targets(model, opts.ops, []):
             _upgrade_opset(model)  # before selecting: the converter replaces the nodes
         targets = self._select(find_targets(model, opts.ops, self.stats["skipped"]))
@@ -238,6 +241,26 @@ class BlockQuantPass(EffcPass):
             "quantization of packed values is not supported",
             "run nm-sparsity(pack=false) before block-quant to quantize the pruned weights (their zeros stay "
             f"zeros), or leave the packed layers fp32 with block-quant(exclude=[{pattern}])",
+        )
+
+    def _refuse_moe(self, model: ir.Model) -> None:
+        """Raise for ``effc.MoEFFN`` nodes the options select: the MoE kernel reads float32 expert weights.
+
+        Raises:
+            PassError: a selected MoE FFN (named, with the way out): quantizing the other layers and silently
+                leaving the experts in float32 would not be what ``moe(...),block-quant(...)`` asks for.
+        """
+        if "MatMul" not in self.options.ops:
+            return
+        names = [n.name or "" for n in effc_nodes(model, MOE) if self._unselected([n.name or ""]) is None]
+        if not names:
+            return
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise PassError(
+            f"block-quant: {len(names)} selected layer(s) are mixtures of experts (effc.MoEFFN): {shown}; block "
+            "quantization of MoE expert weights is not supported (the MoE kernel reads float32 experts)",
+            "leave the experts float32 and quantize the other layers with block-quant(exclude=[*/moe]), or drop "
+            "one of moe / block-quant",
         )
 
     def _lorc_rank(self, t: QuantTarget) -> int:

@@ -12,13 +12,17 @@ SiLU, or a gated unit ``act(x·Wg) ⊙ x·Wu``) is replaced by one ``effc.MoEFFN
    both are scored on held-out calibration tokens and the scores are reported;
 4. ``fill=true`` gives every unchosen expert its mean output over the calibration tokens that did not choose it (a
    constant expert);
-5. ``recover=N`` runs N Adam steps of local distillation per FFN against the dense FFN (routing fixed,
-   :mod:`effc.passes.moe_recover`).
+5. ``refit=true`` (the default with calibration data) refits the down projection, ``b2`` and the fill rows in
+   closed form against the dense FFN's outputs (routing fixed, :func:`~effc.passes.moe_recover.refit_down`);
+6. ``recover=N`` then runs N Adam steps of local distillation per FFN on every expert weight
+   (:func:`~effc.passes.moe_recover.recover`).
 
 Stats per layer (``layers``): activation, carving method, shared / expert sizes, active fraction, held-out relative
-FFN error of both routers (``error_trained``, ``error_analytic``: mean per-token ``‖Δ‖² / ‖FFN output − b2‖²``),
+FFN error of both routers before any refit (``error_trained``, ``error_analytic``: mean per-token
+``‖Δ‖² / ‖FFN output − b2‖²``) and of the rewritten FFN (``error_final``),
 FFN MACs and float32 weight bytes per token (``macs_dense``/``macs_moe``, ``bytes_dense``/``bytes_moe``), recovery
-losses and seconds; overall ``ffn_mac_fraction``, ``ffn_weight_bytes_fraction``, ``recovery_seconds``.
+refit and recovery losses and seconds; overall ``ffn_mac_fraction``, ``ffn_weight_bytes_fraction``,
+``recovery_seconds`` (refit and recovery together).
 
 Sources: Zhang et al., "MoEfication" (2022); Pei et al., "CMoE" (2025); Zhao et al., "FactorLLM" (2024); Jin et al.,
 "MoE++" (2024).
@@ -35,11 +39,11 @@ import numpy as np
 import onnx_ir as ir
 
 from effc.errors import PassError
-from effc.ops.moe import ACTIVATIONS, INPUTS, MoELayout, add_moe_ffn, select_experts, weight_bytes_per_token
+from effc.ops.moe import ACTIVATIONS, INPUTS, ZERO_KINDS, MoELayout, add_moe_ffn, select_experts, weight_bytes_per_token
 from effc.passes import moe_experts as mx
 from effc.passes.base import EffcPass, PassOptions, register_pass
 from effc.passes.ffn_blocks import FFNBlock, TorchBlock, find_ffn_blocks
-from effc.passes.moe_recover import recover
+from effc.passes.moe_recover import recover, refit_down
 from effc.passes.rewrite import replace_value
 from effc.passes.structured.layers import _token_rows
 
@@ -60,7 +64,13 @@ class MoEOptions(PassOptions):
     router: str = dataclasses.field(default="trained", metadata={"help": "trained | analytic",
                                                                   "choices": ROUTERS})
     fill: bool = dataclasses.field(default=True, metadata={"help": "unchosen experts add their mean output"})
+    refit: bool = dataclasses.field(default=True, metadata={"help": "least-squares refit of W2, b2 and fill on "
+                                                                   "calibration tokens (closed form, seconds)"})
     recover: int = dataclasses.field(default=0, metadata={"help": "Adam steps of local distillation per FFN"})
+    zero_experts: tuple[str, ...] = dataclasses.field(default=(), metadata={
+        "help": "MoE++ zero-computation experts the router may choose, kinds zero | const | copy ([zero,const])"})
+    zero_share: float = dataclasses.field(default=0.25, metadata={
+        "help": "fraction of routed slots the zero-computation experts take on calibration tokens"})
     layers: str = dataclasses.field(default="all", metadata={"help": "all | block indices or up-MatMul name "
                                                                      "patterns, |-separated (0|2|*layer.5*)"})
     max_tokens: int = dataclasses.field(default=8192, metadata={"help": "calibration tokens used per FFN"})
@@ -76,6 +86,11 @@ class MoEOptions(PassOptions):
             self.fail("shared", self.shared, "a fraction in [0, 1)")
         if self.router not in ROUTERS:
             self.fail("router", self.router, " or ".join(ROUTERS))
+        bad = [z for z in self.zero_experts if z not in ZERO_KINDS]
+        if bad:
+            self.fail("zero_experts", ",".join(bad), " / ".join(ZERO_KINDS))
+        if not 0.0 <= self.zero_share < 1.0:
+            self.fail("zero_share", self.zero_share, "a fraction in [0, 1)")
         if self.recover < 0 or self.max_tokens < 16:
             self.fail("recover" if self.recover < 0 else "max_tokens", min(self.recover, self.max_tokens),
                       "recover >= 0 and max_tokens >= 16")
@@ -208,7 +223,8 @@ class MoEFFNPass(EffcPass):
                           ffn_mac_fraction=sum(r["macs_moe"] for r in records) / dense if dense else None,
                           ffn_weight_bytes_fraction=(sum(r["bytes_moe"] for r in records) / dense_bytes
                                                      if dense_bytes else None),
-                          recovery_seconds=sum((r["recovery"] or {}).get("seconds", 0.0) for r in records),
+                          recovery_seconds=round(sum((r[key] or {}).get("seconds", 0.0) for r in records
+                                                     for key in ("refit", "recovery")), 2),
                           calibration_tokens=0 if xs[0] is None else int(len(xs[0])))
         logger.info("moe: %d FFN(s) rewritten, %d skipped", len(records), len(skipped))
         return ir.passes.PassResult(model, modified=bool(records))
@@ -239,47 +255,92 @@ class MoEFFNPass(EffcPass):
         w3 = w3[:, perm] if w3 is not None else None
         a = a[:, perm] if a is not None else None
         outs = mx.expert_outputs(a, w2, carving) if a is not None else None
+        zk = o.zero_experts
         routers = {"analytic": mx.analytic_router(x, w1, b1, w2, carving)}
         if x is not None:
             routers["trained"] = mx.trained_router(x, outs)
+        routers = {name: mx.with_zero_experts(r, x, o.top_k, zk, o.zero_share) for name, r in routers.items()}
+        zero_values = np.zeros((len(zk), c), np.float32) if zk else None
+
+        def chosen_of(rows, r):
+            return select_experts(rows @ r[0] + r[1], o.top_k)
+
         fills = {name: mx.expert_fill(outs if o.fill else None, None if x is None else
-                                      select_experts(x @ r[0] + r[1], o.top_k), o.experts, c)
+                                      chosen_of(x, r)[:, :o.experts], o.experts, c)
                  for name, r in routers.items()}
         router = o.router if o.router in routers else "analytic"
+        av = acts(xv, w1, b1, w3) if xv is not None else None  # the permuted weights: neurons in the MoE layout
         held_out = {}
         if xv is not None:
-            av = acts(xv, w1, b1, w3)  # the permuted weights: neurons in the MoE layout
             ref = av @ w2 + b2
-            held_out = {name: mx.relative_error(mx.moe_rows(xv, av, w2, b2, fills[name], r, carving, o.top_k), ref,
-                                                b2) for name, r in routers.items()}
-        fill = fills[router]
-        layout = MoELayout(k, c, carving.shared, o.experts, carving.expert_size, o.top_k, w3 is not None, kind)
+            held_out = {name: mx.relative_error(mx.moe_rows(xv, av, w2, b2, fills[name], r, carving, o.top_k, zk,
+                                                            zero_values), ref, b2) for name, r in routers.items()}
+        layout = MoELayout(k, c, carving.shared, o.experts, carving.expert_size, o.top_k, w3 is not None, kind, zk)
         arrays = {"router_w": routers[router][0], "router_b": routers[router][1], "W1": w1, "b1": b1, "W3": w3,
-                  "W2": w2, "b2": b2, "fill": fill}
-        recovery = None
+                  "W2": w2, "b2": b2, "fill": fills[router], "zero_values": zero_values}
+        route = (arrays["router_w"], arrays["router_b"])
+        refit = recovery = None
+        if o.refit and x is not None:
+            arrays, refit = self._refit(arrays, carving, (x, a), (xv, av) if xv is not None else None, (w2, b2))
         if o.recover and x is not None:
-            arrays, recovery = self._recover(arrays, kind, carving, x, xv, o)
+            arrays, recovery = self._recover(arrays, kind, carving, x, xv, o, (w1, b1, w3, w2, b2))
+        final = zero_share = None
+        if xv is not None:
+            final = mx.relative_error(mx.moe_rows(xv, acts(xv, arrays["W1"], arrays["b1"], arrays["W3"]),
+                                                  arrays["W2"], arrays["b2"], arrays["fill"], route, carving,
+                                                  o.top_k, zk, arrays["zero_values"]), av @ w2 + b2, b2)
+        if x is not None:  # measured on the calibration rows (held-out rows when there are)
+            zero_share = float(chosen_of(xv if xv is not None else x, route)[:, o.experts:].sum(1).mean() / o.top_k)
         _rewrite(model, block, arrays, layout)
         g = 2 if w3 is not None else 1
+        routed_he = carving.expert_size * o.top_k * (1.0 - (zero_share or 0.0))
         return {"name": block.name, "activation": kind, "gated": w3 is not None, "hidden": h,
                 "shared": carving.shared, "expert_size": carving.expert_size, "carving": carving.method,
-                "router": router, "active_fraction": layout.active / h,
+                "router": router, "active_fraction": layout.active / h, "zero_experts": list(zk),
+                "zero_slot_share": zero_share, "active_fraction_measured": (carving.shared + routed_he) / h,
                 "error_trained": held_out.get("trained"), "error_analytic": held_out.get("analytic"),
-                "macs_dense": h * (k * g + c), "macs_moe": k * o.experts + layout.active * (k * g + c),
+                "error_final": final, "refit": refit,
+                "macs_dense": h * (k * g + c), "macs_moe": k * layout.routes + layout.active * (k * g + c),
                 "bytes_dense": 4 * (h * (k * g + 1 + c) + c), "bytes_moe": weight_bytes_per_token(layout),
                 "recovery": recovery}
 
+    def _refit(self, arrays: dict, carving: mx.Carving, train: tuple, val: tuple | None, dense: tuple):
+        """Closed-form refit of ``W2``, ``b2``, fill and zero-expert constants; returns (arrays, info).
+
+        ``train`` / ``val``: ``(X rows, activations)`` in the MoE neuron order; ``dense`` = ``(W2, b2)``.
+        """
+        o, zk = self.options, self.options.zero_experts
+        w2, b2 = dense
+        copy_only = tuple("copy" if z == "copy" else "zero" for z in zk)
+        const = np.array([z == "const" for z in zk], np.float32)
+
+        def rows(xr, ar):  # (A, chosen routed, dense output less the fixed copy experts, chosen const experts)
+            picked = select_experts(xr @ arrays["router_w"] + arrays["router_b"], o.top_k)
+            copy = mx.zero_rows(xr, picked, o.experts, copy_only, arrays["zero_values"])
+            return ar, picked[:, :o.experts].astype(np.float32), ar @ w2 + b2 - copy, picked[:, o.experts:] * const
+
+        prior = {"w2": w2, "b2": b2, "fill": arrays["fill"], "zero_values": arrays["zero_values"]}
+        fitted, info = refit_down(prior, carving.shared, carving.expert_size, rows(*train),
+                                  rows(*val) if val is not None else None, fill=o.fill)
+        return {**arrays, "W2": fitted["w2"], "b2": fitted["b2"], "fill": fitted["fill"],
+                "zero_values": fitted["zero_values"]}, info
+
     @staticmethod
-    def _recover(arrays: dict, kind: str, carving: mx.Carving, x: np.ndarray, xv: np.ndarray | None, o: MoEOptions):
-        """Local distillation of one MoE FFN against the dense FFN (routing fixed); returns (arrays, info)."""
+    def _recover(arrays: dict, kind: str, carving: mx.Carving, x: np.ndarray, xv: np.ndarray | None, o: MoEOptions,
+                 dense: tuple):
+        """Local distillation of one MoE FFN against the dense FFN; returns (arrays, info).
+
+        ``dense`` = ``(W1, b1, W3, W2, b2)`` in the MoE neuron order; routing fixed.
+        """
         t0 = time.perf_counter()
-        dense = {key: arrays[key] for key in ("W1", "b1", "W3", "W2", "b2")}
+        w1, b1, w3, w2, b2 = dense
 
         def split(rows):
-            a = ACTIVATIONS[kind](rows @ dense["W1"] + dense["b1"])
-            a = a * (rows @ dense["W3"]) if dense["W3"] is not None else a
-            chosen = select_experts(rows @ arrays["router_w"] + arrays["router_b"], o.top_k).astype(np.float32)
-            return rows, chosen, a @ dense["W2"] + dense["b2"]
+            a = ACTIVATIONS[kind](rows @ w1 + b1)
+            a = a * (rows @ w3) if w3 is not None else a
+            picked = select_experts(rows @ arrays["router_w"] + arrays["router_b"], o.top_k)
+            zc = mx.zero_rows(rows, picked, o.experts, o.zero_experts, arrays["zero_values"])  # kept fixed
+            return rows, picked[:, :o.experts].astype(np.float32), a @ w2 + b2 - zc
 
         def neuron_mask(chosen):
             return np.concatenate([np.ones((len(chosen), carving.shared), np.float32),

@@ -202,13 +202,66 @@ def trained_router(x: np.ndarray, outputs: np.ndarray, ridge: float = 1e-3) -> t
     return sol[:-1].astype(np.float32), sol[-1].astype(np.float32)
 
 
+def with_zero_experts(router: tuple[np.ndarray, np.ndarray], x: np.ndarray | None, top_k: int, kinds: tuple,
+                      share: float) -> tuple[np.ndarray, np.ndarray]:
+    """The router extended by ``len(kinds)`` zero-computation experts (MoE++) with one constant logit ``τ``.
+
+    A token spends a routed slot on a zero-computation expert where its ``k``-th best routed logit is below ``τ``
+    (at most one slot per zero-computation expert). ``τ`` is set by bisection so that on the token rows ``x`` a
+    ``share`` of all routed slots goes to them; without data ``τ`` is one below the lowest routed logit bias.
+
+    Args:
+        router: ``(K, E)``, ``(E,)``.
+        x: ``(N, K)`` calibration token rows, or None.
+        top_k: ``k``.
+        kinds: the zero-computation experts' kinds.
+        share: target fraction in [0, 1) of routed slots taken by them.
+
+    Returns:
+        The router ``(K, E + Z)``, ``(E + Z,)``.
+    """
+    w, b = router
+    z = len(kinds)
+    if not z:
+        return router
+    if x is None:
+        tau = float(b.min()) - 1.0
+    else:
+        logits = np.sort(x @ w + b, axis=1)[:, ::-1][:, :top_k]  # each token's top-k routed logits, descending
+        floor = top_k - min(z, top_k)  # routed slots a token keeps whatever tau is
+
+        def taken(t: float) -> float:
+            kept = np.maximum((logits > t).sum(1), floor)
+            return float(np.mean(top_k - kept)) / top_k
+
+        lo, hi = float(logits.min()) - 1.0, float(logits.max()) + 1.0
+        for _ in range(50):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if taken(mid) < share else (lo, mid)
+        tau = hi
+    return (np.concatenate([w, np.zeros((w.shape[0], z), w.dtype)], axis=1),
+            np.concatenate([b, np.full(z, tau, b.dtype)]).astype(np.float32))
+
+
+def zero_rows(x: np.ndarray, picked: np.ndarray, experts: int, kinds: tuple, values: np.ndarray | None) -> np.ndarray:
+    """``(N, C)`` what the chosen zero-computation experts add (``picked`` ``(N, E + Z)``), zeros without them."""
+    if not kinds:
+        return 0.0
+    zc = picked[:, experts:].astype(np.float32)
+    copy = np.array([[k == "copy"] for k in kinds], np.float32)
+    return zc @ values + (zc @ copy) * x
+
+
 def moe_rows(x: np.ndarray, acts: np.ndarray, w2: np.ndarray, b2: np.ndarray, fill: np.ndarray,
-             router: tuple[np.ndarray, np.ndarray], carving: Carving, top_k: int) -> np.ndarray:
+             router: tuple[np.ndarray, np.ndarray], carving: Carving, top_k: int, kinds: tuple = (),
+             zero_values: np.ndarray | None = None) -> np.ndarray:
     """MoE FFN output ``(N, C)`` on token rows with precomputed activations (the operator's semantics)."""
-    chosen = select_experts(x @ router[0] + router[1], top_k).astype(np.float32)
+    picked = select_experts(x @ router[0] + router[1], top_k)
+    chosen = picked[:, :carving.experts].astype(np.float32)
     mask = np.concatenate([np.ones((len(x), carving.shared), np.float32),
                            np.repeat(chosen, carving.expert_size, axis=1)], axis=1)
-    return (acts * mask) @ w2 + b2 + (1.0 - chosen) @ fill
+    return (acts * mask) @ w2 + b2 + (1.0 - chosen) @ fill + zero_rows(x, picked, carving.experts, kinds,
+                                                                       zero_values)
 
 
 def relative_error(y: np.ndarray, ref: np.ndarray, b2: np.ndarray) -> float:

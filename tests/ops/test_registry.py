@@ -100,25 +100,32 @@ def _qdq(fmt: str):
     return {"X": x}, {}, build, {"format": fmt, "block_size": 32}
 
 
-def _moe(activation: str, gated: bool, shared: int, top_k: int, lead: tuple[int, ...] = (2, 3)):
-    k, c, experts, size = 32, 24, 4, 16
-    hidden = shared + experts * size
-    consts = {"router_w": RNG.standard_normal((k, experts)), "router_b": RNG.standard_normal(experts),
+def _moe(activation: str, gated: bool, shared: int, top_k: int, lead: tuple[int, ...] = (2, 3),
+         zero: tuple[str, ...] = (), zero_bias: float = 0.0):
+    """``zero``: zero-computation experts; ``zero_bias`` added to their router logits (large: every token takes
+    them)."""
+    k, c, experts, size = 32, 32 if zero else 24, 4, 16
+    hidden, routes = shared + experts * size, experts + len(zero)
+    consts = {"router_w": RNG.standard_normal((k, routes)),
+              "router_b": RNG.standard_normal(routes) + np.r_[np.zeros(experts), np.full(len(zero), zero_bias)],
               "W1": RNG.standard_normal((k, hidden)) / 4, "b1": RNG.standard_normal(hidden),
               "W2": RNG.standard_normal((hidden, c)) / 4, "b2": RNG.standard_normal(c),
               "fill": RNG.standard_normal((experts, c))}
     if gated:
         consts["W3"] = RNG.standard_normal((k, hidden)) / 4
+    if zero:
+        consts["zero_values"] = RNG.standard_normal((len(zero), c)) * np.array([[z == "const"] for z in zero])
     consts = {name: a.astype(np.float32) for name, a in consts.items()}
     x = RNG.standard_normal((*lead, k)).astype(np.float32)  # 6 tokens (grouped kernel) or 1 (decode kernel)
-    layout = moe.MoELayout(k, c, shared, experts, size, top_k, gated, activation)
+    layout = moe.MoELayout(k, c, shared, experts, size, top_k, gated, activation, zero)
 
     def build(model, v):
         node = moe.add_moe_ffn(model, v["X"], {name: v.get(name) for name in moe.INPUTS[1:]}, layout, "moe")
         node.outputs[0].shape, node.outputs[0].type = ir.Shape((*lead, c)), ir.TensorType(ir.DataType.FLOAT)
         return node
 
-    attrs = {"activation": activation, "gated": int(gated), "experts": experts, "top_k": top_k, "shared": shared}
+    attrs = {"activation": activation, "gated": int(gated), "experts": experts, "top_k": top_k, "shared": shared,
+             "zero_experts": ",".join(zero)}
     return {"X": x}, consts, build, attrs
 
 
@@ -197,7 +204,10 @@ CASES = {
     "BlockQDQ": [lambda f=f: _qdq(f) for f in ("mxfp4", "mxfp8_e4m3")],
     "MoEFFN": [lambda: _moe("gelu", False, 8, 2), lambda: _moe("silu", True, 0, 1), lambda: _moe("relu", False, 4, 4),
                lambda: _moe("gelu_tanh", True, 16, 3), lambda: _moe("silu", True, 8, 2, (1, 1)),
-               lambda: _moe("gelu", False, 0, 3, (1, 1))],
+               lambda: _moe("gelu", False, 0, 3, (1, 1)),
+               lambda: _moe("silu", True, 8, 2, (2, 3), ("zero", "const", "copy")),
+               lambda: _moe("silu", True, 8, 2, (1, 1), ("zero", "const", "copy")),
+               lambda: _moe("gelu", False, 0, 2, (2, 3), ("const", "zero"), 20.0)],
 }
 
 

@@ -295,13 +295,23 @@ def _shared_expert(x, w1, b1, w3, w2, layout: MoELayout):
     return relax.op.matmul(a, relax.const(w2[:s]))
 
 
+def _zero_experts(x, picked, values: np.ndarray, layout: MoELayout):
+    """What the chosen zero-computation experts add: ``zc · zero_values + (zc · is_copy) ⊙ X`` (Relax, tiny)."""
+    zc = relax.op.astype(relax.op.strided_slice(picked, [1], [layout.experts], [layout.routes]), "float32")
+    out = relax.op.matmul(zc, relax.const(values.astype(np.float32)))
+    if "copy" in layout.zero:
+        sel = np.array([[float(k == "copy")] for k in layout.zero], np.float32)
+        out = relax.op.add(out, relax.op.multiply(relax.op.matmul(zc, relax.const(sel)), x))
+    return out
+
+
 @register_converter("MoEFFN")
 class MoEFFNConverter:
     """``effc.MoEFFN`` → router (Relax) → :func:`select_kernel` → :func:`routed_kernel` (+ shared expert)."""
 
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
-        x, wr, br, w1, b1, w3, w2, b2, fill = (list(inputs) + [None] * 9)[:9]
+        x, wr, br, w1, b1, w3, w2, b2, fill, zv = (list(inputs) + [None] * 10)[:10]
         wr, br, w1, b1, w2, b2, fill = (constant_input(v, params, "MoEFFN weights").astype(np.float32)
                                         for v in (wr, br, w1, b1, w2, b2, fill))
         gated = bool(int(attr.get("gated", 0)))
@@ -309,18 +319,26 @@ class MoEFFNConverter:
         act = attr.get("activation", "gelu")
         act = act.decode() if isinstance(act, bytes) else str(act)
         experts, shared = int(attr["experts"]), int(attr.get("shared", 0))
+        zero = attr.get("zero_experts", "")
+        zero = tuple(k for k in (zero.decode() if isinstance(zero, bytes) else str(zero)).split(",") if k)
         layout = MoELayout(w1.shape[0], w2.shape[1], shared, experts, (w1.shape[1] - shared) // experts,
-                           int(attr["top_k"]), gated, act)
+                           int(attr["top_k"]), gated, act, zero)
         x = bb.normalize(x)
         shape = [int(d) for d in x.ty.shape.values]
         rows = int(np.prod(shape[:-1]))
         x2 = bb.normalize(relax.op.reshape(x, [rows, layout.k]))
         logits = relax.op.add(relax.op.matmul(x2, relax.const(wr)), relax.const(br))
-        grouped = rows > 1
-        sel = bb.add_func(select_kernel(rows, experts, layout.top_k, mask=grouped).without_attr("global_symbol")
+        # tokens grouped by expert (prefill), and always with zero-computation experts: the (M, E + Z) mask's
+        # routed columns drive the kernel, so a slot spent on a zero-computation expert computes nothing
+        grouped = rows > 1 or bool(zero)
+        routes = layout.routes
+        sel = bb.add_func(select_kernel(rows, routes, layout.top_k, mask=grouped).without_attr("global_symbol")
                           .with_attr("tir.is_scheduled", True).with_attr("op_pattern", _OPAQUE), "effc_moe_select")
         idx = relax.call_tir(sel, [logits], out_ty=relax.TensorType(
-            [rows, experts if grouped else layout.top_k], "int32"))
+            [rows, routes if grouped else layout.top_k], "int32"))
+        picked = idx
+        if zero:
+            idx = bb.normalize(relax.op.strided_slice(picked, [1], [0], [experts]))
         packed = relayout(w1, w3, w2, fill, b2, layout)
         if grouped:  # tokens grouped by expert: weight panels reused across the tokens that chose them
             kernel, name = grouped_kernel(rows, layout), "effc_moe_grouped"
@@ -334,5 +352,7 @@ class MoEFFNConverter:
         shared_out = _shared_expert(x2, w1, b1, w3, w2, layout)
         if shared_out is not None:
             y = relax.op.add(y, shared_out)
+        if zero:
+            y = relax.op.add(y, _zero_experts(x2, picked, constant_input(zv, params, "MoEFFN weights"), layout))
         LOWERING_LOG.append({"rows": rows, "layout": layout.overload(), "kernel": name})
         return relax.op.reshape(y, [*shape[:-1], layout.c])
