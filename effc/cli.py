@@ -6,6 +6,8 @@ exit code; ``effc --debug ...`` shows the traceback instead.
 
 from __future__ import annotations
 
+import re
+
 import json
 import logging
 import os
@@ -366,8 +368,10 @@ def _wrapped(text: str, first: str, rest: str) -> str:
     import textwrap
 
     width = max(60, min(console.width, 110))
-    return textwrap.fill(text, width=width, initial_indent=first, subsequent_indent=rest, break_long_words=False,
-                         break_on_hyphens=False)
+    wrapper = textwrap.TextWrapper(width=width, initial_indent=first, subsequent_indent=rest,
+                                   break_long_words=False, break_on_hyphens=False)
+    wrapper.wordsep_simple_re = re.compile(r"(\s+|(?<=\|))")  # a long "a|b|c" choice list may break after a "|"
+    return wrapper.fill(text)
 
 
 @cli.command()

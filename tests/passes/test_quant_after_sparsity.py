@@ -47,8 +47,13 @@ def _weight(model: ir.Model) -> np.ndarray:
     return Reference(model).run({"x": np.eye(K, dtype=np.float32)})[0]
 
 
+# int4_asym stores w = d·q + m per block (GGUF Q4_1): a zero stays zero only where the block's minimum lands on the
+# grid, so a 2:4 pattern does not survive it (llama.cpp's Q4_1 has the same property); the symmetric formats keep 0.
+ZERO_KEEPING = sorted(f for f in FORMATS if f != "int4_asym")
+
+
 @pytest.mark.parametrize("compensation", ["none", "gptq", "lorc"])
-@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("fmt", ZERO_KEEPING)
 def test_two_four_pattern_survives_block_quant(fmt, compensation):
     model = _matmul_model()
     NMSparsityPass(n=2, m=4, method="magnitude", reconstruct="false", pack=False)(model)

@@ -177,7 +177,7 @@ def test_zoo_model_builds_for_sm90_with_a_kernel_per_fused_function(tmp_path, na
     result = effc.compile(f"zoo:{name}", target="cuda", out_dir=tmp_path / "out", eval_samples=1,
                           measure_latency=False, target_options={"arch": "sm_90"})
     info = result.manifest["target"]["info"]
-    assert sum(info["rule_counts"].values()) == len(info["kernels"]) >= 20
+    assert sum(info["rule_counts"].values()) == len(info["kernels"]) >= 10
     assert all(any(k.startswith(f"{f}_kernel") for k in info["device_kernels"]) for f in info["kernels"])
     blob = (tmp_path / "out" / "model.so").read_bytes()
     assert b"__global__" not in blob and FATBIN_MAGIC in blob
