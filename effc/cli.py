@@ -6,11 +6,10 @@ exit code; ``effc --debug ...`` shows the traceback instead.
 
 from __future__ import annotations
 
-import re
-
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
