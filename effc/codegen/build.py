@@ -109,13 +109,14 @@ def outputs_to_numpy(result: Any) -> list:
     return flat
 
 
-def kernel_profile(vm: relax.VirtualMachine, args: list, reps: int = 5) -> list[dict[str, Any]]:
-    """Per-kernel wall time of ``vm["main"](*args)`` through the Relax VM instrument hook.
+def kernel_profile(vm: relax.VirtualMachine, args: list, reps: int = 5, entry: str = "main") -> list[dict[str, Any]]:
+    """Per-kernel wall time of ``vm[entry](*args)`` through the Relax VM instrument hook.
 
     Args:
         vm: a loaded VM (:func:`load_vm`); its instrument hook is replaced.
         args: the inputs, already ``tvm.runtime.Tensor``.
         reps: inferences profiled (times are averaged over them).
+        entry: the function run (a decoder's ``prefill``/``decode``).
 
     Returns:
         ``[{"name", "ms", "calls"}]`` per kernel or VM builtin, slowest first; ``ms`` and ``calls`` per inference.
@@ -132,7 +133,7 @@ def kernel_profile(vm: relax.VirtualMachine, args: list, reps: int = 5) -> list[
 
     vm.set_instrument(hook)
     for _ in range(reps):
-        vm["main"](*args)
+        vm[entry](*args)
     ranked = sorted(spans.items(), key=lambda kv: -kv[1][0])
     return [{"name": k, "ms": total / reps * 1e3, "calls": int(n) // reps} for k, (total, n, _) in ranked]
 

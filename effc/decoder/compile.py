@@ -320,16 +320,23 @@ def evaluate_decoder(original: ir.Model, graphs: dict[str, ir.Model], runner: An
                             "compiled_not_measured": "the target's device is not on this machine"}}
     compiled = _session(compiled_backend(runner), info)
     ppl["compiled"] = perplexity(compiled, eval_ids, window)
+    skips = {"eval_text": compiled.ffn_skip.summary().get("prefill")} if compiled.ffn_skip is not None else None
     report: dict[str, Any] = {"decoder": {
         "perplexity": ppl, "perplexity_window": window, "eval_text": "held-out original English prose",
         "perplexity_change_pct": round((ppl["compiled"]["perplexity"] / base - 1) * 100, 3),
         "max_cache": info["max_cache"], "chunk": info["chunk"]}}
     if measure_latency:
+        if skips is not None:
+            compiled.ffn_skip.reset()
         mine = latency(compiled, eval_ids, min(repeat, 5))
+        if skips is not None:
+            skips["latency_decode"] = compiled.ffn_skip.summary().get("decode")
         ort = _ort_latency(graphs, info, eval_ids, threads, min(repeat, 5))
         report["decoder"]["latency"] = {
             "threads": threads, "baseline": "onnxruntime on the same rewritten prefill/decode graphs",
             "effc": mine, "ort": ort,
             "prefill_ratio": round(mine["prefill_ms"]["median"] / ort["prefill_ms"]["median"], 3),
             "decode_ratio": round(mine["decode_ms_per_token"]["median"] / ort["decode_ms_per_token"]["median"], 3)}
+    if skips is not None:  # layer-skip(mode=adaptive): FFN calls skipped by the compiled artifact, measured
+        report["decoder"]["ffn_skip"] = skips
     return report

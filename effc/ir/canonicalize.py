@@ -135,12 +135,42 @@ def _infer_shapes(model: ir.Model) -> ir.Model:
                 out.shape = None
     for out in model.graph.outputs:
         out.shape = None
+    _branch_constants(model)
     proto = ir.to_proto(model)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as err:
         logger.warning("ONNX shape inference failed (%s); continuing with node-level inference only", err)
     return ir.from_proto(proto)
+
+
+def _branch_constants(model: ir.Model) -> None:
+    """Give each subgraph (an ``If`` branch) ``Constant`` copies of the small integer initializers it reads.
+
+    The copies are of main-graph initializers (axes, shapes) read by the subgraph's nodes.
+
+    ONNX shape inference does not see the values of outer-scope initializers inside a subgraph, so a ``ReduceMean``
+    whose axes come from the main graph leaves every shape after it unknown, the ``If``'s outputs and all that
+    follows included (``layer-skip(mode=adaptive)``'s branches). The folder lifts them back; this runs before each
+    inference.
+    """
+    for graph in model.graphs():
+        if graph is model.graph:
+            continue
+        local: dict[int, ir.Node] = {}
+        for node in list(graph):
+            for i, value in enumerate(node.inputs):
+                tensor = value.const_value if value is not None and value.is_initializer() else None
+                if (tensor is None or value.graph is graph or tensor.size > 64
+                        or tensor.dtype not in (ir.DataType.INT64, ir.DataType.INT32)):
+                    continue
+                if id(value) not in local:
+                    local[id(value)] = ir.node("Constant", [], attributes={"value": ir.tensor(tensor.numpy())},
+                                               name=f"{graph.name}_{value.name}_local")
+                    local[id(value)].outputs[0].name = f"{graph.name}_{value.name}_local"
+                node.replace_input_with(i, local[id(value)].outputs[0])
+        if local:
+            graph.insert_before(graph[0], list(local.values()))
 
 
 def _should_fold(node: ir.Node) -> bool | None:

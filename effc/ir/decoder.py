@@ -211,6 +211,8 @@ def _mark_token_axes(model: ir.Model) -> None:
 def _token_axes(info: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Token axes of the graph inputs/outputs (see :mod:`effc.decoder.llama`)."""
     axes = {"input_ids": (1,), "positions": (1,), "attn_mask": (0,), "logits": (1,)}
+    if info.get("ffn_gates"):  # layer-skip(mode=adaptive): each FFN gate's decision per token, (T, G)
+        axes[info["ffn_gates"]["output"]] = (0,)
     return {**axes, **{slot.output: (slot.seq_axis,) for slot in kv_layout(info)}}
 
 

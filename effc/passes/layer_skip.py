@@ -44,7 +44,7 @@ from effc.errors import CalibrationError, PassError
 from effc.ir import decoder as decoder_ir
 from effc.ir.calibration import Calibration
 from effc.ir.residual import ResidualBlock, find_layers, find_residual_blocks
-from effc.passes import skip_draft, skip_gate
+from effc.passes import skip_draft, skip_gate, skip_token_gate
 from effc.passes.base import EffcPass, PassOptions, register_pass
 from effc.passes.rewrite import replace_value
 from effc.passes.skip_scoring import GatedEvaluator, block_influence
@@ -66,8 +66,9 @@ class LayerSkipOptions(PassOptions):
     mode: str = dataclasses.field(default="static", metadata={
         "help": "static (remove) | adaptive (FFNs under a run-time gate, blocks=ffn) | draft (decoders: a draft entry "
                 "point skips the layers, for effc generate --speculate) | report", "choices": MODES})
-    blocks: str = dataclasses.field(default="layer", metadata={
-        "help": "candidates: layer | ffn | attention | sublayer (ffn+attention) | conv | all", "choices": BLOCKS})
+    blocks: str | None = dataclasses.field(default=None, metadata={
+        "help": "candidates: layer | ffn | attention | sublayer (ffn+attention) | conv | all (default: layer; ffn "
+                "with mode=adaptive)", "choices": BLOCKS})
     rank: str = dataclasses.field(default="influence", metadata={"help": "influence | sleb | last", "choices": RANKS})
     count: int | None = dataclasses.field(default=None, metadata={"help": "candidates removed"})
     ratio: float | None = dataclasses.field(default=None, metadata={
@@ -84,6 +85,11 @@ class LayerSkipOptions(PassOptions):
     samples: int = dataclasses.field(default=16, metadata={"help": "calibration feeds used for ranking"})
     tokens: int = dataclasses.field(default=DEFAULT_DRAFT_TOKENS, metadata={
         "help": "draft: tokens drafted per verify call at most (the verify entry point takes tokens + 1)"})
+
+    @property
+    def kind(self) -> str:
+        """The candidates' kind: ``blocks``, else ``ffn`` for ``mode=adaptive`` and ``layer`` otherwise."""
+        return self.blocks or ("ffn" if self.mode == "adaptive" else "layer")
 
     def validate(self) -> None:
         """Check the option values.
@@ -225,7 +231,7 @@ class LayerSkipPass(EffcPass):
         if o.count is not None:
             if o.count > n:
                 raise PassError(f"layer-skip(count={o.count}) asks for more blocks than the {n} removable "
-                                f"{o.blocks} blocks", f"give count= up to {n} (mode=report lists the candidates)")
+                                f"{o.kind} blocks", f"give count= up to {n} (mode=report lists the candidates)")
             return o.count
         if o.ratio is not None:
             return int(o.ratio * n)
@@ -263,17 +269,28 @@ class LayerSkipPass(EffcPass):
         return chosen
 
     def _adaptive(self, model: ir.Model, usable: list[Candidate], found: list[ResidualBlock]) -> bool:
-        """``mode=adaptive``: put each usable FFN under its calibrated gate (:mod:`effc.passes.skip_gate`)."""
-        o = self.options
-        if o.blocks != "ffn" or o.ratio is None or decoder_ir.is_decoder(model) or self.calibration is None:
-            raise PassError("layer-skip(mode=adaptive) gates FFN sub-blocks of an encoder per sequence: it needs "
-                            "blocks=ffn, a target skip rate ratio= and calibration data",
-                            "e.g. layer-skip(mode=adaptive,blocks=ffn,ratio=0.25); decoders: mode=static")
+        """``mode=adaptive``: put each usable FFN under its calibrated gate.
+
+        Per sequence for an encoder (:mod:`effc.passes.skip_gate`), per token for a decoder
+        (:mod:`effc.passes.skip_token_gate`).
+        """
+        o, decoder = self.options, decoder_ir.is_decoder(model)
+        if o.kind != "ffn" or o.ratio is None or self.calibration is None:
+            scope = "per token in decode" if decoder else "per sequence"
+            raise PassError(f"layer-skip(mode=adaptive) gates FFN sub-blocks {scope}: it needs blocks=ffn, a target "
+                            "skip rate ratio= and calibration data",
+                            "e.g. layer-skip(mode=adaptive,ratio=0.25) (blocks=ffn is the default of mode=adaptive)")
+        if decoder and (o.count is not None or o.max_ppl_increase is not None or o.norm != "keep"):
+            raise PassError("layer-skip(mode=adaptive) on a decoder skips a ratio= of the FFN calls per token; count=, "
+                            "max_ppl_increase= and norm=drop apply to removing blocks (mode=static)",
+                            "give only ratio= (and include= to restrict the layers)")
         after = {id(la.ffn.add): la.attention for la in find_layers(found)}
-        gates = [skip_gate.Gate(c.name, after[id(c.blocks[0].add)], c.blocks[0]) for c in usable
-                 if id(c.blocks[0].add) in after]
         self.stats["skipped"] += [{"name": c.name, "reason": "no attention sub-block before it gives the signal"}
                                   for c in usable if id(c.blocks[0].add) not in after]
+        pairs = [(c.name, after[id(c.blocks[0].add)], c.blocks[0]) for c in usable if id(c.blocks[0].add) in after]
+        if decoder:
+            return self._adaptive_tokens(model, pairs)
+        gates = [skip_gate.Gate(*pair) for pair in pairs]
         for k, gate in enumerate(gates):  # in graph order, each calibrated on the graph with the earlier gates
             skip_gate.calibrate(model, gate, self.calibration, o.ratio)
             skip_gate.insert_gate(model, gate, k)
@@ -283,11 +300,27 @@ class LayerSkipPass(EffcPass):
                           calibration_skip_rate=float(np.mean(rates)) if rates else 0.0)
         return bool(gates)
 
+    def _adaptive_tokens(self, model: ir.Model, pairs: list[tuple[str, ResidualBlock, ResidualBlock]]) -> bool:
+        """A decoder's FFNs under per-token gates, calibrated in graph order (:mod:`effc.passes.skip_token_gate`)."""
+        if not pairs:
+            return False
+        gates = [skip_token_gate.TokenGate(*pair) for pair in pairs]
+        for k in reversed(range(len(gates))):  # last first: a gate's signal reads the FFN output before it, which
+            skip_token_gate.insert_gate(model, gates[k], k)  # the earlier gate's If then takes over
+        feeds = type(self.calibration)(list(self.calibration)[:self.options.samples], self.calibration.source)
+        rates = skip_token_gate.calibrate(model, gates, feeds, self.options.ratio)
+        skip_token_gate.add_gates_output(model, gates)
+        self.stats.update(gates=[{"name": g.name, "threshold": g.tau, "calibration_skip_rate": round(r, 4)}
+                                 for g, r in zip(gates, rates, strict=True)],
+                          calibration_skip_rate=round(float(np.mean(rates)), 4), granularity="token")
+        logger.info("layer-skip: %d FFNs gated per token, calibration skip rate %.3f", len(gates), np.mean(rates))
+        return True
+
     def _draft(self, model: ir.Model, usable: list[Candidate], influence: list[float] | None,
                feeds: Calibration | None, decoder: bool) -> bool:
         """``mode=draft``: record the layers a draft step skips (:mod:`effc.passes.skip_draft`); weights unchanged."""
         o = self.options
-        if not decoder or o.blocks != "layer":
+        if not decoder or o.kind != "layer":
             raise PassError("layer-skip(mode=draft) adds a draft entry point that skips whole layers of a decoder",
                             "compile a decoder (e.g. zoo:smollm2-135m) with blocks=layer (the default)")
         fixed = o.count is not None or o.ratio is not None
@@ -314,7 +347,7 @@ class LayerSkipPass(EffcPass):
         """Find, rank, remove (or gate); see the class docstring."""
         o = self.options
         decoder = self._check(model)
-        pool, found = candidates(model, o.blocks)
+        pool, found = candidates(model, o.kind)
         skipped, usable = [], []
         attention_blocks = sum(b.kind == "attention" for b in found)
         for cand in pool:
@@ -341,7 +374,7 @@ class LayerSkipPass(EffcPass):
             return ir.passes.PassResult(model, modified=self._draft(model, usable, influence, feeds, decoder))
         if o.mode == "report" or not usable:
             if not usable and o.mode == "static":
-                skipped.append({"name": o.blocks, "reason": f"no candidate of kind {o.blocks!r} can be removed"})
+                skipped.append({"name": o.kind, "reason": f"no candidate of kind {o.kind!r} can be removed"})
             return ir.passes.PassResult(model, modified=False)
         evaluator = None
         if feeds is not None:

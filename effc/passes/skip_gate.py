@@ -71,26 +71,32 @@ def calibrate(model: ir.Model, gate: Gate, calibration: Calibration, ratio: floa
         gate.threshold = float((ranked[skipped - 1] + below) / 2)
 
 
-def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     value = ir.val(name, const_value=ir.tensor(array))
     graph.register_initializer(value)
     return value
 
 
-def _signal_nodes(graph: ir.Graph, h: ir.Value, a: ir.Value, tag: str) -> tuple[list[ir.Node], ir.Value]:
-    """Nodes computing the scalar ``s`` of :func:`sequence_signal` from ``h`` and ``a`` (same shape, last axis d)."""
-    axes = _const(graph, f"{tag}_axes", np.asarray([-1], dtype=np.int64))
-    eps = _const(graph, f"{tag}_eps", np.asarray(1e-6, dtype=np.float32))
+def row_cosine_nodes(graph: ir.Graph, h: ir.Value, a: ir.Value, tag: str) -> tuple[list[ir.Node], ir.Value]:
+    """Nodes computing ``cos(h, a)`` per row along the last axis (kept as size 1), ``h`` and ``a`` of one shape."""
+    axes = const(graph, f"{tag}_axes", np.asarray([-1], dtype=np.int64))
+    eps = const(graph, f"{tag}_eps", np.asarray(1e-6, dtype=np.float32))
     nodes = [ir.node("Mul", [h, a], name=f"{tag}_ha"), ir.node("Mul", [h, h], name=f"{tag}_hh"),
              ir.node("Mul", [a, a], name=f"{tag}_aa")]
-    sums = [ir.node("ReduceSum", [n.outputs[0], axes], attributes={"keepdims": 0}, name=f"{n.name}_sum")
+    sums = [ir.node("ReduceSum", [n.outputs[0], axes], attributes={"keepdims": 1}, name=f"{n.name}_sum")
             for n in nodes]
     roots = [ir.node("Sqrt", [s.outputs[0]], name=f"{s.name}_sqrt") for s in sums[1:]]
     norm = ir.node("Mul", [roots[0].outputs[0], roots[1].outputs[0]], name=f"{tag}_norm")
     denom = ir.node("Add", [norm.outputs[0], eps], name=f"{tag}_denom")
     cos = ir.node("Div", [sums[0].outputs[0], denom.outputs[0]], name=f"{tag}_cos")
-    mean = ir.node("ReduceMean", [cos.outputs[0]], attributes={"keepdims": 0}, name=f"{tag}_signal")
-    return [*nodes, *sums, *roots, norm, denom, cos, mean], mean.outputs[0]
+    return [*nodes, *sums, *roots, norm, denom, cos], cos.outputs[0]
+
+
+def _signal_nodes(graph: ir.Graph, h: ir.Value, a: ir.Value, tag: str) -> tuple[list[ir.Node], ir.Value]:
+    """Nodes computing the scalar ``s`` of :func:`sequence_signal` from ``h`` and ``a`` (same shape, last axis d)."""
+    nodes, cos = row_cosine_nodes(graph, h, a, tag)
+    mean = ir.node("ReduceMean", [cos], attributes={"keepdims": 0}, name=f"{tag}_signal")
+    return [*nodes, mean], mean.outputs[0]
 
 
 def insert_gate(model: ir.Model, gate: Gate, index: int) -> ir.Node:
@@ -99,26 +105,44 @@ def insert_gate(model: ir.Model, gate: Gate, index: int) -> ir.Node:
     The residual ``Add`` and the FFN's branch nodes move into the ``then`` graph; the ``else`` graph passes the
     skip input through. The post-norm (if any) stays in the main graph and reads the ``If`` output.
     """
-    graph, ffn, tag = model.graph, gate.ffn, f"{GATE_TAG}_{index}"
+    graph, tag = model.graph, f"{GATE_TAG}_{index}"
     signal_nodes, signal = _signal_nodes(graph, gate.attention.skip, gate.attention.output, tag)
-    threshold = _const(graph, f"{tag}_threshold", np.asarray(gate.threshold, dtype=np.float32))
+    threshold = const(graph, f"{tag}_threshold", np.asarray(gate.threshold, dtype=np.float32))
     run = ir.node("Less", [signal, threshold], name=f"{tag}_run")
     run.outputs[0].name = f"{tag}_run"
-    moved = [*ffn.nodes, ffn.add]
-    graph.insert_before(ffn.nodes[0], [*signal_nodes, run])
-    out = ffn.add.outputs[0]
+    graph.insert_before(gate.ffn.nodes[0], [*signal_nodes, run])
+    return branch_block(model, gate.ffn, run.outputs[0], tag)
+
+
+def branch_block(model: ir.Model, block: ResidualBlock, cond: ir.Value, tag: str,
+                 mask: ir.Value | None = None) -> ir.Node:
+    """Move residual ``block`` (``y = x + f(x)``) under ``If(cond)``; returns the ``If`` node.
+
+    ``then: x + f(x)`` (``x + f(x)·mask`` with a ``mask``), ``else: x``; the ``If`` goes right after ``cond``'s
+    producer.
+    The block's nodes and its ``Add`` move into the ``then`` graph (weights stay initializers of the main graph,
+    read from the outer scope); readers of ``y`` read the ``If`` output, which also takes ``y``'s graph-output slot
+    and name if it had one.
+    """
+    graph, out = model.graph, block.add.outputs[0]
+    moved = [*block.nodes, block.add]
     slots = [i for i, value in enumerate(graph.outputs) if value is out]
     graph.remove(moved)
+    if mask is not None:  # the branch's contribution is scaled by the mask: x + f(x) * mask
+        k = next(i for i, v in enumerate(block.add.inputs) if v is not block.skip)
+        scaled = ir.node("Mul", [block.add.inputs[k], mask], name=f"{tag}_mask")
+        scaled.outputs[0].name = f"{tag}_masked"
+        block.add.replace_input_with(k, scaled.outputs[0])
+        moved.insert(-1, scaled)
     then_graph = ir.Graph([], [out], nodes=moved, name=f"{tag}_then")
-    passthrough = ir.node("Identity", [ffn.skip], name=f"{tag}_skip")
+    passthrough = ir.node("Identity", [block.skip], name=f"{tag}_skip")
     else_graph = ir.Graph([], [passthrough.outputs[0]], nodes=[passthrough], name=f"{tag}_else")
     passthrough.outputs[0].name = f"{tag}_skipped"
     passthrough.outputs[0].shape, passthrough.outputs[0].type = out.shape, out.type
-    branch = ir.node("If", [run.outputs[0]], attributes={"then_branch": then_graph, "else_branch": else_graph},
-                     name=tag)
+    branch = ir.node("If", [cond], attributes={"then_branch": then_graph, "else_branch": else_graph}, name=tag)
     result = branch.outputs[0]
     result.shape, result.type = out.shape, out.type
-    graph.insert_after(run, branch)
+    graph.insert_after(cond.producer(), branch)
     for use in list(out.uses()):
         use.node.replace_input_with(use.idx, result)
     if slots:  # the block's output was a graph output: the If's output takes its slot and name

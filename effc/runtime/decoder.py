@@ -28,6 +28,7 @@ import numpy as np
 
 from effc.errors import DataError
 from effc.ir.decoder import kv_layout
+from effc.runtime.ffn_skip import FfnSkipCounter
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,8 @@ class Generation:
         stopped: ``"stop_token"`` or ``"max_new_tokens"``.
         speculation: with ``speculate``, what it did (:class:`effc.runtime.speculate.SpeculationStats`: acceptance
             rate, draft lengths, skipped layers, call times), else None.
+        ffn_skip: for an adaptive artifact (``layer-skip(mode=adaptive)``), the FFN calls skipped per entry point
+            (:meth:`effc.runtime.ffn_skip.FfnSkipCounter.summary`: ``decode`` = the generated tokens), else None.
     """
 
     text: str
@@ -132,6 +135,7 @@ class Generation:
     tokens_per_s: float | None
     stopped: str
     speculation: dict[str, Any] | None = None
+    ffn_skip: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -164,6 +168,8 @@ class DecoderSession:
         backend.bind_cache(self.cache)
         self.length = 0  # tokens held in the cache
         self.draft_controller: Any = None  # speculation's measurements, kept across generations
+        gates = info.get("ffn_gates")  # layer-skip(mode=adaptive): the FFN calls skipped, counted per entry point
+        self.ffn_skip = FfnSkipCounter(gates["names"]) if gates else None
 
     def reset(self) -> None:
         """Forget the context (the cache contents are masked, not cleared)."""
@@ -193,6 +199,8 @@ class DecoderSession:
             new, layout = [], []
         else:
             layout = layout or self._layout
+            if self.ffn_skip is not None and len(new) > len(layout):  # the gate decisions follow the cache outputs
+                self.ffn_skip.add(entry, new.pop()[:real])
         for slot, values in zip(layout, new, strict=True):
             into, take = [slice(None)] * 3, [slice(None)] * 3
             into[slot.seq_axis], take[slot.seq_axis] = slice(self.length, self.length + real), slice(0, real)
@@ -272,6 +280,8 @@ class DecoderSession:
             raise DataError("the prompt is empty (no tokens)", "give a prompt with some text")
         self.reset()
         self._check_room(len(ids) + max_new_tokens)
+        if self.ffn_skip is not None:
+            self.ffn_skip.reset()
         rng = np.random.default_rng(seed)
         start = time.perf_counter()
         logits = self.prefill(ids)[-1]
@@ -303,7 +313,8 @@ class DecoderSession:
         decode_ms = float(np.median(steps)) if steps else None
         return Generation(text, tokens, len(ids), round(prefill_ms, 3), _round(decode_ms),
                           _round(1e3 / decode_ms if decode_ms else None), stopped,
-                          speculator.summary() if speculator is not None else None)
+                          speculator.summary() if speculator is not None else None,
+                          self.ffn_skip.summary() if self.ffn_skip is not None else None)
 
     def _sampled(self, logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator,
                  steps: list[float]) -> Iterator[int]:
