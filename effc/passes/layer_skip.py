@@ -275,15 +275,15 @@ class LayerSkipPass(EffcPass):
         (:mod:`effc.passes.skip_token_gate`).
         """
         o, decoder = self.options, decoder_ir.is_decoder(model)
+        if decoder and (o.count is not None or o.max_ppl_increase is not None or o.norm != "keep"):
+            raise PassError("layer-skip(mode=adaptive) on a decoder skips a ratio= of the FFN calls per token; count=, "
+                            "max_ppl_increase= and norm=drop apply to removing blocks (mode=static)",
+                            "give only ratio= (and include= to restrict the layers)")
         if o.kind != "ffn" or o.ratio is None or self.calibration is None:
             scope = "per token in decode" if decoder else "per sequence"
             raise PassError(f"layer-skip(mode=adaptive) gates FFN sub-blocks {scope}: it needs blocks=ffn, a target "
                             "skip rate ratio= and calibration data",
                             "e.g. layer-skip(mode=adaptive,ratio=0.25) (blocks=ffn is the default of mode=adaptive)")
-        if decoder and (o.count is not None or o.max_ppl_increase is not None or o.norm != "keep"):
-            raise PassError("layer-skip(mode=adaptive) on a decoder skips a ratio= of the FFN calls per token; count=, "
-                            "max_ppl_increase= and norm=drop apply to removing blocks (mode=static)",
-                            "give only ratio= (and include= to restrict the layers)")
         after = {id(la.ffn.add): la.attention for la in find_layers(found)}
         self.stats["skipped"] += [{"name": c.name, "reason": "no attention sub-block before it gives the signal"}
                                   for c in usable if id(c.blocks[0].add) not in after]
