@@ -7,6 +7,7 @@ Run (from the repository root; results are merged into benchmarks/results/layer_
     python benchmarks/layer_skip.py --part timing --artifact DIR...   # those artifacts, own process each
     flock /tmp/effc-smollm2.lock python benchmarks/layer_skip.py --part smollm2 --count 4   # perplexity vs layers
     flock /tmp/effc-smollm2.lock python benchmarks/layer_skip.py --part speculate --artifact DIR   # --speculate
+    python benchmarks/layer_skip.py --part decode --artifact DENSE ADAPTIVE... --prompts 4 --tokens 32
 
 ``minilm``: for each candidate kind (FFN sub-blocks; whole layers with the post-norms kept or dropped) and each
 ranking (``influence`` = ShortGPT block influence, ``sleb`` = iterative measured search, ``last`` = the naive
@@ -22,6 +23,12 @@ in 512-token windows under onnxruntime (the same windows as the compile report).
 each of ``--prompts`` chat prompts, plain vs self-speculative (``adaptive`` = ``--speculate``, or a fixed draft
 length), each mode and thread count in its own process, rounds alternating; tokens/s, acceptance rate, and how many
 prompts give exactly the plain greedy tokens.
+
+``decode``: decoder artifacts (the first is the baseline, e.g. dense fp32; the others compiled with
+``layer-skip(mode=adaptive,ratio=...)``): greedy generation after ``--prompts`` chat prompts, each artifact in its own
+process per round, rounds alternating; decode ms/token (median and min of the steps), the fraction of FFN calls
+skipped in those decode steps (the artifact's gate output), and the compile report's perplexity and skip rate on the
+held-out prose.
 
 ``latency``: ``effc compile zoo:minilm-l6`` with each variant (dense; 1 / 2 layers removed by SLEB; FFNs under
 adaptive gates calibrated to skip 0 / 25 / 50% of sequences); the compile report's latency (effc and onnxruntime on
@@ -319,10 +326,63 @@ def speculate(artifact: str, threads: list[int], modes: list[str], rounds: int, 
                 "rows": rows})
 
 
+def _decode_worker(artifact: str, threads: int, prompts: int, tokens: int) -> None:
+    """Greedy generation of ``tokens`` tokens after each of ``prompts`` chat prompts; prints one JSON line per
+    prompt list: decode ms per token (generate's median step) and the FFN calls skipped in decode."""
+    import effc.runtime
+    from effc.codegen.build import set_runtime_threads
+
+    set_runtime_threads(threads)
+    session = effc.runtime.load(artifact).decoder()
+    session.backend._runner.threads = threads
+    session.generate("Hello", max_new_tokens=4, chat=True)  # warm-up
+    rows = []
+    for prompt in PROMPTS[:prompts]:
+        out = session.generate(prompt, max_new_tokens=tokens, chat=True)
+        rows.append({"decode_ms": out.decode_ms_per_token, "tokens": len(out.tokens),
+                     "ffn_skip": (out.ffn_skip or {}).get("decode")})
+    print(json.dumps(rows))
+
+
+def decode(artifacts: list[str], threads: int, rounds: int, prompts: int, tokens: int) -> None:
+    """Decode ms/token of decoder artifacts (dense vs ``layer-skip(mode=adaptive)``), own process each, rounds
+    alternating; with each artifact's compile-report perplexity and the FFN skip rate measured in decode."""
+    runs: dict[str, list] = {a: [] for a in artifacts}
+    env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
+    for _ in range(rounds):
+        for artifact in artifacts:
+            out = subprocess.run([sys.executable, __file__, "--part", "decode-worker", "--artifact", artifact,
+                                  "--threads", str(threads), "--prompts", str(prompts), "--tokens", str(tokens)],
+                                 capture_output=True, text=True, env=env, check=True)
+            runs[artifact] += json.loads(out.stdout.strip().splitlines()[-1])
+            log.info("%s: load %.1f", artifact, os.getloadavg()[0])
+    rows = []
+    for artifact, got in runs.items():
+        manifest = json.loads((Path(artifact) / "manifest.json").read_text())
+        report = manifest["metrics"]["decoder"]
+        skips = [r["ffn_skip"] for r in got if r["ffn_skip"]]
+        calls = sum(s["ffn_calls"] for s in skips)
+        step = [r["decode_ms"] for r in got if r["decode_ms"]]
+        rows.append({"artifact": artifact, "pipeline": manifest["pipeline"],
+                     "decode_ms_median": round(float(np.median(step)), 2),
+                     "decode_ms_min": round(float(np.min(step)), 2),
+                     "decode_skip_rate": round(sum(s["skipped"] for s in skips) / calls, 4) if calls else None,
+                     "eval_skip_rate": ((report.get("ffn_skip") or {}).get("eval_text") or {}).get("skip_rate"),
+                     "perplexity": report["perplexity"]["compiled"]["perplexity"],
+                     "perplexity_original": report["perplexity"]["original_onnxruntime"]["perplexity"]})
+        log.info("%s", rows[-1])
+    base = rows[0]["decode_ms_median"]
+    for row in rows:
+        row["speedup_vs_first"] = round(base / row["decode_ms_median"], 3)
+    save(f"decode-threads-{threads}", {"threads": threads, "rounds": rounds, "prompts": prompts, "tokens": tokens,
+                                       "method": "own process per artifact and round, rounds alternating; decode "
+                                       "ms/token = median step of greedy generate after chat prompts", "rows": rows})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("minilm", "latency", "smollm2", "timing", "time-worker", "speculate",
-                                           "speculate-worker"), required=True)
+                                           "speculate-worker", "decode", "decode-worker"), required=True)
     parser.add_argument("--modes", default="plain,adaptive,2", help="speculate: plain, adaptive, or draft lengths")
     parser.add_argument("--thread-list", default="1,2", help="speculate: thread counts")
     parser.add_argument("--prompts", type=int, default=20, help="speculate: chat prompts (of 20)")
@@ -340,7 +400,11 @@ def main() -> None:
     parser.add_argument("--only", help="latency: comma-separated words selecting variants (e.g. dense,adaptive)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.part == "speculate-worker":
+    if args.part == "decode-worker":
+        _decode_worker(args.artifact[0], args.threads, args.prompts, args.tokens)
+    elif args.part == "decode":
+        decode(args.artifact, args.threads, args.rounds, args.prompts, args.tokens)
+    elif args.part == "speculate-worker":
         _speculate_worker(args.artifact[0], args.threads, args.mode, args.prompts, args.tokens)
     elif args.part == "speculate":
         speculate(args.artifact[0], [int(t) for t in args.thread_list.split(",")], args.modes.split(","), args.rounds,
