@@ -8,6 +8,7 @@ Run (from the repository root; results are merged into benchmarks/results/layer_
     flock /tmp/effc-smollm2.lock python benchmarks/layer_skip.py --part smollm2 --count 4   # perplexity vs layers
     flock /tmp/effc-smollm2.lock python benchmarks/layer_skip.py --part speculate --artifact DIR   # --speculate
     python benchmarks/layer_skip.py --part decode --artifact DENSE ADAPTIVE... --prompts 4 --tokens 32
+    flock /tmp/effc-smollm2.lock python benchmarks/layer_skip.py --part adaptive-curve --windows 8   # ppl vs skip
 
 ``minilm``: for each candidate kind (FFN sub-blocks; whole layers with the post-norms kept or dropped) and each
 ranking (``influence`` = ShortGPT block influence, ``sleb`` = iterative measured search, ``last`` = the naive
@@ -29,6 +30,10 @@ prompts give exactly the plain greedy tokens.
 process per round, rounds alternating; decode ms/token (median and min of the steps), the fraction of FFN calls
 skipped in those decode steps (the artifact's gate output), and the compile report's perplexity and skip rate on the
 held-out prose.
+
+``adaptive-curve``: SmolLM2's prefill graph with ``layer-skip(mode=adaptive)`` at each ``--ratios`` and
+``--allocate`` (``--windows`` calibration windows of 128 tokens): held-out perplexity (512-token windows, onnxruntime;
+the FFN output masked per token by the gate, which is token-by-token decoding) and the skip rate measured on it.
 
 ``latency``: ``effc compile zoo:minilm-l6`` with each variant (dense; 1 / 2 layers removed by SLEB; FFNs under
 adaptive gates calibrated to skip 0 / 25 / 50% of sequences); the compile report's latency (effc and onnxruntime on
@@ -257,6 +262,54 @@ def smollm2(counts: int, windows: int, ranks: list[str], prefixes: list[int]) ->
         gc.collect()
 
 
+def adaptive_curve(ratios: list[float], windows: int, allocations: list[str]) -> None:
+    """SmolLM2 with ``layer-skip(mode=adaptive)`` at each ratio: held-out perplexity and FFN skip rate.
+
+    The rewritten prefill graph (FFN output masked per token by the gate, the numbers of token-by-token decoding)
+    under onnxruntime on the held-out prose in 512-token windows, as the compile report measures it.
+    """
+    from effc.decoder import text
+    from effc.decoder.compile import PPL_WINDOW, calibration_feeds
+    from effc.decoder.smollm2 import load_tokenizer
+    from effc.ir.decoder import decoder_info, specialize
+    from effc.ir.model import load
+    from effc.runtime.decoder import DecoderSession, OrtBackend, perplexity
+
+    generic = load(zoo.get("smollm2-135m").path())
+    info = decoder_info(generic)
+    tokenizer = load_tokenizer()
+    base = specialize(generic, info["chunk"])
+    del generic
+    calib = Calibration(calibration_feeds(info, text.calibration_windows(tokenizer, windows, info["chunk"]),
+                                          info["chunk"]), text.CALIBRATION_DESCRIPTION)
+    eval_ids = list(tokenizer(text.eval_text())["input_ids"])
+
+    def held_out(model: ir.Model) -> dict:
+        session = DecoderSession(OrtBackend({"prefill": model}, 2), {**decoder_info(model), "chunk": info["chunk"]})
+        ppl = perplexity(session, eval_ids, PPL_WINDOW)["perplexity"]
+        skip = session.ffn_skip.summary()["prefill"] if session.ffn_skip is not None else None
+        return {"perplexity": ppl, "skip_rate": skip["skip_rate"] if skip else 0.0,
+                "skip_rate_per_ffn": skip["skip_rate_per_ffn"] if skip else None}
+
+    rows = [{"ratio": 0.0, "allocate": "dense", **held_out(base)}]
+    log.info("%s", rows[-1])
+    for allocate in allocations:
+        for ratio in ratios:
+            model = copy(base)
+            started = time.perf_counter()
+            p = LayerSkipPass(mode="adaptive", ratio=ratio, allocate=allocate, samples=windows, calibration=calib)
+            p(model)
+            rows.append({"ratio": ratio, "allocate": allocate,
+                         "calibration_skip_rate": p.stats["calibration_skip_rate"],
+                         "pass_seconds": round(time.perf_counter() - started, 1), **held_out(model)})
+            rows[-1]["perplexity_change_pct"] = round((rows[-1]["perplexity"] / rows[0]["perplexity"] - 1) * 100, 2)
+            log.info("%s", rows[-1])
+            save("smollm2-adaptive", {"calibration": f"{windows} windows of {info['chunk']} tokens",
+                                      "window": PPL_WINDOW, "rows": rows})
+            del model, p
+            gc.collect()
+
+
 #: Chat prompts of the self-speculative benchmark (SmolLM2-135M-Instruct, one user turn each).
 PROMPTS = (
     "What is the capital of France?", "Write a short poem about the sea.", "Explain photosynthesis in simple words.",
@@ -381,8 +434,9 @@ def decode(artifacts: list[str], threads: int, rounds: int, prompts: int, tokens
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("minilm", "latency", "smollm2", "timing", "time-worker", "speculate",
-                                           "speculate-worker", "decode", "decode-worker"), required=True)
+    parser.add_argument("--part", required=True, choices=(
+        "minilm", "latency", "smollm2", "timing", "time-worker", "speculate", "speculate-worker", "decode",
+        "decode-worker", "adaptive-curve"))
     parser.add_argument("--modes", default="plain,adaptive,2", help="speculate: plain, adaptive, or draft lengths")
     parser.add_argument("--thread-list", default="1,2", help="speculate: thread counts")
     parser.add_argument("--prompts", type=int, default=20, help="speculate: chat prompts (of 20)")
@@ -397,10 +451,14 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=4, help="smollm2: calibration windows")
     parser.add_argument("--ranks", default="influence,last", help="smollm2: rankings (sleb is slow: 30+29+... trials)")
     parser.add_argument("--prefixes", default="2,4", help="smollm2: layer counts scored on the held-out prose")
+    parser.add_argument("--ratios", default="0.1,0.25,0.4", help="adaptive-curve: target skip rates")
+    parser.add_argument("--allocate", default="uniform,global", help="adaptive-curve: threshold allocations")
     parser.add_argument("--only", help="latency: comma-separated words selecting variants (e.g. dense,adaptive)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.part == "decode-worker":
+    if args.part == "adaptive-curve":
+        adaptive_curve([float(r) for r in args.ratios.split(",")], args.windows, args.allocate.split(","))
+    elif args.part == "decode-worker":
         _decode_worker(args.artifact[0], args.threads, args.prompts, args.tokens)
     elif args.part == "decode":
         decode(args.artifact, args.threads, args.rounds, args.prompts, args.tokens)

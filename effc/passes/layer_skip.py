@@ -55,6 +55,7 @@ MODES = ("static", "adaptive", "draft", "report")
 BLOCKS = ("layer", "ffn", "attention", "sublayer", "conv", "all")
 RANKS = ("influence", "sleb", "last")
 NORMS = ("keep", "drop")
+ALLOCATIONS = ("uniform", "global")
 #: Candidates that take a decoder layer's keys and values (its KV cache) with them.
 CACHE_KINDS = ("layer", "attention")
 
@@ -83,6 +84,9 @@ class LayerSkipOptions(PassOptions):
         "help": "only candidates whose name matches one of these patterns (e.g. [layers.1,layers.3])"})
     output: str | None = dataclasses.field(default=None, metadata={"help": "graph output compared (default: all)"})
     samples: int = dataclasses.field(default=16, metadata={"help": "calibration feeds used for ranking"})
+    allocate: str = dataclasses.field(default="uniform", metadata={
+        "help": "adaptive, decoders: uniform (each FFN skips ratio of the tokens) | global (one threshold for all: "
+                "FFNs after attention that changes the state less skip more)", "choices": ALLOCATIONS})
     tokens: int = dataclasses.field(default=DEFAULT_DRAFT_TOKENS, metadata={
         "help": "draft: tokens drafted per verify call at most (the verify entry point takes tokens + 1)"})
 
@@ -308,7 +312,7 @@ class LayerSkipPass(EffcPass):
         for k in reversed(range(len(gates))):  # last first: a gate's signal reads the FFN output before it, which
             skip_token_gate.insert_gate(model, gates[k], k)  # the earlier gate's If then takes over
         feeds = type(self.calibration)(list(self.calibration)[:self.options.samples], self.calibration.source)
-        rates = skip_token_gate.calibrate(model, gates, feeds, self.options.ratio)
+        rates = skip_token_gate.calibrate(model, gates, feeds, self.options.ratio, self.options.allocate)
         skip_token_gate.add_gates_output(model, gates)
         self.stats.update(gates=[{"name": g.name, "threshold": g.tau, "calibration_skip_rate": round(r, 4)}
                                  for g, r in zip(gates, rates, strict=True)],

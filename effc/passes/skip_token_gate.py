@@ -129,15 +129,24 @@ def threshold_for(signals: np.ndarray, ratio: float) -> float:
     return float((ranked[skipped - 1] + below) / 2)
 
 
-def calibrate(model: ir.Model, gates: Sequence[TokenGate], calibration: Calibration, ratio: float,
-              threads: int = 2) -> list[float]:
-    """Set every gate's threshold, in graph order, to skip ``ratio`` of the calibration tokens.
+#: ``allocate=global``: rounds of (measure every signal, set the one pooled threshold).
+GLOBAL_ROUNDS = 3
 
-    Returns the measured skip rate per gate (on the calibration tokens, with every gate in place).
+
+def calibrate(model: ir.Model, gates: Sequence[TokenGate], calibration: Calibration, ratio: float,
+              allocate: str = "uniform", threads: int = 2) -> list[float]:
+    """Set the gates' thresholds so that ``ratio`` of the calibration FFN calls are skipped.
+
+    ``allocate="uniform"``: each gate, in graph order, skips ``ratio`` of the calibration tokens, measured with the
+    gates before it at their calibrated thresholds and the later ones at ``+inf`` (running). ``"global"``: one
+    threshold for every gate, the ``ratio`` quantile of all signals pooled (FFNs after attention sub-blocks that
+    change the state less skip more), re-measured :data:`GLOBAL_ROUNDS` times with the gates in place.
 
     One onnxruntime session serves all the runs: a copy of ``model`` takes the thresholds as inputs and outputs
-    the signals. Gate ``k`` is measured with the gates before it at their calibrated thresholds and the later
-    ones at ``+inf`` (running).
+    the signals.
+
+    Returns:
+        The measured skip rate per gate (on the calibration tokens, with every gate in place).
     """
     from effc.ir.reference import Reference, with_taps
 
@@ -153,15 +162,18 @@ def calibrate(model: ir.Model, gates: Sequence[TokenGate], calibration: Calibrat
     feeds = list(calibration)
     taus = np.full(len(gates), np.inf, dtype=np.float32)
 
-    def measured(k: int) -> list[np.ndarray]:  # gate k's signal on every feed, under the current thresholds
+    def signals() -> list[np.ndarray]:  # every gate's signal over all feeds, under the current thresholds
         inputs = {n: np.asarray(t, dtype=np.float32) for n, t in zip(names, taus, strict=True)}
-        return [session.run({**feed, **inputs})[taps[k]] for feed in feeds]
+        outs = [session.run({**feed, **inputs}) for feed in feeds]
+        return [np.concatenate([out[tap].ravel() for out in outs]) for tap in taps]
 
-    for k, gate in enumerate(gates):
-        taus[k] = threshold_for(np.concatenate([s.ravel() for s in measured(k)]), ratio)
-        gate.threshold.const_value = ir.tensor(np.asarray(taus[k], dtype=np.float32))
-        logger.debug("layer-skip: gate %s threshold %.6f", gate.name, taus[k])
-    inputs = {n: np.asarray(t, dtype=np.float32) for n, t in zip(names, taus, strict=True)}
-    final = [session.run({**feed, **inputs}) for feed in feeds]
-    return [float(np.mean(np.concatenate([out[taps[k]].ravel() for out in final]) >= taus[k]))
-            for k in range(len(gates))]
+    if allocate == "global":
+        for _ in range(GLOBAL_ROUNDS):
+            taus[:] = threshold_for(np.concatenate(signals()), ratio)
+    else:
+        for k in range(len(gates)):
+            taus[k] = threshold_for(signals()[k], ratio)
+    for gate, tau in zip(gates, taus, strict=True):
+        gate.threshold.const_value = ir.tensor(np.asarray(tau, dtype=np.float32))
+        logger.debug("layer-skip: gate %s threshold %.6f", gate.name, tau)
+    return [float(np.mean(s >= tau)) for s, tau in zip(signals(), taus, strict=True)]

@@ -156,3 +156,19 @@ def test_options_that_make_no_sense_for_a_decoder_are_refused(tiny2):
                            ({"max_ppl_increase": 0.1, "ratio": 0.2}, "max_ppl_increase"), ({}, "ratio=")):
         with pytest.raises(PassError, match=match):
             LayerSkipPass(mode="adaptive", calibration=calibration, **options)(specialize(graph, 8))
+
+
+def test_global_allocation_shares_one_threshold(tiny2):
+    from effc.decoder.compile import calibration_feeds
+    from effc.ir.calibration import Calibration
+    from effc.ir.decoder import decoder_info, specialize
+    from effc.passes.layer_skip import LayerSkipPass
+
+    _, graph, tokenizer, _ = tiny2
+    info = {**decoder_info(graph), "chunk": 8}
+    windows = [tokenizer(p + " at the harbour")["input_ids"][:8] for p in PROMPTS]
+    p = LayerSkipPass(mode="adaptive", ratio=0.5, allocate="global",
+                      calibration=Calibration(calibration_feeds(info, windows, 8), "tokens"))
+    assert p(specialize(graph, 8)).modified
+    assert len({g["threshold"] for g in p.stats["gates"]}) == 1
+    assert abs(p.stats["calibration_skip_rate"] - 0.5) <= 0.2  # re-measured with the gates in place
