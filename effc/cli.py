@@ -594,7 +594,10 @@ def _verify_line(name: str, row: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text and timings) instead of streaming.")
 @click.pass_context
 def generate(ctx, artifact, prompt, max_new_tokens, temperature, top_p, seed, chat, speculate, as_json):
-    """Generate text with a decoder artifact: streams the text, then prefill ms, decode ms/token, tokens/s."""
+    """Generate text with a decoder artifact: streams the text, then prefill ms, decode ms/token, tokens/s.
+
+    An adaptive artifact (layer-skip(mode=adaptive)) also reports the FFN calls it skipped in decode.
+    """
 
     def run():
         import effc.runtime
@@ -612,6 +615,11 @@ def generate(ctx, artifact, prompt, max_new_tokens, temperature, top_p, seed, ch
         err_console.print(escape(f"prompt {result.prompt_tokens} tokens, prefill {result.prefill_ms:.1f} ms; "
                                  f"{len(result.tokens)} tokens generated, decode {decode}, {speed} "
                                  f"(stopped: {result.stopped})"), highlight=False, soft_wrap=True)
+        decode_skip = (result.ffn_skip or {}).get("decode")
+        if decode_skip:
+            err_console.print(escape(f"FFN skipping: {decode_skip['skipped']} of {decode_skip['ffn_calls']} FFN calls "
+                                     f"skipped in decode ({decode_skip['skip_rate']:.1%})"),
+                              highlight=False, soft_wrap=True)
         if result.speculation is not None:
             spec = result.speculation
             rate = "n/a" if spec["acceptance_rate"] is None else f"{spec['acceptance_rate']:.0%}"

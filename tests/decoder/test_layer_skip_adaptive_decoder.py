@@ -16,6 +16,8 @@ import pytest
 
 from tests.decoder.tiny import tiny_llama
 
+pytestmark = pytest.mark.slow
+
 PROMPTS = ("The harbour town wakes up slowly", "Good soup does not need")
 
 
@@ -140,6 +142,8 @@ def test_generate_json_gives_the_skip_rate(adaptive):
     skip = result["ffn_skip"]
     assert skip["decode"]["ffn_calls"] == 2 * 5 and 0 <= skip["decode"]["skip_rate"] <= 1
     assert skip["prefill"]["tokens"] == result["prompt_tokens"]
+    run = CliRunner().invoke(cli, ["generate", str(adaptive.out_dir), "--prompt", PROMPTS[1], "--max-new-tokens", "6"])
+    assert run.exit_code == 0 and "of 10 FFN calls skipped in decode" in run.output, run.output
 
 
 def test_options_that_make_no_sense_for_a_decoder_are_refused(tiny2):
