@@ -87,6 +87,8 @@ class LayerSkipOptions(PassOptions):
     allocate: str = dataclasses.field(default="uniform", metadata={
         "help": "adaptive, decoders: uniform (each FFN skips ratio of the tokens) | global (one threshold for all: "
                 "FFNs after attention that changes the state less skip more)", "choices": ALLOCATIONS})
+    sinks: int = dataclasses.field(default=4, metadata={
+        "help": "adaptive, decoders: the first positions always run every FFN (attention-sink tokens)"})
     tokens: int = dataclasses.field(default=DEFAULT_DRAFT_TOKENS, metadata={
         "help": "draft: tokens drafted per verify call at most (the verify entry point takes tokens + 1)"})
 
@@ -113,6 +115,8 @@ class LayerSkipOptions(PassOptions):
             self.fail("max_ppl_increase", self.max_ppl_increase, "a non-negative fraction (0.1 = +10%)")
         if self.samples < 1:
             self.fail("samples", self.samples, "a positive integer")
+        if self.sinks < 0:
+            self.fail("sinks", self.sinks, "a non-negative number of positions")
         if not 1 <= self.tokens <= 16:
             self.fail("tokens", self.tokens, "an integer in [1, 16]")
 
@@ -308,11 +312,13 @@ class LayerSkipPass(EffcPass):
         """A decoder's FFNs under per-token gates, calibrated in graph order (:mod:`effc.passes.skip_token_gate`)."""
         if not pairs:
             return False
+        o = self.options
         gates = [skip_token_gate.TokenGate(*pair) for pair in pairs]
+        sink = skip_token_gate.sink_tokens(model, o.sinks)
         for k in reversed(range(len(gates))):  # last first: a gate's signal reads the FFN output before it, which
-            skip_token_gate.insert_gate(model, gates[k], k)  # the earlier gate's If then takes over
-        feeds = type(self.calibration)(list(self.calibration)[:self.options.samples], self.calibration.source)
-        rates = skip_token_gate.calibrate(model, gates, feeds, self.options.ratio, self.options.allocate)
+            skip_token_gate.insert_gate(model, gates[k], k, sink)  # the earlier gate's If then takes over
+        feeds = type(self.calibration)(list(self.calibration)[:o.samples], self.calibration.source)
+        rates = skip_token_gate.calibrate(model, gates, feeds, o.ratio, o.allocate, o.sinks)
         skip_token_gate.add_gates_output(model, gates)
         self.stats.update(gates=[{"name": g.name, "threshold": g.tau, "calibration_skip_rate": round(r, 4)}
                                  for g, r in zip(gates, rates, strict=True)],

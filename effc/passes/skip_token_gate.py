@@ -9,9 +9,14 @@ Decoding with Adaptive Feed Forward Skipping"), per token ``t``:
 and the token's FFN runs only when ``s[t] < τ``. In the token-generic graph (``(T, d)`` hidden states):
 
     run[t] = Cast(s[t] < τ)                       (T, 1) float, 1 = run
-    y      = If(min_t s[t] < τ,
+    y      = If(max_t run[t] = 1,
                 then: x + FFN(x) · run,           some token of the chunk runs the FFN: masked per token
                 else: x)                          no token does: the FFN is not computed at all
+
+The first ``sinks`` positions of a sequence always run every FFN (``run[t] = 1`` for ``positions[t] < sinks``): on
+SmolLM2 the first token's signal is ~1 in every layer, yet its FFNs make the attention-sink state that every later
+token attends to (skipping them raised perplexity from 36 to over 2,000); StreamingLLM (Xiao et al. 2024) keeps 4
+such tokens. A decode step is never at such a position unless the prompt is shorter.
 
 So a prefill chunk (``T = P``) computes the FFN when any of its tokens needs it and masks it per token (the same
 numbers as running the FFN for exactly the tokens whose gate says run), and the decode step (``T = 1``) branches
@@ -39,6 +44,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from effc.errors import PassError
 from effc.ir import decoder as decoder_ir
 from effc.ir.calibration import Calibration
 from effc.ir.residual import ResidualBlock
@@ -76,8 +82,36 @@ class TokenGate:
         return float(self.threshold.const_value.numpy())
 
 
-def insert_gate(model: ir.Model, gate: TokenGate, index: int) -> ir.Node:
+def sink_tokens(model: ir.Model, sinks: int) -> ir.Value | None:
+    """``positions < sinks`` as a ``(T, 1)`` bool (nodes put first in the graph); None for ``sinks = 0``.
+
+    Raises:
+        PassError: the graph has no ``positions`` input (not an effc decoder graph).
+    """
+    if sinks == 0:
+        return None
+    graph = model.graph
+    positions = next((v for v in graph.inputs if v.name == "positions"), None)
+    if positions is None:
+        raise PassError("layer-skip(mode=adaptive,sinks=...) needs the decoder's positions input",
+                        "give sinks=0, or compile a decoder exported by effc (e.g. zoo:smollm2-135m)")
+    column = const(graph, f"{GATE_TAG}_column", np.asarray([-1, 1], dtype=np.int64))
+    limit = const(graph, f"{GATE_TAG}_sinks", np.asarray(sinks, dtype=np.int64))
+    rows = ir.node("Reshape", [positions, column], name=f"{GATE_TAG}_positions")
+    first = ir.node("Less", [rows.outputs[0], limit], name=f"{GATE_TAG}_sink")
+    first.outputs[0].name = f"{GATE_TAG}_sink"
+    graph.insert_before(graph[0], [rows, first])
+    return first.outputs[0]
+
+
+def insert_gate(model: ir.Model, gate: TokenGate, index: int, sink: ir.Value | None = None) -> ir.Node:
     """Put ``gate.ffn`` under its per-token gate (see the module docstring, ``τ = +inf``: every token runs it).
+
+    Args:
+        model: the decoder graph (changed in place).
+        gate: the gate; its ``threshold``, ``signal`` and ``run`` are set here.
+        index: the gate's number (names its nodes).
+        sink: ``(T, 1)`` bool, tokens that always run the FFN (:func:`sink_tokens`), or None.
 
     Returns:
         The ``If`` node.
@@ -85,13 +119,15 @@ def insert_gate(model: ir.Model, gate: TokenGate, index: int) -> ir.Node:
     graph, tag = model.graph, f"{GATE_TAG}_{index}"
     cos_nodes, cos = row_cosine_nodes(graph, gate.attention.skip, gate.attention.output, tag)
     gate.threshold = const(graph, f"{tag}_threshold", np.asarray(np.inf, dtype=np.float32))
-    runs = ir.node("Less", [cos, gate.threshold], name=f"{tag}_runs")
-    mask = ir.node("Cast", [runs.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{tag}_mask_f")
-    lowest = ir.node("ReduceMin", [cos], attributes={"keepdims": 0}, name=f"{tag}_lowest")
-    run = ir.node("Less", [lowest.outputs[0], gate.threshold], name=f"{tag}_run")
+    runs = [ir.node("Less", [cos, gate.threshold], name=f"{tag}_runs")]
+    if sink is not None:
+        runs.append(ir.node("Or", [runs[0].outputs[0], sink], name=f"{tag}_runs_or_sink"))
+    mask = ir.node("Cast", [runs[-1].outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{tag}_mask_f")
+    anyone = ir.node("ReduceMax", [mask.outputs[0]], attributes={"keepdims": 0}, name=f"{tag}_any")
+    run = ir.node("Cast", [anyone.outputs[0]], attributes={"to": ir.DataType.BOOL}, name=f"{tag}_run")
     for node, name in ((cos.producer(), "signal"), (mask, "token_run"), (run, "run")):
         node.outputs[0].name = f"{tag}_{name}"
-    graph.insert_before(gate.ffn.nodes[0], [*cos_nodes, runs, mask, lowest, run])
+    graph.insert_before(gate.ffn.nodes[0], [*cos_nodes, *runs, mask, anyone, run])
     gate.signal, gate.run = cos, mask.outputs[0]
     h = gate.attention.skip
     for value in (cos, gate.run):  # typed: they are tapped in calibration and concatenated into a graph output
@@ -134,7 +170,7 @@ GLOBAL_ROUNDS = 3
 
 
 def calibrate(model: ir.Model, gates: Sequence[TokenGate], calibration: Calibration, ratio: float,
-              allocate: str = "uniform", threads: int = 2) -> list[float]:
+              allocate: str = "uniform", sinks: int = 0, threads: int = 2) -> list[float]:
     """Set the gates' thresholds so that ``ratio`` of the calibration FFN calls are skipped.
 
     ``allocate="uniform"``: each gate, in graph order, skips ``ratio`` of the calibration tokens, measured with the
@@ -142,8 +178,8 @@ def calibrate(model: ir.Model, gates: Sequence[TokenGate], calibration: Calibrat
     threshold for every gate, the ``ratio`` quantile of all signals pooled (FFNs after attention sub-blocks that
     change the state less skip more), re-measured :data:`GLOBAL_ROUNDS` times with the gates in place.
 
-    One onnxruntime session serves all the runs: a copy of ``model`` takes the thresholds as inputs and outputs
-    the signals.
+    Tokens at positions below ``sinks`` always run their FFNs and do not count. One onnxruntime session serves all
+    the runs: a copy of ``model`` takes the thresholds as inputs and outputs the signals.
 
     Returns:
         The measured skip rate per gate (on the calibration tokens, with every gate in place).
@@ -165,7 +201,9 @@ def calibrate(model: ir.Model, gates: Sequence[TokenGate], calibration: Calibrat
     def signals() -> list[np.ndarray]:  # every gate's signal over all feeds, under the current thresholds
         inputs = {n: np.asarray(t, dtype=np.float32) for n, t in zip(names, taus, strict=True)}
         outs = [session.run({**feed, **inputs}) for feed in feeds]
-        return [np.concatenate([out[tap].ravel() for out in outs]) for tap in taps]
+        counted = [np.asarray(feed["positions"]).ravel() >= sinks for feed in feeds]
+        return [np.concatenate([out[tap].ravel()[keep] for out, keep in zip(outs, counted, strict=True)])
+                for tap in taps]
 
     if allocate == "global":
         for _ in range(GLOBAL_ROUNDS):
