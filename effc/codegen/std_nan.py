@@ -203,8 +203,14 @@ def _hardmax_tables(d: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _hardmax_rows(x: te.Tensor, heads: te.Tensor, guards: te.Tensor) -> te.Tensor:
-    """One-hot ``(n, d)`` of the first element equal to each row's onnxruntime max (:func:`_hardmax_tables`)."""
+    """One-hot ``(n, d)`` of the first element equal to each row's onnxruntime max (:func:`_hardmax_tables`).
+
+    The max is taken over integer order keys (:func:`_order_key`), so that a row of ``-inf`` has one and the
+    reduction is a plain ``max`` that every target's schedules know.
+    """
     n, d = (int(v) for v in x.shape)
+    key = _order_key(x, "min")
+    none = tirx.const(int(np.iinfo(str(key.dtype)).min), str(key.dtype))
 
     def offset(i):  # floats from the 16-byte boundary before row i to its start
         return (i % _PACKET) * (d % _PACKET) % _PACKET
@@ -215,14 +221,14 @@ def _hardmax_rows(x: te.Tensor, heads: te.Tensor, guards: te.Tensor) -> te.Tenso
             ok = tirx.And(ok, tirx.Not(tirx.isnan(x[i, guards[offset(i), j, g]])))
         return ok
 
-    low = tirx.const(-np.inf, "float32")
-    maximum = te.comm_reducer(lambda a, b: tirx.max(a, b), lambda dtype: low, name="maximum")  # te.max: from -3.4e38
     j = te.reduce_axis((0, d), "j")
-    rowmax = te.compute((n,), lambda i: maximum(tirx.Select(kept(i, j), x[i, j], low), axis=j), name="rowmax")
-    k = te.reduce_axis((0, d), "k")
-    first = te.compute((n,), lambda i: te.min(tirx.Select(x[i, k] == rowmax[i], k, d), axis=k), name="first")
+    rowmax = te.compute((n,), lambda i: te.max(tirx.Select(kept(i, j), key[i, j], none), axis=j), name="rowmax")
+    index = "int64"  # the type of Relax shapes: positions in it, so that the min needs no cast
+    k = te.reduce_axis((tirx.const(0, index), tirx.const(d, index)), "k")
+    first = te.compute((n,), lambda i: te.min(tirx.Select(key[i, k] == rowmax[i], k.var, tirx.const(d, index)),
+                                              axis=k), name="first")
     return te.compute((n, d), lambda i, col: tirx.Select(
-        tirx.And(col.astype("int32") == first[i], tirx.Not(tirx.isnan(x[i, heads[offset(i)]]))),
+        tirx.And(col == first[i], tirx.Not(tirx.isnan(x[i, heads[offset(i)]]))),
         tirx.const(1, "float32"), tirx.const(0, "float32")), name="hardmax")
 
 

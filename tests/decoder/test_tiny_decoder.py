@@ -128,7 +128,6 @@ def test_generate_text_and_errors(compiled, tmp_path):
 
     import effc
     import effc.runtime
-
     from tests.runtime.helpers import mlp
 
     plain = effc.compile(mlp(), out_dir=tmp_path / "mlp", measure_latency=False)
