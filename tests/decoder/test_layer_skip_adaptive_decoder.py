@@ -1,10 +1,10 @@
 """layer-skip(mode=adaptive) on a decoder: a per-token FFN gate under an ONNX If, a real branch in the compiled code.
 
-A tiny random Llama (SmolLM2's tokenizer, 2 layers, chunk 8): with ratio 0 nothing is skipped and the rewritten and
-compiled models give the original's logits; with ratio 0.5 the compiled decode step runs the FFN kernels only for
-the gates that say run (VM profiler call counts), token-by-token decoding equals the masked prefill (the same
-decisions), the greedy tokens equal those of the artifact's own model.onnx under onnxruntime, and the generation
-and the compile report give the measured skip rate.
+A tiny random Llama (SmolLM2's tokenizer, 2 layers, chunk 16: the shared ``tiny`` fixture): with ratio 0 nothing is
+skipped and the rewritten and compiled models give the original's logits; with ratio 0.5 the compiled decode step
+runs the FFN kernels only for the gates that say run (VM profiler call counts), token-by-token decoding equals the
+masked prefill (the same decisions), the greedy tokens equal those of the artifact's own model.onnx under
+onnxruntime, and the generation and the compile report give the measured skip rate.
 """
 
 from __future__ import annotations
@@ -14,23 +14,18 @@ import json
 import numpy as np
 import pytest
 
-from tests.decoder.tiny import tiny_llama
-
 pytestmark = pytest.mark.slow
 
 PROMPTS = ("The harbour town wakes up slowly", "Good soup does not need")
+#: Prefill chunk of the ``tiny`` fixture.
+CHUNK = 16
 
 
 @pytest.fixture(scope="module")
-def tiny2(tmp_path_factory):
-    return (*tiny_llama(2, max_cache=64, chunk=8), tmp_path_factory.mktemp("adaptive-decoder"))
-
-
-@pytest.fixture(scope="module")
-def adaptive(tiny2):
+def adaptive(tiny):
     import effc
 
-    _, graph, tokenizer, folder = tiny2
+    _, graph, tokenizer, folder = tiny
     return effc.compile(graph, passes="layer-skip(mode=adaptive,ratio=0.5)", out_dir=folder / "half",
                         latency_repeat=1, calibration_samples=4)
 
@@ -41,23 +36,24 @@ def _ort_session(artifact):
     from effc.runtime.decoder import DecoderSession, OrtBackend
 
     generic = load(artifact / "model.onnx")
-    info = {**decoder_info(generic), "chunk": 8}
-    return DecoderSession(OrtBackend({"prefill": specialize(generic, 8), "decode": specialize(generic, 1)}), info)
+    info = {**decoder_info(generic), "chunk": CHUNK}
+    return DecoderSession(OrtBackend({"prefill": specialize(generic, CHUNK), "decode": specialize(generic, 1)}), info)
 
 
-def test_ratio_zero_skips_nothing_and_is_exact(tiny2):
+def test_ratio_zero_skips_nothing_and_is_exact(tiny):
     import effc
     import effc.runtime
     from effc.ir.decoder import decoder_info, specialize
     from effc.runtime.decoder import DecoderSession, OrtBackend
 
-    _, graph, tokenizer, folder = tiny2
+    _, graph, tokenizer, folder = tiny
     result = effc.compile(graph, passes="layer-skip(mode=adaptive,ratio=0)", out_dir=folder / "zero",
                           latency_repeat=1, calibration_samples=2)
     stats = result.manifest["passes"][0]["stats"]
     assert [g["threshold"] for g in stats["gates"]] == [float("inf")] * 2 and stats["calibration_skip_rate"] == 0
     ids = tokenizer(PROMPTS[0])["input_ids"]
-    original = DecoderSession(OrtBackend({"prefill": specialize(graph, 8)}), {**decoder_info(graph), "chunk": 8})
+    original = DecoderSession(OrtBackend({"prefill": specialize(graph, CHUNK)}),
+                              {**decoder_info(graph), "chunk": CHUNK})
     reference = original.prefill(ids)
     rewritten = _ort_session(result.out_dir)
     np.testing.assert_allclose(rewritten.prefill(ids), reference, atol=1e-5)
@@ -80,13 +76,13 @@ def test_gates_are_if_nodes_and_the_report_gives_the_skip_rate(adaptive):
     assert adaptive.manifest["decoder"]["ffn_gates"]["names"] == [g["name"] for g in stats["gates"]]
 
 
-def test_compiled_decode_step_runs_ffn_kernels_only_for_gates_that_run(adaptive, tiny2):
+def test_compiled_decode_step_runs_ffn_kernels_only_for_gates_that_run(adaptive, tiny):
     import tvm
 
     import effc.runtime
     from effc.codegen import build
 
-    tokenizer = tiny2[2]
+    tokenizer = tiny[2]
     session = effc.runtime.load(adaptive.out_dir).decoder()
     vm = build.load_vm(adaptive.out_dir / "model.so", tvm.cpu())
     ids = tokenizer(" ".join(PROMPTS) + " in the morning, when the boats come back with fish")["input_ids"]
@@ -109,10 +105,10 @@ def test_compiled_decode_step_runs_ffn_kernels_only_for_gates_that_run(adaptive,
     assert len(per_ffn) == 1 and per_ffn.pop() >= 2, (ran, calls)
 
 
-def test_decode_equals_masked_prefill_and_greedy_matches_model_onnx(adaptive, tiny2):
+def test_decode_equals_masked_prefill_and_greedy_matches_model_onnx(adaptive, tiny):
     import effc.runtime
 
-    tokenizer = tiny2[2]
+    tokenizer = tiny[2]
     compiled = effc.runtime.load(adaptive.out_dir).decoder()
     reference = _ort_session(adaptive.out_dir)
     ids = tokenizer(PROMPTS[0] + " and the gulls are loud")["input_ids"]
@@ -146,33 +142,34 @@ def test_generate_json_gives_the_skip_rate(adaptive):
     assert run.exit_code == 0 and "of 10 FFN calls skipped in decode" in run.output, run.output
 
 
-def test_options_that_make_no_sense_for_a_decoder_are_refused(tiny2):
+def test_options_that_make_no_sense_for_a_decoder_are_refused(tiny):
     from effc.decoder.compile import calibration_feeds
     from effc.errors import PassError
     from effc.ir.calibration import Calibration
     from effc.ir.decoder import decoder_info, specialize
     from effc.passes.layer_skip import LayerSkipPass
 
-    _, graph, tokenizer, _ = tiny2
-    info = {**decoder_info(graph), "chunk": 8}
-    calibration = Calibration(calibration_feeds(info, [list(range(100, 108))], 8), "tokens")
+    _, graph, tokenizer, _ = tiny
+    info = {**decoder_info(graph), "chunk": CHUNK}
+    calibration = Calibration(calibration_feeds(info, [list(range(100, 100 + CHUNK))], CHUNK), "tokens")
     for options, match in (({"count": 1}, "count="), ({"blocks": "layer", "ratio": 0.2}, "blocks=ffn"),
                            ({"max_ppl_increase": 0.1, "ratio": 0.2}, "max_ppl_increase"), ({}, "ratio=")):
         with pytest.raises(PassError, match=match):
-            LayerSkipPass(mode="adaptive", calibration=calibration, **options)(specialize(graph, 8))
+            LayerSkipPass(mode="adaptive", calibration=calibration, **options)(specialize(graph, CHUNK))
 
 
-def test_global_allocation_shares_one_threshold(tiny2):
+def test_global_allocation_shares_one_threshold(tiny):
     from effc.decoder.compile import calibration_feeds
     from effc.ir.calibration import Calibration
     from effc.ir.decoder import decoder_info, specialize
     from effc.passes.layer_skip import LayerSkipPass
 
-    _, graph, tokenizer, _ = tiny2
-    info = {**decoder_info(graph), "chunk": 8}
-    windows = [tokenizer(p + " at the harbour")["input_ids"][:8] for p in PROMPTS]
+    _, graph, tokenizer, _ = tiny
+    info = {**decoder_info(graph), "chunk": CHUNK}
+    ids = tokenizer(" ".join(PROMPTS) * 4)["input_ids"]
+    windows = [ids[:CHUNK], ids[CHUNK:2 * CHUNK]]
     p = LayerSkipPass(mode="adaptive", ratio=0.5, allocate="global",
-                      calibration=Calibration(calibration_feeds(info, windows, 8), "tokens"))
-    assert p(specialize(graph, 8)).modified
+                      calibration=Calibration(calibration_feeds(info, windows, CHUNK), "tokens"))
+    assert p(specialize(graph, CHUNK)).modified
     assert len({g["threshold"] for g in p.stats["gates"]}) == 1
     assert abs(p.stats["calibration_skip_rate"] - 0.5) <= 0.2  # re-measured with the gates in place
