@@ -84,8 +84,7 @@ def _arrays(x: np.ndarray, rows: np.ndarray, scales: np.ndarray, q, n: int, kern
     lows = [gemv.kernel_minimums(q.minimums)] if fmt.has_minimum else []
     if kernel == "vnni":
         qx = quantize(x, "int8", axis=-1, scale_dtype="float32")
-        stored = vnni.tiled_scales(scales) if fmt.bits == 4 else scales
-        return [qx.codes.view(np.int8).reshape(x.shape), qx.scales.reshape(1, -1), rows, stored, *lows,
+        return [qx.codes.view(np.int8).reshape(x.shape), qx.scales.reshape(1, -1), rows, scales, *lows,
                 np.zeros((1, n), np.float32)]
     return [x, rows, scales, *lows, *([fmt.code_table()] if fmt.bits == 4 else []), np.zeros((1, n), np.float32)]
 

@@ -88,8 +88,7 @@ def test_vnni_gemv_equals_the_integer_reference(name, k, n):
     assert ("parallel" in func.script()) == (k * n >= 2**18)
     set_runtime_threads(2)
     lows = [gemv.kernel_minimums(q.minimums)] if fmt.has_minimum else []
-    stored = vnni.tiled_scales(scales) if fmt.bits == 4 else scales  # 4-bit: tile-major, as the minimums
-    y = _run(func, qx, sx, gemv.kernel_rows(wq, fmt, k), stored, *lows, np.zeros((1, n), np.float32))[-1]
+    y = _run(func, qx, sx, gemv.kernel_rows(wq, fmt, k), scales, *lows, np.zeros((1, n), np.float32))[-1]
     ref = _integer_reference(q, wq, qx[0], sx[0], name, k)
     np.testing.assert_allclose(y, ref, rtol=0, atol=1e-6 * float(np.abs(ref).max()))
     if fmt.has_minimum:  # the minimum term is no small correction (column 5 is offset by 3)

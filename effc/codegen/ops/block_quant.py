@@ -49,7 +49,7 @@ from effc.codegen.ops.block_quant_gemv import (
     row_minimum,
 )
 from effc.codegen.ops.block_quant_int8 import builder_state, current_tile_config, int8_compute_applies, int8_matmul
-from effc.codegen.ops.block_quant_vnni import tiled_scales, vnni_applies, vnni_gemv
+from effc.codegen.ops.block_quant_vnni import vnni_applies, vnni_gemv
 from effc.ops.block_formats import BlockFormat, get_format
 
 __all__ = [
@@ -89,15 +89,10 @@ def _element(code, fmt: BlockFormat):
 
 
 def _scale(s: te.Tensor, row, kb, fmt: BlockFormat):
-    """float32 scale of block ``kb`` of row ``row`` (E8M0: the float32 with exponent bits ``s``).
-
-    ``s`` is ``(N, K/B)`` as in ONNX, or tile-major ``(N/4, K/B, 4)`` (the scales of VNNI layers, see
-    :func:`effc.codegen.ops.block_quant_vnni.tiled_scales`).
-    """
-    stored = row_minimum(s, row, kb) if len(s.shape) == 3 else s[row, kb]
+    """float32 scale of block ``kb`` of row ``row`` (E8M0: the float32 with exponent bits ``s``)."""
     if fmt.is_mx:
-        return tirx.reinterpret("float32", stored.astype("int32") << 23)
-    return stored.astype("float32")
+        return tirx.reinterpret("float32", s[row, kb].astype("int32") << 23)
+    return s[row, kb].astype("float32")
 
 
 def _decoded(t: te.Tensor, s: te.Tensor, low: te.Tensor | None, row, c, k: int, block_size: int, fmt: BlockFormat):
@@ -110,21 +105,20 @@ def _decoded(t: te.Tensor, s: te.Tensor, low: te.Tensor | None, row, c, k: int, 
 
 
 def block_quant_kernel(m: int, k: int, n: int, fmt: BlockFormat | str, block_size: int = 32,
-                       scale_dtype: str = "uint8", tiled: bool = False) -> tvm.tirx.PrimFunc:
+                       scale_dtype: str = "uint8") -> tvm.tirx.PrimFunc:
     """Unscheduled PrimFunc ``main(X (M, K) f32, Wr (N, row bytes) u8, S (N, K/B), [Mk,] Y (M, N) f32)``.
 
-    ``Wr`` is :func:`~effc.codegen.ops.block_quant_gemv.kernel_rows` of the ONNX codes, ``S`` the ONNX scales
-    (``tiled``: in the tile-major layout of the minimums, the VNNI GEMV's), ``Mk``
-    :func:`~effc.codegen.ops.block_quant_gemv.kernel_minimums` of the ONNX block minimums (asymmetric formats only,
-    ``scale_dtype``).
+    ``Wr`` is :func:`~effc.codegen.ops.block_quant_gemv.kernel_rows` of the ONNX codes, ``S`` the ONNX scales,
+    ``Mk`` :func:`~effc.codegen.ops.block_quant_gemv.kernel_minimums` of the ONNX block minimums (asymmetric formats
+    only, ``scale_dtype``).
     """
     fmt = get_format(fmt) if isinstance(fmt, str) else fmt
     row_bytes = k * fmt.bits // 8 + (1 if fmt.bits == 6 else 0)
     x = te.placeholder((m, k), "float32", "X")
     wr = te.placeholder((n, row_bytes), "uint8", "Wr")
-    tile_major = kernel_minimums(np.zeros((n, k // block_size), "float16")).shape
-    s = te.placeholder(tile_major if tiled else (n, k // block_size), "uint8" if fmt.is_mx else scale_dtype, "S")
-    low = te.placeholder(tile_major, scale_dtype, "M") if fmt.has_minimum else None
+    s = te.placeholder((n, k // block_size), "uint8" if fmt.is_mx else scale_dtype, "S")
+    low = te.placeholder(kernel_minimums(np.zeros((n, k // block_size), "float16")).shape, scale_dtype, "M") if (
+        fmt.has_minimum) else None
     w = te.compute((k, n), lambda kk, j: _decoded(wr, s, low, j, kk, k, block_size, fmt), name="W")
     r = te.reduce_axis((0, k), "r")
     y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="Y")
@@ -217,20 +211,16 @@ class BlockQuantMatMulConverter:
             y = int8_matmul(bb, src[0], wq, scales, rows, k, n)
             return relax.op.reshape(y, [*shape[:-1], n])
         wr = kernel_rows(wq, fmt, k)
-        vnni = src is not None and vnni_applies(fmt, bs, src[1], src[2], k, n)
-        # the VNNI layers' 4-bit scales are tile-major, in prefill too: one constant for both entry points
-        tiled = vnni and fmt.bits == 4
-        dtype, scales = str(scales.dtype), tiled_scales(scales) if tiled else scales
-        if vnni and rows == 1:
+        if src is not None and rows == 1 and vnni_applies(fmt, bs, src[1], src[2], k, n):
             LOWERING_LOG.append({"format": fmt.name, "shape": [rows, k, n], "kernel": "vnni",
                                  "weight_bytes": int(wr.nbytes + scales.nbytes + sum(v.nbytes for v in lows))})
             return relax.op.reshape(vnni_gemv(bb, src[0], [wr, scales, *lows], fmt, k, n), [*shape[:-1], n])
         consts = [relax.const(wr), relax.const(scales), *(relax.const(v) for v in lows)]
         if rows == 1 and gemv_applies(fmt, bs, k, n):
-            kernel, name, func = "gemv", "gemv", gemv_kernel(k, n, fmt, dtype)
+            kernel, name, func = "gemv", "gemv", gemv_kernel(k, n, fmt, str(scales.dtype))
             consts += [relax.const(fmt.code_table())] if fmt.bits == 4 else []
         else:
-            func = schedule_block_quant(block_quant_kernel(rows, k, n, fmt, bs, dtype, tiled))
+            func = schedule_block_quant(block_quant_kernel(rows, k, n, fmt, bs, str(scales.dtype)))
             kernel, name = "fp32", "matmul"
         gv = bb.add_func(func.without_attr("global_symbol"), f"effc_block_quant_{name}_{fmt.name}")
         x2 = bb.normalize(relax.op.reshape(x, (rows, k)))

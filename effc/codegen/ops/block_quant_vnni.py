@@ -37,11 +37,11 @@ import tvm
 from tvm import relax
 from tvm.script import tirx as T
 
-from effc.codegen.ops.block_quant_gemv import CHUNK, ROWS, kernel_minimums
+from effc.codegen.ops.block_quant_gemv import CHUNK, ROWS
 from effc.codegen.ops.block_quant_int8 import builder_state, current_tile_config
 from effc.ops.block_formats import BlockFormat
 
-__all__ = ["quantize_act_kernel", "supports_vnni", "tiled_scales", "vnni_applies", "vnni_gemv", "vnni_gemv_kernel"]
+__all__ = ["quantize_act_kernel", "supports_vnni", "vnni_applies", "vnni_gemv", "vnni_gemv_kernel"]
 
 BLOCK = 32
 LANES = 8
@@ -156,26 +156,12 @@ def _block_dot(w, q, xa, xb, corr, j, c, half: int, fmt: BlockFormat):
     return _dpbusd(low, T.shift_right(raw, _mask(4)) & mask, xb[T.ramp(c * 32, 1, 32)])
 
 
-def tiled_scales(scales: np.ndarray) -> np.ndarray:
-    """4-bit VNNI layers' scales ``(N, K/32)`` → tile-major ``(N/4, K/32, 4)``, the layout of the minimums.
+def _scales(s, sx, j, b: int, count: int):
+    """float32x8 broadcasts of ``d[j, b + h] * sx[b + h]`` for ``h < count`` (row ``j``).
 
-    Element ``[j // ROWS, b, j % ROWS]`` is the scale of block ``b`` of row ``j``: the 8 scales of a tile's two
-    blocks of one 64-weight chunk are one 16-byte load (prefill's decode-in-GEMM kernel reads the same constant).
+    The weight scales, converted from their stored type in one ``count``-lane load, convert and multiply, then a
+    lane broadcast per block.
     """
-    return kernel_minimums(scales)
-
-
-def _scales(s, sx, sxv, jt, r, b: int, count: int, tiled: bool):
-    """float32x8 broadcasts of ``d[j, b + h] * sx[b + h]`` for ``h < count`` (row ``j = ROWS jt + r``).
-
-    ``tiled`` (4-bit, ``count`` 2): one 8-lane convert of the tile's scales of blocks ``b``, ``b + 1`` times
-    ``sxv`` (each ``sx`` 4 times), then a lane broadcast per block. Else per row: one ``count``-lane load, convert
-    and multiply, and a broadcast per block.
-    """
-    if tiled:
-        tile = T.Cast("float32x8", s[jt, b, T.ramp(0, 1, 2 * ROWS)]) * sxv[T.ramp(b * ROWS, 1, 2 * ROWS)]
-        return [T.broadcast(T.Shuffle([tile], [h * ROWS + r]), LANES) for h in range(count)]
-    j = jt * ROWS + r
     if count == 1:
         return [T.broadcast(T.Cast("float32", s[j, b]) * sx[0, b], LANES)]
     pair = T.Cast(f"float32x{count}", s[j, T.ramp(b, 1, count)]) * sx[0, T.ramp(b, 1, count)]
@@ -193,8 +179,8 @@ def vnni_gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.
     """``main(Q (1, K) i8, SX (1, K/32) f32, W (N, K*bits/8) u8, S (N, K/32), [M (N/4, K/32, 4),] Y (1, N) f32)``.
 
     ``Q``, ``SX`` from :func:`quantize_act_kernel`; ``W`` :func:`~effc.codegen.ops.block_quant_gemv.kernel_rows`;
-    ``S`` the block scales (``scale_dtype``: float16 / float32): 8-bit ``(N, K/32)`` as in ONNX, 4-bit tile-major
-    ``(N/4, K/32, 4)`` (:func:`tiled_scales`); ``M`` the block minimums of ``int4_asym`` in the
+    ``S`` the ONNX scales ``(N, K/32)`` (``scale_dtype``: float16 / float32); ``M`` the block minimums of
+    ``int4_asym`` in the
     :func:`~effc.codegen.ops.block_quant_gemv.kernel_minimums` layout. See the module docstring.
 
     Raises:
@@ -206,10 +192,9 @@ def vnni_gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.
     per = 2 if fmt.bits == 4 else 1  # blocks per 32-byte load
     step = 2 if blocks % 2 == 0 else 1  # blocks per step of the row loop (their scales are loaded together)
     tile_loop = T.parallel if k * n >= current_tile_config().min_parallel_gemv else T.serial
-    s_shape = (tiles, blocks, ROWS) if per == 2 else (n, blocks)  # 4-bit: tile-major scales (tiled_scales)
 
-    def dot(acc, w, q, xa, xb, corr, s, sx, sxv, jt, r, c):  # acc + the sums of the blocks of step c of row r
-        for h, scale in enumerate(_scales(s, sx, sxv, jt, r, step * c, step, per == 2)):
+    def dot(acc, w, q, xa, xb, corr, s, sx, jt, r, c):  # acc + the sums of the blocks of step c of row r
+        for h, scale in enumerate(_scales(s, sx, jt * ROWS + r, step * c, step)):
             b = step * c + h  # 4-bit: block h of chunk c; 8-bit: block b
             part = _block_dot(w, q, xa, xb, corr, jt * ROWS + r, c if per == 2 else b, h, fmt)
             acc = acc + T.Cast("float32x8", part) * scale
@@ -228,14 +213,13 @@ def vnni_gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.
         Q = T.match_buffer(q_h, (1, k), "int8")
         SX = T.match_buffer(sx_h, (1, blocks), "float32")
         W = T.match_buffer(w_h, (n, row_bytes), "uint8")
-        S = T.match_buffer(s_h, s_shape, scale_dtype)
+        S = T.match_buffer(s_h, (n, blocks), scale_dtype)
         M = T.match_buffer(m_h, (tiles, blocks, ROWS), scale_dtype)
         Y = T.match_buffer(y_h, (1, n), "float32")
         xa = T.alloc_buffer((k // 2,), "int8", scope="global")  # 4-bit: codes in the order of the nibble masks
         xb = T.alloc_buffer((k // 2,), "int8", scope="global")
         corr = T.alloc_buffer((blocks * LANES,), "int32", scope="global")  # -offset * sum(qx) in lane 0
         xs = T.alloc_buffer((blocks,), "float32", scope="global")  # sx * sum(qx) (the minimum terms)
-        sxv = T.alloc_buffer((blocks * ROWS,), "float32", scope="global")  # each sx 4 times (tiled scales)
         total = T.alloc_buffer((1,), "int32", scope="global")
         for b in range(blocks):
             total[0] = 0
@@ -244,7 +228,6 @@ def vnni_gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.
             corr[T.ramp(b * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
             corr[b * LANES] = total[0] * T.int32(-off)
             xs[b] = SX[0, b] * T.Cast("float32", total[0])
-            sxv[T.ramp(b * ROWS, 1, ROWS)] = T.broadcast(SX[0, b], ROWS)
         for c in range(k // 2 if fmt.bits == 4 else 0):  # xa[32q + 4l + t] = qx[64q + 16t + l], xb: + 8
             xa[c] = Q[0, (c // 32) * CHUNK + (c % 4) * 16 + (c % 32) // 4]
             xb[c] = Q[0, (c // 32) * CHUNK + (c % 4) * 16 + 8 + (c % 32) // 4]
@@ -256,18 +239,18 @@ def vnni_gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.
             low[T.ramp(0, 1, ROWS)] = T.broadcast(T.float32(0), ROWS)
             for c in range(blocks // step):
                 for r in T.unroll(ROWS):
-                    acc[_vec(r)] = dot(acc[_vec(r)], W, Q, xa, xb, corr, S, SX, sxv, jt, r, c)
+                    acc[_vec(r)] = dot(acc[_vec(r)], W, Q, xa, xb, corr, S, SX, jt, r, c)
                 low[T.ramp(0, 1, ROWS)] = minimum(low, M, xs, jt, c)
             for r in T.unroll(ROWS):
                 Y[0, jt * ROWS + r] = _hsum(acc, r) + low[r]
 
     if not fmt.has_minimum:  # no minimums: the unused M input is dropped (and with it the minimum terms)
-        return _without_minimums(k, n, fmt, scale_dtype, tile_loop, dot, step, s_shape)
+        return _without_minimums(k, n, fmt, scale_dtype, tile_loop, dot, step)
     return main
 
 
-def _without_minimums(k: int, n: int, fmt: BlockFormat, scale_dtype: str, tile_loop, dot, step: int,
-                      s_shape: tuple) -> tvm.tirx.PrimFunc:
+def _without_minimums(k: int, n: int, fmt: BlockFormat, scale_dtype: str, tile_loop, dot,
+                      step: int) -> tvm.tirx.PrimFunc:
     """The kernel of :func:`vnni_gemv_kernel` for the symmetric formats (no ``M`` input, no minimum terms)."""
     blocks, row_bytes, tiles, off = k // BLOCK, k * fmt.bits // 8, n // ROWS, OFFSETS[fmt.name]
 
@@ -277,12 +260,11 @@ def _without_minimums(k: int, n: int, fmt: BlockFormat, scale_dtype: str, tile_l
         Q = T.match_buffer(q_h, (1, k), "int8")
         SX = T.match_buffer(sx_h, (1, blocks), "float32")
         W = T.match_buffer(w_h, (n, row_bytes), "uint8")
-        S = T.match_buffer(s_h, s_shape, scale_dtype)
+        S = T.match_buffer(s_h, (n, blocks), scale_dtype)
         Y = T.match_buffer(y_h, (1, n), "float32")
         xa = T.alloc_buffer((k // 2,), "int8", scope="global")
         xb = T.alloc_buffer((k // 2,), "int8", scope="global")
         corr = T.alloc_buffer((blocks * LANES,), "int32", scope="global")
-        sxv = T.alloc_buffer((blocks * ROWS,), "float32", scope="global")
         total = T.alloc_buffer((1,), "int32", scope="global")
         for b in range(blocks):
             total[0] = 0
@@ -290,7 +272,6 @@ def _without_minimums(k: int, n: int, fmt: BlockFormat, scale_dtype: str, tile_l
                 total[0] = total[0] + T.Cast("int32", Q[0, b * BLOCK + e])
             corr[T.ramp(b * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
             corr[b * LANES] = total[0] * T.int32(-off)
-            sxv[T.ramp(b * ROWS, 1, ROWS)] = T.broadcast(SX[0, b], ROWS)
         for c in range(k // 2 if fmt.bits == 4 else 0):
             xa[c] = Q[0, (c // 32) * CHUNK + (c % 4) * 16 + (c % 32) // 4]
             xb[c] = Q[0, (c // 32) * CHUNK + (c % 4) * 16 + 8 + (c % 32) // 4]
@@ -300,7 +281,7 @@ def _without_minimums(k: int, n: int, fmt: BlockFormat, scale_dtype: str, tile_l
                 acc[_vec(r)] = T.broadcast(T.float32(0), LANES)
             for c in range(blocks // step):
                 for r in T.unroll(ROWS):
-                    acc[_vec(r)] = dot(acc[_vec(r)], W, Q, xa, xb, corr, S, SX, sxv, jt, r, c)
+                    acc[_vec(r)] = dot(acc[_vec(r)], W, Q, xa, xb, corr, S, SX, jt, r, c)
             for r in T.unroll(ROWS):
                 Y[0, jt * ROWS + r] = _hsum(acc, r)
 
