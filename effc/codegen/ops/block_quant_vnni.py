@@ -168,6 +168,21 @@ def _scales(s, sx, j, b: int, count: int):
     return [T.broadcast(T.Shuffle([pair], [h]), LANES) for h in range(count)]
 
 
+def _lane_sums(q, b):
+    """int32x8 sums of 4 consecutive activation codes of block ``b`` (``vpdpbusd`` with all-ones bytes).
+
+    Their total is the block's ``sum(qx)``; times ``-offset`` they start the block's integer sums (lane ``l`` of
+    an 8-bit block meets exactly these 4 codes; a 4-bit block's lanes meet permuted codes, whose lane total is the
+    same, and only the total reaches ``Y``).
+    """
+    return _dpbusd(T.broadcast(T.int32(0), LANES), _mask(0x01010101), q[0, T.ramp(b * BLOCK, 1, BLOCK)])
+
+
+def _permuted(q, c, base: int):
+    """int8x32 activation codes of chunk ``c`` in nibble-mask order: byte ``4l + t`` = ``qx[64c + 16t + base + l]``."""
+    return T.Shuffle([q[0, T.ramp(c * CHUNK, 1, CHUNK)]], [16 * (p % 4) + base + p // 4 for p in range(32)])
+
+
 def _hsum(acc, r):
     total = acc[r * LANES]
     for lane in range(1, LANES):
@@ -220,17 +235,14 @@ def vnni_gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.
         xb = T.alloc_buffer((k // 2,), "int8", scope="global")
         corr = T.alloc_buffer((blocks * LANES,), "int32", scope="global")  # -offset * sum(qx) in lane 0
         xs = T.alloc_buffer((blocks,), "float32", scope="global")  # sx * sum(qx) (the minimum terms)
-        total = T.alloc_buffer((1,), "int32", scope="global")
+        sums = T.alloc_buffer((LANES,), "int32", scope="global")
         for b in range(blocks):
-            total[0] = 0
-            for e in range(BLOCK):
-                total[0] = total[0] + T.Cast("int32", Q[0, b * BLOCK + e])
-            corr[T.ramp(b * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
-            corr[b * LANES] = total[0] * T.int32(-off)
-            xs[b] = SX[0, b] * T.Cast("float32", total[0])
-        for c in range(k // 2 if fmt.bits == 4 else 0):  # xa[32q + 4l + t] = qx[64q + 16t + l], xb: + 8
-            xa[c] = Q[0, (c // 32) * CHUNK + (c % 4) * 16 + (c % 32) // 4]
-            xb[c] = Q[0, (c // 32) * CHUNK + (c % 4) * 16 + 8 + (c % 32) // 4]
+            sums[T.ramp(0, 1, LANES)] = _lane_sums(Q, b)
+            corr[T.ramp(b * LANES, 1, LANES)] = sums[T.ramp(0, 1, LANES)] * T.broadcast(T.int32(-off), LANES)
+            xs[b] = SX[0, b] * T.Cast("float32", _hsum(sums, 0))
+        for c in range(k // CHUNK if fmt.bits == 4 else 0):
+            xa[T.ramp(c * 32, 1, 32)] = _permuted(Q, c, 0)
+            xb[T.ramp(c * 32, 1, 32)] = _permuted(Q, c, 8)
         for jt in tile_loop(tiles):
             acc = T.alloc_buffer((ROWS * LANES,), "float32", scope="global")
             low = T.alloc_buffer((ROWS,), "float32", scope="global")
@@ -265,16 +277,11 @@ def _without_minimums(k: int, n: int, fmt: BlockFormat, scale_dtype: str, tile_l
         xa = T.alloc_buffer((k // 2,), "int8", scope="global")
         xb = T.alloc_buffer((k // 2,), "int8", scope="global")
         corr = T.alloc_buffer((blocks * LANES,), "int32", scope="global")
-        total = T.alloc_buffer((1,), "int32", scope="global")
         for b in range(blocks):
-            total[0] = 0
-            for e in range(BLOCK):
-                total[0] = total[0] + T.Cast("int32", Q[0, b * BLOCK + e])
-            corr[T.ramp(b * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
-            corr[b * LANES] = total[0] * T.int32(-off)
-        for c in range(k // 2 if fmt.bits == 4 else 0):
-            xa[c] = Q[0, (c // 32) * CHUNK + (c % 4) * 16 + (c % 32) // 4]
-            xb[c] = Q[0, (c // 32) * CHUNK + (c % 4) * 16 + 8 + (c % 32) // 4]
+            corr[T.ramp(b * LANES, 1, LANES)] = _lane_sums(Q, b) * T.broadcast(T.int32(-off), LANES)
+        for c in range(k // CHUNK if fmt.bits == 4 else 0):
+            xa[T.ramp(c * 32, 1, 32)] = _permuted(Q, c, 0)
+            xb[T.ramp(c * 32, 1, 32)] = _permuted(Q, c, 8)
         for jt in tile_loop(tiles):
             acc = T.alloc_buffer((ROWS * LANES,), "float32", scope="global")
             for r in T.unroll(ROWS):
