@@ -5,8 +5,8 @@
 
 ``--kernels``: ``float`` = the decode-in-GEMV kernels of weight-only mode (fp32 activation,
 :mod:`effc.codegen.ops.block_quant_gemv`); ``vnni`` = the integer-dot kernels of ``mode=weight_act,act_format=int8``
-(:mod:`effc.codegen.ops.block_quant_vnni`; int4_asym / int4 / int8 only, AVX-512 VNNI CPUs only), timed without
-the activation quantizer (run once per input, shared by the layers reading it; timed on its own in the step).
+(:mod:`effc.codegen.ops.block_quant_vnni`; int4_asym / int4 / int8 only, AVX-512 VNNI CPUs only; the activation
+row is quantized inside each call).
 
 Two shapes per format: SmolLM2's up-projection 576→1536 (0.4–0.9 MB packed: sits in L2, so it measures the decode
 rate of the kernel) and 576→196,608 (56–113 MB packed, > 3× L3: a stream from DRAM like one decode step's weights).
@@ -73,31 +73,25 @@ def _kernel(kernel: str, k: int, n: int, fmt, scale_dtype: str):
 
 def _weight_bytes(arrays: list[np.ndarray], kernel: str, fmt) -> int:
     """Bytes of the weight arguments: rows, scales, minimums (not the activation, the 16-entry table or Y)."""
-    weights = arrays[2:-1] if kernel == "vnni" else arrays[1:-1]
-    return sum(a.nbytes for a in weights) - (64 if fmt.bits == 4 and kernel == "float" else 0)
+    return sum(a.nbytes for a in arrays[1:-1]) - (64 if fmt.bits == 4 and kernel == "float" else 0)
 
 
 def _arrays(x: np.ndarray, rows: np.ndarray, scales: np.ndarray, q, n: int, kernel: str = "float") -> list[np.ndarray]:
-    """The kernel's arguments: X (float) or its int8 codes and scales (vnni), kernel rows, scales, [minimums,]
-    [16-entry table (float, 4-bit),] Y."""
+    """The kernel's arguments: X, kernel rows, scales, [minimums,] [16-entry table (float, 4-bit),] Y."""
     fmt = q.fmt
     lows = [gemv.kernel_minimums(q.minimums)] if fmt.has_minimum else []
-    if kernel == "vnni":
-        qx = quantize(x, "int8", axis=-1, scale_dtype="float32")
-        return [qx.codes.view(np.int8).reshape(x.shape), qx.scales.reshape(1, -1), rows, scales, *lows,
-                np.zeros((1, n), np.float32)]
-    return [x, rows, scales, *lows, *([fmt.code_table()] if fmt.bits == 4 else []), np.zeros((1, n), np.float32)]
+    table = [fmt.code_table()] if fmt.bits == 4 and kernel == "float" else []
+    return [x, rows, scales, *lows, *table, np.zeros((1, n), np.float32)]
 
 
 def _decoder_step(name: str, target, reps: int, kernel: str = "float") -> dict:
     """All GEMVs of one SmolLM2 decode step, each layer with its own (random) weights: ms and GB/s of the weights.
 
-    Every call goes through Python (``LAYERS * 7 + 1`` calls, a few microseconds each, included); ``vnni`` adds one
-    activation quantization per distinct layer input (4 per layer: q/k/v, o, gate/up, down; 1 for the LM head).
+    Every call goes through Python (``LAYERS * 7 + 1`` calls, a few microseconds each, included).
     """
     fmt, rng = FORMATS[name], np.random.default_rng(0)
     kernels, calls, nbytes = {}, [], 0
-    for index, (k, n) in enumerate([s for _ in range(LAYERS) for s in LAYER] + [HEAD]):
+    for k, n in [s for _ in range(LAYERS) for s in LAYER] + [HEAD]:
         if (k, n) not in kernels:
             q = quantize(rng.standard_normal((k, n)).astype(np.float32), fmt, axis=0)
             wq, scales = pack_blocks(q.codes, q.scales, fmt.bits)
@@ -107,8 +101,6 @@ def _decoder_step(name: str, target, reps: int, kernel: str = "float") -> dict:
         lib, rows, scales, q = kernels[k, n]
         rows = np.ascontiguousarray(np.roll(rows, len(calls), axis=0))  # a distinct copy per layer
         arrays = _arrays(np.ones((1, k), np.float32), rows, scales, q, n, kernel)
-        if kernel == "vnni" and index % len(LAYER) not in (1, 2, 5):  # k/v share q's input, up shares gate's
-            calls.append(_quantizer(k, target))
         calls.append((lib["main"], [tvm.runtime.tensor(a, tvm.cpu()) for a in arrays]))
         nbytes += _weight_bytes(arrays, kernel, fmt)
     advise_huge_pages()
@@ -120,18 +112,6 @@ def _decoder_step(name: str, target, reps: int, kernel: str = "float") -> dict:
         times.append(time.perf_counter() - start)
     best, median = min(times), float(np.median(times))
     return {"mb": nbytes / 1e6, "ms": (best * 1e3, median * 1e3), "gb_s": (nbytes / best / 1e9, nbytes / median / 1e9)}
-
-
-_QUANTIZERS: dict = {}
-
-
-def _quantizer(k: int, target) -> tuple:
-    """``(function, args)`` of the int8 activation quantizer of one ``(1, K)`` row (compiled once per K)."""
-    if k not in _QUANTIZERS:
-        with target:
-            _QUANTIZERS[k] = tvm.compile(tvm.IRModule({"main": vnni.quantize_act_kernel(1, k)}), target=target)
-    arrays = [np.ones((1, k), np.float32), np.zeros((1, k), np.int8), np.zeros((1, k // 32), np.float32)]
-    return _QUANTIZERS[k]["main"], [tvm.runtime.tensor(a, tvm.cpu()) for a in arrays]
 
 
 def main() -> None:
