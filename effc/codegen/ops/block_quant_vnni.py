@@ -37,7 +37,7 @@ import tvm
 from tvm import relax
 from tvm.script import tirx as T
 
-from effc.codegen.ops.block_quant_gemv import CHUNK, ROWS
+from effc.codegen.ops.block_quant_gemv import CHUNK, PREFETCH_BYTES, ROWS, prefetch
 from effc.codegen.ops.block_quant_int8 import current_tile_config
 from effc.ops.block_formats import BlockFormat
 
@@ -48,7 +48,6 @@ LANES = 8
 QMAX = 127
 # Offset that makes a weight code unsigned for vpdpbusd (XOR of the code bits; the int32 sum is corrected by it).
 OFFSETS = {"int4_asym": 0, "int4": 8, "int8": 128}
-PREFETCH_BYTES = 8192  # software prefetch distance along the weight stream
 
 
 def supports_vnni(target: tvm.target.Target | None) -> bool:
@@ -205,16 +204,6 @@ def _permuted(q, c, base: int, half: int):
     return T.reinterpret("int8x32", T.reinterpret("int32x8", codes) & keep)
 
 
-def _prefetch(w, row, col):
-    """Prefetch (to all cache levels) the weight bytes at ``w[row, col]``, ``PREFETCH_BYTES`` ahead of the read.
-
-    The rows stream from DRAM once per token; the hardware prefetchers stop at every 4 KiB page, so each tile
-    reads ahead in software (prefetching past the end of ``w`` is harmless: no fault, no result).
-    """
-    return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(w[row, col]), T.int32(0), T.int32(3),
-                              T.int32(1))
-
-
 def _hsum(acc, r):
     total = acc[r * LANES]
     for lane in range(1, LANES):
@@ -301,7 +290,7 @@ def vnni_gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.
             low[T.ramp(0, 1, ROWS)] = T.broadcast(T.float32(0), ROWS)
             for c in range(blocks // step):
                 for r in T.unroll(ROWS):
-                    T.evaluate(_prefetch(W, jt * ROWS + r + ahead, c * step_bytes))
+                    T.evaluate(prefetch(W, jt * ROWS + r + ahead, c * step_bytes))
                     acc[_vec(r)] = dot(acc[_vec(r)], W, Q, xa, xb, corr, S, SX, jt, r, c)
                 low[T.ramp(0, 1, ROWS)] = minimum(low, M, xs, jt, c)
             for r in T.unroll(ROWS):
@@ -351,7 +340,7 @@ def _without_minimums(k: int, n: int, fmt: BlockFormat, scale_dtype: str, tile_l
                 acc[_vec(r)] = T.broadcast(T.float32(0), LANES)
             for c in range(blocks // step):
                 for r in T.unroll(ROWS):
-                    T.evaluate(_prefetch(W, jt * ROWS + r + ahead, c * step_bytes))
+                    T.evaluate(prefetch(W, jt * ROWS + r + ahead, c * step_bytes))
                     acc[_vec(r)] = dot(acc[_vec(r)], W, Q, xa, xb, corr, S, SX, jt, r, c)
             for r in T.unroll(ROWS):
                 Y[0, jt * ROWS + r] = _hsum(acc, r)
