@@ -11,7 +11,10 @@ What is quantized (blocks of ``block_size`` along the reduction axis, formats in
   ``block-quant(format=int4_asym,embedding_format=int8)``: the layout of a GGUF Q4_1 model (Q4_1 linears, Q8_0
   token embedding), which both formats reproduce exactly when the weights are on those grids.
 * ``mode=weight_act``: the same weights, plus a dynamic per-block quantize-dequantize of every quantized layer's
-  input activation along K (``act_format``, default the weight format; an MX format).
+  input activation along K (``act_format``, default the weight format; an MX format, or ``int8``: symmetric codes
+  with a float32 scale ``amax / 127`` per block, as llama.cpp's Q8_1 activations, e.g.
+  ``block-quant(format=int4_asym,embedding_format=int8,mode=weight_act,act_format=int8)``; on AVX-512 VNNI CPUs the
+  decode step then runs integer dot products, :mod:`effc.codegen.ops.block_quant_vnni`).
 * ``mode=kv``: only the attention keys and values (the KV cache): the outputs of the K and V projections, found
   as the weight layers feeding the second input of an activation × activation MatMul, blocked along the hidden
   axis (head-major, so a block of 32 stays inside one head of MiniLM); on a decoder, the cache entries themselves
@@ -61,6 +64,7 @@ __all__ = ["BlockQuantOptions", "BlockQuantPass"]
 logger = logging.getLogger(__name__)
 
 MODES = ("weight", "weight_act", "kv")
+INT_ACT_FORMATS = ("int8",)  # activation blocks with a float32 scale amax / 127 (GGUF Q8_1 style), weight_act only
 HELD_OUT = 0.25  # fraction of the calibration feeds that check GPTQ against rounding (never fitted)
 SPARSE_ZEROS = 0.01  # fraction of exact zeros from which a weight counts as pruned (no LoRC, see _lorc_rank)
 ROW_BLOCKED = ("Gather", "Conv")  # weights in the (rows, blocked axis) layout, blocks along axis 1
@@ -78,7 +82,8 @@ class BlockQuantOptions(PassOptions):
     block_size: int = dataclasses.field(default=32, metadata={"help": "elements per block along the reduction axis"})
     mode: str = dataclasses.field(default="weight", metadata={"help": "weight | weight_act | kv", "choices": MODES})
     act_format: str | None = dataclasses.field(
-        default=None, metadata={"help": "MX format of activations/KV (default: the weight format, mxint8 for int)"}
+        default=None, metadata={"help": "MX format (or int8, mode=weight_act) of activations/KV (default: the weight "
+                                    "format, mxint8 for int)"}
     )
     ops: tuple[str, ...] = dataclasses.field(
         default=("MatMul", "Gemm", "Gather", "Conv"), metadata={"help": "op types whose weights are quantized"}
@@ -102,8 +107,8 @@ class BlockQuantOptions(PassOptions):
         """Check the options.
 
         Raises:
-            PipelineError: unknown format/mode, a bad block size or rank, a non-MX activation format, or GPTQ with
-                an asymmetric format.
+            PipelineError: unknown format/mode, a bad block size or rank, an activation format that is neither MX
+                nor int8 with mode=weight_act, or GPTQ with an asymmetric format.
         """
         get_format(self.format)
         if self.embedding_format is not None:
@@ -114,8 +119,10 @@ class BlockQuantOptions(PassOptions):
             self.fail("block_size", self.block_size, "a power of two >= 2 (32 in OCP MX)")
         if self.mode not in MODES:
             self.fail("mode", self.mode, " | ".join(MODES))
-        if self.act_format is not None and not get_format(self.act_format).is_mx:
-            self.fail("act_format", self.act_format, "an MX format (activation scales are computed at run time)")
+        if self.act_format is not None and not get_format(self.act_format).is_mx and (
+                self.act_format not in INT_ACT_FORMATS or self.mode != "weight_act"):
+            self.fail("act_format", self.act_format, "an MX format (activation scales are computed at run time), or "
+                      f"{' | '.join(INT_ACT_FORMATS)} with mode=weight_act")
         if not 0.0 <= self.gptq_damp <= 10.0:
             self.fail("gptq_damp", self.gptq_damp, "a fraction of the mean Hessian diagonal in [0, 10]")
         if self.lorc_rank < 0:

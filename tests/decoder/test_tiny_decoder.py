@@ -306,3 +306,26 @@ def test_4bit_artifact_generates_as_its_own_model_onnx(tiny, fmt, table_bits):
     assert len(tables) == 1  # the tied embedding: one packed table for the lookup and the output projection
     assert (result.out_dir / "model.so").stat().st_size < 49152 * 64 * 4  # less than the fp32 table alone
     _agrees_with_own_model_onnx(effc.runtime.load(result.out_dir).decoder(), result.out_dir, tokenizer)
+
+
+def test_w4a8_artifact_generates_as_its_own_model_onnx(tiny):
+    """``mode=weight_act,act_format=int8`` over int4_asym linears and the int8 tied table: model.onnx quantizes
+    each linear's input to int8 blocks (float32 scale per 32); the decode step runs the integer-dot VNNI GEMV where
+    the CPU has AVX-512 VNNI (else the float GEMV on the quantize-dequantized input), prefill the float GEMM on it.
+    Same numbers up to fp32 rounding: greedy tokens and logits agree with onnxruntime on model.onnx."""
+    import tvm
+
+    import effc
+    import effc.codegen.ops.block_quant as bq
+    import effc.runtime
+    from effc.codegen.ops.block_quant_vnni import supports_vnni
+
+    _, graph, tokenizer, folder = tiny
+    start = len(bq.LOWERING_LOG)
+    result = effc.compile(graph, out_dir=folder / "w4a8", measure_latency=False, passes=(
+        "block-quant(format=int4_asym,embedding_format=int8,mode=weight_act,act_format=int8)"))
+    kernels = {(e["shape"][0], e["format"], e["kernel"]) for e in bq.LOWERING_LOG[start:]}
+    host = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu())})
+    decode = "vnni" if supports_vnni(host) else "gemv"
+    assert {(1, "int4_asym", decode), (1, "int8", decode), (16, "int4_asym", "fp32")} <= kernels
+    _agrees_with_own_model_onnx(effc.runtime.load(result.out_dir).decoder(), result.out_dir, tokenizer)
