@@ -310,8 +310,9 @@ def test_4bit_artifact_generates_as_its_own_model_onnx(tiny, fmt, table_bits):
 
 def test_w4a8_artifact_generates_as_its_own_model_onnx(tiny):
     """``mode=weight_act,act_format=int8`` over int4_asym linears and the int8 tied table: model.onnx quantizes
-    each linear's input to int8 blocks (float32 scale per 32); the decode step runs the integer-dot VNNI GEMV where
-    the CPU has AVX-512 VNNI (else the float GEMV on the quantize-dequantized input), prefill the float GEMM on it.
+    each linear's input to int8 blocks (float32 scale per 32); the decode step runs the integer-dot VNNI GEMV and
+    prefill the VNNI GEMM where the CPU has AVX-512 VNNI (else the float GEMV / GEMM on the quantize-dequantized
+    input).
     Same numbers up to fp32 rounding: greedy tokens and logits agree with onnxruntime on model.onnx."""
     import tvm
 
@@ -326,6 +327,6 @@ def test_w4a8_artifact_generates_as_its_own_model_onnx(tiny):
         "block-quant(format=int4_asym,embedding_format=int8,mode=weight_act,act_format=int8)"))
     kernels = {(e["shape"][0], e["format"], e["kernel"]) for e in bq.LOWERING_LOG[start:]}
     host = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu())})
-    decode = "vnni" if supports_vnni(host) else "gemv"
-    assert {(1, "int4_asym", decode), (1, "int8", decode), (16, "int4_asym", "fp32")} <= kernels
+    decode, prefill = ("vnni", "vnni_gemm") if supports_vnni(host) else ("gemv", "fp32")
+    assert {(1, "int4_asym", decode), (1, "int8", decode), (16, "int4_asym", prefill)} <= kernels
     _agrees_with_own_model_onnx(effc.runtime.load(result.out_dir).decoder(), result.out_dir, tokenizer)
