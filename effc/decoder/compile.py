@@ -66,13 +66,21 @@ def check_consistency(graphs: dict[str, ir.Model], info: dict[str, Any], ids: li
 
     ``prefill_last`` of ``ids`` (when ``graphs`` has it) is checked against the last row of that prefill too.
 
+    Graphs that quantize activations at run time (``effc.BlockQDQ``, ``block-quant(mode=weight_act)``) are checked
+    with those quantizers bypassed: the check is about the graph's structure, and a last-ulp difference between the
+    prefill and decode shapes' fp32 sums flips an activation code now and then, which 30 layers amplify (SmolLM2
+    W4A8: 0.53 in the logits with them, while each token's quantization is per row and independent of the chunk).
+
     Raises:
         PassError: decode disagrees with prefill by more than :data:`CONSISTENCY_ATOL` (the rewritten graph
             depends on the chunk length, so its decode specialization is wrong), or ``prefill_last`` with
             ``prefill``'s row (its LM head does not read that row only).
     """
+    from effc.eval.output_check import dynamic_quant_nodes, without_dynamic_quant
     from effc.runtime.decoder import OrtBackend
 
+    if any(dynamic_quant_nodes(g) for g in graphs.values()):
+        graphs = {entry: without_dynamic_quant(g) for entry, g in graphs.items()}
     session = _session(OrtBackend(graphs, threads), info)
     whole = session.prefill(ids)
     if PREFILL_LAST in graphs:

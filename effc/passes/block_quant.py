@@ -201,6 +201,7 @@ class BlockQuantPass(EffcPass):
         targets = self._select(find_targets(model, opts.ops, self.stats["skipped"]))
         hessians = self._hessians(model, targets) if opts.gptq and not opts.gptq_sequential else {}
         cache: dict[int, tuple[ir.Value, ir.Value, ir.Value | None, np.ndarray]] = {}
+        self._act_qdq: dict[int, ir.Value] = {}  # id(layer input) -> its quantize-dequantized value (weight_act)
         tables = {id(t.weight) for t in targets if t.kind == "Gather"}  # a tied projection reads the same weight
         for t in targets:
             if opts.gptq and opts.gptq_sequential and t.node.name not in hessians:
@@ -405,8 +406,7 @@ class BlockQuantPass(EffcPass):
         else:
             x = t.node.inputs[0]
             if opts.mode == "weight_act":
-                new_nodes.append(bq_ops.add_block_qdq(model, x, act_fmt, bs, f"{name}/act_qdq"))
-                x = new_nodes[-1].outputs[0]
+                x = self._quantized_input(model, x, act_fmt, f"{name}/act_qdq")
             if use_dq:
                 w = _dequantize_linear(new_nodes, wq, sv, 0, bs, name)
                 new_nodes.append(ir.node("MatMul", [x, w], name=f"{name}/matmul"))
@@ -436,6 +436,25 @@ class BlockQuantPass(EffcPass):
             "gptq": h is not None and t.node.name not in {r["node"] for r in self.stats["gptq_rejected"]},
             "lorc_rank": self._lorc_rank(t) if t.kind not in ROW_BLOCKED else opts.lorc_rank,
         }
+
+    def _quantized_input(self, model: ir.Model, x: ir.Value, act_fmt, name: str) -> ir.Value:
+        """The output of the one ``effc.BlockQDQ`` of layer input ``x``, made on first use (``mode=weight_act``).
+
+        Layers reading the same input (a decoder's q/k/v and gate/up projections) share it: one quantization per
+        input in ``model.onnx``, and one activation quantizer per input in the compiled step. It is inserted
+        right after ``x``'s producer (first in the graph for a graph input), so it precedes every reader.
+        """
+        out = self._act_qdq.get(id(x))
+        if out is None:
+            node = bq_ops.add_block_qdq(model, x, act_fmt, self.options.block_size, name)
+            node.metadata_props["effc.pass"] = self.name
+            producer = x.producer()
+            if producer is not None and producer.graph is model.graph:
+                model.graph.insert_after(producer, [node])
+            else:
+                model.graph.insert_before(next(iter(model.graph)), [node])
+            out = self._act_qdq[id(x)] = node.outputs[0]
+        return out
 
     def _quantize_kv(self, model: ir.Model, act_fmt) -> int:
         if is_decoder(model):  # the cache entries themselves, blocked along head_dim

@@ -72,9 +72,10 @@ def _integer_reference(q, wq, qx: np.ndarray, sx: np.ndarray, name: str, k: int)
 @pytest.mark.parametrize(("name", "k", "n"), [("int4_asym", 192, 40), ("int4", 128, 12), ("int8", 96, 44),
                                               ("int4_asym", 576, 2048), ("int8", 576, 2048)])
 def test_vnni_gemv_equals_the_integer_reference(name, k, n):
-    """Exact int32 block sums: within 1e-6 (relative to max |y|) of the float64 reference of the same integer math;
-    int8 K = 96 (not a multiple of 64), the offsets 8 / 128 that make int4 / int8 codes unsigned, the int4_asym
-    minimum term, parallel tiles at 576 x 2048."""
+    """The kernel quantizes X itself (the int8 block format's codes and scales); exact int32 block sums: within
+    1e-6 (relative to max |y|) of the float64 reference of the same integer math; int8 K = 96 (not a multiple of
+    64), the offsets 8 / 128 that make int4 / int8 codes unsigned, the int4_asym minimum term, parallel tiles at
+    576 x 2048."""
     from effc.codegen.build import set_runtime_threads
 
     fmt = FORMATS[name]
@@ -88,7 +89,7 @@ def test_vnni_gemv_equals_the_integer_reference(name, k, n):
     assert ("parallel" in func.script()) == (k * n >= 2**18)
     set_runtime_threads(2)
     lows = [gemv.kernel_minimums(q.minimums)] if fmt.has_minimum else []
-    y = _run(func, qx, sx, gemv.kernel_rows(wq, fmt, k), scales, *lows, np.zeros((1, n), np.float32))[-1]
+    y = _run(func, x, gemv.kernel_rows(wq, fmt, k), scales, *lows, np.zeros((1, n), np.float32))[-1]
     ref = _integer_reference(q, wq, qx[0], sx[0], name, k)
     np.testing.assert_allclose(y, ref, rtol=0, atol=1e-6 * float(np.abs(ref).max()))
     if fmt.has_minimum:  # the minimum term is no small correction (column 5 is offset by 3)

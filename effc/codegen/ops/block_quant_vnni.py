@@ -38,7 +38,7 @@ from tvm import relax
 from tvm.script import tirx as T
 
 from effc.codegen.ops.block_quant_gemv import CHUNK, ROWS
-from effc.codegen.ops.block_quant_int8 import builder_state, current_tile_config
+from effc.codegen.ops.block_quant_int8 import current_tile_config
 from effc.ops.block_formats import BlockFormat
 
 __all__ = ["quantize_act_kernel", "supports_vnni", "vnni_applies", "vnni_gemv", "vnni_gemv_kernel"]
@@ -75,6 +75,30 @@ def vnni_applies(fmt: BlockFormat, block_size: int, act_fmt: BlockFormat, act_bl
             and supports_vnni(tvm.target.Target.current(allow_none=True)))
 
 
+def _part(x, i, b, u):
+    """float32x8 lanes ``8u .. 8u + 7`` of block ``b`` of row ``i`` of ``x``."""
+    return x[i, T.ramp(b * BLOCK + u * LANES, 1, LANES)]
+
+
+def _block_absmax(x, i, b):
+    """float32x8 lane-wise max ``|x|`` over the four 8-lane parts of block ``b`` of row ``i``."""
+    return T.max(T.max(T.abs(_part(x, i, b, 0)), T.abs(_part(x, i, b, 1))),
+                 T.max(T.abs(_part(x, i, b, 2)), T.abs(_part(x, i, b, 3))))
+
+
+def _act_scale(amax):
+    """``amax / 127`` (float32 division), 1 for an all-zero block."""
+    raw = amax / T.float32(QMAX)
+    return T.Select(raw > T.float32(0), raw, T.float32(1))
+
+
+def _act_codes(x, i, b, u, amax):
+    """int8x8 codes ``nearbyint(clamp(x / scale, -127, 127))`` of part ``u`` of block ``b`` of row ``i``."""
+    return T.Cast("int8x8", T.nearbyint(T.max(T.min(
+        _part(x, i, b, u) / T.broadcast(_act_scale(amax), LANES), T.broadcast(T.float32(QMAX), LANES)),
+        T.broadcast(T.float32(-QMAX), LANES))))
+
+
 def quantize_act_kernel(m: int, k: int) -> tvm.tirx.PrimFunc:
     """``main(X (M, K) f32, Q (M, K) i8, SX (M, K/32) f32)``: int8 activation blocks of 32 along K.
 
@@ -91,13 +115,6 @@ def quantize_act_kernel(m: int, k: int) -> tvm.tirx.PrimFunc:
     blocks, parts = k // BLOCK, BLOCK // LANES
     rows = T.parallel if m * k >= current_tile_config().min_parallel_elems else T.serial
 
-    def part(x, i, b, u):  # lanes 8u..8u+7 of block b of row i
-        return x[i, T.ramp(b * BLOCK + u * LANES, 1, LANES)]
-
-    def scale(amax):  # amax / 127, 1 for an all-zero block
-        raw = amax / T.float32(QMAX)
-        return T.Select(raw > T.float32(0), raw, T.float32(1))
-
     @T.prim_func(s_tir=True)  # a root block: Relax's reshape-pattern analysis requires one for one-input kernels
     def main(x_h: T.handle, q_h: T.handle, sx_h: T.handle):
         T.func_attr({"global_symbol": "main", "tir.noalias": True, "tir.is_scheduled": True})
@@ -109,16 +126,13 @@ def quantize_act_kernel(m: int, k: int) -> tvm.tirx.PrimFunc:
                 vmax = T.alloc_buffer((LANES,), "float32", scope="global")  # stack allocas (see block_quant_int8)
                 amax = T.alloc_buffer((1,), "float32", scope="global")
                 for b in range(blocks):
-                    vmax[T.ramp(0, 1, LANES)] = T.max(T.max(T.abs(part(X, i, b, 0)), T.abs(part(X, i, b, 1))),
-                                                      T.max(T.abs(part(X, i, b, 2)), T.abs(part(X, i, b, 3))))
+                    vmax[T.ramp(0, 1, LANES)] = _block_absmax(X, i, b)
                     amax[0] = vmax[0]
                     for lane in T.unroll(1, LANES):
                         amax[0] = T.max(amax[0], vmax[lane])
-                    SX[i, b] = scale(amax[0])
+                    SX[i, b] = _act_scale(amax[0])
                     for u in T.unroll(parts):
-                        Q[i, T.ramp(b * BLOCK + u * LANES, 1, LANES)] = T.Cast("int8x8", T.nearbyint(T.max(T.min(
-                            part(X, i, b, u) / T.broadcast(scale(amax[0]), LANES),
-                            T.broadcast(T.float32(QMAX), LANES)), T.broadcast(T.float32(-QMAX), LANES))))
+                        Q[i, T.ramp(b * BLOCK + u * LANES, 1, LANES)] = _act_codes(X, i, b, u, amax[0])
 
     return main
 
@@ -156,9 +170,31 @@ def _block_dot(w, q, xa, xb, corr, j, c, half: int, fmt: BlockFormat):
     return _dpbusd(low, T.shift_right(raw, _mask(4)) & mask, xb[T.ramp(c * 32, 1, 32)])
 
 
-def _scale(s, sx, j, b):
-    """float32x8 broadcast of ``d[j, b] * sx[b]`` (the weight scale converted from its stored type)."""
-    return T.broadcast(T.Cast("float32", s[j, b]) * sx[0, b], LANES)
+def _scales(s, sx, j, b: int, count: int):
+    """float32x8 broadcasts of ``d[j, b + h] * sx[b + h]`` for ``h < count`` (row ``j``).
+
+    The weight scales, converted from their stored type in one ``count``-lane load, convert and multiply, then a
+    lane broadcast per block.
+    """
+    if count == 1:
+        return [T.broadcast(T.Cast("float32", s[j, b]) * sx[0, b], LANES)]
+    pair = T.Cast(f"float32x{count}", s[j, T.ramp(b, 1, count)]) * sx[0, T.ramp(b, 1, count)]
+    return [T.broadcast(T.Shuffle([pair], [h]), LANES) for h in range(count)]
+
+
+def _lane_sums(q, b):
+    """int32x8 sums of 4 consecutive activation codes of block ``b`` (``vpdpbusd`` with all-ones bytes).
+
+    Their total is the block's ``sum(qx)``; times ``-offset`` they start the block's integer sums (lane ``l`` of
+    an 8-bit block meets exactly these 4 codes; a 4-bit block's lanes meet permuted codes, whose lane total is the
+    same, and only the total reaches ``Y``).
+    """
+    return _dpbusd(T.broadcast(T.int32(0), LANES), _mask(0x01010101), q[0, T.ramp(b * BLOCK, 1, BLOCK)])
+
+
+def _permuted(q, c, base: int):
+    """int8x32 activation codes of chunk ``c`` in nibble-mask order: byte ``4l + t`` = ``qx[64c + 16t + base + l]``."""
+    return T.Shuffle([q[0, T.ramp(c * CHUNK, 1, CHUNK)]], [16 * (p % 4) + base + p // 4 for p in range(32)])
 
 
 def _hsum(acc, r):
@@ -169,10 +205,13 @@ def _hsum(acc, r):
 
 
 def vnni_gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.tirx.PrimFunc:
-    """``main(Q (1, K) i8, SX (1, K/32) f32, W (N, K*bits/8) u8, S (N, K/32), [M (N/4, K/32, 4),] Y (1, N) f32)``.
+    """``main(X (1, K) f32, W (N, K*bits/8) u8, S (N, K/32), [M (N/4, K/32, 4),] Y (1, N) f32)``.
 
-    ``Q``, ``SX`` from :func:`quantize_act_kernel`; ``W`` :func:`~effc.codegen.ops.block_quant_gemv.kernel_rows`;
-    ``S`` the ONNX scales (``scale_dtype``: float16 / float32); ``M`` the block minimums of ``int4_asym`` in the
+    ``X`` is quantized in the kernel's preamble with the float operations of :func:`quantize_act_kernel` (the same
+    codes and scales bit for bit; a separate quantizer call with its two outputs cost more in the Relax VM than
+    recomputing 576-1536 codes per layer); ``W`` :func:`~effc.codegen.ops.block_quant_gemv.kernel_rows`;
+    ``S`` the ONNX scales ``(N, K/32)`` (``scale_dtype``: float16 / float32); ``M`` the block minimums of
+    ``int4_asym`` in the
     :func:`~effc.codegen.ops.block_quant_gemv.kernel_minimums` layout. See the module docstring.
 
     Raises:
@@ -182,110 +221,120 @@ def vnni_gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.
         raise ValueError(f"no VNNI GEMV kernel for {fmt.name} with K={k}, N={n}")
     blocks, row_bytes, tiles, off = k // BLOCK, k * fmt.bits // 8, n // ROWS, OFFSETS[fmt.name]
     per = 2 if fmt.bits == 4 else 1  # blocks per 32-byte load
+    step = 2 if blocks % 2 == 0 else 1  # blocks per step of the row loop (their scales are loaded together)
     tile_loop = T.parallel if k * n >= current_tile_config().min_parallel_gemv else T.serial
 
-    def dot(w, q, xa, xb, corr, s, sx, j, c):  # float32x8 partial sums of the blocks of load c of row j
-        total = None
-        for h in range(per):
-            part = T.Cast("float32x8", _block_dot(w, q, xa, xb, corr, j, c, h, fmt)) * _scale(s, sx, j, per * c + h)
-            total = part if total is None else total + part
-        return total
+    def dot(acc, w, q, xa, xb, corr, s, sx, jt, r, c):  # acc + the sums of the blocks of step c of row r
+        for h, scale in enumerate(_scales(s, sx, jt * ROWS + r, step * c, step)):
+            b = step * c + h  # 4-bit: block h of chunk c; 8-bit: block b
+            part = _block_dot(w, q, xa, xb, corr, jt * ROWS + r, c if per == 2 else b, h, fmt)
+            acc = acc + T.Cast("float32x8", part) * scale
+        return acc
 
-    def minimum(low, m, xs, jt, c):  # the tile's minimum terms m * sx * sum(qx) of the blocks of load c
+    def minimum(low, m, xs, jt, c):  # the tile's minimum terms m * sx * sum(qx) of the blocks of step c
         total = low[T.ramp(0, 1, ROWS)]
-        for h in range(per):
-            b = per * c + h
+        for h in range(step):
+            b = step * c + h
             total = total + T.Cast("float32x4", m[jt, b, T.ramp(0, 1, ROWS)]) * T.broadcast(xs[b], ROWS)
         return total
 
     @T.prim_func(s_tir=False)
-    def main(q_h: T.handle, sx_h: T.handle, w_h: T.handle, s_h: T.handle, m_h: T.handle, y_h: T.handle):
+    def main(x_h: T.handle, w_h: T.handle, s_h: T.handle, m_h: T.handle, y_h: T.handle):
         T.func_attr({"global_symbol": "main", "tir.noalias": True, "tir.is_scheduled": True})
-        Q = T.match_buffer(q_h, (1, k), "int8")
-        SX = T.match_buffer(sx_h, (1, blocks), "float32")
+        X = T.match_buffer(x_h, (1, k), "float32")
         W = T.match_buffer(w_h, (n, row_bytes), "uint8")
         S = T.match_buffer(s_h, (n, blocks), scale_dtype)
         M = T.match_buffer(m_h, (tiles, blocks, ROWS), scale_dtype)
         Y = T.match_buffer(y_h, (1, n), "float32")
+        Q = T.alloc_buffer((1, k), "int8", scope="global")  # the activation codes and block scales
+        SX = T.alloc_buffer((1, blocks), "float32", scope="global")
+        vmax = T.alloc_buffer((LANES,), "float32", scope="global")
+        amax = T.alloc_buffer((1,), "float32", scope="global")
         xa = T.alloc_buffer((k // 2,), "int8", scope="global")  # 4-bit: codes in the order of the nibble masks
         xb = T.alloc_buffer((k // 2,), "int8", scope="global")
         corr = T.alloc_buffer((blocks * LANES,), "int32", scope="global")  # -offset * sum(qx) in lane 0
         xs = T.alloc_buffer((blocks,), "float32", scope="global")  # sx * sum(qx) (the minimum terms)
-        total = T.alloc_buffer((1,), "int32", scope="global")
+        sums = T.alloc_buffer((LANES,), "int32", scope="global")
+        for b in range(blocks):  # the activation codes and scales (quantize_act_kernel's float operations)
+            vmax[T.ramp(0, 1, LANES)] = _block_absmax(X, 0, b)
+            amax[0] = vmax[0]
+            for lane in T.unroll(1, LANES):
+                amax[0] = T.max(amax[0], vmax[lane])
+            SX[0, b] = _act_scale(amax[0])
+            for u in T.unroll(BLOCK // LANES):
+                Q[0, T.ramp(b * BLOCK + u * LANES, 1, LANES)] = _act_codes(X, 0, b, u, amax[0])
         for b in range(blocks):
-            total[0] = 0
-            for e in range(BLOCK):
-                total[0] = total[0] + T.Cast("int32", Q[0, b * BLOCK + e])
-            corr[T.ramp(b * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
-            corr[b * LANES] = total[0] * T.int32(-off)
-            xs[b] = SX[0, b] * T.Cast("float32", total[0])
-        for c in range(k // 2 if fmt.bits == 4 else 0):  # xa[32q + 4l + t] = qx[64q + 16t + l], xb: + 8
-            xa[c] = Q[0, (c // 32) * CHUNK + (c % 4) * 16 + (c % 32) // 4]
-            xb[c] = Q[0, (c // 32) * CHUNK + (c % 4) * 16 + 8 + (c % 32) // 4]
+            sums[T.ramp(0, 1, LANES)] = _lane_sums(Q, b)
+            corr[T.ramp(b * LANES, 1, LANES)] = sums[T.ramp(0, 1, LANES)] * T.broadcast(T.int32(-off), LANES)
+            xs[b] = SX[0, b] * T.Cast("float32", _hsum(sums, 0))
+        for c in range(k // CHUNK if fmt.bits == 4 else 0):
+            xa[T.ramp(c * 32, 1, 32)] = _permuted(Q, c, 0)
+            xb[T.ramp(c * 32, 1, 32)] = _permuted(Q, c, 8)
         for jt in tile_loop(tiles):
             acc = T.alloc_buffer((ROWS * LANES,), "float32", scope="global")
             low = T.alloc_buffer((ROWS,), "float32", scope="global")
             for r in T.unroll(ROWS):
                 acc[_vec(r)] = T.broadcast(T.float32(0), LANES)
             low[T.ramp(0, 1, ROWS)] = T.broadcast(T.float32(0), ROWS)
-            for c in range(blocks // per):
+            for c in range(blocks // step):
                 for r in T.unroll(ROWS):
-                    acc[_vec(r)] = acc[_vec(r)] + dot(W, Q, xa, xb, corr, S, SX, jt * ROWS + r, c)
+                    acc[_vec(r)] = dot(acc[_vec(r)], W, Q, xa, xb, corr, S, SX, jt, r, c)
                 low[T.ramp(0, 1, ROWS)] = minimum(low, M, xs, jt, c)
             for r in T.unroll(ROWS):
                 Y[0, jt * ROWS + r] = _hsum(acc, r) + low[r]
 
     if not fmt.has_minimum:  # no minimums: the unused M input is dropped (and with it the minimum terms)
-        return _without_minimums(k, n, fmt, scale_dtype, tile_loop, dot)
+        return _without_minimums(k, n, fmt, scale_dtype, tile_loop, dot, step)
     return main
 
 
-def _without_minimums(k: int, n: int, fmt: BlockFormat, scale_dtype: str, tile_loop, dot) -> tvm.tirx.PrimFunc:
+def _without_minimums(k: int, n: int, fmt: BlockFormat, scale_dtype: str, tile_loop, dot,
+                      step: int) -> tvm.tirx.PrimFunc:
     """The kernel of :func:`vnni_gemv_kernel` for the symmetric formats (no ``M`` input, no minimum terms)."""
     blocks, row_bytes, tiles, off = k // BLOCK, k * fmt.bits // 8, n // ROWS, OFFSETS[fmt.name]
-    per = 2 if fmt.bits == 4 else 1
 
     @T.prim_func(s_tir=False)
-    def main(q_h: T.handle, sx_h: T.handle, w_h: T.handle, s_h: T.handle, y_h: T.handle):
+    def main(x_h: T.handle, w_h: T.handle, s_h: T.handle, y_h: T.handle):
         T.func_attr({"global_symbol": "main", "tir.noalias": True, "tir.is_scheduled": True})
-        Q = T.match_buffer(q_h, (1, k), "int8")
-        SX = T.match_buffer(sx_h, (1, blocks), "float32")
+        X = T.match_buffer(x_h, (1, k), "float32")
         W = T.match_buffer(w_h, (n, row_bytes), "uint8")
         S = T.match_buffer(s_h, (n, blocks), scale_dtype)
         Y = T.match_buffer(y_h, (1, n), "float32")
+        Q = T.alloc_buffer((1, k), "int8", scope="global")  # the activation codes and block scales
+        SX = T.alloc_buffer((1, blocks), "float32", scope="global")
+        vmax = T.alloc_buffer((LANES,), "float32", scope="global")
+        amax = T.alloc_buffer((1,), "float32", scope="global")
         xa = T.alloc_buffer((k // 2,), "int8", scope="global")
         xb = T.alloc_buffer((k // 2,), "int8", scope="global")
         corr = T.alloc_buffer((blocks * LANES,), "int32", scope="global")
-        total = T.alloc_buffer((1,), "int32", scope="global")
         for b in range(blocks):
-            total[0] = 0
-            for e in range(BLOCK):
-                total[0] = total[0] + T.Cast("int32", Q[0, b * BLOCK + e])
-            corr[T.ramp(b * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
-            corr[b * LANES] = total[0] * T.int32(-off)
-        for c in range(k // 2 if fmt.bits == 4 else 0):
-            xa[c] = Q[0, (c // 32) * CHUNK + (c % 4) * 16 + (c % 32) // 4]
-            xb[c] = Q[0, (c // 32) * CHUNK + (c % 4) * 16 + 8 + (c % 32) // 4]
+            vmax[T.ramp(0, 1, LANES)] = _block_absmax(X, 0, b)
+            amax[0] = vmax[0]
+            for lane in T.unroll(1, LANES):
+                amax[0] = T.max(amax[0], vmax[lane])
+            SX[0, b] = _act_scale(amax[0])
+            for u in T.unroll(BLOCK // LANES):
+                Q[0, T.ramp(b * BLOCK + u * LANES, 1, LANES)] = _act_codes(X, 0, b, u, amax[0])
+            corr[T.ramp(b * LANES, 1, LANES)] = _lane_sums(Q, b) * T.broadcast(T.int32(-off), LANES)
+        for c in range(k // CHUNK if fmt.bits == 4 else 0):
+            xa[T.ramp(c * 32, 1, 32)] = _permuted(Q, c, 0)
+            xb[T.ramp(c * 32, 1, 32)] = _permuted(Q, c, 8)
         for jt in tile_loop(tiles):
             acc = T.alloc_buffer((ROWS * LANES,), "float32", scope="global")
             for r in T.unroll(ROWS):
                 acc[_vec(r)] = T.broadcast(T.float32(0), LANES)
-            for c in range(blocks // per):
+            for c in range(blocks // step):
                 for r in T.unroll(ROWS):
-                    acc[_vec(r)] = acc[_vec(r)] + dot(W, Q, xa, xb, corr, S, SX, jt * ROWS + r, c)
+                    acc[_vec(r)] = dot(acc[_vec(r)], W, Q, xa, xb, corr, S, SX, jt, r, c)
             for r in T.unroll(ROWS):
                 Y[0, jt * ROWS + r] = _hsum(acc, r)
 
     return main
 
 
-# (input expr, k) -> emitted (Q, SX): one activation quantization shared by the layers reading the same input
-_ACT_CACHE: dict = {}
-
-
 def vnni_gemv(bb: relax.BlockBuilder, x: relax.Expr, weights: list[np.ndarray], fmt: BlockFormat, k: int,
               n: int) -> relax.Expr:
-    """Emit ``quantize(x)`` (once per input ``x``) and the VNNI GEMV; returns ``Y (1, N)`` float32.
+    """Emit the VNNI GEMV of the float activation ``x`` (quantized inside the kernel); returns ``Y (1, N)`` float32.
 
     Args:
         bb: the frontend's block builder.
@@ -297,15 +346,8 @@ def vnni_gemv(bb: relax.BlockBuilder, x: relax.Expr, weights: list[np.ndarray], 
         k: reduction size.
         n: output columns.
     """
-    cache = builder_state(_ACT_CACHE, bb)
-    cached = next((v for kk, v in cache.items() if kk[0].same_as(x) and kk[1] == k), None)
-    if cached is None:
-        qfn = bb.add_func(quantize_act_kernel(1, k).without_attr("global_symbol"), "effc_int8_quantize_act")
-        x2 = bb.normalize(relax.op.reshape(x, (1, k)))
-        out = bb.emit(relax.call_tir(qfn, [x2], out_ty=[relax.TensorType((1, k), "int8"),
-                                                        relax.TensorType((1, k // BLOCK), "float32")]))
-        cached = cache[(x, k)] = (bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1)))
     gfn = bb.add_func(vnni_gemv_kernel(k, n, fmt, str(weights[1].dtype)).without_attr("global_symbol"),
                       f"effc_block_quant_vnni_{fmt.name}")
+    x2 = bb.normalize(relax.op.reshape(x, (1, k)))
     consts = [relax.const(v) for v in weights]
-    return bb.normalize(relax.call_tir(gfn, [*cached, *consts], out_ty=relax.TensorType((1, n), "float32")))
+    return bb.normalize(relax.call_tir(gfn, [x2, *consts], out_ty=relax.TensorType((1, n), "float32")))
