@@ -48,6 +48,7 @@ LANES = 8
 QMAX = 127
 # Offset that makes a weight code unsigned for vpdpbusd (XOR of the code bits; the int32 sum is corrected by it).
 OFFSETS = {"int4_asym": 0, "int4": 8, "int8": 128}
+PREFETCH_BYTES = 8192  # software prefetch distance along the weight stream
 
 
 def supports_vnni(target: tvm.target.Target | None) -> bool:
@@ -152,12 +153,12 @@ def _mask(value: int):
     return T.broadcast(T.int32(value - (1 << 32) if value >= 1 << 31 else value), LANES)
 
 
-def _block_dot(w, q, xa, xb, corr, j, c, half: int, fmt: BlockFormat):
+def _block_dot(w, q, xa, xb, corr, j, c, half: int, fmt: BlockFormat, k: int):
     """int32x8 lane sums of weight block ``per * c + half`` of row ``j`` with the activation codes (exact).
 
-    4-bit: chunk ``c`` (64 weights, 32 bytes), ``half`` selects its block (masks ``0x0F0F`` / ``0x0F0F0000``) against
-    the permuted codes ``xa`` / ``xb``; 8-bit: block ``c``, codes XOR 0x80 against ``q``. ``corr`` holds
-    ``-offset * sum(qx)`` in lane 0 of each block.
+    4-bit: chunk ``c`` (64 weights, 32 bytes): all nibbles ``raw & 0x0F0F0F0F`` and ``(raw >> 4) & 0x0F0F0F0F``
+    against the permuted codes of block ``half`` only (``xa`` / ``xb`` hold zeros in the other block's bytes);
+    8-bit: block ``c``, codes XOR 0x80 against ``q``. ``corr`` starts each block at ``-offset * sum(qx)``.
     """
     off = OFFSETS[fmt.name]
     if fmt.bits == 8:
@@ -165,21 +166,22 @@ def _block_dot(w, q, xa, xb, corr, j, c, half: int, fmt: BlockFormat):
         return _dpbusd(corr[_vec(c)], raw, q[0, T.ramp(c * BLOCK, 1, BLOCK)])
     raw = T.reinterpret("int32x8", w[j, T.ramp(c * 32, 1, 32)])
     raw = raw ^ _mask(off * 0x11111111) if off else raw
-    mask = _mask(0x00000F0F if half == 0 else 0x0F0F0000)
-    low = _dpbusd(corr[_vec(2 * c + half)], raw & mask, xa[T.ramp(c * 32, 1, 32)])
-    return _dpbusd(low, T.shift_right(raw, _mask(4)) & mask, xb[T.ramp(c * 32, 1, 32)])
+    codes = T.ramp(half * (k // 2) + c * 32, 1, 32)
+    low = _dpbusd(corr[_vec(2 * c + half)], raw & _mask(0x0F0F0F0F), xa[codes])
+    return _dpbusd(low, T.shift_right(raw, _mask(4)) & _mask(0x0F0F0F0F), xb[codes])
 
 
-def _scales(s, sx, j, b: int, count: int):
-    """float32x8 broadcasts of ``d[j, b + h] * sx[b + h]`` for ``h < count`` (row ``j``).
+def _pair_dot(acc, parts, s, sx, j, b: int):
+    """``acc`` + the float32x8 partial sums of blocks ``b``, ``b + 1`` of row ``j`` from their int32 lane sums.
 
-    The weight scales, converted from their stored type in one ``count``-lane load, convert and multiply, then a
-    lane broadcast per block.
+    ``vphaddd`` puts 4 pair sums of each block side by side (lanes 0, 1, 4, 5: block ``b``; 2, 3, 6, 7: ``b + 1``;
+    still exact), so one convert and one FMA with ``[s0, s0, s1, s1, s0, s0, s1, s1]`` (``s = d * sx`` of the two
+    blocks from one 2-lane load, convert and multiply) cover both blocks.
     """
-    if count == 1:
-        return [T.broadcast(T.Cast("float32", s[j, b]) * sx[0, b], LANES)]
-    pair = T.Cast(f"float32x{count}", s[j, T.ramp(b, 1, count)]) * sx[0, T.ramp(b, 1, count)]
-    return [T.broadcast(T.Shuffle([pair], [h]), LANES) for h in range(count)]
+    pair = T.Cast("float32x2", s[j, T.ramp(b, 1, 2)]) * sx[0, T.ramp(b, 1, 2)]
+    scale = T.Shuffle([pair, pair, pair, pair], [0, 0, 1, 1, 0, 0, 1, 1])
+    sums = T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.phadd.d", parts[0], parts[1])
+    return acc + T.Cast("float32x8", sums) * scale
 
 
 def _lane_sums(q, b):
@@ -192,9 +194,25 @@ def _lane_sums(q, b):
     return _dpbusd(T.broadcast(T.int32(0), LANES), _mask(0x01010101), q[0, T.ramp(b * BLOCK, 1, BLOCK)])
 
 
-def _permuted(q, c, base: int):
-    """int8x32 activation codes of chunk ``c`` in nibble-mask order: byte ``4l + t`` = ``qx[64c + 16t + base + l]``."""
-    return T.Shuffle([q[0, T.ramp(c * CHUNK, 1, CHUNK)]], [16 * (p % 4) + base + p // 4 for p in range(32)])
+def _permuted(q, c, base: int, half: int):
+    """int8x32 activation codes of chunk ``c`` in nibble order, block ``half``'s bytes only (zeros elsewhere).
+
+    Byte ``4l + t`` = ``qx[64c + 16t + base + l]`` where ``t // 2 == half`` (nibbles ``2t``, ``2t + 1`` of lane ``l``
+    hold elements ``16t + l`` and ``16t + 8 + l`` of the chunk), else 0.
+    """
+    codes = T.Shuffle([q[0, T.ramp(c * CHUNK, 1, CHUNK)]], [16 * (p % 4) + base + p // 4 for p in range(32)])
+    keep = _mask(0x0000FFFF if half == 0 else 0xFFFF0000)
+    return T.reinterpret("int8x32", T.reinterpret("int32x8", codes) & keep)
+
+
+def _prefetch(w, row, col):
+    """Prefetch (to all cache levels) the weight bytes at ``w[row, col]``, ``PREFETCH_BYTES`` ahead of the read.
+
+    The rows stream from DRAM once per token; the hardware prefetchers stop at every 4 KiB page, so each tile
+    reads ahead in software (prefetching past the end of ``w`` is harmless: no fault, no result).
+    """
+    return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(w[row, col]), T.int32(0), T.int32(3),
+                              T.int32(1))
 
 
 def _hsum(acc, r):
@@ -224,12 +242,15 @@ def vnni_gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.
     step = 2 if blocks % 2 == 0 else 1  # blocks per step of the row loop (their scales are loaded together)
     tile_loop = T.parallel if k * n >= current_tile_config().min_parallel_gemv else T.serial
 
+    ahead = -(-PREFETCH_BYTES // row_bytes)  # rows between the one read and the one prefetched
+    step_bytes = BLOCK * step * fmt.bits // 8  # weight bytes of a row per step
+
     def dot(acc, w, q, xa, xb, corr, s, sx, jt, r, c):  # acc + the sums of the blocks of step c of row r
-        for h, scale in enumerate(_scales(s, sx, jt * ROWS + r, step * c, step)):
-            b = step * c + h  # 4-bit: block h of chunk c; 8-bit: block b
-            part = _block_dot(w, q, xa, xb, corr, jt * ROWS + r, c if per == 2 else b, h, fmt)
-            acc = acc + T.Cast("float32x8", part) * scale
-        return acc
+        j = jt * ROWS + r
+        parts = [_block_dot(w, q, xa, xb, corr, j, c if per == 2 else step * c + h, h, fmt, k) for h in range(step)]
+        if step == 2:
+            return _pair_dot(acc, parts, s, sx, j, 2 * c)
+        return acc + T.Cast("float32x8", parts[0]) * T.broadcast(T.Cast("float32", s[j, c]) * sx[0, c], LANES)
 
     def minimum(low, m, xs, jt, c):  # the tile's minimum terms m * sx * sum(qx) of the blocks of step c
         total = low[T.ramp(0, 1, ROWS)]
@@ -250,8 +271,8 @@ def vnni_gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.
         SX = T.alloc_buffer((1, blocks), "float32", scope="global")
         vmax = T.alloc_buffer((LANES,), "float32", scope="global")
         amax = T.alloc_buffer((1,), "float32", scope="global")
-        xa = T.alloc_buffer((k // 2,), "int8", scope="global")  # 4-bit: codes in the order of the nibble masks
-        xb = T.alloc_buffer((k // 2,), "int8", scope="global")
+        xa = T.alloc_buffer((k,), "int8", scope="global")  # 4-bit: codes in the order of the nibble masks
+        xb = T.alloc_buffer((k,), "int8", scope="global")
         corr = T.alloc_buffer((blocks * LANES,), "int32", scope="global")  # -offset * sum(qx) in lane 0
         xs = T.alloc_buffer((blocks,), "float32", scope="global")  # sx * sum(qx) (the minimum terms)
         sums = T.alloc_buffer((LANES,), "int32", scope="global")
@@ -268,8 +289,10 @@ def vnni_gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.
             corr[T.ramp(b * LANES, 1, LANES)] = sums[T.ramp(0, 1, LANES)] * T.broadcast(T.int32(-off), LANES)
             xs[b] = SX[0, b] * T.Cast("float32", _hsum(sums, 0))
         for c in range(k // CHUNK if fmt.bits == 4 else 0):
-            xa[T.ramp(c * 32, 1, 32)] = _permuted(Q, c, 0)
-            xb[T.ramp(c * 32, 1, 32)] = _permuted(Q, c, 8)
+            xa[T.ramp(c * 32, 1, 32)] = _permuted(Q, c, 0, 0)  # block 2c's bytes, then block 2c + 1's
+            xa[T.ramp(k // 2 + c * 32, 1, 32)] = _permuted(Q, c, 0, 1)
+            xb[T.ramp(c * 32, 1, 32)] = _permuted(Q, c, 8, 0)
+            xb[T.ramp(k // 2 + c * 32, 1, 32)] = _permuted(Q, c, 8, 1)
         for jt in tile_loop(tiles):
             acc = T.alloc_buffer((ROWS * LANES,), "float32", scope="global")
             low = T.alloc_buffer((ROWS,), "float32", scope="global")
@@ -278,18 +301,19 @@ def vnni_gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.
             low[T.ramp(0, 1, ROWS)] = T.broadcast(T.float32(0), ROWS)
             for c in range(blocks // step):
                 for r in T.unroll(ROWS):
+                    T.evaluate(_prefetch(W, jt * ROWS + r + ahead, c * step_bytes))
                     acc[_vec(r)] = dot(acc[_vec(r)], W, Q, xa, xb, corr, S, SX, jt, r, c)
                 low[T.ramp(0, 1, ROWS)] = minimum(low, M, xs, jt, c)
             for r in T.unroll(ROWS):
                 Y[0, jt * ROWS + r] = _hsum(acc, r) + low[r]
 
     if not fmt.has_minimum:  # no minimums: the unused M input is dropped (and with it the minimum terms)
-        return _without_minimums(k, n, fmt, scale_dtype, tile_loop, dot, step)
+        return _without_minimums(k, n, fmt, scale_dtype, tile_loop, dot, step, ahead, step_bytes)
     return main
 
 
-def _without_minimums(k: int, n: int, fmt: BlockFormat, scale_dtype: str, tile_loop, dot,
-                      step: int) -> tvm.tirx.PrimFunc:
+def _without_minimums(k: int, n: int, fmt: BlockFormat, scale_dtype: str, tile_loop, dot, step: int,
+                      ahead: int, step_bytes: int) -> tvm.tirx.PrimFunc:
     """The kernel of :func:`vnni_gemv_kernel` for the symmetric formats (no ``M`` input, no minimum terms)."""
     blocks, row_bytes, tiles, off = k // BLOCK, k * fmt.bits // 8, n // ROWS, OFFSETS[fmt.name]
 
@@ -304,8 +328,8 @@ def _without_minimums(k: int, n: int, fmt: BlockFormat, scale_dtype: str, tile_l
         SX = T.alloc_buffer((1, blocks), "float32", scope="global")
         vmax = T.alloc_buffer((LANES,), "float32", scope="global")
         amax = T.alloc_buffer((1,), "float32", scope="global")
-        xa = T.alloc_buffer((k // 2,), "int8", scope="global")
-        xb = T.alloc_buffer((k // 2,), "int8", scope="global")
+        xa = T.alloc_buffer((k,), "int8", scope="global")
+        xb = T.alloc_buffer((k,), "int8", scope="global")
         corr = T.alloc_buffer((blocks * LANES,), "int32", scope="global")
         for b in range(blocks):
             vmax[T.ramp(0, 1, LANES)] = _block_absmax(X, 0, b)
@@ -317,14 +341,17 @@ def _without_minimums(k: int, n: int, fmt: BlockFormat, scale_dtype: str, tile_l
                 Q[0, T.ramp(b * BLOCK + u * LANES, 1, LANES)] = _act_codes(X, 0, b, u, amax[0])
             corr[T.ramp(b * LANES, 1, LANES)] = _lane_sums(Q, b) * T.broadcast(T.int32(-off), LANES)
         for c in range(k // CHUNK if fmt.bits == 4 else 0):
-            xa[T.ramp(c * 32, 1, 32)] = _permuted(Q, c, 0)
-            xb[T.ramp(c * 32, 1, 32)] = _permuted(Q, c, 8)
+            xa[T.ramp(c * 32, 1, 32)] = _permuted(Q, c, 0, 0)  # block 2c's bytes, then block 2c + 1's
+            xa[T.ramp(k // 2 + c * 32, 1, 32)] = _permuted(Q, c, 0, 1)
+            xb[T.ramp(c * 32, 1, 32)] = _permuted(Q, c, 8, 0)
+            xb[T.ramp(k // 2 + c * 32, 1, 32)] = _permuted(Q, c, 8, 1)
         for jt in tile_loop(tiles):
             acc = T.alloc_buffer((ROWS * LANES,), "float32", scope="global")
             for r in T.unroll(ROWS):
                 acc[_vec(r)] = T.broadcast(T.float32(0), LANES)
             for c in range(blocks // step):
                 for r in T.unroll(ROWS):
+                    T.evaluate(_prefetch(W, jt * ROWS + r + ahead, c * step_bytes))
                     acc[_vec(r)] = dot(acc[_vec(r)], W, Q, xa, xb, corr, S, SX, jt, r, c)
             for r in T.unroll(ROWS):
                 Y[0, jt * ROWS + r] = _hsum(acc, r)
