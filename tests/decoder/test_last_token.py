@@ -5,14 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-CHUNK = 16
+CHUNK = 16  # the chunk of the shared ``tiny`` fixture (tests/decoder/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def generic():
-    from tests.decoder.tiny import tiny_llama
-
-    return tiny_llama(layers=2, max_cache=64, chunk=CHUNK)[1]
+def generic(tiny):
+    return tiny[1]
 
 
 def _session(graphs):
