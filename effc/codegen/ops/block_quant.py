@@ -27,8 +27,10 @@ once per input, int8·int8 block dot products in int32, block scales after each 
 becomes dead code. An ``int4_asym`` / ``int4`` / ``int8`` ``BlockQuantMatMul`` of one row fed by an int8
 ``BlockQDQ`` (``act_format=int8``) lowers, when the target has AVX-512 VNNI, to
 :mod:`effc.codegen.ops.block_quant_vnni` (int8 activation codes once per input, ``vpdpbusd`` block dot products);
-more rows take the float decode-in-GEMM kernel on the quantize-dequantized activation. ``LOWERING_LOG`` entries say
-which kernel each layer got (``"kernel": "int8" | "vnni" | "gemv" | "fp32"``).
+more rows of ``int4_asym`` to the VNNI GEMM of :mod:`effc.codegen.ops.block_quant_vnni_gemm` (weights decoded once
+per column panel into the ``vpdpbusd`` layout, 16 output columns per vector), other formats to the float
+decode-in-GEMM kernel on the quantize-dequantized activation. ``LOWERING_LOG`` entries say which kernel each layer
+got (``"kernel": "int8" | "vnni" | "vnni_gemm" | "gemv" | "fp32"``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from effc.codegen.ops.block_quant_gemv import (
 )
 from effc.codegen.ops.block_quant_int8 import builder_state, current_tile_config, int8_compute_applies, int8_matmul
 from effc.codegen.ops.block_quant_vnni import vnni_applies, vnni_gemv
+from effc.codegen.ops.block_quant_vnni_gemm import vnni_gemm, vnni_gemm_applies
 from effc.ops.block_formats import BlockFormat, get_format
 
 __all__ = [
@@ -215,6 +218,11 @@ class BlockQuantMatMulConverter:
             LOWERING_LOG.append({"format": fmt.name, "shape": [rows, k, n], "kernel": "vnni",
                                  "weight_bytes": int(wr.nbytes + scales.nbytes + sum(v.nbytes for v in lows))})
             return relax.op.reshape(vnni_gemv(bb, src[0], [wr, scales, *lows], fmt, k, n), [*shape[:-1], n])
+        if src is not None and rows > 1 and vnni_gemm_applies(fmt, bs, src[1], src[2], k, n):
+            LOWERING_LOG.append({"format": fmt.name, "shape": [rows, k, n], "kernel": "vnni_gemm",
+                                 "weight_bytes": int(wr.nbytes + scales.nbytes + sum(v.nbytes for v in lows))})
+            y = vnni_gemm(bb, src[0], [wr, scales, *lows], fmt, rows, k, n)
+            return relax.op.reshape(y, [*shape[:-1], n])
         consts = [relax.const(wr), relax.const(scales), *(relax.const(v) for v in lows)]
         if rows == 1 and gemv_applies(fmt, bs, k, n):
             kernel, name, func = "gemv", "gemv", gemv_kernel(k, n, fmt, str(scales.dtype))
