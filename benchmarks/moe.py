@@ -5,6 +5,7 @@ Run (from the repository root; results go to benchmarks/results/moe_<mode>.json)
     python benchmarks/moe.py minilm [--calib 64] [--configs 8:2,8:4,8:6] [--routers trained,analytic] [--recover 0]
     python benchmarks/moe.py kernel [--shape minilm|smollm2] [--rows 1] [--experts 8] [--threads 1]
     flock /tmp/effc-smollm2.lock python benchmarks/moe.py smollm2 [--calib 64] [--configs 8:6,8:4,8:4+norefit]
+        [--sequential G]
 
 ``smollm2``: each config rewrites the 30 FFNs of ``zoo:smollm2-135m``'s prefill graph (calibration: ``calib``
 windows of 128 tokens, every 5th held out for the routers and the refit's ridge) and scores perplexity under
