@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script from a checkout: effc and the tests' tiny Llama import from it
 #: Bundles (one device call each) → (model, gpu_precision, passes) in packing order; an entry that would pass the
 #: budget is left out (recorded). Models are zoo names or :data:`LOCAL_MODELS`. MiniLM-L6 fp32 does not fit (its
 #: weights alone are 90 MB): fp16 in a bundle of its own, or int4 block-quant.
@@ -115,22 +116,16 @@ def _runtime_bundle(dest: Path, python_version: str) -> dict:
 
 
 def tiny_llama(vocab_size: int = 49152, max_cache: int = 64, chunk: int = 8):
-    """A 2-layer random Llama (hidden 64, seed 0) exported as an effc decoder graph.
+    """A 2-layer random Llama (hidden 64, seed 0) exported as an effc decoder graph: the tests' factory.
 
     With SmolLM2's vocabulary size (the default) it carries SmolLM2's tokenizer, so ``effc.compile`` takes it.
+    The model comes from ``tests/decoder/tiny.py`` (the checkout is on ``sys.path``), the one definition of the
+    tiny Llama that the decoder tests use too.
     """
-    import torch
-    import transformers
+    from tests.decoder.tiny import CONFIG
+    from tests.decoder.tiny import tiny_llama as factory
 
-    from effc.decoder import smollm2
-    from effc.decoder.export import export_decoder
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   rms_norm_eps=1e-5, tie_word_embeddings=True)
-    extra = {"tokenizer_dir": str(smollm2.fp32_folder())} if vocab_size == 49152 else None
-    return export_decoder(transformers.LlamaForCausalLM(cfg).eval(), max_cache=max_cache, chunk=chunk, extra=extra)
+    return factory(2, max_cache, chunk, tokenizer=vocab_size == CONFIG["vocab_size"], vocab_size=vocab_size)[1]
 
 
 #: Models that are not in the zoo: name → a function giving the graph to compile.
@@ -325,8 +320,7 @@ def _run_decoder(runner, manifest: dict, refs: dict, args: argparse.Namespace) -
 def run(args: argparse.Namespace) -> None:
     """Run, check and time every packed artifact (see the module docstring)."""
     bundle = Path(args.bundle).resolve()
-    sys.path.insert(0, str(bundle / "runtime" / "python"))
-    sys.path.insert(1, str(ROOT))
+    sys.path.insert(0, str(bundle / "runtime" / "python"))  # before the checkout (ROOT, inserted at import)
     os.environ["EFFC_TVM_LIB_DIR"] = str(bundle / "runtime" / "lib")
     from effc.runtime.vm import VmRunner
 

@@ -131,13 +131,16 @@ def decode_attention(model: ir.Model, inputs: list[ir.Value], scale: float, name
     return ir.Node(EFFC_DOMAIN, OP_TYPE, inputs, attributes=[ir.AttrFloat32("scale", float(scale))], name=name)
 
 
-def count_macs(node: ir.Node) -> int | None:
-    """``Hkv · G · T · (S + T) · D · 2`` (scores and the weighted sum, at a full cache)."""
+def count_macs(node: ir.Node, slot_axis: int = 2) -> int | None:
+    """``Hkv · G · T · (S + T) · D · 2`` (scores and the weighted sum, at a full cache).
+
+    ``S`` is axis ``slot_axis`` of ``past_key`` (2: keys ``(Hkv, D, S)``); None when a shape is not static.
+    """
     q, k = static_shape(node.inputs[0]), static_shape(node.inputs[1])
     if q is None or k is None:
         return None
     hkv, g, t, d = q
-    return int(hkv * g * t * (k[2] + t) * d * 2)
+    return int(hkv * g * t * (k[slot_axis] + t) * d * 2)
 
 
 SPEC = register_op(OpSpec(OP_TYPE, INPUTS, ("scale",), count_macs, reference))

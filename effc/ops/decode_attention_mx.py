@@ -23,12 +23,11 @@ import numpy as np
 import onnx_ir as ir
 from onnx import helper
 
-from effc.ir.queries import static_shape
 from effc.ops import decode_attention as plain
 from effc.ops.base import EFFC_DOMAIN, OpSpec, add_function, register_op
 from effc.ops.block_formats import BlockFormat
-from effc.ops.block_quant import _Body, overload_name
-from effc.ops.kv_blocks import check_stored, decode_body, decode_reference
+from effc.ops.block_quant import _Body
+from effc.ops.kv_blocks import check_stored, decode_body, decode_reference, row_overload
 
 __all__ = ["OP_TYPE", "decode_attention_mx", "reference"]
 
@@ -45,10 +44,6 @@ def reference(q: np.ndarray, past_key: np.ndarray, past_value: np.ndarray, key: 
     return plain.reference(q, keys, values, key, value, attn_mask, positions, scale=scale)
 
 
-def _overload(fmt: BlockFormat, block_size: int, head_dim: int) -> str:
-    return f"{overload_name(fmt, block_size)}_d{head_dim}"
-
-
 def attention_mx_function(opset: int, fmt: BlockFormat, block_size: int, head_dim: int) -> ir.Function:
     """Reference body (standard ONNX ops, opset ≥ 13) for one format, block size and ``head_dim``."""
     nodes = []
@@ -61,7 +56,7 @@ def attention_mx_function(opset: int, fmt: BlockFormat, block_size: int, head_di
     nodes += plain.attention_nodes("past_key_f", "past_value_f")
     proto = helper.make_function(EFFC_DOMAIN, OP_TYPE, list(plain.INPUTS), ["Y"], nodes,
                                  [helper.make_opsetid("", opset)], attributes=list(ATTRIBUTES))
-    proto.overload = _overload(fmt, block_size, head_dim)
+    proto.overload = row_overload(fmt, block_size, head_dim)
     return ir.serde.deserialize_function(proto)
 
 
@@ -85,17 +80,13 @@ def decode_attention_mx(model: ir.Model, inputs: list[ir.Value], scale: float, f
     add_function(model, attention_mx_function(max(model.opset_imports.get("", 13), 13), fmt, block_size, head_dim))
     attrs = [ir.AttrFloat32("scale", float(scale)), ir.AttrString("format", fmt.name),
              ir.AttrInt64("block_size", block_size)]
-    return ir.Node(EFFC_DOMAIN, OP_TYPE, inputs, attributes=attrs, overload=_overload(fmt, block_size, head_dim),
+    return ir.Node(EFFC_DOMAIN, OP_TYPE, inputs, attributes=attrs, overload=row_overload(fmt, block_size, head_dim),
                    name=name)
 
 
 def count_macs(node: ir.Node) -> int | None:
-    """``Hkv · G · T · (S + T) · D · 2`` (scores and the weighted sum, at a full cache)."""
-    q, k = static_shape(node.inputs[0]), static_shape(node.inputs[1])
-    if q is None or k is None:
-        return None
-    hkv, g, t, d = q
-    return int(hkv * g * t * (k[1] + t) * d * 2)
+    """As :func:`effc.ops.decode_attention.count_macs`; the rows ``(Hkv, S, W)`` count the slots on axis 1."""
+    return plain.count_macs(node, slot_axis=1)
 
 
 SPEC = register_op(OpSpec(OP_TYPE, plain.INPUTS, ATTRIBUTES, count_macs, reference))

@@ -33,7 +33,7 @@ from effc.ops.block_formats import E8M0_BIAS, BlockFormat, get_format, quantize
 from effc.ops.block_quant import _Body, _floor_log2, _fp_info, _function, _node_attrs, _opset, overload_name
 
 __all__ = ["STORED_FORMATS", "add_kv_decode", "add_kv_encode", "check_stored", "decode_body", "decode_reference",
-           "encode_reference", "row_bytes", "stores"]
+           "encode_reference", "row_bytes", "row_head_dim", "row_overload", "stores"]
 
 #: Formats a cache row can hold (one byte per element code).
 STORED_FORMATS = ("mxint8", "mxfp8_e4m3", "mxfp8_e5m2")
@@ -51,6 +51,16 @@ def row_bytes(head_dim: int, block_size: int) -> int:
     return head_dim + head_dim // block_size
 
 
+def row_head_dim(width: int, block_size: int) -> int:
+    """``head_dim`` of rows of ``width`` bytes (the inverse of :func:`row_bytes`)."""
+    return width * block_size // (block_size + 1)
+
+
+def row_overload(fmt: BlockFormat, block_size: int, head_dim: int) -> str:
+    """Function overload of an operator whose body splits rows of ``head_dim`` codes (the split is static)."""
+    return f"{overload_name(fmt, block_size)}_d{head_dim}"
+
+
 def encode_reference(x: np.ndarray, *, format: str, block_size: int) -> np.ndarray:  # noqa: A002
     """Numpy ``effc.KVBlockEncode``: rows ``(..., D + D / bs)`` uint8 from the codec of :mod:`effc.ops.block_formats`.
 
@@ -66,7 +76,7 @@ def encode_reference(x: np.ndarray, *, format: str, block_size: int) -> np.ndarr
 def decode_reference(rows: np.ndarray, *, format: str, block_size: int) -> np.ndarray:  # noqa: A002
     """Numpy ``effc.KVBlockDecode``: float32 ``(..., D)`` of rows ``(..., D + D / bs)``."""
     fmt = get_format(format)
-    d = rows.shape[-1] * block_size // (block_size + 1)
+    d = row_head_dim(rows.shape[-1], block_size)
     values = fmt.code_table()[rows[..., :d]].reshape(*rows.shape[:-1], -1, block_size)
     scales = _POW2[rows[..., d:]]
     return (values * scales[..., None]).reshape(*rows.shape[:-1], d)
@@ -132,6 +142,18 @@ def check_stored(fmt: BlockFormat, d: int, block_size: int) -> None:
         raise ValueError(f"head_dim {d} is not a multiple of block_size {block_size}")
 
 
+def _add_node(model: ir.Model, function: ir.Function, x: ir.Value, fmt: BlockFormat, block_size: int,
+              width: int, dtype: ir.DataType, name: str) -> ir.Node:
+    """A new node calling ``function`` (attached to ``model``) on ``x`` ``(..., n)`` → ``(..., width)`` ``dtype``."""
+    add_function(model, function)
+    node = ir.Node(EFFC_DOMAIN, function.name, [x], _node_attrs(fmt, block_size), overload=function.overload,
+                   name=name, num_outputs=1)
+    if x.shape is not None:
+        node.outputs[0].shape = ir.Shape([*list(x.shape)[:-1], width])
+    node.outputs[0].type = ir.TensorType(dtype)
+    return node
+
+
 def add_kv_encode(model: ir.Model, x: ir.Value, fmt: BlockFormat, block_size: int, name: str) -> ir.Node:
     """A new (not yet inserted) ``effc.KVBlockEncode`` node of ``x`` ``(..., D)`` (static shape) → rows ``(..., W)``.
 
@@ -142,19 +164,15 @@ def add_kv_encode(model: ir.Model, x: ir.Value, fmt: BlockFormat, block_size: in
     d = int(x.shape[-1])
     check_stored(fmt, d, block_size)
     b = _Body("kvenc", _opset(model))
-    add_function(model, _function("KVBlockEncode", fmt, block_size, ["X"], b, _encode_body(b, fmt, block_size)))
-    node = ir.Node(EFFC_DOMAIN, "KVBlockEncode", [x], _node_attrs(fmt, block_size),
-                   overload=overload_name(fmt, block_size), name=name, num_outputs=1)
-    node.outputs[0].shape = ir.Shape([*list(x.shape)[:-1], row_bytes(d, block_size)])
-    node.outputs[0].type = ir.TensorType(ir.DataType.UINT8)
-    return node
+    function = _function("KVBlockEncode", fmt, block_size, ["X"], b, _encode_body(b, fmt, block_size))
+    return _add_node(model, function, x, fmt, block_size, row_bytes(d, block_size), ir.DataType.UINT8, name)
 
 
 def add_kv_decode(model: ir.Model, rows: ir.Value, fmt: BlockFormat, block_size: int, head_dim: int,
                   name: str) -> ir.Node:
     """A new (not yet inserted) ``effc.KVBlockDecode`` node of ``rows`` ``(..., W)`` uint8 → ``(..., head_dim)``.
 
-    The function overload is per format, block size and ``head_dim`` (the split of a row is static).
+    The function overload is per format, block size and ``head_dim`` (:func:`row_overload`).
 
     Raises:
         ValueError: as :func:`add_kv_encode`.
@@ -162,14 +180,8 @@ def add_kv_decode(model: ir.Model, rows: ir.Value, fmt: BlockFormat, block_size:
     check_stored(fmt, head_dim, block_size)
     b = _Body("kvdec", _opset(model))
     function = _function("KVBlockDecode", fmt, block_size, ["R"], b, decode_body(b, fmt, block_size, head_dim))
-    function.overload = overload = f"{overload_name(fmt, block_size)}_d{head_dim}"
-    add_function(model, function)
-    node = ir.Node(EFFC_DOMAIN, "KVBlockDecode", [rows], _node_attrs(fmt, block_size), overload=overload,
-                   name=name, num_outputs=1)
-    if rows.shape is not None:
-        node.outputs[0].shape = ir.Shape([*list(rows.shape)[:-1], head_dim])
-    node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-    return node
+    function.overload = row_overload(fmt, block_size, head_dim)
+    return _add_node(model, function, rows, fmt, block_size, head_dim, ir.DataType.FLOAT, name)
 
 
 def _no_macs(node: ir.Node) -> int:

@@ -167,13 +167,7 @@ class PassManager:
         if self.dump_ir is not None:
             _dump(model, self.dump_ir / "00_input.onnx")
         if self.verify_each:
-            try:
-                verify_model(model)
-            except Exception as e:  # noqa: BLE001 - any checker failure
-                raise PassError(
-                    f"the input model is not valid ONNX before any pass ran: {e}",
-                    "fix the model (or canonicalize it) first, or run without --verify-each",
-                ) from e
+            self._verify(model, None, [], snapshot)
         records: list[PassRecord] = []
         done: list[str] = []
         for index, p in enumerate(self.pipeline, start=1):
@@ -200,15 +194,25 @@ class PassManager:
             if self.dump_ir is not None:
                 _dump(model, self.dump_ir / f"{index:02d}_{_safe(p.name)}.onnx")
             if self.verify_each:
-                try:
-                    verify_model(model)
-                except Exception as e:  # noqa: BLE001 - any checker failure
-                    raise PassError(
-                        f"pass '{p.name}' produced an invalid model (verify-each, after [{', '.join(done)}]): {e}",
-                        f"report a bug in pass '{p.name}'; {self._replay_note(snapshot)}",
-                    ) from e
+                self._verify(model, p, done, snapshot)
             done.append(p.name)
         return PipelineResult(model, records)
+
+    def _verify(self, model: ir.Model, p: EffcPass | None, done: list[str],
+                snapshot: onnx.ModelProto | None) -> None:
+        """``--verify-each``: check ``model``, the pipeline input (``p`` None) or the output of ``p`` after ``done``.
+
+        Raises:
+            PassError: the model is not valid ONNX; for a pass's output the hint names the replay files.
+        """
+        try:
+            verify_model(model)
+        except Exception as e:  # noqa: BLE001 - any checker failure
+            if p is None:
+                raise PassError(f"the input model is not valid ONNX before any pass ran: {e}",
+                                "fix the model (or canonicalize it) first, or run without --verify-each") from e
+            raise PassError(f"pass '{p.name}' produced an invalid model (verify-each, after [{', '.join(done)}]): {e}",
+                            f"report a bug in pass '{p.name}'; {self._replay_note(snapshot)}") from e
 
     def _unchanged(self, p: EffcPass, modified: bool) -> list[str]:
         """The warning for a lossy pass that changed nothing (logged), or an error under ``strict``.

@@ -47,3 +47,33 @@ def test_chunk_of_tokens_in_parallel(tokens):
         lib["main"](*args)
         want = reference(*arrays, mask, positions, scale=D ** -0.5)
         np.testing.assert_allclose(args[-1].numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mx", [False, True])
+def test_a_cache_the_kernel_cannot_read_is_refused_naming_the_node(mx):
+    """float32: 24 slots (the kernel steps 16 at a time); MX: blocks of 4 (the kernel decodes 8 codes at a time)."""
+    import onnx_ir as ir
+
+    import effc.codegen.ops  # noqa: F401  (registers the converters)
+    from effc.codegen.frontend import to_relax
+    from effc.errors import UnsupportedOpError
+    from effc.ops import decode_attention, decode_attention_mx
+    from effc.ops.block_formats import get_format
+
+    hkv, g, d, s = 1, 2, 16, 24
+    cache = [(hkv, s, d + d // 4)] * 2 if mx else [(hkv, d, s), (hkv, s, d)]
+    shapes = [(hkv, g, 1, d), *cache, (hkv, d, 1), (hkv, 1, d), (1, s + 1), (1, 1)]
+    dtypes = [ir.DataType.FLOAT] + [ir.DataType.UINT8 if mx else ir.DataType.FLOAT] * 2 + [ir.DataType.FLOAT] * 3 + [
+        ir.DataType.INT64]
+    inputs = [ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype))
+              for name, shape, dtype in zip(decode_attention.INPUTS, shapes, dtypes, strict=True)]
+    model = ir.Model(ir.Graph(inputs, [], nodes=[], opset_imports={"": 17}, name="attention"), ir_version=10)
+    if mx:
+        node = decode_attention_mx.decode_attention_mx(model, inputs, d ** -0.5, get_format("mxint8"), 4, "attn")
+    else:
+        node = decode_attention.decode_attention(model, inputs, d ** -0.5, "attn")
+    node.outputs[0].shape, node.outputs[0].type = ir.Shape((hkv, g, 1, d)), ir.TensorType(ir.DataType.FLOAT)
+    model.graph.append(node)
+    model.graph.outputs.append(node.outputs[0])
+    with pytest.raises(UnsupportedOpError, match="DecodeAttention.*attn.*max-cache"):
+        to_relax(model)

@@ -8,6 +8,7 @@ import pytest
 from effc.ir.decoder import decoder_info, kv_layout, regeneralize, specialize
 from effc.ops.block_formats import quantize_dequantize
 from effc.passes.pipeline import parse_pipeline
+from tests.decoder.tiny import tiny_llama
 
 pytestmark = pytest.mark.slow  # exports a tiny Llama twice (~15 s quiet, ~60 s under load)
 
@@ -16,16 +17,8 @@ S, T = 64, 4
 
 @pytest.fixture(scope="module")
 def graph():
-    import torch
-    import transformers
-
-    from effc.decoder.export import export_decoder
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                                   rms_norm_eps=1e-5, tie_word_embeddings=True)  # head_dim 32: one block
-    return export_decoder(transformers.LlamaForCausalLM(cfg).eval(), max_cache=S, chunk=8)
+    return tiny_llama(2, max_cache=S, chunk=8, tokenizer=False, vocab_size=256, intermediate_size=96,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)[1]  # head_dim 32
 
 
 def _feeds(info, tokens):

@@ -10,16 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.decoder.tiny import tiny_llama, without_layers
+from tests.decoder.tiny import without_layers
 
 pytestmark = pytest.mark.slow
 
 PROMPTS = ("The harbour town wakes up slowly", "Good soup does not need")
-
-
-@pytest.fixture(scope="module")
-def tiny4(tmp_path_factory):
-    return (*tiny_llama(4, max_cache=64, chunk=8), tmp_path_factory.mktemp("skip-decoder"))
 
 
 def test_removing_non_adjacent_layers_shrinks_the_cache_and_generation_matches(tiny4):

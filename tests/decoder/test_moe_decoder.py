@@ -1,16 +1,14 @@
-"""``moe`` on a decoder (the tiny random Llama of test_tiny_decoder): SwiGLU FFNs become ``effc.MoEFFN``, the
+"""``moe`` on a decoder (the tiny random Llama of tests/decoder/conftest.py): SwiGLU FFNs become ``effc.MoEFFN``, the
 prefill (grouped kernel) and decode (GEMV kernel) entry points agree with the rewritten graph, and it generates."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.decoder.test_tiny_decoder import tiny  # noqa: F401  (module fixture)
-
 pytestmark = pytest.mark.slow
 
 
-def test_moe_on_the_decoder_keeps_it_generating(tiny):  # noqa: F811
+def test_moe_on_the_decoder_keeps_it_generating(tiny):
     import effc
     import effc.runtime
 

@@ -14,15 +14,10 @@ import json
 import numpy as np
 import pytest
 
-from tests.decoder.tiny import tiny_llama, without_layers
+from tests.decoder.tiny import without_layers
 
 PROMPTS = ("The harbour town wakes up slowly", "A bicycle is a simple machine", "Good soup does not need",
            "Once upon a time there was", "The committee met on Tuesday to")
-
-
-@pytest.fixture(scope="module")
-def tiny4(tmp_path_factory):
-    return (*tiny_llama(4, max_cache=64, chunk=8), tmp_path_factory.mktemp("speculative"))
 
 
 @pytest.fixture(scope="module")

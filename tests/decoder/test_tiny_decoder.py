@@ -15,24 +15,6 @@ PROMPTS = ("The harbour town wakes up slowly", "A bicycle is a simple machine", 
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    import torch
-    import transformers
-
-    from effc.decoder import smollm2
-    from effc.decoder.export import export_decoder
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   rms_norm_eps=1e-5, tie_word_embeddings=True)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    folder = smollm2.fp32_folder()
-    graph = export_decoder(hf, max_cache=96, chunk=16, extra={"tokenizer_dir": str(folder)})
-    return hf, graph, smollm2.load_tokenizer(), tmp_path_factory.mktemp("tiny-decoder")
-
-
-@pytest.fixture(scope="module")
 def compiled(tiny):
     import effc
     import effc.runtime
@@ -146,7 +128,6 @@ def test_generate_text_and_errors(compiled, tmp_path):
 
     import effc
     import effc.runtime
-
     from tests.runtime.helpers import mlp
 
     plain = effc.compile(mlp(), out_dir=tmp_path / "mlp", measure_latency=False)

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+#: The tiny Llama's configuration (``transformers.LlamaConfig`` fields); :func:`tiny_llama` overrides any of them.
+CONFIG = {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": True}
 
-def tiny_llama(layers: int, max_cache: int, chunk: int) -> tuple[Any, Any, Any]:
-    """``(transformers model, token-generic effc graph, tokenizer)`` of a seeded random Llama (hidden 64, 4 heads)."""
+
+def tiny_llama(layers: int, max_cache: int, chunk: int, tokenizer: bool = True, **config: Any) -> tuple[Any, Any, Any]:
+    """``(transformers model, token-generic effc graph, tokenizer)`` of a seeded random Llama (hidden 64, 4 heads).
+
+    ``config`` overrides fields of :data:`CONFIG`. With ``tokenizer`` (SmolLM2's, whose vocabulary the default
+    ``vocab_size`` matches) the graph names its folder; without, the third item is None.
+    """
     import torch
     import transformers
 
@@ -14,12 +22,10 @@ def tiny_llama(layers: int, max_cache: int, chunk: int) -> tuple[Any, Any, Any]:
     from effc.decoder.export import export_decoder
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   rms_norm_eps=1e-5, tie_word_embeddings=True)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    graph = export_decoder(hf, max_cache=max_cache, chunk=chunk, extra={"tokenizer_dir": str(smollm2.fp32_folder())})
-    return hf, graph, smollm2.load_tokenizer()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_hidden_layers=layers, **{**CONFIG, **config}))
+    extra = {"tokenizer_dir": str(smollm2.fp32_folder())} if tokenizer else None
+    graph = export_decoder(hf.eval(), max_cache=max_cache, chunk=chunk, extra=extra)
+    return hf, graph, smollm2.load_tokenizer() if tokenizer else None
 
 
 def without_layers(hf: Any, removed: set[int]) -> Any:

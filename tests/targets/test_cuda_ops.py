@@ -222,3 +222,15 @@ def test_gpu_check_replays_decoder_calls_on_a_cpu_build(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "_time_cuda", lambda fn, warmup, repeat: (fn(), {"median_ms": None})[1])
     row = gpu_check._run_decoder(runner, result.manifest, refs, argparse.Namespace(warmup=1, repeat=1))
     assert row["ok"] and row["calls"] == len(entries) and row["worst_max_abs"] < 1e-3
+
+
+def test_hardmax_override_builds_for_cuda(tmp_path):
+    """effc's Hardmax (effc.codegen.std_nan) reduces in shapes DLight schedules: a max and a min of plain types."""
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Hardmax", ["x"], ["y"], axis=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [9, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [9, 7])])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    info = CUDA.build(model, tmp_path, {"arch": "sm_90"}).info
+    assert any("hardmax" in k for k in info["device_kernels"])

@@ -71,24 +71,30 @@ def _conv(bb, inputs, attr, name: str, im2col: bool):
     return relax.TupleGetItem(out, 0) if im2col else out
 
 
-@register_converter(OP_CONV)
-class McuS8ConvConverter:
-    """``effc.McuS8Conv(xq, w, bias, mult, shift)`` → ``effc_s8_conv2d`` (NCHW, one image, groups 1)."""
+class _ConvConverter:
+    """Converter of an int8 conv layer ``(xq, w, bias, mult, shift)``: one call of the C entry point ``entry``."""
+
+    entry: str
+    im2col: bool  # the entry point takes two im2col columns of scratch
 
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
         del params
-        return _conv(bb, inputs, attr, "effc_s8_conv2d", im2col=True)
+        return _conv(bb, inputs, attr, cls.entry, im2col=cls.im2col)
+
+
+@register_converter(OP_CONV)
+class McuS8ConvConverter(_ConvConverter):
+    """``effc.McuS8Conv(xq, w, bias, mult, shift)`` → ``effc_s8_conv2d`` (NCHW, one image, groups 1)."""
+
+    entry, im2col = "effc_s8_conv2d", True
 
 
 @register_converter(OP_DWCONV)
-class McuS8DwConvConverter:
+class McuS8DwConvConverter(_ConvConverter):
     """``effc.McuS8DwConv(xq, w, bias, mult, shift)`` → ``effc_s8_dwconv2d`` (depthwise, NCHW, one image)."""
 
-    @classmethod
-    def _impl_v1(cls, bb, inputs, attr, params):
-        del params
-        return _conv(bb, inputs, attr, "effc_s8_dwconv2d", im2col=False)
+    entry, im2col = "effc_s8_dwconv2d", False
 
 
 @register_converter(OP_MATMUL)

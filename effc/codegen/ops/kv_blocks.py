@@ -11,6 +11,8 @@ same way inside its slot walk.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import tvm
 from tvm import relax, te, tirx
@@ -20,7 +22,7 @@ from effc.codegen.frontend import register_converter
 from effc.codegen.ops.block_quant import _element, _format_attrs
 from effc.ops.block_formats import E8M0_BIAS, BlockFormat
 from effc.ops.block_quant import _fp_info
-from effc.ops.kv_blocks import row_bytes
+from effc.ops.kv_blocks import row_bytes, row_head_dim
 
 __all__ = ["decode_kernel", "e8m0", "element_vector", "encode_kernel"]
 
@@ -101,16 +103,20 @@ def encode_kernel(shape: tuple[int, ...], fmt: BlockFormat, block_size: int) -> 
 def decode_kernel(shape: tuple[int, ...], fmt: BlockFormat, block_size: int) -> tvm.tirx.PrimFunc:
     """``main(R (*lead, W) uint8, X (*lead, D) float32)``: the values of the rows."""
     *lead, w = shape
-    d = w * block_size // (block_size + 1)
+    d = row_head_dim(w, block_size)
     r = te.placeholder(_i64(shape), "uint8", "R")
     x = te.compute(_i64((*lead, d)), lambda *i: _element(r[i].astype("int32"), fmt) * e8m0(
         r[(*i[:-1], d + i[-1] // block_size)]), name="X")
     return te.create_prim_func([r, x]).without_attr("global_symbol")
 
 
-@register_converter("KVBlockEncode")
-class KVBlockEncodeConverter:
-    """``effc.KVBlockEncode(X)`` → :func:`encode_kernel`."""
+class _RowsConverter:
+    """Converter of an element-wise row operator: ``kernel(shape, fmt, bs)`` on ``(*lead, n)`` → ``(*lead, width)``."""
+
+    kernel: Callable[[tuple[int, ...], BlockFormat, int], tvm.tirx.PrimFunc]
+    width: Callable[[int, int], int]  # ``width(n, block_size)``
+    dtype: str
+    name: str
 
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
@@ -118,20 +124,19 @@ class KVBlockEncodeConverter:
         fmt, bs = _format_attrs(attr)
         x = bb.normalize(inputs[0])
         shape = tuple(int(v) for v in x.ty.shape.values)
-        gv = bb.add_func(encode_kernel(shape, fmt, bs), f"effc_kv_encode_{fmt.name}")
-        return relax.call_tir(gv, [x], out_ty=relax.TensorType([*shape[:-1], row_bytes(shape[-1], bs)], "uint8"))
+        gv = bb.add_func(cls.kernel(shape, fmt, bs), f"{cls.name}_{fmt.name}")
+        return relax.call_tir(gv, [x], out_ty=relax.TensorType([*shape[:-1], cls.width(shape[-1], bs)], cls.dtype))
+
+
+@register_converter("KVBlockEncode")
+class KVBlockEncodeConverter(_RowsConverter):
+    """``effc.KVBlockEncode(X)`` → :func:`encode_kernel`."""
+
+    kernel, width, dtype, name = staticmethod(encode_kernel), staticmethod(row_bytes), "uint8", "effc_kv_encode"
 
 
 @register_converter("KVBlockDecode")
-class KVBlockDecodeConverter:
+class KVBlockDecodeConverter(_RowsConverter):
     """``effc.KVBlockDecode(R)`` → :func:`decode_kernel`."""
 
-    @classmethod
-    def _impl_v1(cls, bb, inputs, attr, params):
-        del params
-        fmt, bs = _format_attrs(attr)
-        r = bb.normalize(inputs[0])
-        shape = tuple(int(v) for v in r.ty.shape.values)
-        gv = bb.add_func(decode_kernel(shape, fmt, bs), f"effc_kv_decode_{fmt.name}")
-        d = shape[-1] * bs // (bs + 1)
-        return relax.call_tir(gv, [r], out_ty=relax.TensorType([*shape[:-1], d], "float32"))
+    kernel, width, dtype, name = staticmethod(decode_kernel), staticmethod(row_head_dim), "float32", "effc_kv_decode"
