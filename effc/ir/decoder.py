@@ -27,6 +27,11 @@ TOKENS = "tokens"
 #: Graph inputs before the KV-cache inputs, and graph outputs before the new keys and values.
 INPUTS = ("input_ids", "positions", "attn_mask")
 OUTPUTS = ("logits",)
+#: The extra input of the last-token prefill (:mod:`effc.decoder.last_token`), after the KV-cache inputs: int64
+#: ``(1,)``, the row of the chunk whose logits are returned.
+LAST_INDEX = "last_index"
+#: The entry point that takes it and returns that row's logits only.
+PREFILL_LAST = "prefill_last"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,10 +222,13 @@ def _token_axes(info: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 def io_shapes(info: dict[str, Any], tokens: int) -> dict[str, tuple[int, ...]]:
-    """Input shapes of the graph specialized to ``tokens`` per call (``attn_mask`` is ``(T, S + T)``)."""
+    """Input shapes of the graph specialized to ``tokens`` per call (``attn_mask`` is ``(T, S + T)``).
+
+    ``last_index`` ``(1,)`` is listed too; only the last-token prefill graph has that input.
+    """
     s = info["max_cache"]
     return {"input_ids": (1, tokens), "positions": (1, tokens), "attn_mask": (tokens, s + tokens),
-            **{slot.input: slot.shape(info, s) for slot in kv_layout(info)}}
+            **{slot.input: slot.shape(info, s) for slot in kv_layout(info)}, LAST_INDEX: (1,)}
 
 
 def specialize(model: ir.Model, tokens: int) -> ir.Model:
@@ -237,7 +245,8 @@ def specialize(model: ir.Model, tokens: int) -> ir.Model:
     copy = ir.from_proto(ir.to_proto(model))
     for value in copy.graph.outputs:
         value.shape = None
-    shapes = io_shapes(info, int(tokens))
+    names = {value.name for value in copy.graph.inputs}
+    shapes = {name: dims for name, dims in io_shapes(info, int(tokens)).items() if name in names}
     for value in copy.graph.inputs:
         value.shape = ir.Shape(shapes[value.name])
     return canonicalize(copy, input_shapes=shapes)

@@ -16,6 +16,9 @@ block size, e.g. ``"mxfp4_b32"``):
   formats: ``effc.BlockQuantGather(Tq, S, I, M)``.
 * ``Y = effc.BlockQDQ(X)``: dynamic MX quantize-dequantize of an activation ``X`` ``(..., K)`` float32 along its
   last axis in blocks of ``block_size`` (weights + activations mode, KV mode); ``Y`` has ``X``'s shape. MACs: 0.
+  ``format=int8`` (activations only, GGUF Q8_0 / Q8_1 style): symmetric codes ``q = round(x / s)`` in
+  ``[-127, 127]`` with one float32 scale ``s = amax / 127`` per block (1 for an all-zero block), ``Y = q * s``:
+  :func:`effc.ops.block_formats.quantize` with ``scale_dtype="float32"``, bit for bit.
 
 Decoding is bit-exact with :func:`effc.ops.block_formats.dequantize`: codes are unpacked with integer
 ``Div``/``Mod`` (opset 13+), element values come from a lookup table (``Gather``), scales from a 256-entry table of
@@ -155,6 +158,27 @@ def _qdq_last_axis(b: _Body, x: str, fmt: BlockFormat, block_size: int) -> str:
     return b.op("Reshape", b.op("Mul", q, scale), shape)
 
 
+def _qdq_int_last_axis(b: _Body, x: str, fmt: BlockFormat, block_size: int) -> str:
+    """Symmetric int quantize-dequantize of ``x`` along its last axis, float32 scale ``amax / qmax`` per block.
+
+    The float operations of :func:`effc.ops.block_formats.quantize` (``scale_dtype="float32"``): ``s = amax / qmax``
+    (1 where it is 0), ``q = round_half_even(clip(x / s, -qmax, qmax))``, ``Y = q * s``.
+    """
+    shape = b.op("Shape", x)
+    lead = b.op("Slice", shape, b.const(np.array([0], np.int64)), b.const(np.array([-1], np.int64)))
+    xb = b.op("Reshape", x, b.op("Concat", lead, b.const(np.array([-1, block_size], np.int64)), axis=0))
+    if b.opset >= 18:
+        amax = b.op("ReduceMax", b.op("Abs", xb), b.const(np.array([-1], np.int64)), keepdims=1)
+    else:
+        amax = b.op("ReduceMax", b.op("Abs", xb), axes=[-1], keepdims=1)
+    scale = b.op("Div", amax, b.const(np.float32(fmt.qmax)))
+    one = b.const(np.float32(1.0))
+    scale = b.op("Where", b.op("Greater", scale, b.const(np.float32(0.0))), scale, one)
+    lim = float(fmt.qmax)
+    q = b.op("Round", b.op("Clip", b.op("Div", xb, scale), b.const(np.float32(-lim)), b.const(np.float32(lim))))
+    return b.op("Reshape", b.op("Mul", q, scale), shape)
+
+
 def _fp_info(fmt: BlockFormat) -> tuple[int, int]:
     """``(emin, mantissa bits)`` of an FP element format (subnormals share the exponent ``emin``)."""
     import ml_dtypes
@@ -268,12 +292,13 @@ def add_block_quant_gather(
 
 
 def add_block_qdq(model: ir.Model, x: ir.Value, fmt: BlockFormat, block_size: int, name: str) -> ir.Node:
-    """A new ``effc.BlockQDQ`` node: dynamic MX quantize-dequantize of ``x`` along its last axis.
+    """A new ``effc.BlockQDQ`` node: dynamic quantize-dequantize of ``x`` along its last axis.
 
     Args:
         model: the model that receives the function body.
         x: float activation; its last axis is split into blocks of ``block_size``.
-        fmt: an MX element format (OCP MX v1.0: shared E8M0 scale per block).
+        fmt: an MX element format (OCP MX v1.0: shared E8M0 scale per block) or ``int8`` (float32 scale
+            ``amax / 127`` per block, see the module docstring).
         block_size: elements per block.
         name: node name.
 
@@ -281,12 +306,12 @@ def add_block_qdq(model: ir.Model, x: ir.Value, fmt: BlockFormat, block_size: in
         The node; its output has ``x``'s shape and type.
 
     Raises:
-        ValueError: ``fmt`` is not an MX format, or the model's opset is older than 13.
+        ValueError: ``fmt`` is neither an MX format nor ``int8``, or the model's opset is older than 13.
     """
-    if not fmt.is_mx:
-        raise ValueError(f"dynamic activation quantization needs an MX format, got {fmt.name}")
+    if not (fmt.is_mx or fmt.name == "int8"):
+        raise ValueError(f"dynamic activation quantization needs an MX format or int8, got {fmt.name}")
     b = _Body("bqdq", _opset(model))
-    y = _qdq_last_axis(b, "X", fmt, block_size)
+    y = (_qdq_last_axis if fmt.is_mx else _qdq_int_last_axis)(b, "X", fmt, block_size)
     add_function(model, _function("BlockQDQ", fmt, block_size, ["X"], b, y))
     node = ir.Node(EFFC_DOMAIN, "BlockQDQ", [x], _node_attrs(fmt, block_size),
                    overload=overload_name(fmt, block_size), name=name, num_outputs=1)
@@ -334,12 +359,12 @@ def gather_reference(tq: np.ndarray, s: np.ndarray, ids: np.ndarray, m: np.ndarr
 
 
 def qdq_reference(x: np.ndarray, *, format: str, block_size: int) -> np.ndarray:  # noqa: A002
-    """Numpy ``effc.BlockQDQ``: MX quantize-dequantize of ``x`` along its last axis.
+    """Numpy ``effc.BlockQDQ``: MX (or int8, float32 scales) quantize-dequantize of ``x`` along its last axis.
 
-    Equal to the function body except for blocks whose largest magnitude is below 2^-126 (subnormal): the body and
-    the kernel take it as 2^-126 there, :func:`effc.ops.block_formats.quantize` uses its exact exponent.
+    Equal to the function body except for MX blocks whose largest magnitude is below 2^-126 (subnormal): the body
+    and the kernel take it as 2^-126 there, :func:`effc.ops.block_formats.quantize` uses its exact exponent.
     """
-    return quantize_dequantize(x, format, axis=-1, block_size=block_size)
+    return quantize_dequantize(x, format, axis=-1, block_size=block_size, scale_dtype="float32")
 
 
 def matmul_macs(node: ir.Node) -> int | None:

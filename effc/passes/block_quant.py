@@ -11,7 +11,10 @@ What is quantized (blocks of ``block_size`` along the reduction axis, formats in
   ``block-quant(format=int4_asym,embedding_format=int8)``: the layout of a GGUF Q4_1 model (Q4_1 linears, Q8_0
   token embedding), which both formats reproduce exactly when the weights are on those grids.
 * ``mode=weight_act``: the same weights, plus a dynamic per-block quantize-dequantize of every quantized layer's
-  input activation along K (``act_format``, default the weight format; an MX format).
+  input activation along K (``act_format``, default the weight format; an MX format, or ``int8``: symmetric codes
+  with a float32 scale ``amax / 127`` per block, as llama.cpp's Q8_1 activations, e.g.
+  ``block-quant(format=int4_asym,embedding_format=int8,mode=weight_act,act_format=int8)``; on AVX-512 VNNI CPUs the
+  decode step then runs integer dot products, :mod:`effc.codegen.ops.block_quant_vnni`).
 * ``mode=kv``: only the attention keys and values (the KV cache): the outputs of the K and V projections, found
   as the weight layers feeding the second input of an activation × activation MatMul, blocked along the hidden
   axis (head-major, so a block of 32 stays inside one head of MiniLM); on a decoder, the cache entries themselves
@@ -61,6 +64,7 @@ __all__ = ["BlockQuantOptions", "BlockQuantPass"]
 logger = logging.getLogger(__name__)
 
 MODES = ("weight", "weight_act", "kv")
+INT_ACT_FORMATS = ("int8",)  # activation blocks with a float32 scale amax / 127 (GGUF Q8_1 style), weight_act only
 HELD_OUT = 0.25  # fraction of the calibration feeds that check GPTQ against rounding (never fitted)
 SPARSE_ZEROS = 0.01  # fraction of exact zeros from which a weight counts as pruned (no LoRC, see _lorc_rank)
 ROW_BLOCKED = ("Gather", "Conv")  # weights in the (rows, blocked axis) layout, blocks along axis 1
@@ -78,7 +82,8 @@ class BlockQuantOptions(PassOptions):
     block_size: int = dataclasses.field(default=32, metadata={"help": "elements per block along the reduction axis"})
     mode: str = dataclasses.field(default="weight", metadata={"help": "weight | weight_act | kv", "choices": MODES})
     act_format: str | None = dataclasses.field(
-        default=None, metadata={"help": "MX format of activations/KV (default: the weight format, mxint8 for int)"}
+        default=None, metadata={"help": "MX format (or int8, mode=weight_act) of activations/KV (default: the weight "
+                                    "format, mxint8 for int)"}
     )
     ops: tuple[str, ...] = dataclasses.field(
         default=("MatMul", "Gemm", "Gather", "Conv"), metadata={"help": "op types whose weights are quantized"}
@@ -102,8 +107,8 @@ class BlockQuantOptions(PassOptions):
         """Check the options.
 
         Raises:
-            PipelineError: unknown format/mode, a bad block size or rank, a non-MX activation format, or GPTQ with
-                an asymmetric format.
+            PipelineError: unknown format/mode, a bad block size or rank, an activation format that is neither MX
+                nor int8 with mode=weight_act, or GPTQ with an asymmetric format.
         """
         get_format(self.format)
         if self.embedding_format is not None:
@@ -114,8 +119,10 @@ class BlockQuantOptions(PassOptions):
             self.fail("block_size", self.block_size, "a power of two >= 2 (32 in OCP MX)")
         if self.mode not in MODES:
             self.fail("mode", self.mode, " | ".join(MODES))
-        if self.act_format is not None and not get_format(self.act_format).is_mx:
-            self.fail("act_format", self.act_format, "an MX format (activation scales are computed at run time)")
+        if self.act_format is not None and not get_format(self.act_format).is_mx and (
+                self.act_format not in INT_ACT_FORMATS or self.mode != "weight_act"):
+            self.fail("act_format", self.act_format, "an MX format (activation scales are computed at run time), or "
+                      f"{' | '.join(INT_ACT_FORMATS)} with mode=weight_act")
         if not 0.0 <= self.gptq_damp <= 10.0:
             self.fail("gptq_damp", self.gptq_damp, "a fraction of the mean Hessian diagonal in [0, 10]")
         if self.lorc_rank < 0:
@@ -194,6 +201,7 @@ class BlockQuantPass(EffcPass):
         targets = self._select(find_targets(model, opts.ops, self.stats["skipped"]))
         hessians = self._hessians(model, targets) if opts.gptq and not opts.gptq_sequential else {}
         cache: dict[int, tuple[ir.Value, ir.Value, ir.Value | None, np.ndarray]] = {}
+        self._act_qdq: dict[int, ir.Value] = {}  # id(layer input) -> its quantize-dequantized value (weight_act)
         tables = {id(t.weight) for t in targets if t.kind == "Gather"}  # a tied projection reads the same weight
         for t in targets:
             if opts.gptq and opts.gptq_sequential and t.node.name not in hessians:
@@ -398,8 +406,7 @@ class BlockQuantPass(EffcPass):
         else:
             x = t.node.inputs[0]
             if opts.mode == "weight_act":
-                new_nodes.append(bq_ops.add_block_qdq(model, x, act_fmt, bs, f"{name}/act_qdq"))
-                x = new_nodes[-1].outputs[0]
+                x = self._quantized_input(model, x, act_fmt, f"{name}/act_qdq")
             if use_dq:
                 w = _dequantize_linear(new_nodes, wq, sv, 0, bs, name)
                 new_nodes.append(ir.node("MatMul", [x, w], name=f"{name}/matmul"))
@@ -429,6 +436,25 @@ class BlockQuantPass(EffcPass):
             "gptq": h is not None and t.node.name not in {r["node"] for r in self.stats["gptq_rejected"]},
             "lorc_rank": self._lorc_rank(t) if t.kind not in ROW_BLOCKED else opts.lorc_rank,
         }
+
+    def _quantized_input(self, model: ir.Model, x: ir.Value, act_fmt, name: str) -> ir.Value:
+        """The output of the one ``effc.BlockQDQ`` of layer input ``x``, made on first use (``mode=weight_act``).
+
+        Layers reading the same input (a decoder's q/k/v and gate/up projections) share it: one quantization per
+        input in ``model.onnx``, and one activation quantizer per input in the compiled step. It is inserted
+        right after ``x``'s producer (first in the graph for a graph input), so it precedes every reader.
+        """
+        out = self._act_qdq.get(id(x))
+        if out is None:
+            node = bq_ops.add_block_qdq(model, x, act_fmt, self.options.block_size, name)
+            node.metadata_props["effc.pass"] = self.name
+            producer = x.producer()
+            if producer is not None and producer.graph is model.graph:
+                model.graph.insert_after(producer, [node])
+            else:
+                model.graph.insert_before(next(iter(model.graph)), [node])
+            out = self._act_qdq[id(x)] = node.outputs[0]
+        return out
 
     def _quantize_kv(self, model: ir.Model, act_fmt) -> int:
         if is_decoder(model):  # the cache entries themselves, blocked along head_dim

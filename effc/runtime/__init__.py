@@ -175,12 +175,12 @@ def load(out_dir: Path | str, *, check_indices: bool = True) -> CompiledModel:
 
 def _check_cache_layout(out_dir: Path, info: dict[str, Any]) -> None:
     """Raises ArtifactError when the artifact's entry points take another KV-cache layout than this runtime's."""
-    from effc.ir.decoder import INPUTS, kv_layout
+    from effc.ir.decoder import INPUTS, LAST_INDEX, PREFILL_LAST, kv_layout
 
     expected = [*INPUTS, *(slot.input for slot in kv_layout(info))]
     for entry, signature in (info.get("entries") or {}).items():
         names = [spec["name"] for spec in signature["inputs"]]
-        if names != expected:
+        if names != (expected + [LAST_INDEX] if entry == PREFILL_LAST else expected):
             raise ArtifactError(f"the decoder artifact in {out_dir} takes its KV cache as {names[len(INPUTS):][:2]}"
                                 f"... in '{entry}', not as this effc's per-layer {expected[len(INPUTS):][:2]}...",
                                 "recompile it with this version of effc")

@@ -1,8 +1,11 @@
 """Token-by-token generation over a decoder artifact: KV cache, positions, masks, sampling, tokenizer.
 
-A decoder artifact (``manifest["decoder"]``) has two entry points over the same weights, ``prefill`` (a chunk of
+A decoder artifact (``manifest["decoder"]``) has entry points over the same weights, ``prefill`` (a chunk of
 ``P`` tokens) and ``decode`` (one token), with the signature of :mod:`effc.decoder.llama`: ``(input_ids,
-positions, attn_mask, past_key.0, past_value.0, ...) -> (logits, key.0, value.0, ...)``. The session owns one
+positions, attn_mask, past_key.0, past_value.0, ...) -> (logits, key.0, value.0, ...)``, and ``prefill_last``
+(:mod:`effc.decoder.last_token`: the chunk with one more input, ``last_index``, and the logits of that row only,
+``(1, 1, V)``). Generation prefills through ``prefill_last`` (:meth:`DecoderSession.prefill_last`); scoring
+(:func:`token_nll`, perplexity) through ``prefill``, which returns every token's logits. The session owns one
 preallocated array per cache input (:func:`effc.ir.decoder.kv_layout`: float32 keys ``(Hkv, D, S)`` and values
 ``(Hkv, S, D)``, or uint8 MX rows ``(Hkv, S, W)`` for both when ``block-quant(mode=kv)`` stored the cache),
 shared with the compiled code without copies, and writes each call's new keys and values into them in place at
@@ -27,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from effc.errors import DataError
-from effc.ir.decoder import kv_layout
+from effc.ir.decoder import LAST_INDEX, PREFILL_LAST, kv_layout
 from effc.runtime.ffn_skip import FfnSkipCounter
 
 logger = logging.getLogger(__name__)
@@ -46,9 +49,13 @@ class CompiledBackend:
         """Share the cache arrays (graph input name → array, in graph order) with the compiled code (no copies)."""
         self._cache = [self._runner.shared_tensor(array) for array in cache.values()]
 
-    def run(self, entry: str, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
-        """``[logits, key.0, value.0, ...]`` of one call of ``entry`` over the bound cache."""
-        return self._runner.call(entry, [ids, positions, mask, *self._cache])
+    def run(self, entry: str, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray,
+            last: np.ndarray | None = None) -> list[np.ndarray]:
+        """``[logits, key.0, value.0, ...]`` of one call of ``entry`` over the bound cache.
+
+        ``last``: the ``last_index`` input of ``prefill_last`` (after the cache), else None.
+        """
+        return self._runner.call(entry, [ids, positions, mask, *self._cache, *_extra(last)])
 
 
 class DeviceCacheBackend:
@@ -72,12 +79,18 @@ class DeviceCacheBackend:
         """Allocate the cache on the device (graph input name → initial array, in graph order)."""
         self._cache = self._runner.to_device_arrays(list(cache.values()))
 
-    def run(self, entry: str, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+    def run(self, entry: str, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray,
+            last: np.ndarray | None = None) -> list[np.ndarray]:
         """``[logits]`` of one call of ``entry``; the new keys and values go into the device cache."""
-        ids_d, positions_d, mask_d = self._runner.to_device_arrays([ids, positions, mask])
-        logits, *new = self._runner.function(entry)(ids_d, positions_d, mask_d, *self._cache)
+        ids_d, positions_d, mask_d, *last_d = self._runner.to_device_arrays([ids, positions, mask, *_extra(last)])
+        logits, *new = self._runner.function(entry)(ids_d, positions_d, mask_d, *self._cache, *last_d)
         self._runner.function(f"{entry}_kv_write")(*self._cache, *new, positions_d)
         return self._runner.to_numpy(logits)
+
+
+def _extra(last: np.ndarray | None) -> list[np.ndarray]:
+    """The inputs after the cache: ``[last_index]`` for ``prefill_last``, else none."""
+    return [] if last is None else [last]
 
 
 def compiled_backend(runner: Any) -> Any:
@@ -91,7 +104,11 @@ def compiled_backend(runner: Any) -> Any:
 
 
 class OrtBackend:
-    """onnxruntime sessions over the same graphs (``{"prefill": model, "decode": model}`` of ``ir.Model``)."""
+    """onnxruntime sessions over the same graphs (``{"prefill": model, "decode": model}`` of ``ir.Model``).
+
+    Attributes:
+        entries: the entry points it runs (the keys of ``graphs``).
+    """
 
     name = "onnxruntime"
 
@@ -99,14 +116,16 @@ class OrtBackend:
         from effc.ir.reference import Reference
 
         self._sessions = {entry: Reference(model, threads=threads) for entry, model in graphs.items()}
+        self.entries = tuple(graphs)
         self._cache: dict[str, np.ndarray] = {}
 
     def bind_cache(self, cache: dict[str, np.ndarray]) -> None:
         self._cache = cache
 
-    def run(self, entry: str, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
-        return self._sessions[entry].run({"input_ids": ids, "positions": positions, "attn_mask": mask,
-                                          **self._cache})
+    def run(self, entry: str, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray,
+            last: np.ndarray | None = None) -> list[np.ndarray]:
+        feeds = {"input_ids": ids, "positions": positions, "attn_mask": mask, **self._cache}
+        return self._sessions[entry].run(feeds if last is None else {**feeds, LAST_INDEX: last})
 
 
 @dataclasses.dataclass
@@ -147,7 +166,7 @@ class DecoderSession:
     Args:
         backend: :class:`CompiledBackend` or :class:`OrtBackend`.
         info: the decoder facts (``manifest["decoder"]``): ``layers, kv_heads, head_dim, max_cache, chunk,
-            masked`` at least.
+            masked`` at least; ``entries`` (the artifact's entry points) unless the backend lists its own.
 
     Attributes:
         cache: graph input name → the preallocated cache array of :func:`effc.ir.decoder.kv_layout` (in its order).
@@ -168,6 +187,8 @@ class DecoderSession:
         backend.bind_cache(self.cache)
         self.length = 0  # tokens held in the cache
         self.draft_controller: Any = None  # speculation's measurements, kept across generations
+        entries = getattr(backend, "entries", None) or info.get("entries") or ()
+        self.has_prefill_last = PREFILL_LAST in entries  # artifacts built before it have prefill only
         gates = info.get("ffn_gates")  # layer-skip(mode=adaptive): the FFN calls skipped, counted per entry point
         self.ffn_skip = FfnSkipCounter(gates["names"]) if gates else None
 
@@ -189,24 +210,28 @@ class DecoderSession:
         """
         return self._call(entry, ids, tokens, layout)
 
-    def _call(self, entry: str, ids: Sequence[int], tokens: int, layout: list[Any] | None = None) -> np.ndarray:
+    def _call(self, entry: str, ids: Sequence[int], tokens: int, layout: list[Any] | None = None,
+              last: bool = False) -> np.ndarray:
+        """As :meth:`call_entry`; ``last``: ``entry`` is ``prefill_last``, the logits ``(1, V)`` of ``ids[-1]``."""
         real = len(ids)
         padded = np.zeros((1, tokens), dtype=np.int64)
         padded[0, :real] = ids
         positions = (self.length + np.arange(tokens, dtype=np.int64))[None]
-        logits, *new = self.backend.run(entry, padded, positions, self._mask(tokens))
+        index = np.array([real - 1], dtype=np.int64) if last else None
+        logits, *new = self.backend.run(entry, padded, positions, self._mask(tokens),
+                                        *([] if index is None else [index]))
         if getattr(self.backend, "owns_cache", False):  # it wrote the new keys/values into its own (device) cache
             new, layout = [], []
         else:
             layout = layout or self._layout
             if self.ffn_skip is not None and len(new) > len(layout):  # the gate decisions follow the cache outputs
-                self.ffn_skip.add(entry, new.pop()[:real])
+                self.ffn_skip.add("prefill" if entry == PREFILL_LAST else entry, new.pop()[:real])
         for slot, values in zip(layout, new, strict=True):
             into, take = [slice(None)] * 3, [slice(None)] * 3
             into[slot.seq_axis], take[slot.seq_axis] = slice(self.length, self.length + real), slice(0, real)
             self.cache[slot.input][tuple(into)] = values[tuple(take)]
         self.length += real
-        return logits[0, :real]
+        return logits[0] if last else logits[0, :real]
 
     def _check_room(self, tokens: int) -> None:
         if self.length + tokens > self.max_cache:
@@ -226,6 +251,26 @@ class DecoderSession:
         out = [self._call("prefill", ids[start:start + self.chunk], self.chunk)
                for start in range(0, len(ids), self.chunk)]
         return np.concatenate(out, axis=0)
+
+    def prefill_last(self, ids: Sequence[int]) -> np.ndarray:
+        """Append ``ids`` to the context in chunks of ``P``; returns the logits ``(V,)`` of the last one only.
+
+        Runs ``prefill_last`` (:mod:`effc.decoder.last_token`: the LM head of one row per chunk; the logits of the
+        earlier chunks are not needed), or ``prefill`` where the backend has no such entry point; the cache ends
+        the same either way.
+
+        Raises:
+            DataError: the tokens do not fit the cache, or ``ids`` is empty.
+        """
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise DataError("nothing to prefill (no tokens)", "give at least one token")
+        if not self.has_prefill_last:
+            return self.prefill(ids)[-1]
+        self._check_room(len(ids))
+        for start in range(0, len(ids), self.chunk):
+            logits = self._call(PREFILL_LAST, ids[start:start + self.chunk], self.chunk, last=True)
+        return logits[0]
 
     def decode(self, token: int) -> np.ndarray:
         """Append one token; returns its logits ``(V,)``.
@@ -284,7 +329,7 @@ class DecoderSession:
             self.ffn_skip.reset()
         rng = np.random.default_rng(seed)
         start = time.perf_counter()
-        logits = self.prefill(ids)[-1]
+        logits = self.prefill_last(ids)
         prefill_ms = (time.perf_counter() - start) * 1e3
         tokens: list[int] = []
         steps: list[float] = []

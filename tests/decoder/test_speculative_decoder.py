@@ -41,7 +41,7 @@ def test_draft_and_verify_entry_points_in_the_artifact(drafted):
     assert [t["count"] for t in stats["draft_trials"]] == [1, 2]
     assert all(0.0 <= t["agreement"] <= 1.0 and t["modeled_speedup"] > 0 for t in stats["draft_trials"])
     entries = result.manifest["decoder"]["entries"]
-    assert set(entries) == {"prefill", "decode", "draft", "verify"}
+    assert set(entries) == {"prefill", "prefill_last", "decode", "draft", "verify"}
     inputs = {name: [i["name"] for i in e["inputs"]] for name, e in entries.items()}
     assert inputs["draft"] == inputs["decode"] == inputs["verify"]  # one call signature over the whole cache
     outputs = [o["name"] for o in entries["draft"]["outputs"]]

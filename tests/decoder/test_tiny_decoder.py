@@ -87,9 +87,40 @@ def test_report_and_manifest_describe_the_decoder(compiled):
     assert section["prefill_decode_consistency_max_abs"] < 1e-3
     assert section["decode_attention_fused_layers"] == section["prefill_attention_fused_layers"] == 2
     assert section["latency"]["effc"]["decode_ms_per_token"]["median"] > 0
-    assert set(result.manifest["decoder"]["entries"]) == {"prefill", "decode"}
+    assert set(result.manifest["decoder"]["entries"]) == {"prefill", "decode", "prefill_last"}
+    assert result.manifest["decoder"]["entries"]["prefill_last"]["outputs"][0]["shape"] == [1, 1, 49152]
     assert result.manifest["decoder"]["entries"]["decode"]["inputs"][0]["shape"] == [1, 1]
     assert "Perplexity" in (result.out_dir / "report.md").read_text()
+
+
+def test_prefill_last_is_the_last_row_of_prefill(compiled):
+    """Generation's prefill (``prefill_last``: the LM head of one row) returns the last real row of ``prefill``'s
+    logits within 1e-5 with padding in the chunk, writes the same cache, gives the same greedy tokens, and shares
+    the weights with the other entry points: ``model.so`` holds the fp32 12.6 MB table in the two layouts it held
+    before ``prefill_last`` (its M = 1 LM head reads the decode step's), not three."""
+    result, model = compiled
+    session = model.decoder()
+    assert session.has_prefill_last
+    for n in (5, 16, 20):  # a padded chunk, a full one, a full one then a padded one
+        ids = list(range(300, 300 + n))
+        session.reset()
+        whole = session.prefill(ids)
+        cache = {name: array.copy() for name, array in session.cache.items()}
+        session.reset()
+        last = session.prefill_last(ids)
+        assert last.shape == (49152,) and session.length == n
+        np.testing.assert_allclose(last, whole[-1], atol=1e-5)
+        for name, array in cache.items():
+            np.testing.assert_allclose(session.cache[name], array, atol=1e-6)
+    ids = list(range(300, 320))
+    session.reset()
+    logits, tokens = session.prefill(ids)[-1], []
+    for _ in range(8):
+        tokens.append(int(np.argmax(logits)))
+        logits = session.decode(tokens[-1])
+    assert session.generate(ids, max_new_tokens=8).tokens == tokens
+    weights = result.report["cost"]["params_bytes_after"]
+    assert weights > 49152 * 64 * 4 and (result.out_dir / "model.so").stat().st_size < 2.5 * weights
 
 
 def test_decode_attention_rewrite_keeps_the_decode_step(tiny):
@@ -189,18 +220,19 @@ def test_kv_cache_stored_in_mx_blocks(tiny, fmt):
 def _agrees_with_own_model_onnx(mine, out_dir, tokenizer) -> None:
     """Greedy logits of the compiled session ``mine`` within 1e-4 of its ``model.onnx`` under onnxruntime, tokens
     equal except at a near-tie (top-2 logits within 1e-4), over 10 decode steps after each prompt."""
+    from effc.decoder.last_token import entry_graph
     from effc.ir.decoder import specialize
     from effc.ir.model import load
     from effc.runtime.decoder import DecoderSession, OrtBackend
 
     onnx_model = load(out_dir / "model.onnx")
-    graphs = {"prefill": specialize(onnx_model, mine.chunk), "decode": specialize(onnx_model, 1)}
+    graphs = {"prefill_last": entry_graph(onnx_model, mine.chunk), "decode": specialize(onnx_model, 1)}
     ref = DecoderSession(OrtBackend(graphs), mine.info, mine.tokenizer)
     for prompt in PROMPTS:
         ids = tokenizer(prompt)["input_ids"]
         mine.reset()
         ref.reset()
-        a, b = mine.prefill(ids)[-1], ref.prefill(ids)[-1]
+        a, b = mine.prefill_last(ids), ref.prefill_last(ids)
         for _ in range(10):
             np.testing.assert_allclose(a, b, atol=1e-4)
             top = np.sort(b)[-2:]
@@ -254,4 +286,28 @@ def test_4bit_artifact_generates_as_its_own_model_onnx(tiny, fmt, table_bits):
               and tuple(v.const_value.shape) == (49152, 64 * table_bits // 8)]
     assert len(tables) == 1  # the tied embedding: one packed table for the lookup and the output projection
     assert (result.out_dir / "model.so").stat().st_size < 49152 * 64 * 4  # less than the fp32 table alone
+    _agrees_with_own_model_onnx(effc.runtime.load(result.out_dir).decoder(), result.out_dir, tokenizer)
+
+
+def test_w4a8_artifact_generates_as_its_own_model_onnx(tiny):
+    """``mode=weight_act,act_format=int8`` over int4_asym linears and the int8 tied table: model.onnx quantizes
+    each linear's input to int8 blocks (float32 scale per 32); the decode step runs the integer-dot VNNI GEMV and
+    prefill the VNNI GEMM where the CPU has AVX-512 VNNI (else the float GEMV / GEMM on the quantize-dequantized
+    input).
+    Same numbers up to fp32 rounding: greedy tokens and logits agree with onnxruntime on model.onnx."""
+    import tvm
+
+    import effc
+    import effc.codegen.ops.block_quant as bq
+    import effc.runtime
+    from effc.codegen.ops.block_quant_vnni import supports_vnni
+
+    _, graph, tokenizer, folder = tiny
+    start = len(bq.LOWERING_LOG)
+    result = effc.compile(graph, out_dir=folder / "w4a8", measure_latency=False, passes=(
+        "block-quant(format=int4_asym,embedding_format=int8,mode=weight_act,act_format=int8)"))
+    kernels = {(e["shape"][0], e["format"], e["kernel"]) for e in bq.LOWERING_LOG[start:]}
+    host = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu())})
+    decode, prefill = ("vnni", "vnni_gemm") if supports_vnni(host) else ("gemv", "fp32")
+    assert {(1, "int4_asym", decode), (1, "int8", decode), (16, "int4_asym", prefill)} <= kernels
     _agrees_with_own_model_onnx(effc.runtime.load(result.out_dir).decoder(), result.out_dir, tokenizer)

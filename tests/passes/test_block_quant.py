@@ -144,6 +144,29 @@ def test_selection_and_weight_act_mode():
     assert np.all(np.isfinite(y))
 
 
+def test_int8_activation_blocks_match_numpy():
+    """``mode=weight_act,act_format=int8``: each linear's input is quantized to int8 blocks of 32 (float32 scale
+    ``amax / 127``) in model.onnx; onnxruntime computes numpy's ``quantize_dequantize(x, "int8")`` on both inputs."""
+    model, arrays = _toy()
+    p = BlockQuantPass(format="int4_asym", embedding_format="int8", mode="weight_act", act_format="int8",
+                       min_params=0)
+    p(model)
+    qdq = [n for n in model.graph if n.op_type == "BlockQDQ"]
+    assert [n.attributes.get_string("format") for n in qdq] == ["int8", "int8"]
+    (y,) = _run(model, {"ids": IDS})
+
+    def act(x):
+        return quantize_dequantize(x, "int8", axis=-1, scale_dtype="float32")
+
+    table = quantize_dequantize(arrays["table"], "int8", axis=1)
+    w1, w2 = (quantize_dequantize(arrays[n], "int4_asym", axis=a) for n, a in (("w1", 0), ("w2", 1)))
+    ref = act(act(table[IDS[0]]) @ w1) @ w2.T + arrays["b2"]
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * float(np.abs(ref).max()))
+    assert np.abs(ref - (table[IDS[0]] @ w1) @ w2.T - arrays["b2"]).max() > 1e-3  # the activations are quantized
+    with pytest.raises(PipelineError, match="act_format"):
+        BlockQuantPass(format="int4_asym", mode="kv", act_format="int8")  # the KV cache takes MX formats
+
+
 def test_options_are_validated_and_gptq_needs_calibration():
     with pytest.raises(PipelineError, match="format"):
         BlockQuantPass(format="mxfp5")

@@ -305,3 +305,53 @@ def test_zero_computation_experts_are_chosen_and_compute_correctly():
     plain = _copy(dense)
     MoEFFNPass(experts=8, top_k=2, calibration=cal)(plain)
     assert _rel(model, dense, held) < 2.0 * _rel(plain, dense, held)  # 40% fewer routed slots, bounded cost
+
+
+def chain_model(depth: int, seed: int = 0) -> tuple[ir.Model, np.ndarray]:
+    """``depth`` SwiGLU FFNs of :func:`gated_model`'s kind with residual adds, ``x (1, SEQ, K) → y``."""
+    rng = np.random.default_rng(seed)
+    d = rng.standard_normal((TOPICS, K))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    nodes, inits, x = [], [], "x"
+    for i in range(depth):
+        topic = rng.permutation(np.repeat(np.arange(TOPICS), H // TOPICS))
+        arrays = {"wg": rng.standard_normal((K, H)) * 2 / np.sqrt(K),
+                  "wu": d[topic].T * 2 + 0.2 * rng.standard_normal((K, H)),
+                  "w2": rng.standard_normal((H, K)) / np.sqrt(H)}
+        inits += [numpy_helper.from_array(a.astype(np.float32), f"{n}{i}") for n, a in arrays.items()]
+        nodes += [helper.make_node("MatMul", [x, f"wg{i}"], [f"g{i}"], name=f"gate{i}"),
+                  helper.make_node("Sigmoid", [f"g{i}"], [f"sg{i}"], name=f"sig{i}"),
+                  helper.make_node("Mul", [f"g{i}", f"sg{i}"], [f"silu{i}"], name=f"silu{i}"),
+                  helper.make_node("MatMul", [x, f"wu{i}"], [f"u{i}"], name=f"up{i}"),
+                  helper.make_node("Mul", [f"silu{i}", f"u{i}"], [f"h{i}"], name=f"glu{i}"),
+                  helper.make_node("MatMul", [f"h{i}", f"w2{i}"], [f"f{i}"], name=f"down{i}"),
+                  helper.make_node("Add", [x, f"f{i}"], [f"r{i}"], name=f"res{i}")]
+        x = f"r{i}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, SEQ, K])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, SEQ, K])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return ir.from_proto(onnx.shape_inference.infer_shapes(proto)), d
+
+
+def test_sequential_groups_tap_the_rewritten_model():
+    dense, d = chain_model(3)
+    cal, held = calibration(topic_feeds(d, 30, 1)), topic_feeds(d, 8, 100)
+    stats = {}
+    for groups in (1, 3):
+        model = _copy(dense)
+        p = MoEFFNPass(experts=8, top_k=2, sequential=groups, calibration=cal)
+        p(model)
+        stats[groups] = p.stats
+        assert 0.0 < _rel(model, dense, held) < 1.0
+    assert [stats[g]["calibration_taps"] for g in (1, 3)] == [1, 3]
+    assert stats[3]["sequential"] == 3 and len(stats[3]["layers"]) == 3
+    # the groups after the first see other inputs, so their carving and fit differ; the first group does not
+    w1 = [[r["error_final"] for r in stats[g]["layers"]] for g in (1, 3)]
+    assert w1[0][0] == w1[1][0] and w1[0][1:] != w1[1][1:]
+    model = _copy(dense)  # every expert active: each group's inputs are the dense ones, and the model is unchanged
+    MoEFFNPass(experts=4, top_k=4, sequential=3, calibration=cal)(model)
+    ref, got = Reference(dense), Reference(model)
+    for feed in held[:3]:
+        np.testing.assert_allclose(got.run(feed)[0], ref.run(feed)[0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(PipelineError, match="sequential"):
+        parse_pipeline("moe(sequential=0)")

@@ -145,12 +145,14 @@ def _cpu_library_with_kv_writers(graphs: dict[str, ir.Model], path):
 
 @pytest.mark.slow
 def test_device_cache_backend_matches_onnxruntime_on_a_cpu_build(tiny, tmp_path):
-    """The cuda decoder's runtime path (cache in device tensors, <entry>_kv_write in place) on a CPU build."""
-    from effc.ir.decoder import decoder_info
+    """The cuda decoder's runtime path (cache in device tensors, <entry>_kv_write in place) on a CPU build; its
+    ``prefill_last`` (the last token's logits, ``last_index`` after the cache) gives prefill's last row."""
+    from effc.decoder.last_token import entry_graph
+    from effc.ir.decoder import PREFILL_LAST, decoder_info
     from effc.runtime.decoder import DecoderSession, DeviceCacheBackend, OrtBackend
 
-    graphs = _entries(tiny)
-    info = {**decoder_info(tiny), "chunk": 8}
+    graphs = {**_entries(tiny), PREFILL_LAST: entry_graph(tiny, 8)}
+    info = {**decoder_info(tiny), "chunk": 8, "entries": list(graphs)}  # as the manifest lists them
     mine = DecoderSession(DeviceCacheBackend(_cpu_library_with_kv_writers(graphs, tmp_path / "model.so")), info)
     ref = DecoderSession(OrtBackend(graphs), info)
     ids = [5, 17, 3, 99, 42, 7, 1, 250, 64, 8, 31]  # one full chunk, one padded chunk of 3
@@ -161,6 +163,11 @@ def test_device_cache_backend_matches_onnxruntime_on_a_cpu_build(tiny, tmp_path)
     mine.reset()
     ref.reset()
     np.testing.assert_allclose(mine.prefill(ids[:4]), ref.prefill(ids[:4]), atol=1e-4)  # stale slots are masked
+    mine.reset()
+    ref.reset()
+    assert mine.has_prefill_last
+    np.testing.assert_allclose(mine.prefill_last(ids), ref.prefill(ids)[-1], atol=1e-4)
+    np.testing.assert_allclose(mine.decode(12), ref.decode(12), atol=1e-4)  # the cache prefill_last wrote
 
 
 @pytest.mark.slow
@@ -198,7 +205,7 @@ def test_decoder_compiles_for_cuda_and_says_what_was_not_measured(tmp_path):
     assert decoder["perplexity"]["compiled"] is None and decoder["perplexity_change_pct"] is None
     assert decoder["perplexity"]["rewritten_onnxruntime"]["perplexity"] > 1
     assert "compiled: not measured" in (tmp_path / "out" / "report.md").read_text()
-    assert result.manifest["target"]["info"]["entries"] == ["prefill", "decode"]
+    assert result.manifest["target"]["info"]["entries"] == ["prefill", "decode", "prefill_last"]
     with pytest.raises(TargetError, match="built for sm_90; no CUDA device found"):
         effc.runtime.load(tmp_path / "out")
 

@@ -24,7 +24,13 @@ the decode-in-GEMV kernel of :mod:`effc.codegen.ops.block_quant_gemv` where it a
 Integer path: an MXINT8 ``BlockQuantMatMul`` whose input is an MXINT8 ``BlockQDQ`` (``mode=weight_act``) lowers,
 when the TVM target in scope has AVX2, to :mod:`effc.codegen.ops.block_quant_int8` (int8 activations quantized
 once per input, int8·int8 block dot products in int32, block scales after each block); the QDQ kernel it replaces
-becomes dead code. ``LOWERING_LOG`` entries say which kernel each layer got (``"kernel": "int8" | "fp32"``).
+becomes dead code. An ``int4_asym`` / ``int4`` / ``int8`` ``BlockQuantMatMul`` of one row fed by an int8
+``BlockQDQ`` (``act_format=int8``) lowers, when the target has AVX-512 VNNI, to
+:mod:`effc.codegen.ops.block_quant_vnni` (int8 activation codes once per input, ``vpdpbusd`` block dot products);
+more rows of ``int4_asym`` to the VNNI GEMM of :mod:`effc.codegen.ops.block_quant_vnni_gemm` (weights decoded once
+per column panel into the ``vpdpbusd`` layout, 16 output columns per vector), other formats to the float
+decode-in-GEMM kernel on the quantize-dequantized activation. ``LOWERING_LOG`` entries say which kernel each layer
+got (``"kernel": "int8" | "vnni" | "vnni_gemm" | "gemv" | "fp32"``).
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ from effc.codegen.ops.block_quant_gemv import (
     row_minimum,
 )
 from effc.codegen.ops.block_quant_int8 import builder_state, current_tile_config, int8_compute_applies, int8_matmul
+from effc.codegen.ops.block_quant_vnni import vnni_applies, vnni_gemv
+from effc.codegen.ops.block_quant_vnni_gemm import vnni_gemm, vnni_gemm_applies
 from effc.ops.block_formats import BlockFormat, get_format
 
 __all__ = [
@@ -206,6 +214,15 @@ class BlockQuantMatMulConverter:
             y = int8_matmul(bb, src[0], wq, scales, rows, k, n)
             return relax.op.reshape(y, [*shape[:-1], n])
         wr = kernel_rows(wq, fmt, k)
+        if src is not None and rows == 1 and vnni_applies(fmt, bs, src[1], src[2], k, n):
+            LOWERING_LOG.append({"format": fmt.name, "shape": [rows, k, n], "kernel": "vnni",
+                                 "weight_bytes": int(wr.nbytes + scales.nbytes + sum(v.nbytes for v in lows))})
+            return relax.op.reshape(vnni_gemv(bb, src[0], [wr, scales, *lows], fmt, k, n), [*shape[:-1], n])
+        if src is not None and rows > 1 and vnni_gemm_applies(fmt, bs, src[1], src[2], k, n):
+            LOWERING_LOG.append({"format": fmt.name, "shape": [rows, k, n], "kernel": "vnni_gemm",
+                                 "weight_bytes": int(wr.nbytes + scales.nbytes + sum(v.nbytes for v in lows))})
+            y = vnni_gemm(bb, src[0], [wr, scales, *lows], fmt, rows, k, n)
+            return relax.op.reshape(y, [*shape[:-1], n])
         consts = [relax.const(wr), relax.const(scales), *(relax.const(v) for v in lows)]
         if rows == 1 and gemv_applies(fmt, bs, k, n):
             kernel, name, func = "gemv", "gemv", gemv_kernel(k, n, fmt, str(scales.dtype))
@@ -257,7 +274,7 @@ class BlockQuantGatherConverter:
 
 
 def _qdq_kernel(shape: list[int], fmt: BlockFormat, bs: int) -> tvm.tirx.PrimFunc:
-    """Dynamic MX quantize-dequantize along the last axis (exact exponent arithmetic on float32 bits)."""
+    """Dynamic MX (exact exponent arithmetic on float32 bits) or int8 quantize-dequantize along the last axis."""
     rows, k = int(np.prod(shape[:-1])), shape[-1]
     x = te.placeholder((rows, k), "float32", "X")
     r = te.reduce_axis((0, bs), "r")
@@ -265,6 +282,12 @@ def _qdq_kernel(shape: list[int], fmt: BlockFormat, bs: int) -> tvm.tirx.PrimFun
 
     def floor_log2(v):  # exponent field of a normal float32 (amax below 2^-126 counts as 2^-126)
         return ((tirx.reinterpret("int32", tirx.max(v, tirx.const(2.0**-126, "float32"))) >> 23) & 255) - 127
+
+    def qdq_int(i, c):  # symmetric int blocks, float32 scale amax / qmax (1 for an all-zero block)
+        raw = amax[i, c // bs] / tirx.const(float(fmt.qmax), "float32")
+        scale = tirx.Select(raw > tirx.const(0.0, "float32"), raw, tirx.const(1.0, "float32"))
+        lim = tirx.const(float(fmt.qmax), "float32")
+        return tirx.nearbyint(tirx.max(tirx.min(x[i, c] / scale, lim), -lim)) * scale
 
     def qdq(i, c):
         shared = tirx.max(tirx.min(floor_log2(amax[i, c // bs]) - fmt.emax, 127), -126)
@@ -282,7 +305,7 @@ def _qdq_kernel(shape: list[int], fmt: BlockFormat, bs: int) -> tvm.tirx.PrimFun
             q = tirx.nearbyint(v / quantum) * quantum
         return q * scale
 
-    y = te.compute((rows, k), qdq, name="Y")
+    y = te.compute((rows, k), qdq if fmt.is_mx else qdq_int, name="Y")
     return te.create_prim_func([x, y])
 
 

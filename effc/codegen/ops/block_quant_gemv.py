@@ -23,7 +23,8 @@ kept tile-major (:func:`kernel_minimums`: the ``ROWS`` minimums of a tile's bloc
 scales need, made the kernel 23% slower: 12.8 vs 15.7 G weights/s, Zen 4, 576×1536 in L2, 1 thread, load 6).
 ``ROWS`` output channels
 per tile give independent accumulator chains; tiles run in parallel over the threads (each streams a contiguous part
-of ``W``) when ``K * N`` reaches the target's ``min_parallel_gemv``. OCP MX v1.0 sections 5.3 and 6.
+of ``W``) when ``K * N`` reaches the target's ``min_parallel_gemv``; each row is prefetched ``PREFETCH_BYTES`` ahead
+(:func:`prefetch`). OCP MX v1.0 sections 5.3 and 6.
 """
 
 from __future__ import annotations
@@ -36,12 +37,14 @@ from effc.codegen.ops.block_quant_int8 import current_tile_config, supports_int8
 from effc.ops.bitpack import unpack_codes
 from effc.ops.block_formats import BlockFormat
 
-__all__ = ["ROWS", "gemv_applies", "gemv_kernel", "kernel_minimums", "kernel_rows", "row_code", "row_minimum"]
+__all__ = ["ROWS", "gemv_applies", "gemv_kernel", "kernel_minimums", "kernel_rows", "prefetch", "row_code",
+           "row_minimum"]
 
 BLOCK = 32
 LANES = 8
 ROWS = 4  # output channels per tile: independent FMA chains
 CHUNK = 64  # 4-bit weights per 32-byte load: 8 int32 lanes of 8 nibbles
+PREFETCH_BYTES = 8192  # software prefetch distance along the weight stream
 
 
 def kernel_rows(wq: np.ndarray, fmt: BlockFormat, k: int) -> np.ndarray:
@@ -104,6 +107,16 @@ def gemv_applies(fmt: BlockFormat, block_size: int, k: int, n: int) -> bool:
     coded = (fmt.bits == 4 and k % CHUNK == 0) or fmt.kind in ("mxint", "int")
     return (coded and block_size == BLOCK and k % BLOCK == 0 and n % ROWS == 0
             and supports_int8_gemm(tvm.target.Target.current(allow_none=True)))
+
+
+def prefetch(w, row, col):
+    """Prefetch (to all cache levels) the weight bytes at ``w[row, col]`` (``PREFETCH_BYTES`` ahead of the read).
+
+    Decode streams each weight row from DRAM once per token; the hardware prefetchers stop at every 4 KiB page, so
+    the GEMVs read ahead in software (past the end of ``w`` it is harmless: a prefetch never faults).
+    """
+    return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(w[row, col]), T.int32(0), T.int32(3),
+                              T.int32(1))
 
 
 def _vec(r):
@@ -192,6 +205,7 @@ def gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.tirx.
     blocks, row_bytes, tiles = k // BLOCK, k * fmt.bits // 8, n // ROWS
     tile_loop = T.parallel if k * n >= current_tile_config().min_parallel_gemv else T.serial
     wide = _has_avx512vl_in(tvm.target.Target.current(allow_none=True))
+    ahead = -(-PREFETCH_BYTES // row_bytes)  # rows between the one read and the one prefetched
 
     if fmt.has_minimum:
 
@@ -219,6 +233,7 @@ def gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.tirx.
                 low[T.ramp(0, 1, ROWS)] = T.broadcast(T.float32(0), ROWS)
                 for q in range(k // CHUNK):
                     for r in T.unroll(ROWS):
+                        T.evaluate(prefetch(W, jt * ROWS + r + ahead, q * 32))
                         acc[_vec(r)] = (acc[_vec(r)] + _dot4(X, W, L, jt * ROWS + r, q, 0, wide) * T.broadcast(
                             _scale(S, jt * ROWS + r, 2 * q, fmt), LANES) + _dot4(X, W, L, jt * ROWS + r, q, 1, wide)
                             * T.broadcast(_scale(S, jt * ROWS + r, 2 * q + 1, fmt), LANES))
@@ -246,6 +261,7 @@ def gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.tirx.
                     acc[_vec(r)] = T.broadcast(T.float32(0), LANES)
                 for q in range(k // CHUNK):
                     for r in T.unroll(ROWS):
+                        T.evaluate(prefetch(W, jt * ROWS + r + ahead, q * 32))
                         acc[_vec(r)] = (acc[_vec(r)] + _dot4(X, W, L, jt * ROWS + r, q, 0, wide) * T.broadcast(
                             _scale(S, jt * ROWS + r, 2 * q, fmt), LANES) + _dot4(X, W, L, jt * ROWS + r, q, 1, wide)
                             * T.broadcast(_scale(S, jt * ROWS + r, 2 * q + 1, fmt), LANES))
@@ -267,6 +283,7 @@ def gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.tirx.
                 acc[_vec(r)] = T.broadcast(T.float32(0), LANES)
             for b in range(blocks):
                 for r in T.unroll(ROWS):
+                    T.evaluate(prefetch(W, jt * ROWS + r + ahead, b * BLOCK))
                     acc[_vec(r)] = acc[_vec(r)] + _dot8(X, W, jt * ROWS + r, b) * T.broadcast(
                         _scale(S, jt * ROWS + r, b, fmt), LANES)
             for r in T.unroll(ROWS):
