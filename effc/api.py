@@ -53,8 +53,14 @@ def run_artifact(
             ``check_indices``) an index input holds a value out of range.
     """
     from effc import runtime
+    from effc.errors import ArtifactError
 
     compiled = runtime.load(artifact, check_indices=check_indices)
+    if data is None and compiled.is_decoder:  # synthetic inputs need static shapes; a decoder's are per call
+        raise ArtifactError(f"the artifact in {artifact} is a decoder language model (prefill/decode entry points "
+                            "over a KV cache): effc run has no synthetic inputs for it",
+                            f"generate text with effc generate {artifact} --prompt \"...\", or measure perplexity "
+                            f"with effc eval {artifact}")
     _, feeds, _ = _feeds(Path(artifact), data, check_indices=check_indices)
     names = [o["name"] for o in compiled.outputs]
     return [dict(zip(names, compiled.run(f), strict=True)) for f in feeds]

@@ -156,6 +156,10 @@ def test_generate_text_and_errors(compiled, tmp_path):
     assert isinstance(out.text, str) and len(out.tokens) <= 4
     with pytest.raises(DataError, match="KV cache of 96"):
         model.generate("word " * 120, max_new_tokens=4)
+    from effc.api import run_artifact
+
+    with pytest.raises(ArtifactError, match="is a decoder language model.*fix: generate text with effc generate"):
+        run_artifact(compiled[0].out_dir)  # was: "input 'input_ids' has no static shape; fix: ... --input-shape"
 
     import effc
     import effc.runtime
