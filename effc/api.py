@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from effc.errors import ArtifactError
 from effc.eval.output_check import (  # noqa: F401 - part of the effc.api surface (effc verify, benchmarks)
     DYNAMIC_QUANT_OPS,
     LOCAL_ERROR_FRACTION,
@@ -18,6 +20,14 @@ from effc.eval.output_check import (  # noqa: F401 - part of the effc.api surfac
 )
 
 
+def _is_decoder(artifact: Path) -> bool:
+    """True when ``artifact``'s manifest describes a decoder (False when it cannot be read: load says why)."""
+    try:
+        return bool(json.loads((artifact / "manifest.json").read_text()).get("decoder"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _feeds(
     artifact: Path, data: str | os.PathLike | None, n_synthetic: int = 4, check_indices: bool = True
 ) -> tuple[Any, list[dict], bool]:
@@ -25,6 +35,11 @@ def _feeds(
     from effc.ir.model import io_signature, load
     from effc.runtime.index_check import check_feeds
 
+    if data is None and _is_decoder(artifact):  # synthetic inputs need static shapes; a decoder's vary per call
+        raise ArtifactError(f"the artifact in {artifact} is a decoder language model (prefill/decode entry points "
+                            "over a KV cache): there are no synthetic inputs for it",
+                            f"generate text with effc generate {artifact} --prompt \"...\", or compare it with "
+                            f"the original model (perplexity) with effc eval {artifact}")
     model = load(artifact / "model.onnx")
     names = [v.name for v in model.graph.inputs if not v.is_initializer()]
     if data is not None:

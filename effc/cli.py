@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from effc.errors import ArtifactError, EffcError
+from effc.errors import ArtifactError, DataError, EffcError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -465,6 +465,9 @@ def eval_cmd(ctx, artifact, data, threads, text_file, as_json):
         from effc.runtime.manifest import read_manifest
 
         if text_file is not None or read_manifest(Path(artifact)).get("decoder"):
+            if data is not None:  # it would be ignored: perplexity is measured on text
+                raise DataError(f"--data {data} does not apply to a decoder (perplexity is measured on text)",
+                                "give a UTF-8 text file with --text FILE, or neither for effc's held-out prose")
             from effc.decoder.text import eval_text
             from effc.eval.perplexity import evaluate_text
 
@@ -473,7 +476,8 @@ def eval_cmd(ctx, artifact, data, threads, text_file, as_json):
             if as_json:
                 click.echo(json.dumps(result))
                 return
-            table = Table(title=escape(f"effc eval {artifact} --text {text_file}"), show_header=False)
+            table = Table(title=escape(f"effc eval {artifact}" + (f" --text {text_file}" if text_file else "")),
+                          show_header=False)
             for key, value in result.items():
                 table.add_row(escape(key), escape(str(value)))
             console.print(table)

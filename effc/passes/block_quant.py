@@ -111,18 +111,23 @@ class BlockQuantOptions(PassOptions):
                 nor int8 with mode=weight_act, or GPTQ with an asymmetric format.
         """
         get_format(self.format)
-        if self.embedding_format is not None:
-            get_format(self.embedding_format)
+        if self.embedding_format is not None and self.embedding_format not in FORMATS:
+            self.fail("embedding_format", self.embedding_format, f"one of {', '.join(FORMATS)}")
         if self.gptq and get_format(self.format).has_minimum:
             self.fail("gptq", self.gptq, f"false with {self.format} (GPTQ rounds to symmetric and MX formats only)")
         if self.block_size < 2 or self.block_size & (self.block_size - 1):
             self.fail("block_size", self.block_size, "a power of two >= 2 (32 in OCP MX)")
         if self.mode not in MODES:
             self.fail("mode", self.mode, " | ".join(MODES))
-        if self.act_format is not None and not get_format(self.act_format).is_mx and (
+        if self.act_format is not None and self.mode == "weight":
+            self.fail("act_format", self.act_format, "set only with mode=weight_act (activations) or mode=kv (the KV "
+                      "cache); mode=weight quantizes weights only, e.g. block-quant(mode=weight_act,act_format=...)")
+        act_mx = self.act_format in FORMATS and get_format(self.act_format).is_mx
+        if self.act_format is not None and not act_mx and (
                 self.act_format not in INT_ACT_FORMATS or self.mode != "weight_act"):
-            self.fail("act_format", self.act_format, "an MX format (activation scales are computed at run time), or "
-                      f"{' | '.join(INT_ACT_FORMATS)} with mode=weight_act")
+            mx = ", ".join(f for f in FORMATS if get_format(f).is_mx)
+            self.fail("act_format", self.act_format, f"an MX format ({mx}; activation scales are computed at run "
+                      f"time), or {' | '.join(INT_ACT_FORMATS)} with mode=weight_act")
         if not 0.0 <= self.gptq_damp <= 10.0:
             self.fail("gptq_damp", self.gptq_damp, "a fraction of the mean Hessian diagonal in [0, 10]")
         if self.lorc_rank < 0:

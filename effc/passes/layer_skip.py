@@ -44,6 +44,7 @@ from effc.errors import CalibrationError, PassError
 from effc.ir import decoder as decoder_ir
 from effc.ir.calibration import Calibration
 from effc.ir.residual import ResidualBlock, find_layers, find_residual_blocks
+from effc.ops.base import EFFC_DOMAIN
 from effc.passes import skip_draft, skip_gate, skip_token_gate
 from effc.passes.base import EffcPass, PassOptions, register_pass
 from effc.passes.rewrite import replace_value
@@ -51,6 +52,7 @@ from effc.passes.skip_scoring import GatedEvaluator, block_influence
 
 logger = logging.getLogger(__name__)
 
+_UNCHANGED_HINT = "give count=, ratio= or a looser min_cosine/max_ppl_increase; mode=report lists the candidates"
 MODES = ("static", "adaptive", "draft", "report")
 BLOCKS = ("layer", "ffn", "attention", "sublayer", "conv", "all")
 RANKS = ("influence", "sleb", "last")
@@ -137,6 +139,11 @@ class Candidate:
         return [(b.add.outputs[0], b.skip) for b in self.blocks]
 
 
+def _effc_ops(model: ir.Model) -> list[str]:
+    """The effc operator types in ``model`` (weights an earlier pass rewrote, which layer-skip cannot see)."""
+    return sorted({n.op_type for n in model.graph if n.domain == EFFC_DOMAIN})
+
+
 def candidates(model: ir.Model, which: str) -> tuple[list[Candidate], list[ResidualBlock]]:
     """The removable candidates of ``model`` for ``blocks=which``, and every residual sub-block found.
 
@@ -145,6 +152,12 @@ def candidates(model: ir.Model, which: str) -> tuple[list[Candidate], list[Resid
     """
     found = find_residual_blocks(model)
     if not found:
+        rewritten = _effc_ops(model)
+        if rewritten:  # an earlier pass (block-quant, nm-sparsity, moe, ...) turned the weights into effc operators
+            raise PassError(
+                f"layer-skip found no residual block: an earlier pass turned the weight MatMul/Gemm/Conv nodes it "
+                f"looks for into effc operators ({', '.join(rewritten)})",
+                "put layer-skip first in --passes, e.g. \"layer-skip(mode=adaptive,ratio=0.25),block-quant(...)\"")
         raise PassError(
             "layer-skip found no residual block: it looks for Add(x, f(x)) where f depends on x through a MatMul, "
             "Gemm or Conv with a constant weight (transformer layers, attention/FFN sub-blocks, residual conv blocks)",
@@ -198,11 +211,33 @@ class LayerSkipPass(EffcPass):
     Options = LayerSkipOptions
     exact = False
     uses_calibration = True
-    unchanged_hint = "give count=, ratio= or a looser min_cosine/max_ppl_increase; mode=report lists the candidates"
 
     def unchanged_reason(self) -> str | None:
-        """None for ``mode=report`` (it changes nothing by design), else the lossy pass's reason."""
-        return None if self.options.mode == "report" else super().unchanged_reason()
+        """None for ``mode=report`` (it changes nothing by design), else the lossy pass's reason.
+
+        A model with no block of the asked kind at all (e.g. ``mode=adaptive``, FFN sub-blocks, on a conv net) says
+        so, rather than suggesting count=/ratio=, which cannot help.
+        """
+        if self.options.mode == "report":
+            return None
+        if self.stats.get("found") == []:
+            kinds = ", ".join(f"{n} {k}" for k, n in (self.stats.get("blocks_found") or {}).items()) or "none"
+            verb = "gate" if self.options.mode == "adaptive" else "remove"
+            return f"the model has no {self.options.kind} block to {verb} (residual blocks found: {kinds})"
+        return super().unchanged_reason()
+
+    @property
+    def unchanged_hint(self) -> str:  # type: ignore[override]
+        """The fix for :meth:`unchanged_reason`: another order or ``blocks=`` when the model has none of the kind."""
+        if self.stats.get("found") != []:
+            return _UNCHANGED_HINT
+        rewritten = getattr(self, "_rewritten", [])
+        if rewritten:
+            return (f"put layer-skip first in --passes: an earlier pass turned weights into effc operators "
+                    f"({', '.join(rewritten)}) that layer-skip does not look into")
+        if self.options.mode == "adaptive":
+            return "mode=adaptive gates transformer FFN sub-blocks only, and this model has none"
+        return "pick blocks= among the kinds found (mode=report lists the candidates)"
 
     def _removable(self, model: ir.Model, cand: Candidate, attention_blocks: int) -> str | None:
         """Why ``cand`` cannot be removed alone, or None (``attention_blocks``: how many the model has)."""
@@ -358,6 +393,7 @@ class LayerSkipPass(EffcPass):
         o = self.options
         decoder = self._check(model)
         pool, found = candidates(model, o.kind)
+        self._rewritten = _effc_ops(model)
         skipped, usable = [], []
         attention_blocks = sum(b.kind == "attention" for b in found)
         for cand in pool:

@@ -156,6 +156,10 @@ def test_generate_text_and_errors(compiled, tmp_path):
     assert isinstance(out.text, str) and len(out.tokens) <= 4
     with pytest.raises(DataError, match="KV cache of 96"):
         model.generate("word " * 120, max_new_tokens=4)
+    from effc.api import run_artifact
+
+    with pytest.raises(ArtifactError, match="is a decoder language model.*fix: generate text with effc generate"):
+        run_artifact(compiled[0].out_dir)  # was: "input 'input_ids' has no static shape; fix: ... --input-shape"
 
     import effc
     import effc.runtime
@@ -256,6 +260,10 @@ def test_eval_text_cli_reports_perplexity(compiled, tmp_path):
     data = json.loads(out.output.strip().splitlines()[-1])
     assert data["window"] == 96 and data["tokens_scored"] > 10 and data["perplexity_compiled"] > 1
     assert "not available" in data["perplexity_original_onnxruntime"]  # compiled from an in-memory graph
+    npz = tmp_path / "d.npz"
+    np.savez(npz, input_ids=np.zeros((1, 4), np.int64))
+    out = CliRunner().invoke(cli, ["eval", str(compiled[0].out_dir), "--data", str(npz)])  # was silently ignored
+    assert out.exit_code != 0 and "does not apply to a decoder" in out.output and "--text FILE" in out.output
 
 
 @pytest.mark.parametrize(("fmt", "table_bits"), [("mxfp4", 4), ("int4", 4), ("int4_asym", 4),

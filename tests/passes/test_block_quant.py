@@ -174,6 +174,10 @@ def test_options_are_validated_and_gptq_needs_calibration():
         BlockQuantPass(block_size=24)
     with pytest.raises(PipelineError, match="act_format"):
         BlockQuantPass(act_format="int8")
+    with pytest.raises(PipelineError, match=r"act_format='mxfp4'.*set only with mode=weight_act"):
+        BlockQuantPass(act_format="mxfp4")  # mode=weight would ignore it
+    with pytest.raises(PipelineError, match=r"act_format='bogus'.*MX format \(mxint8, .*or int8 with mode=weight_act"):
+        BlockQuantPass(mode="weight_act", act_format="bogus")  # named as act_format, not as format
     with pytest.raises(CalibrationError):
         BlockQuantPass(format="mxfp4", gptq=True, min_params=0)(_toy()[0])
 

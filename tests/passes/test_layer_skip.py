@@ -282,3 +282,42 @@ def test_removed_last_layer_keeps_the_graph_output_name(tiny, norm):
     if norm == "drop":  # y = x: the output is the removed layer's input
         for want, got in zip(layer1, _outputs(model, feeds), strict=True):
             np.testing.assert_array_equal(got, want)
+
+
+def test_layer_skip_after_block_quant_says_to_put_it_first(tiny):
+    from effc.passes import PassManager
+
+    model = _copy(tiny[1])
+    text = "block-quant(format=int4_asym,min_params=0),layer-skip(count=1,rank=last)"
+    # here the attention blocks survive (no layer is found): the warning names the order
+    with pytest.raises(PassError, match=r"no layer block to remove.*fix: put layer-skip first in --passes"):
+        PassManager(parse_pipeline(text), strict=True).run(model)
+    # a model left with no residual block at all: the error names the order
+    model = ir.from_proto(make_mlp())
+    PassManager(parse_pipeline("block-quant(format=int8,min_params=0)")).run(model)
+    with pytest.raises(PassError, match=r"turned the weight MatMul/Gemm/Conv.*fix: put layer-skip first"):
+        LayerSkipPass(count=1, rank="last")(model)
+
+
+def _residual_conv():
+    """x (1, 4, 5, 5) → Add(x, Relu(Conv(x))): one residual conv block and no transformer FFN."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 4, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Add", ["x", "r"], ["y"], name="add")]
+    graph = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5])], [w])
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_adaptive_on_a_model_without_ffn_names_the_missing_kind_not_ratio():
+    from effc.passes import PassManager
+
+    cal = Calibration([{"x": np.ones((1, 4, 5, 5), np.float32)}], source="test")
+    text = "layer-skip(mode=adaptive,ratio=0.25)"
+    (warning,) = PassManager(parse_pipeline(text, calibration=cal)).run(_residual_conv()).records[0].warnings
+    assert "the model has no ffn block to gate (residual blocks found: 1 conv)" in warning
+    with pytest.raises(PassError, match=r"fix: mode=adaptive gates transformer FFN sub-blocks only, and"):
+        PassManager(parse_pipeline(text, calibration=cal), strict=True).run(_residual_conv())
