@@ -216,23 +216,28 @@ def timing(artifacts: list[str], threads: int, rounds: int, runs: int) -> None:
                     "rounds alternating; every held-out sentence timed", "rows": rows})
 
 
-def smollm2(counts: int, windows: int, ranks: list[str], prefixes: list[int]) -> None:
+def _smollm2_setup(windows: int) -> tuple[ir.Model, dict, Calibration, list[int]]:
+    """SmolLM2's prefill graph at its chunk, its decoder facts, ``windows`` calibration windows, held-out token ids."""
     from effc.decoder import text
     from effc.decoder.compile import calibration_feeds
     from effc.decoder.smollm2 import load_tokenizer
     from effc.ir.decoder import decoder_info, specialize
     from effc.ir.model import load
-    from effc.runtime.decoder import DecoderSession, OrtBackend, perplexity
 
-    entry = zoo.get("smollm2-135m")
-    generic = load(entry.path())
+    generic = load(zoo.get("smollm2-135m").path())
     info = decoder_info(generic)
     tokenizer = load_tokenizer()
     base = specialize(generic, info["chunk"])
     del generic
     calib = Calibration(calibration_feeds(info, text.calibration_windows(tokenizer, windows, info["chunk"]),
                                           info["chunk"]), text.CALIBRATION_DESCRIPTION)
-    eval_ids = list(tokenizer(text.eval_text())["input_ids"])
+    return base, info, calib, list(tokenizer(text.eval_text())["input_ids"])
+
+
+def smollm2(counts: int, windows: int, ranks: list[str], prefixes: list[int]) -> None:
+    from effc.runtime.decoder import DecoderSession, OrtBackend, perplexity
+
+    base, info, calib, eval_ids = _smollm2_setup(windows)
 
     def held_out_ppl(model: ir.Model) -> float:
         from effc.ir.decoder import decoder_info as facts
@@ -268,21 +273,11 @@ def adaptive_curve(ratios: list[float], windows: int, allocations: list[str]) ->
     The rewritten prefill graph (FFN output masked per token by the gate, the numbers of token-by-token decoding)
     under onnxruntime on the held-out prose in 512-token windows, as the compile report measures it.
     """
-    from effc.decoder import text
-    from effc.decoder.compile import PPL_WINDOW, calibration_feeds
-    from effc.decoder.smollm2 import load_tokenizer
-    from effc.ir.decoder import decoder_info, specialize
-    from effc.ir.model import load
+    from effc.decoder.compile import PPL_WINDOW
+    from effc.ir.decoder import decoder_info
     from effc.runtime.decoder import DecoderSession, OrtBackend, perplexity
 
-    generic = load(zoo.get("smollm2-135m").path())
-    info = decoder_info(generic)
-    tokenizer = load_tokenizer()
-    base = specialize(generic, info["chunk"])
-    del generic
-    calib = Calibration(calibration_feeds(info, text.calibration_windows(tokenizer, windows, info["chunk"]),
-                                          info["chunk"]), text.CALIBRATION_DESCRIPTION)
-    eval_ids = list(tokenizer(text.eval_text())["input_ids"])
+    base, info, calib, eval_ids = _smollm2_setup(windows)
 
     def held_out(model: ir.Model) -> dict:
         session = DecoderSession(OrtBackend({"prefill": model}, 2), {**decoder_info(model), "chunk": info["chunk"]})
