@@ -37,7 +37,7 @@ from effc.codegen.ops.block_quant_int8 import current_tile_config, supports_int8
 from effc.ops.bitpack import unpack_codes
 from effc.ops.block_formats import BlockFormat
 
-__all__ = ["ROWS", "gemv_applies", "gemv_kernel", "kernel_minimums", "kernel_rows", "prefetch", "row_code",
+__all__ = ["ROWS", "gemv_applies", "gemv_kernel", "hsum", "kernel_minimums", "kernel_rows", "prefetch", "row_code",
            "row_minimum"]
 
 BLOCK = 32
@@ -183,7 +183,8 @@ def _dot8(x, w, j, b):
     return total
 
 
-def _hsum(acc, r):
+def hsum(acc, r):
+    """Sum of the ``LANES`` lanes of row ``r`` of ``acc`` (a flat buffer of ``rows * LANES`` accumulators)."""
     total = acc[r * LANES]
     for lane in range(1, LANES):
         total = total + acc[r * LANES + lane]
@@ -224,7 +225,7 @@ def gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.tirx.
                 part[T.ramp(0, 1, LANES)] = (X[0, T.ramp(b * BLOCK, 1, LANES)] + X[0, T.ramp(
                     b * BLOCK + LANES, 1, LANES)]) + (X[0, T.ramp(b * BLOCK + 2 * LANES, 1, LANES)] + X[0, T.ramp(
                         b * BLOCK + 3 * LANES, 1, LANES)])
-                xs[b] = _hsum(part, 0)
+                xs[b] = hsum(part, 0)
             for jt in tile_loop(tiles):
                 acc = T.alloc_buffer((ROWS * LANES,), "float32", scope="global")
                 low = T.alloc_buffer((ROWS,), "float32", scope="global")  # the tile's minimum terms, one lane a row
@@ -241,7 +242,7 @@ def gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.tirx.
                         "float32x4", M[jt, 2 * q, T.ramp(0, 1, ROWS)]) * T.broadcast(xs[2 * q], ROWS) + T.Cast(
                         "float32x4", M[jt, 2 * q + 1, T.ramp(0, 1, ROWS)]) * T.broadcast(xs[2 * q + 1], ROWS))
                 for r in T.unroll(ROWS):
-                    Y[0, jt * ROWS + r] = _hsum(acc, r) + low[r]
+                    Y[0, jt * ROWS + r] = hsum(acc, r) + low[r]
 
         return main4a
 
@@ -266,7 +267,7 @@ def gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.tirx.
                             _scale(S, jt * ROWS + r, 2 * q, fmt), LANES) + _dot4(X, W, L, jt * ROWS + r, q, 1, wide)
                             * T.broadcast(_scale(S, jt * ROWS + r, 2 * q + 1, fmt), LANES))
                 for r in T.unroll(ROWS):
-                    Y[0, jt * ROWS + r] = _hsum(acc, r)
+                    Y[0, jt * ROWS + r] = hsum(acc, r)
 
         return main4
 
@@ -287,6 +288,6 @@ def gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.tirx.
                     acc[_vec(r)] = acc[_vec(r)] + _dot8(X, W, jt * ROWS + r, b) * T.broadcast(
                         _scale(S, jt * ROWS + r, b, fmt), LANES)
             for r in T.unroll(ROWS):
-                Y[0, jt * ROWS + r] = _hsum(acc, r)
+                Y[0, jt * ROWS + r] = hsum(acc, r)
 
     return main8

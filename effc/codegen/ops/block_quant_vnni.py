@@ -37,7 +37,7 @@ import tvm
 from tvm import relax
 from tvm.script import tirx as T
 
-from effc.codegen.ops.block_quant_gemv import CHUNK, PREFETCH_BYTES, ROWS, prefetch
+from effc.codegen.ops.block_quant_gemv import CHUNK, PREFETCH_BYTES, ROWS, hsum, prefetch
 from effc.codegen.ops.block_quant_int8 import current_tile_config
 from effc.ops.block_formats import BlockFormat
 
@@ -204,13 +204,6 @@ def _permuted(q, c, base: int, half: int):
     return T.reinterpret("int8x32", T.reinterpret("int32x8", codes) & keep)
 
 
-def _hsum(acc, r):
-    total = acc[r * LANES]
-    for lane in range(1, LANES):
-        total = total + acc[r * LANES + lane]
-    return total
-
-
 def vnni_gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.tirx.PrimFunc:
     """``main(X (1, K) f32, W (N, K*bits/8) u8, S (N, K/32), [M (N/4, K/32, 4),] Y (1, N) f32)``.
 
@@ -276,7 +269,7 @@ def vnni_gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.
         for b in range(blocks):
             sums[T.ramp(0, 1, LANES)] = _lane_sums(Q, b)
             corr[T.ramp(b * LANES, 1, LANES)] = sums[T.ramp(0, 1, LANES)] * T.broadcast(T.int32(-off), LANES)
-            xs[b] = SX[0, b] * T.Cast("float32", _hsum(sums, 0))
+            xs[b] = SX[0, b] * T.Cast("float32", hsum(sums, 0))
         for c in range(k // CHUNK if fmt.bits == 4 else 0):
             xa[T.ramp(c * 32, 1, 32)] = _permuted(Q, c, 0, 0)  # block 2c's bytes, then block 2c + 1's
             xa[T.ramp(k // 2 + c * 32, 1, 32)] = _permuted(Q, c, 0, 1)
@@ -294,7 +287,7 @@ def vnni_gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.
                     acc[_vec(r)] = dot(acc[_vec(r)], W, Q, xa, xb, corr, S, SX, jt, r, c)
                 low[T.ramp(0, 1, ROWS)] = minimum(low, M, xs, jt, c)
             for r in T.unroll(ROWS):
-                Y[0, jt * ROWS + r] = _hsum(acc, r) + low[r]
+                Y[0, jt * ROWS + r] = hsum(acc, r) + low[r]
 
     if not fmt.has_minimum:  # no minimums: the unused M input is dropped (and with it the minimum terms)
         return _without_minimums(k, n, fmt, scale_dtype, tile_loop, dot, step, ahead, step_bytes)
@@ -343,7 +336,7 @@ def _without_minimums(k: int, n: int, fmt: BlockFormat, scale_dtype: str, tile_l
                     T.evaluate(prefetch(W, jt * ROWS + r + ahead, c * step_bytes))
                     acc[_vec(r)] = dot(acc[_vec(r)], W, Q, xa, xb, corr, S, SX, jt, r, c)
             for r in T.unroll(ROWS):
-                Y[0, jt * ROWS + r] = _hsum(acc, r)
+                Y[0, jt * ROWS + r] = hsum(acc, r)
 
     return main
 
