@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.decoder.tiny import assert_prefill_last_matches
+
 CHUNK = 16  # the chunk of the shared ``tiny`` fixture (tests/decoder/conftest.py)
 
 
@@ -44,14 +46,8 @@ def test_last_token_logits_equal_the_last_row_of_prefill(generic, tokens):
     session = _session({"prefill": specialize(generic, CHUNK), PREFILL_LAST: entry_graph(generic, CHUNK)})
     assert session.has_prefill_last
     ids = list(range(300, 300 + tokens))
-    whole = session.prefill(ids)
-    cache = {name: array.copy() for name, array in session.cache.items()}
-    session.reset()
-    last = session.prefill_last(ids)
-    assert last.shape == (49152,) and session.length == tokens
-    np.testing.assert_allclose(last, whole[-1], atol=1e-5)
-    for name, array in cache.items():
-        np.testing.assert_allclose(session.cache[name], array, atol=1e-6)
+    whole = assert_prefill_last_matches(session, ids)
+    assert whole.shape == (tokens, 49152)
     fallback = _session({"prefill": specialize(generic, CHUNK)})  # an artifact without the entry point
     assert not fallback.has_prefill_last
     np.testing.assert_array_equal(fallback.prefill_last(ids), whole[-1])

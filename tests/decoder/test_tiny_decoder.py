@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.decoder.tiny import assert_prefill_last_matches
+
 pytestmark = pytest.mark.slow
 
 PROMPTS = ("The harbour town wakes up slowly", "A bicycle is a simple machine", "Good soup does not need")
@@ -102,16 +104,7 @@ def test_prefill_last_is_the_last_row_of_prefill(compiled):
     session = model.decoder()
     assert session.has_prefill_last
     for n in (5, 16, 20):  # a padded chunk, a full one, a full one then a padded one
-        ids = list(range(300, 300 + n))
-        session.reset()
-        whole = session.prefill(ids)
-        cache = {name: array.copy() for name, array in session.cache.items()}
-        session.reset()
-        last = session.prefill_last(ids)
-        assert last.shape == (49152,) and session.length == n
-        np.testing.assert_allclose(last, whole[-1], atol=1e-5)
-        for name, array in cache.items():
-            np.testing.assert_allclose(session.cache[name], array, atol=1e-6)
+        assert assert_prefill_last_matches(session, list(range(300, 300 + n))).shape == (n, 49152)
     ids = list(range(300, 320))
     session.reset()
     logits, tokens = session.prefill(ids)[-1], []

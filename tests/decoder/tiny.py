@@ -43,3 +43,20 @@ def without_layers(hf: Any, removed: set[int]) -> Any:
     short.config.layer_types = short.config.layer_types[:len(kept)] if getattr(short.config, "layer_types", None) \
         else None
     return short
+
+
+def assert_prefill_last_matches(session: Any, ids: list[int]) -> Any:
+    """``session.prefill_last(ids)`` from an empty context equals the last row of ``session.prefill(ids)`` (1e-5)
+    and leaves the same KV cache (1e-6); returns the all-rows logits."""
+    import numpy as np
+
+    session.reset()
+    whole = session.prefill(ids)
+    cache = {name: array.copy() for name, array in session.cache.items()}
+    session.reset()
+    last = session.prefill_last(ids)
+    assert last.shape == (whole.shape[-1],) and session.length == len(ids)
+    np.testing.assert_allclose(last, whole[-1], atol=1e-5)
+    for name, array in cache.items():
+        np.testing.assert_allclose(session.cache[name], array, atol=1e-6)
+    return whole
