@@ -99,6 +99,21 @@ def _act_codes(x, i, b, u, amax):
         T.broadcast(T.float32(-QMAX), LANES))))
 
 
+@T.macro
+def _quantize_block(X, Q, SX, vmax, amax, i, b):
+    """Scale ``SX[i, b]`` and codes ``Q[i, 32 b : 32 b + 32]`` of block ``b`` of row ``i``.
+
+    The float operations of :func:`quantize_act_kernel`; ``vmax (8,)`` and ``amax (1,)`` are scratch.
+    """
+    vmax[T.ramp(0, 1, LANES)] = _block_absmax(X, i, b)
+    amax[0] = vmax[0]
+    for lane in T.unroll(1, LANES):
+        amax[0] = T.max(amax[0], vmax[lane])
+    SX[i, b] = _act_scale(amax[0])
+    for u in T.unroll(BLOCK // LANES):
+        Q[i, T.ramp(b * BLOCK + u * LANES, 1, LANES)] = _act_codes(X, i, b, u, amax[0])
+
+
 def quantize_act_kernel(m: int, k: int) -> tvm.tirx.PrimFunc:
     """``main(X (M, K) f32, Q (M, K) i8, SX (M, K/32) f32)``: int8 activation blocks of 32 along K.
 
@@ -112,7 +127,7 @@ def quantize_act_kernel(m: int, k: int) -> tvm.tirx.PrimFunc:
     """
     if k % BLOCK:
         raise ValueError(f"int8 activation blocks need K % {BLOCK} == 0, got K={k}")
-    blocks, parts = k // BLOCK, BLOCK // LANES
+    blocks = k // BLOCK
     rows = T.parallel if m * k >= current_tile_config().min_parallel_elems else T.serial
 
     @T.prim_func(s_tir=True)  # a root block: Relax's reshape-pattern analysis requires one for one-input kernels
@@ -126,13 +141,7 @@ def quantize_act_kernel(m: int, k: int) -> tvm.tirx.PrimFunc:
                 vmax = T.alloc_buffer((LANES,), "float32", scope="global")  # stack allocas (see block_quant_int8)
                 amax = T.alloc_buffer((1,), "float32", scope="global")
                 for b in range(blocks):
-                    vmax[T.ramp(0, 1, LANES)] = _block_absmax(X, i, b)
-                    amax[0] = vmax[0]
-                    for lane in T.unroll(1, LANES):
-                        amax[0] = T.max(amax[0], vmax[lane])
-                    SX[i, b] = _act_scale(amax[0])
-                    for u in T.unroll(parts):
-                        Q[i, T.ramp(b * BLOCK + u * LANES, 1, LANES)] = _act_codes(X, i, b, u, amax[0])
+                    _quantize_block(X, Q, SX, vmax, amax, i, b)
 
     return main
 
@@ -259,13 +268,7 @@ def vnni_gemv_kernel(k: int, n: int, fmt: BlockFormat, scale_dtype: str) -> tvm.
         xs = T.alloc_buffer((blocks,), "float32", scope="global")  # sx * sum(qx) (the minimum terms)
         sums = T.alloc_buffer((LANES,), "int32", scope="global")
         for b in range(blocks):  # the activation codes and scales (quantize_act_kernel's float operations)
-            vmax[T.ramp(0, 1, LANES)] = _block_absmax(X, 0, b)
-            amax[0] = vmax[0]
-            for lane in T.unroll(1, LANES):
-                amax[0] = T.max(amax[0], vmax[lane])
-            SX[0, b] = _act_scale(amax[0])
-            for u in T.unroll(BLOCK // LANES):
-                Q[0, T.ramp(b * BLOCK + u * LANES, 1, LANES)] = _act_codes(X, 0, b, u, amax[0])
+            _quantize_block(X, Q, SX, vmax, amax, 0, b)
         for b in range(blocks):
             sums[T.ramp(0, 1, LANES)] = _lane_sums(Q, b)
             corr[T.ramp(b * LANES, 1, LANES)] = sums[T.ramp(0, 1, LANES)] * T.broadcast(T.int32(-off), LANES)
@@ -314,13 +317,7 @@ def _without_minimums(k: int, n: int, fmt: BlockFormat, scale_dtype: str, tile_l
         xb = T.alloc_buffer((k,), "int8", scope="global")
         corr = T.alloc_buffer((blocks * LANES,), "int32", scope="global")
         for b in range(blocks):
-            vmax[T.ramp(0, 1, LANES)] = _block_absmax(X, 0, b)
-            amax[0] = vmax[0]
-            for lane in T.unroll(1, LANES):
-                amax[0] = T.max(amax[0], vmax[lane])
-            SX[0, b] = _act_scale(amax[0])
-            for u in T.unroll(BLOCK // LANES):
-                Q[0, T.ramp(b * BLOCK + u * LANES, 1, LANES)] = _act_codes(X, 0, b, u, amax[0])
+            _quantize_block(X, Q, SX, vmax, amax, 0, b)
             corr[T.ramp(b * LANES, 1, LANES)] = _lane_sums(Q, b) * T.broadcast(T.int32(-off), LANES)
         for c in range(k // CHUNK if fmt.bits == 4 else 0):
             xa[T.ramp(c * 32, 1, 32)] = _permuted(Q, c, 0, 0)  # block 2c's bytes, then block 2c + 1's
